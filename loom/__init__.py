@@ -1,0 +1,58 @@
+"""loom: the core workflows of Hugging Face `transformers`, compact and fast.
+
+Public names are exported lazily (PEP 562) so that `import loom` costs almost nothing beyond `import torch`
+being deferred too: each name is imported from its module on first access.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {}
+
+
+def _export(module: str, *names: str) -> None:
+    for name in names:
+        _EXPORTS[name] = module
+
+
+_export("loom.configuration", "PretrainedConfig")
+_export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
+        "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering",
+        "AutoModelForImageClassification")
+_export("loom.modeling", "PreTrainedModel")
+_export("loom.outputs", "ModelOutput")
+_export("loom.models.bert", "BertConfig", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
+        "BertForTokenClassification", "BertForQuestionAnswering")
+_export("loom.models.gpt2", "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification")
+_export("loom.models.llama", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification")
+_export("loom.models.mistral", "MistralConfig", "MistralModel", "MistralForCausalLM")
+_export("loom.models.qwen2", "Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM")
+_export("loom.models.vit", "ViTConfig", "ViTModel", "ViTForImageClassification")
+_export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
+_export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
+_export("loom.generation", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "LogitsProcessorList",
+        "StoppingCriteriaList")
+_export("loom.pipelines", "pipeline", "Pipeline")
+_export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
+_export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
+        "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
+        "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
+_export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'loom' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

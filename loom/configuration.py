@@ -1,0 +1,189 @@
+"""PretrainedConfig: the model hyper-parameters read from and written to config.json.
+
+A config keeps every key it was given, known or not, so load -> save is lossless. Family configs declare their
+defaults as a class-level dict and their legacy names (GPT-2's `n_embd`) in `attribute_map`.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+CONFIG_NAME = "config.json"
+
+# Keys every config carries (the reference's common attributes) with their defaults.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "return_dict": True,
+    "output_hidden_states": False,
+    "output_attentions": False,
+    "use_cache": True,
+    "tie_word_embeddings": True,
+    "is_encoder_decoder": False,
+    "is_decoder": False,
+    "architectures": None,
+    "problem_type": None,
+    "bos_token_id": None,
+    "pad_token_id": None,
+    "eos_token_id": None,
+    "sep_token_id": None,
+    "decoder_start_token_id": None,
+    "dtype": None,
+}
+
+_INTERNAL = {"_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
+             "_experts_implementation"}
+
+
+class PretrainedConfig:
+    """Base class for model configurations (`config.json`)."""
+
+    model_type: ClassVar[str] = ""
+    defaults: ClassVar[dict[str, Any]] = {}
+    attribute_map: ClassVar[dict[str, str]] = {}
+    # extra keys that are dropped from `to_dict` because they are derived, not stored
+    derived: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, **kwargs: Any) -> None:
+        if "torch_dtype" in kwargs:  # the pre-5.x name of `dtype`
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        kwargs.pop("model_type", None)
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        values = {**_COMMON_DEFAULTS, **copy.deepcopy(self.defaults)}
+        for key, value in kwargs.items():
+            values[self.attribute_map.get(key, key)] = value
+        for key, value in values.items():
+            object.__setattr__(self, key, value)
+        self._name_or_path = str(kwargs.get("_name_or_path", ""))
+        if id2label is not None:
+            self.id2label = {int(k): v for k, v in id2label.items()}
+        elif num_labels is not None:
+            self.num_labels = num_labels
+        else:
+            self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
+        if label2id is not None:
+            self.label2id = {k: int(v) for k, v in label2id.items()}
+        else:
+            self.label2id = {v: k for k, v in self.id2label.items()}
+        if num_labels is not None and num_labels != len(self.id2label):
+            raise ValueError(f"num_labels={num_labels} does not match id2label, which has {len(self.id2label)} entries; "
+                             "pass one of them or make them agree")
+        self.__post_init__()
+
+    def __post_init__(self) -> None:
+        """Family hook: derive defaults that depend on other fields (e.g. head_dim)."""
+
+    # -- attribute aliases ------------------------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        target = type(self).attribute_map.get(name)
+        if target is not None:
+            return getattr(self, target)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, type(self).attribute_map.get(name, name), value)
+
+    @property
+    def torch_dtype(self):
+        return self.dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value) -> None:
+        self.dtype = value
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {n!r}")
+        if getattr(self, "id2label", None) is None or len(self.id2label) != n:
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+            self.label2id = {v: k for k, v in self.id2label.items()}
+
+    @property
+    def use_return_dict(self) -> bool:
+        return self.return_dict
+
+    # -- serialisation ----------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in self.__dict__.items():
+            if key in _INTERNAL or key in self.derived:
+                continue
+            out[key] = copy.deepcopy(value)
+        out["model_type"] = self.model_type
+        if out.get("dtype") is not None and not isinstance(out["dtype"], str):
+            out["dtype"] = str(out["dtype"]).removeprefix("torch.")
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = dict(self.label2id)
+        qc = out.get("quantization_config")
+        if qc is not None and hasattr(qc, "to_dict"):
+            out["quantization_config"] = qc.to_dict()
+        return out
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        from loom.utils import atomic_write_text
+
+        atomic_write_text(Path(path), self.to_json_string())
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        save_directory = Path(save_directory)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {save_directory} exists and is not a directory")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self.to_json_file(save_directory / CONFIG_NAME)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "PretrainedConfig":
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused else config
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "PretrainedConfig":
+        return cls.from_dict(read_config_dict(Path(path)))
+
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
+        """Read `config.json` from a directory, the HF cache or the hub; keyword arguments override its values."""
+        from loom.hub import resolve_file
+
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        path = resolve_file(path_or_id, CONFIG_NAME, **hub_kwargs)
+        config = cls.from_dict(read_config_dict(path), **kwargs)
+        config._name_or_path = str(path_or_id)
+        return config
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__} {self.to_json_string()}"
+
+
+_HUB_KWARGS = {"cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download", "proxies",
+               "trust_remote_code"}
+
+
+def read_config_dict(path: Path) -> dict[str, Any]:
+    """Parse a config.json, with an error that names the file on failure."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise OSError(f"{path} does not exist: a model directory needs a config.json") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise OSError(f"{path} is not valid JSON ({e}); fix or regenerate the file") from None
+    if not isinstance(data, dict):
+        raise OSError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data

@@ -1,0 +1,493 @@
+"""PreTrainedModel: from_pretrained / save_pretrained, weight tying, embedding resizing, gradient checkpointing.
+
+Loading order (one path for everything): config -> checkpoint files -> quantizer hook (swaps Linears on the meta
+model) -> tensor-parallel hook -> build on the meta device -> stream tensors into their final dtype/device/form ->
+tie weights, initialise only what is truly missing -> eval(). The full-precision model is never built twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from loom.configuration import PretrainedConfig
+from loom.utils import atomic_write_bytes, atomic_write_text, parse_dtype
+
+logger = logging.getLogger("loom")
+
+_HUB_KWARGS = ("cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download", "proxies")
+
+
+class PreTrainedModel(nn.Module):
+    """Base class of every loom model."""
+
+    config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig
+    base_model_prefix: ClassVar[str] = ""
+    # model key of a tied parameter -> the parameter it shares storage with (when config.tie_word_embeddings)
+    _tied_weights_keys: ClassVar[dict[str, str]] = {}
+    # suffixes of weights stored transposed in checkpoints (GPT-2's Conv1D); flipped on load and on save
+    _transposed_checkpoint_weights: ClassVar[tuple[str, ...]] = ()
+    # regexes of checkpoint keys that are expected to be unused (old buffers) and are dropped quietly
+    _keys_to_ignore_on_load_unexpected: ClassVar[tuple[str, ...]] = ()
+    _no_split_modules: ClassVar[list[str]] = []
+    # tensor-parallel plan: module-name pattern -> "colwise" | "rowwise" | "embedding" | ...
+    _tp_plan: ClassVar[dict[str, str]] = {}
+    supports_gradient_checkpointing: ClassVar[bool] = True
+    main_input_name: ClassVar[str] = "input_ids"
+
+    def __init__(self, config: PretrainedConfig) -> None:
+        super().__init__()
+        if not isinstance(config, PretrainedConfig):
+            raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.name_or_path = getattr(config, "_name_or_path", "")
+        self.generation_config = None
+        self.gradient_checkpointing = False
+
+    # -- initialisation ------------------------------------------------------------------------------------------
+    def post_init(self) -> None:
+        """Initialise weights (skipped on the meta device) and tie them."""
+        if not _on_meta(self):
+            self.apply(self._init_weights)
+        self.tie_weights()
+        if self.can_generate() and self.generation_config is None:
+            from loom.generation.config import GenerationConfig
+
+            self.generation_config = GenerationConfig.from_model_config(self.config)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.data.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.data.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.data.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight.data[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            if getattr(module, "weight", None) is not None:
+                module.weight.data.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.data.zero_()
+
+    def _init_missing_(self, names: list[str], device_for) -> None:
+        """Materialise and initialise parameters the checkpoint did not provide; loaded siblings are kept."""
+        by_module: dict[str, list[str]] = {}
+        for name in names:
+            mod, _, attr = name.rpartition(".")
+            by_module.setdefault(mod, []).append(attr)
+        for mod_name, attrs in by_module.items():
+            module = self.get_submodule(mod_name) if mod_name else self
+            keep = {n: t for n, t in module.named_parameters(recurse=False) if n not in attrs}
+            keep.update({n: t for n, t in module.named_buffers(recurse=False) if n not in attrs})
+            for attr in attrs:
+                old = getattr(module, attr)
+                new = torch.empty(old.shape, dtype=old.dtype, device=device_for(f"{mod_name}.{attr}".lstrip(".")))
+                if attr in module._parameters:
+                    module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
+                else:
+                    module._buffers[attr] = new
+            saved = {n: t.detach().clone() for n, t in keep.items() if not t.is_meta}
+            with torch.no_grad():
+                self._init_weights(module)
+                for n, t in saved.items():
+                    getattr(module, n).copy_(t)
+
+    # -- embeddings and tying ------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        base = getattr(self, self.base_model_prefix, self) if self.base_model_prefix else self
+        if base is not self:
+            return base.get_input_embeddings()
+        raise NotImplementedError(f"{type(self).__name__} does not define get_input_embeddings")
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        base = getattr(self, self.base_model_prefix, self) if self.base_model_prefix else self
+        if base is not self:
+            return base.set_input_embeddings(value)
+        raise NotImplementedError(f"{type(self).__name__} does not define set_input_embeddings")
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return None
+
+    def tie_weights(self) -> None:
+        """Share each tied parameter with its source (lm_head <- input embeddings) when the config asks for it."""
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return
+        for target, source in self._tied_weights_keys.items():
+            try:
+                src = self.get_parameter(source)
+            except AttributeError:
+                continue
+            mod, _, attr = target.rpartition(".")
+            module = self.get_submodule(mod) if mod else self
+            if attr in module._parameters:
+                module._parameters[attr] = src
+
+    def tied_parameter_names(self) -> set[str]:
+        """Model keys that are tied copies of another parameter right now (not saved, not reported missing)."""
+        names = set()
+        if not getattr(self.config, "tie_word_embeddings", False):
+            return names
+        for target, source in self._tied_weights_keys.items():
+            try:
+                if self.get_parameter(target) is self.get_parameter(source):
+                    names.add(target)
+            except AttributeError:
+                pass
+        return names
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows get the mean (and covariance-free spread) of the old ones."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None:
+            new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of:
+            new_num_tokens = ((new_num_tokens + pad_to_multiple_of - 1) // pad_to_multiple_of) * pad_to_multiple_of
+        if new_num_tokens <= 0:
+            raise ValueError(f"new_num_tokens must be positive, got {new_num_tokens}")
+        new = _resized_rows(old.weight, new_num_tokens, mean_resizing)
+        emb = nn.Embedding(new_num_tokens, old.embedding_dim, padding_idx=old.padding_idx
+                           if old.padding_idx is None or old.padding_idx < new_num_tokens else None,
+                           device=new.device, dtype=new.dtype)
+        emb.weight = nn.Parameter(new, requires_grad=old.weight.requires_grad)
+        self.set_input_embeddings(emb)
+        head = self.get_output_embeddings()
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        if head is not None and not tied:
+            head.weight = nn.Parameter(_resized_rows(head.weight, new_num_tokens, mean_resizing))
+        if head is not None and getattr(head, "bias", None) is not None:
+            bias = head.bias.data
+            grown = torch.zeros(new_num_tokens, dtype=bias.dtype, device=bias.device)
+            n = min(new_num_tokens, bias.shape[0])
+            grown[:n] = bias[:n]
+            head.bias = nn.Parameter(grown)
+            if head.out_features is not None:
+                head.out_features = new_num_tokens
+        if head is not None and hasattr(head, "out_features"):
+            head.out_features = new_num_tokens
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return self.get_input_embeddings()
+
+    # -- training switches ---------------------------------------------------------------------------------------
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        if not self.supports_gradient_checkpointing:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # -- properties ----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        skip = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)} if exclude_embeddings else set()
+        for p in self.parameters():
+            if id(p) in seen or id(p) in skip or (only_trainable and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    _can_generate: ClassVar[bool] = False
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return cls._can_generate
+
+    def generate(self, *args, **kwargs):
+        """Text generation; see `loom.generation.generate`."""
+        if not self.can_generate():
+            raise TypeError(f"{type(self).__name__} has no language-modelling head, so it cannot generate; load it "
+                            "with AutoModelForCausalLM")
+        from loom.generation.utils import generate
+
+        return generate(self, *args, **kwargs)
+
+    # -- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, dtype=None, **kwargs) -> "PreTrainedModel":
+        dtype = parse_dtype(kwargs.pop("torch_dtype", dtype))
+        model = cls(config, **kwargs)
+        if dtype not in (None, "auto"):
+            model.to(dtype)
+        return model
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,
+                        config: PretrainedConfig | str | None = None, dtype=None, torch_dtype=None,
+                        device_map=None, max_memory: dict | None = None, offload_folder: str | None = None,
+                        quantization_config=None, tp_plan=None, device_mesh=None, output_loading_info: bool = False,
+                        ignore_mismatched_sizes: bool = False, variant: str | None = None,
+                        use_safetensors: bool | None = None, **kwargs: Any):
+        """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring)."""
+        from loom import loading
+
+        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
+        for legacy in ("low_cpu_mem_usage", "trust_remote_code", "attn_implementation", "_fast_init",
+                       "use_auth_token", "resume_download", "local_files_only_", "mirror"):
+            kwargs.pop(legacy, None)
+        path = pretrained_model_name_or_path
+        if not isinstance(config, PretrainedConfig):
+            config = cls.config_class.from_pretrained(config or path, **hub, **kwargs)
+        else:
+            for k, v in kwargs.items():
+                setattr(config, k, v)
+        config._name_or_path = str(path)
+        if torch_dtype is not None and dtype is None:
+            dtype = torch_dtype
+        dtype = parse_dtype(dtype)
+        if dtype == "auto":
+            dtype = parse_dtype(getattr(config, "dtype", None))  # None -> the checkpoint's own dtypes
+        ckpt = loading.find_checkpoint_files(path, variant=variant, use_safetensors=use_safetensors, **hub)
+
+        hooks = []
+        quantizer = _quantizer_for(config, quantization_config)
+        if quantizer is not None:
+            hooks.append(quantizer)
+        if tp_plan is not None:
+            from loom.distributed.tensor_parallel import TensorParallelLoadHook
+
+            hooks.append(TensorParallelLoadHook(tp_plan, device_mesh))
+
+        device_for, dispatch = _placement(cls, config, device_map, max_memory, offload_folder, dtype)
+        with torch.device("meta"):
+            model = cls(config, *model_args)
+        for hook in hooks:
+            if hasattr(hook, "prepare_model"):
+                hook.prepare_model(model)
+        info = loading.stream_checkpoint(model, ckpt, dtype=dtype, device_for=device_for, hooks=hooks,
+                                         ignore_mismatched_sizes=ignore_mismatched_sizes)
+        model.tie_weights()
+        tied = model.tied_parameter_names()
+        info.missing_keys = [k for k in info.missing_keys if k not in tied]
+        truly_missing = info.missing_keys + [k for k, _, _ in info.mismatched_keys]
+        if truly_missing:
+            model._init_missing_(truly_missing, device_for)
+        if dtype is not None:
+            _cast_remaining_(model, dtype)
+        model._init_buffers_(device_for)
+        for hook in hooks:
+            if hasattr(hook, "finish"):
+                hook.finish(model)
+        message = loading.report(info, f"{cls.__name__} from {path}", model._keys_to_ignore_on_load_unexpected)
+        if message:
+            logger.warning(message)
+            if info.missing_keys or info.mismatched_keys:
+                warnings.warn(message, stacklevel=2)
+        model.eval()
+        if model.can_generate():
+            model.generation_config = _load_generation_config(path, config, hub)
+        if dispatch is not None:
+            model = dispatch(model)
+        if output_loading_info:
+            return model, info.as_dict()
+        return model
+
+    def _init_buffers_(self, device_for) -> None:
+        """Recompute non-persistent buffers (rotary tables) that were created on the meta device."""
+        for name, module in self.named_modules():
+            if hasattr(module, "_init_buffers") and any(b.is_meta for b in module.buffers(recurse=False)):
+                module._init_buffers(device=device_for(f"{name}.inv_freq"))
+
+    # -- saving --------------------------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
+                        max_shard_size: int | str = "5GB", safe_serialization: bool = True,
+                        variant: str | None = None, is_main_process: bool = True, **_ignored) -> None:
+        """Write config.json, generation_config.json and (sharded) safetensors, each file atomically."""
+        save_directory = Path(save_directory)
+        if save_directory.exists() and not save_directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {save_directory} is a file; pass a directory path")
+        if not is_main_process:
+            return
+        if not safe_serialization:
+            raise ValueError("loom writes safetensors only (safe_serialization=True): pickle-based .bin files can "
+                             "run code when loaded")
+        save_directory.mkdir(parents=True, exist_ok=True)
+        quantizer = getattr(self, "_loom_quantizer", None)
+        if quantizer is not None and not quantizer.is_serializable():
+            raise ValueError(f"{type(quantizer).__name__} models cannot be saved: {quantizer.why_not_serializable()}")
+        tensors = self.checkpoint_state_dict() if state_dict is None else dict(state_dict)
+        # Remove config.json first so that an interrupted save never looks like a complete checkpoint.
+        (save_directory / "config.json").unlink(missing_ok=True)
+        write_safetensors(tensors, save_directory, max_shard_size=max_shard_size, variant=variant)
+        if self.generation_config is not None and self.can_generate():
+            self.generation_config.save_pretrained(save_directory)
+        config = self.config
+        config.architectures = [type(self).__name__]
+        dtype = self.dtype
+        config.dtype = str(dtype).removeprefix("torch.")
+        if quantizer is not None:
+            config.quantization_config = quantizer.config
+        config.save_pretrained(save_directory)
+
+    def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors as the checkpoint stores them: tied copies dropped, transposed weights flipped back."""
+        tied = self.tied_parameter_names()
+        out = {}
+        for name, tensor in self.state_dict().items():
+            if name in tied:
+                continue
+            if any(name.endswith(sfx) for sfx in self._transposed_checkpoint_weights):
+                tensor = tensor.t()
+            out[name] = tensor
+        return out
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
+def _resized_rows(weight: torch.Tensor, n: int, mean_resizing: bool) -> torch.Tensor:
+    old_n = weight.shape[0]
+    new = torch.empty(n, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    keep = min(n, old_n)
+    with torch.no_grad():
+        new[:keep] = weight[:keep]
+        if n > old_n:
+            if mean_resizing:
+                mean = weight.float().mean(0)
+                std = weight.float().std(0) if old_n > 1 else torch.zeros_like(mean)
+                new[old_n:] = (mean + torch.randn(n - old_n, weight.shape[1], device=weight.device) * std * 1e-2
+                               ).to(weight.dtype)
+            else:
+                new[old_n:].normal_(0.0, 0.02)
+    return new
+
+
+def _cast_remaining_(model: nn.Module, dtype: torch.dtype) -> None:
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None and p.is_floating_point() and p.dtype != dtype and not p.is_meta and \
+                    not getattr(module, "_loom_keep_dtype", False):
+                module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=p.requires_grad)
+    model.tie_weights()
+
+
+def _quantizer_for(config, quantization_config):
+    existing = getattr(config, "quantization_config", None)
+    if quantization_config is None and existing is None:
+        return None
+    from loom.quantization import get_quantizer
+
+    return get_quantizer(config, quantization_config)
+
+
+def _placement(cls, config, device_map, max_memory, offload_folder, dtype):
+    """(device_for(name), dispatch) for a device_map; "auto"/offload go through accelerate's big-model dispatch."""
+    if device_map is None or isinstance(device_map, (str, torch.device, int)) and device_map not in (
+            "auto", "balanced", "balanced_low_0", "sequential"):
+        try:
+            device = torch.device("cpu" if device_map is None else device_map)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device_map={device_map!r} is not a device; pass 'cpu', 'cuda:0', 'auto' or a dict of "
+                             "module name -> device") from None
+        return (lambda name: device), None
+    from loom.dispatch import plan_device_map
+
+    return plan_device_map(cls, config, device_map, max_memory, offload_folder, dtype)
+
+
+def _load_generation_config(path, config, hub):
+    from loom.generation.config import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(path, **hub)
+    except OSError:
+        return GenerationConfig.from_model_config(config)
+
+
+def _parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size).upper().replace("IB", "iB"))
+    if not m:
+        raise ValueError(f"max_shard_size={size!r} is not a size; use an int of bytes or a string like '5GB'")
+    n, unit = float(m.group(1)), (m.group(2) or "B")
+    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
+    return int(n * scale)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, *, max_shard_size="5GB",
+                      variant: str | None = None, metadata: dict | None = None) -> list[str]:
+    """Write tensors as one safetensors file or several shards plus an index, atomically; returns file names."""
+    from safetensors.torch import save
+
+    limit = _parse_size(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    total = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        total += nbytes
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu() if t.device.type != "cpu" or not t.is_contiguous() \
+            else t.detach()
+        size += nbytes
+    base = "model.safetensors" if not variant else f"model.{variant}.safetensors"
+    stem = base[: -len(".safetensors")]
+    meta = {"format": "pt", **(metadata or {})}
+    names = [base] if len(shards) == 1 else \
+        [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    _remove_stale_weights(directory, stem, keep=set(names))
+    for name, shard in zip(names, shards):
+        atomic_write_bytes(directory / name, save(_unshare(shard), metadata=meta))
+    index_path = directory / f"{base}.index.json"
+    if len(shards) > 1:
+        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
+    else:
+        index_path.unlink(missing_ok=True)
+    return names
+
+
+def _unshare(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory; clone the later ones (tied weights are already dropped)."""
+    seen, out = set(), {}
+    for k, t in shard.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+        out[k] = t.clone() if key in seen or (t.numel() and t.untyped_storage().nbytes() != t.numel() *
+                                               t.element_size()) else t
+        if key is not None:
+            seen.add(key)
+    return out
+
+
+def _remove_stale_weights(directory: Path, stem: str, keep: set[str]) -> None:
+    pattern = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
+    for f in directory.iterdir():
+        if pattern.match(f.name) and f.name not in keep:
+            f.unlink()

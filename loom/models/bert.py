@@ -1,0 +1,294 @@
+"""BERT: bidirectional post-LayerNorm encoder with absolute positions and token types, plus the usual heads."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.configuration import PretrainedConfig
+from loom.modeling import PreTrainedModel
+from loom.models.common import activation, attention_mask_for, classification_loss, maybe_checkpoint, sdpa, \
+    token_loss
+from loom.outputs import ModelOutput
+
+
+class BertConfig(PretrainedConfig):
+    model_type = "bert"
+    defaults = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+                    attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+                    initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
+                    tie_word_embeddings=True, use_cache=False)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.max_positions = config.max_position_embeddings
+
+    def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        T = x.shape[1]
+        if T > self.max_positions:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={self.max_positions}; "
+                             "truncate the input (e.g. tokenizer(..., truncation=True))")
+        if position_ids is None:
+            position_ids = torch.arange(T, device=x.device)[None]
+        if token_type_ids is None:
+            types = self.token_type_embeddings.weight[0]
+        else:
+            types = self.token_type_embeddings(token_type_ids)
+        x = x + types + self.position_embeddings(position_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
+                             f"{config.num_attention_heads}")
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dropout = config.attention_probs_dropout_prob
+
+    def forward(self, x, mask):
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+                   for p in (self.query, self.key, self.value))
+        out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(B, T, C)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, x, mask):
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.intermediate_act_fn = activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.intermediate_act_fn(self.dense(x))
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, h, residual):
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, x, mask):
+        a = self.attention(x, mask)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x, mask, output_hidden_states=False):
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layer:
+            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask)
+            if hidden is not None:
+                hidden.append(x)
+        return x, hidden
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.activation = nn.Tanh()
+
+    def forward(self, h):
+        return self.activation(self.dense(h[:, 0]))
+
+
+class BertPreTrainedModel(PreTrainedModel):
+    config_class = BertConfig
+    base_model_prefix = "bert"
+    _no_split_modules = ["BertLayer"]
+    _keys_to_ignore_on_load_unexpected = (r"position_ids$", r"cls\.predictions\.decoder\.bias$", r"^cls\.seq_rel",
+                                          r"pooler\.")
+    _tp_plan = {
+        "bert.encoder.layer.*.attention.self.query": "colwise",
+        "bert.encoder.layer.*.attention.self.key": "colwise",
+        "bert.encoder.layer.*.attention.self.value": "colwise",
+        "bert.encoder.layer.*.attention.output.dense": "rowwise",
+        "bert.encoder.layer.*.intermediate.dense": "colwise",
+        "bert.encoder.layer.*.output.dense": "rowwise",
+    }
+
+
+class BertModel(BertPreTrainedModel):
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, output_hidden_states=None, return_dict=None, **_):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        T = x.shape[1]
+        mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
+        x, hidden = self.encoder(x, mask, output_hidden_states)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return ModelOutput(last_hidden_state=x, pooler_output=pooled,
+                           hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_act_fn = activation(config.hidden_act)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, h):
+        return self.LayerNorm(self.transform_act_fn(self.dense(h)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, h):
+        return F.linear(self.transform(h), self.decoder.weight, self.bias)
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+
+    def forward(self, h):
+        return self.predictions(h)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        logits = self.cls(out.last_hidden_state)
+        loss = token_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class _BertWithHead(BertPreTrainedModel):
+    """Shared body of the classification-style heads: BERT, dropout, one Linear."""
+
+    add_pooling_layer = False
+    head_name = "classifier"
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=self.add_pooling_layer)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        setattr(self, self.head_name, nn.Linear(config.hidden_size, config.num_labels))
+        self.post_init()
+
+
+class BertForSequenceClassification(_BertWithHead):
+    add_pooling_layer = True
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        logits = self.classifier(self.dropout(out.pooler_output))
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class BertForTokenClassification(_BertWithHead):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        logits = self.classifier(self.dropout(out.last_hidden_state))
+        loss = token_loss(logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+class BertForQuestionAnswering(_BertWithHead):
+    head_name = "qa_outputs"
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=None,
+                return_dict=None, **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
+        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start.shape[1]  # positions outside the sequence are ignored, as in the reference
+            s = start_positions.view(-1).clamp(0, ignored)
+            e = end_positions.view(-1).clamp(0, ignored)
+            loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
+        return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states)

@@ -1,0 +1,131 @@
+"""KV caches for decoder models.
+
+`DynamicCache` grows its buffers geometrically (amortised O(1) appends instead of a torch.cat per step), and
+`StaticCache` preallocates `max_cache_len` so the decode step has fixed shapes (torch.compile friendly). Both hand the
+attention the keys/values for positions [0, seq_length) of every row.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Cache:
+    """Per-layer key/value store. `update` appends and returns the keys/values to attend to."""
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError
+
+    def get_max_cache_shape(self) -> int | None:
+        return None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(getattr(self, "keys", []))
+
+
+class DynamicCache(Cache):
+    """Cache whose length grows with each forward; buffers double in capacity to avoid a copy per step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.length: list[int] = []
+
+    def update(self, key, value, layer_idx):
+        new = key.shape[-2]
+        if layer_idx == len(self.keys):  # first call for this layer
+            cap = max(new, 16)
+            k = key.new_empty(*key.shape[:-2], cap, key.shape[-1])
+            v = value.new_empty(*value.shape[:-2], cap, value.shape[-1])
+            self.keys.append(k)
+            self.values.append(v)
+            self.length.append(0)
+        start = self.length[layer_idx]
+        end = start + new
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if end > k.shape[-2]:
+            cap = max(end, 2 * k.shape[-2])
+            k2 = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
+            v2 = v.new_empty(*v.shape[:-2], cap, v.shape[-1])
+            k2[..., :start, :] = k[..., :start, :]
+            v2[..., :start, :] = v[..., :start, :]
+            self.keys[layer_idx], self.values[layer_idx] = k2, v2
+            k, v = k2, v2
+        k[..., start:end, :] = key
+        v[..., start:end, :] = value
+        self.length[layer_idx] = end
+        return k[..., :end, :], v[..., :end, :]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length[layer_idx] if layer_idx < len(self.length) else 0
+
+    def reorder_cache(self, beam_idx):
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].index_select(0, beam_idx.to(self.keys[i].device))
+            self.values[i] = self.values[i].index_select(0, beam_idx.to(self.values[i].device))
+
+    def crop(self, max_length: int) -> None:
+        self.length = [min(n, max_length) for n in self.length]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].repeat_interleave(repeats, dim=0)
+            self.values[i] = self.values[i].repeat_interleave(repeats, dim=0)
+
+    def to_legacy_cache(self) -> tuple:
+        return tuple((self.keys[i][..., :n, :], self.values[i][..., :n, :]) for i, n in enumerate(self.length))
+
+
+class StaticCache(Cache):
+    """Preallocated cache of `max_cache_len` positions; attention always sees the whole buffer (masked)."""
+
+    def __init__(self, config=None, max_batch_size: int = 1, max_cache_len: int = 0, device=None, dtype=None,
+                 num_layers: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
+        if config is not None:
+            num_layers = num_layers or config.num_hidden_layers
+            heads = config.num_attention_heads
+            num_kv_heads = num_kv_heads or getattr(config, "num_key_value_heads", None) or heads
+            head_dim = head_dim or getattr(config, "head_dim", None) or config.hidden_size // heads
+        if not (num_layers and num_kv_heads and head_dim and max_cache_len > 0):
+            raise ValueError("StaticCache needs a config (or num_layers/num_kv_heads/head_dim) and max_cache_len > 0")
+        shape = (max_batch_size, num_kv_heads, max_cache_len, head_dim)
+        dtype = dtype or torch.float32
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.max_cache_len = max_cache_len
+        self.seen = 0  # tokens written so far (host-side; cache positions come from the caller)
+
+    def update(self, key, value, layer_idx, cache_position: torch.Tensor | None = None):
+        if cache_position is None:
+            start = self.seen if layer_idx == 0 else self.seen - key.shape[-2]
+            cache_position = torch.arange(start, start + key.shape[-2], device=key.device)
+        if int(cache_position[-1]) >= self.max_cache_len:
+            raise ValueError(f"StaticCache is full: max_cache_len={self.max_cache_len}; create it with a larger "
+                             "max_cache_len")
+        self.keys[layer_idx].index_copy_(2, cache_position, key.to(self.keys[layer_idx].dtype))
+        self.values[layer_idx].index_copy_(2, cache_position, value.to(self.values[layer_idx].dtype))
+        if layer_idx == 0:
+            self.seen = int(cache_position[-1]) + 1
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen
+
+    def get_max_cache_shape(self) -> int:
+        return self.max_cache_len
+
+    def reorder_cache(self, beam_idx):
+        for i in range(len(self.keys)):
+            self.keys[i].copy_(self.keys[i].index_select(0, beam_idx))
+            self.values[i].copy_(self.values[i].index_select(0, beam_idx))
+
+    def reset(self) -> None:
+        for k, v in zip(self.keys, self.values):
+            k.zero_()
+            v.zero_()
+        self.seen = 0

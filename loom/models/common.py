@@ -1,0 +1,204 @@
+"""Pieces shared by the model families: attention over SDPA with padding/causal/sliding-window masks, rotary
+embeddings (default, linear and llama3 scaling), RMSNorm, activations and the loss helpers."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "gelu_fast": lambda: nn.GELU(approximate="tanh"),
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "swish": nn.SiLU,
+    "tanh": nn.Tanh,
+}
+
+
+def activation(name: str) -> nn.Module:
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
+
+
+# -- masks and attention -----------------------------------------------------------------------------------------
+def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len: int, kv_len: int, *,
+                       causal: bool, device, sliding_window: int | None = None) -> tuple[torch.Tensor | None, bool]:
+    """Boolean SDPA mask (B, 1, q_len, kv_len), True = attend, and whether SDPA's own is_causal can be used instead.
+
+    Queries sit at positions past_len .. past_len + q_len - 1; keys at 0 .. kv_len - 1. Returns (None, is_causal) on
+    the fast paths (no padding, no window in reach), so most calls never build a mask.
+    """
+    no_padding = attention_mask is None or bool(attention_mask.all())
+    window_in_reach = sliding_window is not None and kv_len > sliding_window
+    if no_padding and not window_in_reach and kv_len == past_len + q_len:
+        if not causal or q_len == 1:
+            return None, False
+        if past_len == 0:
+            return None, True
+    k_pos = torch.arange(kv_len, device=device)
+    if causal:
+        q_pos = torch.arange(past_len, past_len + q_len, device=device)
+        allowed = k_pos[None, :] <= q_pos[:, None]  # (q, kv)
+        if sliding_window is not None:
+            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
+        allowed = allowed[None, None]
+    else:
+        allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    if attention_mask is not None:
+        keep = attention_mask.to(device=device, dtype=torch.bool)
+        if keep.shape[-1] < kv_len:  # a static cache is longer than the tokens seen so far
+            keep = F.pad(keep, (0, kv_len - keep.shape[-1]))
+        allowed = allowed & keep[:, None, None, :kv_len]
+    # A query with nothing to attend to (a padding position) would give NaN; let it attend everywhere instead.
+    # Its output is never used, but NaNs would leak into gradients and into batched reductions.
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed, False
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+         dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself."""
+    gqa = k.shape[1] != q.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
+                                          scale=scale, enable_gqa=gqa)
+
+
+# -- rotary position embeddings ----------------------------------------------------------------------------------
+def rope_parameters(config) -> dict:
+    """The rope settings of a config in the 5.x `rope_parameters` form, also from legacy rope_theta/rope_scaling."""
+    params = getattr(config, "rope_parameters", None)
+    if params:
+        params = dict(params)
+    else:
+        params = dict(getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def rope_inv_freq(params: dict, dim: int) -> torch.Tensor:
+    base = float(params.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    kind = params["rope_type"]
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(params["factor"])
+    if kind == "llama3":
+        factor = float(params["factor"])
+        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+        old_len = float(params["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise ValueError(f"rope_type={kind!r} is not supported; loom supports 'default', 'linear' and 'llama3'")
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for positions, computed in float32 and cast to the activations' dtype."""
+
+    def __init__(self, config, head_dim: int) -> None:
+        super().__init__()
+        self.params = rope_parameters(config)
+        self.dim = int(head_dim * float(self.params.get("partial_rotary_factor", 1.0)))
+        rope_inv_freq(self.params, self.dim)  # validate the rope type now, not at first forward
+        self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
+        self._init_buffers()
+
+    def _init_buffers(self, device=None) -> None:
+        """Recompute the non-persistent buffer (also after meta-device construction)."""
+        self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or self.inv_freq.device)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate (B, H, T, D) queries and keys; cos/sin are (B, T, D_rot) and broadcast over heads."""
+    cos, sin = cos[:, None], sin[:, None]
+    rot = cos.shape[-1]
+    if rot == q.shape[-1]:
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    q_rot, q_pass = q[..., :rot], q[..., rot:]
+    k_rot, k_pass = k[..., :rot], k[..., rot:]
+    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
+    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
+    return torch.cat((q_rot, q_pass), -1), torch.cat((k_rot, k_pass), -1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+# -- losses --------------------------------------------------------------------------------------------------------
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Next-token cross entropy; -100 labels are ignored. With num_items_in_batch the sum is divided by it (so
+    gradient accumulation can normalise by the token count of the whole accumulated batch)."""
+    logits = logits[..., :-1, :].float()
+    labels = labels[..., 1:].to(logits.device)
+    return token_loss(logits, labels, num_items_in_batch)
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1).to(flat_logits.device)
+    if num_items_in_batch is None:
+        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Regression, single-label or multi-label loss, chosen as the reference does (config.problem_type)."""
+    num_labels = logits.shape[-1]
+    if config.problem_type is None:
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif labels.dtype in (torch.long, torch.int):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    if config.problem_type == "regression":
+        if num_labels == 1:
+            return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
+        return F.mse_loss(logits.float(), labels.float())
+    if config.problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):
+    """Run a block, with activation checkpointing when gradient checkpointing is on and the model trains."""
+    if enabled and module.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(module, *args, use_reentrant=False, **kwargs)
+    return module(*args, **kwargs)

@@ -1,0 +1,185 @@
+"""GPT-2: learned positions, pre-LayerNorm blocks, fused qkv. Checkpoints store the Conv1D weights as (in, out);
+loom keeps plain nn.Linear (so quantization and tensor parallel see ordinary Linears) and flips them on load/save."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.configuration import PretrainedConfig
+from loom.modeling import PreTrainedModel
+from loom.models.cache import DynamicCache
+from loom.models.common import activation, attention_mask_for, causal_lm_loss, classification_loss, \
+    maybe_checkpoint, sdpa
+from loom.models.llama import last_token_pool
+from loom.outputs import ModelOutput
+
+
+class GPT2Config(PretrainedConfig):
+    model_type = "gpt2"
+    attribute_map = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                     "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+    defaults = dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+                    activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
+                    layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True, use_cache=True,
+                    bos_token_id=50256, eos_token_id=50256, scale_attn_by_inverse_layer_idx=False,
+                    reorder_and_upcast_attn=False, tie_word_embeddings=True)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        h = config.n_embd
+        self.num_heads, self.head_dim, self.layer_idx = config.n_head, h // config.n_head, layer_idx
+        self.scale = (self.head_dim ** -0.5) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= float(layer_idx + 1)
+        self.c_attn = nn.Linear(h, 3 * h)
+        self.c_proj = nn.Linear(h, h)
+        self.attn_dropout = config.attn_pdrop
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x, mask, is_causal, cache):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0, scale=self.scale)
+        return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(B, T, C)))
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        inner = config.n_inner or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, inner)
+        self.c_proj = nn.Linear(inner, config.n_embd)
+        self.act = activation(config.activation_function)
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2Config, layer_idx: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPT2MLP(config)
+
+    def forward(self, x, mask, is_causal, cache=None):
+        x = x + self.attn(self.ln_1(x), mask, is_causal, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2PreTrainedModel(PreTrainedModel):
+    config_class = GPT2Config
+    base_model_prefix = "transformer"
+    _no_split_modules = ["GPT2Block"]
+    _transposed_checkpoint_weights = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
+                                      "mlp.c_proj.weight")
+    _keys_to_ignore_on_load_unexpected = (r"\.attn\.masked_bias$", r"\.attn\.bias$")
+    _tp_plan = {
+        "transformer.h.*.mlp.c_fc": "colwise",
+        "transformer.h.*.mlp.c_proj": "rowwise",
+        "transformer.h.*.attn.c_proj": "rowwise",
+    }
+
+
+class GPT2Model(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__(config)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
+                cache_position=None, return_dict=None, **_):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(f"sequence of {past + T} tokens is longer than this model's n_positions="
+                             f"{self.config.n_positions}; truncate the input")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=x.device)[None]
+        x = x + self.wpe(position_ids)
+        if token_type_ids is not None:
+            x = x + self.wte(token_type_ids)
+        x = self.drop(x)
+        mask, is_causal = attention_mask_for(attention_mask, T, past, past + T, causal=True, device=x.device)
+        hidden = [x] if output_hidden_states else None
+        for block in self.h:
+            x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.ln_f(x)
+        if hidden is not None:
+            hidden[-1] = x
+        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                           hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class GPT2LMHeadModel(GPT2PreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _can_generate = True
+    _tp_plan = {**GPT2PreTrainedModel._tp_plan, "lm_head": "colwise_rep"}
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__(config)
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, **_):
+        out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
+                               inputs_embeds, use_cache, output_hidden_states)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states)
+
+
+class GPT2ForSequenceClassification(GPT2PreTrainedModel):
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__(config)
+        self.transformer = GPT2Model(config)
+        self.score = nn.Linear(config.n_embd, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
+                return_dict=None, **_):
+        if input_ids is not None and input_ids.shape[0] > 1 and self.config.pad_token_id is None:
+            raise ValueError("batches of more than one sequence need config.pad_token_id to find each row's last "
+                             "token; set it (e.g. to the tokenizer's pad id)")
+        out = self.transformer(input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds, False,
+                               output_hidden_states)
+        logits = last_token_pool(self.score(out.last_hidden_state), input_ids, self.config.pad_token_id)
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

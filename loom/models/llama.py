@@ -1,0 +1,222 @@
+"""Llama: grouped-query attention, RoPE, RMSNorm, SwiGLU. Mistral and Qwen2 subclass it and state their differences."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.configuration import PretrainedConfig
+from loom.modeling import PreTrainedModel
+from loom.models.cache import Cache, DynamicCache
+from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, attention_mask_for,
+                                causal_lm_loss, classification_loss, maybe_checkpoint, sdpa)
+from loom.outputs import ModelOutput
+
+
+class LlamaConfig(PretrainedConfig):
+    model_type = "llama"
+    defaults = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
+                    max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
+                    pad_token_id=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                    attention_bias=False, attention_dropout=0.0, mlp_bias=False, pretraining_tp=1)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if getattr(self, "rope_parameters", None) is None and getattr(self, "rope_scaling", None) is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": getattr(self, "rope_theta", 10000.0)}
+
+
+class LlamaAttention(nn.Module):
+    q_bias = k_bias = v_bias = None  # None: follow config.attention_bias (Qwen2 forces q/k/v biases on)
+    o_bias = None
+
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        bias = config.attention_bias
+        pick = lambda b: bias if b is None else b  # noqa: E731
+        h, d = config.hidden_size, self.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=pick(self.q_bias))
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=pick(self.k_bias))
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=pick(self.v_bias))
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=pick(self.o_bias))
+
+    def forward(self, x, cos, sin, mask, is_causal, cache: Cache | None, cache_position=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, k, cos, sin)
+        if cache is not None:
+            if cache_position is not None and hasattr(cache, "max_cache_len"):
+                k, v = cache.update(k, v, self.layer_idx, cache_position)
+            else:
+                k, v = cache.update(k, v, self.layer_idx)
+        out = sdpa(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__()
+        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=b)
+        self.up_proj = nn.Linear(h, i, bias=b)
+        self.down_proj = nn.Linear(i, h, bias=b)
+        self.act_fn = activation(config.hidden_act)
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    attention_class = LlamaAttention
+
+    def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = self.attention_class(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, is_causal, cache=None, cache_position=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaPreTrainedModel(PreTrainedModel):
+    config_class = LlamaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _tp_plan = {
+        "model.embed_tokens": "embedding",
+        "model.layers.*.self_attn.q_proj": "colwise",
+        "model.layers.*.self_attn.k_proj": "colwise",
+        "model.layers.*.self_attn.v_proj": "colwise",
+        "model.layers.*.self_attn.o_proj": "rowwise",
+        "model.layers.*.mlp.gate_proj": "colwise",
+        "model.layers.*.mlp.up_proj": "colwise",
+        "model.layers.*.mlp.down_proj": "rowwise",
+        "lm_head": "colwise_rep",
+    }
+
+
+class LlamaModel(LlamaPreTrainedModel):
+    layer_class = LlamaDecoderLayer
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config, config.head_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def sliding_window(self) -> int | None:
+        return getattr(self.config, "sliding_window", None)
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, output_hidden_states=None, cache_position=None,
+                return_dict=None, **_):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None and not self.training:
+            past_key_values = DynamicCache()
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        past = cache.get_seq_length() if cache is not None else 0
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
+        if position_ids is None:
+            position_ids = cache_position[None].expand(B, T)
+        kv_len = cache.get_max_cache_shape() or past + T if cache is not None else T
+        mask, is_causal = attention_mask_for(attention_mask, T, past, kv_len, causal=True, device=x.device,
+                                             sliding_window=self.sliding_window())
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        hidden = [x] if output_hidden_states else None
+        for layer in self.layers:
+            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, cos, sin, mask, is_causal, cache,
+                                 cache_position)
+            if hidden is not None:
+                hidden.append(x)
+        x = self.norm(x)
+        if hidden is not None:
+            hidden[-1] = x
+        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
+                           hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class LlamaForCausalLM(LlamaPreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _can_generate = True
+    model_class = LlamaModel
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, cache_position=None,
+                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, **kwargs):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         output_hidden_states, cache_position)
+        h = out.last_hidden_state
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states)
+
+
+def last_token_pool(logits: torch.Tensor, input_ids, pad_token_id) -> torch.Tensor:
+    """Logits at each row's last non-padding token (the rightmost token that is not pad), as the reference does."""
+    B = logits.shape[0]
+    if input_ids is None or pad_token_id is None:
+        last = torch.full((B,), logits.shape[1] - 1, device=logits.device)
+    else:
+        keep = (input_ids != pad_token_id).to(logits.device, torch.int32)
+        idx = torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32)
+        last = (idx * keep).argmax(-1)
+    return logits[torch.arange(B, device=logits.device), last]
+
+
+class LlamaForSequenceClassification(LlamaPreTrainedModel):
+    model_class = LlamaModel
+
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.model = self.model_class(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None, **_):
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, False,
+                         output_hidden_states)
+        if input_ids is not None and input_ids.shape[0] > 1 and self.config.pad_token_id is None:
+            raise ValueError("batches of more than one sequence need config.pad_token_id to find each row's last "
+                             "token; set it (e.g. to the tokenizer's pad id)")
+        logits = last_token_pool(self.score(out.last_hidden_state), input_ids, self.config.pad_token_id)
+        loss = classification_loss(self.config, logits, labels) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)

@@ -1,0 +1,25 @@
+"""Mistral = Llama + sliding-window attention (config.sliding_window; None disables it)."""
+from __future__ import annotations
+
+from loom.models.llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+
+
+class MistralConfig(LlamaConfig):
+    model_type = "mistral"
+    defaults = {**LlamaConfig.defaults, "vocab_size": 32000, "intermediate_size": 14336, "num_key_value_heads": 8,
+                "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                "rope_theta": 10000.0}
+
+
+class MistralModel(LlamaModel):
+    config_class = MistralConfig
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    config_class = MistralConfig
+    model_class = MistralModel
+
+
+class MistralForSequenceClassification(LlamaForSequenceClassification):
+    config_class = MistralConfig
+    model_class = MistralModel

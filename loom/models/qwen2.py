@@ -1,0 +1,39 @@
+"""Qwen2 = Llama with biases on the q/k/v projections (none on o_proj) and an optional sliding window."""
+from __future__ import annotations
+
+from loom.models.llama import (LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM,
+                               LlamaForSequenceClassification, LlamaModel)
+
+
+class Qwen2Config(LlamaConfig):
+    model_type = "qwen2"
+    defaults = {**LlamaConfig.defaults, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
+                "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
+                "max_window_layers": 28, "bos_token_id": None, "eos_token_id": None}
+
+
+class Qwen2Attention(LlamaAttention):
+    q_bias = k_bias = v_bias = True
+    o_bias = False
+
+
+class Qwen2DecoderLayer(LlamaDecoderLayer):
+    attention_class = Qwen2Attention
+
+
+class Qwen2Model(LlamaModel):
+    config_class = Qwen2Config
+    layer_class = Qwen2DecoderLayer
+
+    def sliding_window(self) -> int | None:
+        return self.config.sliding_window if self.config.use_sliding_window else None
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    config_class = Qwen2Config
+    model_class = Qwen2Model
+
+
+class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
+    config_class = Qwen2Config
+    model_class = Qwen2Model
