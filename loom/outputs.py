@@ -5,6 +5,12 @@ from collections import OrderedDict
 from typing import Any
 
 
+# Output fields that read as None when a model did not produce them (as the reference's dataclass fields do).
+FIELDS = frozenset({"loss", "logits", "last_hidden_state", "pooler_output", "past_key_values", "hidden_states",
+                    "attentions", "start_logits", "end_logits", "sequences", "scores", "logits_processed",
+                    "sequences_scores", "beam_indices", "image_embeds", "cross_attentions"})
+
+
 class ModelOutput(OrderedDict):
     """Fields set to None are left out, so `out[0]` is the first field that has a value (the reference's rule)."""
 
@@ -15,9 +21,11 @@ class ModelOutput(OrderedDict):
                 self[key] = value
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return self.get(name)
+        if name in self:
+            return self[name]
+        if name in FIELDS:
+            return None
+        raise AttributeError(f"{type(self).__name__} has no field {name!r}; it has {list(self.keys())}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         if value is None:

@@ -1,0 +1,50 @@
+"""`import loom` is lazy: the public names resolve without importing heavy or optional packages."""
+from __future__ import annotations
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import loom
+
+HEAVY = ["transformers", "accelerate", "bitsandbytes", "datasets", "optuna"]
+
+
+def test_public_names_import_nothing_heavy():
+    code = ("import sys, loom\n"
+            "loom.AutoModelForCausalLM; loom.AutoConfig; loom.PreTrainedModel\n"
+            "for name in ('AutoTokenizer', 'pipeline', 'Trainer'):\n"
+            "    try: getattr(loom, name)\n"
+            "    except (ImportError, AttributeError): pass\n"
+            f"print([m for m in {HEAVY!r} if m in sys.modules])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_import_loom_alone_does_not_import_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys, loom; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_no_loom_module_imports_the_reference():
+    root = pathlib.Path(loom.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(n == "transformers" or n.startswith("transformers.") for n in names):
+                offenders.append(str(path.relative_to(root)))
+    assert offenders == []
+
+
+def test_unknown_attribute():
+    import pytest
+
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
+        loom.NoSuchThing  # noqa: B018
