@@ -85,7 +85,9 @@ def rope_parameters(config) -> dict:
 
 def rope_inv_freq(params: dict, dim: int) -> torch.Tensor:
     base = float(params.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    # explicit CPU: this also runs while a model is built under torch.device("meta"), where math would go through
+    # meta decompositions (and import torch._dynamo, seconds of startup)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     kind = params["rope_type"]
     if kind == "default":
         return inv_freq
@@ -111,13 +113,11 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.params = rope_parameters(config)
         self.dim = int(head_dim * float(self.params.get("partial_rotary_factor", 1.0)))
-        rope_inv_freq(self.params, self.dim)  # validate the rope type now, not at first forward
-        self.register_buffer("inv_freq", torch.empty(self.dim // 2), persistent=False)
-        self._init_buffers()
+        self.register_buffer("inv_freq", rope_inv_freq(self.params, self.dim), persistent=False)
 
     def _init_buffers(self, device=None) -> None:
-        """Recompute the non-persistent buffer (also after meta-device construction)."""
-        self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or self.inv_freq.device)
+        """Recompute the non-persistent buffer on `device` (after meta-device construction and loading)."""
+        self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or "cpu")
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
