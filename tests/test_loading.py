@@ -318,3 +318,20 @@ def test_device_map_auto_too_small(llama_ckpt, tmp_path):
     with pytest.raises(ValueError, match="leaves no room"):
         loom.LlamaForCausalLM.from_pretrained(llama_ckpt[0], device_map="auto", max_memory={"cpu": 100},
                                               offload_folder=str(tmp_path))
+
+
+def test_variant_and_subfolder(llama_ckpt, tmp_path):
+    path, ref = llama_ckpt
+    m = loom.LlamaForCausalLM.from_pretrained(path)
+    m.save_pretrained(tmp_path / "sub", variant="v2")
+    assert (tmp_path / "sub" / "model.v2.safetensors").exists()
+    again = loom.AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="sub", variant="v2")
+    with torch.no_grad():
+        torch.testing.assert_close(again(_ids()).logits, ref(_ids()).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(OSError, match="model.v3.safetensors"):
+        loom.AutoModelForCausalLM.from_pretrained(tmp_path, subfolder="sub", variant="v3")
+
+
+def test_loaded_model_is_in_eval_mode_and_has_generation_config(llama_ckpt):
+    m = loom.AutoModelForCausalLM.from_pretrained(llama_ckpt[0])
+    assert not m.training and m.generation_config.eos_token_id == 2
