@@ -1,0 +1,22 @@
+"""Tokenization on the Rust `tokenizers` engine with the reference's interface and files.
+
+`AutoTokenizer.from_pretrained(path_or_id)` loads tokenizer.json, or converts legacy files (WordPiece vocab.txt,
+byte-level BPE vocab.json + merges.txt, SentencePiece .model) to an equivalent engine pipeline, and returns a
+`PreTrainedTokenizerFast`. Calls return a `BatchEncoding`.
+
+model_max_length rule: the `model_max_length` keyword if given; else tokenizer_config.json's model_max_length
+unless it is the reference's "no limit" sentinel (values >= 1e20, e.g. 1e30); else the model's position limit from
+config.json (max_position_embeddings, n_positions, ... minus the position offset of RoBERTa-like models); else
+the limit is unknown: `tok.model_max_length` holds the sentinel int(1e30) for compatibility, and any call that
+would need it (truncation or padding="max_length" without max_length) raises a ValueError instead of silently
+not truncating.
+
+Differences from the reference, on purpose: a max_length too short for the special tokens raises a ValueError
+(the reference silently skips truncation); unknown keyword arguments to a call raise a TypeError; tokenizer.json is
+used as written (the reference rebuilds some classes' pipelines from their vocabulary).
+"""
+from .auto import AutoTokenizer
+from .batch_encoding import BatchEncoding, CharSpan, TokenSpan
+from .tokenizer import PreTrainedTokenizerFast
+
+__all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "PreTrainedTokenizerFast", "TokenSpan"]

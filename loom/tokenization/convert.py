@@ -1,0 +1,154 @@
+"""Legacy tokenizer files -> an equivalent `tokenizers.Tokenizer` pipeline.
+
+Three formats: WordPiece `vocab.txt` (BERT family), byte-level BPE `vocab.json` + `merges.txt` (GPT-2 family) and
+SentencePiece `.model` files (Unigram, or BPE with byte fallback). A SentencePiece model converts in one of two
+flavours: "generic" follows the model's own normalizer spec, so ids equal `SentencePieceProcessor.encode`; "llama"
+is the Llama/Mistral recipe (no normalizer, a dummy prefix on the first piece only, byte fallback).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+from tokenizers.models import BPE, Unigram, WordPiece
+
+from .spm_proto import BPE as SPM_BPE
+from .spm_proto import CONTROL, NORMAL, USER_DEFINED, SpmModel
+
+
+def wordpiece_tokenizer(vocab_file: Path, *, unk_token: str = "[UNK]", cls_token: str = "[CLS]",
+                        sep_token: str = "[SEP]", do_lower_case: bool = True, strip_accents: bool | None = None,
+                        tokenize_chinese_chars: bool = True, clean_text: bool = True) -> Tokenizer:
+    """BERT's pipeline over a `vocab.txt` (one token per line, id = line number)."""
+    vocab = {}
+    with open(vocab_file, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            vocab.setdefault(line.rstrip("\n"), index)
+    if unk_token not in vocab:
+        raise OSError(f"{vocab_file} has no unknown token {unk_token!r}; set unk_token in tokenizer_config.json")
+    tok = Tokenizer(WordPiece(vocab, unk_token=unk_token, max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=clean_text, handle_chinese_chars=tokenize_chinese_chars,
+                                                strip_accents=strip_accents, lowercase=do_lower_case)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    specials = [(t, vocab[t]) for t in (cls_token, sep_token) if t in vocab]
+    if len(specials) == 2:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{cls_token}:0 $A:0 {sep_token}:0", pair=f"{cls_token}:0 $A:0 {sep_token}:0 $B:1 {sep_token}:1",
+            special_tokens=specials)
+    return tok
+
+
+def byte_level_bpe_tokenizer(vocab_file: Path, merges_file: Path, *, add_prefix_space: bool = False) -> Tokenizer:
+    """GPT-2's byte-level BPE over `vocab.json` + `merges.txt`; adds no special tokens around sequences."""
+    model = BPE.from_file(str(vocab_file), str(merges_file), continuing_subword_prefix="", end_of_word_suffix="",
+                          fuse_unk=False, dropout=None)
+    tok = Tokenizer(model)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = special_tokens_processor(None, None)
+    return tok
+
+
+def special_tokens_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
+    """A TemplateProcessing that puts `bos` before and `eos` after each sequence (either may be None)."""
+    head = f"{bos[0]}:0 " if bos else ""
+    tail = f" {eos[0]}:0" if eos else ""
+    single = f"{head}$A:0{tail}"
+    pair = f"{single} {head.replace(':0', ':1')}$B:1{tail.replace(':0', ':1')}"
+    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=[t for t in (bos, eos) if t])
+
+
+def _generic_merges(model: SpmModel) -> list[tuple[str, str]]:
+    # A BPE piece's score is minus its merge rank, so merges are ranked by the score of the piece they build;
+    # only normal pieces take part, as in SentencePiece itself
+    normal = {p.piece: (p.score, i) for i, p in enumerate(model.pieces) if p.type == NORMAL}
+    ranked = []
+    for token, (score, index) in normal.items():
+        for split in range(1, len(token)):
+            left, right = token[:split], token[split:]
+            if left in normal and right in normal:
+                ranked.append((-score, index, left, right))
+    return [(left, right) for _, _, left, right in sorted(ranked)]
+
+
+def _llama_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
+    # Llama's recipe ranks merges by the id of the piece they build, then by the lengths of the two halves
+    merges = []
+    for token, index in vocab.items():
+        local = [(token[:k], token[k:]) for k in range(1, len(token)) if token[:k] in vocab and token[k:] in vocab]
+        local.sort(key=lambda pair: (vocab[pair[0]], vocab[pair[1]]))
+        merges.extend((left, right, index) for left, right in local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])))
+    return [(left, right) for left, right, _ in merges]
+
+
+def sentencepiece_tokenizer(model: SpmModel, flavour: str = "generic") -> Tokenizer:
+    """Convert a parsed SentencePiece model; `flavour` is "generic" (the model's own spec) or "llama"."""
+    if flavour == "llama":
+        return _llama_tokenizer(model)
+    user_defined = [p.piece for p in model.pieces if p.type == USER_DEFINED]
+    if model.model_type == SPM_BPE:
+        vocab = {p.piece: i for i, p in enumerate(model.pieces)}
+        tok = Tokenizer(BPE(vocab=vocab, merges=_generic_merges(model), unk_token=model.unk_piece, fuse_unk=True,
+                            byte_fallback=model.byte_fallback, dropout=None, ignore_merges=bool(user_defined)))
+    else:
+        tok = Tokenizer(Unigram([(p.piece, p.score) for p in model.pieces], unk_id=model.unk_id,
+                                byte_fallback=model.byte_fallback))
+    # SentencePiece's normalisation order: charsmap, whitespace squeeze, escape spaces, dummy prefix
+    steps = []
+    if model.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(model.precompiled_charsmap))
+    if model.remove_extra_whitespaces:
+        # only spaces: SentencePiece keeps newlines and tabs as they are
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if model.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if model.add_dummy_prefix:
+        # Metaspace does not prefix a text that already starts with "▁"; SentencePiece does
+        steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+    tok.normalizer = normalizers.Sequence(steps)
+    splitters = []
+    if model.add_dummy_prefix:
+        splitters.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False))
+    if user_defined:
+        # SentencePiece emits user-defined pieces whole and never merges across them
+        pattern = "|".join(re.escape(p) for p in sorted(user_defined, key=len, reverse=True))
+        splitters.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if splitters:
+        tok.pre_tokenizer = pre_tokenizers.Sequence(splitters)
+    steps = [decoders.Replace("▁", " ")]
+    if model.byte_fallback:
+        steps.append(decoders.ByteFallback())
+    if model.add_dummy_prefix:
+        # Strip works per token: fuse first so that only the start of the text loses its space
+        steps += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif model.byte_fallback:
+        steps.append(decoders.Fuse())
+    tok.decoder = decoders.Sequence(steps)
+    tok.post_processor = special_tokens_processor(None, None)
+    return tok
+
+
+def _llama_tokenizer(model: SpmModel) -> Tokenizer:
+    vocab = {}
+    for i, p in enumerate(model.pieces):
+        vocab.setdefault(p.piece, i)
+    tok = Tokenizer(BPE(vocab=vocab, merges=_llama_merges(vocab), fuse_unk=True, byte_fallback=True, dropout=None))
+    tok.normalizer = None
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    tok.post_processor = special_tokens_processor(None, None)
+    return tok
+
+
+def spm_special_tokens(model: SpmModel) -> tuple[dict[str, str], list[str]]:
+    """Named special tokens (bos/eos/unk) of a SentencePiece model, and its other control pieces."""
+    named = {}
+    for name in ("bos", "eos", "unk"):
+        if getattr(model, f"{name}_id") >= 0:
+            named[f"{name}_token"] = getattr(model, f"{name}_piece")
+    controls = [p.piece for p in model.pieces if p.type == CONTROL]
+    return named, controls

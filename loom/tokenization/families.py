@@ -1,0 +1,71 @@
+"""Tokenizer families: what a `tokenizer_class` or `model_type` implies beyond the files themselves.
+
+A family sets defaults the reference keeps in its per-model classes: special-token names, the model input names
+(whether token_type_ids are returned), the padding side, and how legacy files convert. Everything in
+tokenizer_config.json overrides these defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
+    padding_side: str = "right"
+    special_tokens: dict[str, str] = field(default_factory=dict)
+    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic" or "llama"
+
+
+_BERT_SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                  "mask_token": "[MASK]"}
+_GPT2_TOKEN = "<|endoftext|>"
+
+FAMILIES = {
+    "generic": Family("generic"),
+    "bert": Family("bert", ("input_ids", "token_type_ids", "attention_mask"), special_tokens=_BERT_SPECIALS),
+    "distilbert": Family("distilbert", special_tokens=_BERT_SPECIALS),
+    "gpt2": Family("gpt2", special_tokens={"bos_token": _GPT2_TOKEN, "eos_token": _GPT2_TOKEN,
+                                           "unk_token": _GPT2_TOKEN}),
+    "llama": Family("llama", padding_side="left", spm_flavour="llama",
+                    special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+}
+
+# tokenizer_class in tokenizer_config.json (without a "Fast" suffix) -> family
+CLASS_FAMILIES = {
+    "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
+    "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
+    "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
+}
+
+# model_type in config.json -> family, used when tokenizer_config.json names no class
+MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
+                       "llama": "llama", "mistral": "llama"}
+
+# config.json keys that hold the longest input the model's positions allow, in order of preference
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+# models whose position table starts after padding_idx + 1, so two positions are not usable
+POSITION_OFFSET_MODELS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "bart": 2, "mbart": 2}
+
+
+def family_for(tokenizer_class: str | None, model_type: str | None) -> Family:
+    """The family of a tokenizer_class (preferred) or model_type; 'generic' when neither is known."""
+    if tokenizer_class:
+        name = CLASS_FAMILIES.get(tokenizer_class.removesuffix("Fast"))
+        if name:
+            return FAMILIES[name]
+    return FAMILIES[MODEL_TYPE_FAMILIES.get(model_type or "", "generic")]
+
+
+def model_max_length_from(tokenizer_config: dict, model_config: dict | None) -> int | None:
+    """The tokenizer's length limit from its config, else from the model's positions; None if neither says."""
+    value = tokenizer_config.get("model_max_length", tokenizer_config.get("max_len"))
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e20:
+        return int(value)
+    if model_config:
+        for key in POSITION_KEYS:
+            positions = model_config.get(key)
+            if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0:
+                return positions - POSITION_OFFSET_MODELS.get(model_config.get("model_type", ""), 0)
+    return None
