@@ -6,6 +6,8 @@ dtype/device/shard/quantized form. A hook is any object with some of these metho
 
     prepare_model(model)                          before streaming, on the meta model
     load_tensor(model, name, source, dtype, device) -> tensor | nn.Parameter | None   (None: not mine)
+    load_extra_tensor(model, name, source) -> bool   a checkpoint key the model has no slot for (a quantizer's
+                                                  scales, quant states): True when the hook keeps it
     finish(model)                                 after every tensor is in place and weights are tied
 
 `source` is a TensorSource: `.shape`, `.dtype`, `.get()` (whole tensor) and `.slice(dim, start, stop)` (reads only
@@ -228,7 +230,8 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
         for key in keys:
             name = fix(rename_key(key))
             if name not in expected:
-                info.unexpected_keys.append(key)
+                if not _hook_keeps_extra(hooks, model, name, TensorSource(handle, key, file)):
+                    info.unexpected_keys.append(key)
                 continue
             is_t = any(name.endswith(sfx) for sfx in transposed)
             source = TensorSource(handle, key, file, transposed=is_t)
@@ -258,6 +261,10 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
     state = model.state_dict(keep_vars=True)
     info.missing_keys = sorted(k for k in expected - loaded if k in state and state[k].is_meta)
     return info
+
+
+def _hook_keeps_extra(hooks, model: nn.Module, name: str, source: TensorSource) -> bool:
+    return any(getattr(h, "load_extra_tensor", lambda *a: False)(model, name, source) for h in hooks)
 
 
 def _hook_reshapes(hooks, name: str) -> bool:

@@ -62,10 +62,11 @@ class BertSelfAttention(nn.Module):
 
     def forward(self, x, mask):
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        # -1 heads: under tensor parallelism each rank holds only its share of the heads
+        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
                    for p in (self.query, self.key, self.value))
         out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, C)
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 class BertSelfOutput(nn.Module):

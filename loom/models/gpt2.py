@@ -38,12 +38,15 @@ class GPT2Attention(nn.Module):
         self.attn_dropout = config.attn_pdrop
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x, mask, is_causal, cache):
+    def forward(self, x, mask, is_causal, cache, cache_position=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            if cache_position is not None and hasattr(cache, "max_cache_len"):
+                k, v = cache.update(k, v, self.layer_idx, cache_position)
+            else:
+                k, v = cache.update(k, v, self.layer_idx)
         out = sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0, scale=self.scale)
         return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(B, T, C)))
 
@@ -69,8 +72,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x, mask, is_causal, cache=None):
-        x = x + self.attn(self.ln_1(x), mask, is_causal, cache)
+    def forward(self, x, mask, is_causal, cache=None, cache_position=None):
+        x = x + self.attn(self.ln_1(x), mask, is_causal, cache, cache_position)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -84,7 +87,6 @@ class GPT2PreTrainedModel(PreTrainedModel):
     _tp_plan = {
         "transformer.h.*.mlp.c_fc": "colwise",
         "transformer.h.*.mlp.c_proj": "rowwise",
-        "transformer.h.*.attn.c_proj": "rowwise",
     }
 
 
@@ -120,16 +122,19 @@ class GPT2Model(GPT2PreTrainedModel):
         if past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than this model's n_positions="
                              f"{self.config.n_positions}; truncate the input")
+        if cache_position is None:
+            cache_position = torch.arange(past, past + T, device=x.device)
         if position_ids is None:
-            position_ids = torch.arange(past, past + T, device=x.device)[None]
+            position_ids = cache_position[None]
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
-        mask, is_causal = attention_mask_for(attention_mask, T, past, past + T, causal=True, device=x.device)
+        kv_len = cache.get_max_cache_shape() or past + T if cache is not None else T
+        mask, is_causal = attention_mask_for(attention_mask, T, past, kv_len, causal=True, device=x.device)
         hidden = [x] if output_hidden_states else None
         for block in self.h:
-            x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache)
+            x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache, cache_position)
             if hidden is not None:
                 hidden.append(x)
         x = self.ln_f(x)
@@ -157,7 +162,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, **_):
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
-                               inputs_embeds, use_cache, output_hidden_states)
+                               inputs_embeds, use_cache, output_hidden_states, cache_position)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
