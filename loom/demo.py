@@ -1,8 +1,9 @@
 """The README's main job: semantic search with the embedded all-MiniLM-L6-v2 sentence-embedding model.
 
-Embeds the sentences in examples/data/sentences.txt and the queries in examples/data/queries.txt (mean pooling over
-real tokens, L2-normalised, as sentence-transformers does for this model), then prints each query's best matches and
-a similarity table, so a person can check that the matches make sense.
+Embeds the sentences in examples/data/sentences.txt and the queries in examples/data/queries.txt through
+`pipeline("feature-extraction", pooling="auto")` (the model's own sentence-transformers pooling: mean over real
+tokens, L2-normalised), then prints each query's best matches and a similarity table, so a person can check that the
+matches make sense.
 """
 from __future__ import annotations
 
@@ -15,15 +16,11 @@ MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 
 
-def embed(model, tokenizer, texts: list[str]):
+def embed(extractor, texts: list[str]):
+    """(len(texts), 384) unit vectors, so a dot product is a cosine similarity."""
     import torch
 
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return torch.stack(extractor(texts, pooling="auto", return_tensors=True, batch_size=16))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,18 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from loom import AutoModel, AutoTokenizer
+    from loom import pipeline
 
     start = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_ID)
-    model = AutoModel.from_pretrained(MODEL_ID)
+    extractor = pipeline("feature-extraction", model=MODEL_ID)
     corpus = [s for s in args.sentences.read_text().splitlines() if s.strip()]
     queries = [s for s in args.queries.read_text().splitlines() if s.strip()]
-    scores = embed(model, tokenizer, queries) @ embed(model, tokenizer, corpus).T
+    scores = embed(extractor, queries) @ embed(extractor, corpus).T
     elapsed = time.perf_counter() - start
 
-    print(f"Semantic search with {MODEL_ID} ({model.num_parameters() / 1e6:.1f}M parameters, loaded and run in "
-          f"{elapsed:.2f} s)\n")
+    millions = extractor.model.num_parameters() / 1e6
+    print(f"Semantic search with {MODEL_ID} ({millions:.1f}M parameters, loaded and run in {elapsed:.2f} s)\n")
     for qi, query in enumerate(queries):
         print(f"Query: {query}")
         best = scores[qi].topk(min(args.top, len(corpus)))

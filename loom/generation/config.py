@@ -1,4 +1,9 @@
-"""GenerationConfig: decoding settings, read from and written to generation_config.json."""
+"""GenerationConfig: decoding settings, read from and written to generation_config.json.
+
+As in the reference (5.x), every field starts unset (None). At generate time the layers are merged: the arguments of
+the call, then the model's `generation_config`, then `GLOBAL_DEFAULTS` for whatever is still unset. Only set fields
+are written to disk, so a file stays small and lossless; unknown keys are kept.
+"""
 from __future__ import annotations
 
 import copy
@@ -9,32 +14,44 @@ from typing import Any
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
-_DEFAULTS: dict[str, Any] = dict(
-    max_length=20, max_new_tokens=None, min_length=0, min_new_tokens=None, early_stopping=False,
-    do_sample=False, num_beams=1, num_return_sequences=1, temperature=1.0, top_k=50, top_p=1.0, min_p=None,
-    typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, bad_words_ids=None, forced_bos_token_id=None,
-    forced_eos_token_id=None, suppress_tokens=None, length_penalty=1.0, use_cache=True, stop_strings=None,
-    pad_token_id=None, bos_token_id=None, eos_token_id=None, decoder_start_token_id=None,
-    output_scores=False, output_logits=False, return_dict_in_generate=False, cache_implementation=None,
+FIELDS = (
+    "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "max_time", "stop_strings",
+    "do_sample", "num_beams", "use_cache", "cache_implementation", "temperature", "top_k", "top_p", "min_p",
+    "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
+    "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "num_return_sequences", "output_scores",
+    "output_logits", "output_hidden_states", "return_dict_in_generate", "pad_token_id", "bos_token_id",
+    "eos_token_id", "decoder_start_token_id", "compile",
 )
+
+# Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
+GLOBAL_DEFAULTS: dict[str, Any] = dict(
+    max_length=20, min_length=0, do_sample=False, use_cache=True, early_stopping=False, num_beams=1,
+    temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, length_penalty=1.0,
+    no_repeat_ngram_size=0, num_return_sequences=1, output_scores=False, output_logits=False,
+    output_hidden_states=False, return_dict_in_generate=False, compile=False,
+)
+
+_MODEL_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
 class GenerationConfig:
-    """Decoding parameters; unknown keys are kept so a round trip through JSON is lossless."""
+    """Decoding parameters. Fields left unset are None; unknown keys are kept so a JSON round trip is lossless."""
 
     def __init__(self, **kwargs: Any) -> None:
-        for key, value in {**_DEFAULTS, **kwargs}.items():
+        for key in FIELDS:
+            setattr(self, key, None)
+        kwargs.pop("transformers_version", None)
+        for key, value in kwargs.items():
             setattr(self, key, copy.deepcopy(value))
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
-        ids = {k: getattr(config, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
-                                                     "decoder_start_token_id")}
-        return cls(**{k: v for k, v in ids.items() if v is not None})
+        """The special token ids of a model config (what the reference writes as `_from_model_config`)."""
+        ids = {k: getattr(config, k, None) for k in _MODEL_CONFIG_KEYS}
+        return cls(**{k: v for k, v in ids.items() if v is not None}, _from_model_config=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], **kwargs: Any) -> "GenerationConfig":
-        data = {k: v for k, v in data.items() if k != "transformers_version"}
         return cls(**{**data, **kwargs})
 
     @classmethod
@@ -55,7 +72,8 @@ class GenerationConfig:
         return copy.deepcopy(self.__dict__)
 
     def to_diff_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in _DEFAULTS or _DEFAULTS[k] != v}
+        """The fields that are set (not None) plus any extra keys."""
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if v is not None}
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -68,14 +86,53 @@ class GenerationConfig:
         atomic_write_text(save_directory / (config_file_name or GENERATION_CONFIG_NAME), self.to_json_string())
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
-        """Set the known keys; return the ones that are not generation settings."""
+        """Set the generation fields among kwargs; return the others (model inputs such as attention_mask)."""
         unused = {}
         for k, v in kwargs.items():
-            if hasattr(self, k):
+            if k in FIELDS or k in self.__dict__:
                 setattr(self, k, v)
             else:
                 unused[k] = v
         return unused
+
+    def merged(self, model_config: "GenerationConfig | None", **kwargs: Any) -> tuple["GenerationConfig", dict]:
+        """This config, with unset fields taken from `model_config` and then GLOBAL_DEFAULTS, and kwargs on top.
+
+        Returns (new config, kwargs that are not generation fields)."""
+        out = copy.deepcopy(self)
+        for layer in ((model_config.__dict__ if model_config is not None else {}), GLOBAL_DEFAULTS):
+            for k, v in layer.items():
+                if getattr(out, k, None) is None:
+                    setattr(out, k, copy.deepcopy(v))
+        return out, out.update(**kwargs)
+
+    def validate(self) -> None:
+        """Raise ValueError for settings that cannot work, naming the argument."""
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.num_beams is not None and self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        beams = self.num_beams or 1
+        if (self.num_return_sequences or 1) > beams and not self.do_sample:
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({beams}) "
+                             "without sampling; raise num_beams or set do_sample=True")
+        if self.do_sample:
+            if self.temperature is not None and not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use "
+                                 "do_sample=False for greedy decoding")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 0):
+                raise ValueError(f"top_k must be a non-negative int, got {self.top_k}")
+            if self.min_p is not None and not 0 <= self.min_p <= 1:
+                raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            if self.typical_p is not None and not 0 < self.typical_p <= 1:
+                raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation={self.cache_implementation!r} is not supported; use 'dynamic' "
+                             "or 'static'")
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, GenerationConfig) and self.to_dict() == other.to_dict()

@@ -1,0 +1,137 @@
+"""Greedy generation, loom vs the reference, side by side on one random ~145M Llama-shaped checkpoint.
+
+    .venv/bin/python bench/bench_generate.py [--new-tokens 96] [--reps 3] [--dtypes fp32,bf16] [--batches 1,8]
+
+For each dtype and batch size it prints tokens/s and time to first token for both libraries, and the kernel floor:
+the model's own Linear weights (85 of them) replayed alone as matrix-vector (batch 1) or skinny matrix (batch 8)
+products in the same dtype, i.e. the time a decode step would take with zero overhead around the matmuls. The decode
+rate excludes the prefill (tokens after the first / time after the first token); the floor is compared with it.
+Times are the best of --reps runs (the machine is shared and noisy; the best run is the least disturbed one).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+CONFIG = dict(vocab_size=50257, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
+              num_key_value_heads=4, max_position_embeddings=2048, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def build_checkpoint(directory: str) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG))
+    model.save_pretrained(directory)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"checkpoint: {n / 1e6:.0f}M parameters, {CONFIG}")
+
+
+def best_time(fn, reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def kernel_floor(model, batch: int, dtype, reps: int) -> tuple[float, int]:
+    """Seconds per decode step for the model's Linear layers alone (x @ W.T per layer, nothing else)."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = {w.shape[1]: torch.randn(batch, w.shape[1], dtype=dtype) for w in weights}
+    linear = torch.nn.functional.linear
+
+    def step():
+        for w in weights:
+            linear(xs[w.shape[1]], w)
+
+    with torch.inference_mode():
+        for _ in range(3):
+            step()
+        return best_time(lambda: [step() for _ in range(10)], reps) / 10, len(weights)
+
+
+def time_generate(model, ids, new_tokens: int, reps: int, ref: bool) -> tuple[float, float]:
+    """(best total seconds for new_tokens tokens, best time to first token)."""
+    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def run(n):
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, **kw)
+        assert out.shape[1] == ids.shape[1] + n
+
+    run(4)  # warm-up
+    return best_time(lambda: run(new_tokens), reps), best_time(lambda: run(1), reps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--dtypes", default="fp32,bf16")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    import loom
+
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, prompt {args.prompt}, "
+          f"new tokens {args.new_tokens}, best of {args.reps}")
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        build_checkpoint(d)
+        for dname in args.dtypes.split(","):
+            dtype = DTYPES[dname]
+            ours = loom.AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
+            ref = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=dtype).eval()
+            for batch in map(int, args.batches.split(",")):
+                g = torch.Generator().manual_seed(batch)
+                ids = torch.randint(3, CONFIG["vocab_size"], (batch, args.prompt), generator=g)
+                with torch.inference_mode():
+                    same = torch.equal(ours.generate(ids, max_new_tokens=8, eos_token_id=None),
+                                       ref.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0))
+                floor, n_linear = kernel_floor(ours, batch, dtype, args.reps)
+                lt, lf = time_generate(ours, ids, args.new_tokens, args.reps, ref=False)
+                rt, rf = time_generate(ref, ids, args.new_tokens, args.reps, ref=True)
+                floor2, _ = kernel_floor(ours, batch, dtype, args.reps)  # again: load drifts during the run
+                floor = min(floor, floor2)
+                n = args.new_tokens
+                rows.append(dict(
+                    dtype=dname, batch=batch, same_tokens=same, n_linear=n_linear,
+                    floor=batch / floor,
+                    loom=batch * n / lt, ref=batch * n / rt,
+                    loom_dec=batch * (n - 1) / (lt - lf), ref_dec=batch * (n - 1) / (rt - rf),
+                    loom_ttft=lf * 1e3, ref_ttft=rf * 1e3))
+                r = rows[-1]
+                print(f"{dname} batch {batch}: floor {r['floor']:.1f} tok/s ({n_linear} Linears) | loom "
+                      f"{r['loom']:.1f} tok/s (decode {r['loom_dec']:.1f} = {r['loom_dec'] / r['floor']:.0%} of floor)"
+                      f", ttft {r['loom_ttft']:.0f} ms | ref {r['ref']:.1f} tok/s (decode {r['ref_dec']:.1f} = "
+                      f"{r['ref_dec'] / r['floor']:.0%}), ttft {r['ref_ttft']:.0f} ms | loom/ref "
+                      f"{r['loom'] / r['ref']:.2f}x | same greedy tokens: {same}", flush=True)
+            del ours, ref
+
+    print("\n| dtype | batch | floor tok/s | loom tok/s | ref tok/s | loom/ref | loom decode / floor | "
+          "ref decode / floor | loom TTFT ms | ref TTFT ms | same tokens |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['dtype']} | {r['batch']} | {r['floor']:.1f} | {r['loom']:.1f} | {r['ref']:.1f} | "
+              f"{r['loom'] / r['ref']:.2f}x | {r['loom_dec'] / r['floor']:.0%} | {r['ref_dec'] / r['floor']:.0%} | "
+              f"{r['loom_ttft']:.0f} | {r['ref_ttft']:.0f} | {r['same_tokens']} |")
+
+
+if __name__ == "__main__":
+    main()
