@@ -1,0 +1,191 @@
+"""Quantization benchmark: load time, resident memory and batch-1 greedy decode tokens/s on a ~145M Llama-shaped
+checkpoint, for loom fp32 / bf16 / int8 / int4 / bitsandbytes 8-bit and 4-bit and the reference's bitsandbytes
+paths, plus all-MiniLM-L6-v2 embedding cosine similarity to fp32. Each variant runs in its own process so load
+time and memory are its own.
+
+    .venv/bin/python bench/bench_quantization.py [--tokens 32] [--layers 12] [--threads 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {
+    "loom fp32": ("loom", None, "float32"),
+    "loom bf16": ("loom", None, "bfloat16"),
+    "loom int8 (built-in)": ("loom", "int8", "float32"),
+    "loom int4 (built-in)": ("loom", "int4", "float32"),
+    "loom bnb 8-bit": ("loom", "bnb-8bit", "float32"),
+    "loom bnb 4-bit nf4": ("loom", "bnb-4bit", "float32"),
+    "reference bnb 8-bit": ("reference", "bnb-8bit", "float32"),
+    "reference bnb 4-bit nf4": ("reference", "bnb-4bit", "float32"),
+}
+SENTENCES = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy dog.",
+             "Quantization shrinks a model's memory footprint.", "I would like a pizza with extra cheese.",
+             "The stock market fell sharply on Monday morning.", "How do I reset my password?",
+             "Photosynthesis converts light into chemical energy.", "She played the violin at the concert.",
+             "The train to Berlin leaves at nine.", "Rain is expected for the whole weekend."]
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def build_checkpoint(path: Path, layers: int) -> None:
+    import torch
+
+    import loom
+
+    config = loom.LlamaConfig(vocab_size=50257, hidden_size=768, intermediate_size=3072, num_hidden_layers=layers,
+                              num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=1024,
+                              tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = loom.LlamaForCausalLM(config)
+    model.save_pretrained(path)
+    print(f"checkpoint: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters at {path}", flush=True)
+
+
+def quant_config(lib: str, flag: str | None):
+    if flag is None:
+        return None
+    if lib == "loom":
+        from loom.quantization import config_from_flag
+
+        return config_from_flag(flag)
+    import transformers
+
+    if flag == "bnb-8bit":
+        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+    return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
+
+
+def run_variant(name: str, path: str, tokens: int) -> dict:
+    """One variant, in this (fresh) process: load, then greedy decode with the KV cache."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    lib, flag, dtype = VARIANTS[name]
+    before = rss_mb()
+    start = time.perf_counter()
+    if lib == "loom":
+        import loom
+
+        model = loom.LlamaForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant_config(lib, flag))
+        cache_cls = loom.DynamicCache
+    else:
+        import transformers
+
+        model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                              quantization_config=quant_config(lib, flag))
+        cache_cls = transformers.DynamicCache
+    load_s = time.perf_counter() - start
+    ids = torch.tensor([[1, 450, 4996, 17354, 1701, 432, 29889, 13]])
+    with torch.no_grad():
+        def decode(n):
+            cache = cache_cls()
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            for _ in range(n):
+                out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+                nxt = out.logits[:, -1:].argmax(-1)
+
+        decode(2)  # warm up (packs weights, allocator)
+        t = time.perf_counter()
+        decode(tokens)
+        tok_s = tokens / (time.perf_counter() - t)
+    # after decoding every weight page has been touched (safetensors loads are memory-mapped until then)
+    return {"load_s": load_s, "rss_mb": rss_mb() - before, "tok_s": tok_s}
+
+
+def minilm_cosines() -> dict:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+    import transformers
+
+    import loom
+    from loom.hub import packaged_model_dir
+    from loom.quantization import config_from_flag
+
+    path = packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")
+    tok = transformers.AutoTokenizer.from_pretrained(path)  # the bench may use the oracle's tokenizer
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+
+    def embed(model):
+        with torch.no_grad():
+            h = model(**enc).last_hidden_state
+        mask = enc["attention_mask"][..., None].float()
+        return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
+
+    ref = embed(loom.AutoModel.from_pretrained(path))
+    out = {}
+    for flag in ("int8", "int4", "bnb-8bit", "bnb-4bit"):
+        cos = (embed(loom.AutoModel.from_pretrained(path, quantization_config=config_from_flag(flag))) * ref).sum(-1)
+        out[flag] = (cos.mean().item(), cos.min().item())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--_variant", default=None)
+    parser.add_argument("--_path", default=None)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args._variant:
+        print(json.dumps(run_variant(args._variant, args._path, args.tokens)))
+        return
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(Path(tmp), args.layers)
+        rows = {}
+        for name in args.only or VARIANTS:
+            proc = subprocess.run([sys.executable, __file__, "--_variant", name, "--_path", tmp, "--tokens",
+                                   str(args.tokens), "--threads", str(args.threads)], env=env, capture_output=True,
+                                  text=True)
+            last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            try:
+                rows[name] = json.loads(last)
+            except json.JSONDecodeError:
+                print(f"{name}: failed\n{proc.stderr[-2000:]}")
+                continue
+            r = rows[name]
+            print(f"{name}: load {r['load_s']:.2f}s, +{r['rss_mb']:.0f} MB, {r['tok_s']:.1f} tok/s", flush=True)
+    base = rows.get("loom fp32")
+    print("\n| variant | load s | resident MB after decode | decode tok/s | vs loom fp32 |\n| --- | --- | --- | --- | --- |")
+    for name, r in rows.items():
+        ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
+        print(f"| {name} | {r['load_s']:.2f} | {r['rss_mb']:.0f} | {r['tok_s']:.1f} | {ratio} |")
+    for lib in ("8-bit", "4-bit nf4"):
+        a, b = rows.get(f"loom bnb {lib}"), rows.get(f"reference bnb {lib}")
+        if a and b:
+            print(f"loom / reference bnb {lib} decode: {a['tok_s'] / b['tok_s']:.2f}x, load: "
+                  f"{b['load_s'] / a['load_s']:.2f}x faster")
+    print("\n| MiniLM embeddings | mean cosine to fp32 | min |\n| --- | --- | --- |")
+    for flag, (mean, low) in minilm_cosines().items():
+        print(f"| {flag} | {mean:.4f} | {low:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
