@@ -89,9 +89,13 @@ def resolve_file(path_or_id: str | os.PathLike, filename: str, *, subfolder: str
         raise OSError(f"{name} is neither an existing directory nor a hub id like 'org/name'")
     packaged = packaged_model_dir(name)
     if packaged is not None and not subfolder:
+        # a packaged model is complete as shipped: a file it lacks is absent, not something to download
         target = packaged / filename
         if target.is_file():
             return target
+        if required:
+            raise OSError(f"the packaged model '{name}' at {packaged} has no file {filename}")
+        return None
     snapshot = cached_snapshot_dir(name, revision, cache_dir)
     if snapshot is not None:
         target = snapshot / rel

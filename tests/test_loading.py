@@ -335,3 +335,17 @@ def test_variant_and_subfolder(llama_ckpt, tmp_path):
 def test_loaded_model_is_in_eval_mode_and_has_generation_config(llama_ckpt):
     m = loom.AutoModelForCausalLM.from_pretrained(llama_ckpt[0])
     assert not m.training and m.generation_config.eos_token_id == 2
+
+
+def test_packaged_model_never_goes_online(monkeypatch):
+    from loom.hub import resolve_file
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("tried the network for a packaged model")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    assert resolve_file("sentence-transformers/all-MiniLM-L6-v2", "chat_template.jinja", required=False) is None
+    assert resolve_file("sentence-transformers/all-MiniLM-L6-v2", "config.json").name == "config.json"

@@ -1,0 +1,21 @@
+"""Training: TrainingArguments, data collators, the Trainer, callbacks, optimizers and schedules.
+
+Importing this package costs torch only; optuna, datasets and tensorboard are imported when a feature needs them.
+"""
+from loom.training.argparser import HfArgumentParser
+from loom.training.arguments import TrainingArguments
+from loom.training.callbacks import (DefaultFlowCallback, EarlyStoppingCallback, JsonLinesLoggerCallback,
+                                     PrinterCallback, ProgressCallback, TensorBoardCallback, TrainerCallback,
+                                     TrainerControl, TrainerState)
+from loom.training.collators import (DataCollatorForLanguageModeling, DataCollatorForTokenClassification,
+                                     DataCollatorWithPadding, default_data_collator)
+from loom.training.evaluation import EvalPrediction, PredictionOutput
+from loom.training.optimization import get_scheduler
+from loom.training.seed import set_seed
+from loom.training.trainer import Trainer, TrainOutput
+
+__all__ = ["DataCollatorForLanguageModeling", "DataCollatorForTokenClassification", "DataCollatorWithPadding",
+           "DefaultFlowCallback", "EarlyStoppingCallback", "EvalPrediction", "HfArgumentParser",
+           "JsonLinesLoggerCallback", "PredictionOutput", "PrinterCallback", "ProgressCallback",
+           "TensorBoardCallback", "TrainOutput", "Trainer", "TrainerCallback", "TrainerControl", "TrainerState",
+           "TrainingArguments", "default_data_collator", "get_scheduler", "set_seed"]

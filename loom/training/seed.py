@@ -1,0 +1,24 @@
+"""set_seed: one call that seeds python, numpy and torch (CPU and every GPU)."""
+from __future__ import annotations
+
+import os
+import random
+
+
+def set_seed(seed: int, deterministic: bool = False) -> None:
+    """Seed every generator a training run draws from; deterministic=True also asks torch for deterministic kernels."""
+    import torch
+
+    random.seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)

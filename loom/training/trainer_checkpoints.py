@@ -1,0 +1,115 @@
+"""Checkpoint saving and exact restoring for the Trainer (the file layout and atomic writes live in checkpoints.py)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from loom.training import checkpoints as ckpt
+from loom.training.callbacks import TrainerState
+
+
+class CheckpointMixin:
+    """_save_checkpoint / _load_checkpoint / _load_model_weights of the Trainer."""
+
+    def _resolve_checkpoint(self, value) -> Path | None:
+        if value is None or value is False:
+            return None
+        if value is True:
+            found = ckpt.latest_checkpoint(self.args.output_dir or ".")
+            if found is None:
+                raise FileNotFoundError(f"resume_from_checkpoint=True but {self.args.output_dir} holds no "
+                                        "checkpoint-N folder; pass a path or start without resuming")
+            value = found
+        path = Path(value)
+        ckpt.check_complete(path)
+        return path
+
+    def _save_checkpoint(self) -> Path:
+        step = self.state.global_step
+        root = Path(self.args.output_dir or "trainer_output")
+        final = root / f"{ckpt.PREFIX}-{step}"
+        if self.state.best_global_step == step:
+            self.state.best_model_checkpoint = str(final)
+        path = ckpt.write_checkpoint(root, step, self._write_checkpoint_files)
+        keep = {path}
+        if self.state.best_model_checkpoint:
+            keep.add(Path(self.state.best_model_checkpoint))
+        ckpt.rotate(root, self.args.save_total_limit, keep)
+        return path
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        self.model.save_pretrained(folder)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(folder)
+        ckpt.save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
+        ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+        ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
+        if self.scaler is not None:
+            ckpt.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
+        spe = self._data_shape["steps_per_epoch"]
+        position = {**self._data_shape, "epoch": self.state.global_step // spe,
+                    "steps_in_epoch": self.state.global_step % spe, "pending_loss": self._pending_loss.item(),
+                    "pending_steps": self._pending_steps, "model_class": type(self.model).__name__}
+        ckpt.save_json(position, folder / "data_state.json")
+        ckpt.save_json(self.args.to_dict(), folder / "training_args.json")
+        ckpt.save_json(dataclasses.asdict(self.state), folder / "trainer_state.json")
+
+    def _load_checkpoint(self, path: Path) -> dict:
+        """Restore model, optimizer, scheduler, state and data position; returns the RNG states to set later."""
+        position = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
+        mismatched = {k: (position.get(k), v) for k, v in self._data_shape.items() if position.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"checkpoint {path} was written by a run with a different data order ({details}); "
+                             "resume with the same dataset and batch/seed arguments")
+        if position.get("model_class") != type(self.model).__name__:
+            raise ValueError(f"checkpoint {path} holds a {position.get('model_class')}, not a "
+                             f"{type(self.model).__name__}; pass the matching checkpoint")
+        self._load_model_weights(path)
+        try:
+            self.optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{path / 'optimizer.pt'} does not fit this model's optimizer ({e}); resume with the "
+                             "same model and optim argument") from None
+        self.lr_scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
+        if self.scaler is not None:
+            if not (path / "scaler.pt").is_file():
+                raise FileNotFoundError(f"checkpoint {path} has no scaler.pt but this run uses fp16")
+            self.scaler.load_state_dict(ckpt.load_torch(path / "scaler.pt"))
+        saved = TrainerState.load_from_json(path / "trainer_state.json")
+        for name in ("global_step", "epoch", "log_history", "best_metric", "best_global_step",
+                     "best_model_checkpoint", "total_flos", "num_input_tokens_seen"):
+            setattr(self.state, name, getattr(saved, name))
+        self._pending_loss = torch.tensor(position["pending_loss"], device=self.args.device)
+        self._pending_steps = position["pending_steps"]
+        return ckpt.load_torch(path / "rng_state.pth")
+
+    def _load_model_weights(self, path: Path) -> None:
+        """Copy the checkpoint's weights into the live model (same parameter objects, so the optimizer keeps them)."""
+        from safetensors.torch import load_file
+
+        tensors: dict[str, torch.Tensor] = {}
+        for f in sorted(path.glob("model*.safetensors")):
+            tensors.update(load_file(f))
+        expected = self.model.checkpoint_state_dict() if hasattr(self.model, "checkpoint_state_dict") else \
+            self.model.state_dict()
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected))
+        shapes = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
+        if missing or unexpected or shapes:
+            raise ValueError(f"checkpoint {path} holds the weights of another model (missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}, shape mismatch {shapes[:5]}); pass a checkpoint of "
+                             "this model")
+        flipped = getattr(self.model, "_transposed_checkpoint_weights", ())
+        state = {k: (t.t() if any(k.endswith(s) for s in flipped) else t) for k, t in tensors.items()}
+        self.model.load_state_dict(state, strict=False)
+
+    def save_model(self, output_dir: str | None = None) -> None:
+        """Write the model (and the tokenizer/processor) with save_pretrained."""
+        folder = Path(output_dir or self.args.output_dir or "trainer_output")
+        self.model.save_pretrained(folder)
+        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+            self.processing_class.save_pretrained(folder)

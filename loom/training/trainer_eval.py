@@ -1,0 +1,128 @@
+"""Evaluation and prediction for the Trainer: batches stream through the model, outputs are reduced and kept on
+the CPU (or, with batch_eval_metrics, handed to compute_metrics one batch at a time)."""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from loom.training.data import check_batch, move_to
+from loom.training.evaluation import Accumulator, EvalLoopOutput, EvalPrediction, PredictionOutput, to_numpy
+
+
+class EvaluationMixin:
+    """evaluate / predict / evaluation_loop / prediction_step of the Trainer."""
+
+    # -- evaluation and prediction -------------------------------------------------------------------------------
+    def evaluate(self, eval_dataset=None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Loss and compute_metrics over the eval set, streamed batch by batch; logged and returned."""
+        loader = self.get_eval_dataloader(eval_dataset)
+        self.callback_handler.eval_dataloader = loader
+        start = time.perf_counter()
+        output = self.evaluation_loop(loader, "evaluation", ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix)
+        metrics = {**output.metrics, **_speed(metric_key_prefix, start, output.num_samples, len(loader))}
+        self.log(metrics)
+        self._event("on_evaluate", metrics=metrics)
+        return metrics
+
+    def predict(self, test_dataset, ignore_keys: list[str] | None = None,
+                metric_key_prefix: str = "test") -> PredictionOutput:
+        """Predictions (after preprocess_logits_for_metrics), labels if present, and metrics."""
+        loader = self.get_test_dataloader(test_dataset)
+        start = time.perf_counter()
+        output = self.evaluation_loop(loader, "prediction", ignore_keys=ignore_keys,
+                                      metric_key_prefix=metric_key_prefix, keep_predictions=True)
+        metrics = {**output.metrics, **_speed(metric_key_prefix, start, output.num_samples, len(loader))}
+        self._event("on_predict", metrics=metrics)
+        return PredictionOutput(output.predictions, output.label_ids, metrics)
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
+                        keep_predictions: bool = False) -> EvalLoopOutput:
+        """Run the model over batches; keep per-batch reduced predictions on the CPU, or none with
+        batch_eval_metrics."""
+        args = self.args
+        loss_only = args.prediction_loss_only if prediction_loss_only is None else prediction_loss_only
+        loss_only = loss_only or (self.compute_metrics is None and not keep_predictions)
+        streaming = args.batch_eval_metrics and self.compute_metrics is not None and not keep_predictions
+        model = self.model
+        was_training = model.training
+        model.eval()
+        expected = len(dataloader.dataset) if hasattr(dataloader, "dataset") else 0
+        preds, labels = Accumulator(expected), Accumulator(expected)
+        loss_sum, loss_count, num_samples = 0.0, 0, 0
+        metrics: dict[str, float] = {}
+        batches = list(dataloader) if isinstance(dataloader, list) else dataloader
+        total = len(batches)
+        for i, batch in enumerate(batches):
+            check_batch(batch, description)
+            batch = move_to(batch, args.device)
+            loss, logits, label = self.prediction_step(model, batch, loss_only, ignore_keys)
+            size = _batch_size(batch)
+            num_samples += size
+            if loss is not None:
+                loss_sum += float(loss) * size
+                loss_count += size
+            if loss_only:
+                continue
+            if self.preprocess_logits_for_metrics is not None and logits is not None:
+                logits = self.preprocess_logits_for_metrics(logits, label)
+            if streaming:
+                metrics = self.compute_metrics(EvalPrediction(to_numpy(logits), to_numpy(label)), compute_result=i == total - 1)
+            else:
+                preds.add(logits)
+                labels.add(label)
+            self._event("on_prediction_step")
+        model.train(was_training)
+        predictions, label_ids = preds.result(), labels.result()
+        if not loss_only and not streaming and self.compute_metrics is not None and predictions is not None \
+                and label_ids is not None:
+            metrics = self.compute_metrics(EvalPrediction(predictions, label_ids))
+        metrics = dict(metrics or {})
+        if loss_count:
+            metrics["loss"] = loss_sum / loss_count
+        metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": _scalar(v)
+                   for k, v in metrics.items()}
+        return EvalLoopOutput(predictions, label_ids, metrics, num_samples)
+
+    def prediction_step(self, model: nn.Module, inputs: dict, prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        """(loss, logits, labels) of one batch without gradients."""
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        labels = None
+        if has_labels:
+            found = tuple(inputs[k] for k in self.label_names)
+            labels = found[0] if len(found) == 1 else found
+        with torch.no_grad(), self.autocast():
+            outputs = self._forward_model(**inputs) if model is self.model else model(**inputs)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        loss = loss.detach().mean() if loss is not None else None
+        if prediction_loss_only:
+            return loss, None, None
+        ignore = set(ignore_keys or ()) | {"loss", "past_key_values", "hidden_states", "attentions"}
+        if isinstance(outputs, dict):
+            values = tuple(v for k, v in outputs.items() if k not in ignore)
+        else:
+            values = tuple(outputs[1:] if has_labels else outputs)
+        logits = values[0] if len(values) == 1 else values
+        return loss, logits, labels
+
+
+def _batch_size(batch: dict) -> int:
+    for v in batch.values():
+        if torch.is_tensor(v) and v.dim() > 0:
+            return v.shape[0]
+    return 1
+
+
+def _scalar(v):
+    return v.item() if hasattr(v, "item") and getattr(v, "size", 1) == 1 else v
+
+
+def _speed(prefix: str, start: float, samples: int, steps: int) -> dict[str, float]:
+    runtime = time.perf_counter() - start
+    return {f"{prefix}_runtime": runtime, f"{prefix}_samples_per_second": samples / runtime if runtime else 0.0,
+            f"{prefix}_steps_per_second": steps / runtime if runtime else 0.0}

@@ -1,0 +1,138 @@
+"""Checkpoints: exact resume (in process, and after SIGKILL), atomic saves, rotation, reference loading, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loom.training import Trainer
+from loom.training.checkpoints import latest_checkpoint, list_checkpoints
+from tests.training.conftest import cls_rows, lm_rows, PadCollator, resume_args, tiny_bert, tiny_llama
+
+SCRIPT = Path(__file__).with_name("resume_script.py")
+REPO = SCRIPT.parents[2]
+
+
+def _losses(trainer) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+
+
+def _train(output_dir, resume=None):
+    trainer = Trainer(tiny_bert(hidden_dropout_prob=0.1), resume_args(str(output_dir)), train_dataset=cls_rows(20))
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    import torch
+
+    torch.set_num_threads(1)
+    return _train(tmp_path_factory.mktemp("full"))
+
+
+@pytest.mark.parametrize("checkpoint", ["checkpoint-2", "checkpoint-4", "checkpoint-6"])
+def test_resume_is_bit_exact(uninterrupted, checkpoint):
+    """Resuming mid-epoch (2, 4: inside epochs 0 and 1) or at an epoch end (6) replays the same losses exactly."""
+    resumed = _train(uninterrupted.args.output_dir, resume=str(Path(uninterrupted.args.output_dir) / checkpoint))
+    full = _losses(uninterrupted)
+    again = _losses(resumed)
+    assert sorted(again) == sorted(full) and again == full  # restored history + replayed steps, bit for bit
+    for (name, a), b in zip(uninterrupted.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _run_script(output_dir, *flags):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(output_dir), *flags], capture_output=True, text=True,
+                          timeout=240, env=env, cwd=REPO)
+    records = [json.loads(line[5:]) for line in proc.stdout.splitlines() if line.startswith("LOSS ")]
+    losses = {r["step"]: r["loss"] for r in records}
+    return proc.returncode, losses, proc.stderr
+
+
+def test_sigkill_mid_epoch_and_while_saving_then_resume(uninterrupted, tmp_path):
+    """Killed at step 5 (inside epoch 1, before its log), resumed and killed while saving checkpoint-6, resumed:
+    every loss any of the processes logged equals the uninterrupted run's (the same run, in this process)."""
+    full = _losses(uninterrupted)
+    out = tmp_path / "killed"
+    rc, first, _ = _run_script(out, "--kill-at-step", "5")
+    assert rc == -9 and sorted(first) == [1, 2, 3, 4]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-4"]
+    rc, second, _ = _run_script(out, "--resume", "--kill-while-saving", "6")
+    assert rc == -9 and sorted(second) == [5, 6]
+    assert (out / "tmp-checkpoint-6").is_dir(), "the interrupted save leaves only a temporary folder"
+    assert latest_checkpoint(out).name == "checkpoint-4"
+    rc, third, err = _run_script(out, "--resume")
+    assert rc == 0, err
+    assert sorted(third) == [5, 6, 7, 8]
+    for losses in (first, second, third):
+        assert all(losses[s] == full[s] for s in losses), (losses, full)
+    assert not (out / "tmp-checkpoint-6").exists()
+
+
+def test_checkpoint_loads_in_reference_with_equal_logits(args_for):
+    import transformers
+
+    x = torch.randint(3, 99, (2, 7))
+    for model, rows, collator, ref_class in (
+            (tiny_bert(), cls_rows(8), None, transformers.BertForSequenceClassification),
+            (tiny_llama(), lm_rows(8), PadCollator(), transformers.LlamaForCausalLM)):
+        trainer = Trainer(model, args_for(max_steps=2, save_steps=2, save_strategy="steps",
+                                          per_device_train_batch_size=4), train_dataset=rows, data_collator=collator)
+        trainer.train()
+        path = Path(trainer.args.output_dir) / "checkpoint-2"
+        ref = ref_class.from_pretrained(path).eval()
+        loaded = type(model).from_pretrained(path)
+        model.cpu()  # trained on whatever device args chose; compare on the CPU
+        with torch.no_grad():
+            expected = model.eval()(input_ids=x).logits
+            torch.testing.assert_close(ref(input_ids=x).logits, expected, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(loaded(input_ids=x).logits, expected, rtol=0, atol=0)
+        for f in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "training_args.json"):
+            assert (path / f).is_file(), f
+        ref_state = transformers.TrainerState.load_from_json(str(path / "trainer_state.json"))
+        assert ref_state.global_step == 2
+
+
+def test_rotation_keeps_best_and_best_is_loaded_at_end(args_for):
+    trainer = None
+
+    def falling_metric(pred):  # best at the first evaluation, worse afterwards
+        return {"score": -float(trainer.state.global_step)}
+
+    args = args_for(max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                    save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="score")
+    trainer = Trainer(tiny_bert(), args, train_dataset=cls_rows(16), eval_dataset=cls_rows(4),
+                      compute_metrics=falling_metric)
+    trainer.train()
+    out = Path(args.output_dir)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-8"]
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2") and trainer.state.best_global_step == 2
+    best = type(trainer.model).from_pretrained(out / "checkpoint-2")
+    for (name, a), b in zip(trainer.model.state_dict().items(), best.state_dict().values()):
+        assert torch.equal(a.cpu(), b), name
+
+
+def test_bad_checkpoints_fail_before_training(uninterrupted, tmp_path):
+    broken = tmp_path / "checkpoint-4"
+    import shutil
+
+    shutil.copytree(Path(uninterrupted.args.output_dir) / "checkpoint-4", broken)
+    (broken / "optimizer.pt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-4 is incomplete \(missing optimizer.pt\)"):
+        _train(tmp_path / "x", resume=str(broken))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint-N folder"):
+        _train(tmp_path / "empty", resume=True)
+    other = Trainer(tiny_bert(hidden_size=48), resume_args(str(tmp_path / "y")), train_dataset=cls_rows(20))
+    with pytest.raises(ValueError, match="holds the weights of another model"):
+        other.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
+    moved = Trainer(tiny_bert(), resume_args(str(tmp_path / "z")), train_dataset=cls_rows(21))
+    with pytest.raises(ValueError, match="different data order .*num_examples: checkpoint 20 vs now 21"):
+        moved.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
+    assert other.state.global_step == 0 and moved.state.global_step == 0
