@@ -9,6 +9,7 @@ dtype/device/shard/quantized form. A hook is any object with some of these metho
     load_extra_tensor(model, name, source) -> bool   a checkpoint key the model has no slot for (a quantizer's
                                                   scales, quant states): True when the hook keeps it
     finish(model)                                 after every tensor is in place and weights are tied
+    converts_tensors = True                       (attribute) read tensors with plain reads, not a file mapping
 
 `source` is a TensorSource: `.shape`, `.dtype`, `.get()` (whole tensor) and `.slice(dim, start, stop)` (reads only
 that part of the file, for tensor-parallel shards).
@@ -95,6 +96,9 @@ class TensorSource:
         if isinstance(handle, dict):
             t = handle[key]
             shape, self.dtype = tuple(t.shape), t.dtype
+        elif isinstance(handle, SafetensorsReader):
+            entry = handle.entries[key]
+            shape, self.dtype = tuple(entry["shape"]), _ST_DTYPES.get(entry["dtype"])
         else:
             sl = handle.get_slice(key)
             shape, self.dtype = tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), None)
@@ -125,9 +129,13 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
 
-def open_checkpoint(file: Path):
-    """A handle for one file: safe_open for safetensors, a weights_only mmap'd torch.load for .bin files."""
+def open_checkpoint(file: Path, eager: bool = False):
+    """A handle for one file: safetensors through a private mmap (zero-copy, pages read on first touch) or, with
+    `eager`, through plain reads (for loads that convert every tensor: a quantizer's fp32 pages must not stay
+    resident); .bin files through a weights_only mmap'd torch.load."""
     if file.suffix == ".safetensors":
+        if eager:
+            return SafetensorsReader(file)
         from safetensors import safe_open
 
         try:
@@ -143,6 +151,51 @@ def open_checkpoint(file: Path):
     if not isinstance(state, dict):
         raise OSError(f"{file} does not hold a state dict")
     return state
+
+
+class SafetensorsReader:
+    """Reads safetensors tensors with plain file reads into fresh memory (no mapping of the file stays alive)."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+                header = json.loads(f.read(n))
+        except (ValueError, json.JSONDecodeError) as e:
+            raise OSError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
+                          "re-download or re-save it") from None
+        header.pop("__metadata__", None)
+        self.start = 8 + n
+        self.entries = header
+        end = max((e["data_offsets"][1] for e in header.values()), default=0)
+        if self.start + end > size:
+            raise OSError(f"{file} is truncated ({size} bytes, its header needs {self.start + end}); re-download or "
+                          "re-save it")
+        self._sliced = None
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        entry = self.entries[key]
+        begin, end = entry["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.file, "rb") as f:
+            f.seek(self.start + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise OSError(f"{self.file}: short read of tensor '{key}'; the file may be truncated")
+        return buf.view(_ST_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+
+    def get_slice(self, key: str):
+        if self._sliced is None:
+            from safetensors import safe_open
+
+            self._sliced = safe_open(str(self.file), framework="pt")
+        return self._sliced.get_slice(key)
 
 
 def checkpoint_keys(handle) -> list[str]:
@@ -223,7 +276,7 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
     loaded: set[str] = set()
     fix = None
     for file in ckpt.files:
-        handle = open_checkpoint(file)
+        handle = open_checkpoint(file, eager=any(getattr(h, "converts_tensors", False) for h in hooks))
         keys = checkpoint_keys(handle)
         if fix is None:
             fix = prefix_fixer(model, [rename_key(k) for k in keys], expected)

@@ -65,6 +65,9 @@ class Quantizer:
     """Base of every backend; subclasses define `make_module`, `load_tensor`, `quantize_linear`."""
 
     method: str = ""
+    # the loader reads tensors into fresh memory instead of mapping the file: each fp32 weight is dropped once
+    # quantized, so peak memory stays near the quantized size plus one tensor
+    converts_tensors = True
 
     def __init__(self, config, pre_quantized: bool) -> None:
         self.config = config
