@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loom
-from conftest import reference_checkpoint
+from loomtest import reference_checkpoint
 
 
 def _ids(B=2, T=10, seed=0):

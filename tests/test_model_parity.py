@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import loom
-from conftest import reference_checkpoint
+from loomtest import reference_checkpoint
 
 DECODERS = [
     ("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),

@@ -11,7 +11,7 @@ CAUSAL = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "mistral": "Mi
 
 def model_pair(tmp_path_factory, model_type: str, **overrides):
     """(loom model, reference model) with the same random weights, both in eval mode."""
-    from conftest import reference_checkpoint
+    from loomtest import reference_checkpoint
 
     path, ref = reference_checkpoint(tmp_path_factory, model_type, CAUSAL[model_type], **overrides)
     return getattr(loom, CAUSAL[model_type]).from_pretrained(path), ref

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import loom
-from conftest import reference_checkpoint
+from loomtest import reference_checkpoint
 from loom.quantization import BitsAndBytesConfig, quantize_
 
 pytest.importorskip("bitsandbytes", reason="bitsandbytes is an optional dependency (pip install bitsandbytes)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import loom
-from conftest import reference_checkpoint
+from loomtest import reference_checkpoint
 
 
 def _mapped(path) -> bool:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import loom
-from conftest import reference_checkpoint
+from loomtest import reference_checkpoint
 from loom.quantization import WeightOnlyConfig, quantize_
 from loom.quantization import kernels
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight

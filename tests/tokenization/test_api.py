@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CORPUS
+from tok_data import CORPUS
 
 from loom.tokenization import AutoTokenizer, BatchEncoding, PreTrainedTokenizerFast
 
@@ -89,7 +89,7 @@ def test_pad_for_collators(loom_tok, reference):
 def test_save_pretrained_round_trip_both_libraries(tmp_path, assets, reference):
     from transformers import AutoTokenizer as RefAutoTokenizer
 
-    from conftest import CHATML_TEMPLATE
+    from tok_data import CHATML_TEMPLATE
 
     for name in ["minilm_vocab", "gpt2", "spm_unigram", "spm_bpe_llama"]:
         tok = AutoTokenizer.from_pretrained(assets[name])

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import CHATML_TEMPLATE
+from tok_data import CHATML_TEMPLATE
 
 MESSAGES = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": "Hi there!"},
             {"role": "assistant", "content": "Hello! How can I help?"}, {"role": "user", "content": "Tell a joke"}]

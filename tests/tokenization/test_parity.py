@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import CORPUS
+from tok_data import CORPUS
 
 ASSETS = ["minilm", "minilm_vocab", "gpt2", "llama3", "llama3_chat", "spm_unigram", "spm_bpe", "spm_bpe_llama"]
 PAIRS = list(zip(CORPUS, reversed(CORPUS)))
