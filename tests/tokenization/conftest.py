@@ -21,7 +21,7 @@ def package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-from tok_data import CHATML_TEMPLATE, CORPUS  # noqa: E402,F401
+from tok_data import CHATML_TEMPLATE, CORPUS, LLAMA3_TEMPLATE  # noqa: E402,F401
 
 
 def _train_spm(tmp: Path, model_type: str) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.loomtest import TINY
 
 
 def tiny_llama(seed: int = 0, **overrides):

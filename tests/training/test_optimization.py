@@ -38,7 +38,7 @@ def test_unknown_schedule_is_an_error():
 def test_decay_groups_match_reference():
     import transformers
 
-    from tests.conftest import TINY
+    from tests.loomtest import TINY
     from tests.training.conftest import tiny_bert, tiny_llama
 
     ref_bert = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY["bert"]))
