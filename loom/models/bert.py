@@ -48,6 +48,8 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    """Bidirectional multi-head attention (also ViT's: its configs add `qkv_bias`)."""
+
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
@@ -55,12 +57,13 @@ class BertSelfAttention(nn.Module):
                              f"{config.num_attention_heads}")
         self.num_heads = config.num_attention_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+        bias = getattr(config, "qkv_bias", True)
+        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         B, T, C = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)

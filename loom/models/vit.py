@@ -10,7 +10,8 @@ from torch import nn
 
 from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, classification_loss, maybe_checkpoint, sdpa
+from loom.models.bert import BertIntermediate, BertSelfAttention
+from loom.models.common import activation, classification_loss, maybe_checkpoint
 from loom.outputs import ModelOutput
 
 
@@ -89,27 +90,6 @@ class ViTEmbeddings(nn.Module):
         return self.dropout(x)
 
 
-class ViTSelfAttention(nn.Module):
-    def __init__(self, config: ViTConfig) -> None:
-        super().__init__()
-        if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
-                             f"{config.num_attention_heads}")
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=config.qkv_bias)
-        self.dropout = config.attention_probs_dropout_prob
-
-    def forward(self, x):
-        B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-                   for p in (self.query, self.key, self.value))
-        out = sdpa(q, k, v, None, False, self.dropout if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, C)
-
-
 class ViTSelfOutput(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
@@ -123,21 +103,11 @@ class ViTSelfOutput(nn.Module):
 class ViTAttention(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
-        self.attention = ViTSelfAttention(config)
+        self.attention = BertSelfAttention(config)
         self.output = ViTSelfOutput(config)
 
     def forward(self, x):
         return self.output(self.attention(x))
-
-
-class ViTIntermediate(nn.Module):
-    def __init__(self, config: ViTConfig) -> None:
-        super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.intermediate_act_fn = activation(config.hidden_act)
-
-    def forward(self, x):
-        return self.intermediate_act_fn(self.dense(x))
 
 
 class ViTOutput(nn.Module):
@@ -154,7 +124,7 @@ class ViTLayer(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
         self.attention = ViTAttention(config)
-        self.intermediate = ViTIntermediate(config)
+        self.intermediate = BertIntermediate(config)
         self.output = ViTOutput(config)
         self.layernorm_before = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
