@@ -186,53 +186,188 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def environment() -> dict[str, Any]:
-    """Versions, devices and which optional backends import, as a dict (what `loom env` prints)."""
-    import importlib
+# -- loom env ---------------------------------------------------------------------------------------------------------
+def _expect(condition: bool, problem: str) -> None:
+    if not condition:
+        raise RuntimeError(problem)
+
+
+def _check_accelerate() -> str:
+    import torch
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        layer = torch.nn.Linear(4, 4)
+    _expect(layer.weight.is_meta, "init_empty_weights did not build on the meta device")
+    return "meta init ok"
+
+
+def _check_bitsandbytes() -> str:
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    devices = sorted(getattr(bnb, "supported_torch_devices", ()) or ())
+    device = "cuda" if torch.cuda.is_available() and "cuda" in devices else "cpu"
+    w = torch.randn(64, 64, device=device)
+    q, state = quantize_4bit(w, quant_type="nf4")
+    err = (dequantize_4bit(q, state) - w).abs().mean().item()
+    _expect(err < 0.2, f"nf4 round trip error {err:.3f}")
+    return f"nf4 round trip on {device} ok; backends: {', '.join(devices) or 'unknown'}"
+
+
+def _check_sentencepiece() -> str:
+    import io
+
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["hello world", "loom env check", "a b c d e"] * 20),
+                                   model_writer=model, vocab_size=20, minloglevel=3)
+    pieces = spm.SentencePieceProcessor(model_proto=model.getvalue()).encode("hello", out_type=str)
+    _expect(bool(pieces), "empty encoding")
+    return "train + encode ok"
+
+
+def _check_optuna() -> str:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study()
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1) ** 2, n_trials=2)
+    return "in-memory study ok"
+
+
+def _check_datasets() -> str:
+    import datasets
+
+    _expect(datasets.Dataset.from_dict({"a": [1, 2]})[1] == {"a": 2}, "Dataset indexing returned the wrong row")
+    return "in-memory Dataset ok"
+
+
+def _check_tensorboard() -> str:
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = SummaryWriter(log_dir=tmp)
+        writer.add_scalar("check", 1.0, 0)
+        writer.close()
+    return "SummaryWriter ok"
+
+
+def _check_pillow() -> str:
+    from PIL import Image
+
+    _expect(Image.new("RGB", (8, 8), "red").resize((4, 4)).getpixel((0, 0)) == (255, 0, 0), "resize changed colours")
+    return "image ops ok"
+
+
+def _check_jinja2() -> str:
+    import jinja2
+
+    _expect(jinja2.Template("{{ x }}").render(x=1) == "1", "template rendered wrongly")
+    return "template ok"
+
+
+# name -> (distribution, what loom uses it for, check that imports it and exercises it)
+OPTIONAL_BACKENDS = {
+    "accelerate": ("accelerate", "device_map='auto' / several devices / disk offload", _check_accelerate),
+    "bitsandbytes": ("bitsandbytes", "BitsAndBytesConfig 8-bit and 4-bit", _check_bitsandbytes),
+    "sentencepiece": ("sentencepiece", "not needed: loom reads tokenizer.model files itself", _check_sentencepiece),
+    "optuna": ("optuna", "Trainer.hyperparameter_search", _check_optuna),
+    "datasets": ("datasets", "datasets.Dataset as Trainer input", _check_datasets),
+    "tensorboard": ("tensorboard", "report_to='tensorboard'", _check_tensorboard),
+    "pillow": ("pillow", "image pipelines and processors", _check_pillow),
+    "jinja2": ("jinja2", "chat templates", _check_jinja2),
+}
+
+
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _backend_status(distribution: str, check, run_check: bool) -> dict[str, str]:
+    version = _dist_version(distribution)
+    if version is None:
+        return {"version": "not installed", "status": "missing"}
+    if not run_check:
+        return {"version": version, "status": "installed (not checked)"}
+    try:
+        detail = check()
+    except ImportError as e:
+        return {"version": version, "status": "broken", "detail": f"import failed: {e}"}
+    except Exception as e:  # a broken install (e.g. bitsandbytes without its native library) is reported, not raised
+        return {"version": version, "status": "broken", "detail": f"{type(e).__name__}: {e}"[:200]}
+    return {"version": version, "status": "works", "detail": detail}
+
+
+def _devices() -> list[str]:
+    import torch
+
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            devices.append(f"cuda:{i} ({p.name}, {p.total_memory / 2**30:.0f} GiB, compute {p.major}.{p.minor})")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def environment(check_backends: bool = True) -> dict[str, Any]:
+    """Versions, devices, threads and the optional backends (whether each imports and works): what `loom env` prints.
+
+    With check_backends=False the backends are only looked up in the installed package metadata (nothing imported).
+    """
+    import os
     import platform
+
+    import torch
 
     import loom
 
     info: dict[str, Any] = {"loom": loom.__version__, "python": platform.python_version(),
                             "platform": platform.platform()}
     for name in ("torch", "tokenizers", "safetensors", "numpy", "huggingface_hub"):
-        try:
-            info[name] = importlib.import_module(name).__version__
-        except ImportError:
-            info[name] = "not installed"
-    import torch
-
-    devices = ["cpu"]
-    if torch.cuda.is_available():
-        devices += [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        devices.append("mps")
-    info["devices"] = devices
-    optional = {"accelerate": "accelerate", "bitsandbytes": "bitsandbytes", "pillow": "PIL",
-                "sentencepiece": "sentencepiece", "datasets": "datasets", "optuna": "optuna",
-                "tensorboard": "tensorboard", "jinja2": "jinja2"}
-    backends = {}
-    for label, module in optional.items():
-        try:
-            mod = importlib.import_module(module)
-            backends[label] = getattr(mod, "__version__", "available")
-        except Exception as e:  # a broken install (e.g. bitsandbytes without CUDA) is "unusable", not a crash
-            backends[label] = "not installed" if isinstance(e, ImportError) and "No module" in str(e) else \
-                f"unusable ({type(e).__name__})"
-    info["optional backends"] = backends
+        info[name] = _dist_version(name) or "not installed"
+    info["devices"] = _devices()
+    info["cuda"] = f"{torch.version.cuda} (cuDNN {torch.backends.cudnn.version()})" if torch.version.cuda else "none"
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    info["threads"] = {"cpu cores": os.cpu_count(), "usable by this process": affinity,
+                       "torch intra-op": torch.get_num_threads(), "torch inter-op": torch.get_num_interop_threads(),
+                       **{var: os.environ[var] for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS",
+                                                           "TOKENIZERS_PARALLELISM") if var in os.environ}}
+    info["optional backends"] = {name: {**_backend_status(dist, check, check_backends), "used for": used_for}
+                                 for name, (dist, used_for, check) in OPTIONAL_BACKENDS.items()}
     return info
 
 
+def _format_backend(name: str, b: dict[str, str]) -> str:
+    detail = f" ({b['detail']})" if b.get("detail") else ""
+    return f"  {name:14s} {b['version']:14s} {b['status']}{detail}  [{b['used for']}]"
+
+
 def cmd_env(args) -> int:
-    info = environment()
+    info = environment(check_backends=not args.no_check)
     if args.json:
         _print_json(info)
         return 0
     for key, value in info.items():
-        if isinstance(value, dict):
+        if key == "optional backends":
+            print(f"{key}:")
+            for name, backend in value.items():
+                print(_format_backend(name, backend))
+        elif isinstance(value, dict):
             print(f"{key}:")
             for k, v in value.items():
-                print(f"  {k:14s} {v}")
+                print(f"  {k:24s} {v}")
         elif isinstance(value, list):
             print(f"{key:16s} {', '.join(value)}")
         else:
@@ -290,8 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default=None, help="cast the weights, e.g. bfloat16")
     convert.set_defaults(func=cmd_convert)
 
-    env = sub.add_parser("env", help="show versions, devices and optional backends")
+    env = sub.add_parser("env", help="show versions, devices, threads and which optional backends work",
+                         description="Print versions, devices, thread settings and, for each optional backend, "
+                                     "whether it imports and passes a small working check. Paste this into bug "
+                                     "reports.")
     env.add_argument("--json", action="store_true", help="print JSON")
+    env.add_argument("--no-check", action="store_true",
+                     help="only read installed versions; import nothing optional (fast)")
     env.set_defaults(func=cmd_env)
     return parser
 
