@@ -243,6 +243,9 @@ def setup_parallel(args=None, *, tp_size: int | None = None, cp_size: int | None
     tp, cp = int(pick(tp_size, "tp_size", 1)), int(pick(cp_size, "cp_size", 1))
     replicate = int(pick(dp_replicate, "dp_replicate_size", 1))
     fsdp_on, offload = _fsdp_options(pick(fsdp, "fsdp", False))
+    if offload and default_device().type == "cpu":
+        raise ValueError("fsdp 'offload' moves sharded parameters to the CPU between uses, which needs an accelerator; "
+                         "on a CPU-only machine the parameters already live on the CPU: drop 'offload'")
     if param_dtype is None and args is not None:
         param_dtype = torch.bfloat16 if getattr(args, "bf16", False) else \
             torch.float16 if getattr(args, "fp16", False) else None

@@ -157,3 +157,13 @@ def test_clip_grad_norm_matches_torch_on_plain_tensors():
 def test_dcp_to_hf_rejects_a_directory_that_is_not_dcp(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a DCP checkpoint"):
         dcp_to_hf(tmp_path, tmp_path / "out")
+
+
+def test_fsdp_cpu_offload_without_an_accelerator_is_a_clear_error():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has an accelerator, where offload is valid")
+    with pytest.raises(ValueError, match="fsdp 'offload'.*needs an accelerator"):
+        setup_parallel(fsdp="full_shard offload")
