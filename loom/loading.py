@@ -17,7 +17,6 @@ that part of the file, for tensor-parallel shards).
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,10 +197,6 @@ class SafetensorsReader:
         return self._sliced.get_slice(key)
 
 
-def checkpoint_keys(handle) -> list[str]:
-    return list(handle.keys())
-
-
 # -- key handling -----------------------------------------------------------------------------------------------
 _LEGACY = [(re.compile(r"\.gamma$"), ".weight"), (re.compile(r"\.beta$"), ".bias")]
 
@@ -277,7 +272,7 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
     fix = None
     for file in ckpt.files:
         handle = open_checkpoint(file, eager=any(getattr(h, "converts_tensors", False) for h in hooks))
-        keys = checkpoint_keys(handle)
+        keys = list(handle.keys())
         if fix is None:
             fix = prefix_fixer(model, [rename_key(k) for k in keys], expected)
         for key in keys:
@@ -337,9 +332,6 @@ def report(info: LoadingInfo, model_name: str, ignore_unexpected=()) -> str | No
                      ", ".join(f"{k} {tuple(a)}->{tuple(b)}" for k, a, b in info.mismatched_keys))
     if not parts:
         return None
-    return f"Loading {model_name}: " + "; ".join(parts) + ". Train the model on a downstream task before using " \
-        "newly initialised weights." if info.missing_keys else f"Loading {model_name}: " + "; ".join(parts)
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in {"1", "true", "yes"}
+    advice = ". Train the model on a downstream task before using newly initialised weights." \
+        if info.missing_keys else ""
+    return f"Loading {model_name}: " + "; ".join(parts) + advice

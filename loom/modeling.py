@@ -171,8 +171,6 @@ class PreTrainedModel(nn.Module):
             n = min(new_num_tokens, bias.shape[0])
             grown[:n] = bias[:n]
             head.bias = nn.Parameter(grown)
-            if head.out_features is not None:
-                head.out_features = new_num_tokens
         if head is not None and hasattr(head, "out_features"):
             head.out_features = new_num_tokens
         self.config.vocab_size = new_num_tokens
@@ -256,7 +254,7 @@ class PreTrainedModel(nn.Module):
 
         hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
         for legacy in ("low_cpu_mem_usage", "trust_remote_code", "attn_implementation", "_fast_init",
-                       "use_auth_token", "resume_download", "local_files_only_", "mirror"):
+                       "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)
         path = pretrained_model_name_or_path
         if not isinstance(config, PretrainedConfig):

@@ -103,6 +103,15 @@ def worker_payload() -> dict | None:
     return None
 
 
+def run_script(main, worker) -> None:
+    """A script's entry point: started by run_worker, print worker(payload) as JSON for the parent; else main()."""
+    payload = worker_payload()
+    if payload is not None:
+        print(json.dumps(worker(payload)))
+    else:
+        main()
+
+
 def rss_mib() -> float:
     """Resident memory of this process now, in MiB."""
     with open("/proc/self/statm") as f:

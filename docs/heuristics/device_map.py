@@ -11,13 +11,12 @@ pass, so this is the best case for disk offload). On a GPU machine the same budg
 """
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from pathlib import Path
 
 from _common import (environment_note, one_thread, parse_args, peak_rss_mib, pyplot, rss_parts_mib, run_worker,
-                     save, tiny_llama_config, worker_payload)
+                     save, tiny_llama_config, run_script)
 
 FULL = dict(model=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, vocab_size=4096),
             fractions=[None, 1.2, 0.75, 0.5, 0.3], tokens=128, repeats=3)
@@ -96,8 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    payload = worker_payload()
-    if payload is not None:
-        print(json.dumps(worker(payload)))
-    else:
-        main()
+    run_script(main, worker)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import tempfile
 
 from _common import (environment_note, one_thread, parse_args, peak_rss_mib, pyplot, rss_mib, run_worker, save,
-                     tiny_llama_config, worker_payload)
+                     tiny_llama_config, run_script)
 
 EFFECTIVE = 16
 FULL = dict(model=dict(hidden_size=128, intermediate_size=344, vocab_size=256), steps=25, rows=EFFECTIVE * 25,
@@ -123,10 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    payload = worker_payload()
-    if payload is not None:
-        import json
-
-        print(json.dumps(worker(payload)))
-    else:
-        main()
+    run_script(main, worker)

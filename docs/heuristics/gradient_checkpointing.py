@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from _common import (environment_note, one_thread, parse_args, peak_rss_mib, pyplot, rss_mib, run_worker, save,
-                     tiny_llama_config, worker_payload)
+                     tiny_llama_config, run_script)
 
 FULL = dict(model=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=2048),
             batch=4, seqs=[128, 256, 512, 1024], steps=3)
@@ -73,10 +73,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    payload = worker_payload()
-    if payload is not None:
-        import json
-
-        print(json.dumps(worker(payload)))
-    else:
-        main()
+    run_script(main, worker)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import (ROOT, environment_note, one_thread, parse_args, pyplot, run_worker, save, worker_payload)
+from _common import (ROOT, environment_note, one_thread, parse_args, pyplot, run_worker, save, run_script)
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 DATA = ROOT / "examples" / "data"
@@ -140,8 +140,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    payload = worker_payload()
-    if payload is not None:
-        print(json.dumps(worker(payload)))
-    else:
-        main()
+    run_script(main, worker)

@@ -16,7 +16,7 @@ import time
 from importlib.util import find_spec
 from pathlib import Path
 
-from _common import environment_note, parse_args, pyplot, run_worker, save, worker_payload
+from _common import environment_note, parse_args, pyplot, run_worker, save, run_script
 
 FULL = dict(sentences=4096, batches=[1, 8, 32, 128, 512, 4096], threads=[1, 2, 4], repeats=3)
 TINY = dict(sentences=64, batches=[1, 64], threads=[1], repeats=1)
@@ -95,8 +95,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    payload = worker_payload()
-    if payload is not None:
-        print(json.dumps(worker(payload)))
-    else:
-        main()
+    run_script(main, worker)
