@@ -167,6 +167,17 @@ def test_fsdp_losses_match_single_process_with_same_global_batch(runs, ckpts, wo
     assert got["local_numel"] <= total / world + 2 * world * len(list(model.parameters()))  # padding of shards
 
 
+def test_hsdp_losses_match_single_process(runs, ckpts):
+    """dp_replicate 2 x dp_shard 2: shards within a replica pair, gradients summed across pairs."""
+    got = runs("quad", "hsdp2x2")
+    ref_losses, model, _ = reference_training(ckpts["base"], range(5), micro_batch=4, accum=2)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), **TOL)
+    for name, p in model.state_dict().items():
+        torch.testing.assert_close(got["state"][name], p, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    total = sum(p.numel() for p in model.parameters())
+    assert got["local_numel"] <= total / 2 + 4 * len(list(model.parameters()))  # half a model per rank, plus padding
+
+
 def test_dcp_resumes_at_two_ranks_and_one(runs, ckpts):
     ref_losses, _, _ = reference_training(ckpts["base"], range(5), micro_batch=4, accum=2)
     saved_at_4 = runs("quad", "fsdp4")["losses"]

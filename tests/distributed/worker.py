@@ -82,9 +82,12 @@ def cp_model(ckpt: str, cp: int) -> None:
     save(f"cp{cp}_model", {"loss": ctx.reduce_loss(loss), "grads": H.full_grads(model)})
 
 
-def fsdp_training(ckpt: str, dcp_dir: str | None = None) -> None:
-    """5 steps at a global batch of 8 (micro-batches x accumulation 2); optionally a DCP save after step 3."""
-    ctx = setup_parallel(fsdp=True)
+def fsdp_training(ckpt: str, dcp_dir: str | None = None, dp_replicate: int = 1) -> None:
+    """5 steps at a global batch of 8 (micro-batches x accumulation 2); optionally a DCP save after step 3.
+
+    dp_replicate > 1 is HSDP: parameters sharded within each replica group and replicated across the groups.
+    """
+    ctx = setup_parallel(fsdp=True, dp_replicate=dp_replicate)
     model = ctx.wrap_model(H.load_model(ckpt))
     local_numel = sum(p.to_local().numel() for p in model.parameters())
     opt = H.optimizer_for(model)
@@ -93,7 +96,8 @@ def fsdp_training(ckpt: str, dcp_dir: str | None = None) -> None:
     if dcp_dir:
         save_dcp(dcp_dir, model, opt, {"step": 3})
     losses += H.train(ctx, model, opt, data, range(3, 5), micro, accum=2)
-    save(f"fsdp{ctx.world_size}", {"losses": losses, "local_numel": local_numel, "state": H.full_state(model)})
+    name = f"hsdp{dp_replicate}x{ctx.dims.dp_shard}" if dp_replicate > 1 else f"fsdp{ctx.world_size}"
+    save(name, {"losses": losses, "local_numel": local_numel, "state": H.full_state(model)})
 
 
 def resume(ckpt: str, dcp_dir: str) -> None:
@@ -151,7 +155,7 @@ def cube(ckpt: str) -> None:
 
 
 SUITES = {  # quad writes the DCP checkpoint that pair resumes; pair ends with the injected fault
-    "quad": lambda a: (tensor_parallel(a[1], 4), ring(4), fsdp_training(a[0], a[3])),
+    "quad": lambda a: (tensor_parallel(a[1], 4), ring(4), fsdp_training(a[0], a[3]), fsdp_training(a[0], dp_replicate=2)),
     "pair": lambda a: (tensor_parallel(a[0], 2), tp_families(a[4], a[5]), ring(2), cp_model(a[0], 2), fsdp_training(a[0]), resume(a[0], a[3]),
                        errors_on_every_rank(a[2], a[3]), fault()),
     "cube": lambda a: (cube(a[0]),),
