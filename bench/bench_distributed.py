@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,22 +64,13 @@ def worker(out: Path, steps: int, fsdp: bool) -> None:
 
 
 def launch(world: int, steps: int, fsdp: bool) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from loom.distributed.launch import check_ranks, launch_local
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            if world > 1:
-                env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
-            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", str(out), str(steps),
-                                           "fsdp" if fsdp else "replicate"], env=env))
-        for p in procs:
-            if p.wait(timeout=900) != 0:
-                raise SystemExit(f"a rank of the {world}-process run failed (rc {p.returncode})")
+        results = launch_local(world, [__file__, "--worker", out, steps, "fsdp" if fsdp else "replicate"],
+                               env={"PYTHONPATH": str(ROOT)}, timeout=900)
+        check_ranks(results, f"the {world}-process run")
         return json.loads(out.read_text())
 
 

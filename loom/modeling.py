@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from loom.configuration import PretrainedConfig
+from loom.hub import pop_hub_kwargs
 from loom.utils import atomic_write_bytes, atomic_write_text, parse_dtype
 
 logger = logging.getLogger("loom")
 
-_HUB_KWARGS = ("cache_dir", "revision", "subfolder", "local_files_only", "token", "force_download", "proxies")
 
 
 class PreTrainedModel(nn.Module):
@@ -252,8 +252,8 @@ class PreTrainedModel(nn.Module):
         """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring)."""
         from loom import loading
 
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-        for legacy in ("low_cpu_mem_usage", "trust_remote_code", "attn_implementation", "_fast_init",
+        hub = pop_hub_kwargs(kwargs)
+        for legacy in ("low_cpu_mem_usage", "attn_implementation", "_fast_init",
                        "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)
         path = pretrained_model_name_or_path

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -91,22 +89,13 @@ def _nbytes(t) -> int:
 
 
 def launch(payload: dict, world: int) -> dict:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from loom.distributed.launch import check_ranks, launch_local
+
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rank0.json"
-        procs = []
-        for rank in range(world):
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-            if world > 1:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(port))
-            procs.append(subprocess.Popen([sys.executable, __file__, "--rank", json.dumps(payload), str(out)],
-                                          env=env, stderr=subprocess.PIPE, text=True))
-        errors = [p.communicate(timeout=600)[1] for p in procs]
-        if any(p.returncode for p in procs):
-            raise RuntimeError(f"{payload['mode']} x{world} failed:\n" + "\n".join(e[-2000:] for e in errors if e))
+        results = launch_local(world, [__file__, "--rank", json.dumps(payload), out], env={"PYTHONPATH": str(ROOT)},
+                               timeout=600)
+        check_ranks(results, f"{payload['mode']} x{world}")
         return json.loads(out.read_text())
 
 

@@ -17,6 +17,7 @@ _EXPORTS = {
     "save_dcp": "checkpoint", "load_dcp": "checkpoint", "dcp_to_hf": "checkpoint",
     "save_pretrained_distributed": "checkpoint",
     "ParallelContext": "context", "setup_parallel": "context",
+    "launch_local": "launch",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -57,11 +57,9 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> "GenerationConfig":
-        from loom.hub import resolve_file
+        from loom.hub import pop_hub_kwargs, resolve_file
 
-        hub = {k: kwargs.pop(k) for k in list(kwargs) if k in ("cache_dir", "revision", "subfolder",
-                                                              "local_files_only", "token")}
-        path = resolve_file(path_or_id, config_file_name or GENERATION_CONFIG_NAME, **hub)
+        path = resolve_file(path_or_id, config_file_name or GENERATION_CONFIG_NAME, **pop_hub_kwargs(kwargs))
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:

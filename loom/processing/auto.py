@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loom.hub import HUB_KWARGS
 from loom.processing.image_processor import BaseImageProcessor, ViTImageProcessor, read_processor_config
 
 IMAGE_PROCESSORS: dict[str, type[BaseImageProcessor]] = {
@@ -32,7 +33,7 @@ class AutoImageProcessor:
 
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, **kwargs: Any) -> BaseImageProcessor:
-        hub = {k: kwargs[k] for k in list(kwargs) if k in ("cache_dir", "revision", "local_files_only", "token")}
+        hub = {k: kwargs[k] for k in kwargs if k in HUB_KWARGS}
         data = read_processor_config(path_or_id, kwargs)
         name = data.get("image_processor_type") or data.get("feature_extractor_type")
         cls = IMAGE_PROCESSORS.get(name) if name else _class_from_model_type(path_or_id, hub)

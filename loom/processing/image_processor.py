@@ -122,11 +122,9 @@ class ViTImageProcessor(BaseImageProcessor):
 def read_processor_config(path_or_id, kwargs: dict[str, Any], filename: str = IMAGE_PROCESSOR_NAME,
                           required: bool = True) -> dict[str, Any] | None:
     """Parse a processor JSON file of a model directory or hub id (hub keyword arguments are taken from kwargs)."""
-    from loom.configuration import _HUB_KWARGS
-    from loom.hub import resolve_file
+    from loom.hub import pop_hub_kwargs, resolve_file
 
-    hub = {k: kwargs.pop(k) for k in list(kwargs) if k in _HUB_KWARGS}
-    path = resolve_file(path_or_id, filename, required=required, **hub)
+    path = resolve_file(path_or_id, filename, required=required, **pop_hub_kwargs(kwargs))
     if path is None:
         return None
     try:

@@ -6,11 +6,7 @@ difference in losses can only come from the parallel machinery.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -128,12 +124,6 @@ def full_grads(model) -> dict[str, torch.Tensor]:
 
 
 # -- launching ----------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LaunchError(AssertionError):
     pass
 
@@ -141,42 +131,20 @@ class LaunchError(AssertionError):
 def launch(world_size: int, out_dir: Path, suite: str, *args: str, timeout: float = 150.0,
            dist_timeout: float = 30.0, check: bool = True, script: str = "worker.py"
            ) -> list[subprocess.CompletedProcess]:
-    """Run tests/distributed/worker.py as `world_size` ranks with torchrun's environment variables.
+    """Run tests/distributed/<script> as `world_size` ranks with torchrun's environment variables.
 
     Every rank is killed once `timeout` seconds have passed (its returncode is then -9); returns each rank's result
     (returncode, stdout). With `check`, raises LaunchError naming the ranks that failed or hung, with their output.
     """
-    port = free_port()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    procs, logs = [], []
-    for rank in range(world_size):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "LOOM_DIST_TIMEOUT": str(dist_timeout),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
-        log = open(out_dir / f"{suite}.rank{rank}.log", "w+")
-        logs.append(log)
-        procs.append(subprocess.Popen([sys.executable, str(HERE / script), suite, str(out_dir), *args],
-                                      env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      start_new_session=True))
-    deadline = time.monotonic() + timeout
-    hung = []
-    for rank, p in enumerate(procs):
+    from loom.distributed.launch import check_ranks, launch_local
+
+    env = {"LOOM_DIST_TIMEOUT": str(dist_timeout),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(HERE), os.environ.get("PYTHONPATH", "")])}
+    results = launch_local(world_size, [HERE / script, suite, out_dir, *args], env=env, timeout=timeout,
+                           log_dir=out_dir, name=suite, cwd=ROOT)
+    if check:
         try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            hung.append(rank)
-    for rank in hung:
-        os.killpg(procs[rank].pid, signal.SIGKILL)
-        procs[rank].wait()
-    results = []
-    for p, log in zip(procs, logs):
-        log.seek(0)
-        results.append(subprocess.CompletedProcess(p.args, p.returncode, log.read()))
-        log.close()
-    failed = [r for r, res in enumerate(results) if res.returncode != 0]
-    if check and (hung or failed):
-        detail = "\n".join(f"--- rank {r} (rc {results[r].returncode}) ---\n{results[r].stdout[-3000:]}"
-                           for r in sorted(set(hung) | set(failed)))
-        raise LaunchError(f"{suite} at world size {world_size}: hung ranks {hung}, failed ranks {failed}\n{detail}")
+            check_ranks(results, f"{suite} at world size {world_size}")
+        except RuntimeError as e:
+            raise LaunchError(str(e)) from None
     return results

@@ -1,6 +1,8 @@
 """In-process checks of the distributed pieces that need no process group: dims, plans, zig-zag, sampler, clipping."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.utils.data
@@ -167,3 +169,21 @@ def test_fsdp_cpu_offload_without_an_accelerator_is_a_clear_error():
         pytest.skip("this machine has an accelerator, where offload is valid")
     with pytest.raises(ValueError, match="fsdp 'offload'.*needs an accelerator"):
         setup_parallel(fsdp="full_shard offload")
+
+
+def test_launch_local_sets_torchrun_env_and_kills_ranks_at_the_deadline(tmp_path):
+    from loom.distributed.launch import check_ranks, launch_local
+
+    code = ("import os, time; print(os.environ['RANK'], os.environ['WORLD_SIZE'], os.environ['MASTER_PORT'], "
+            "os.environ['EXTRA']); time.sleep(60 if os.environ['RANK'] == '1' else 0)")
+    start = time.monotonic()
+    results = launch_local(2, ["-c", code], env={"EXTRA": "x"}, timeout=5, log_dir=tmp_path, name="t")
+    assert time.monotonic() - start < 30
+    assert results[0].returncode == 0 and results[1].returncode == -9
+    port = results[0].stdout.split()[2]
+    assert results[0].stdout.split() == ["0", "2", port, "x"]
+    assert (tmp_path / "t.rank1.log").read_text().startswith("1 2 ")
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] failed"):
+        check_ranks(results, "sleepy")
+    single = launch_local(1, ["-c", "import os; print('RANK' in os.environ)"], timeout=30)
+    assert single[0].returncode == 0 and single[0].stdout.strip() == "False"
