@@ -167,6 +167,15 @@ def test_fsdp_losses_match_single_process_with_same_global_batch(runs, ckpts, wo
     assert got["local_numel"] <= total / world + 2 * world * len(list(model.parameters()))  # padding of shards
 
 
+def test_fsdp_bf16_mixed_precision_computes_in_bf16_and_keeps_fp32_master(runs, ckpts):
+    got = runs("pair", "fsdp_bf16")
+    assert got["compute_dtypes"] == {(torch.bfloat16, torch.bfloat16)}
+    assert got["master_dtypes"] == {torch.float32} and got["grad_dtypes"] == {torch.float32}
+    ref_losses, _, _ = reference_training(ckpts["base"], range(3), micro_batch=4, accum=2)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=2e-2, atol=0)
+    assert got["losses"] != ref_losses  # bf16 compute really happened (fp32 would match to ~1e-6)
+
+
 def test_hsdp_losses_match_single_process(runs, ckpts):
     """dp_replicate 2 x dp_shard 2: shards within a replica pair, gradients summed across pairs."""
     got = runs("quad", "hsdp2x2")

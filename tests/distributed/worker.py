@@ -100,6 +100,21 @@ def fsdp_training(ckpt: str, dcp_dir: str | None = None, dp_replicate: int = 1) 
     save(name, {"losses": losses, "local_numel": local_numel, "state": H.full_state(model)})
 
 
+def fsdp_mixed_precision(ckpt: str) -> None:
+    """FSDP2 with bf16 parameters in compute: 3 steps at a global batch of 8; fp32 master shards and gradients."""
+    ctx = setup_parallel(fsdp=True, param_dtype=torch.bfloat16)
+    model = ctx.wrap_model(H.load_model(ckpt))
+    seen = set()
+    model.model.layers[0].mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add((m.weight.dtype, o.dtype)))
+    opt = H.optimizer_for(model)
+    losses = H.train(ctx, model, opt, H.dataset(40), range(3), 8 // (2 * ctx.dp_size), accum=2)
+    batch = H.collate(H.dataset(2))
+    ctx.compute_loss(model, ctx.prepare_batch(batch), ctx.count_tokens([batch])).backward()
+    save("fsdp_bf16", {"losses": losses, "compute_dtypes": seen,
+                       "master_dtypes": {p.to_local().dtype for p in model.parameters()},
+                       "grad_dtypes": {p.grad.to_local().dtype for p in model.parameters() if p.grad is not None}})
+
+
 def resume(ckpt: str, dcp_dir: str) -> None:
     ctx = setup_parallel(fsdp=True)
     model = ctx.wrap_model(H.load_model(ckpt))
@@ -156,7 +171,8 @@ def cube(ckpt: str) -> None:
 
 SUITES = {  # quad writes the DCP checkpoint that pair resumes; pair ends with the injected fault
     "quad": lambda a: (tensor_parallel(a[1], 4), ring(4), fsdp_training(a[0], a[3]), fsdp_training(a[0], dp_replicate=2)),
-    "pair": lambda a: (tensor_parallel(a[0], 2), tp_families(a[4], a[5]), ring(2), cp_model(a[0], 2), fsdp_training(a[0]), resume(a[0], a[3]),
+    "pair": lambda a: (tensor_parallel(a[0], 2), tp_families(a[4], a[5]), ring(2), cp_model(a[0], 2), fsdp_training(a[0]),
+                       fsdp_mixed_precision(a[0]), resume(a[0], a[3]),
                        errors_on_every_rank(a[2], a[3]), fault()),
     "cube": lambda a: (cube(a[0]),),
 }
