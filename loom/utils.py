@@ -54,3 +54,13 @@ def require(package: str, feature: str, pip_name: str | None = None):
     except ImportError as e:
         raise ImportError(f"{feature} needs the optional package '{pip_name or package}', which is not installed "
                           f"({e}); install it with `pip install {pip_name or package}`") from None
+
+
+# `transformers.utils` exports these; so does loom.utils (lazily: the tokenization package imports `tokenizers`)
+_TOKENIZATION_NAMES = ("get_json_schema", "DocstringParsingException", "TypeHintParsingException")
+
+
+def __getattr__(name: str):
+    if name in _TOKENIZATION_NAMES:
+        return getattr(importlib.import_module("loom.tokenization"), name)
+    raise AttributeError(f"module 'loom.utils' has no attribute {name!r}")

@@ -2,7 +2,8 @@
 
 `AutoTokenizer.from_pretrained(path_or_id)` loads tokenizer.json, or converts legacy files (WordPiece vocab.txt,
 byte-level BPE vocab.json + merges.txt, SentencePiece .model) to an equivalent engine pipeline, and returns a
-`PreTrainedTokenizerFast`. Calls return a `BatchEncoding`.
+`PreTrainedTokenizerFast`. Calls return a `BatchEncoding`. `get_json_schema(func)` turns a typed, documented Python
+function into the tool schema chat templates read (`apply_chat_template(tools=[func])` does it for you).
 
 model_max_length rule: the `model_max_length` keyword if given; else tokenizer_config.json's model_max_length
 unless it is the reference's "no limit" sentinel (values >= 1e20, e.g. 1e30); else the model's position limit from
@@ -18,5 +19,7 @@ used as written (the reference rebuilds some classes' pipelines from their vocab
 from .auto import AutoTokenizer
 from .batch_encoding import BatchEncoding, CharSpan, TokenSpan
 from .tokenizer import PreTrainedTokenizerFast
+from .tool_schema import DocstringParsingException, TypeHintParsingException, get_json_schema
 
-__all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "PreTrainedTokenizerFast", "TokenSpan"]
+__all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "DocstringParsingException", "PreTrainedTokenizerFast",
+           "TokenSpan", "TypeHintParsingException", "get_json_schema"]

@@ -8,12 +8,15 @@ for return_assistant_tokens_mask.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
+
+from .tool_schema import get_json_schema
 
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _tracking: ContextVar = ContextVar("loom_generation_tracking", default=None)
@@ -139,13 +142,19 @@ def _messages(conversation) -> list[dict]:
 
 
 def _tool_schemas(tools):
+    """JSON schemas as given; Python functions and methods converted from their type hints and docstrings."""
     if tools is None:
         return None
-    for tool in tools:
-        if not isinstance(tool, Mapping):
-            raise TypeError(f"tools must be JSON schemas (dicts), got {type(tool).__name__}; describe a Python "
-                            "function as {'type': 'function', 'function': {'name': ..., 'parameters': ...}}")
-    return _plain(list(tools))
+    schemas = []
+    for i, tool in enumerate(tools):
+        if isinstance(tool, Mapping):
+            schemas.append(tool)
+        elif inspect.isfunction(tool) or inspect.ismethod(tool):
+            schemas.append(get_json_schema(tool))
+        else:
+            raise TypeError(f"tools[{i}] must be a JSON schema (a dict) or a Python function with type hints and a "
+                            f"Google-style docstring, got {type(tool).__name__}")
+    return _plain(schemas)
 
 
 def _mark_continuation(chat: list[dict], field: str) -> str:

@@ -1,8 +1,10 @@
-"""The encode hot path: one `encode_batch` call on the Rust engine, then padding and tensors built in numpy.
+"""The encode hot path: one batch call on the Rust engine, then padding and tensors built in numpy.
 
 The engine truncates but does not pad: padding in numpy from the unpadded ids means fewer Python ints to create,
-and the attention mask comes from the lengths alone. The engine's Encodings are padded only if someone asks for
-them (BatchEncoding.encodings, word_ids, ...), so callers that just want tensors never pay for it.
+and the attention mask comes from the lengths alone. Unless offsets or overflowing tokens are requested, the
+engine runs without computing offsets (`encode_batch_fast`: same ids, types, masks and words). The engine's
+Encodings are built with offsets and padded only if someone asks for them (BatchEncoding.encodings, word_ids,
+char_to_token, ...), so callers that just want tensors pay for neither; those who do pay a second engine pass.
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ def configure_engine(tok, strategy: Strategy, stride: int, split_special_tokens:
         engine.encode_special_tokens = split_special_tokens
 
 
-def run_engine(tok, inputs: list, add_special_tokens: bool, is_pretokenized: bool, strategy: Strategy) -> list:
+def run_engine(tok, inputs: list, add_special_tokens: bool, is_pretokenized: bool, strategy: Strategy,
+               offsets: bool = True) -> list:
+    encode = tok._tokenizer.encode_batch if offsets else tok._tokenizer.encode_batch_fast
     try:
-        return tok._tokenizer.encode_batch(inputs, add_special_tokens=add_special_tokens,
-                                           is_pretokenized=is_pretokenized)
+        return encode(inputs, add_special_tokens=add_special_tokens, is_pretokenized=is_pretokenized)
     except Exception as e:  # the engine raises plain Exceptions with terse messages
         message = str(e)
         if "runcat" in message:
@@ -142,18 +145,32 @@ def build_features(tok, encodings: list, *, want_types: bool, types_are_zero: bo
     return features
 
 
-def lazily_padded(tok, encodings: list, length: int | None, padding_side: str):
-    """A callable that pads the engine encodings the way the features were padded, on first use."""
-    if length is None or all(len(e) >= length for e in encodings):
-        return encodings
+def flatten_overflow(encodings: list) -> tuple[list, list[int]]:
+    """Each encoding followed by its overflowing pieces, and the index of the input each row came from."""
+    rows, mapping = [], []
+    for i, e in enumerate(encodings):
+        for piece in (e, *e.overflowing):
+            rows.append(piece)
+            mapping.append(i)
+    return rows, mapping
+
+
+def encodings_source(tok, rows: list, length: int | None, padding_side: str, rebuild=None):
+    """The engine encodings for BatchEncoding, or a callable that makes them on first use: `rebuild()` re-encodes
+    rows that were encoded without offsets, then they are padded the way the features were."""
+    if rebuild is None and (length is None or all(len(e) >= length for e in rows)):
+        return rows
     pad_id, pad_type, pad_token = tok.pad_token_id, tok.pad_token_type_id, tok.pad_token
 
-    def pad():
-        for e in encodings:
-            e.pad(length, direction=padding_side, pad_id=pad_id, pad_type_id=pad_type, pad_token=pad_token)
+    def build():
+        encodings = rebuild() if rebuild is not None else rows
+        if length is not None:
+            for e in encodings:
+                if len(e) < length:
+                    e.pad(length, direction=padding_side, pad_id=pad_id, pad_type_id=pad_type, pad_token=pad_token)
         return encodings
 
-    return pad
+    return build
 
 
 def encode_inputs(tok, inputs: list, is_batched: bool, strategy: Strategy, *, add_special_tokens: bool,
@@ -162,16 +179,14 @@ def encode_inputs(tok, inputs: list, is_batched: bool, strategy: Strategy, *, ad
                   return_attention_mask: bool | None, return_overflowing_tokens: bool,
                   return_special_tokens_mask: bool, return_offsets_mapping: bool, return_length: bool,
                   split_special_tokens: bool) -> BatchEncoding:
-    configure_engine(tok, strategy, stride, split_special_tokens)
-    encodings = run_engine(tok, inputs, add_special_tokens, is_split_into_words, strategy) if inputs else []
-    mapping = None
-    if return_overflowing_tokens:
-        rows, mapping = [], []
-        for i, e in enumerate(encodings):
-            for piece in (e, *e.overflowing):
-                rows.append(piece)
-                mapping.append(i)
-        encodings = rows
+    def encode(offsets: bool) -> tuple[list, list[int] | None]:
+        configure_engine(tok, strategy, stride, split_special_tokens)  # again: another call may have changed it
+        rows = run_engine(tok, inputs, add_special_tokens, is_split_into_words, strategy, offsets) if inputs else []
+        return flatten_overflow(rows) if return_overflowing_tokens else (rows, None)
+
+    # the offsets-free pass gives overflowing pair pieces wrong type ids (tokenizers 0.23): overflow takes the full one
+    full = return_offsets_mapping or return_overflowing_tokens
+    encodings, mapping = encode(offsets=full)
     side = padding_side or tok.padding_side
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
@@ -187,7 +202,8 @@ def encode_inputs(tok, inputs: list, is_batched: bool, strategy: Strategy, *, ad
                               tensor_type=return_tensors)
     if mapping is not None:
         features["overflow_to_sample_mapping"] = mapping
-    source = lazily_padded(tok, encodings, length, side)
+    rebuild = None if full or not inputs else (lambda: encode(offsets=True)[0])
+    source = encodings_source(tok, encodings, length, side, rebuild)
     if not is_batched and return_tensors is None and not return_overflowing_tokens:
         features = {k: v[0] if isinstance(v, list) and v and isinstance(v[0], list) else v
                     for k, v in features.items()}

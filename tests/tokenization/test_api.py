@@ -1,6 +1,7 @@
 """BatchEncoding, special tokens, pad(), saving, model_max_length, legacy conversion details and bad input."""
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -47,6 +48,34 @@ def test_lazily_padded_encodings_match_reference(loom_tok, reference):
     assert ours.word_ids(0) == theirs.word_ids(0)
 
 
+@pytest.mark.parametrize("name", ["minilm", "gpt2", "t5"])
+def test_encodings_without_requested_offsets_still_have_them(name, loom_tok, reference):
+    # ids come from an offsets-free engine pass; the encodings are rebuilt with offsets when first touched,
+    # under this call's settings even after another call changed the engine's truncation
+    tok, ref = loom_tok(name), reference(name)
+    texts = [CORPUS[2], CORPUS[5], CORPUS[-1][:120]]
+    options = dict(truncation=True, max_length=16, return_special_tokens_mask=True)
+    ours, theirs = tok(texts, texts[::-1], **options), ref(texts, texts[::-1], **options)
+    tok(texts, truncation=True, max_length=5)
+    assert ours.data == theirs.data
+    for e, r in zip(ours.encodings, theirs.encodings):
+        assert (e.ids, e.offsets, e.word_ids, e.sequence_ids) == (r.ids, r.offsets, r.word_ids, r.sequence_ids)
+    assert [ours.char_to_token(i, 3) for i in range(len(texts))] == [theirs.char_to_token(i, 3) for i in range(3)]
+
+
+@pytest.mark.parametrize("name", ["minilm", "gpt2", "llama3_chat", "spm_bpe_llama", "t5"])
+def test_offsets_free_pass_equals_full_pass(name, loom_tok):
+    tok = loom_tok(name)
+    texts = CORPUS[:6] + CORPUS[-3:]
+    for truncation, args in [(None, [texts]), (True, [texts]), (True, [texts, texts[::-1]]),
+                             ("only_second", [["short one"] * len(texts), texts]),
+                             (True, [[t.split() for t in texts if t.split()]])]:
+        options = dict(truncation=truncation, max_length=24, return_special_tokens_mask=True,
+                       return_token_type_ids=True, return_length=True, is_split_into_words=isinstance(args[0][0], list))
+        fast, full = tok(*args, **options), tok(*args, return_offsets_mapping=True, **options)
+        assert fast.data == {k: v for k, v in full.data.items() if k != "offset_mapping"}, (truncation, len(args))
+
+
 def test_special_tokens_and_added_tokens(assets, reference):
     from transformers import AutoTokenizer as RefAutoTokenizer
 
@@ -86,12 +115,34 @@ def test_pad_for_collators(loom_tok, reference):
         tok.pad([{"labels": [1]}])
 
 
+def test_pad_without_attention_mask_keeps_an_existing_one(loom_tok, reference):
+    tok, ref = loom_tok("minilm"), reference("minilm")
+    with_mask = [{"input_ids": [101, 7, 8, 102], "attention_mask": [1, 1, 1, 1]},
+                 {"input_ids": [101, 102], "attention_mask": [1, 1]}]
+    without = [{"input_ids": f["input_ids"]} for f in with_mask]
+    for features in (with_mask, without, with_mask[0], with_mask[:1] * 2):
+        for options in [dict(), dict(padding="max_length", max_length=6), dict(padding_side="left")]:
+            ours = tok.pad(copy.deepcopy(features), return_attention_mask=False, **options)
+            # the reference pads a single dict in place, so it gets its own copy
+            theirs = ref.pad(copy.deepcopy(features), return_attention_mask=False, **options)
+            assert ours.data == theirs.data, (features, options)
+    assert tok.pad(with_mask, return_attention_mask=False)["attention_mask"] == [[1, 1, 1, 1], [1, 1]]
+    same_length = [with_mask[0], {"input_ids": [101, 5, 6, 102], "attention_mask": [1, 1, 1, 0]}]
+    ours = tok.pad(same_length, return_attention_mask=False, return_tensors="pt")
+    theirs = ref.pad(same_length, return_attention_mask=False, return_tensors="pt")
+    assert {k: v.tolist() for k, v in ours.items()} == {k: v.tolist() for k, v in theirs.items()}
+    with pytest.raises(ValueError):
+        ref.pad(with_mask, return_attention_mask=False, return_tensors="pt")
+    with pytest.raises(ValueError, match="leaves the features' existing 'attention_mask' unpadded"):
+        tok.pad(with_mask, return_attention_mask=False, return_tensors="pt")
+
+
 def test_save_pretrained_round_trip_both_libraries(tmp_path, assets, reference):
     from transformers import AutoTokenizer as RefAutoTokenizer
 
     from tok_data import CHATML_TEMPLATE
 
-    for name in ["minilm_vocab", "gpt2", "spm_unigram", "spm_bpe_llama"]:
+    for name in ["minilm_vocab", "gpt2", "roberta", "spm_unigram", "spm_bpe_llama", "t5"]:
         tok = AutoTokenizer.from_pretrained(assets[name])
         tok.add_tokens(["brandnewtoken"])
         if name == "spm_unigram":

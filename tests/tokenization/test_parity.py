@@ -9,7 +9,8 @@ import torch
 
 from tok_data import CORPUS
 
-ASSETS = ["minilm", "minilm_vocab", "gpt2", "llama3", "llama3_chat", "spm_unigram", "spm_bpe", "spm_bpe_llama"]
+ASSETS = ["minilm", "minilm_vocab", "gpt2", "roberta", "llama3", "llama3_chat", "spm_unigram", "spm_bpe",
+          "spm_bpe_llama", "t5"]
 PAIRS = list(zip(CORPUS, reversed(CORPUS)))
 
 
@@ -81,7 +82,7 @@ def test_overflow_with_stride(name, reference, loom_tok):
 PAD_FOR = {"gpt2": "<|endoftext|>", "llama3_chat": "<|end_of_text|>", "spm_unigram": "<unk>"}
 
 
-@pytest.mark.parametrize("name", ["minilm", "minilm_vocab", "spm_bpe_llama", *PAD_FOR])
+@pytest.mark.parametrize("name", ["minilm", "minilm_vocab", "spm_bpe_llama", "roberta", "t5", *PAD_FOR])
 def test_tensors_match(name, reference, loom_tok, assets):
     ref, tok = reference(name), loom_tok(name)
     if name in PAD_FOR:  # batched tensors need a pad token; load copies that have one
