@@ -3,7 +3,8 @@
 Fine-tunes all-MiniLM-L6-v2 for sequence classification (batch 16, length 64, fp32, AdamW fused, linear schedule,
 gradient clipping at 1.0, no logging or saving) and reports steps/s over the steps after a warm-up, in one process
 on the same inputs. The hand-written loop runs twice, with loom's model and with the reference's, so that the
-Trainer ratios compare loops on the same model.
+Trainer ratios compare loops on the same model. The hand loop uses the Trainers' optimizer settings (fused AdamW,
+no weight decay). Runs go in ABBA order and each row prints as soon as it is measured, with the load average.
 
     python bench/bench_trainer.py [--steps 60] [--warmup 5] [--threads N] [--model DIR]
 
@@ -100,7 +101,8 @@ def run_hand_loop(model, rows, steps, warmup) -> float:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).train()
     loader = torch.utils.data.DataLoader(rows, batch_size=BATCH, shuffle=True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, fused=True)
+    # the Trainers' settings: fused AdamW, no weight decay (torch's AdamW defaults to 0.01), eps 1e-8
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0, eps=1e-8, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, (steps - s) / steps))
     clock = Clock(warmup)
     for step, batch in enumerate(loader, start=1):
@@ -119,6 +121,10 @@ def run_hand_loop(model, rows, steps, warmup) -> float:
     return clock.steps_per_second
 
 
+def _load_average() -> str:
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="loom Trainer vs reference Trainer vs hand-written loop")
     parser.add_argument("--steps", type=int, default=60)
@@ -132,18 +138,22 @@ def main() -> None:
 
     path = opts.model or packaged_model_dir("sentence-transformers/all-MiniLM-L6-v2")
     rows = make_rows(opts.steps)
-    results = {
-        "hand loop (loom model)": run_hand_loop(loom_model(path), rows, opts.steps, opts.warmup),
-        "loom Trainer": run_loom_trainer(path, rows, opts.steps, opts.warmup),
-        "hand loop (reference model)": run_hand_loop(ref_model(path), rows, opts.steps, opts.warmup),
-        "reference Trainer": run_ref_trainer(path, rows, opts.steps, opts.warmup),
+    # ABBA order, so a load that drifts during the run biases neither loom nor the reference
+    runs = {
+        "hand loop (loom model)": lambda: run_hand_loop(loom_model(path), rows, opts.steps, opts.warmup),
+        "loom Trainer": lambda: run_loom_trainer(path, rows, opts.steps, opts.warmup),
+        "reference Trainer": lambda: run_ref_trainer(path, rows, opts.steps, opts.warmup),
+        "hand loop (reference model)": lambda: run_hand_loop(ref_model(path), rows, opts.steps, opts.warmup),
     }
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nMiniLM-L6 sequence classification, batch {BATCH} x {LENGTH}, fp32, {opts.steps} steps "
+    print(f"MiniLM-L6 sequence classification, batch {BATCH} x {LENGTH}, fp32, {opts.steps} steps "
           f"(timed after step {opts.warmup}), {device}")
-    print("| run | steps/s |\n| --- | ---: |")
-    for name, value in results.items():
-        print(f"| {name} | {value:.3f} |")
+    print("| run | steps/s | load average before, after |\n| --- | ---: | --- |", flush=True)
+    results = {}
+    for name, run in runs.items():
+        before = _load_average()
+        results[name] = run()
+        print(f"| {name} | {results[name]:.3f} | {before}, {_load_average()} |", flush=True)
     loom_t, ref_t = results["loom Trainer"], results["reference Trainer"]
     print(f"\nloom Trainer / reference Trainer: {loom_t / ref_t:.3f}x (target >= 1.1x)")
     print(f"loom Trainer / hand loop (loom model): {loom_t / results['hand loop (loom model)']:.3f}x (target >= 0.97x)")

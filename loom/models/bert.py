@@ -21,6 +21,51 @@ class BertConfig(PretrainedConfig):
                     tie_word_embeddings=True, use_cache=False)
 
 
+class _CpuDropoutFunction(torch.autograd.Function):
+    """Dropout's semantics (zero each element with probability p, scale the rest by 1/(1-p)) with the mask drawn by
+    one uniform_ pass: torch's CPU dropout draws it with bernoulli_, which costs about twice as much, and dropout is
+    a visible share of a CPU training step."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        # uniforms in fp32 whatever x's dtype, so the keep probability is exact under bf16 too; the scale is applied
+        # in x's dtype, as torch's dropout does
+        mask = torch.rand(x.shape, dtype=torch.float32).ge_(p).to(x.dtype).mul_(1.0 / (1.0 - p))
+        ctx.save_for_backward(mask)
+        return x * mask
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None
+
+
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout, with a cheaper mask on the CPU (accelerators keep torch's fused kernel)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    return _CpuDropoutFunction.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout (same module type and repr) running `dropout` above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def _cpu_attention_with_dropout(q, k, v, mask, p: float) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d), masked) with dropout, @ v: what SDPA computes, written out for CPU training. With
+    dropout SDPA takes its math path on the CPU, which scales q and k separately and runs a NaN-safe softmax (three
+    extra passes over the scores); `attention_mask_for` never leaves a row fully masked, so a plain softmax is safe."""
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, True), v)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -28,7 +73,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
         self.max_positions = config.max_position_embeddings
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
@@ -68,7 +113,10 @@ class BertSelfAttention(nn.Module):
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
                    for p in (self.query, self.key, self.value))
-        out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
+            out = _cpu_attention_with_dropout(q, k, v, mask, self.dropout)
+        else:
+            out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -77,7 +125,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -108,7 +156,7 @@ class BertOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.dropout = Dropout(config.hidden_dropout_prob)
 
     def forward(self, h, residual):
         return self.LayerNorm(self.dropout(self.dense(h)) + residual)
@@ -255,7 +303,7 @@ class _BertWithHead(BertPreTrainedModel):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=self.add_pooling_layer)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(p)
+        self.dropout = Dropout(p)
         setattr(self, self.head_name, nn.Linear(config.hidden_size, config.num_labels))
         self.post_init()
 

@@ -49,8 +49,28 @@ class TrainerState:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
+class ExportableState:
+    """A callback (or the control flags) whose state goes into trainer_state.json's `stateful_callbacks` at each
+    checkpoint and is restored on resume, in the reference's format: {"args": constructor arguments, "attributes":
+    the mutable state}."""
+
+    def state(self) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must implement state() to be saved in checkpoints")
+
+    def load_state(self, state: dict) -> None:
+        """Restore the saved attributes in place (the constructor arguments of this run are kept)."""
+        for name, value in state.get("attributes", {}).items():
+            setattr(self, name, value)
+
+    @classmethod
+    def from_state(cls, state: dict):
+        instance = cls(**state.get("args", {}))
+        instance.load_state(state)
+        return instance
+
+
 @dataclass
-class TrainerControl:
+class TrainerControl(ExportableState):
     """Flags callbacks set to steer the loop; the Trainer resets the per-step ones after acting on them."""
 
     should_training_stop: bool = False
@@ -61,6 +81,13 @@ class TrainerControl:
 
     def _new_step(self) -> None:
         self.should_save = self.should_evaluate = self.should_log = False
+
+    def state(self) -> dict:
+        return {"args": dataclasses.asdict(self), "attributes": {}}
+
+    def load_state(self, state: dict) -> None:
+        for name, value in state.get("args", {}).items():
+            setattr(self, name, value)
 
 
 class TrainerCallback:
@@ -204,15 +231,19 @@ class TensorBoardCallback(TrainerCallback):
             self.writer = None
 
 
-class EarlyStoppingCallback(TrainerCallback):
-    """Stop training when metric_for_best_model has not improved by more than a threshold for `patience` evals."""
+class EarlyStoppingCallback(TrainerCallback, ExportableState):
+    """Stop training when metric_for_best_model has not improved by more than a threshold for `patience` evals.
+
+    The count of evaluations without improvement is saved in checkpoints, so a resumed run stops where the
+    uninterrupted one would.
+    """
 
     def __init__(self, early_stopping_patience: int = 1, early_stopping_threshold: float = 0.0) -> None:
         if early_stopping_patience < 1:
             raise ValueError(f"early_stopping_patience must be >= 1, got {early_stopping_patience}")
         self.early_stopping_patience = early_stopping_patience
         self.early_stopping_threshold = early_stopping_threshold
-        self.patience_counter = 0
+        self.early_stopping_patience_counter = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.metric_for_best_model is None:
@@ -231,9 +262,14 @@ class EarlyStoppingCallback(TrainerCallback):
         better = best is None or math.isnan(best) or (
             value - best > self.early_stopping_threshold if args.greater_is_better
             else best - value > self.early_stopping_threshold)
-        self.patience_counter = 0 if better else self.patience_counter + 1
-        if self.patience_counter >= self.early_stopping_patience:
+        self.early_stopping_patience_counter = 0 if better else self.early_stopping_patience_counter + 1
+        if self.early_stopping_patience_counter >= self.early_stopping_patience:
             control.should_training_stop = True
+
+    def state(self) -> dict:
+        return {"args": {"early_stopping_patience": self.early_stopping_patience,
+                         "early_stopping_threshold": self.early_stopping_threshold},
+                "attributes": {"early_stopping_patience_counter": self.early_stopping_patience_counter}}
 
 
 class DefaultFlowCallback(TrainerCallback):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator
 
@@ -25,7 +26,7 @@ class ListDataset(Dataset):
 
 
 def as_dataset(data, name: str):
-    """Accept a torch Dataset, a list of dicts or a `datasets.Dataset` (used through its __getitem__/__len__)."""
+    """Accept a torch Dataset, a list of dicts or a `datasets.Dataset` (which the Trainer prepares when loading)."""
     if data is None:
         return None
     if isinstance(data, (list, tuple)):
@@ -37,6 +38,27 @@ def as_dataset(data, name: str):
         raise TypeError(f"{name} must be a torch Dataset, a list of dicts or a datasets.Dataset, got "
                         f"{type(data).__name__}")
     return data
+
+
+def is_hf_dataset(data) -> bool:
+    """Whether `data` is a `datasets.Dataset`; never imports datasets (whoever holds one has imported it)."""
+    module = sys.modules.get("datasets")
+    return module is not None and isinstance(data, module.Dataset)
+
+
+def prepare_hf_dataset(dataset, keep: set[str] | None, name: str):
+    """A `datasets.Dataset` for the Trainer: the columns outside `keep` removed with the dataset's own
+    remove_columns (None keeps all), and rows formatted as torch tensors (strings stay strings)."""
+    if keep is not None:
+        ignored = [c for c in dataset.column_names if c not in keep]
+        if ignored and len(ignored) == len(dataset.column_names):
+            raise ValueError(f"none of the {name} columns {dataset.column_names} is an argument of the model's forward "
+                             f"(or a label field); rename them (e.g. to input_ids, labels) or set "
+                             "remove_unused_columns=False and use a collator that builds the inputs")
+        if ignored:
+            dataset = dataset.remove_columns(ignored)
+    fmt = dataset.format
+    return dataset.with_format("torch", columns=fmt["columns"], output_all_columns=fmt["output_all_columns"])
 
 
 def model_input_names(model: torch.nn.Module) -> set[str] | None:

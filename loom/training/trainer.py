@@ -23,8 +23,8 @@ from loom.training.arguments import TrainingArguments, steps_from
 from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
                                      ProgressCallback, TensorBoardCallback, TrainerControl, TrainerState)
 from loom.training.collators import DataCollatorWithPadding, default_data_collator
-from loom.training.data import (EpochSampler, RemoveColumnsCollator, as_dataset, check_batch, model_input_names,
-                                move_to)
+from loom.training.data import (LABEL_ALIASES, EpochSampler, RemoveColumnsCollator, as_dataset, check_batch,
+                                is_hf_dataset, model_input_names, move_to, prepare_hf_dataset)
 from loom.training.optimization import create_optimizer, get_scheduler
 from loom.training.seed import set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
@@ -131,6 +131,15 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         return self.data_collator if names is None else RemoveColumnsCollator(self.data_collator, names |
                                                                               set(self.label_names))
 
+    def _prepare_dataset(self, dataset, name: str):
+        """A `datasets.Dataset` drops the columns the model's forward cannot take (through its own column API) and
+        yields torch tensors; other datasets pass through (the collator drops their unused fields)."""
+        if not is_hf_dataset(dataset):
+            return dataset
+        names = model_input_names(self.model) if self.args.remove_unused_columns else None
+        keep = None if names is None else names | set(self.label_names) | set(LABEL_ALIASES)
+        return prepare_hf_dataset(dataset, keep, name)
+
     def _train_sampler(self, dataset) -> EpochSampler:
         """The training order; a distributed subclass returns a sampler that shards it."""
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -142,17 +151,19 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
             raise TypeError("loom's Trainer trains on map-style datasets (with __len__ and __getitem__) so that runs "
                             "resume exactly; materialise the iterable dataset as a list first")
-        return self._loader(self.train_dataset, self.args.train_batch_size, self._train_sampler(self.train_dataset),
+        dataset = self._prepare_dataset(self.train_dataset, "train_dataset")
+        return self._loader(dataset, self.args.train_batch_size, self._train_sampler(dataset),
                             self.args.dataloader_drop_last)
 
     def get_eval_dataloader(self, eval_dataset=None) -> DataLoader:
         dataset = as_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (given to the Trainer or to evaluate)")
-        return self._loader(dataset, self.args.eval_batch_size, None, False)
+        return self._loader(self._prepare_dataset(dataset, "eval_dataset"), self.args.eval_batch_size, None, False)
 
     def get_test_dataloader(self, test_dataset) -> DataLoader:
-        return self._loader(as_dataset(test_dataset, "test_dataset"), self.args.eval_batch_size, None, False)
+        dataset = self._prepare_dataset(as_dataset(test_dataset, "test_dataset"), "test_dataset")
+        return self._loader(dataset, self.args.eval_batch_size, None, False)
 
     def _loader(self, dataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
         generator = torch.Generator()  # keeps DataLoader from drawing its worker seed off the global RNG
@@ -292,6 +303,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             logging_steps=steps_from(args.logging_steps, max_steps),
             eval_steps=steps_from(args.eval_steps, max_steps) or steps_from(args.logging_steps, max_steps),
             save_steps=steps_from(args.save_steps, max_steps), is_hyper_param_search=trial is not None)
+        self.control = TrainerControl()  # a stop requested in an earlier train() does not carry over
         self._data_shape = {"num_examples": len(self.train_dataset), "num_batches": num_batches,
                             "steps_per_epoch": steps_per_epoch, "train_batch_size": args.train_batch_size,
                             "gradient_accumulation_steps": ga, "data_seed": loader.sampler.seed,
@@ -469,6 +481,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                              "return it, but no compute_metrics was given")
         dataset = self.eval_dataset if not isinstance(self.eval_dataset, dict) else \
             next(iter(self.eval_dataset.values()))
+        dataset = self._prepare_dataset(dataset, "eval_dataset")
         sample = [dataset[i] for i in range(min(len(dataset), self.args.eval_batch_size))]
         was_training = self.model.training
         out = self.evaluation_loop([self._collator_for(self.model)(sample)], "preflight", metric_key_prefix="eval")

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import torch
 
 from loom.training import checkpoints as ckpt
-from loom.training.callbacks import TrainerState
+from loom.training.callbacks import ExportableState, TrainerState
 
 
 class CheckpointMixin:
@@ -55,7 +56,36 @@ class CheckpointMixin:
                     "pending_steps": self._pending_steps, "model_class": type(self.model).__name__}
         ckpt.save_json(position, folder / "data_state.json")
         ckpt.save_json(self.args.to_dict(), folder / "training_args.json")
+        self.state.stateful_callbacks = {name: states[0] if len(states) == 1 else states
+                                         for name, states in self._stateful_callbacks(lambda cb: cb.state()).items()}
         ckpt.save_json(dataclasses.asdict(self.state), folder / "trainer_state.json")
+
+    def _stateful_callbacks(self, value) -> dict[str, list]:
+        """value(callback) for each ExportableState callback and the control flags, grouped by class name."""
+        found: dict[str, list] = {}
+        for cb in self.callback_handler.callbacks + [self.control]:
+            if isinstance(cb, ExportableState):
+                found.setdefault(type(cb).__name__, []).append(value(cb))
+        return found
+
+    def _restore_callback_states(self, saved: dict, path: Path) -> None:
+        """Put the checkpoint's callback states (early-stopping patience, control flags) back into this run's
+        callbacks of the same class, in order. A stateful callback the checkpoint has no state for is an error (it
+        would silently start fresh); saved states without a callback here are ignored with a warning."""
+        live = self._stateful_callbacks(lambda cb: cb)
+        for name, callbacks in live.items():
+            states = saved.get(name)
+            states = [] if states is None else states if isinstance(states, list) else [states]
+            if len(states) != len(callbacks):
+                raise ValueError(f"checkpoint {path} holds the state of {len(states)} {name} callback(s) but this run "
+                                 f"has {len(callbacks)}; resume with the callbacks of the run that wrote it")
+            for cb, state in zip(callbacks, states):
+                cb.load_state(state)
+        dropped = sorted(set(saved) - set(live))
+        if dropped:
+            warnings.warn(f"checkpoint {path} holds state for callbacks this run does not have ({', '.join(dropped)}); "
+                          "it is ignored", stacklevel=3)
+        self.control._new_step()
 
     def _load_checkpoint(self, path: Path) -> dict:
         """Restore model, optimizer, scheduler, state and data position; returns the RNG states to set later."""
@@ -83,6 +113,7 @@ class CheckpointMixin:
         for name in ("global_step", "epoch", "log_history", "best_metric", "best_global_step",
                      "best_model_checkpoint", "total_flos", "num_input_tokens_seen"):
             setattr(self.state, name, getattr(saved, name))
+        self._restore_callback_states(saved.stateful_callbacks, path)
         self._pending_loss = torch.tensor(position["pending_loss"], device=self.args.device)
         self._pending_steps = position["pending_steps"]
         return ckpt.load_torch(path / "rng_state.pth")

@@ -136,3 +136,37 @@ def test_bad_checkpoints_fail_before_training(uninterrupted, tmp_path):
     with pytest.raises(ValueError, match="different data order .*num_examples: checkpoint 20 vs now 21"):
         moved.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
     assert other.state.global_step == 0 and moved.state.global_step == 0
+
+
+def _early_stopped(output_dir, resume=None, callbacks=None):
+    from loom.training import EarlyStoppingCallback, TrainingArguments
+
+    # learning rate 0: the eval loss never improves after the first evaluation, so patience runs out at step 4
+    args = TrainingArguments(output_dir=str(output_dir), use_cpu=True, disable_tqdm=True, report_to="none",
+                             max_steps=20, learning_rate=0.0, eval_strategy="steps", eval_steps=1, save_steps=1,
+                             metric_for_best_model="loss", per_device_train_batch_size=4)
+    callbacks = [EarlyStoppingCallback(early_stopping_patience=3)] if callbacks is None else callbacks
+    trainer = Trainer(tiny_bert(), args, train_dataset=cls_rows(16), eval_dataset=cls_rows(4), callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_early_stopping_patience_survives_resume(tmp_path):
+    import transformers
+
+    from loom.training import EarlyStoppingCallback
+
+    full = _early_stopped(tmp_path)
+    assert full.state.global_step == 4
+    checkpoint = tmp_path / "checkpoint-2"
+    saved = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]
+    reference = transformers.EarlyStoppingCallback(early_stopping_patience=3)
+    reference.early_stopping_patience_counter = 1
+    assert saved["EarlyStoppingCallback"] == reference.state()  # the reference's format, one miss so far
+    assert set(saved["TrainerControl"]["args"]) == set(transformers.TrainerControl().state()["args"])
+
+    resumed = _early_stopped(tmp_path / "again", resume=str(checkpoint))
+    assert resumed.state.global_step == 4  # a fresh patience counter would run to step 5
+    with pytest.raises(ValueError, match=r"state of 1 EarlyStoppingCallback callback\(s\) but this run has 2"):
+        _early_stopped(tmp_path / "two", resume=str(checkpoint),
+                       callbacks=[EarlyStoppingCallback(3), EarlyStoppingCallback(5)])
