@@ -3,7 +3,11 @@ checkpoint, for loom fp32 / bf16 / int8 / int4 / bitsandbytes 8-bit and 4-bit an
 paths, plus all-MiniLM-L6-v2 embedding cosine similarity to fp32. Each variant runs in its own process so load
 time and memory are its own.
 
-    .venv/bin/python bench/bench_quantization.py [--tokens 32] [--layers 12] [--threads 2]
+The default checkpoint ties lm_head to the embeddings, which the quantizers keep in float (the issue's skip rule),
+so every decode step still reads the 154 MB fp32 head. The "(untied)" rows use the same weights saved with an
+untied head and quantize it too (`WeightOnlyConfig(skip_output_embeddings=False)`), showing the kernels' speed.
+
+    .venv/bin/python bench/bench_quantization.py [--tokens 32] [--layers 12] [--threads 2] [--only NAME ...]
 """
 from __future__ import annotations
 
@@ -18,15 +22,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {
-    "loom fp32": ("loom", None, "float32"),
-    "loom bf16": ("loom", None, "bfloat16"),
-    "loom int8 (built-in)": ("loom", "int8", "float32"),
-    "loom int4 (built-in)": ("loom", "int4", "float32"),
-    "loom bnb 8-bit": ("loom", "bnb-8bit", "float32"),
-    "loom bnb 4-bit nf4": ("loom", "bnb-4bit", "float32"),
-    "reference bnb 8-bit": ("reference", "bnb-8bit", "float32"),
-    "reference bnb 4-bit nf4": ("reference", "bnb-4bit", "float32"),
+VARIANTS = {  # name: (library, quantization, dtype, checkpoint)
+    "loom fp32": ("loom", None, "float32", "tied"),
+    "loom bf16": ("loom", None, "bfloat16", "tied"),
+    "loom int8 (built-in)": ("loom", "int8", "float32", "tied"),
+    "loom int4 (built-in)": ("loom", "int4", "float32", "tied"),
+    "loom fp32 (untied)": ("loom", None, "float32", "untied"),
+    "loom int8 + lm_head (untied)": ("loom", "int8-head", "float32", "untied"),
+    "loom int4 + lm_head (untied)": ("loom", "int4-head", "float32", "untied"),
+    "loom bnb 8-bit": ("loom", "bnb-8bit", "float32", "tied"),
+    "loom bnb 4-bit nf4": ("loom", "bnb-4bit", "float32", "tied"),
+    "reference bnb 8-bit": ("reference", "bnb-8bit", "float32", "tied"),
+    "reference bnb 4-bit nf4": ("reference", "bnb-4bit", "float32", "tied"),
 }
 SENTENCES = ["The cat sat on the mat.", "A quick brown fox jumps over the lazy dog.",
              "Quantization shrinks a model's memory footprint.", "I would like a pizza with extra cheese.",
@@ -43,7 +50,8 @@ def rss_mb() -> float:
     return float("nan")
 
 
-def build_checkpoint(path: Path, layers: int) -> None:
+def build_checkpoints(root: Path, layers: int) -> None:
+    """root/tied (the benchmark model) and root/untied (the same weights with the head saved separately)."""
     import torch
 
     import loom
@@ -53,16 +61,22 @@ def build_checkpoint(path: Path, layers: int) -> None:
                               tie_word_embeddings=True)
     torch.manual_seed(0)
     model = loom.LlamaForCausalLM(config)
-    model.save_pretrained(path)
-    print(f"checkpoint: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters at {path}", flush=True)
+    model.save_pretrained(root / "tied")
+    print(f"checkpoint: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters at {root}", flush=True)
+    config.tie_word_embeddings = False
+    untied = loom.LlamaForCausalLM(config)
+    untied.load_state_dict({**model.state_dict(), "lm_head.weight": model.lm_head.weight.detach().clone()})
+    untied.save_pretrained(root / "untied")
 
 
 def quant_config(lib: str, flag: str | None):
     if flag is None:
         return None
     if lib == "loom":
-        from loom.quantization import config_from_flag
+        from loom.quantization import WeightOnlyConfig, config_from_flag
 
+        if flag.endswith("-head"):
+            return WeightOnlyConfig(bits=int(flag[3]), skip_output_embeddings=False)
         return config_from_flag(flag)
     import transformers
 
@@ -78,7 +92,8 @@ def run_variant(name: str, path: str, tokens: int) -> dict:
     warnings.filterwarnings("ignore")
     import torch
 
-    lib, flag, dtype = VARIANTS[name]
+    lib, flag, dtype, checkpoint = VARIANTS[name]
+    path = str(Path(path) / checkpoint)
     before = rss_mb()
     start = time.perf_counter()
     if lib == "loom":
@@ -146,6 +161,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", default=None)
+    parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM accuracy table")
     parser.add_argument("--_variant", default=None)
     parser.add_argument("--_path", default=None)
     args = parser.parse_args()
@@ -158,7 +174,7 @@ def main() -> None:
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     with tempfile.TemporaryDirectory() as tmp:
-        build_checkpoint(Path(tmp), args.layers)
+        build_checkpoints(Path(tmp), args.layers)
         rows = {}
         for name in args.only or VARIANTS:
             proc = subprocess.run([sys.executable, __file__, "--_variant", name, "--_path", tmp, "--tokens",
@@ -182,6 +198,8 @@ def main() -> None:
         if a and b:
             print(f"loom / reference bnb {lib} decode: {a['tok_s'] / b['tok_s']:.2f}x, load: "
                   f"{b['load_s'] / a['load_s']:.2f}x faster")
+    if args.no_minilm:
+        return
     print("\n| MiniLM embeddings | mean cosine to fp32 | min |\n| --- | --- | --- |")
     for flag, (mean, low) in minilm_cosines().items():
         print(f"| {flag} | {mean:.4f} | {low:.4f} |")

@@ -13,7 +13,7 @@ from importlib import metadata
 import torch
 from torch import nn
 
-from loom.quantization.base import Quantizer, default_skips
+from loom.quantization.base import Quantizer, default_skips, release_freed_memory
 from loom.quantization.config import BitsAndBytesConfig
 from loom.utils import require
 
@@ -127,6 +127,7 @@ class BnbQuantizer(Quantizer):
             self._extras.clear()
         model.is_loaded_in_8bit = self.eight_bit
         model.is_loaded_in_4bit = not self.eight_bit
+        release_freed_memory()
 
     def _assemble(self, name: str, module: nn.Module) -> None:
         bnb = _bnb()

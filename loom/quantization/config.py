@@ -126,21 +126,30 @@ class BitsAndBytesConfig:
 
 
 class WeightOnlyConfig:
-    """loom's built-in weight-only quantization: int8 per-output-channel symmetric, or int4 group-wise symmetric.
+    """loom's built-in weight-only quantization: int8 per-output-channel symmetric, or int4 group-wise.
 
-    Activations and biases stay in floating point. `modules_to_not_convert` adds to the default skips (lm_head and
-    tied embeddings); set `skip_output_embeddings=False` to quantize the output projection too.
+    int4 defaults to groups of 32 with a float16 scale and zero point each (asymmetric: ~1/6.4 of fp32 weight
+    bytes); `symmetric=True` keeps one float32 scale per group and no zero point (~1/7.5 at group_size=128, less
+    accurate). Activations and biases stay in floating point. `modules_to_not_convert` adds to the default skips
+    (lm_head and tied embeddings); set `skip_output_embeddings=False` to quantize the output projection too.
     """
 
     quant_method = WEIGHT_ONLY_METHOD
 
     def __init__(self, bits: int = 8, group_size: int | None = None,
                  modules_to_not_convert: list[str] | None = None, skip_output_embeddings: bool = True,
-                 **kwargs: Any) -> None:
+                 symmetric: bool | None = None, **kwargs: Any) -> None:
         if bits not in (8, 4):
             raise ValueError(f"WeightOnlyConfig: bits={bits!r} is not supported; use 8 or 4")
+        if symmetric is None:
+            symmetric = bits == 8
+        if not isinstance(symmetric, bool):
+            raise TypeError(f"WeightOnlyConfig: symmetric must be True or False, got {symmetric!r}")
+        if bits == 8 and not symmetric:
+            raise ValueError("WeightOnlyConfig: int8 is symmetric per output channel; symmetric=False is only for "
+                             "bits=4")
         if group_size is None:
-            group_size = 128 if bits == 4 else -1
+            group_size = 32 if bits == 4 else -1
         if not isinstance(group_size, int) or isinstance(group_size, bool) or (group_size <= 0 and group_size != -1):
             raise ValueError(f"WeightOnlyConfig: group_size={group_size!r} must be a positive integer (or -1 for one "
                              "group per output channel)")
@@ -156,18 +165,24 @@ class WeightOnlyConfig:
         kwargs.pop("quant_method", None)
         if kwargs:
             raise TypeError(f"WeightOnlyConfig got unknown arguments {sorted(kwargs)}; it takes bits, group_size, "
-                            "modules_to_not_convert, skip_output_embeddings")
+                            "symmetric, modules_to_not_convert, skip_output_embeddings")
         self.bits = bits
         self.group_size = group_size
+        self.symmetric = symmetric
         self.modules_to_not_convert = modules_to_not_convert
         self.skip_output_embeddings = skip_output_embeddings
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> "WeightOnlyConfig":
+        config_dict = dict(config_dict)
+        if config_dict.get("bits") == 4:
+            # checkpoints written before the key existed hold symmetric int4 (no weight_zero)
+            config_dict.setdefault("symmetric", True)
         return cls(**config_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": self.quant_method, "bits": self.bits, "group_size": self.group_size,
+                "symmetric": self.symmetric,
                 "modules_to_not_convert": copy.deepcopy(self.modules_to_not_convert),
                 "skip_output_embeddings": self.skip_output_embeddings}
 

@@ -1,12 +1,14 @@
 """Matmul kernels for loom's int8/int4 weight-only Linears, chosen per device in one place (`choose_kernel`) so
 that a faster kernel can replace one without touching the modules.
 
-Measured on this project's CPUs (batch-1 matvec, 2 threads, fp32 F.linear = 1x): fbgemm's dynamic-quantization
-int8 Linear is several times faster than fp32, while `_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`,
-compiled dequantize-then-matmul and bitsandbytes' CPU layers are all slower. fbgemm quantizes the activations to a
-7-bit per-tensor grid, which alone costs 2-8% relative error when activations have outliers; `fbgemm_int8`
-therefore sends second rows holding the rounding residual (scaled up) through the same call, so the weights are
-read once and the result is as accurate as dequantized weights (error from the int8 weights only).
+On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (native.py) read the int8 or packed int4 weights directly,
+widen them to fp32 in registers and FMA them with the fp32 activations: exact weight-only math, memory-bound at
+decode batch sizes. Measured on the project's AMD AVX2 machine they beat fbgemm's dynamic int8 Linear (which also
+quantizes the activations, so it needs a second residual pass to stay accurate) and fp32 F.linear at small
+batches; for large batches (prefill, encoders) a float GEMM on the dequantized weight is faster, so rows above
+`NATIVE_MAX_ROWS` take that path. Elsewhere the torch paths below are used: fbgemm for int8 on CPU, PyTorch's
+int8 kernel on CUDA, dequantize-then-matmul everywhere else. `LOOM_QUANT_KERNEL=<name>` forces one (debugging,
+tests).
 """
 from __future__ import annotations
 
@@ -16,17 +18,24 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-_FORCED = os.environ.get("LOOM_QUANT_KERNEL")  # "dequantize" forces the fallback everywhere (debugging, tests)
+from loom.quantization import native
+
+# above this many activation rows, dequantize + F.linear (a blocked float GEMM) beats the native kernels
+NATIVE_MAX_ROWS = 16
 
 
 def fbgemm_available() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
 
 
-def choose_kernel(bits: int, device: torch.device) -> str:
-    """Name of the kernel a quantized Linear uses on `device`: 'fbgemm_int8', 'int8pack', or 'dequantize'."""
-    if _FORCED:
-        return _FORCED
+def choose_kernel(bits: int, device: torch.device, group_size: int = 0) -> str:
+    """Name of the kernel a quantized Linear uses on `device`: 'native', 'fbgemm_int8', 'int8pack' or
+    'dequantize'."""
+    forced = os.environ.get("LOOM_QUANT_KERNEL")
+    if forced:
+        return forced
+    if device.type == "cpu" and (bits == 8 or group_size % 16 == 0) and native.library() is not None:
+        return "native"
     if bits == 8 and device.type == "cpu" and fbgemm_available():
         return "fbgemm_int8"
     if bits == 8 and device.type == "cuda":
@@ -72,19 +81,25 @@ def int8_dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
     return (weight.to(dtype) * scale.to(dtype)[:, None])
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
 def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """y = x @ dequant(W).T (bias not included) with the module's chosen kernel."""
     kernel = module.kernel
     shape = x.shape[:-1]
+    if kernel == "native" and x.device.type == "cpu" and _rows(x).shape[0] <= NATIVE_MAX_ROWS:
+        y = native.int8_gemm(_rows(x).float().contiguous(), module.weight, module.weight_scale)
+        return y.to(x.dtype).view(*shape, -1)
     if kernel == "fbgemm_int8" and x.device.type == "cpu":
         packed = module.packed_weight()
-        y = fbgemm_int8_matmul(x.reshape(-1, x.shape[-1]).float(), packed, module.row_sums)
+        y = fbgemm_int8_matmul(_rows(x).float(), packed, module.row_sums)
         return y.to(x.dtype).view(*shape, -1)
     weight, scale = module.int8_weight()
     if kernel == "int8pack" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         try:
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight,
-                                                   scale.to(x.dtype))
+            y = torch.ops.aten._weight_int8pack_mm(_rows(x).contiguous(), weight, scale.to(x.dtype))
             return y.view(*shape, -1)
         except (RuntimeError, NotImplementedError):
             module.kernel = "dequantize"  # this build has no such kernel for the device: stop trying
@@ -92,24 +107,34 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
 
 
 # -- int4 group-wise -------------------------------------------------------------------------------------------
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """(out, in) int values in [-8, 7] -> (out, in/2) uint8, even column in the low nibble."""
-    u = (q + 8).to(torch.uint8)
-    return u[:, 0::2] | (u[:, 1::2] << 4)
+def pack_int4(u: torch.Tensor) -> torch.Tensor:
+    """(out, in) values in [0, 15] -> (out, in/2) uint8, even column in the low nibble."""
+    u = u.to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(out, in/2) uint8 -> (out, in) int8 in [-8, 7]."""
-    low = (packed & 15).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1) - 8
+    """(out, in/2) uint8 -> (out, in) uint8 in [0, 15]."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
-def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    q = unpack_int4(packed)
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                    zero: torch.Tensor | None = None) -> torch.Tensor:
+    """w = (nibble - zero) * scale per group, computed in float32; zero None is the symmetric layout (zero 8)."""
+    u = unpack_int4(packed).to(torch.float32)
     out, groups = scale.shape
-    return (q.view(out, groups, -1).to(dtype) * scale.to(dtype)[:, :, None]).view(out, -1)
+    z = 8.0 if zero is None else zero.float()[:, :, None]
+    return ((u.view(out, groups, -1) - z) * scale.float()[:, :, None]).view(out, -1).to(dtype)
 
 
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
-    return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype))
+    zero = module.weight_zero if module.asymmetric else None
+    if module.kernel == "native" and x.device.type == "cpu":
+        rows = _rows(x)
+        if rows.shape[0] <= NATIVE_MAX_ROWS:
+            y = native.int4_gemm(rows.float().contiguous(), module.weight, module.weight_scale, zero,
+                                 module.group_size)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        weight = native.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
+        return F.linear(x, weight.to(x.dtype))
+    return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype, zero))

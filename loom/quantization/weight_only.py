@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from loom.quantization.base import Quantizer, default_skips
+from loom.quantization.base import Quantizer, default_skips, release_freed_memory
 from loom.quantization.config import WeightOnlyConfig
-from loom.quantization.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8
+from loom.quantization.linear import Int4Linear, Int8Linear, quantize_int8
+
+_QUANT_TENSORS = ("weight", "weight_scale", "weight_zero")
 
 
 class WeightOnlyQuantizer(Quantizer):
@@ -29,20 +31,20 @@ class WeightOnlyQuantizer(Quantizer):
         bias = linear.bias is not None
         if self.config.bits == 8:
             return Int8Linear(linear.in_features, linear.out_features, bias, device="meta", dtype=dtype)
-        return Int4Linear(linear.in_features, linear.out_features, bias, self.config.group_size, device="meta",
-                          dtype=dtype)
+        return Int4Linear(linear.in_features, linear.out_features, bias, self.config.group_size,
+                          self.config.symmetric, device="meta", dtype=dtype)
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module:
         if self.config.bits == 8:
             return Int8Linear.from_linear(linear)
-        return Int4Linear.from_linear(linear, self.config.group_size)
+        return Int4Linear.from_linear(linear, self.config.group_size, self.config.symmetric)
 
     def load_tensor(self, model, name, source, dtype, device):
         module_name, _, attr = name.rpartition(".")
-        if module_name not in self._converted_set() or attr not in ("weight", "weight_scale"):
+        if module_name not in self._converted_set() or attr not in _QUANT_TENSORS:
             return None
         module = model.get_submodule(module_name)
-        if attr == "weight_scale" or self.pre_quantized:
+        if attr != "weight" or self.pre_quantized:
             return self._stored(module, name, attr, source, device)
         want = (module.out_features, module.in_features)
         if tuple(source.shape) != want:
@@ -51,7 +53,9 @@ class WeightOnlyQuantizer(Quantizer):
         if self.config.bits == 8:
             q, scale = quantize_int8(weight)
         else:
-            q, scale = quantize_int4(weight, module.group_size)
+            q, scale, *zero = module.quantize(weight)
+            if zero:
+                module._buffers["weight_zero"] = zero[0]
         module._buffers["weight_scale"] = scale
         return q
 
@@ -65,8 +69,8 @@ class WeightOnlyQuantizer(Quantizer):
 
     def accepts_shape_change(self, name: str) -> bool:
         # int4 weights are (out, in/2) bytes; full-precision checkpoints hold (out, in)
-        return self.owns(name) or (name.endswith(".weight_scale") and
-                                   name.rpartition(".")[0] in self._converted_set())
+        module, _, attr = name.rpartition(".")
+        return self.owns(name) or (attr in _QUANT_TENSORS and module in self._converted_set())
 
     def finish(self, model: nn.Module) -> None:
         super().finish(model)
@@ -75,4 +79,5 @@ class WeightOnlyQuantizer(Quantizer):
             module.choose_kernel()
             if module.kernel == "fbgemm_int8":
                 module.packed_weight()  # pack now: the model is at its final size before the first forward
+        release_freed_memory()
 

@@ -36,12 +36,16 @@ def test_bnb_config_round_trips_through_its_dict(kwargs):
 
 
 def test_weight_only_config_round_trip_and_defaults():
-    assert WeightOnlyConfig(bits=4).group_size == 128
-    assert WeightOnlyConfig(bits=8).group_size == -1
-    cfg = WeightOnlyConfig(bits=4, group_size=32, modules_to_not_convert=["mlp"])
+    four, eight = WeightOnlyConfig(bits=4), WeightOnlyConfig(bits=8)
+    assert (four.group_size, four.symmetric) == (32, False)
+    assert (eight.group_size, eight.symmetric) == (-1, True)
+    cfg = WeightOnlyConfig(bits=4, group_size=64, symmetric=True, modules_to_not_convert=["mlp"])
     d = json.loads(json.dumps(cfg.to_dict()))
     assert d["quant_method"] == WEIGHT_ONLY_METHOD
     assert config_from_dict(d) == cfg
+    assert config_from_dict(four.to_dict()) == four
+    # int4 checkpoints saved before `symmetric` existed are symmetric
+    assert config_from_dict({"quant_method": WEIGHT_ONLY_METHOD, "bits": 4, "group_size": 128}).symmetric
 
 
 def test_flag_words_map_to_configs():
@@ -77,9 +81,11 @@ def test_bnb_flags_cannot_both_be_set_later():
     (dict(bits=4, group_size=0), "group_size=0"),
     (dict(bits=4, group_size=33), "group_size=33 must be even"),
     (dict(bits=8, group_size=64), "group_size=64 is only for bits=4"),
+    (dict(bits=8, symmetric=False), "symmetric=False is only for bits=4"),
+    (dict(bits=4, symmetric="no"), "symmetric must be True or False"),
 ])
 def test_weight_only_config_bad_input(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         WeightOnlyConfig(**kwargs)
 
 

@@ -1,7 +1,8 @@
 """Built-in int8/int4 weight-only quantization: error bounds, kernels, memory, targeting, save/reload, bad input.
 
 Stated per-layer bounds (relative Frobenius error of the layer output against fp32 on Gaussian weights and inputs):
-int8 per-channel < 1% (theory for absmax scaling: ~0.75%), int4 group-wise (group 32) < 12% (theory ~9%).
+int8 per-channel < 1% (theory for absmax scaling: ~0.75%), int4 group-wise (group 32) < 12% symmetric (theory ~9%),
+< 8% asymmetric (the default; measured ~6%). The native C kernels themselves are checked in test_quant_native.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import nn
 import loom
 from loomtest import reference_checkpoint
 from loom.quantization import WeightOnlyConfig, quantize_
-from loom.quantization import kernels
+from loom.quantization import kernels, native
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 
 
@@ -49,25 +50,43 @@ def test_int8_layer_error_bound_and_kernels_agree(rows):
         exact = nn.functional.linear(x, dequantized_weight(q), lin.bias)
     assert _rel(exact, ref) < 0.01
     assert _rel(fast, ref) < 0.01
-    # the fbgemm path quantizes activations too; its residual pass keeps it within ~0.3% of the dequantized
-    # result even with 30x outliers (a single 7-bit pass is off by 2-8% here)
-    assert q.kernel == ("fbgemm_int8" if kernels.fbgemm_available() else "dequantize")
+    if native.library() is not None:
+        assert q.kernel == "native"  # weight-only math: equal to the dequantized result up to fp32 rounding
+        torch.testing.assert_close(fast, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    else:
+        assert q.kernel == ("fbgemm_int8" if kernels.fbgemm_available() else "dequantize")
+
+
+@pytest.mark.skipif(not kernels.fbgemm_available(), reason="this torch build has no fbgemm quantized engine")
+def test_int8_fbgemm_fallback_stays_accurate(monkeypatch):
+    # the fallback on CPUs without the native kernels quantizes activations too; its residual pass keeps it within
+    # ~0.3% of the dequantized result even with 30x outliers (a single 7-bit pass is off by 2-8% here)
+    monkeypatch.setenv("LOOM_QUANT_KERNEL", "fbgemm_int8")
+    lin = _linear()
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 256)
+    x[:, :3] *= 30
+    with torch.no_grad():
+        exact = nn.functional.linear(x, dequantized_weight(q), lin.bias)
+        fast = q(x)
+    assert q.kernel == "fbgemm_int8"
     assert _rel(fast, exact) < 5e-3
 
 
-def test_int4_layer_error_bound():
+@pytest.mark.parametrize("symmetric,bound", [(True, 0.12), (False, 0.08)])
+def test_int4_layer_error_bound(symmetric, bound):
     lin = _linear()
-    q = Int4Linear.from_linear(lin, group_size=32)
+    q = Int4Linear.from_linear(lin, group_size=32, symmetric=symmetric)
     x = torch.randn(4, 256)
     with torch.no_grad():
         err = _rel(q(x), lin(x))
-    assert err < 0.12
+    assert err < bound
     assert err > 0.01  # 4-bit cannot be this good: guards against silently running the float weights
 
 
 def test_int4_pack_round_trip():
-    q = torch.randint(-8, 8, (6, 10))
-    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(q)), q.to(torch.int8))
+    u = torch.randint(0, 16, (6, 10))
+    assert torch.equal(kernels.unpack_int4(kernels.pack_int4(u)), u.to(torch.uint8))
 
 
 def test_quantized_weight_bytes():
@@ -78,8 +97,10 @@ def test_quantized_weight_bytes():
         return sum(t.numel() * t.element_size() for k, t in m.state_dict().items() if not k.endswith("bias"))
 
     assert 0.24 < nbytes(Int8Linear.from_linear(lin)) / fp32 < 0.26
-    # int4 with one float32 scale per 128 weights: 1/8 + 1/128 of fp32 = ~1/7.5
-    assert 1 / 8 < nbytes(Int4Linear.from_linear(lin, 128)) / fp32 < 1 / 7
+    # asymmetric int4 (the default), float16 scale + zero per 32 weights: 1/8 + 1/32 of fp32 = 1/6.4
+    assert 1 / 6.5 < nbytes(Int4Linear.from_linear(lin, 32)) / fp32 < 1 / 6.3
+    # symmetric int4 with one float32 scale per 128 weights: 1/8 + 1/128 of fp32 = ~1/7.5
+    assert 1 / 8 < nbytes(Int4Linear.from_linear(lin, 128, symmetric=True)) / fp32 < 1 / 7
 
 
 def test_group_size_must_divide_in_features():
@@ -100,11 +121,11 @@ def test_to_device_moves_and_to_dtype_is_refused():
             q.half()
 
 
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 16)])
-def test_from_pretrained_quantizes_targets_and_reloads_as_saved(llama_dir, tmp_path, bits, group):
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, None), (4, 16, False), (4, 16, True)])
+def test_from_pretrained_quantizes_targets_and_reloads_as_saved(llama_dir, tmp_path, bits, group, symmetric):
     base = loom.LlamaForCausalLM.from_pretrained(llama_dir)
-    model = loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=WeightOnlyConfig(bits=bits,
-                                                                                                  group_size=group))
+    config = WeightOnlyConfig(bits=bits, group_size=group, symmetric=symmetric)
+    model = loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=config)
     cls = Int8Linear if bits == 8 else Int4Linear
     layer = model.model.layers[0]
     for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
@@ -122,6 +143,7 @@ def test_from_pretrained_quantizes_targets_and_reloads_as_saved(llama_dir, tmp_p
 
     stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert stored["quant_method"] == "loom_weight_only" and stored["bits"] == bits
+    assert ("model.layers.0.mlp.up_proj.weight_zero" in model.state_dict()) == (symmetric is False)
     again = loom.LlamaForCausalLM.from_pretrained(tmp_path)
     assert isinstance(again.model.layers[1].mlp.up_proj, cls)
     for name, t in model.state_dict().items():
@@ -173,14 +195,15 @@ def test_group_size_error_at_load_names_the_argument(llama_dir):
         loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=WeightOnlyConfig(bits=4, group_size=64))
 
 
-def test_gpt2_transposed_weights_round_trip(gpt2_dir, tmp_path):
+@pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.15)])
+def test_gpt2_transposed_weights_round_trip(gpt2_dir, tmp_path, bits, bound):
     base = loom.GPT2LMHeadModel.from_pretrained(gpt2_dir)
-    model = loom.GPT2LMHeadModel.from_pretrained(gpt2_dir, quantization_config=WeightOnlyConfig(bits=8))
-    assert isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
+    model = loom.GPT2LMHeadModel.from_pretrained(gpt2_dir, quantization_config=WeightOnlyConfig(bits=bits))
+    assert isinstance(model.transformer.h[0].attn.c_attn, Int8Linear if bits == 8 else Int4Linear)
     ids = torch.randint(3, 99, (2, 8))
     with torch.no_grad():
         out = model(ids).logits
-        assert _rel(out, base(ids).logits) < 0.02
+        assert _rel(out, base(ids).logits) < bound
     model.save_pretrained(tmp_path)
     again = loom.GPT2LMHeadModel.from_pretrained(tmp_path)
     with torch.no_grad():
@@ -192,8 +215,9 @@ def test_minilm_embeddings_close_to_fp32(minilm_dir):
     ids = torch.randint(1000, 20000, (3, 16))
     with torch.no_grad():
         ref = base(ids).last_hidden_state.mean(1)
-        # int4 on this 384-wide model measures ~0.95-0.96 (below the issue's 0.97 goal; see the benchmark notes)
-        for cfg, floor in ((WeightOnlyConfig(bits=8), 0.998), (WeightOnlyConfig(bits=4, group_size=64), 0.93)):
+        # random token ids are harsher than text: default int4 (asymmetric, group 32) measures 0.965-0.975 here and
+        # 0.978 mean on the benchmark's real sentences (the issue's 0.97 target)
+        for cfg, floor in ((WeightOnlyConfig(bits=8), 0.998), (WeightOnlyConfig(bits=4), 0.96)):
             q = loom.AutoModel.from_pretrained(minilm_dir, quantization_config=cfg)
             cos = nn.functional.cosine_similarity(q(ids).last_hidden_state.mean(1), ref)
             assert cos.min() > floor, (cfg, cos)

@@ -1,0 +1,149 @@
+"""Build, cache and call loom's C weight-only kernels (see native_source.py) through ctypes.
+
+The library is compiled on first use with the system C compiler into a per-user cache directory, named by a hash
+of the source, the flags and the compiler, and moved into place atomically so concurrent processes never load a
+half-written file. It splits work over torch.get_num_threads() threads with its own small pthread pool rather
+than OpenMP (see the source's header: OpenMP's end-of-region barrier stalls on busy machines), so no second
+OpenMP runtime is loaded next to torch's. Anything missing (not Linux x86-64, no AVX2/FMA/F16C, no compiler, a
+failed build) makes `library()` return None and the callers use the torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from loom.quantization.native_source import SOURCE
+
+# no FMA contraction: the int4 quantizer must round exactly like the torch version
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+_REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
+_state: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("LOOM_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "loom" / "kernels"
+
+
+def _cpu_supported() -> bool:
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next(line for line in cpuinfo if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in _REQUIRED_CPU_FLAGS)
+
+
+def _compiler_id(cc: str) -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: str) -> Path:
+    key = hashlib.sha256("\0".join([SOURCE, *FLAGS, _compiler_id(cc)]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"loom_quant_{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        src, out = Path(tmp) / "kernels.c", Path(tmp) / target.name
+        src.write_text(SOURCE)
+        proc = subprocess.run([cc, *FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
+        os.replace(out, target)  # atomic: another process sees either no file or the whole library
+    return target
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.loom_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.loom_int8_gemm.restype = None
+    lib.loom_int4_gemm.argtypes = [p, p, p, p, i32, p, i64, i64, i64, i64, i32]
+    lib.loom_int4_gemm.restype = i32
+    lib.loom_int4_dequantize.argtypes = [p, p, p, i32, p, i64, i64, i64, i32]
+    lib.loom_int4_dequantize.restype = None
+    lib.loom_int4_quantize_asymmetric.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.loom_int4_quantize_asymmetric.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None where it cannot be built here (then the torch path is used)."""
+    if "lib" in _state:
+        return _state["lib"]
+    lib = None
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if _cpu_supported() and cc:
+        try:
+            lib = _declare(ctypes.CDLL(str(_build(cc))))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            warnings.warn(f"loom could not build its int8/int4 CPU kernels ({err}); quantized Linears use the "
+                          "slower torch path", RuntimeWarning, stacklevel=2)
+    _state["lib"] = lib
+    return lib
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) contiguous float32 @ (int8 weight (N, K) * scale (N,)).T -> (M, N) float32."""
+    m, k = x.shape
+    y = torch.empty(m, weight.shape[0], dtype=torch.float32)
+    library().loom_int8_gemm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, weight.shape[0],
+                             k, _threads())
+    return y
+
+
+def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+              group_size: int) -> torch.Tensor:
+    """x (M, K) contiguous float32 @ dequant(packed int4 (N, K/2), scale/zero (N, K/group)).T -> (M, N)."""
+    m, k = x.shape
+    y = torch.empty(m, packed.shape[0], dtype=torch.float32)
+    if m == 0:
+        return y
+    status = library().loom_int4_gemm(x.data_ptr(), packed.data_ptr(), scale.data_ptr(),
+                                      None if zero is None else zero.data_ptr(), int(scale.dtype == torch.float16),
+                                      y.data_ptr(), m, packed.shape[0], k, group_size, _threads())
+    if status != 0:
+        raise MemoryError(f"int4 kernel: could not allocate {m}x{k} activation scratch")
+    return y
+
+
+def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    group_size: int) -> torch.Tensor:
+    """The float32 (N, K) weight of a packed int4 one, bit-identical to the torch reference."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(n, k, dtype=torch.float32)
+    library().loom_int4_dequantize(packed.data_ptr(), scale.data_ptr(), None if zero is None else zero.data_ptr(),
+                                   int(scale.dtype == torch.float16), out.data_ptr(), n, k, group_size, _threads())
+    return out
+
+
+def int4_quantize_asymmetric(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """The C version of linear.quantize_int4_asymmetric: (packed (N, K/2) uint8, scale, zero (N, K/G) float16)."""
+    w = weight.detach().float().contiguous()
+    n, k = w.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scale = torch.empty(n, k // group_size, dtype=torch.float16)
+    zero = torch.empty_like(scale)
+    library().loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k,
+                                            group_size, _threads())
+    return packed, scale, zero

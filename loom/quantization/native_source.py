@@ -1,0 +1,347 @@
+"""C source of loom's CPU weight-only kernels (x86-64 AVX2/FMA/F16C), compiled on first use by `native.py`.
+
+Kept as a Python string so it ships inside the package without package-data configuration.
+"""
+
+SOURCE = r"""
+/* loom weight-only GEMM kernels: y (M, N) = x (M, K) fp32 @ dequant(W).T, W int8 per-row or packed int4 per-group.
+   Weights are widened to fp32 in registers and FMA'd with the activations; four weight rows share each x load.
+
+   Threads: a small pool of helper threads, not OpenMP. An OpenMP region ends in a barrier that waits for every
+   team thread, so on a busy machine one preempted thread stalls each call for a scheduler tick (measured: 30x
+   slower decode at load 7 on 2 vCPUs). Here the caller and helpers claim chunks from a shared counter; the
+   caller waits only for chunks already being worked on, and a helper that wakes late finds nothing left. */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <immintrin.h>
+#include <math.h>
+
+/* -- helper pool ------------------------------------------------------------------------------------------- */
+#define MAX_HELPERS 63
+#define GEN_SHIFT 40
+#define IDX_MASK ((1L << GEN_SHIFT) - 1)
+#define SPINS 20000
+
+typedef void (*task_fn)(const void *args, long begin, long end);
+
+static struct {
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int helpers, sleepers, active;
+    long ticket;                 /* (generation << GEN_SHIFT) | next unclaimed item */
+    long done, total, chunk;
+    task_fn fn;
+    const void *args;
+} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
+static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one job at a time; other callers run inline */
+
+/* claim and run chunks of the job with generation `gen`; returns when none are left */
+static void work(long gen) {
+    for (;;) {
+        long t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
+        long idx = t & IDX_MASK;
+        if ((t >> GEN_SHIFT) != gen || idx >= __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST)) return;
+        long chunk = pool.chunk, end = idx + chunk;
+        if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + chunk, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+            continue;
+        /* the job cannot finish (nor its fields change) until this chunk is counted done */
+        if (end > pool.total) end = pool.total;
+        pool.fn(pool.args, idx, end);
+        __atomic_add_fetch(&pool.done, end - idx, __ATOMIC_SEQ_CST);
+    }
+}
+
+static void *helper_main(void *arg) {
+    int me = (int)(long)arg;
+    long seen = 0;
+    for (;;) {
+        long gen = seen;
+        for (int i = 0; i < SPINS && gen == seen; i++) {
+            _mm_pause();
+            gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT;
+        }
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.mu);
+            __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+            while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
+                pthread_cond_wait(&pool.cv, &pool.mu);
+            __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&pool.mu);
+        }
+        seen = gen;
+        if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
+    }
+    return NULL;
+}
+
+static void forget_helpers(void) { pool.helpers = 0; pool.sleepers = 0; } /* a forked child has none */
+
+/* run fn over items [0, total) on `threads` threads (the caller included), in chunks of `chunk` items */
+static void parallel_run(task_fn fn, const void *args, long total, long chunk, int threads) {
+    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
+    if (threads <= 1 || total <= chunk || pthread_mutex_trylock(&caller) != 0) { fn(args, 0, total); return; }
+    pthread_mutex_lock(&pool.mu);
+    if (pool.helpers == 0) pthread_atfork(NULL, NULL, forget_helpers);
+    while (pool.helpers < threads - 1) {
+        pthread_t th;
+        if (pthread_create(&th, NULL, helper_main, (void *)(long)pool.helpers) != 0) break;
+        pthread_detach(th);
+        pool.helpers++;
+    }
+    pthread_mutex_unlock(&pool.mu);
+    pool.fn = fn; pool.args = args; pool.chunk = chunk;
+    __atomic_store_n(&pool.total, total, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&pool.active, threads - 1, __ATOMIC_SEQ_CST);
+    long gen = (__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) + 1;
+    __atomic_store_n(&pool.ticket, gen << GEN_SHIFT, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    work(gen);
+    while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < total) _mm_pause();
+    pthread_mutex_unlock(&caller);
+}
+
+#define TILE 4
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline __m256 widen8(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* rows n0..n0+R-1 (R <= TILE) of an int8 weight against one activation row */
+static inline __attribute__((always_inline)) void int8_rows(const float *x, const int8_t *w, const float *scale,
+                                                            float *y, long n0, int R, long K) {
+    __m256 a[TILE], b[TILE];
+    for (int r = 0; r < TILE; r++) { a[r] = _mm256_setzero_ps(); b[r] = _mm256_setzero_ps(); }
+    long k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+#pragma GCC unroll 4
+        for (int r = 0; r < TILE; r++) {
+            if (r < R) {
+                const int8_t *wr = w + (n0 + r) * K + k;
+                a[r] = _mm256_fmadd_ps(widen8(wr), x0, a[r]);
+                b[r] = _mm256_fmadd_ps(widen8(wr + 8), x1, b[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++) {
+        const int8_t *wr = w + (n0 + r) * K;
+        float s = hsum(_mm256_add_ps(a[r], b[r]));
+        for (long j = k; j < K; j++) s += (float)wr[j] * x[j];
+        y[n0 + r] = s * scale[n0 + r];
+    }
+}
+
+typedef struct { const float *x; const int8_t *w; const float *scale; float *y; long M, N, K; } int8_job;
+
+static void int8_tiles(const void *p, long begin, long end) {
+    const int8_job *j = p;
+    const float *x = j->x, *scale = j->scale;
+    const int8_t *w = j->w;
+    float *y = j->y;
+    long M = j->M, N = j->N, K = j->K;
+    for (long t = begin; t < end; t++) {
+        long n0 = t * TILE;
+        int R = N - n0 < TILE ? (int)(N - n0) : TILE;
+        for (long m = 0; m < M; m++) {
+            if (R == TILE) int8_rows(x + m * K, w, scale, y + m * N, n0, TILE, K);
+            else for (int r = 0; r < R; r++) int8_rows(x + m * K, w, scale, y + m * N, n0 + r, 1, K);
+        }
+    }
+}
+
+/* tiles of TILE rows, about 8 chunks per thread so a slow thread costs little */
+static long chunk_for(long tiles, int threads) {
+    long c = tiles / (8L * (threads > 0 ? threads : 1));
+    return c > 0 ? c : 1;
+}
+
+void loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K,
+                    int threads) {
+    int8_job job = {x, w, scale, y, M, N, K};
+    long tiles = (N + TILE - 1) / TILE;
+    parallel_run(int8_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+}
+
+/* activation row -> each 16-block reordered to (even columns, odd columns), matching the nibble order of a byte
+   run (low nibble = even column); plus the sum of x over each quantization group for the zero-point term */
+static void int4_prepare(const float *x, float *xp, float *gsum, long K, long G) {
+    for (long b = 0; b < K; b += 16)
+        for (int j = 0; j < 8; j++) { xp[b + j] = x[b + 2 * j]; xp[b + 8 + j] = x[b + 2 * j + 1]; }
+    for (long g = 0; g < K / G; g++) {
+        float s = 0;
+        for (long j = 0; j < G; j++) s += x[g * G + j];
+        gsum[g] = s;
+    }
+}
+
+static inline float load_param(const void *p, long i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* rows n0..n0+R-1 of a packed int4 weight against one prepared activation row.
+   w = (nibble - zero) * scale per group, so dot = sum_g scale_g * (sum_j nibble_j x_j - zero_g * sum_j x_j). */
+static inline __attribute__((always_inline)) void int4_rows(const float *xp, const float *gsum, const uint8_t *w,
+                                                            const void *scale, const void *zero, int half, float *y,
+                                                            long n0, int R, long K, long G) {
+    long ng = K / G;
+    __m256 tot[TILE];
+    float zterm[TILE];
+    const __m256i low4 = _mm256_set1_epi32(15);
+    for (int r = 0; r < TILE; r++) { tot[r] = _mm256_setzero_ps(); zterm[r] = 0; }
+    for (long g = 0; g < ng; g++) {
+        __m256 a[TILE], b[TILE];
+        for (int r = 0; r < TILE; r++) { a[r] = _mm256_setzero_ps(); b[r] = _mm256_setzero_ps(); }
+        for (long k = g * G; k < (g + 1) * G; k += 16) {
+            __m256 xe = _mm256_loadu_ps(xp + k), xo = _mm256_loadu_ps(xp + k + 8);
+#pragma GCC unroll 4
+            for (int r = 0; r < TILE; r++) {
+                if (r < R) {
+                    const uint8_t *wr = w + (n0 + r) * (K / 2) + k / 2;
+                    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)wr));
+                    a[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4)), xe, a[r]);
+                    b[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), xo, b[r]);
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            long i = (n0 + r) * ng + g;
+            float s = load_param(scale, i, half);
+            float z = zero ? load_param(zero, i, half) : 8.0f;
+            tot[r] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_add_ps(a[r], b[r]), tot[r]);
+            zterm[r] += s * z * gsum[g];
+        }
+    }
+    for (int r = 0; r < R; r++) y[n0 + r] = hsum(tot[r]) - zterm[r];
+}
+
+typedef struct {
+    const float *xp, *gsum; const uint8_t *w; const void *scale, *zero; int half; float *y; long M, N, K, G;
+} int4_job;
+
+static void int4_tiles(const void *p, long begin, long end) {
+    const int4_job *j = p;
+    const float *xp = j->xp, *gsum = j->gsum;
+    const uint8_t *w = j->w;
+    const void *scale = j->scale, *zero = j->zero;
+    int half = j->half;
+    float *y = j->y;
+    long M = j->M, N = j->N, K = j->K, G = j->G;
+    for (long t = begin; t < end; t++) {
+        long n0 = t * TILE;
+        int R = N - n0 < TILE ? (int)(N - n0) : TILE;
+        for (long m = 0; m < M; m++) {
+            const float *xm = xp + m * K, *gm = gsum + m * (K / G);
+            if (R == TILE) int4_rows(xm, gm, w, scale, zero, half, y + m * N, n0, TILE, K, G);
+            else for (int r = 0; r < R; r++) int4_rows(xm, gm, w, scale, zero, half, y + m * N, n0 + r, 1, K, G);
+        }
+    }
+}
+
+/* scale/zero: (N, K/G) float32 (half=0) or float16 (half=1); zero NULL means the symmetric layout (zero 8).
+   Needs K % G == 0 and G % 16 == 0. Returns 0, or -1 when out of memory. */
+int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                   long M, long N, long K, long G, int threads) {
+    float *xp = malloc(sizeof(float) * M * (K + K / G));
+    if (!xp) return -1;
+    float *gsum = xp + M * K;
+    for (long m = 0; m < M; m++) int4_prepare(x + m * K, xp + m * K, gsum + m * (K / G), K, G);
+    int4_job job = {xp, gsum, w, scale, zero, half, y, M, N, K, G};
+    long tiles = (N + TILE - 1) / TILE;
+    parallel_run(int4_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    free(xp);
+    return 0;
+}
+
+typedef struct { const uint8_t *w; const void *scale, *zero; int half; float *out; long K, G; } dequant_job;
+
+static void dequant_rows(const void *p, long begin, long end) {
+    const dequant_job *j = p;
+    long K = j->K, G = j->G;
+    for (long n = begin; n < end; n++) {
+        for (long g = 0; g < K / G; g++) {
+            float s = load_param(j->scale, n * (K / G) + g, j->half);
+            float z = j->zero ? load_param(j->zero, n * (K / G) + g, j->half) : 8.0f;
+            for (long c = g * G; c < (g + 1) * G; c += 2) {
+                uint8_t b = j->w[n * (K / 2) + c / 2];
+                j->out[n * K + c] = ((float)(b & 15) - z) * s;
+                j->out[n * K + c + 1] = ((float)(b >> 4) - z) * s;
+            }
+        }
+    }
+}
+
+/* the float weight (N, K) of a packed int4 one, for large batches where a float GEMM wins */
+void loom_int4_dequantize(const uint8_t *w, const void *scale, const void *zero, int half, float *out, long N,
+                          long K, long G, int threads) {
+    dequant_job job = {w, scale, zero, half, out, K, G};
+    parallel_run(dequant_rows, &job, N, chunk_for(N, threads), threads);
+}
+
+/* asymmetric int4 quantization of a float (N, K) weight, groups of G: for each group, the grid over
+   [min * a, max * b] (a, b in shrinks) with the smallest squared error after rounding scale and zero to float16.
+   Same arithmetic as the torch version in linear.py (compiled with -ffp-contract=off), so results agree except
+   where two candidates' errors tie to within summation-order rounding. */
+typedef struct { const float *w; uint8_t *packed; uint16_t *scale, *zero; long K, G; } quant_job;
+
+static const float SHRINKS[3] = {1.0f, 0.9f, 0.8f};
+
+static void quant_rows(const void *p, long begin, long end) {
+    const quant_job *j = p;
+    long K = j->K, G = j->G, ng = K / G;
+    for (long n = begin; n < end; n++) {
+        for (long g = 0; g < ng; g++) {
+            const float *w = j->w + n * K + g * G;
+            float low = w[0], high = w[0];
+            for (long i = 1; i < G; i++) { low = w[i] < low ? w[i] : low; high = w[i] > high ? w[i] : high; }
+            float best_err = INFINITY;
+            uint16_t best_s = 0, best_z = 0;
+            for (int ia = 0; ia < 3; ia++) {
+                for (int ib = 0; ib < 3; ib++) {
+                    float range = (high * SHRINKS[ib] - low * SHRINKS[ia]) / 15.0f;
+                    uint16_t hs = _cvtss_sh(range > 1e-6f ? range : 1e-6f, 0);
+                    float s = _cvtsh_ss(hs);
+                    uint16_t hz = _cvtss_sh(-low * SHRINKS[ia] / s, 0);
+                    float z = _cvtsh_ss(hz), err = 0;
+                    for (long i = 0; i < G; i++) {
+                        float q = nearbyintf(w[i] / s + z);
+                        q = q < 0 ? 0 : (q > 15 ? 15 : q);
+                        float d = (q - z) * s - w[i];
+                        err += d * d;
+                    }
+                    if (err < best_err) { best_err = err; best_s = hs; best_z = hz; }
+                }
+            }
+            float s = _cvtsh_ss(best_s), z = _cvtsh_ss(best_z);
+            uint8_t *out = j->packed + n * (K / 2) + g * G / 2;
+            for (long i = 0; i < G; i += 2) {
+                float q0 = nearbyintf(w[i] / s + z), q1 = nearbyintf(w[i + 1] / s + z);
+                q0 = q0 < 0 ? 0 : (q0 > 15 ? 15 : q0);
+                q1 = q1 < 0 ? 0 : (q1 > 15 ? 15 : q1);
+                out[i / 2] = (uint8_t)((int)q0 | ((int)q1 << 4));
+            }
+            j->scale[n * ng + g] = best_s;
+            j->zero[n * ng + g] = best_z;
+        }
+    }
+}
+
+void loom_int4_quantize_asymmetric(const float *w, uint8_t *packed, uint16_t *scale, uint16_t *zero, long N,
+                                   long K, long G, int threads) {
+    quant_job job = {w, packed, scale, zero, K, G};
+    parallel_run(quant_rows, &job, N, chunk_for(N, threads), threads);
+}
+"""

@@ -1,0 +1,141 @@
+"""loom's C weight-only kernels (loom/quantization/native.py): equal to the torch dequantize reference up to fp32
+rounding, on the shapes that exercise their edges (row tails, K tails, batch tiles, the large-batch path); built
+once into a cache named by a hash; and the torch fallback used when they cannot be built."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from loom.quantization import kernels, native
+from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="the native kernels need Linux x86-64 with "
+                                  "AVX2/FMA/F16C and a C compiler; the torch fallback is tested below")
+
+
+def _close_to_reference(q: nn.Module, rows: int, k: int) -> None:
+    x = torch.randn(rows, k) * 3
+    with torch.no_grad():
+        exact = nn.functional.linear(x, dequantized_weight(q), q.bias)
+        got = q(x)
+    # different summation order only: a few fp32 ulps of the largest output
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=2e-6 * exact.abs().max().item())
+
+
+def _linear(inp: int, out: int) -> nn.Linear:
+    torch.manual_seed(inp * 1000 + out)
+    lin = nn.Linear(inp, out)
+    nn.init.normal_(lin.weight, std=0.05)
+    return lin
+
+
+@needs_native
+@pytest.mark.parametrize("inp,out", [(256, 192), (40, 7), (3072, 10)])  # K tail of 8, N tail of 3, long K
+@pytest.mark.parametrize("rows", [1, 3, kernels.NATIVE_MAX_ROWS, kernels.NATIVE_MAX_ROWS + 5])
+def test_int8_native_matches_dequantize(inp, out, rows):
+    q = Int8Linear.from_linear(_linear(inp, out))
+    assert q.kernel == "native"
+    _close_to_reference(q, rows, inp)
+
+
+@needs_native
+@pytest.mark.parametrize("inp,out,group,symmetric", [(256, 192, 32, False), (96, 7, 16, False),
+                                                     (512, 30, 128, True), (64, 5, 64, True)])
+@pytest.mark.parametrize("rows", [1, 4, kernels.NATIVE_MAX_ROWS + 1])
+def test_int4_native_matches_dequantize(inp, out, group, symmetric, rows):
+    q = Int4Linear.from_linear(_linear(inp, out), group, symmetric=symmetric)
+    assert q.kernel == "native"
+    _close_to_reference(q, rows, inp)
+
+
+@needs_native
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_native_dequantize_is_bit_identical(symmetric):
+    q = Int4Linear.from_linear(_linear(128, 9), 32, symmetric=symmetric)
+    zero = q.weight_zero if q.asymmetric else None
+    assert torch.equal(native.int4_dequantize(q.weight, q.weight_scale, zero, 32), dequantized_weight(q))
+
+
+@needs_native
+def test_int4_quantizer_in_c_matches_torch(monkeypatch):
+    weight = _linear(256, 96).weight.detach()
+    fast = Int4Linear.from_linear(_linear(256, 96), 32)
+    monkeypatch.setenv("LOOM_QUANT_KERNEL", "dequantize")  # forces the torch search
+    slow = Int4Linear.from_linear(_linear(256, 96), 32)
+    assert fast.kernel == "native" and slow.kernel == "dequantize"
+    # same arithmetic; only groups whose candidate errors tie within summation-order rounding could differ
+    for name in ("weight", "weight_scale", "weight_zero"):
+        assert (getattr(fast, name) != getattr(slow, name)).float().mean() < 1e-3, name
+    err_fast, err_slow = ((dequantized_weight(m) - weight).norm() / weight.norm() for m in (fast, slow))
+    assert abs(err_fast - err_slow) < 1e-3 * err_slow
+
+
+@needs_native
+def test_bf16_activations_use_the_native_kernel():
+    q = Int4Linear.from_linear(_linear(64, 6), 32)
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+        exact = nn.functional.linear(x.float(), dequantized_weight(q), q.bias)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), exact, rtol=1e-2, atol=1e-2)
+
+
+def test_int4_group_not_a_multiple_of_16_uses_the_torch_path():
+    q = Int4Linear.from_linear(_linear(24, 5), 8)
+    assert q.kernel != "native"
+    _close_to_reference(q, 2, 24)
+
+
+@pytest.mark.parametrize("forced", ["dequantize", "fbgemm_int8"])
+def test_forced_torch_fallback_matches(monkeypatch, forced):
+    if forced == "fbgemm_int8" and not kernels.fbgemm_available():
+        pytest.skip("this torch build has no fbgemm quantized engine")
+    monkeypatch.setenv("LOOM_QUANT_KERNEL", forced)
+    q8 = Int8Linear.from_linear(_linear(64, 12))
+    q4 = Int4Linear.from_linear(_linear(64, 12), 32)
+    assert q8.kernel == forced and q4.kernel == forced
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        exact8 = nn.functional.linear(x, dequantized_weight(q8), q8.bias)
+        torch.testing.assert_close(q4(x), nn.functional.linear(x, dequantized_weight(q4), q4.bias))
+        y8 = q8(x)
+    # fbgemm also quantizes the activations (~0.3% with its residual pass); dequantize is exact
+    assert ((y8 - exact8).norm() / exact8.norm()).item() < (5e-3 if forced == "fbgemm_int8" else 1e-6)
+
+
+def test_unsupported_platform_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setattr(native, "_cpu_supported", lambda: False)
+    assert native.library() is None
+    q = Int8Linear.from_linear(_linear(64, 12))
+    assert q.kernel == ("fbgemm_int8" if kernels.fbgemm_available() else "dequantize")
+    assert Int4Linear.from_linear(_linear(64, 12), 32).kernel == "dequantize"
+
+
+@needs_native
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="could not build its int8/int4 CPU kernels"):
+        assert native.library() is None
+    assert not list(tmp_path.rglob("*.so"))
+
+
+@needs_native
+def test_build_is_cached_by_hash(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_state", {})
+    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
+    assert native.library() is not None
+    built = list(tmp_path.rglob("loom_quant_*.so"))
+    assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p.is_dir()]  # temp dir removed
+    stamp = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(native, "_state", {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.library() is not None
+    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
