@@ -27,6 +27,31 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
 
 
+# -- inference Linear ----------------------------------------------------------------------------------------------
+# Up to this many rows, an fp32 CPU Linear runs as W @ x.T. For 2..~64 rows (batched decode, short prefills) the
+# BLAS's x @ W.T path is ~1.5-2x slower on the AVX2 machines measured (bench/bench_generate.py prints both floors);
+# at 1 row both are the same matrix-vector product, and bf16 gains nothing, so those stay on F.linear.
+SKINNY_MAX_ROWS = 64
+
+
+def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, with the skinny-input kernel for a plain fp32 `nn.Linear` on CPU when no gradient is recorded.
+
+    Anything else (quantized or other Linear subclasses, tensor-parallel DTensor weights, hooked modules such as
+    accelerate's offload, training) goes through the module's own call, so it behaves exactly as before.
+    """
+    if (x.dtype is torch.float32 and type(module) is nn.Linear and x.device.type == "cpu"
+            and 1 < x.numel() // x.shape[-1] <= SKINNY_MAX_ROWS and not torch.is_grad_enabled()
+            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+                     or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)):
+        w, b = module.weight, module.bias
+        if type(w) is nn.Parameter and w.dtype is torch.float32:
+            x2 = x.reshape(-1, x.shape[-1])
+            out = torch.mm(w, x2.t()) if b is None else torch.addmm(b[:, None], w, x2.t())  # (N, M)
+            return out.t().contiguous().view(*x.shape[:-1], w.shape[0])
+    return module(x)
+
+
 # -- masks and attention -----------------------------------------------------------------------------------------
 def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len: int, kv_len: int, *,
                        causal: bool, device, sliding_window: int | None = None) -> tuple[torch.Tensor | None, bool]:
