@@ -73,7 +73,7 @@ def _build(cc: str) -> Path:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
     lib.loom_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, i32]
-    lib.loom_int8_gemm.restype = None
+    lib.loom_int8_gemm.restype = i32
     lib.loom_int4_gemm.argtypes = [p, p, p, p, i32, p, i64, i64, i64, i64, i32]
     lib.loom_int4_gemm.restype = i32
     lib.loom_int4_dequantize.argtypes = [p, p, p, i32, p, i64, i64, i64, i32]
@@ -104,11 +104,16 @@ def _threads() -> int:
 
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) contiguous float32 @ (int8 weight (N, K) * scale (N,)).T -> (M, N) float32."""
+    """x (M, K) contiguous float32 @ (int8 weight (N, K) * scale (N,)).T -> (M, N) float32.
+
+    Each row of x is rounded to int16 with its own scale (max|x| / 32767) first, so an output differs from the
+    float product by at most max|x| / 65534 * sum_k |w[n, k] * scale[n]| (rows with inf/NaN stay in float32)."""
     m, k = x.shape
     y = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    library().loom_int8_gemm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m, weight.shape[0],
-                             k, _threads())
+    status = library().loom_int8_gemm(x.data_ptr(), weight.data_ptr(), scale.data_ptr(), y.data_ptr(), m,
+                                      weight.shape[0], k, _threads())
+    if status != 0:
+        raise MemoryError(f"int8 kernel: could not allocate {m}x{k} int16 activation scratch")
     return y
 
 

@@ -1,6 +1,7 @@
 """loom's C weight-only kernels (loom/quantization/native.py): equal to the torch dequantize reference up to fp32
-rounding, on the shapes that exercise their edges (row tails, K tails, batch tiles, the large-batch path); built
-once into a cache named by a hash; and the torch fallback used when they cannot be built."""
+rounding (and, for int8, the int16 rounding of the activations), on the shapes that exercise their edges (row tails,
+K tails, batch tiles, the large-batch path); built once into a cache named by a hash; and the torch fallback used
+when they cannot be built."""
 from __future__ import annotations
 
 import warnings
@@ -19,10 +20,16 @@ needs_native = pytest.mark.skipif(native.library() is None, reason="the native k
 def _close_to_reference(q: nn.Module, rows: int, k: int) -> None:
     x = torch.randn(rows, k) * 3
     with torch.no_grad():
-        exact = nn.functional.linear(x, dequantized_weight(q), q.bias)
+        weight = dequantized_weight(q)
+        exact = nn.functional.linear(x, weight, q.bias)
         got = q(x)
-    # different summation order only: a few fp32 ulps of the largest output
-    torch.testing.assert_close(got, exact, rtol=1e-5, atol=2e-6 * exact.abs().max().item())
+    # different summation order: a few fp32 ulps of the largest output
+    tol = 1e-5 * exact.abs() + 2e-6 * exact.abs().max()
+    if rows <= kernels.NATIVE_MAX_ROWS and isinstance(q, Int8Linear) and q.kernel == "native":
+        # plus, the int8 kernel rounds each x row to int16 (step max|x| / 32767): an output moves by at most half a
+        # step times sum_k |w[n, k]|, ~1e-5 of max|x| * sum|w| (fp32 alone would stay within the line above)
+        tol = tol + x.abs().amax(dim=1, keepdim=True) / 65534 * weight.abs().sum(dim=1)
+    assert ((got - exact).abs() <= tol).all(), (got - exact).abs().max()
 
 
 def _linear(inp: int, out: int) -> nn.Linear:
@@ -39,6 +46,38 @@ def test_int8_native_matches_dequantize(inp, out, rows):
     q = Int8Linear.from_linear(_linear(inp, out))
     assert q.kernel == "native"
     _close_to_reference(q, rows, inp)
+
+
+@needs_native
+def test_int8_native_long_k_does_not_overflow():
+    # every product at its largest (|w| 127 and 128, x at max|x| so it rounds to 32767): one int32 lane would pass
+    # 2^31 after 4096 columns without the kernel's periodic flush to fp32; 8192 + 21 also has a K tail
+    k = 8192 + 21
+    weight = torch.stack([torch.full((k,), 127), torch.full((k,), -128), torch.full((k,), 127)]).to(torch.int8)
+    weight[2, 1::2] = -127
+    scale = torch.tensor([1e-3, 2e-3, 1e-3])
+    x = torch.full((2, k), 2.5)
+    x[1] = -7.0
+    got = native.int8_gemm(x, weight, scale)
+    exact = x.double() @ (weight.double() * scale.double()[:, None]).T
+    torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
+
+
+@needs_native
+def test_int8_native_rows_with_inf_or_nan_stay_float():
+    # such rows have no int16 scale: they take the fp32 path and propagate inf/NaN as a float matmul does, while
+    # the finite rows paired with them in the kernel's two-row blocks are unaffected
+    torch.manual_seed(0)
+    weight = torch.randint(-127, 128, (6, 40), dtype=torch.int8)
+    scale = torch.rand(6) * 0.01
+    x = torch.randn(4, 40)
+    x[1, 3], x[2, 0] = float("inf"), float("nan")
+    got = native.int8_gemm(x, weight, scale)
+    exact = x @ (weight.float() * scale[:, None]).T
+    assert torch.equal(got[1:3].isnan(), exact[1:3].isnan()) and torch.equal(got[1:3].isinf(), exact[1:3].isinf())
+    finite = exact[1:3].isfinite()
+    torch.testing.assert_close(got[1:3][finite], exact[1:3][finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[[0, 3]], exact[[0, 3]], rtol=1e-4, atol=1e-4 * exact[[0, 3]].abs().max().item())
 
 
 @needs_native
