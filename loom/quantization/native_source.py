@@ -8,8 +8,9 @@ SOURCE = r"""
    int8: each activation row is quantized once per call to int16 (one scale per row), then 16 weights at a time are
    sign-extended to int16 and multiplied pairwise into int32 (vpmaddwd): 3 instructions per 16 weights instead of 3
    per 8 with a fp32 widen + FMA, which matters on CPUs that split 256-bit ops in two (AMD Zen 1).
-   int4: weights are widened to fp32 in registers and FMA'd with the activations.
-   Four weight rows share each activation load; in the int8 kernel two activation rows share each widened weight.
+   int4: the same int16 activations; 32 weights at a time are unpacked from 16 bytes to int16 nibbles (3
+   instructions) and multiplied pairwise into int32 group sums, which get scale and zero 8 groups at a time.
+   Four weight rows share each activation load; two activation rows share each widened/unpacked weight.
 
    Threads: a small pool of helper threads, not OpenMP. An OpenMP region ends in a barrier that waits for every
    team thread, so on a busy machine one preempted thread stalls each call for a scheduler tick (measured: 30x
@@ -276,7 +277,8 @@ int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y
 }
 
 /* activation row -> each 16-block reordered to (even columns, odd columns), matching the nibble order of a byte
-   run (low nibble = even column); plus the sum of x over each quantization group for the zero-point term */
+   run (low nibble = even column); plus the sum of x over each quantization group for the zero-point term. Only
+   for the fp32 path (group sizes the int16 path does not handle). */
 static void int4_prepare(const float *x, float *xp, float *gsum, long K, long G) {
     for (long b = 0; b < K; b += 16)
         for (int j = 0; j < 8; j++) { xp[b + j] = x[b + 2 * j]; xp[b + 8 + j] = x[b + 2 * j + 1]; }
@@ -287,11 +289,32 @@ static void int4_prepare(const float *x, float *xp, float *gsum, long K, long G)
     }
 }
 
+/* group sums of one int16 row, zero-padded to whole blocks of 8 groups */
+#define QSTRIDE(ng) (((ng) + 7) / 8 * 8)
+
+/* int16 activation row (from quantize_row) -> each 32-block reordered to (16 even columns, 16 odd columns), the
+   order of the low and high nibbles of 16 packed bytes; plus the exact integer sum of q over each group. The
+   zero-point term uses this sum of the rounded q, not of fp32 x, so the kernel computes exactly
+   sum_k (nibble_k - zero) * scale * q_k * xs: the dequantized weight times the rounded activations, and the only
+   error beyond fp32 rounding is that of q, at most xs / 2 per element, so |error| <= max|x| / 65534 * sum|w|.
+   With fp32 sums the zero term would not cancel the rounding in the nibble term, an extra error up to
+   |zero * scale| * G * xs / 2 per group even where the dequantized weights are near 0. */
+static void int4_prepare_q(const int16_t *q, int16_t *xr, int32_t *qsum, long K, long G) {
+    memset(qsum, 0, sizeof(int32_t) * QSTRIDE(K / G));
+    for (long b = 0; b < K; b += 32)
+        for (int j = 0; j < 16; j++) { xr[b + j] = q[b + 2 * j]; xr[b + 16 + j] = q[b + 2 * j + 1]; }
+    for (long g = 0; g < K / G; g++) {
+        int32_t s = 0; /* |s| <= G * 32767 < 2^31 for the G <= INT4_MAX_G the int16 path takes */
+        for (long j = 0; j < G; j++) s += q[g * G + j];
+        qsum[g] = s;
+    }
+}
+
 static inline float load_param(const void *p, long i, int half) {
     return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* rows n0..n0+R-1 of a packed int4 weight against one prepared activation row.
+/* rows n0..n0+R-1 of a packed int4 weight against one prepared fp32 activation row (the fallback path).
    w = (nibble - zero) * scale per group, so dot = sum_g scale_g * (sum_j nibble_j x_j - zero_g * sum_j x_j). */
 static inline __attribute__((always_inline)) void int4_rows(const float *xp, const float *gsum, const uint8_t *w,
                                                             const void *scale, const void *zero, int half, float *y,
@@ -327,41 +350,183 @@ static inline __attribute__((always_inline)) void int4_rows(const float *xp, con
     for (int r = 0; r < R; r++) y[n0 + r] = hsum(tot[r]) - zterm[r];
 }
 
+/* one output of a row holding inf/NaN, weight by weight as a float matmul of the dequantized weight computes it:
+   the factored form above would turn x = inf into inf - inf = NaN */
+static float int4_dot_exact(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, long n,
+                            long K, long G) {
+    float acc = 0;
+    for (long c = 0; c < K; c++) {
+        long i = n * (K / G) + c / G;
+        float z = zero ? load_param(zero, i, half) : 8.0f;
+        uint8_t b = w[n * (K / 2) + c / 2];
+        acc += ((float)(c % 2 ? b >> 4 : b & 15) - z) * load_param(scale, i, half) * x[c];
+    }
+    return acc;
+}
+
+/* The int16 path's int32 group sums are flushed to fp32 once per group. Per 32 columns a lane adds four products
+   of a nibble <= 15 and |q| <= 32767, at most 1,966,020, so after G / 32 <= 1024 steps it holds at most
+   2,013,204,480 < 2^31 - 1: no overflow for groups up to INT4_MAX_G columns (larger ones take the fp32 path). */
+#define INT4_MAX_G 32768
+
+/* lane i of the result = the sum of the 8 int32 lanes of v[i] */
+static inline __m256i sum8x8(const __m256i *v) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    /* a = (v0..v3 low-lane sums | v0..v3 high-lane sums), b likewise for v4..v7 */
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+/* scale or zero of groups i..i+n-1 (n <= 8; the rest 0) of one row */
+static inline __m256 load_params8(const void *p, long i, int n, int half) {
+    if (n == 8)
+        return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                    : _mm256_loadu_ps((const float *)p + i);
+    float t[8] = {0};
+    for (int j = 0; j < n; j++) t[j] = load_param(p, i + j, half);
+    return _mm256_loadu_ps(t);
+}
+
+/* rows n0..n0+R-1 (R <= TILE) of a packed int4 weight against MB (1 or 2) int16 activation rows prepared by
+   int4_prepare_q (xr, stride K; group sums qsum, stride QSTRIDE(K/G); scales xs). Per 32 columns and row: 16
+   bytes are widened to int16 once, split into low (even column) and high (odd column) nibbles, and multiplied
+   pairwise with the activations into int32 (vpmaddwd); with MB 2 each unpacked weight vector serves both rows.
+   The int32 sums of 8 groups are reduced into one vector (lane = group) so that scale and zero are applied to 8
+   groups at once: acc += scale * (float(isum) - zero * float(qsum)), y = xs * sum(acc). Applying them one
+   group at a time (scalar scale/zero loads, a convert and an FMA per group) was 1.3x slower with groups of 32. */
+static inline __attribute__((always_inline)) void int4_rows_q(const int16_t *xr, const int32_t *qsum,
+                                                              const float *xs, int MB, const uint8_t *w,
+                                                              const void *scale, const void *zero, int half,
+                                                              float *y, long N, long n0, int R, long K, long G) {
+    long ng = K / G, qs = QSTRIDE(ng);
+    __m256 tot[TILE][2];
+    const __m256i low4 = _mm256_set1_epi16(15);
+    for (int r = 0; r < TILE; r++) tot[r][0] = tot[r][1] = _mm256_setzero_ps();
+    for (long g0 = 0; g0 < ng; g0 += 8) {
+        int nb = ng - g0 < 8 ? (int)(ng - g0) : 8;
+        __m256i isum[TILE][2][8];
+        for (int gi = 0; gi < 8; gi++) {
+            __m256i a[TILE][2];
+            for (int r = 0; r < TILE; r++) a[r][0] = a[r][1] = _mm256_setzero_si256();
+            long g = g0 + gi;
+            for (long k = g * G; gi < nb && k < (g + 1) * G; k += 32) {
+                __m256i x0e = _mm256_loadu_si256((const __m256i *)(xr + k));
+                __m256i x0o = _mm256_loadu_si256((const __m256i *)(xr + k + 16));
+                __m256i x1e = MB == 2 ? _mm256_loadu_si256((const __m256i *)(xr + K + k)) : x0e;
+                __m256i x1o = MB == 2 ? _mm256_loadu_si256((const __m256i *)(xr + K + k + 16)) : x0o;
+                /* as in the int8 kernel: the TILE rows take one cache line per step, fetched PF_TILES tiles ahead */
+                _mm_prefetch((const char *)(w + (n0 + PF_TILES * TILE) * (K / 2) + TILE * (k / 2)), _MM_HINT_T0);
+#pragma GCC unroll 4
+                for (int r = 0; r < TILE; r++) {
+                    if (r < R) {
+                        __m256i v = _mm256_cvtepu8_epi16(
+                            _mm_loadu_si128((const __m128i *)(w + (n0 + r) * (K / 2) + k / 2)));
+                        __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_srli_epi16(v, 4);
+                        a[r][0] = _mm256_add_epi32(a[r][0], _mm256_add_epi32(_mm256_madd_epi16(lo, x0e),
+                                                                             _mm256_madd_epi16(hi, x0o)));
+                        if (MB == 2)
+                            a[r][1] = _mm256_add_epi32(a[r][1], _mm256_add_epi32(_mm256_madd_epi16(lo, x1e),
+                                                                                 _mm256_madd_epi16(hi, x1o)));
+                    }
+                }
+            }
+            for (int r = 0; r < TILE; r++) { isum[r][0][gi] = a[r][0]; isum[r][1][gi] = a[r][1]; }
+        }
+        for (int r = 0; r < R; r++) {
+            long i = (n0 + r) * ng + g0;
+            /* groups past nb have scale 0 and isum 0, and qsum is zero-padded, so they add 0 */
+            __m256 s8 = load_params8(scale, i, nb, half);
+            __m256 z8 = zero ? load_params8(zero, i, nb, half) : _mm256_set1_ps(8.0f);
+            for (int m = 0; m < MB; m++) {
+                __m256 isf = _mm256_cvtepi32_ps(sum8x8(isum[r][m]));
+                __m256 qf = _mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(qsum + m * qs + g0)));
+                tot[r][m] = _mm256_fmadd_ps(s8, _mm256_fnmadd_ps(z8, qf, isf), tot[r][m]);
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) y[m * N + n0 + r] = hsum(tot[r][m]) * xs[m];
+}
+
 typedef struct {
-    const float *xp, *gsum; const uint8_t *w; const void *scale, *zero; int half; float *y; long M, N, K, G;
+    const float *x, *xp, *gsum, *xs; const int16_t *xr; const int32_t *qsum; const uint8_t *w; const void *scale, *zero;
+    int half; float *y; long M, N, K, G;
 } int4_job;
 
 static void int4_tiles(const void *p, long begin, long end) {
     const int4_job *j = p;
-    const float *xp = j->xp, *gsum = j->gsum;
+    const float *xp = j->xp, *gsum = j->gsum, *xs = j->xs;
+    const int16_t *xr = j->xr;
+    const int32_t *qsum = j->qsum;
     const uint8_t *w = j->w;
     const void *scale = j->scale, *zero = j->zero;
     int half = j->half;
     float *y = j->y;
-    long M = j->M, N = j->N, K = j->K, G = j->G;
+    long M = j->M, N = j->N, K = j->K, G = j->G, ng = K / G;
     for (long t = begin; t < end; t++) {
         long n0 = t * TILE;
         int R = N - n0 < TILE ? (int)(N - n0) : TILE;
-        for (long m = 0; m < M; m++) {
-            const float *xm = xp + m * K, *gm = gsum + m * (K / G);
-            if (R == TILE) int4_rows(xm, gm, w, scale, zero, half, y + m * N, n0, TILE, K, G);
-            else for (int r = 0; r < R; r++) int4_rows(xm, gm, w, scale, zero, half, y + m * N, n0 + r, 1, K, G);
+        for (long m = 0; m < M;) {
+            float *ym = y + m * N;
+            const int16_t *xm = xr + m * K;
+            const int32_t *qm = qsum + m * QSTRIDE(ng);
+            if (isinf(xs[m])) {
+                for (int r = 0; r < R; r++)
+                    ym[n0 + r] = int4_dot_exact(j->x + m * K, w, scale, zero, half, n0 + r, K, G);
+                m += 1;
+            } else if (isnan(xs[m])) {
+                const float *xpm = xp + m * K, *gm = gsum + m * ng;
+                if (R == TILE) int4_rows(xpm, gm, w, scale, zero, half, ym, n0, TILE, K, G);
+                else for (int r = 0; r < R; r++) int4_rows(xpm, gm, w, scale, zero, half, ym, n0 + r, 1, K, G);
+                m += 1;
+            } else if (m + 1 < M && isfinite(xs[m + 1])) {
+                if (R == TILE) int4_rows_q(xm, qm, xs + m, 2, w, scale, zero, half, ym, N, n0, TILE, K, G);
+                else for (int r = 0; r < R; r++)
+                    int4_rows_q(xm, qm, xs + m, 2, w, scale, zero, half, ym, N, n0 + r, 1, K, G);
+                m += 2;
+            } else {
+                if (R == TILE) int4_rows_q(xm, qm, xs + m, 1, w, scale, zero, half, ym, N, n0, TILE, K, G);
+                else for (int r = 0; r < R; r++)
+                    int4_rows_q(xm, qm, xs + m, 1, w, scale, zero, half, ym, N, n0 + r, 1, K, G);
+                m += 1;
+            }
         }
     }
 }
 
 /* scale/zero: (N, K/G) float32 (half=0) or float16 (half=1); zero NULL means the symmetric layout (zero 8).
-   Needs K % G == 0 and G % 16 == 0. Returns 0, or -1 when out of memory. */
+   Needs K % G == 0 and G % 16 == 0. Each activation row is rounded to int16 once (quantize_row) and takes the
+   int16 path when G % 32 == 0 and G <= INT4_MAX_G, other group sizes use the fp32 path, and rows holding inf/NaN
+   int4_dot_exact. xs[m] says which: the int16 scale, NAN for the fp32 path, INFINITY for the exact one.
+   Returns 0, or -1 when out of memory. */
 int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
                    long M, long N, long K, long G, int threads) {
-    float *xp = malloc(sizeof(float) * M * (K + K / G));
-    if (!xp) return -1;
-    float *gsum = xp + M * K;
-    for (long m = 0; m < M; m++) int4_prepare(x + m * K, xp + m * K, gsum + m * (K / G), K, G);
-    int4_job job = {xp, gsum, w, scale, zero, half, y, M, N, K, G};
+    if (M <= 0) return 0;
+    long ng = K / G;
+    int int16_path = G % 32 == 0 && G <= INT4_MAX_G;
+    /* xs (M) | gsum (M * ng) | xp (M * K) | qsum (M * QSTRIDE(ng)) int32 | xr (M * K) int16 | q (K) int16 */
+    char *buf = malloc(sizeof(float) * (M + M * ng + M * K) + sizeof(int32_t) * M * QSTRIDE(ng) +
+                       sizeof(int16_t) * (M + 1) * K);
+    if (!buf) return -1;
+    float *xs = (float *)buf, *gsum = xs + M, *xp = gsum + M * ng;
+    int32_t *qsum = (int32_t *)(xp + M * K);
+    int16_t *xr = (int16_t *)(qsum + M * QSTRIDE(ng)), *q = xr + M * K;
+    for (long m = 0; m < M; m++) {
+        float s = quantize_row(x + m * K, q, K);
+        if (isnan(s)) {
+            xs[m] = INFINITY;
+        } else if (!int16_path) {
+            xs[m] = NAN;
+            int4_prepare(x + m * K, xp + m * K, gsum + m * ng, K, G);
+        } else {
+            xs[m] = s;
+            int4_prepare_q(q, xr + m * K, qsum + m * QSTRIDE(ng), K, G);
+        }
+    }
+    int4_job job = {x, xp, gsum, xs, xr, qsum, w, scale, zero, half, y, M, N, K, G};
     long tiles = (N + TILE - 1) / TILE;
     parallel_run(int4_tiles, &job, tiles, chunk_for(tiles, threads), threads);
-    free(xp);
+    free(buf);
     return 0;
 }
 

@@ -1,5 +1,5 @@
 """loom's C weight-only kernels (loom/quantization/native.py): equal to the torch dequantize reference up to fp32
-rounding (and, for int8, the int16 rounding of the activations), on the shapes that exercise their edges (row tails,
+rounding (and the int16 rounding of the activations), on the shapes that exercise their edges (row tails,
 K tails, batch tiles, the large-batch path); built once into a cache named by a hash; and the torch fallback used
 when they cannot be built."""
 from __future__ import annotations
@@ -25,9 +25,10 @@ def _close_to_reference(q: nn.Module, rows: int, k: int) -> None:
         got = q(x)
     # different summation order: a few fp32 ulps of the largest output
     tol = 1e-5 * exact.abs() + 2e-6 * exact.abs().max()
-    if rows <= kernels.NATIVE_MAX_ROWS and isinstance(q, Int8Linear) and q.kernel == "native":
-        # plus, the int8 kernel rounds each x row to int16 (step max|x| / 32767): an output moves by at most half a
-        # step times sum_k |w[n, k]|, ~1e-5 of max|x| * sum|w| (fp32 alone would stay within the line above)
+    if rows <= kernels.NATIVE_MAX_ROWS and q.kernel == "native":
+        # plus, the int8 and int4 kernels round each x row to int16 (step max|x| / 32767): an output moves by at
+        # most half a step times sum_k |w[n, k]|, ~1e-5 of max|x| * sum|w| (fp32 alone would stay within the line
+        # above); int4 groups of 16 take the fp32 path, where this only loosens the bound
         tol = tol + x.abs().amax(dim=1, keepdim=True) / 65534 * weight.abs().sum(dim=1)
     assert ((got - exact).abs() <= tol).all(), (got - exact).abs().max()
 
@@ -81,13 +82,52 @@ def test_int8_native_rows_with_inf_or_nan_stay_float():
 
 
 @needs_native
+# groups per row: 8 (one block of the kernel), fp32 path (16), 4, 1, and 10 (a block and a tail of 2)
 @pytest.mark.parametrize("inp,out,group,symmetric", [(256, 192, 32, False), (96, 7, 16, False),
-                                                     (512, 30, 128, True), (64, 5, 64, True)])
-@pytest.mark.parametrize("rows", [1, 4, kernels.NATIVE_MAX_ROWS + 1])
+                                                     (512, 30, 128, True), (64, 5, 64, True), (320, 9, 32, True),
+                                                     (320, 9, 32, False)])
+@pytest.mark.parametrize("rows", [1, 3, 4, kernels.NATIVE_MAX_ROWS + 1])
 def test_int4_native_matches_dequantize(inp, out, group, symmetric, rows):
     q = Int4Linear.from_linear(_linear(inp, out), group, symmetric=symmetric)
     assert q.kernel == "native"
     _close_to_reference(q, rows, inp)
+
+
+@needs_native
+@pytest.mark.parametrize("group", [32, 4096])
+def test_int4_native_long_group_does_not_overflow(group):
+    # every nibble 15 against x at max|x| (rounds to 32767): one int32 lane of a 4096-column group reaches
+    # 128 steps * 4 * 15 * 32767 ~ 2.5e8; scale and zero in float32 (the symmetric layout has zero 8)
+    k = 8192
+    packed = torch.full((3, k // 2), 0xFF, dtype=torch.uint8)
+    packed[1] = 0x0F  # even columns 15, odd columns 0
+    scale = torch.tensor([1e-3, 2e-3, 5e-4])[:, None].expand(3, k // group).contiguous()
+    x = torch.full((2, k), 2.5)
+    x[1, 1::2] = -7.0
+    got = native.int4_gemm(x, packed, scale, None, group)
+    nib = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(3, k).double()
+    exact = x.double() @ ((nib - 8) * scale.double().repeat_interleave(group, dim=1)).T
+    # int16 rounding of x: at most max|x| / 65534 per column
+    tol = x.abs().amax(dim=1, keepdim=True).double() / 65534 * ((nib - 8).abs() * 2e-3).sum(dim=1)
+    assert ((got.double() - exact).abs() <= tol + 1e-6 * exact.abs().max()).all()
+
+
+@needs_native
+@pytest.mark.parametrize("group", [16, 32])  # the fp32 and the int16 path for the finite rows
+def test_int4_native_rows_with_inf_or_nan_stay_float(group):
+    # as for int8: such rows are computed in fp32 weight by weight, so inf stays inf (a factored zero-point term
+    # would give inf - inf = NaN); their finite neighbours in a two-row block are unaffected
+    q = Int4Linear.from_linear(_linear(64, 6), group)
+    zero = q.weight_zero if q.asymmetric else None
+    torch.manual_seed(0)
+    x = torch.randn(4, 64)
+    x[1, 3], x[2, 0] = float("inf"), float("nan")
+    got = native.int4_gemm(x, q.weight, q.weight_scale, zero, group)
+    exact = x @ dequantized_weight(q).T
+    assert torch.equal(got[1:3].isnan(), exact[1:3].isnan()) and torch.equal(got[1:3].isinf(), exact[1:3].isinf())
+    finite = exact[1:3].isfinite()
+    torch.testing.assert_close(got[1:3][finite], exact[1:3][finite], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[[0, 3]], exact[[0, 3]], rtol=1e-4, atol=1e-4 * exact[[0, 3]].abs().max().item())
 
 
 @needs_native
