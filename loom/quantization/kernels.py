@@ -128,7 +128,7 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 
 
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
-    zero = module.weight_zero if module.asymmetric else None
+    zero = module.zero_point
     if module.kernel == "native" and x.device.type == "cpu":
         rows = _rows(x)
         if rows.shape[0] <= NATIVE_MAX_ROWS:

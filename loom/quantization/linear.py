@@ -225,6 +225,11 @@ class Int4Linear(_QuantLinear):
         if zero is not None:
             self.weight_zero = zero
 
+    @property
+    def zero_point(self) -> torch.Tensor | None:
+        """Per-group zero points (asymmetric layout), or None for the symmetric layout's fixed zero point 8."""
+        return self.weight_zero if self.asymmetric else None
+
     def _matmul(self, x):
         return kernels.int4_matmul(x, self)
 
@@ -238,6 +243,5 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) ->
         w, s = module.int8_weight()
         return kernels.int8_dequantize(w, s, dtype)
     if isinstance(module, Int4Linear):
-        zero = module.weight_zero if module.asymmetric else None
-        return kernels.int4_dequantize(module.weight, module.weight_scale, dtype, zero)
+        return kernels.int4_dequantize(module.weight, module.weight_scale, dtype, module.zero_point)
     raise TypeError(f"{type(module).__name__} is not a loom quantized Linear")
