@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom import native
+
 ACTIVATIONS = {
     "gelu": nn.GELU,
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
@@ -28,28 +30,49 @@ def activation(name: str) -> nn.Module:
 
 
 # -- inference Linear ----------------------------------------------------------------------------------------------
-# Up to this many rows, an fp32 CPU Linear runs as W @ x.T. For 2..~64 rows (batched decode, short prefills) the
-# BLAS's x @ W.T path is ~1.5-2x slower on the AVX2 machines measured (bench/bench_generate.py prints both floors);
-# at 1 row both are the same matrix-vector product, and bf16 gains nothing, so those stay on F.linear.
+# Decode-sized inputs skip the BLAS on CPU, measured on an AVX2 machine (bench/bench_generate.py prints the floors):
+# - up to NATIVE_MAX_ROWS rows of fp32 or bf16: loom's C kernel (loom/native.py), which streams each weight once at
+#   close to memory bandwidth: 1.5x F.linear at 1 row, 2-4x at 2-16 rows;
+# - fp32 up to SKINNY_MAX_ROWS rows (or without the C library): W @ x.T, ~1.5-2x faster than the BLAS's x @ W.T;
+# - bf16 on CPUs without bf16 instructions (torch reports AVX2 or less): torch's bf16 matmul emulates them and runs
+#   ~5x slower than fp32, so the product is taken in fp32 (exact bf16 inputs, fp32 sums, one rounding to bf16:
+#   what a bf16 matmul computes) on a transient fp32 copy of the weight.
+NATIVE_MAX_ROWS = 16
 SKINNY_MAX_ROWS = 64
+_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+_EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, with the skinny-input kernel for a plain fp32 `nn.Linear` on CPU when no gradient is recorded.
+    """`module(x)`, with a faster kernel for a plain fp32/bf16 `nn.Linear` on CPU without autograd.
 
     Anything else (quantized or other Linear subclasses, tensor-parallel DTensor weights, hooked modules such as
     accelerate's offload, training) goes through the module's own call, so it behaves exactly as before.
     """
-    if (x.dtype is torch.float32 and type(module) is nn.Linear and x.device.type == "cpu"
-            and 1 < x.numel() // x.shape[-1] <= SKINNY_MAX_ROWS and not torch.is_grad_enabled()
-            and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
-                     or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)):
-        w, b = module.weight, module.bias
-        if type(w) is nn.Parameter and w.dtype is torch.float32:
-            x2 = x.reshape(-1, x.shape[-1])
-            out = torch.mm(w, x2.t()) if b is None else torch.addmm(b[:, None], w, x2.t())  # (N, M)
-            return out.t().contiguous().view(*x.shape[:-1], w.shape[0])
-    return module(x)
+    if (type(module) is not nn.Linear or x.device.type != "cpu" or torch.is_grad_enabled()
+            or module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
+            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
+        return module(x)
+    w, b = module.weight, module.bias
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if type(w) is not nn.Parameter or w.dtype is not x.dtype or x.dtype not in _NATIVE_DTYPES or rows == 0:
+        return module(x)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows <= NATIVE_MAX_ROWS and w.is_contiguous() and native.library() is not None:
+        out = native.dense_gemm(x2.contiguous(), w, None if b is None else b.contiguous())
+    elif x.dtype is torch.float32 and rows <= SKINNY_MAX_ROWS:
+        out = _skinny(x2, w, b)
+    elif x.dtype is torch.bfloat16 and _EMULATED_BF16:
+        xf, wf, bf = x2.float(), w.float(), None if b is None else b.float()
+        out = (_skinny(xf, wf, bf) if rows <= SKINNY_MAX_ROWS else F.linear(xf, wf, bf)).bfloat16()
+    else:
+        return module(x)
+    return out.view(*x.shape[:-1], w.shape[0])
+
+
+def _skinny(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    out = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())  # (N, M)
+    return out.t().contiguous()
 
 
 # -- masks and attention -----------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from loom.quantization import native
+from loom import native
 
 # above this many activation rows, dequantize + F.linear (a blocked float GEMM) beats the native kernels
 NATIVE_MAX_ROWS = 16

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.quantization import kernels, native
+from loom import native
+from loom.quantization import kernels
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

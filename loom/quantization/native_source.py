@@ -1,126 +1,18 @@
-"""C source of loom's CPU weight-only kernels (x86-64 AVX2/FMA/F16C), compiled on first use by `native.py`.
+"""C source of loom's int8/int4 weight-only kernels (x86-64 AVX2/FMA/F16C), compiled into loom's kernel library
+by `loom/native.py` after the shared part in `loom/native_source.py` (thread pool, TILE, hsum, chunk_for).
 
 Kept as a Python string so it ships inside the package without package-data configuration.
 """
 
 SOURCE = r"""
+
 /* loom weight-only GEMM kernels: y (M, N) = x (M, K) fp32 @ dequant(W).T, W int8 per-row or packed int4 per-group.
    int8: each activation row is quantized once per call to int16 (one scale per row), then 16 weights at a time are
    sign-extended to int16 and multiplied pairwise into int32 (vpmaddwd): 3 instructions per 16 weights instead of 3
    per 8 with a fp32 widen + FMA, which matters on CPUs that split 256-bit ops in two (AMD Zen 1).
    int4: the same int16 activations; 32 weights at a time are unpacked from 16 bytes to int16 nibbles (3
    instructions) and multiplied pairwise into int32 group sums, which get scale and zero 8 groups at a time.
-   Four weight rows share each activation load; two activation rows share each widened/unpacked weight.
-
-   Threads: a small pool of helper threads, not OpenMP. An OpenMP region ends in a barrier that waits for every
-   team thread, so on a busy machine one preempted thread stalls each call for a scheduler tick (measured: 30x
-   slower decode at load 7 on 2 vCPUs). Here the caller and helpers claim chunks from a shared counter; the
-   caller waits only for chunks already being worked on, and a helper that wakes late finds nothing left. */
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <immintrin.h>
-#include <math.h>
-
-/* -- helper pool ------------------------------------------------------------------------------------------- */
-#define MAX_HELPERS 63
-#define GEN_SHIFT 40
-#define IDX_MASK ((1L << GEN_SHIFT) - 1)
-#define SPINS 20000
-
-typedef void (*task_fn)(const void *args, long begin, long end);
-
-static struct {
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int helpers, sleepers, active;
-    long ticket;                 /* (generation << GEN_SHIFT) | next unclaimed item */
-    long done, total, chunk;
-    task_fn fn;
-    const void *args;
-} pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
-static pthread_mutex_t caller = PTHREAD_MUTEX_INITIALIZER; /* one job at a time; other callers run inline */
-
-/* claim and run chunks of the job with generation `gen`; returns when none are left */
-static void work(long gen) {
-    for (;;) {
-        long t = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST);
-        long idx = t & IDX_MASK;
-        if ((t >> GEN_SHIFT) != gen || idx >= __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST)) return;
-        long chunk = pool.chunk, end = idx + chunk;
-        if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + chunk, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            continue;
-        /* the job cannot finish (nor its fields change) until this chunk is counted done */
-        if (end > pool.total) end = pool.total;
-        pool.fn(pool.args, idx, end);
-        __atomic_add_fetch(&pool.done, end - idx, __ATOMIC_SEQ_CST);
-    }
-}
-
-static void *helper_main(void *arg) {
-    int me = (int)(long)arg;
-    long seen = 0;
-    for (;;) {
-        long gen = seen;
-        for (int i = 0; i < SPINS && gen == seen; i++) {
-            _mm_pause();
-            gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT;
-        }
-        if (gen == seen) {
-            pthread_mutex_lock(&pool.mu);
-            __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-            while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
-                pthread_cond_wait(&pool.cv, &pool.mu);
-            __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-            pthread_mutex_unlock(&pool.mu);
-        }
-        seen = gen;
-        if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
-    }
-    return NULL;
-}
-
-static void forget_helpers(void) { pool.helpers = 0; pool.sleepers = 0; } /* a forked child has none */
-
-/* run fn over items [0, total) on `threads` threads (the caller included), in chunks of `chunk` items */
-static void parallel_run(task_fn fn, const void *args, long total, long chunk, int threads) {
-    if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
-    if (threads <= 1 || total <= chunk || pthread_mutex_trylock(&caller) != 0) { fn(args, 0, total); return; }
-    pthread_mutex_lock(&pool.mu);
-    if (pool.helpers == 0) pthread_atfork(NULL, NULL, forget_helpers);
-    while (pool.helpers < threads - 1) {
-        pthread_t th;
-        if (pthread_create(&th, NULL, helper_main, (void *)(long)pool.helpers) != 0) break;
-        pthread_detach(th);
-        pool.helpers++;
-    }
-    pthread_mutex_unlock(&pool.mu);
-    pool.fn = fn; pool.args = args; pool.chunk = chunk;
-    __atomic_store_n(&pool.total, total, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
-    __atomic_store_n(&pool.active, threads - 1, __ATOMIC_SEQ_CST);
-    long gen = (__atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) + 1;
-    __atomic_store_n(&pool.ticket, gen << GEN_SHIFT, __ATOMIC_SEQ_CST);
-    if (__atomic_load_n(&pool.sleepers, __ATOMIC_SEQ_CST) > 0) {
-        pthread_mutex_lock(&pool.mu);
-        pthread_cond_broadcast(&pool.cv);
-        pthread_mutex_unlock(&pool.mu);
-    }
-    work(gen);
-    while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < total) _mm_pause();
-    pthread_mutex_unlock(&caller);
-}
-
-#define TILE 4
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
+   Four weight rows share each activation load; two activation rows share each widened/unpacked weight. */
 static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -253,12 +145,6 @@ static void int8_tiles(const void *p, long begin, long end) {
             }
         }
     }
-}
-
-/* tiles of TILE rows, about 8 chunks per thread so a slow thread costs little */
-static long chunk_for(long tiles, int threads) {
-    long c = tiles / (8L * (threads > 0 ? threads : 1));
-    return c > 0 ? c : 1;
 }
 
 /* Returns 0, or -1 when out of memory for the int16 activations. */

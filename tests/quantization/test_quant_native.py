@@ -1,4 +1,4 @@
-"""loom's C weight-only kernels (loom/quantization/native.py): equal to the torch dequantize reference up to fp32
+"""loom's C weight-only kernels (loom/native.py): equal to the torch dequantize reference up to fp32
 rounding (and the int16 rounding of the activations), on the shapes that exercise their edges (row tails,
 K tails, batch tiles, the large-batch path); built once into a cache named by a hash; and the torch fallback used
 when they cannot be built."""
@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from loom.quantization import kernels, native
+from loom import native
+from loom.quantization import kernels
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="the native kernels need Linux x86-64 with "
@@ -200,7 +201,7 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with pytest.warns(RuntimeWarning, match="could not build its int8/int4 CPU kernels"):
+    with pytest.warns(RuntimeWarning, match="could not build its CPU kernels"):
         assert native.library() is None
     assert not list(tmp_path.rglob("*.so"))
 
@@ -210,7 +211,7 @@ def test_build_is_cached_by_hash(monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
     assert native.library() is not None
-    built = list(tmp_path.rglob("loom_quant_*.so"))
+    built = list(tmp_path.rglob("loom_kernels_*.so"))
     assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p.is_dir()]  # temp dir removed
     stamp = built[0].stat().st_mtime_ns
     monkeypatch.setattr(native, "_state", {})

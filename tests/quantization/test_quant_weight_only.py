@@ -13,7 +13,8 @@ from torch import nn
 import loom
 from loomtest import reference_checkpoint
 from loom.quantization import WeightOnlyConfig, quantize_
-from loom.quantization import kernels, native
+from loom import native
+from loom.quantization import kernels
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 
 

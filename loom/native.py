@@ -1,4 +1,6 @@
-"""Build, cache and call loom's C weight-only kernels (see native_source.py) through ctypes.
+"""Build, cache and call loom's C kernel library through ctypes: dense fp32/bf16 GEMMs for decode-sized inputs
+(loom/native_source.py, used by `loom.models.common.linear`) and int8/int4 weight-only GEMMs
+(loom/quantization/native_source.py, used by the built-in quantized Linears).
 
 The library is compiled on first use with the system C compiler into a per-user cache directory, named by a hash
 of the source, the flags and the compiler, and moved into place atomically so concurrent processes never load a
@@ -22,7 +24,10 @@ from pathlib import Path
 
 import torch
 
-from loom.quantization.native_source import SOURCE
+from loom.native_source import SOURCE as CORE_SOURCE
+from loom.quantization.native_source import SOURCE as QUANT_SOURCE
+
+SOURCE = CORE_SOURCE + QUANT_SOURCE
 
 # no FMA contraction: the int4 quantizer must round exactly like the torch version
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
@@ -55,7 +60,7 @@ def _compiler_id(cc: str) -> str:
 
 def _build(cc: str) -> Path:
     key = hashlib.sha256("\0".join([SOURCE, *FLAGS, _compiler_id(cc)]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"loom_quant_{key}.so"
+    target = cache_dir() / f"loom_kernels_{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,6 +77,8 @@ def _build(cc: str) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
+    lib.loom_dense_gemm.argtypes = [p, i32, p, i32, p, i32, p, i32, i64, i64, i64, i32]
+    lib.loom_dense_gemm.restype = i32
     lib.loom_int8_gemm.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.loom_int8_gemm.restype = i32
     lib.loom_int4_gemm.argtypes = [p, p, p, p, i32, p, i64, i64, i64, i64, i32]
@@ -93,14 +100,29 @@ def library() -> ctypes.CDLL | None:
         try:
             lib = _declare(ctypes.CDLL(str(_build(cc))))
         except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            warnings.warn(f"loom could not build its int8/int4 CPU kernels ({err}); quantized Linears use the "
-                          "slower torch path", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"loom could not build its CPU kernels ({err}); decode-sized and quantized Linears "
+                          "use the slower torch path", RuntimeWarning, stacklevel=2)
     _state["lib"] = lib
     return lib
 
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
+
+
+def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) contiguous @ weight (N, K).T + bias -> (M, N) in x's dtype; each of x, weight, bias fp32 or bf16.
+
+    For a few rows (decode): the weight is read once, sums are fp32, a bf16 result is rounded to nearest even."""
+    m, k = x.shape
+    y = torch.empty(m, weight.shape[0], dtype=x.dtype)
+    bf16 = lambda t: int(t.dtype == torch.bfloat16)  # noqa: E731
+    status = library().loom_dense_gemm(x.data_ptr(), bf16(x), weight.data_ptr(), bf16(weight),
+                                       None if bias is None else bias.data_ptr(), 0 if bias is None else bf16(bias),
+                                       y.data_ptr(), bf16(y), m, weight.shape[0], k, _threads())
+    if status != 0:
+        raise MemoryError(f"dense kernel: could not allocate {m}x{k} activation scratch")
+    return y
 
 
 def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
