@@ -40,15 +40,7 @@ def worker(out: Path, steps: int, fsdp: bool) -> None:
     times = []
     for i, ids in enumerate(batches):
         start = time.perf_counter()
-        batch = {"input_ids": ids, "labels": ids}
-        n = ctx.count_tokens([batch])
-        loss = ctx.compute_loss(model, ctx.prepare_batch(batch), n)
-        loss.backward()
-        ctx.sync_gradients(model)
-        ctx.clip_grad_norm_(model, 1.0)
-        opt.step()
-        opt.zero_grad()
-        ctx.reduce_loss(loss)
+        ctx.train_step(model, opt, [{"input_ids": ids, "labels": ids}], max_grad_norm=1.0)
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - start)
 

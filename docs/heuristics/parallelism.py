@@ -59,17 +59,10 @@ def worker(p: dict, out: Path) -> None:
         ids = torch.randint(0, model.config.vocab_size, (micro, p["seq"]), generator=g)
         batch = {"input_ids": ids, "labels": ids}
         start = time.perf_counter()
-        n = ctx.count_tokens([batch])
         saved["bytes"] = 0
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = ctx.compute_loss(model, ctx.prepare_batch(batch), n)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # counts what the forward saves
+            ctx.train_step(model, opt, [batch], max_grad_norm=1.0)
         activations = saved["bytes"]
-        loss.backward()
-        ctx.sync_gradients(model)
-        ctx.clip_grad_norm_(model, 1.0)
-        opt.step()
-        opt.zero_grad()
-        ctx.reduce_loss(loss)
         if step:
             times.append(time.perf_counter() - start)
     params = sum(_nbytes(q) for q in model.parameters())

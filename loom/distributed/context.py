@@ -172,6 +172,25 @@ class ParallelContext:
         """Sum per-rank losses (each already divided by the global token count) into the global mean loss."""
         return self._sum(loss.detach() if torch.is_tensor(loss) else loss, "dp_cp")
 
+    def train_step(self, model: nn.Module, optimizer, micro_batches: list[dict],
+                   max_grad_norm: float | None = None) -> torch.Tensor:
+        """One optimizer step over this rank's micro-batches (gradient accumulation when several): the loss is
+        normalised by the label tokens of all of them over every dp rank, gradients are synced once, clipped to
+        `max_grad_norm` when given, and applied. Returns the global mean loss of the step."""
+        n = self.count_tokens(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with self.gradient_sync(model, i == len(micro_batches) - 1):
+                loss = self.compute_loss(model, self.prepare_batch(batch), n)
+                loss.backward()
+            total += loss.detach()
+        self.sync_gradients(model)
+        if max_grad_norm is not None:
+            self.clip_grad_norm_(model, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+        return self.reduce_loss(total)
+
     def _sum(self, value, dim: str) -> torch.Tensor:
         from loom.distributed.grad import all_reduce_sum
 

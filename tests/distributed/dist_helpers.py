@@ -87,18 +87,7 @@ def train(ctx, model, optimizer, data: list[dict], steps: range, micro_batch: in
     for step in steps:
         micro = [collate([data[i] for i in order[(step * accum + a) * micro_batch:(step * accum + a + 1) * micro_batch]])
                  for a in range(accum)]
-        n = ctx.count_tokens(micro)
-        total = torch.zeros(())
-        for a, batch in enumerate(micro):
-            with ctx.gradient_sync(model, a == accum - 1):
-                loss = ctx.compute_loss(model, ctx.prepare_batch(batch), n)
-                loss.backward()
-            total += loss.detach()
-        ctx.sync_gradients(model)
-        ctx.clip_grad_norm_(model, MAX_NORM)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(float(ctx.reduce_loss(total)))
+        losses.append(float(ctx.train_step(model, optimizer, micro, MAX_NORM)))
     return losses
 
 
