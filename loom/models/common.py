@@ -155,7 +155,12 @@ def rope_inv_freq(params: dict, dim: int) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions, computed in float32 and cast to the activations' dtype."""
+    """cos/sin tables for positions, computed in float32 and cast to the activations' dtype.
+
+    Returns (cos, sin) of shape (B, 1, T, D_rot), ready to broadcast over heads, with rotate-half's sign folded into
+    sin (its first half is negated), so `apply_rotary` needs only a swap of the two halves. Computed once per forward
+    for all layers.
+    """
 
     def __init__(self, config, head_dim: int) -> None:
         super().__init__()
@@ -168,27 +173,29 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or "cpu")
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, D/2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, D/2)
+        sin = freqs.sin()
+        return torch.cat((freqs, freqs), -1).cos().to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    """[x1, x2] -> [x2, x1] on the last dim (rotate-half without its sign, which `RotaryEmbedding` puts in sin)."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
 
 
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate (B, H, T, D) queries and keys; cos/sin are (B, T, D_rot) and broadcast over heads."""
-    cos, sin = cos[:, None], sin[:, None]
-    rot = cos.shape[-1]
-    if rot == q.shape[-1]:
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-    q_rot, q_pass = q[..., :rot], q[..., rot:]
-    k_rot, k_pass = k[..., :rot], k[..., rot:]
-    q_rot = q_rot * cos + _rotate_half(q_rot) * sin
-    k_rot = k_rot * cos + _rotate_half(k_rot) * sin
-    return torch.cat((q_rot, q_pass), -1), torch.cat((k_rot, k_pass), -1)
+    """Rotate (B, H, T, D) queries and (B, Hkv, T, D) keys with `RotaryEmbedding`'s (B, 1, T, D_rot) cos/sin.
+
+    q and k are rotated as one tensor (one concatenation instead of a second set of ops); the results are views.
+    Bitwise the reference's q * cos + rotate_half(q) * sin: the sign moved into sin is an exact negation."""
+    heads, rot = q.shape[1], cos.shape[-1]
+    x = torch.cat((q, k), 1)
+    if rot == x.shape[-1]:
+        x = x * cos + _swap_halves(x) * sin
+    else:
+        x_rot = x[..., :rot]
+        x = torch.cat((x_rot * cos + _swap_halves(x_rot) * sin, x[..., rot:]), -1)
+    return x[:, :heads], x[:, heads:]
 
 
 class RMSNorm(nn.Module):
@@ -198,10 +205,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # One fused op instead of ~8 (pow, mean, add, rsqrt, muls, casts), same result as the reference's
+        # weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype). Below fp32, torch.rms_norm already normalises in
+        # fp32 and rounds once; the weight multiplies after that rounding, as in the reference.
+        if x.dtype is torch.float32 and self.weight.dtype is torch.float32:
+            return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * torch.rms_norm(x, (x.shape[-1],), None, self.eps)
 
 
 # -- losses --------------------------------------------------------------------------------------------------------
