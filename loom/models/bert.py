@@ -108,16 +108,20 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, queries: slice | None = None):
+        """`queries`: the positions that ask (default all); keys and values always come from every position."""
         B, T, C = x.shape
+        xq = x if queries is None else x[:, queries]
+        if mask is not None and queries is not None:
+            mask = mask[:, :, queries]
+        q, k, v = self.query(xq), self.key(x), self.value(x)
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
-        q, k, v = (p(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-                   for p in (self.query, self.key, self.value))
+        q, k, v = (t.view(B, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if self.training and self.dropout > 0.0 and x.device.type == "cpu":
             out = _cpu_attention_with_dropout(q, k, v, mask, self.dropout)
         else:
             out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
-        return out.transpose(1, 2).reshape(B, T, -1)
+        return out.transpose(1, 2).reshape(B, q.shape[2], -1)
 
 
 class BertSelfOutput(nn.Module):
@@ -137,8 +141,8 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, mask):
-        return self.output(self.self(x, mask), x)
+    def forward(self, x, mask, queries=None):
+        return self.output(self.self(x, mask, queries), x if queries is None else x[:, queries])
 
 
 class BertIntermediate(nn.Module):
@@ -169,8 +173,9 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, mask):
-        a = self.attention(x, mask)
+    def forward(self, x, mask, queries=None):
+        """`queries`: compute the output at these positions only (default all)."""
+        a = self.attention(x, mask, queries)
         return self.output(self.intermediate(a), a)
 
 
@@ -180,10 +185,15 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, mask, output_hidden_states=False):
+    def forward(self, x, mask, output_hidden_states=False, keep_first: int | None = None):
+        """`keep_first`: how many leading positions of the output the caller reads (default all). The last layer then
+        computes its output at these positions only: its keys and values still see every position, so the rows
+        kept are exact, and a head that reads one token of T saves most of a layer, forward and backward."""
         hidden = [x] if output_hidden_states else None
-        for layer in self.layer:
-            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask)
+        last = len(self.layer) - 1
+        for i, layer in enumerate(self.layer):
+            queries = slice(0, keep_first) if i == last and keep_first is not None else None
+            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask, queries)
             if hidden is not None:
                 hidden.append(x)
         return x, hidden
@@ -230,13 +240,17 @@ class BertModel(BertPreTrainedModel):
         self.embeddings.word_embeddings = value
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, output_hidden_states=None, return_dict=None, **_):
+                inputs_embeds=None, output_hidden_states=None, return_dict=None, *,
+                keep_first: int | None = None, **_):
+        """`keep_first` (internal, for heads, like causal LMs' `logits_to_keep`): how many leading positions of
+        last_hidden_state the caller reads; only these are computed and returned (the pooler reads position 0). Ignored
+        when hidden states are requested, so that every output keeps its full length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
-        x, hidden = self.encoder(x, mask, output_hidden_states)
+        x, hidden = self.encoder(x, mask, output_hidden_states, None if output_hidden_states else keep_first)
         pooled = self.pooler(x) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=x, pooler_output=pooled,
                            hidden_states=tuple(hidden) if hidden is not None else None)
@@ -313,7 +327,9 @@ class BertForSequenceClassification(_BertWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+        # the pooler reads the first token only, so the last layer computes only that one
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
+                        keep_first=1)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
