@@ -110,16 +110,20 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) contiguous @ weight (N, K).T + bias -> (M, N) in x's dtype; each of x, weight, bias fp32 or bf16.
+def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               out_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """x (M, K) contiguous @ weight (N, K).T + bias -> (M, N) (or `out_shape`) in x's dtype; each of x, weight and
+    bias fp32 or bf16.
 
     For a few rows (decode): the weight is read once, sums are fp32, a bf16 result is rounded to nearest even."""
     m, k = x.shape
-    y = torch.empty(m, weight.shape[0], dtype=x.dtype)
-    bf16 = lambda t: int(t.dtype == torch.bfloat16)  # noqa: E731
-    status = library().loom_dense_gemm(x.data_ptr(), bf16(x), weight.data_ptr(), bf16(weight),
-                                       None if bias is None else bias.data_ptr(), 0 if bias is None else bf16(bias),
-                                       y.data_ptr(), bf16(y), m, weight.shape[0], k, _threads())
+    n = weight.shape[0]
+    y = torch.empty(out_shape or (m, n), dtype=x.dtype)
+    bf16 = torch.bfloat16
+    status = library().loom_dense_gemm(x.data_ptr(), x.dtype is bf16, weight.data_ptr(), weight.dtype is bf16,
+                                       None if bias is None else bias.data_ptr(),
+                                       bias is not None and bias.dtype is bf16, y.data_ptr(), x.dtype is bf16, m, n, k,
+                                       _threads())
     if status != 0:
         raise MemoryError(f"dense kernel: could not allocate {m}x{k} activation scratch")
     return y
