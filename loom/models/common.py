@@ -32,7 +32,8 @@ def activation(name: str) -> nn.Module:
 # -- inference Linear ----------------------------------------------------------------------------------------------
 # Decode-sized inputs skip the BLAS on CPU, measured on an AVX2 machine (bench/bench_generate.py prints the floors):
 # - up to NATIVE_MAX_ROWS rows of fp32 or bf16: loom's C kernel (loom/native.py), which streams each weight once at
-#   close to memory bandwidth: 1.5x F.linear at 1 row, 2-4x at 2-16 rows;
+#   close to memory bandwidth: 1.5x F.linear at 1 row, 2-4x at 2-16 rows (bf16 beyond 1 row only where torch
+#   emulates bf16: with AMX, torch's own bf16 matmul was faster at 8 rows on the Intel device machine);
 # - fp32 up to SKINNY_MAX_ROWS rows (or without the C library): W @ x.T, ~1.5-2x faster than the BLAS's x @ W.T;
 # - bf16 on CPUs without bf16 instructions (torch reports AVX2 or less): torch's bf16 matmul emulates them and runs
 #   ~5x slower than fp32, so the product is taken in fp32 (exact bf16 inputs, fp32 sums, one rounding to bf16:
@@ -58,7 +59,8 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if type(w) is not nn.Parameter or w.dtype is not x.dtype or x.dtype not in _NATIVE_DTYPES or rows == 0:
         return module(x)
-    if rows <= NATIVE_MAX_ROWS and w.is_contiguous() and native.library() is not None:
+    if (rows <= NATIVE_MAX_ROWS and (rows == 1 or x.dtype is torch.float32 or _EMULATED_BF16)
+            and w.is_contiguous() and native.library() is not None):
         return native.dense_gemm(x.reshape(rows, x.shape[-1]).contiguous(), w, None if b is None else b.contiguous(),
                                  (*x.shape[:-1], w.shape[0]))
     x2 = x.reshape(rows, x.shape[-1])
