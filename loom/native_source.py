@@ -24,10 +24,6 @@ SOURCE = r"""
 #define MAX_HELPERS 63
 #define GEN_SHIFT 40
 #define IDX_MASK ((1L << GEN_SHIFT) - 1)
-/* helpers sleep right after a job instead of spinning for the next: torch's OpenMP workers spin after their own
-   regions, and on 2 vCPUs a spinning helper and a spinning OpenMP worker starve each other (measured on a whole
-   fp32 decode: 20000 spins 19.6 tok/s, 2000 22.2, 0 23.8) */
-#define SPINS 0
 
 typedef void (*task_fn)(const void *args, long begin, long end);
 
@@ -62,19 +58,16 @@ static void *helper_main(void *arg) {
     int me = (int)(long)arg;
     long seen = 0;
     for (;;) {
-        long gen = seen;
-        for (int i = 0; i < SPINS && gen == seen; i++) {
-            _mm_pause();
-            gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT;
-        }
-        if (gen == seen) {
-            pthread_mutex_lock(&pool.mu);
-            __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-            while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
-                pthread_cond_wait(&pool.cv, &pool.mu);
-            __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-            pthread_mutex_unlock(&pool.mu);
-        }
+        /* sleep until the next job rather than spin for it: torch's OpenMP workers spin after their own regions, and
+           on 2 vCPUs a spinning helper and a spinning OpenMP worker starve each other (a whole fp32 decode measured
+           19.6 tok/s with 20000 spins first, 22.2 with 2000, 23.8 with none) */
+        long gen;
+        pthread_mutex_lock(&pool.mu);
+        __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+        while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
+            pthread_cond_wait(&pool.cv, &pool.mu);
+        __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&pool.mu);
         seen = gen;
         if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
     }
