@@ -69,8 +69,10 @@ def test_forced_sharding(llama_ckpt, tmp_path):
     ref2 = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     ids = _ids()
     with torch.no_grad():
-        torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        torch.testing.assert_close(again(ids).logits, m(ids).logits, atol=0, rtol=0)  # the round trip is lossless
         torch.testing.assert_close(ref2(ids).logits, ref(ids).logits, atol=0, rtol=0)
+        # loom's C RMSNorm sums squares in another order than torch: last-bit differences
+        torch.testing.assert_close(again(ids).logits, ref(ids).logits, atol=1e-6, rtol=1e-5)
     # re-saving unsharded removes the stale shards and the index
     again.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model.safetensors.index.json").exists()

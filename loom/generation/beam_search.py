@@ -50,62 +50,63 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
 
     cur = prompt_len
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
-    while True:
-        logits = logits.float()
-        flat_running = running.view(rows, max_length)[:, :cur]
-        log_probs = processors(flat_running, F.log_softmax(logits, dim=-1))
-        if want_logits:
-            logits_out.append(logits.clone())
-        if want_scores:
-            scores_out.append(log_probs.clone())
-        vocab = log_probs.shape[-1]
-        log_probs = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
+    with decoder.stepping():  # torch on one thread while loom's kernels carry the matmuls
+        while True:
+            logits = logits.float()
+            flat_running = running.view(rows, max_length)[:, :cur]
+            log_probs = processors(flat_running, F.log_softmax(logits, dim=-1))
+            if want_logits:
+                logits_out.append(logits.clone())
+            if want_scores:
+                scores_out.append(log_probs.clone())
+            vocab = log_probs.shape[-1]
+            log_probs = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
 
-        # a. the best `keep` continuations over all beams
-        if cfg.do_sample:
-            top_idx = torch.multinomial(log_probs.softmax(-1), keep, generator=generator)
-            top_lp, order = log_probs.gather(1, top_idx).sort(dim=-1, descending=True)
-            top_idx = top_idx.gather(-1, order)
-        else:
-            top_lp, top_idx = torch.topk(log_probs, k=keep)
-        src_beam = top_idx // vocab
-        top_seqs = _gather(running, src_beam)
-        top_seqs[:, :, cur] = top_idx % vocab
-        top_beam_idx = _gather(running_idx, src_beam)
-        top_beam_idx[:, :, cur - prompt_len] = (src_beam + batch_offset).to(top_beam_idx.dtype)
+            # a. the best `keep` continuations over all beams
+            if cfg.do_sample:
+                top_idx = torch.multinomial(log_probs.softmax(-1), keep, generator=generator)
+                top_lp, order = log_probs.gather(1, top_idx).sort(dim=-1, descending=True)
+                top_idx = top_idx.gather(-1, order)
+            else:
+                top_lp, top_idx = torch.topk(log_probs, k=keep)
+            src_beam = top_idx // vocab
+            top_seqs = _gather(running, src_beam)
+            top_seqs[:, :, cur] = top_idx % vocab
+            top_beam_idx = _gather(running_idx, src_beam)
+            top_beam_idx[:, :, cur - prompt_len] = (src_beam + batch_offset).to(top_beam_idx.dtype)
 
-        # b. which of them are done
-        hits = criteria(top_seqs.view(B * keep, max_length)[:, :cur + 1],
-                        tuple(scores_out) if want_scores else None).view(B, keep)
+            # b. which of them are done
+            hits = criteria(top_seqs.view(B * keep, max_length)[:, :cur + 1],
+                            tuple(scores_out) if want_scores else None).view(B, keep)
 
-        # c. the best unfinished ones keep running
-        run_lp = top_lp + hits.to(torch.float32) * _NEG
-        chosen = torch.topk(run_lp, k=K)[1]
-        running, running_scores = _gather(top_seqs, chosen), _gather(run_lp, chosen)
-        running_idx = _gather(top_beam_idx, chosen)
+            # c. the best unfinished ones keep running
+            run_lp = top_lp + hits.to(torch.float32) * _NEG
+            chosen = torch.topk(run_lp, k=K)[1]
+            running, running_scores = _gather(top_seqs, chosen), _gather(run_lp, chosen)
+            running_idx = _gather(top_beam_idx, chosen)
 
-        # d. finished candidates among the top K compete with the finished set
-        just_done = hits & top_beams[None, :]
-        done_lp = top_lp / ((cur + 1 - prompt_len) ** length_penalty)
-        batch_full = is_finished.all(-1, keepdim=True) & (early_stopping is True)
-        done_lp = done_lp + batch_full.to(torch.float32) * _NEG
-        done_lp = done_lp + (~improvable).to(torch.float32) * _NEG
-        done_lp = done_lp + (~just_done) * _NEG
-        merged_scores = torch.cat((finished_scores, done_lp), 1)
-        best = torch.topk(merged_scores, k=K)[1]
-        finished_seqs = _gather(torch.cat((finished_seqs, top_seqs), 1), best)
-        finished_scores = _gather(merged_scores, best)
-        finished_idx = _gather(torch.cat((finished_idx, top_beam_idx), 1), best)
-        is_finished = _gather(torch.cat((is_finished, just_done), 1), best)
+            # d. finished candidates among the top K compete with the finished set
+            just_done = hits & top_beams[None, :]
+            done_lp = top_lp / ((cur + 1 - prompt_len) ** length_penalty)
+            batch_full = is_finished.all(-1, keepdim=True) & (early_stopping is True)
+            done_lp = done_lp + batch_full.to(torch.float32) * _NEG
+            done_lp = done_lp + (~improvable).to(torch.float32) * _NEG
+            done_lp = done_lp + (~just_done) * _NEG
+            merged_scores = torch.cat((finished_scores, done_lp), 1)
+            best = torch.topk(merged_scores, k=K)[1]
+            finished_seqs = _gather(torch.cat((finished_seqs, top_seqs), 1), best)
+            finished_scores = _gather(merged_scores, best)
+            finished_idx = _gather(torch.cat((finished_idx, top_beam_idx), 1), best)
+            is_finished = _gather(torch.cat((is_finished, just_done), 1), best)
 
-        decoder.reorder(running_idx[..., cur - prompt_len].reshape(-1))
-        cur += 1
-        improvable = _still_improvable(improvable, running_scores, finished_scores, is_finished, cur, max_length,
-                                       prompt_len, early_stopping, length_penalty)
-        open_beams = not (bool(is_finished.all()) and early_stopping is True)
-        if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
-            break
-        logits = decoder.step(running.view(rows, max_length)[:, :cur])
+            decoder.reorder(running_idx[..., cur - prompt_len].reshape(-1))
+            cur += 1
+            improvable = _still_improvable(improvable, running_scores, finished_scores, is_finished, cur, max_length,
+                                           prompt_len, early_stopping, length_penalty)
+            open_beams = not (bool(is_finished.all()) and early_stopping is True)
+            if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
+                break
+            logits = decoder.step(running.view(rows, max_length)[:, :cur])
 
     n = cfg.num_return_sequences
     sequences = finished_seqs[:, :n].reshape(B * n, max_length)

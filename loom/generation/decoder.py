@@ -7,9 +7,13 @@ path. Only the last position's logits are computed (`logits_to_keep=1`).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from loom import native
 from loom.models.cache import DynamicCache, StaticCache
+from loom.models.common import kernels_carry_decode
 
 
 class Decoder:
@@ -41,8 +45,16 @@ class Decoder:
             steps = torch.arange(1, total_positions - prompt_positions + 1, device=device)
             self.position_ids[:, prompt_positions:] = position_ids[:, -1:] + steps
         self.forward = model
+        self.rows = rows
         if compile:
             self.forward = torch.compile(model, dynamic=False)
+
+    def stepping(self):
+        """Context for the decode loop: where loom's C kernels carry every matmul of a step, torch's own small ops
+        run on one thread meanwhile (`native.kernels_own_threads`); otherwise nothing changes."""
+        if self.use_cache and self.forward is self.model and kernels_carry_decode(self.model, self.rows):
+            return native.kernels_own_threads()
+        return contextlib.nullcontext()
 
     def _run(self, forward, start: int, end: int, **inputs) -> torch.Tensor:
         out = forward(

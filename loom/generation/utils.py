@@ -130,38 +130,39 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
     scores_out, logits_out, hidden_out = [], [], []
 
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
-    while True:
-        logits = logits.float()
-        scores = processors(seqs[:, :cur], logits) if processors else logits
-        if want_scores:
-            scores_out.append(scores)
-        if want_logits:
-            logits_out.append(logits)
-        if want_hidden:
-            hidden_out.append(decoder.last_hidden_states)
-        if cfg.do_sample:
-            next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
-        else:
-            next_tokens = scores.argmax(-1)
-        if eos is not None:
-            next_tokens = torch.where(unfinished, next_tokens, pad)  # finished rows are padded
-        seqs[:, cur] = next_tokens
-        cur += 1
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        if simple:
+    with decoder.stepping():  # torch on one thread while loom's kernels carry the matmuls
+        while True:
+            logits = logits.float()
+            scores = processors(seqs[:, :cur], logits) if processors else logits
+            if want_scores:
+                scores_out.append(scores)
+            if want_logits:
+                logits_out.append(logits)
+            if want_hidden:
+                hidden_out.append(decoder.last_hidden_states)
+            if cfg.do_sample:
+                next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+            else:
+                next_tokens = scores.argmax(-1)
             if eos is not None:
-                hit = next_tokens == single_eos if single_eos is not None else torch.isin(next_tokens, eos)
-                unfinished &= ~hit
+                next_tokens = torch.where(unfinished, next_tokens, pad)  # finished rows are padded
+            seqs[:, cur] = next_tokens
+            cur += 1
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if simple:
+                if eos is not None:
+                    hit = next_tokens == single_eos if single_eos is not None else torch.isin(next_tokens, eos)
+                    unfinished &= ~hit
+                    if not bool(unfinished.any()):
+                        break
+                if cur >= cfg.max_length:
+                    break
+            else:
+                unfinished &= ~criteria(seqs[:, :cur], tuple(scores_out) if want_scores else None)
                 if not bool(unfinished.any()):
                     break
-            if cur >= cfg.max_length:
-                break
-        else:
-            unfinished &= ~criteria(seqs[:, :cur], tuple(scores_out) if want_scores else None)
-            if not bool(unfinished.any()):
-                break
-        logits = decoder.step(seqs[:, :cur])
+            logits = decoder.step(seqs[:, :cur])
     return _finish(cfg, seqs[:, :cur], scores_out, logits_out, decoder.cache, streamer, hidden_out)
 
 

@@ -39,6 +39,7 @@ def activation(name: str) -> nn.Module:
 #   ~5x slower than fp32, so the product is taken in fp32 (exact bf16 inputs, fp32 sums, one rounding to bf16:
 #   what a bf16 matmul computes) on a transient fp32 copy of the weight.
 NATIVE_MAX_ROWS = 16
+NATIVE_NORM_MAX = 1 << 16  # elements; larger RMSNorm inputs (prefill) keep torch's multi-threaded op
 SKINNY_MAX_ROWS = 64
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
@@ -72,6 +73,23 @@ def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         return module(x)
     return out.view(*x.shape[:-1], w.shape[0])
+
+
+def kernels_carry_decode(model: nn.Module, rows: int) -> bool:
+    """Whether every matmul of a `rows`-row decode step of `model` runs in loom's C kernels (which then may keep the
+    threads while torch's remaining small ops run on one: `native.kernels_own_threads`)."""
+    dtype = getattr(model, "dtype", None)
+    if (model.device.type != "cpu" or rows > NATIVE_MAX_ROWS or dtype not in _NATIVE_DTYPES
+            or (dtype is torch.bfloat16 and rows > 1 and not _EMULATED_BF16) or native.library() is None):
+        return False
+    for m in model.modules():
+        if getattr(m, "_loom_quantized", False):
+            if getattr(m, "kernel", None) != "native":
+                return False
+        elif isinstance(m, nn.Linear) and (type(m) is not nn.Linear or m._forward_hooks or m._forward_pre_hooks
+                                           or type(m.weight) is not nn.Parameter or m.weight.dtype is not dtype):
+            return False
+    return True
 
 
 def _skinny(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -116,10 +134,27 @@ def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
          dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself."""
+    """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself.
+
+    A single query per head on CPU without autograd (a decode step) goes to loom's C kernel: ~10x less time than
+    SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads."""
+    if q.shape[2] == 1 and _native_attention_ok(q, k, v, mask, is_causal, dropout):
+        return native.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
+
+
+def _native_attention_ok(q, k, v, mask, is_causal, dropout) -> bool:
+    dtype = q.dtype
+    return (not is_causal and not dropout and q.is_cpu and not torch.is_grad_enabled() and dtype in _NATIVE_DTYPES
+            and k.dtype is dtype and v.dtype is dtype and q.shape[-1] == k.shape[-1] == v.shape[-1] <= 512
+            and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
+            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
+            and (mask is None or (mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+                                  and mask.shape[0] in (1, q.shape[0]) and mask.shape[3] == k.shape[2]
+                                  and mask.stride(-1) == 1))
+            and native.library() is not None)
 
 
 # -- rotary position embeddings ----------------------------------------------------------------------------------
@@ -212,6 +247,11 @@ class RMSNorm(nn.Module):
         # One fused op instead of ~8 (pow, mean, add, rsqrt, muls, casts), same result as the reference's
         # weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype). Below fp32, torch.rms_norm already normalises in
         # fp32 and rounds once; the weight multiplies after that rounding, as in the reference.
+        w = self.weight
+        if (x.dtype is w.dtype and x.dtype in _NATIVE_DTYPES and x.is_cpu and not torch.is_grad_enabled()
+                and type(w) is nn.Parameter and x.is_contiguous() and x.numel() <= NATIVE_NORM_MAX
+                and native.library() is not None):
+            return native.rms_norm(x, w, self.eps)  # C: one call instead of torch's ~8 ops inside rms_norm
         if x.dtype is torch.float32 and self.weight.dtype is torch.float32:
             return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * torch.rms_norm(x, (x.shape[-1],), None, self.eps)
