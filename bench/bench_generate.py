@@ -11,7 +11,8 @@ prefill (tokens after the first / time after the first token); both floors are c
 number of leading greedy tokens (of 16) on which loom and the reference agree in every row: in fp32 all 16; in bf16
 the two libraries round differently summed products (loom's kernel sums in another order), and on a random model,
 whose logits are nearly tied, a 1-ulp difference can flip an argmax.
-Times are the best of --reps runs (the machine is shared and noisy; the best run is the least disturbed one).
+Times are the best of --reps runs (the machine is shared and noisy; the best run is the least disturbed one); times
+to first token are the best of 2 * --reps, taken alternately for the two libraries.
 """
 from __future__ import annotations
 
@@ -78,17 +79,26 @@ def kernel_floor(model, batch: int, dtype, reps: int, kernel: str = "F.linear") 
         return best_time(lambda: [step() for _ in range(10)], reps) / 10, len(modules)
 
 
-def time_generate(model, ids, new_tokens: int, reps: int, ref: bool) -> tuple[float, float]:
-    """(best total seconds for new_tokens tokens, best time to first token)."""
-    kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
+def _generate(model, ids, n: int) -> None:
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.shape[1] == ids.shape[1] + n
 
-    def run(n):
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, **kw)
-        assert out.shape[1] == ids.shape[1] + n
 
-    run(4)  # warm-up
-    return best_time(lambda: run(new_tokens), reps), best_time(lambda: run(1), reps)
+def time_generate(model, ids, new_tokens: int, reps: int) -> float:
+    """Best total seconds for new_tokens tokens."""
+    _generate(model, ids, 4)  # warm-up
+    return best_time(lambda: _generate(model, ids, new_tokens), reps)
+
+
+def time_first_tokens(ours, ref, ids, reps: int) -> tuple[float, float]:
+    """Best time to first token of each library, the two measured alternately (2 * reps each), so that load drifting
+    during the run does not favour whichever library went first."""
+    best = [float("inf"), float("inf")]
+    for _ in range(2 * reps):
+        for i, model in enumerate((ours, ref)):
+            best[i] = min(best[i], best_time(lambda: _generate(model, ids, 1), 1))
+    return best[0], best[1]
 
 
 def main() -> None:
@@ -125,8 +135,9 @@ def main() -> None:
                     same = int(differ[0]) if len(differ) else 16
                 floor, n_linear = kernel_floor(ours, batch, dtype, args.reps)
                 kfloor, _ = kernel_floor(ours, batch, dtype, args.reps, kernel="loom")
-                lt, lf = time_generate(ours, ids, args.new_tokens, args.reps, ref=False)
-                rt, rf = time_generate(ref, ids, args.new_tokens, args.reps, ref=True)
+                lt = time_generate(ours, ids, args.new_tokens, args.reps)
+                rt = time_generate(ref, ids, args.new_tokens, args.reps)
+                lf, rf = time_first_tokens(ours, ref, ids, args.reps)
                 # again: load drifts during the run
                 floor = min(floor, kernel_floor(ours, batch, dtype, args.reps)[0])
                 kfloor = min(kfloor, kernel_floor(ours, batch, dtype, args.reps, kernel="loom")[0])

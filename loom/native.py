@@ -88,7 +88,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.loom_int4_dequantize.restype = None
     lib.loom_int4_quantize_asymmetric.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.loom_int4_quantize_asymmetric.restype = None
-    lib.loom_rms_norm.argtypes = [p, p, p, i32, i64, i64, ctypes.c_float]
+    lib.loom_rms_norm.argtypes = [p, p, p, i32, i64, i64, ctypes.c_float, i32]
     lib.loom_rms_norm.restype = None
     lib.loom_decode_attention.argtypes = [p, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, i32, i64, i64,
                                           i64, i64, i64, ctypes.c_float, i32]
@@ -212,7 +212,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     n = x.shape[-1]
     library().loom_rms_norm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16,
-                            x.numel() // n if n else 0, n, eps)
+                            x.numel() // n if n else 0, n, eps, _threads())
     return y
 
 

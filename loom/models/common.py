@@ -39,7 +39,6 @@ def activation(name: str) -> nn.Module:
 #   ~5x slower than fp32, so the product is taken in fp32 (exact bf16 inputs, fp32 sums, one rounding to bf16:
 #   what a bf16 matmul computes) on a transient fp32 copy of the weight.
 NATIVE_MAX_ROWS = 16
-NATIVE_NORM_MAX = 1 << 16  # elements; larger RMSNorm inputs (prefill) keep torch's multi-threaded op
 SKINNY_MAX_ROWS = 64
 _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
@@ -249,9 +248,9 @@ class RMSNorm(nn.Module):
         # fp32 and rounds once; the weight multiplies after that rounding, as in the reference.
         w = self.weight
         if (x.dtype is w.dtype and x.dtype in _NATIVE_DTYPES and x.is_cpu and not torch.is_grad_enabled()
-                and type(w) is nn.Parameter and x.is_contiguous() and x.numel() <= NATIVE_NORM_MAX
+                and type(w) is nn.Parameter and x.is_contiguous()
                 and native.library() is not None):
-            return native.rms_norm(x, w, self.eps)  # C: one call instead of torch's ~8 ops inside rms_norm
+            return native.rms_norm(x, w, self.eps)  # C: 2-3x faster than torch's ~8 ops inside rms_norm
         if x.dtype is torch.float32 and self.weight.dtype is torch.float32:
             return torch.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * torch.rms_norm(x, (x.shape[-1],), None, self.eps)

@@ -113,14 +113,20 @@ def test_rms_norm_kernel_matches_reference(dtype, n):
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
 
 
-def test_rms_norm_training_and_large_inputs_use_torch(monkeypatch):
+def test_rms_norm_training_uses_torch(monkeypatch):
     monkeypatch.setattr(native, "rms_norm", lambda *a: (_ for _ in ()).throw(AssertionError("C kernel used")))
     norm = RMSNorm(16)
     x = torch.randn(2, 3, 16, requires_grad=True)
     norm(x).sum().backward()  # autograd needs torch's op
     assert x.grad is not None
+
+
+def test_rms_norm_kernel_on_the_pool(two_threads):
+    norm = RMSNorm(200)  # rows split over the pool in blocks of ~64K values
     with torch.no_grad():
-        norm(torch.randn(common.NATIVE_NORM_MAX // 16 + 1, 16))
+        norm.weight.uniform_(0.5, 1.5)
+        x = torch.randn(3000, 200)
+        torch.testing.assert_close(norm(x), torch.rms_norm(x, (200,), norm.weight, 1e-6), rtol=1e-6, atol=1e-6)
 
 
 def _tiny_llama() -> loom.LlamaForCausalLM:
