@@ -1,152 +1,8 @@
 """C source of loom's kernel library (x86-64 AVX2/FMA/F16C): the thread pool and helpers every kernel shares,
-and the dense fp32/bf16 small-M GEMM. `loom/native.py` compiles it together with the int8/int4 kernels of
-`loom/quantization/native_source.py`.
+the dense fp32/bf16 small-M GEMM, and the decode-step ops (RMSNorm, single-query attention). `loom/native.py`
+compiles it together with the int8/int4 kernels of `loom/quantization/native_source.py`.
 
 Kept as a Python string so it ships inside the package without package-data configuration.
-/* -- decode-step ops: RMSNorm and single-query attention -----------------------------------------------------
-   A decode step is mostly matrix-vector products; what is left around them is many tiny ops, each costing torch
-   tens of microseconds of dispatch and (with several threads) a parallel region. These two replace the largest. */
-static inline float load_f(const void *p, long i, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* 8 consecutive fp32 or bf16 values from p + i as fp32 */
-static inline __m256 load8(const void *p, long i, int bf16) {
-    if (!bf16) return _mm256_loadu_ps((const float *)p + i);
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-}
-
-typedef struct { const void *x, *w; void *y; long n; float eps; int bf16; } norm_job;
-
-static void rms_norm_rows(const void *p, long begin, long end) {
-    const norm_job *j = p;
-    const long n = j->n;
-    const int bf16 = j->bf16;
-    for (long r = begin; r < end; r++) {
-        long base = r * n, i = 0;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-            __m256 v0 = load8(j->x, base + i, bf16), v1 = load8(j->x, base + i + 8, bf16);
-            a0 = _mm256_fmadd_ps(v0, v0, a0);
-            a1 = _mm256_fmadd_ps(v1, v1, a1);
-        }
-        float s = hsum(_mm256_add_ps(a0, a1));
-        for (; i < n; i++) {
-            float v = load_f(j->x, base + i, bf16);
-            s += v * v;
-        }
-        float inv = 1.0f / sqrtf(s / (float)n + j->eps);
-        for (i = 0; i < n; i++) {
-            float h = load_f(j->x, base + i, bf16) * inv;
-            if (bf16) ((uint16_t *)j->y)[base + i] = f32_to_bf16(load_f(j->w, i, 1) * bf16_to_f32(f32_to_bf16(h)));
-            else ((float *)j->y)[base + i] = ((const float *)j->w)[i] * h;
-        }
-    }
-}
-
-/* y = w * (x / sqrt(mean(x^2) + eps)) over `rows` rows of n, computed as the reference does: in fp32, and for bf16
-   the normalised row is rounded to bf16 before the bf16 weight multiplies it (the product rounded again). Rows are
-   split over the pool in blocks of about 64K values; a decode step's few rows run on the caller alone. */
-void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads) {
-    norm_job job = {x, w, y, n, eps, bf16};
-    long chunk = n > 0 ? (65536 + n - 1) / n : rows;
-    parallel_run(rms_norm_rows, &job, rows, chunk > 0 ? chunk : 1, threads);
-}
-
-/* e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp); -inf -> 0 */
-static inline __m256 exp8(__m256 x) {
-    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
-#define ATTN_MAX_D 512
-#define ATTN_STACK_L 4096
-
-typedef struct {
-    const void *q, *k, *v; const uint8_t *mask; void *out;
-    long q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb; /* strides in elements */
-    long H, group, L, D; float scale; int bf16; int failed;
-} attn_job;
-
-/* one (batch, head) pair: softmax(q k^T * scale, masked) v in fp32 */
-static void attn_one(attn_job *j, long bh) {
-    long b = bh / j->H, h = bh % j->H, hk = h / j->group, L = j->L, D = j->D, D8 = D / 8 * 8;
-    float qf[ATTN_MAX_D], acc[ATTN_MAX_D], stack_s[ATTN_STACK_L];
-    float *s = L <= ATTN_STACK_L ? stack_s : malloc(sizeof(float) * L);
-    if (!s) { j->failed = 1; return; }
-    long qo = b * j->q_sb + h * j->q_sh;
-    for (long d = 0; d < D; d++) qf[d] = load_f(j->q, qo + d, j->bf16);
-    const uint8_t *mask = j->mask ? j->mask + b * j->m_sb : NULL;
-    long kb = b * j->k_sb + hk * j->k_sh, vb = b * j->v_sb + hk * j->v_sh;
-    float mx = -INFINITY;
-    for (long l = 0; l < L; l++) {
-        if (mask && !mask[l]) { s[l] = -INFINITY; continue; }
-        long ko = kb + l * j->k_sl, d = 0;
-        __m256 a = _mm256_setzero_ps();
-        for (; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(j->k, ko + d, j->bf16), a);
-        float dot = hsum(a);
-        for (; d < D; d++) dot += qf[d] * load_f(j->k, ko + d, j->bf16);
-        s[l] = dot * j->scale;
-        if (s[l] > mx) mx = s[l];
-    }
-    float total = 0.0f;
-    if (mx != -INFINITY) {
-        long l = 0;
-        __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
-        for (; l + 8 <= L; l += 8) {
-            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), m8));
-            _mm256_storeu_ps(s + l, e);
-            t8 = _mm256_add_ps(t8, e);
-        }
-        total = hsum(t8);
-        for (; l < L; l++) { s[l] = s[l] == -INFINITY ? 0.0f : expf(s[l] - mx); total += s[l]; }
-    }
-    for (long d = 0; d < D; d++) acc[d] = 0.0f;
-    for (long l = 0; l < L; l++) {
-        if (s[l] == 0.0f) continue;
-        long vo = vb + l * j->v_sl, d = 0;
-        __m256 p = _mm256_set1_ps(s[l]);
-        for (; d < D8; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(p, load8(j->v, vo + d, j->bf16), _mm256_loadu_ps(acc + d)));
-        for (; d < D; d++) acc[d] += s[l] * load_f(j->v, vo + d, j->bf16);
-    }
-    float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    for (long d = 0; d < D; d++) {
-        if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = f32_to_bf16(acc[d] * inv);
-        else ((float *)j->out)[bh * D + d] = acc[d] * inv;
-    }
-    if (s != stack_s) free(s);
-}
-
-static void attn_range(const void *p, long begin, long end) {
-    for (long bh = begin; bh < end; bh++) attn_one((attn_job *)p, bh);
-}
-
-/* Attention of one query per (batch, head) over L keys: q (B, H, D), k/v (B, Hkv, L, D), all strided with unit
-   stride along D; query head h reads kv head h / (H / Hkv); mask NULL or (B, L) bytes, nonzero = attend; out (B, H,
-   D) contiguous. fp32 sums; bf16 in and out when bf16. Returns 0, or -1 when out of scratch memory. */
-int loom_decode_attention(const void *q, long q_sb, long q_sh, const void *k, long k_sb, long k_sh, long k_sl,
-                          const void *v, long v_sb, long v_sh, long v_sl, const uint8_t *mask, long m_sb, void *out,
-                          int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads) {
-    attn_job job = {q, k, v, mask, out, q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb,
-                    H, H / Hkv, L, D, scale, bf16, 0};
-    if (B * H * L * D < (1L << 17)) threads = 1; /* a few microseconds of work: not worth waking a helper */
-    parallel_run(attn_range, &job, B * H, 1, threads);
-    return job.failed ? -1 : 0;
-}
 """
 
 SOURCE = r"""
@@ -387,6 +243,7 @@ int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const vo
     free(xf);
     return 0;
 }
+
 /* -- decode-step ops: RMSNorm and single-query attention -----------------------------------------------------
    A decode step is mostly matrix-vector products; what is left around them is many tiny ops, each costing torch
    tens of microseconds of dispatch and (with several threads) a parallel region. These two replace the largest. */
@@ -401,29 +258,41 @@ static inline __m256 load8(const void *p, long i, int bf16) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* y = w * (x / sqrt(mean(x^2) + eps)) over `rows` rows of n, computed as the reference does: in fp32, and for bf16
-   the normalised row is rounded to bf16 before the bf16 weight multiplies it (the product rounded again). */
-void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps) {
-    for (long r = 0; r < rows; r++) {
+typedef struct { const void *x, *w; void *y; long n; float eps; int bf16; } norm_job;
+
+static void rms_norm_rows(const void *p, long begin, long end) {
+    const norm_job *j = p;
+    const long n = j->n;
+    const int bf16 = j->bf16;
+    for (long r = begin; r < end; r++) {
         long base = r * n, i = 0;
         __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
         for (; i + 16 <= n; i += 16) {
-            __m256 v0 = load8(x, base + i, bf16), v1 = load8(x, base + i + 8, bf16);
+            __m256 v0 = load8(j->x, base + i, bf16), v1 = load8(j->x, base + i + 8, bf16);
             a0 = _mm256_fmadd_ps(v0, v0, a0);
             a1 = _mm256_fmadd_ps(v1, v1, a1);
         }
         float s = hsum(_mm256_add_ps(a0, a1));
         for (; i < n; i++) {
-            float v = load_f(x, base + i, bf16);
+            float v = load_f(j->x, base + i, bf16);
             s += v * v;
         }
-        float inv = 1.0f / sqrtf(s / (float)n + eps);
+        float inv = 1.0f / sqrtf(s / (float)n + j->eps);
         for (i = 0; i < n; i++) {
-            float h = load_f(x, base + i, bf16) * inv;
-            if (bf16) ((uint16_t *)y)[base + i] = f32_to_bf16(load_f(w, i, 1) * bf16_to_f32(f32_to_bf16(h)));
-            else ((float *)y)[base + i] = ((const float *)w)[i] * h;
+            float h = load_f(j->x, base + i, bf16) * inv;
+            if (bf16) ((uint16_t *)j->y)[base + i] = f32_to_bf16(load_f(j->w, i, 1) * bf16_to_f32(f32_to_bf16(h)));
+            else ((float *)j->y)[base + i] = ((const float *)j->w)[i] * h;
         }
     }
+}
+
+/* y = w * (x / sqrt(mean(x^2) + eps)) over `rows` rows of n, computed as the reference does: in fp32, and for bf16
+   the normalised row is rounded to bf16 before the bf16 weight multiplies it (the product rounded again). Rows are
+   split over the pool in blocks of about 128K values; a decode step's few rows run on the caller alone. */
+void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads) {
+    norm_job job = {x, w, y, n, eps, bf16};
+    long chunk = n > 0 ? (131072 + n - 1) / n : rows;
+    parallel_run(rms_norm_rows, &job, rows, chunk > 0 ? chunk : 1, threads);
 }
 
 /* e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp); -inf -> 0 */
