@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -113,7 +114,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def _threads() -> int:
-    return _state.get("pool_threads") or max(1, torch.get_num_threads())
+    return getattr(_local, "pool_threads", 0) or max(1, torch.get_num_threads())
+
+
+_local = threading.local()
 
 
 @contextlib.contextmanager
@@ -123,18 +127,20 @@ def kernels_own_threads():
     In a decode step loom's kernels do the heavy work on their own pool; torch is left dozens of tiny ops per layer,
     each of which would wake torch's OpenMP team, whose threads then spin and compete with the pool's for the same
     cores (measured on 2 vCPUs: +14% decode tokens/s with torch on one thread). Restores the count on exit.
+    Torch keeps its thread count per OS thread (a thread's first torch call copies the last value set anywhere), so
+    this acts on the calling thread, and concurrent callers each set and restore their own.
     """
     n = torch.get_num_threads()
-    if n <= 1 or "pool_threads" in _state or library() is None:
+    if n <= 1 or getattr(_local, "pool_threads", 0) or library() is None:
         yield
         return
-    _state["pool_threads"] = n
+    _local.pool_threads = n
     torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(n)
-        del _state["pool_threads"]
+        _local.pool_threads = 0
 
 
 def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

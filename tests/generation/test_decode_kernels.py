@@ -185,3 +185,28 @@ def test_no_handoff_when_a_matmul_runs_outside_loom_kernels(two_threads):
     model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, logits_processor=[spy])
     assert spy.seen == [(2, 2)] * 2
     assert not kernels_carry_decode(_tiny_llama(), common.NATIVE_MAX_ROWS + 1)
+
+
+def test_concurrent_handoffs_each_restore_their_own_thread(two_threads):
+    import threading
+
+    inside, release, seen = threading.Event(), threading.Event(), []
+
+    def other():
+        torch.set_num_threads(2)
+        with native.kernels_own_threads():
+            seen.append((torch.get_num_threads(), native._threads()))
+            inside.set()
+            release.wait(10)
+        seen.append((torch.get_num_threads(), native._threads()))
+
+    t = threading.Thread(target=other)
+    t.start()
+    assert inside.wait(10)
+    with native.kernels_own_threads():
+        assert torch.get_num_threads() == 1 and native._threads() == 2
+    assert torch.get_num_threads() == 2 and native._threads() == 2  # restored here while the other still decodes
+    release.set()
+    t.join(10)
+    assert seen == [(1, 2), (2, 2)]
+    assert torch.get_num_threads() == 2
