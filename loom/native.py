@@ -89,6 +89,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.loom_int4_dequantize.restype = None
     lib.loom_int4_quantize_asymmetric.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.loom_int4_quantize_asymmetric.restype = None
+    lib.loom_set_spin.argtypes = [i32]
+    lib.loom_set_spin.restype = None
     lib.loom_rms_norm.argtypes = [p, p, p, i32, i64, i64, ctypes.c_float, i32]
     lib.loom_rms_norm.restype = None
     lib.loom_decode_attention.argtypes = [p, i64, i64, p, i64, i64, i64, p, i64, i64, i64, p, i64, p, i32, i64, i64,
@@ -136,11 +138,24 @@ def kernels_own_threads():
         return
     _local.pool_threads = n
     torch.set_num_threads(1)
+    _spinning(+1)
     try:
         yield
     finally:
+        _spinning(-1)
         torch.set_num_threads(n)
         _local.pool_threads = 0
+
+
+DECODE_SPINS = 50000  # pause instructions a pool helper waits for the next job before sleeping, during handoffs
+_spin_lock = threading.Lock()
+
+
+def _spinning(change: int) -> None:
+    """Count handoffs in force; helpers spin between jobs while any is (see loom_set_spin in the C source)."""
+    with _spin_lock:
+        _state["handoffs"] = _state.get("handoffs", 0) + change
+        library().loom_set_spin(DECODE_SPINS if _state["handoffs"] > 0 else 0)
 
 
 def dense_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -54,14 +54,29 @@ static void work(long gen) {
     }
 }
 
+static int pool_spins = 0; /* loom_set_spin */
+
+/* How long helpers look for the next job before they sleep, in pause instructions. 0 (the default) while torch's
+   OpenMP workers may be spinning after their own regions: on 2 vCPUs a spinning helper and a spinning OpenMP worker
+   starve each other (a whole fp32 decode measured 19.6 tok/s with 20000 spins, 22.2 with 2000, 23.8 with none).
+   The decode loop, which runs torch on one thread, turns spinning on: waking a sleeping helper costs an
+   inter-processor interrupt per kernel call. */
+void loom_set_spin(int spins) { __atomic_store_n(&pool_spins, spins, __ATOMIC_SEQ_CST); }
+
 static void *helper_main(void *arg) {
     int me = (int)(long)arg;
     long seen = 0;
     for (;;) {
-        /* sleep until the next job rather than spin for it: torch's OpenMP workers spin after their own regions, and
-           on 2 vCPUs a spinning helper and a spinning OpenMP worker starve each other (a whole fp32 decode measured
-           19.6 tok/s with 20000 spins first, 22.2 with 2000, 23.8 with none) */
-        long gen;
+        long gen = seen;
+        for (int i = __atomic_load_n(&pool_spins, __ATOMIC_RELAXED); i > 0 && gen == seen; i--) {
+            _mm_pause();
+            gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT;
+        }
+        if (gen != seen) {
+            seen = gen;
+            if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
+            continue;
+        }
         pthread_mutex_lock(&pool.mu);
         __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
         while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
