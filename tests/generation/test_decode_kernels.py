@@ -144,6 +144,7 @@ class _Spy:
 
     def __call__(self, input_ids, scores):
         self.seen.append((torch.get_num_threads(), native._threads()))
+        self.spinning = native._state.get("handoffs", 0) > 0  # pool helpers spin between jobs only meanwhile
         if self.fail_at is not None and len(self.seen) == self.fail_at:
             raise RuntimeError("stop here")
         return scores
@@ -163,8 +164,8 @@ def test_decode_loop_runs_torch_on_one_thread(two_threads):
     spy = _Spy()
     out = model.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=[spy])
     # the prefill's logits are processed inside the loop too: every step after the prefill sees the handoff
-    assert spy.seen == [(1, 2)] * 4
-    assert torch.get_num_threads() == 2 and native._threads() == 2
+    assert spy.seen == [(1, 2)] * 4 and spy.spinning
+    assert torch.get_num_threads() == 2 and native._threads() == 2 and native._state["handoffs"] == 0
     # the same tokens as without the handoff
     torch.set_num_threads(1)
     assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
