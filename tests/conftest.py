@@ -15,6 +15,25 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 from loomtest import TINY, reference_checkpoint  # noqa: E402,F401
 
 
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (restored after)."""
+    yield from _torch_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads for the test (restored after), e.g. to see loom's decode thread handoff."""
+    yield from _torch_threads(2)
+
+
 @pytest.fixture(scope="session")
 def minilm_dir():
     from loom.hub import packaged_model_dir

@@ -36,14 +36,6 @@ EXAMPLE_ARGS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_every_example_has_a_run_here():
     on_disk = {p.name for p in EXAMPLES.glob("*.py")}
     assert on_disk == set(EXAMPLE_ARGS), "add new examples to EXAMPLE_ARGS so the test suite runs them"

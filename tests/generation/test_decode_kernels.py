@@ -150,14 +150,6 @@ class _Spy:
         return scores
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_decode_loop_runs_torch_on_one_thread(two_threads):
     model, ids = _tiny_llama(), torch.tensor([[1, 5, 9, 3]])
     assert kernels_carry_decode(model, 1)

@@ -61,12 +61,8 @@ class PadCollator:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def _one_thread_here(one_thread):
     """One intra-op thread: these tiny models gain nothing from more, and a shared CPU punishes spinning threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
