@@ -44,13 +44,18 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
 
 
+# Under torch.compile the plain torch ops are traced instead: the C kernels are opaque calls that would break the
+# graph at every layer.
+_compiling = torch.compiler.is_compiling
+
+
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`module(x)`, with a faster kernel for a plain fp32/bf16 `nn.Linear` on CPU without autograd.
 
     Anything else (quantized or other Linear subclasses, tensor-parallel DTensor weights, hooked modules such as
     accelerate's offload, training) goes through the module's own call, so it behaves exactly as before.
     """
-    if (type(module) is not nn.Linear or not x.is_cpu or torch.is_grad_enabled()
+    if (type(module) is not nn.Linear or not x.is_cpu or torch.is_grad_enabled() or _compiling()
             or module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__
             or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks):
         return module(x)
@@ -153,7 +158,7 @@ def _native_attention_ok(q, k, v, mask, is_causal, dropout) -> bool:
             and (mask is None or (mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
                                   and mask.shape[0] in (1, q.shape[0]) and mask.shape[3] == k.shape[2]
                                   and mask.stride(-1) == 1))
-            and native.library() is not None)
+            and not _compiling() and native.library() is not None)
 
 
 # -- rotary position embeddings ----------------------------------------------------------------------------------
@@ -248,7 +253,7 @@ class RMSNorm(nn.Module):
         # fp32 and rounds once; the weight multiplies after that rounding, as in the reference.
         w = self.weight
         if (x.dtype is w.dtype and x.dtype in _NATIVE_DTYPES and x.is_cpu and not torch.is_grad_enabled()
-                and type(w) is nn.Parameter and x.is_contiguous()
+                and type(w) is nn.Parameter and x.is_contiguous() and not _compiling()
                 and native.library() is not None):
             return native.rms_norm(x, w, self.eps)  # C: 2-3x faster than torch's ~8 ops inside rms_norm
         if x.dtype is torch.float32 and self.weight.dtype is torch.float32:

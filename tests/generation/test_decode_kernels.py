@@ -203,3 +203,18 @@ def test_concurrent_handoffs_each_restore_their_own_thread(two_threads):
     t.join(10)
     assert seen == [(1, 2), (2, 2)]
     assert torch.get_num_threads() == 2
+
+
+def test_compiled_code_traces_torch_ops_not_the_kernels(monkeypatch):
+    """Under torch.compile the C kernels would break the graph at every layer, so tracing sees torch's ops."""
+    model, ids = _tiny_llama(), torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        want = model(ids).logits
+    monkeypatch.setattr(common, "_compiling", lambda: True)
+    for name in ("dense_gemm", "rms_norm", "decode_attention"):
+        monkeypatch.setattr(native, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("C kernel used")))
+    with torch.no_grad():
+        cache = loom.DynamicCache()
+        got = model(ids, past_key_values=cache, use_cache=True).logits
+        model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)  # a decode step: single-query attention
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
