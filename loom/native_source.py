@@ -72,17 +72,14 @@ static void *helper_main(void *arg) {
             _mm_pause();
             gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT;
         }
-        if (gen != seen) {
-            seen = gen;
-            if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
-            continue;
+        if (gen == seen) {
+            pthread_mutex_lock(&pool.mu);
+            __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+            while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
+                pthread_cond_wait(&pool.cv, &pool.mu);
+            __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
+            pthread_mutex_unlock(&pool.mu);
         }
-        pthread_mutex_lock(&pool.mu);
-        __atomic_add_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-        while ((gen = __atomic_load_n(&pool.ticket, __ATOMIC_SEQ_CST) >> GEN_SHIFT) == seen)
-            pthread_cond_wait(&pool.cv, &pool.mu);
-        __atomic_sub_fetch(&pool.sleepers, 1, __ATOMIC_SEQ_CST);
-        pthread_mutex_unlock(&pool.mu);
         seen = gen;
         if (me < __atomic_load_n(&pool.active, __ATOMIC_SEQ_CST)) work(gen);
     }

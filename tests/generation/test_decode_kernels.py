@@ -178,6 +178,10 @@ def test_no_handoff_when_a_matmul_runs_outside_loom_kernels(two_threads):
     model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, logits_processor=[spy])
     assert spy.seen == [(2, 2)] * 2
     assert not kernels_carry_decode(_tiny_llama(), common.NATIVE_MAX_ROWS + 1)
+    replaced = _tiny_llama()  # a replaced forward also keeps linear() off the kernel, so no handoff either
+    gate = replaced.model.layers[1].mlp.gate_proj
+    gate.forward = lambda x: torch.nn.functional.linear(x, gate.weight)
+    assert kernels_carry_decode(_tiny_llama(), 1) and not kernels_carry_decode(replaced, 1)
 
 
 def test_concurrent_handoffs_each_restore_their_own_thread(two_threads):
