@@ -20,6 +20,7 @@ from torch import nn
 
 from loom.configuration import PretrainedConfig
 from loom.hub import pop_hub_kwargs
+from loom.kernels import use_kernels_
 from loom.utils import atomic_write_bytes, atomic_write_text, parse_dtype
 
 logger = logging.getLogger("loom")
@@ -58,6 +59,7 @@ class PreTrainedModel(nn.Module):
         if not _on_meta(self):
             self.apply(self._init_weights)
         self.tie_weights()
+        use_kernels_(self)  # loom's fast path for plain Linears, applied here so no model file holds kernel code
         if self.can_generate() and self.generation_config is None:
             from loom.generation.config import GenerationConfig
 

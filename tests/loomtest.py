@@ -28,3 +28,16 @@ def reference_checkpoint(tmp_path_factory, model_type: str, ref_class: str, seed
     path = tmp_path_factory.mktemp(f"{ref_class}")
     model.save_pretrained(path)
     return path, model
+
+
+def kernels_on() -> bool:
+    from loom.kernels import build
+
+    return build.available()
+
+
+def kernels_off_for(monkeypatch) -> None:
+    """Make this test run as on a machine where loom's C kernels cannot be built (the torch paths)."""
+    from loom.kernels import build
+
+    monkeypatch.setattr(build, "_state", {"lib": None, "on": False, "level": None, "why": "off for this test"})

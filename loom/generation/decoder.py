@@ -11,9 +11,8 @@ import contextlib
 
 import torch
 
-from loom import native
+from loom.kernels import policy, threads
 from loom.models.cache import DynamicCache, StaticCache
-from loom.models.common import kernels_carry_decode
 
 
 class Decoder:
@@ -51,9 +50,9 @@ class Decoder:
 
     def stepping(self):
         """Context for the decode loop: where loom's C kernels carry every matmul of a step, torch's own small ops
-        run on one thread meanwhile (`native.kernels_own_threads`); otherwise nothing changes."""
-        if self.use_cache and self.forward is self.model and kernels_carry_decode(self.model, self.rows):
-            return native.kernels_own_threads()
+        run on one thread meanwhile (`loom.kernels.threads`); otherwise nothing changes."""
+        if self.use_cache and self.forward is self.model and policy.decode_on_kernels(self.model, self.rows):
+            return threads.kernels_own_threads()
         return contextlib.nullcontext()
 
     def _run(self, forward, start: int, end: int, **inputs) -> torch.Tensor:

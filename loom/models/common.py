@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom import native
+from loom.kernels import policy
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -27,84 +27,6 @@ def activation(name: str) -> nn.Module:
         return ACTIVATIONS[name]()
     except KeyError:
         raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
-
-
-# -- inference Linear ----------------------------------------------------------------------------------------------
-# Decode-sized inputs skip the BLAS on CPU, measured on an AVX2 machine (bench/bench_generate.py prints the floors):
-# - up to NATIVE_MAX_ROWS rows of fp32 or bf16: loom's C kernel (loom/native.py), which streams each weight once at
-#   close to memory bandwidth: 1.5x F.linear at 1 row, 2-4x at 2-16 rows (bf16 beyond 1 row only where torch
-#   emulates bf16: with AMX, torch's own bf16 matmul was faster at 8 rows on the Intel device machine);
-# - fp32 up to SKINNY_MAX_ROWS rows (or without the C library): W @ x.T, ~1.5-2x faster than the BLAS's x @ W.T;
-# - bf16 on CPUs without bf16 instructions (torch reports AVX2 or less): torch's bf16 matmul emulates them and runs
-#   ~5x slower than fp32, so the product is taken in fp32 (exact bf16 inputs, fp32 sums, one rounding to bf16:
-#   what a bf16 matmul computes) on a transient fp32 copy of the weight.
-NATIVE_MAX_ROWS = 16
-SKINNY_MAX_ROWS = 64
-_NATIVE_DTYPES = (torch.float32, torch.bfloat16)
-_EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
-
-
-# Under torch.compile the plain torch ops are traced instead: the C kernels are opaque calls that would break the
-# graph at every layer.
-_compiling = torch.compiler.is_compiling
-
-
-def _plain_linear(module: nn.Module) -> bool:
-    """Whether `module(x)` is just the product: an `nn.Linear` itself, not a subclass, with no hooks (its own or
-    global, such as accelerate's offload) and no replaced forward."""
-    return (type(module) is nn.Linear and not module._forward_hooks and not module._forward_pre_hooks
-            and "forward" not in module.__dict__ and not nn.modules.module._global_forward_hooks
-            and not nn.modules.module._global_forward_pre_hooks)
-
-
-def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)`, with a faster kernel for a plain fp32/bf16 `nn.Linear` on CPU without autograd.
-
-    Anything else (quantized or other Linear subclasses, tensor-parallel DTensor weights, hooked modules such as
-    accelerate's offload, training) goes through the module's own call, so it behaves exactly as before.
-    """
-    if not x.is_cpu or torch.is_grad_enabled() or _compiling() or not _plain_linear(module):
-        return module(x)
-    params = module._parameters  # one dict lookup each instead of Module.__getattr__ (~2 us per access)
-    w, b = params["weight"], params["bias"]
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if type(w) is not nn.Parameter or w.dtype is not x.dtype or x.dtype not in _NATIVE_DTYPES or rows == 0:
-        return module(x)
-    if (rows <= NATIVE_MAX_ROWS and (rows == 1 or x.dtype is torch.float32 or _EMULATED_BF16)
-            and w.is_contiguous() and native.library() is not None):
-        return native.dense_gemm(x.reshape(rows, x.shape[-1]).contiguous(), w, None if b is None else b.contiguous(),
-                                 (*x.shape[:-1], w.shape[0]))
-    x2 = x.reshape(rows, x.shape[-1])
-    if x.dtype is torch.float32 and rows <= SKINNY_MAX_ROWS:
-        out = _skinny(x2, w, b)
-    elif x.dtype is torch.bfloat16 and _EMULATED_BF16:
-        xf, wf, bf = x2.float(), w.float(), None if b is None else b.float()
-        out = (_skinny(xf, wf, bf) if rows <= SKINNY_MAX_ROWS else F.linear(xf, wf, bf)).bfloat16()
-    else:
-        return module(x)
-    return out.view(*x.shape[:-1], w.shape[0])
-
-
-def kernels_carry_decode(model: nn.Module, rows: int) -> bool:
-    """Whether every matmul of a `rows`-row decode step of `model` runs in loom's C kernels (which then may keep the
-    threads while torch's remaining small ops run on one: `native.kernels_own_threads`)."""
-    dtype = getattr(model, "dtype", None)
-    if (model.device.type != "cpu" or rows > NATIVE_MAX_ROWS or dtype not in _NATIVE_DTYPES
-            or (dtype is torch.bfloat16 and rows > 1 and not _EMULATED_BF16) or native.library() is None):
-        return False
-    for m in model.modules():
-        if getattr(m, "_loom_quantized", False):
-            if getattr(m, "kernel", None) != "native":
-                return False
-        elif isinstance(m, nn.Linear) and (not _plain_linear(m) or type(m.weight) is not nn.Parameter
-                                           or m.weight.dtype is not dtype):
-            return False
-    return True
-
-
-def _skinny(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    out = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())  # (N, M)
-    return out.t().contiguous()
 
 
 # -- masks and attention -----------------------------------------------------------------------------------------
@@ -146,25 +68,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
          dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself.
 
-    A single query per head on CPU without autograd (a decode step) goes to loom's C kernel: ~10x less time than
-    SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads."""
-    if q.shape[2] == 1 and _native_attention_ok(q, k, v, mask, is_causal, dropout):
-        return native.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
+    A single query per head on CPU without autograd (a decode step) goes to loom::decode_attention: ~10x less time
+    than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads."""
+    if policy.attention_applies(q, k, v, mask, is_causal, dropout):
+        return torch.ops.loom.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     gqa = k.shape[1] != q.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
-
-
-def _native_attention_ok(q, k, v, mask, is_causal, dropout) -> bool:
-    dtype = q.dtype
-    return (not is_causal and not dropout and q.is_cpu and not torch.is_grad_enabled() and dtype in _NATIVE_DTYPES
-            and k.dtype is dtype and v.dtype is dtype and q.shape[-1] == k.shape[-1] == v.shape[-1] <= 512
-            and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0
-            and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-            and (mask is None or (mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
-                                  and mask.shape[0] in (1, q.shape[0]) and mask.shape[3] == k.shape[2]
-                                  and mask.stride(-1) == 1))
-            and not _compiling() and native.library() is not None)
 
 
 # -- rotary position embeddings ----------------------------------------------------------------------------------
@@ -258,10 +168,8 @@ class RMSNorm(nn.Module):
         # weight * (x.float() * rsqrt(mean(x^2) + eps)).to(dtype). Below fp32, torch.rms_norm already normalises in
         # fp32 and rounds once; the weight multiplies after that rounding, as in the reference.
         w = self.weight
-        if (x.dtype is w.dtype and x.dtype in _NATIVE_DTYPES and x.is_cpu and not torch.is_grad_enabled()
-                and type(w) is nn.Parameter and x.is_contiguous() and not _compiling()
-                and native.library() is not None):
-            return native.rms_norm(x, w, self.eps)  # C: 2-3x faster than torch's ~8 ops inside rms_norm
+        if policy.norm_applies(x, w):
+            return torch.ops.loom.rms_norm(x, w, self.eps)  # C: 2-3x faster than torch's ~8 ops inside rms_norm
         if x.dtype is torch.float32 and w.dtype is torch.float32:
             return torch.rms_norm(x, (x.shape[-1],), w, self.eps)
         return w * torch.rms_norm(x, (x.shape[-1],), None, self.eps)

@@ -9,7 +9,7 @@ from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
 from loom.models.common import activation, attention_mask_for, causal_lm_loss, classification_loss, \
-    linear, maybe_checkpoint, sdpa
+    maybe_checkpoint, sdpa
 from loom.models.llama import last_token_pool
 from loom.outputs import ModelOutput
 
@@ -40,7 +40,7 @@ class GPT2Attention(nn.Module):
 
     def forward(self, x, mask, is_causal, cache, cache_position=None):
         B, T, C = x.shape
-        q, k, v = linear(self.c_attn, x).split(C, dim=2)
+        q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
             if cache_position is not None and hasattr(cache, "max_cache_len"):
@@ -48,7 +48,7 @@ class GPT2Attention(nn.Module):
             else:
                 k, v = cache.update(k, v, self.layer_idx)
         out = sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0, scale=self.scale)
-        return self.resid_dropout(linear(self.c_proj, out.transpose(1, 2).reshape(B, T, C)))
+        return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(B, T, C)))
 
 
 class GPT2MLP(nn.Module):
@@ -61,7 +61,7 @@ class GPT2MLP(nn.Module):
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x):
-        return self.dropout(linear(self.c_proj, self.act(linear(self.c_fc, x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPT2Block(nn.Module):
@@ -164,7 +164,7 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_hidden_states, cache_position)
         h = out.last_hidden_state
-        logits = linear(self.lm_head, h[:, -logits_to_keep:] if logits_to_keep else h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states)

@@ -8,7 +8,7 @@ from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache, DynamicCache
 from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, attention_mask_for,
-                                causal_lm_loss, classification_loss, linear, maybe_checkpoint, sdpa)
+                                causal_lm_loss, classification_loss, maybe_checkpoint, sdpa)
 from loom.outputs import ModelOutput
 
 
@@ -50,9 +50,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache: Cache | None, cache_position=None):
         B, T, _ = x.shape
-        q = linear(self.q_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = linear(self.k_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = linear(self.v_proj, x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
             if cache_position is not None and hasattr(cache, "max_cache_len"):
@@ -60,7 +60,7 @@ class LlamaAttention(nn.Module):
             else:
                 k, v = cache.update(k, v, self.layer_idx)
         out = sdpa(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
-        return linear(self.o_proj, out.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -73,7 +73,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = activation(config.hidden_act)
 
     def forward(self, x):
-        return linear(self.down_proj, self.act_fn(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -183,7 +183,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_hidden_states, cache_position)
         h = out.last_hidden_state
-        logits = linear(self.lm_head, h[:, -logits_to_keep:] if logits_to_keep else h)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states)

@@ -8,13 +8,12 @@ and `finish` assembles whatever needed several tensors. `quantize_linear` conver
 """
 from __future__ import annotations
 
-import ctypes
 import re
-import sys
 
 import torch
 from torch import nn
 
+from loom.kernels import is_plain_linear
 from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict
 
 
@@ -33,22 +32,6 @@ def default_skips(model: nn.Module) -> list[str]:
     return sorted({n.removesuffix(".weight") for n in names})
 
 
-def release_freed_memory() -> None:
-    """Return heap memory freed while quantizing to the OS (glibc only).
-
-    Quantizing on load allocates and frees a float copy and temporaries per weight. glibc serves those from its
-    heap once its adaptive mmap threshold has grown, and keeps the freed pages: measured on the bench's 142M Llama,
-    int8 resident memory was 796 MB after loading against 247 MB of tensors, and 262 MB after `malloc_trim(0)`.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return
-    trim(0)
-
-
 def is_skipped(name: str, patterns: list[str]) -> bool:
     """True when a pattern names this module: a prefix ending at a module boundary, a regex, or a suffix."""
     boundary = r"(?:(?<=\.)|(?=\.|$))"
@@ -64,8 +47,9 @@ def is_skipped(name: str, patterns: list[str]) -> bool:
 
 
 def target_linears(model: nn.Module, skip: list[str]) -> list[str]:
-    """Names of the plain `nn.Linear` modules to convert (subclasses and skipped names are left alone)."""
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear and not is_skipped(name, skip)]
+    """Names of the plain `nn.Linear` modules (loom's kernel Linear included) to convert; other subclasses and
+    skipped names are left alone."""
+    return [name for name, m in model.named_modules() if is_plain_linear(m) and not is_skipped(name, skip)]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -13,7 +13,8 @@ from importlib import metadata
 import torch
 from torch import nn
 
-from loom.quantization.base import Quantizer, default_skips, release_freed_memory
+from loom.kernels.memory import release_freed_memory
+from loom.quantization.base import Quantizer, default_skips
 from loom.quantization.config import BitsAndBytesConfig
 from loom.utils import require
 

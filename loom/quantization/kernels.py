@@ -1,12 +1,12 @@
 """Matmul kernels for loom's int8/int4 weight-only Linears, chosen per device in one place (`choose_kernel`) so
 that a faster kernel can replace one without touching the modules.
 
-On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (native.py) read the int8 or packed int4 weights directly,
-widen them to fp32 in registers and FMA them with the fp32 activations: exact weight-only math, memory-bound at
-decode batch sizes. Measured on the project's AMD AVX2 machine they beat fbgemm's dynamic int8 Linear (which also
+On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (the operators loom::int8_linear and loom::int4_linear of
+`loom.kernels`) read the int8 or packed int4 weights directly: exact weight-only math up to the int16 rounding of
+the activations, memory-bound at decode batch sizes, with autograd to the input. Measured on the project's AMD AVX2 machine they beat fbgemm's dynamic int8 Linear (which also
 quantizes the activations, so it needs a second residual pass to stay accurate) and fp32 F.linear at small
 batches; for large batches (prefill, encoders) a float GEMM on the dequantized weight is faster, so rows above
-`NATIVE_MAX_ROWS` take that path. Elsewhere the torch paths below are used: fbgemm for int8 on CPU, PyTorch's
+`loom.kernels.policy.MAX_ROWS` take that path. Elsewhere the torch paths below are used: fbgemm for int8 on CPU, PyTorch's
 int8 kernel on CUDA, dequantize-then-matmul everywhere else. `LOOM_QUANT_KERNEL=<name>` forces one (debugging,
 tests).
 """
@@ -18,10 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from loom import native
-
-# above this many activation rows, dequantize + F.linear (a blocked float GEMM) beats the native kernels
-NATIVE_MAX_ROWS = 16
+from loom.kernels import ops, policy
 
 
 def fbgemm_available() -> bool:
@@ -34,7 +31,7 @@ def choose_kernel(bits: int, device: torch.device, group_size: int = 0) -> str:
     forced = os.environ.get("LOOM_QUANT_KERNEL")
     if forced:
         return forced
-    if device.type == "cpu" and (bits == 8 or group_size % 16 == 0) and native.library() is not None:
+    if device.type == "cpu" and (bits == 8 or group_size % 16 == 0) and policy.enabled():
         return "native"
     if bits == 8 and device.type == "cpu" and fbgemm_available():
         return "fbgemm_int8"
@@ -89,9 +86,8 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """y = x @ dequant(W).T (bias not included) with the module's chosen kernel."""
     kernel = module.kernel
     shape = x.shape[:-1]
-    if kernel == "native" and x.device.type == "cpu" and _rows(x).shape[0] <= NATIVE_MAX_ROWS:
-        y = native.int8_gemm(_rows(x).float().contiguous(), module.weight, module.weight_scale)
-        return y.to(x.dtype).view(*shape, -1)
+    if kernel == "native" and policy.quantized_applies(x):
+        return torch.ops.loom.int8_linear(x, module.weight, module.weight_scale)
     if kernel == "fbgemm_int8" and x.device.type == "cpu":
         packed = module.packed_weight()
         y = fbgemm_int8_matmul(_rows(x).float(), packed, module.row_sums)
@@ -113,28 +109,20 @@ def pack_int4(u: torch.Tensor) -> torch.Tensor:
     return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """(out, in/2) uint8 -> (out, in) uint8 in [0, 15]."""
-    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+unpack_int4 = ops.unpack_int4
 
 
 def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                     zero: torch.Tensor | None = None) -> torch.Tensor:
     """w = (nibble - zero) * scale per group, computed in float32; zero None is the symmetric layout (zero 8)."""
-    u = unpack_int4(packed).to(torch.float32)
-    out, groups = scale.shape
-    z = 8.0 if zero is None else zero.float()[:, :, None]
-    return ((u.view(out, groups, -1) - z) * scale.float()[:, :, None]).view(out, -1).to(dtype)
+    return ops.int4_dequantize_reference(packed, scale, zero, packed.shape[1] * 2 // scale.shape[1]).to(dtype)
 
 
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     zero = module.zero_point
-    if module.kernel == "native" and x.device.type == "cpu":
-        rows = _rows(x)
-        if rows.shape[0] <= NATIVE_MAX_ROWS:
-            y = native.int4_gemm(rows.float().contiguous(), module.weight, module.weight_scale, zero,
-                                 module.group_size)
-            return y.to(x.dtype).view(*x.shape[:-1], -1)
-        weight = native.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
+    if module.kernel == "native" and policy.plain(x):
+        if policy.quantized_applies(x):
+            return torch.ops.loom.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
+        weight = torch.ops.loom.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype, zero))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from loom.quantization.base import Quantizer, default_skips, release_freed_memory
+from loom.kernels.memory import release_freed_memory
+from loom.quantization.base import Quantizer, default_skips
 from loom.quantization.config import WeightOnlyConfig
 from loom.quantization.linear import Int4Linear, Int8Linear, quantize_int8
 

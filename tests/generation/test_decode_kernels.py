@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import loom
-from loom import native
-from loom.models import common
-from loom.models.common import RMSNorm, kernels_carry_decode, sdpa
+from loom.kernels import build, threads
+from loom.kernels.policy import MAX_ROWS, decode_on_kernels
+from loom.models.common import RMSNorm, sdpa
 
-pytestmark = pytest.mark.skipif(native.library() is None, reason="loom's C kernels need Linux x86-64 with "
+kernels_carry_decode = decode_on_kernels
+pytestmark = pytest.mark.skipif(not build.available(), reason="loom's C kernels need Linux x86-64 with "
                                 "AVX2/FMA/F16C and a C compiler")
 
 
@@ -79,7 +80,7 @@ def test_attention_falls_back_to_torch(case, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("the C kernel must not take this call")
 
-    monkeypatch.setattr(native, "decode_attention", boom)
+    monkeypatch.setattr(torch.ops.loom, "decode_attention", boom)
     q, k, v = _qkv(1, 4, 2, 9, 16, torch.float32)
     mask, is_causal = None, False
     if case == "causal":
@@ -114,7 +115,7 @@ def test_rms_norm_kernel_matches_reference(dtype, n):
 
 
 def test_rms_norm_training_uses_torch(monkeypatch):
-    monkeypatch.setattr(native, "rms_norm", lambda *a: (_ for _ in ()).throw(AssertionError("C kernel used")))
+    monkeypatch.setattr(torch.ops.loom, "rms_norm", lambda *a: (_ for _ in ()).throw(AssertionError("C kernel used")))
     norm = RMSNorm(16)
     x = torch.randn(2, 3, 16, requires_grad=True)
     norm(x).sum().backward()  # autograd needs torch's op
@@ -143,8 +144,8 @@ class _Spy:
         self.seen, self.fail_at = [], fail_at
 
     def __call__(self, input_ids, scores):
-        self.seen.append((torch.get_num_threads(), native._threads()))
-        self.spinning = native._state.get("handoffs", 0) > 0  # pool helpers spin between jobs only meanwhile
+        self.seen.append((torch.get_num_threads(), threads.pool_threads()))
+        self.spinning = threads.handoffs_in_force() > 0  # pool helpers spin between jobs only meanwhile
         if self.fail_at is not None and len(self.seen) == self.fail_at:
             raise RuntimeError("stop here")
         return scores
@@ -157,7 +158,7 @@ def test_decode_loop_runs_torch_on_one_thread(two_threads):
     out = model.generate(ids, max_new_tokens=4, do_sample=False, logits_processor=[spy])
     # the prefill's logits are processed inside the loop too: every step after the prefill sees the handoff
     assert spy.seen == [(1, 2)] * 4 and spy.spinning
-    assert torch.get_num_threads() == 2 and native._threads() == 2 and native._state["handoffs"] == 0
+    assert torch.get_num_threads() == 2 and threads.pool_threads() == 2 and threads.handoffs_in_force() == 0
     # the same tokens as without the handoff
     torch.set_num_threads(1)
     assert torch.equal(out, model.generate(ids, max_new_tokens=4, do_sample=False))
@@ -167,7 +168,7 @@ def test_thread_count_restored_after_an_error(two_threads):
     model = _tiny_llama()
     with pytest.raises(RuntimeError, match="stop here"):
         model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=5, logits_processor=[_Spy(fail_at=2)])
-    assert torch.get_num_threads() == 2 and native._threads() == 2
+    assert torch.get_num_threads() == 2 and threads.pool_threads() == 2
 
 
 def test_no_handoff_when_a_matmul_runs_outside_loom_kernels(two_threads):
@@ -177,8 +178,8 @@ def test_no_handoff_when_a_matmul_runs_outside_loom_kernels(two_threads):
     spy = _Spy()
     model.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=2, logits_processor=[spy])
     assert spy.seen == [(2, 2)] * 2
-    assert not kernels_carry_decode(_tiny_llama(), common.NATIVE_MAX_ROWS + 1)
-    replaced = _tiny_llama()  # a replaced forward also keeps linear() off the kernel, so no handoff either
+    assert not kernels_carry_decode(_tiny_llama(), MAX_ROWS + 1)
+    replaced = _tiny_llama()  # a replaced forward may run anything, so no handoff either
     gate = replaced.model.layers[1].mlp.gate_proj
     gate.forward = lambda x: torch.nn.functional.linear(x, gate.weight)
     assert kernels_carry_decode(_tiny_llama(), 1) and not kernels_carry_decode(replaced, 1)
@@ -191,34 +192,48 @@ def test_concurrent_handoffs_each_restore_their_own_thread(two_threads):
 
     def other():
         torch.set_num_threads(2)
-        with native.kernels_own_threads():
-            seen.append((torch.get_num_threads(), native._threads()))
+        with threads.kernels_own_threads():
+            seen.append((torch.get_num_threads(), threads.pool_threads()))
             inside.set()
             release.wait(10)
-        seen.append((torch.get_num_threads(), native._threads()))
+        seen.append((torch.get_num_threads(), threads.pool_threads()))
 
     t = threading.Thread(target=other)
     t.start()
     assert inside.wait(10)
-    with native.kernels_own_threads():
-        assert torch.get_num_threads() == 1 and native._threads() == 2
-    assert torch.get_num_threads() == 2 and native._threads() == 2  # restored here while the other still decodes
+    with threads.kernels_own_threads():
+        assert torch.get_num_threads() == 1 and threads.pool_threads() == 2
+    assert torch.get_num_threads() == 2 and threads.pool_threads() == 2  # restored here while the other still decodes
     release.set()
     t.join(10)
     assert seen == [(1, 2), (2, 2)]
     assert torch.get_num_threads() == 2
 
 
-def test_compiled_code_traces_torch_ops_not_the_kernels(monkeypatch):
-    """Under torch.compile the C kernels would break the graph at every layer, so tracing sees torch's ops."""
+def test_compiled_model_keeps_the_operators_in_one_graph():
+    """The kernels are operators with fake implementations, so torch.compile traces through them: no graph breaks,
+    and the compiled decode step calls loom's operators, with the eager results."""
+    import torch._dynamo
+
     model, ids = _tiny_llama(), torch.tensor([[1, 5, 9, 3]])
-    with torch.no_grad():
-        want = model(ids).logits
-    monkeypatch.setattr(common, "_compiling", lambda: True)
-    for name in ("dense_gemm", "rms_norm", "decode_attention"):
-        monkeypatch.setattr(native, name, lambda *a, **k: (_ for _ in ()).throw(AssertionError("C kernel used")))
+    step = torch.tensor([[7]])
     with torch.no_grad():
         cache = loom.DynamicCache()
-        got = model(ids, past_key_values=cache, use_cache=True).logits
-        model(torch.tensor([[7]]), past_key_values=cache, use_cache=True)  # a decode step: single-query attention
+        model(ids, past_key_values=cache, use_cache=True)
+        want = model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+
+        def decode(c):
+            return model(step, past_key_values=c, use_cache=True, logits_to_keep=1).logits
+
+        cache = loom.DynamicCache()
+        model(ids, past_key_values=cache, use_cache=True)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(decode)(cache)
+        graph_ops = {str(node.target) for g in explained.graphs for node in g.graph.nodes}
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert {"loom.dense_linear", "loom.rms_norm", "loom.decode_attention"} <= graph_ops
+    with torch.no_grad():
+        cache = loom.DynamicCache()
+        model(ids, past_key_values=cache, use_cache=True)
+        got = torch.compile(decode, backend="aot_eager", fullgraph=True)(cache)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import loom
+from loom.kernels import is_plain_linear
 from loomtest import reference_checkpoint
 from loom.quantization import BitsAndBytesConfig, quantize_
 
@@ -56,7 +57,7 @@ def test_same_outputs_as_reference_and_checkpoints_move_both_ways(checkpoints, t
     # reference -> loom
     ref.save_pretrained(tmp_path / "ref")
     mine = getattr(loom, family).from_pretrained(tmp_path / "ref")
-    assert type(mine.lm_head) is nn.Linear
+    assert is_plain_linear(mine.lm_head)
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, out, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(mine(ids).logits, out, atol=0, rtol=0)
@@ -72,7 +73,7 @@ def test_skip_modules_replace_the_defaults_as_in_the_reference(checkpoints):
     path = checkpoints["LlamaForCausalLM"]
     model = loom.LlamaForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
         load_in_8bit=True, llm_int8_skip_modules=["o_proj"]))
-    assert type(model.model.layers[0].self_attn.o_proj) is nn.Linear
+    assert is_plain_linear(model.model.layers[0].self_attn.o_proj)
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
     assert isinstance(model.lm_head, bnb.nn.Linear8bitLt)
     assert model.is_loaded_in_8bit and not model.is_loaded_in_4bit

@@ -1,20 +1,19 @@
-"""loom's C weight-only kernels (loom/native.py): equal to the torch dequantize reference up to fp32
-rounding (and the int16 rounding of the activations), on the shapes that exercise their edges (row tails,
-K tails, batch tiles, the large-batch path); built once into a cache named by a hash; and the torch fallback used
-when they cannot be built."""
+"""loom's C weight-only kernels (loom::int8_linear, loom::int4_linear): equal to the torch dequantize reference up
+to fp32 rounding (and the int16 rounding of the activations), on the shapes that exercise their edges (row tails, K
+tails, batch tiles, the large-batch path), with gradients to the input; and the torch fallback used when they cannot
+be built (tests/kernels/test_build.py covers the build itself)."""
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
+from loomtest import kernels_off_for, kernels_on
 from torch import nn
 
-from loom import native
+from loom.kernels import policy
 from loom.quantization import kernels
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 
-needs_native = pytest.mark.skipif(native.library() is None, reason="the native kernels need Linux x86-64 with "
+needs_native = pytest.mark.skipif(not kernels_on(), reason="the native kernels need Linux x86-64 with "
                                   "AVX2/FMA/F16C and a C compiler; the torch fallback is tested below")
 
 
@@ -26,7 +25,7 @@ def _close_to_reference(q: nn.Module, rows: int, k: int) -> None:
         got = q(x)
     # different summation order: a few fp32 ulps of the largest output
     tol = 1e-5 * exact.abs() + 2e-6 * exact.abs().max()
-    if rows <= kernels.NATIVE_MAX_ROWS and q.kernel == "native":
+    if rows <= policy.MAX_ROWS and q.kernel == "native":
         # plus, the int8 and int4 kernels round each x row to int16 (step max|x| / 32767): an output moves by at
         # most half a step times sum_k |w[n, k]|, ~1e-5 of max|x| * sum|w| (fp32 alone would stay within the line
         # above); int4 groups of 16 take the fp32 path, where this only loosens the bound
@@ -43,7 +42,7 @@ def _linear(inp: int, out: int) -> nn.Linear:
 
 @needs_native
 @pytest.mark.parametrize("inp,out", [(256, 192), (40, 7), (3072, 10)])  # K tail of 8, N tail of 3, long K
-@pytest.mark.parametrize("rows", [1, 3, kernels.NATIVE_MAX_ROWS, kernels.NATIVE_MAX_ROWS + 5])
+@pytest.mark.parametrize("rows", [1, 3, policy.MAX_ROWS, policy.MAX_ROWS + 5])
 def test_int8_native_matches_dequantize(inp, out, rows):
     q = Int8Linear.from_linear(_linear(inp, out))
     assert q.kernel == "native"
@@ -60,7 +59,7 @@ def test_int8_native_long_k_does_not_overflow():
     scale = torch.tensor([1e-3, 2e-3, 1e-3])
     x = torch.full((2, k), 2.5)
     x[1] = -7.0
-    got = native.int8_gemm(x, weight, scale)
+    got = torch.ops.loom.int8_linear(x, weight, scale)
     exact = x.double() @ (weight.double() * scale.double()[:, None]).T
     torch.testing.assert_close(got.double(), exact, rtol=1e-6, atol=1e-6 * exact.abs().max().item())
 
@@ -74,7 +73,7 @@ def test_int8_native_rows_with_inf_or_nan_stay_float():
     scale = torch.rand(6) * 0.01
     x = torch.randn(4, 40)
     x[1, 3], x[2, 0] = float("inf"), float("nan")
-    got = native.int8_gemm(x, weight, scale)
+    got = torch.ops.loom.int8_linear(x, weight, scale)
     exact = x @ (weight.float() * scale[:, None]).T
     assert torch.equal(got[1:3].isnan(), exact[1:3].isnan()) and torch.equal(got[1:3].isinf(), exact[1:3].isinf())
     finite = exact[1:3].isfinite()
@@ -87,7 +86,7 @@ def test_int8_native_rows_with_inf_or_nan_stay_float():
 @pytest.mark.parametrize("inp,out,group,symmetric", [(256, 192, 32, False), (96, 7, 16, False),
                                                      (512, 30, 128, True), (64, 5, 64, True), (320, 9, 32, True),
                                                      (320, 9, 32, False)])
-@pytest.mark.parametrize("rows", [1, 3, 4, kernels.NATIVE_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [1, 3, 4, policy.MAX_ROWS + 1])
 def test_int4_native_matches_dequantize(inp, out, group, symmetric, rows):
     q = Int4Linear.from_linear(_linear(inp, out), group, symmetric=symmetric)
     assert q.kernel == "native"
@@ -105,7 +104,7 @@ def test_int4_native_long_group_does_not_overflow(group):
     scale = torch.tensor([1e-3, 2e-3, 5e-4])[:, None].expand(3, k // group).contiguous()
     x = torch.full((2, k), 2.5)
     x[1, 1::2] = -7.0
-    got = native.int4_gemm(x, packed, scale, None, group)
+    got = torch.ops.loom.int4_linear(x, packed, scale, None, group)
     nib = torch.stack([packed & 15, packed >> 4], dim=-1).reshape(3, k).double()
     exact = x.double() @ ((nib - 8) * scale.double().repeat_interleave(group, dim=1)).T
     # int16 rounding of x: at most max|x| / 65534 per column
@@ -123,7 +122,7 @@ def test_int4_native_rows_with_inf_or_nan_stay_float(group):
     torch.manual_seed(0)
     x = torch.randn(4, 64)
     x[1, 3], x[2, 0] = float("inf"), float("nan")
-    got = native.int4_gemm(x, q.weight, q.weight_scale, zero, group)
+    got = torch.ops.loom.int4_linear(x, q.weight, q.weight_scale, zero, group)
     exact = x @ dequantized_weight(q).T
     assert torch.equal(got[1:3].isnan(), exact[1:3].isnan()) and torch.equal(got[1:3].isinf(), exact[1:3].isinf())
     finite = exact[1:3].isfinite()
@@ -136,7 +135,7 @@ def test_int4_native_rows_with_inf_or_nan_stay_float(group):
 def test_int4_native_dequantize_is_bit_identical(symmetric):
     q = Int4Linear.from_linear(_linear(128, 9), 32, symmetric=symmetric)
     zero = q.weight_zero if q.asymmetric else None
-    assert torch.equal(native.int4_dequantize(q.weight, q.weight_scale, zero, 32), dequantized_weight(q))
+    assert torch.equal(torch.ops.loom.int4_dequantize(q.weight, q.weight_scale, zero, 32), dequantized_weight(q))
 
 
 @needs_native
@@ -188,34 +187,24 @@ def test_forced_torch_fallback_matches(monkeypatch, forced):
 
 
 def test_unsupported_platform_falls_back(monkeypatch):
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setattr(native, "_cpu_supported", lambda: False)
-    assert native.library() is None
+    kernels_off_for(monkeypatch)
     q = Int8Linear.from_linear(_linear(64, 12))
     assert q.kernel == ("fbgemm_int8" if kernels.fbgemm_available() else "dequantize")
     assert Int4Linear.from_linear(_linear(64, 12), 32).kernel == "dequantize"
 
 
 @needs_native
-def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
-    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
-    with pytest.warns(RuntimeWarning, match="could not build its CPU kernels"):
-        assert native.library() is None
-    assert not list(tmp_path.rglob("*.so"))
-
-
-@needs_native
-def test_build_is_cached_by_hash(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_state", {})
-    monkeypatch.setenv("LOOM_CACHE", str(tmp_path))
-    assert native.library() is not None
-    built = list(tmp_path.rglob("loom_kernels_*.so"))
-    assert len(built) == 1 and not [p for p in built[0].parent.iterdir() if p.is_dir()]  # temp dir removed
-    stamp = built[0].stat().st_mtime_ns
-    monkeypatch.setattr(native, "_state", {})
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert native.library() is not None
-    assert built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows", [1, 8, policy.MAX_ROWS + 3])
+def test_gradient_to_the_input_equals_the_dequantized_path(bits, rows):
+    """An adapter trained below a quantized layer needs the gradient through it (QLoRA-style)."""
+    lin = _linear(64, 24)
+    q = Int8Linear.from_linear(lin) if bits == 8 else Int4Linear.from_linear(lin, 32)
+    assert q.kernel == "native"
+    x = torch.randn(rows, 64, requires_grad=True)
+    g = torch.randn(rows, 24)
+    (q(x) * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    (nn.functional.linear(x2, dequantized_weight(q), q.bias) * g).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

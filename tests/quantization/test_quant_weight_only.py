@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 import loom
+from loom.kernels import is_plain_linear
 from loomtest import reference_checkpoint
 from loom.quantization import WeightOnlyConfig, quantize_
-from loom import native
+from loom.kernels import build
 from loom.quantization import kernels
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 
@@ -51,7 +52,7 @@ def test_int8_layer_error_bound_and_kernels_agree(rows):
         exact = nn.functional.linear(x, dequantized_weight(q), lin.bias)
     assert _rel(exact, ref) < 0.01
     assert _rel(fast, ref) < 0.01
-    if native.library() is not None:
+    if build.available():
         assert q.kernel == "native"  # weight math exact; x rounded to int16 per row (step max|x| / 32767)
         bound = x.abs().amax(dim=1, keepdim=True) / 65534 * dequantized_weight(q).abs().sum(dim=1)
         assert ((fast - exact).abs() <= bound + 1e-5 * exact.abs() + 1e-5 * exact.abs().max()).all()
@@ -132,7 +133,7 @@ def test_from_pretrained_quantizes_targets_and_reloads_as_saved(llama_dir, tmp_p
     layer = model.model.layers[0]
     for m in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
         assert isinstance(m, cls)
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.float32
+    assert is_plain_linear(model.lm_head) and model.lm_head.weight.dtype == torch.float32
     assert layer.input_layernorm.weight.dtype == torch.float32
     assert model._loom_quantizer.converted and model.config.quantization_config.bits == bits
     ids = torch.randint(3, 99, (2, 9))
@@ -168,11 +169,11 @@ def test_modules_to_not_convert_and_skip_output_embeddings(llama_dir):
     cfg = WeightOnlyConfig(bits=8, modules_to_not_convert=["mlp.up_proj", "layers.1.self_attn.q_proj",
                                                            r"model\.layers\.0\.mlp\.(gate|down)_proj"])
     model = loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)
-    assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
-    assert type(model.model.layers[1].mlp.up_proj) is nn.Linear
-    assert type(model.model.layers[0].mlp.gate_proj) is nn.Linear
+    assert is_plain_linear(model.model.layers[0].mlp.up_proj)
+    assert is_plain_linear(model.model.layers[1].mlp.up_proj)
+    assert is_plain_linear(model.model.layers[0].mlp.gate_proj)
     assert isinstance(model.model.layers[1].mlp.gate_proj, Int8Linear)
-    assert type(model.model.layers[1].self_attn.q_proj) is nn.Linear
+    assert is_plain_linear(model.model.layers[1].self_attn.q_proj)
     assert isinstance(model.model.layers[1].self_attn.k_proj, Int8Linear)
     assert isinstance(model.model.layers[0].self_attn.q_proj, Int8Linear)
     head = loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=WeightOnlyConfig(

@@ -1,0 +1,111 @@
+/* Single-query attention for decode steps. */
+#include "common.h"
+
+/* e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp); -inf -> 0 */
+static inline __m256 exp8(__m256 x) {
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+#define ATTN_MAX_D 512
+#define ATTN_STACK_L 4096
+
+typedef struct {
+    const void *q, *k, *v; const uint8_t *mask; void *out;
+    long q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb; /* strides in elements */
+    long H, group, L, D; float scale; int bf16; int failed;
+} attn_job;
+
+/* one (batch, head) pair: softmax(q k^T * scale, masked) v in fp32 */
+static void attn_one(attn_job *j, long bh) {
+    long b = bh / j->H, h = bh % j->H, hk = h / j->group, L = j->L, D = j->D, D8 = D / 8 * 8;
+    float qf[ATTN_MAX_D], acc[ATTN_MAX_D], stack_s[ATTN_STACK_L];
+    float *s = L <= ATTN_STACK_L ? stack_s : malloc(sizeof(float) * L);
+    if (!s) { j->failed = 1; return; }
+    long qo = b * j->q_sb + h * j->q_sh;
+    for (long d = 0; d < D; d++) qf[d] = load_f(j->q, qo + d, j->bf16);
+    const uint8_t *mask = j->mask ? j->mask + b * j->m_sb : NULL;
+    long kb = b * j->k_sb + hk * j->k_sh, vb = b * j->v_sb + hk * j->v_sh;
+    float mx = -INFINITY;
+    int nan_score = 0;
+    for (long l = 0; l < L; l++) {
+        if (mask && !mask[l]) { s[l] = -INFINITY; continue; }
+        long ko = kb + l * j->k_sl, d = 0;
+        __m256 a = _mm256_setzero_ps();
+        for (; d < D8; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(qf + d), load8(j->k, ko + d, j->bf16), a);
+        float dot = hsum(a);
+        for (; d < D; d++) dot += qf[d] * load_f(j->k, ko + d, j->bf16);
+        s[l] = dot * j->scale;
+        nan_score |= isnan(s[l]);
+        if (s[l] > mx) mx = s[l];
+    }
+    /* A NaN or +inf score makes softmax NaN across the whole row (inf - inf = NaN), whatever its position, and so
+       does a row with nothing to attend to (all -inf); the vectorised exp below would clamp a NaN away instead, so
+       these rows are settled here. */
+    if (nan_score || isinf(mx)) {
+        for (long d = 0; d < D; d++) {
+            if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = 0x7fc0;
+            else ((float *)j->out)[bh * D + d] = NAN;
+        }
+        if (s != stack_s) free(s);
+        return;
+    }
+    float total = 0.0f;
+    {
+        long l = 0;
+        __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
+        for (; l + 8 <= L; l += 8) {
+            __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + l), m8));
+            _mm256_storeu_ps(s + l, e);
+            t8 = _mm256_add_ps(t8, e);
+        }
+        total = hsum(t8);
+        for (; l < L; l++) { s[l] = s[l] == -INFINITY ? 0.0f : expf(s[l] - mx); total += s[l]; }
+    }
+    for (long d = 0; d < D; d++) acc[d] = 0.0f;
+    for (long l = 0; l < L; l++) {
+        /* skip masked keys only: an attended value that is NaN or inf must reach the output as in p @ v, even where
+           p underflowed to 0 */
+        if (mask && !mask[l]) continue;
+        long vo = vb + l * j->v_sl, d = 0;
+        __m256 p = _mm256_set1_ps(s[l]);
+        for (; d < D8; d += 8)
+            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(p, load8(j->v, vo + d, j->bf16), _mm256_loadu_ps(acc + d)));
+        for (; d < D; d++) acc[d] += s[l] * load_f(j->v, vo + d, j->bf16);
+    }
+    float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (long d = 0; d < D; d++) {
+        if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = f32_to_bf16(acc[d] * inv);
+        else ((float *)j->out)[bh * D + d] = acc[d] * inv;
+    }
+    if (s != stack_s) free(s);
+}
+
+static void attn_range(const void *p, long begin, long end) {
+    for (long bh = begin; bh < end; bh++) attn_one((attn_job *)p, bh);
+}
+
+/* Attention of one query per (batch, head) over L keys: q (B, H, D), k/v (B, Hkv, L, D), all strided with unit
+   stride along D; query head h reads kv head h / (H / Hkv); mask NULL or (B, L) bytes, nonzero = attend; out (B, H,
+   D) contiguous. fp32 sums; bf16 in and out when bf16. Returns 0, or -1 when out of scratch memory. */
+int loom_decode_attention(const void *q, long q_sb, long q_sh, const void *k, long k_sb, long k_sh, long k_sl,
+                          const void *v, long v_sb, long v_sh, long v_sl, const uint8_t *mask, long m_sb, void *out,
+                          int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads) {
+    attn_job job = {q, k, v, mask, out, q_sb, q_sh, k_sb, k_sh, k_sl, v_sb, v_sh, v_sl, m_sb,
+                    H, H / Hkv, L, D, scale, bf16, 0};
+    if (B * H * L * D < (1L << 17)) threads = 1; /* a few microseconds of work: not worth waking a helper */
+    parallel_run(attn_range, &job, B * H, 1, threads);
+    return job.failed ? -1 : 0;
+}

@@ -1,0 +1,20 @@
+/* The functions loom's kernel library exports: one line each, parsed by loom/kernels/build.py's test to check that
+   the ctypes declarations match. Shapes are row-major and contiguous unless strides are passed; `long` is 64-bit.
+   Every GEMM-like function returns 0, or -1 when it could not allocate its scratch memory. */
+#ifndef LOOM_KERNELS_H
+#define LOOM_KERNELS_H
+#include <stdint.h>
+
+#define LOOM_API __attribute__((visibility("default")))
+
+LOOM_API const char *loom_build_id(void);
+LOOM_API void loom_set_spin(int spins);
+LOOM_API int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const void *bias, int bbf16, void *y, int ybf16, long M, long N, long K, int threads);
+LOOM_API void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads);
+LOOM_API int loom_decode_attention(const void *q, long q_sb, long q_sh, const void *k, long k_sb, long k_sh, long k_sl, const void *v, long v_sb, long v_sh, long v_sl, const uint8_t *mask, long m_sb, void *out, int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads);
+LOOM_API int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K, int threads);
+LOOM_API int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
+LOOM_API void loom_int4_dequantize(const uint8_t *w, const void *scale, const void *zero, int half, float *out, long N, long K, long G, int threads);
+LOOM_API void loom_int4_quantize_asymmetric(const float *w, uint8_t *packed, uint16_t *scale, uint16_t *zero, long N, long K, long G, int threads);
+
+#endif

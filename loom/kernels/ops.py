@@ -1,0 +1,446 @@
+"""loom's kernels as torch operators (`torch.ops.loom.*`): schema, checks, CPU implementation, fake (shape-only)
+implementation and autograd formula for each.
+
+The dispatcher is the safety boundary: a DTensor, FakeTensor or other subclass is handled by its own dispatch before
+any of this runs (and without a sharding rule gets DTensor's error naming the operator), meta and fake tensors get
+the fake implementation, CUDA has no implementation here (torch's error names the operator), and the CPU
+implementations below check dtypes, shapes and layouts before a pointer reaches C. Where the library is not loaded
+(kernels off, no compiler) the CPU implementations compute the same thing with torch ops, so calling an operator is
+always valid.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from loom.kernels import build
+from loom.kernels.threads import pool_threads
+
+_lib = torch.library.Library("loom", "DEF")
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+def _define(schema: str, cpu, fake, backward=None, setup=None) -> None:
+    name = schema.split("(", 1)[0]
+    _lib.define(schema)
+    _lib.impl(name, cpu, "CPU")
+    torch.library.register_fake(f"loom::{name}", fake, lib=_lib)
+    if backward is not None:
+        torch.library.register_autograd(f"loom::{name}", backward, setup_context=setup, lib=_lib)
+
+
+def _check(ok: bool, op: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"loom::{op}: {message}")
+
+
+def _check_strided(op: str, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None:
+            _check(t.layout == torch.strided, op, f"{name} must be a dense (strided) tensor, got {t.layout}")
+
+
+def _check_float(op: str, name: str, t: torch.Tensor, allowed=_FLOATS) -> None:
+    _check(t.dtype in allowed, op, f"{name} has dtype {str(t.dtype).replace('torch.', '')}; supported: "
+           f"{', '.join(str(d).replace('torch.', '') for d in allowed)}")
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+# -- dense linear: x (..., K) @ weight (N, K).T + bias ------------------------------------------------------------
+def _dense_checks(x, weight, bias) -> None:
+    _check_strided("dense_linear", x=x, weight=weight, bias=bias)
+    _check_float("dense_linear", "x", x)
+    _check_float("dense_linear", "weight", weight)
+    _check(x.dim() >= 1 and weight.dim() == 2, "dense_linear",
+           f"expects x (..., K) and weight (N, K), got {tuple(x.shape)} and {tuple(weight.shape)}")
+    _check(x.shape[-1] == weight.shape[1], "dense_linear",
+           f"x has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+    if bias is not None:
+        _check_float("dense_linear", "bias", bias)
+        _check(tuple(bias.shape) == (weight.shape[0],), "dense_linear",
+               f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+
+
+def _dense_cpu(x, weight, bias):
+    _dense_checks(x, weight, bias)
+    n, k = weight.shape
+    lib = build.library()
+    if lib is None:
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    x2, w = x.contiguous(), weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=x.dtype)
+    m, bf16 = _rows(x), torch.bfloat16
+    if m and n:
+        status = lib.loom_dense_gemm(x2.data_ptr(), x.dtype is bf16, w.data_ptr(), w.dtype is bf16,
+                                     None if b is None else b.data_ptr(), b is not None and b.dtype is bf16,
+                                     y.data_ptr(), x.dtype is bf16, m, n, k, pool_threads())
+        if status != 0:
+            raise MemoryError(f"loom::dense_linear: could not allocate {m}x{k} activation scratch")
+    elif m:
+        y.zero_()
+        if bias is not None:
+            y += bias.to(x.dtype)
+    return y
+
+
+def _dense_fake(x, weight, bias):
+    _dense_checks(x, weight, bias)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _dense_setup(ctx, inputs, output):
+    x, weight, bias = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _dense_backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    gx = gw = gb = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad @ weight.to(grad.dtype)).to(x.dtype)
+    if ctx.needs_input_grad[1]:
+        gw = (grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        gb = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return gx, gw, gb
+
+
+_define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _dense_cpu, _dense_fake,
+        _dense_backward, _dense_setup)
+
+
+# -- RMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim ------------------------------------------------
+def _norm_checks(x, weight) -> None:
+    _check_strided("rms_norm", x=x, weight=weight)
+    _check_float("rms_norm", "x", x)
+    _check(weight.dtype == x.dtype, "rms_norm", f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    _check(x.dim() >= 1 and tuple(weight.shape) == (x.shape[-1],), "rms_norm",
+           f"weight has shape {tuple(weight.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)")
+
+
+def rms_norm_reference(x, weight, eps: float):
+    """The torch computation the kernel reproduces: fp32 normalisation, rounded to x's dtype, times the weight."""
+    h = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def _norm_cpu(x, weight, eps):
+    _norm_checks(x, weight)
+    lib = build.library()
+    if lib is None:
+        return rms_norm_reference(x, weight, eps)
+    x = x.contiguous()
+    w = weight.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    n = x.shape[-1]
+    lib.loom_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16, _rows(x), n, eps,
+                      pool_threads())
+    return y
+
+
+def _norm_fake(x, weight, eps):
+    _norm_checks(x, weight)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _norm_setup(ctx, inputs, output):
+    x, weight, eps = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.eps = eps
+
+
+def _norm_backward(ctx, grad):
+    # y_i = w_i x_i r with r = (mean(x^2) + eps)^-1/2:  dx_j = r g_j w_j - x_j r^3 mean_i(g_i w_i x_i)
+    x, weight = ctx.saved_tensors
+    xf, gf, wf = x.float(), grad.float(), weight.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    gw_x = gf * wf
+    gx = r * gw_x - xf * r.pow(3) * (gw_x * xf).mean(-1, keepdim=True) if ctx.needs_input_grad[0] else None
+    gw = (gf * xf * r).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+    return (None if gx is None else gx.to(x.dtype)), (None if gw is None else gw.to(weight.dtype)), None
+
+
+_define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_cpu, _norm_fake, _norm_backward,
+        _norm_setup)
+
+
+# -- single-query attention: softmax(q k^T * scale, mask) v, one query per head ------------------------------------
+ATTENTION_MAX_HEAD_DIM = 512  # the kernel's stack buffers (csrc/attention.c ATTN_MAX_D)
+
+
+def _attn_checks(q, k, v, mask) -> None:
+    op = "decode_attention"
+    _check_strided(op, q=q, k=k, v=v, mask=mask)
+    _check_float(op, "q", q)
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, op,
+           f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4 and q.shape[2] == 1, op,
+           f"expects q (B, H, 1, D) and k, v (B, Hkv, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+           f"{tuple(v.shape)}")
+    B, H, _, D = q.shape
+    _check(k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, op,
+           f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, L, D={D})")
+    _check(k.shape[1] > 0 and H % k.shape[1] == 0, op, f"{H} query heads are not a multiple of {k.shape[1]} kv heads")
+    _check(D <= ATTENTION_MAX_HEAD_DIM, op, f"head dim {D} exceeds {ATTENTION_MAX_HEAD_DIM}")
+    _check(k.shape[2] > 0, op, "needs at least one key (L = 0)")
+    if mask is not None:
+        _check(mask.dtype == torch.bool and mask.dim() == 4 and tuple(mask.shape[1:]) == (1, 1, k.shape[2])
+               and mask.shape[0] in (1, B), op,
+               f"mask must be bool (B or 1, 1, 1, L={k.shape[2]}), got {mask.dtype} {tuple(mask.shape)}")
+
+
+def attention_reference(q, k, v, mask, scale: float):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+
+
+def _unit_stride_last(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _attn_cpu(q, k, v, mask, scale):
+    _attn_checks(q, k, v, mask)
+    lib = build.library()
+    B, H, _, D = q.shape
+    out = torch.empty(B, 1, H, D, dtype=q.dtype)
+    if B == 0:
+        return out.transpose(1, 2)
+    if lib is None:
+        return attention_reference(q, k, v, mask, scale)
+    q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
+    mask = None if mask is None else _unit_stride_last(mask)
+    m_sb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)
+    status = lib.loom_decode_attention(
+        q.data_ptr(), q.stride(0), q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), k.stride(2),
+        v.data_ptr(), v.stride(0), v.stride(1), v.stride(2), None if mask is None else mask.data_ptr(), m_sb,
+        out.data_ptr(), q.dtype is torch.bfloat16, B, H, k.shape[1], k.shape[2], D, scale, pool_threads())
+    if status != 0:
+        raise MemoryError(f"loom::decode_attention: could not allocate scores for {k.shape[2]} keys")
+    return out.transpose(1, 2)  # a view of (B, 1, H, D): the usual transpose(1, 2).reshape after it is free
+
+
+def _attn_fake(q, k, v, mask, scale):
+    _attn_checks(q, k, v, mask)
+    B, H, _, D = q.shape
+    return q.new_empty(B, 1, H, D).transpose(1, 2)
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, mask, scale = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.scale = scale
+
+
+def _attn_backward(ctx, grad):
+    q, k, v, mask = ctx.saved_tensors
+    B, H, _, D = q.shape
+    hkv, L = k.shape[1], k.shape[2]
+    rep = H // hkv
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)  # (B, H, L, D)
+    s = (q.float() @ kf.transpose(-1, -2)) * ctx.scale  # (B, H, 1, L)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1)
+    g = grad.float()
+    gp = g @ vf.transpose(-1, -2)  # (B, H, 1, L)
+    gs = p * (gp - (gp * p).sum(-1, keepdim=True)) * ctx.scale
+    gq = (gs @ kf).to(q.dtype)
+    gk = (gs.transpose(-1, -2) @ q.float()).view(B, hkv, rep, L, D).sum(2).to(k.dtype)
+    gv = (p.transpose(-1, -2) @ g).view(B, hkv, rep, L, D).sum(2).to(v.dtype)
+    return gq, gk, gv, None, None
+
+
+_define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", _attn_cpu,
+        _attn_fake, _attn_backward, _attn_setup)
+
+
+# -- int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N,)).T ------------------------------------
+def _int8_checks(x, weight, scale) -> None:
+    op = "int8_linear"
+    _check_strided(op, x=x, weight=weight, scale=scale)
+    _check(x.is_floating_point(), op, f"x must be floating point, got {x.dtype}")
+    _check(weight.dtype == torch.int8 and weight.dim() == 2, op,
+           f"weight must be int8 (N, K), got {weight.dtype} {tuple(weight.shape)}")
+    _check(scale.dtype == torch.float32 and tuple(scale.shape) == (weight.shape[0],), op,
+           f"scale must be float32 ({weight.shape[0]},), got {scale.dtype} {tuple(scale.shape)}")
+    _check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], op,
+           f"x has {x.shape[-1] if x.dim() else 0} features but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+
+
+def int8_dequantize(weight, scale, dtype=torch.float32):
+    return weight.to(dtype) * scale.to(dtype)[:, None]
+
+
+def _int8_cpu(x, weight, scale):
+    _int8_checks(x, weight, scale)
+    lib = build.library()
+    if lib is None:
+        return F.linear(x, int8_dequantize(weight, scale, x.dtype))
+    xf = x.reshape(-1, x.shape[-1]).float().contiguous()
+    w, s = weight.contiguous(), scale.contiguous()
+    m, n, k = xf.shape[0], w.shape[0], w.shape[1]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m:
+        if lib.loom_int8_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), y.data_ptr(), m, n, k, pool_threads()):
+            raise MemoryError(f"loom::int8_linear: could not allocate {m}x{k} int16 activation scratch")
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _int8_fake(x, weight, scale):
+    _int8_checks(x, weight, scale)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _quant_setup(ctx, inputs, output):
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))
+    ctx.extra = [a for a in inputs if not (isinstance(a, torch.Tensor) or a is None)]
+
+
+def _int8_backward(ctx, grad):
+    x, weight, scale = ctx.saved_tensors
+    gx = gs = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad.float() @ int8_dequantize(weight, scale)).to(x.dtype)
+    if ctx.needs_input_grad[2]:  # y[., n] = scale[n] * (x . w[n]): d/dscale[n] = sum over rows of grad * x . w[n]
+        xw = x.reshape(-1, x.shape[-1]).float() @ weight.float().t()
+        gs = (grad.reshape(-1, grad.shape[-1]).float() * xw).sum(0)
+    return gx, None, gs
+
+
+_define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor", _int8_cpu, _int8_fake, _int8_backward,
+        _quant_setup)
+
+
+# -- int4 group-wise weight-only linear ---------------------------------------------------------------------------
+def _int4_param_checks(op, packed, scale, zero, group_size, k=None) -> None:
+    _check_strided(op, packed=packed, scale=scale, zero=zero)
+    _check(packed.dtype == torch.uint8 and packed.dim() == 2, op,
+           f"packed must be uint8 (N, K/2), got {packed.dtype} {tuple(packed.shape)}")
+    n, k = packed.shape[0], packed.shape[1] * 2
+    _check(group_size > 0 and k % group_size == 0, op,
+           f"group_size={group_size} must divide K={k} (the unpacked input features)")
+    _check(group_size % 16 == 0, op, f"group_size={group_size} must be a multiple of 16")
+    _check(scale.dtype in (torch.float16, torch.float32) and tuple(scale.shape) == (n, k // group_size), op,
+           f"scale must be float16 or float32 ({n}, {k // group_size}), got {scale.dtype} {tuple(scale.shape)}")
+    if zero is not None:
+        _check(zero.dtype == scale.dtype and zero.shape == scale.shape, op,
+               f"zero must match scale ({scale.dtype} {tuple(scale.shape)}), got {zero.dtype} {tuple(zero.shape)}")
+
+
+def _int4_checks(x, packed, scale, zero, group_size) -> None:
+    _int4_param_checks("int4_linear", packed, scale, zero, group_size)
+    _check_strided("int4_linear", x=x)
+    _check(x.is_floating_point(), "int4_linear", f"x must be floating point, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] == packed.shape[1] * 2, "int4_linear",
+           f"x has {x.shape[-1] if x.dim() else 0} features but the packed weight expects {packed.shape[1] * 2}")
+
+
+def unpack_int4(packed):
+    """(N, K/2) uint8 -> (N, K) uint8 in [0, 15], the even column from the low nibble."""
+    return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
+
+
+def int4_dequantize_reference(packed, scale, zero, group_size: int):
+    """w = (nibble - zero) * scale per group in float32; zero None is the symmetric layout (zero 8)."""
+    u = unpack_int4(packed).to(torch.float32)
+    n, groups = scale.shape
+    z = 8.0 if zero is None else zero.float()[:, :, None]
+    return ((u.view(n, groups, -1) - z) * scale.float()[:, :, None]).view(n, -1)
+
+
+def _int4_cpu(x, packed, scale, zero, group_size):
+    _int4_checks(x, packed, scale, zero, group_size)
+    lib = build.library()
+    if lib is None:
+        return F.linear(x, int4_dequantize_reference(packed, scale, zero, group_size).to(x.dtype))
+    xf = x.reshape(-1, x.shape[-1]).float().contiguous()
+    w, s = packed.contiguous(), scale.contiguous()
+    z = None if zero is None else zero.contiguous()
+    m, n, k = xf.shape[0], w.shape[0], xf.shape[1]
+    y = torch.empty(m, n, dtype=torch.float32)
+    if m and lib.loom_int4_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
+                                int(s.dtype == torch.float16), y.data_ptr(), m, n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int4_linear: could not allocate {m}x{k} activation scratch")
+    return y.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _int4_fake(x, packed, scale, zero, group_size):
+    _int4_checks(x, packed, scale, zero, group_size)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _int4_backward(ctx, grad):
+    x, packed, scale, zero = ctx.saved_tensors
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise NotImplementedError("loom::int4_linear has no gradient for scale or zero; keep them frozen buffers")
+    w = int4_dequantize_reference(packed, scale, zero, ctx.extra[0])
+    gx = (grad.float() @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return gx, None, None, None, None
+
+
+_define("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor", _int4_cpu,
+        _int4_fake, _int4_backward, _quant_setup)
+
+
+def _dequant_cpu(packed, scale, zero, group_size):
+    _int4_param_checks("int4_dequantize", packed, scale, zero, group_size)
+    lib = build.library()
+    if lib is None:
+        return int4_dequantize_reference(packed, scale, zero, group_size)
+    w, s = packed.contiguous(), scale.contiguous()
+    z = None if zero is None else zero.contiguous()
+    n, k = w.shape[0], w.shape[1] * 2
+    out = torch.empty(n, k, dtype=torch.float32)
+    lib.loom_int4_dequantize(w.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
+                             int(s.dtype == torch.float16), out.data_ptr(), n, k, group_size, pool_threads())
+    return out
+
+
+def _dequant_fake(packed, scale, zero, group_size):
+    _int4_param_checks("int4_dequantize", packed, scale, zero, group_size)
+    return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
+
+
+_define("int4_dequantize(Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor", _dequant_cpu,
+        _dequant_fake)
+
+
+# -- asymmetric int4 quantizer (the search of loom.quantization.linear.quantize_int4_asymmetric, in C) -------------
+def _quantize_checks(weight, group_size) -> None:
+    op = "int4_quantize_asymmetric"
+    _check_strided(op, weight=weight)
+    _check(weight.is_floating_point() and weight.dim() == 2, op,
+           f"weight must be a floating-point (N, K) tensor, got {weight.dtype} {tuple(weight.shape)}")
+    k = weight.shape[1]
+    _check(group_size > 0 and group_size % 2 == 0 and k % group_size == 0, op,
+           f"group_size={group_size} must be even and divide K={k}")
+
+
+def _quantize_cpu(weight, group_size):
+    _quantize_checks(weight, group_size)
+    lib = build.library()
+    _check(lib is not None, "int4_quantize_asymmetric", "needs loom's C kernels, which are off here; use "
+           "loom.quantization.linear.quantize_int4_asymmetric (it takes the torch path)")
+    w = weight.detach().float().contiguous()
+    n, k = w.shape
+    packed = torch.empty(n, k // 2, dtype=torch.uint8)
+    scale = torch.empty(n, k // group_size, dtype=torch.float16)
+    zero = torch.empty_like(scale)
+    lib.loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k,
+                                      group_size, pool_threads())
+    return packed, scale, zero
+
+
+def _quantize_fake(weight, group_size):
+    _quantize_checks(weight, group_size)
+    n, k = weight.shape
+    scale = weight.new_empty(n, k // group_size, dtype=torch.float16)
+    return weight.new_empty(n, k // 2, dtype=torch.uint8), scale, torch.empty_like(scale)
+
+
+_define("int4_quantize_asymmetric(Tensor weight, int group_size) -> (Tensor, Tensor, Tensor)", _quantize_cpu,
+        _quantize_fake)

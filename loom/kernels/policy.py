@@ -1,0 +1,89 @@
+"""When a kernel applies: the one place that knows the row limits, the dtypes, the bf16 rule and which tensors may
+reach the C kernels. Models, generation and quantization ask here instead of keeping their own guard lists.
+
+Measured on the project's AVX2 machine (bench/bench_generate.py prints the floors):
+- up to MAX_ROWS activation rows (decode), loom's kernels stream each weight once at close to memory bandwidth:
+  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins;
+- bf16 beyond one row only where torch emulates bf16 (AVX2 or less): with AMX, torch's own bf16 matmul was faster
+  at 8 rows on an Intel machine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.kernels import build
+
+MAX_ROWS = 16  # activation rows up to which the decode-size kernels (dense, int8, int4) beat torch's GEMM
+DTYPES = (torch.float32, torch.bfloat16)
+# torch's bf16 matmul is emulated (~5x slower than fp32) on CPUs without bf16 instructions
+EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
+
+enabled = build.available
+
+
+def plain(t: torch.Tensor) -> bool:
+    """A dense CPU tensor of torch's own type: no DTensor, FakeTensor, functional or other wrapper subclass."""
+    return (type(t) is torch.Tensor or type(t) is nn.Parameter) and t.device.type == "cpu" \
+        and t.layout == torch.strided
+
+
+def rows_of(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a Linear's product on `x` goes to loom::dense_linear (inference, decode-sized, fp32/bf16)."""
+    if torch.is_grad_enabled() or not enabled():
+        return False
+    if not (plain(x) and plain(weight) and (bias is None or plain(bias))):
+        return False
+    dtype = x.dtype
+    if weight.dtype is not dtype or dtype not in DTYPES or (bias is not None and bias.dtype is not dtype):
+        return False
+    rows = rows_of(x)
+    return 0 < rows <= MAX_ROWS and (rows == 1 or dtype is torch.float32 or EMULATED_BF16)
+
+
+def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (not torch.is_grad_enabled() and x.dtype in DTYPES and weight.dtype is x.dtype and plain(x)
+            and plain(weight) and enabled())
+
+
+def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
+    """A decode step's attention: one query per head, no dropout or causal flag, a bool (B|1, 1, 1, L) mask."""
+    if is_causal or dropout or torch.is_grad_enabled() or q.shape[2] != 1 or not enabled():
+        return False
+    dtype = q.dtype
+    if not (dtype in DTYPES and k.dtype is dtype and v.dtype is dtype and plain(q) and plain(k) and plain(v)):
+        return False
+    if not (q.shape[-1] == k.shape[-1] == v.shape[-1] <= 512 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0):
+        return False
+    return mask is None or (plain(mask) and mask.dtype is torch.bool and mask.dim() == 4
+                            and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, q.shape[0])
+                            and mask.shape[3] == k.shape[2])
+
+
+def quantized_applies(x: torch.Tensor) -> bool:
+    """Whether a loom int8/int4 Linear's product on `x` goes to its C kernel (any grad mode: the ops have autograd)."""
+    return plain(x) and x.is_floating_point() and rows_of(x) <= MAX_ROWS and enabled()
+
+
+def decode_on_kernels(model: nn.Module, rows: int) -> bool:
+    """Whether every matmul of a `rows`-row decode step of `model` runs in loom's kernels, so torch's remaining small
+    ops may run on one thread meanwhile (`loom.kernels.threads.kernels_own_threads`).
+
+    Every Linear-like module must say so itself through `uses_kernels(rows, dtype)` (loom's kernel Linear and its
+    int8/int4 Linears do); any other Linear (a bitsandbytes layer, a PEFT adapter's own Linears) means no."""
+    dtype = getattr(model, "dtype", None)
+    if (model.device.type != "cpu" or rows > MAX_ROWS or dtype not in DTYPES or not enabled()
+            or (dtype is torch.bfloat16 and rows > 1 and not EMULATED_BF16)):
+        return False
+    for m in model.modules():
+        uses = getattr(m, "uses_kernels", None)
+        if uses is not None:
+            if not uses(rows, dtype):
+                return False
+        elif isinstance(m, nn.Linear):
+            return False
+    return True

@@ -1,0 +1,27 @@
+"""The ctypes signatures of the library's exported functions, written once to match csrc/loom_kernels.h (a test
+parses the header and compares)."""
+from __future__ import annotations
+
+import ctypes
+
+_P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
+
+SIGNATURES: dict[str, tuple[object, list]] = {
+    "loom_build_id": (ctypes.c_char_p, []),
+    "loom_set_spin": (None, [_I]),
+    "loom_dense_gemm": (_I, [_P, _I, _P, _I, _P, _I, _P, _I, _L, _L, _L, _I]),
+    "loom_rms_norm": (None, [_P, _P, _P, _I, _L, _L, _F, _I]),
+    "loom_decode_attention": (_I, [_P, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _P, _I, _L, _L, _L, _L, _L,
+                                   _F, _I]),
+    "loom_int8_gemm": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
+    "loom_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
+    "loom_int4_dequantize": (None, [_P, _P, _P, _I, _P, _L, _L, _L, _I]),
+    "loom_int4_quantize_asymmetric": (None, [_P, _P, _P, _P, _L, _L, _L, _I]),
+}
+
+
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    for name, (restype, argtypes) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
