@@ -1,0 +1,120 @@
+"""Threads and processes around the kernels: generate from 4 Python threads at once equals the serial results, a
+model used in fork-started DataLoader workers after the parent ran the kernels' pool neither hangs nor crashes, and
+torch.set_num_threads changed mid-run is honoured."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from loomtest import kernels_on
+
+import loom
+from loom.kernels import threads
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _model(seed: int = 0) -> loom.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = loom.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return loom.LlamaForCausalLM(cfg).eval()
+
+
+PROMPTS = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[1, 7, 7]]), torch.tensor([[4, 2, 8, 8, 6]]),
+           torch.tensor([[3, 3]])]
+
+
+def test_generate_from_four_threads_equals_serial(two_threads):
+    model = _model()
+    serial = [model.generate(p, max_new_tokens=12, do_sample=False) for p in PROMPTS]
+    results, errors = [None] * 4, []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                out = model.generate(PROMPTS[i], max_new_tokens=12, do_sample=False)
+                if results[i] is not None and not torch.equal(out, results[i]):
+                    errors.append(f"thread {i} changed its answer")
+                results[i] = out
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors and not any(w.is_alive() for w in workers)
+    for got, want in zip(results, serial):
+        assert torch.equal(got, want)
+    assert torch.get_num_threads() == 2 and threads.handoffs_in_force() == 0
+
+
+class _Prompts(torch.utils.data.Dataset):
+    def __init__(self, model):
+        self.model = model
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        with torch.no_grad():  # the kernels (and their pool, with 2 threads) run inside the worker
+            return self.model(PROMPTS[i]).logits[0, -1]
+
+
+def test_fork_started_dataloader_workers_after_the_parent_ran_the_kernels(two_threads):
+    import multiprocessing
+
+    model = _model()
+    with torch.no_grad():
+        want = [model(p).logits[0, -1] for p in PROMPTS]  # the parent's pool has run (2 threads)
+        torch.ops.loom.rms_norm(torch.randn(4096, 256), torch.ones(256), 1e-6)  # a job big enough for the helpers
+    loader = torch.utils.data.DataLoader(_Prompts(model), batch_size=None, num_workers=2,
+                                         multiprocessing_context=multiprocessing.get_context("fork"), timeout=120)
+    got = list(loader)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # and the parent's pool still works after the fork
+        torch.testing.assert_close(model(PROMPTS[0]).logits[0, -1], want[0])
+
+
+@pytest.mark.skipif(not kernels_on(), reason="needs loom's C kernels")
+def test_set_num_threads_mid_run_is_honoured(two_threads):
+    model = _model()
+    seen = []
+
+    class Spy:
+        def __call__(self, input_ids, scores):
+            seen.append(threads.pool_threads())
+            return scores
+
+    model.generate(PROMPTS[0], max_new_tokens=2, do_sample=False, logits_processor=[Spy()])
+    torch.set_num_threads(1)
+    assert threads.pool_threads() == 1
+    model.generate(PROMPTS[0], max_new_tokens=2, do_sample=False, logits_processor=[Spy()])
+    assert seen == [2, 2, 1, 1]
+
+
+def _pool_job(queue):
+    torch.set_num_threads(2)  # the child's own pool: helpers created after the fork
+    x = torch.randn(4096, 256)
+    y = torch.ops.loom.rms_norm(x, torch.ones(256), 1e-6)
+    queue.put(float((y - torch.rms_norm(x, (256,), None, 1e-6)).abs().max()))
+
+
+@pytest.mark.skipif(not kernels_on(), reason="needs loom's C kernels")
+def test_forked_child_runs_the_pool_on_several_threads(two_threads):
+    import multiprocessing
+
+    torch.ops.loom.rms_norm(torch.randn(4096, 256), torch.ones(256), 1e-6)  # the parent's helpers exist now
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_pool_job, args=(queue,)) for _ in range(2)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(60)
+    assert [c.exitcode for c in children] == [0, 0]
+    assert max(queue.get(timeout=5) for _ in children) < 1e-5
