@@ -9,6 +9,7 @@ _P, _L, _I, _F = ctypes.c_void_p, ctypes.c_long, ctypes.c_int, ctypes.c_float
 SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_build_id": (ctypes.c_char_p, []),
     "loom_set_spin": (None, [_I]),
+    "loom_pool_helpers": (_I, []),
     "loom_dense_gemm": (_I, [_P, _I, _P, _I, _P, _I, _P, _I, _L, _L, _L, _I]),
     "loom_rms_norm": (None, [_P, _P, _P, _I, _L, _L, _F, _I]),
     "loom_decode_attention": (_I, [_P, _L, _L, _P, _L, _L, _L, _P, _L, _L, _L, _P, _L, _P, _I, _L, _L, _L, _L, _L,

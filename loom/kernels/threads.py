@@ -52,5 +52,10 @@ def _spinning(change: int) -> None:
         build.library().loom_set_spin(DECODE_SPINS if _handoffs[0] > 0 else 0)
 
 
+def pool_helpers() -> int:
+    """Helper threads the kernels' pool has started in this process (0 before its first parallel job)."""
+    return build.library().loom_pool_helpers() if build.available() else 0
+
+
 def handoffs_in_force() -> int:
     return _handoffs[0]

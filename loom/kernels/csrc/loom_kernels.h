@@ -9,6 +9,7 @@
 
 LOOM_API const char *loom_build_id(void);
 LOOM_API void loom_set_spin(int spins);
+LOOM_API int loom_pool_helpers(void);
 LOOM_API int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const void *bias, int bbf16, void *y, int ybf16, long M, long N, long K, int threads);
 LOOM_API void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads);
 LOOM_API int loom_decode_attention(const void *q, long q_sb, long q_sh, const void *k, long k_sb, long k_sh, long k_sl, const void *v, long v_sb, long v_sh, long v_sl, const uint8_t *mask, long m_sb, void *out, int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads);

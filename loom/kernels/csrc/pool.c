@@ -128,3 +128,5 @@ void parallel_run(task_fn fn, const void *args, long total, long chunk, int thre
     while (__atomic_load_n(&pool.done, __ATOMIC_SEQ_CST) < total) _mm_pause();
     pthread_mutex_unlock(&caller);
 }
+
+int loom_pool_helpers(void) { return __atomic_load_n(&pool.helpers, __ATOMIC_SEQ_CST); }
