@@ -35,7 +35,8 @@ def quantizer_class(config) -> type[Quantizer]:
         return BnbQuantizer
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
-    raise TypeError(f"quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, got {type(config).__name__}")
+    raise TypeError("quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, "
+                    f"got {type(config).__name__}")
 
 
 def quantize_(model: nn.Module, config) -> nn.Module:
