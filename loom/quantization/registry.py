@@ -54,7 +54,12 @@ def quantize_(model: nn.Module, config) -> nn.Module:
     quantizer.validate_environment(next((p.device for p in model.parameters()), None))
     quantizer.converted = quantizer.targets(model)
     for name in quantizer.converted:
-        replace_module(model, name, quantizer.quantize_linear(model.get_submodule(name)))
+        linear = model.get_submodule(name)
+        quantized = quantizer.quantize_linear(linear)
+        # a new module starts in training mode; an eval model's layers must stay in eval (bitsandbytes' CPU 4-bit
+        # Linear, for one, takes another kernel path when training)
+        quantized.train(linear.training)
+        replace_module(model, name, quantized)
     quantizer._attach(model)
     quantizer.finish(model)
     return model
