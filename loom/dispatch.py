@@ -60,7 +60,7 @@ def plan_device_map(cls, config, device_map, max_memory, offload_folder, dtype):
 
 def infer_device_map(cls, config, max_memory, dtype, strategy: str) -> dict:
     accelerate = require("accelerate", f"device_map={strategy!r}")
-    from loom.modeling import empty_init
+    from loom.loading import empty_init
 
     with empty_init():
         model = cls(config)

@@ -16,6 +16,7 @@ that part of the file, for tensor-parallel shards).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,6 +31,30 @@ SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
 BIN_WEIGHTS = "pytorch_model.bin"
 BIN_INDEX = "pytorch_model.bin.index.json"
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
+                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def empty_init():
+    """Build modules on the meta device with torch's init functions switched off.
+
+    Random init of weights about to be overwritten is wasted work, and on the meta device it is worse: each
+    init op runs through meta decompositions that import torch._dynamo (seconds of cold start)."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
+    for name in saved:
+        setattr(nn.init, name, _skip_init)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _skip_init(tensor, *args, **kwargs):
+    return tensor
 
 
 def _variant(name: str, variant: str | None) -> str:

@@ -6,7 +6,6 @@ tie weights, initialise only what is truly missing -> eval(). The full-precision
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -282,7 +281,7 @@ class PreTrainedModel(nn.Module):
             hooks.append(TensorParallelLoadHook(tp_plan, device_mesh))
 
         device_for, dispatch = _placement(cls, config, device_map, max_memory, offload_folder, dtype)
-        with empty_init():
+        with loading.empty_init():
             model = cls(config, *model_args)
         for hook in hooks:
             if hasattr(hook, "prepare_model"):
@@ -363,31 +362,6 @@ class PreTrainedModel(nn.Module):
                 tensor = tensor.t()
             out[name] = tensor
         return out
-
-
-_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "eye_", "dirac_",
-                   "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_", "orthogonal_")
-
-
-@contextlib.contextmanager
-def empty_init():
-    """Build modules on the meta device with torch's init functions switched off.
-
-    Random init of weights about to be overwritten is wasted work, and on the meta device it is worse: each
-    init op runs through meta decompositions that import torch._dynamo (seconds of cold start)."""
-    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS if hasattr(nn.init, name)}
-    for name in saved:
-        setattr(nn.init, name, _skip_init)
-    try:
-        with torch.device("meta"):
-            yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
-def _skip_init(tensor, *args, **kwargs):
-    return tensor
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -56,11 +56,12 @@ def require(package: str, feature: str, pip_name: str | None = None):
                           f"({e}); install it with `pip install {pip_name or package}`") from None
 
 
-# `transformers.utils` exports these; so does loom.utils (lazily: the tokenization package imports `tokenizers`)
+# `transformers.utils` exports these; so does loom.utils (lazily: the tokenization package imports `tokenizers`).
+# They come from their own module, not the tokenization package, whose modules import loom.utils (no cycle).
 _TOKENIZATION_NAMES = ("get_json_schema", "DocstringParsingException", "TypeHintParsingException")
 
 
 def __getattr__(name: str):
     if name in _TOKENIZATION_NAMES:
-        return getattr(importlib.import_module("loom.tokenization"), name)
+        return getattr(importlib.import_module("loom.tokenization.tool_schema"), name)
     raise AttributeError(f"module 'loom.utils' has no attribute {name!r}")

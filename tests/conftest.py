@@ -9,6 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# Property tests run derandomised in CI (DESIGN.md): the same examples on every run, so a CI failure reproduces on
+# any machine. Locally they explore (random seeds, example database); a failure prints the blob that replays it.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

@@ -1,5 +1,7 @@
-"""ParallelTrainer: loom's Trainer under torchrun, with tensor / context / FSDP2 data parallelism.
+"""What makes loom's Trainer a ParallelTrainer (under torchrun, with tensor / context / FSDP2 data parallelism).
 
+A mixin rather than a Trainer subclass: `Trainer(...)` itself returns a ParallelTrainer when the arguments ask for
+parallelism, so the training package assembles the class (loom/training/trainer.py) and this file needs no Trainer.
 It overrides only the Trainer's documented extension points (sampler, item counting, loss, gradient sync, clipping,
 model wrapping, checkpoints), so the same script runs with `python train.py` (one process: every size is 1) and
 with `torchrun --nproc_per_node N train.py`. Sizes come from `parallel=` or from the TrainingArguments fields
@@ -18,10 +20,11 @@ from torch import nn
 
 from loom.distributed.context import ParallelContext, setup_parallel
 from loom.training import checkpoints as ckpt
-from loom.training.trainer import Trainer
 
 
-class ParallelTrainer(Trainer):
+class ParallelTrainerMixin:
+    """Put before Trainer in the bases: each method here wraps or replaces the Trainer's (see the module docstring)."""
+
     def __init__(self, *args, parallel: ParallelContext | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.parallel = parallel if parallel is not None else setup_parallel(self.args)

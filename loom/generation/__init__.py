@@ -17,8 +17,8 @@ _LAZY = {
     "StoppingCriteria": "loom.generation.stopping_criteria",
     "StoppingCriteriaList": "loom.generation.stopping_criteria",
     "generate": "loom.generation.utils",
-    "GenerateDecoderOnlyOutput": "loom.generation.utils",
-    "GenerateBeamDecoderOnlyOutput": "loom.generation.utils",
+    "GenerateDecoderOnlyOutput": "loom.generation.outputs",
+    "GenerateBeamDecoderOnlyOutput": "loom.generation.outputs",
 }
 
 __all__ = ["GenerationConfig", *_LAZY]

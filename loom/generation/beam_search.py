@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loom.generation.outputs import GenerateBeamDecoderOnlyOutput
+
 _NEG = -1.0e9
 
 
@@ -21,8 +23,6 @@ def _gather(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, generator):
-    from loom.generation.utils import GenerateBeamDecoderOnlyOutput
-
     K, max_length = cfg.num_beams, cfg.max_length
     rows, prompt_len = input_ids.shape
     B, device = rows // K, input_ids.device

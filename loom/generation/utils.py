@@ -12,23 +12,12 @@ from loom.generation.beam_search import beam_search
 from loom.generation.config import GenerationConfig
 from loom.generation.decoder import Decoder
 from loom.generation.logits_process import LogitsProcessorList, build_logits_processors
+# both output classes stay importable from here, where the reference defines them
+from loom.generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput  # noqa: F401
 from loom.generation.stopping_criteria import MaxLengthCriteria, EosTokenCriteria, StoppingCriteriaList, \
     build_stopping_criteria
-from loom.outputs import ModelOutput
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
-
-
-class GenerateDecoderOnlyOutput(ModelOutput):
-    """`sequences` (B, T); per-step `scores` / `logits` tuples of (B, V) when asked for; the `cache`."""
-
-    @property
-    def past_key_values(self):
-        return self.get("cache")
-
-
-class GenerateBeamDecoderOnlyOutput(GenerateDecoderOnlyOutput):
-    """Adds `sequences_scores` (length-penalised log-probs) and `beam_indices`."""
 
 
 def generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,

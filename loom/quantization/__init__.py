@@ -4,8 +4,9 @@ Use `from_pretrained(..., quantization_config=BitsAndBytesConfig(...) | WeightOn
 loading, `quantize_(model, config)` for a model in memory; `save_pretrained` writes the quantized weights and
 `quantization_config`, and `from_pretrained` reloads them as stored. bitsandbytes is imported only when used.
 """
-from loom.quantization.base import Quantizer, get_quantizer, quantize_
+from loom.quantization.base import Quantizer
 from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict, config_from_flag
+from loom.quantization.registry import get_quantizer, quantize_
 
 __all__ = ["BitsAndBytesConfig", "WeightOnlyConfig", "Quantizer", "config_from_dict", "config_from_flag",
            "get_quantizer", "quantize_"]

@@ -1,10 +1,11 @@
-"""The quantizer protocol shared by every backend: module targeting, the loader hook, and dispatch from a config.
+"""The quantizer protocol shared by every backend: module targeting and the loader hook. Which backend serves a
+config is decided in registry.py, so this file imports no backend and every backend can import it.
 
 A quantizer is a loader hook (see loom/loading.py): `prepare_model` swaps the targeted `nn.Linear`s of the meta
 model for quantized modules, `load_tensor` quantizes each weight as it streams in (or takes a pre-quantized one as
 stored), `load_extra_tensor` keeps companion tensors (scales, quant states) that have no slot in the meta model,
 and `finish` assembles whatever needed several tensors. `quantize_linear` converts one loaded Linear, for
-`quantize_` on a model already in memory.
+`quantize_` (registry.py) on a model already in memory.
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ import torch
 from torch import nn
 
 from loom.kernels import is_plain_linear
-from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict
 
 
 def default_skips(model: nn.Module) -> list[str]:
@@ -141,55 +141,3 @@ class Quantizer:
 
     def quantize_linear(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError
-
-
-def get_quantizer(model_config, quantization_config=None) -> Quantizer:
-    """The quantizer for a from_pretrained call: the checkpoint's own `quantization_config` (pre-quantized) or the
-    one passed by the caller (quantize while loading)."""
-    stored = getattr(model_config, "quantization_config", None) if model_config is not None else None
-    if stored is not None:
-        stored = config_from_dict(stored, "quantization_config in config.json")
-        if quantization_config is not None:
-            wanted = config_from_dict(quantization_config)
-            if wanted.to_dict() != stored.to_dict():
-                raise ValueError(f"quantization_config: this checkpoint is already quantized ({stored!r}); loom "
-                                 "cannot quantize it again. Drop quantization_config= to load it as stored, or "
-                                 "load the full-precision checkpoint instead")
-        return _quantizer_class(stored)(stored, pre_quantized=True)
-    config = config_from_dict(quantization_config)
-    return _quantizer_class(config)(config, pre_quantized=False)
-
-
-def _quantizer_class(config):
-    if isinstance(config, BitsAndBytesConfig):
-        if not config.is_quantizable():
-            raise ValueError("BitsAndBytesConfig: set load_in_8bit=True or load_in_4bit=True")
-        from loom.quantization.bnb import BnbQuantizer
-
-        return BnbQuantizer
-    if isinstance(config, WeightOnlyConfig):
-        from loom.quantization.weight_only import WeightOnlyQuantizer
-
-        return WeightOnlyQuantizer
-    raise TypeError(f"quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, got {type(config).__name__}")
-
-
-def quantize_(model: nn.Module, config) -> nn.Module:
-    """Quantize the Linear layers of a model already in memory, in place; returns the model."""
-    config = config_from_dict(config, "config")
-    already = quantized_modules(model)
-    if getattr(model, "_loom_quantizer", None) is not None or already:
-        where = f" ({', '.join(already[:3])}{', ...' if len(already) > 3 else ''})" if already else ""
-        raise ValueError(f"quantize_: the model is already quantized{where}; quantizing twice loses accuracy. "
-                         "Load the full-precision checkpoint and quantize that")
-    if any(p.is_meta for p in model.parameters()):
-        raise ValueError("quantize_: the model has weights on the meta device; load it first, or pass "
-                         "quantization_config= to from_pretrained to quantize while loading")
-    quantizer = _quantizer_class(config)(config, pre_quantized=False)
-    quantizer.validate_environment(next((p.device for p in model.parameters()), None))
-    quantizer.converted = quantizer.targets(model)
-    for name in quantizer.converted:
-        replace_module(model, name, quantizer.quantize_linear(model.get_submodule(name)))
-    quantizer._attach(model)
-    quantizer.finish(model)
-    return model

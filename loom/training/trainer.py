@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loom.distributed.trainer import ParallelTrainerMixin
 from loom.training import checkpoints as ckpt
 from loom.training.arguments import TrainingArguments, steps_from
 from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
@@ -40,16 +41,14 @@ class TrainOutput(NamedTuple):
 class Trainer(EvaluationMixin, CheckpointMixin):
     """Train, evaluate and predict with a model; the reference's constructor arguments and methods.
 
-    Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, `Trainer(...)` builds a
-    `loom.distributed.trainer.ParallelTrainer`, so one script runs with `python` and with `torchrun`.
+    Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, `Trainer(...)` builds a `ParallelTrainer`
+    (below), so one script runs with `python` and with `torchrun`.
     """
 
     def __new__(cls, *args, **kwargs):
         if cls is Trainer:
             targs = kwargs.get("args", args[1] if len(args) > 1 else None)
             if targs is not None and getattr(targs, "wants_parallel", False):
-                from loom.distributed.trainer import ParallelTrainer
-
                 return super().__new__(ParallelTrainer)
         return super().__new__(cls)
 
@@ -529,3 +528,8 @@ def _preserved_rng():
         yield
     finally:
         ckpt.set_rng_state(saved)
+
+
+class ParallelTrainer(ParallelTrainerMixin, Trainer):
+    """The Trainer with tensor / context / FSDP2 data parallelism (loom/distributed/trainer.py); `Trainer(...)`
+    returns one when the arguments ask for parallelism."""

@@ -1,0 +1,65 @@
+"""From a quantization config to its backend: the quantizer for `from_pretrained`, and `quantize_` for a model in
+memory. The one module that knows every backend; the backends import only the protocol in base.py."""
+from __future__ import annotations
+
+from torch import nn
+
+from loom.quantization.base import Quantizer, quantized_modules, replace_module
+from loom.quantization.bnb import BnbQuantizer
+from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.weight_only import WeightOnlyQuantizer
+
+
+def get_quantizer(model_config, quantization_config=None) -> Quantizer:
+    """The quantizer for a from_pretrained call: the checkpoint's own `quantization_config` (pre-quantized) or the
+    one passed by the caller (quantize while loading)."""
+    stored = getattr(model_config, "quantization_config", None) if model_config is not None else None
+    if stored is not None:
+        stored = config_from_dict(stored, "quantization_config in config.json")
+        if quantization_config is not None:
+            wanted = config_from_dict(quantization_config)
+            if wanted.to_dict() != stored.to_dict():
+                raise ValueError(f"quantization_config: this checkpoint is already quantized ({stored!r}); loom "
+                                 "cannot quantize it again. Drop quantization_config= to load it as stored, or "
+                                 "load the full-precision checkpoint instead")
+        return quantizer_class(stored)(stored, pre_quantized=True)
+    config = config_from_dict(quantization_config)
+    return quantizer_class(config)(config, pre_quantized=False)
+
+
+def quantizer_class(config) -> type[Quantizer]:
+    """The backend that serves a quantization config."""
+    if isinstance(config, BitsAndBytesConfig):
+        if not config.is_quantizable():
+            raise ValueError("BitsAndBytesConfig: set load_in_8bit=True or load_in_4bit=True")
+        return BnbQuantizer
+    if isinstance(config, WeightOnlyConfig):
+        return WeightOnlyQuantizer
+    raise TypeError("quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, "
+                    f"got {type(config).__name__}")
+
+
+def quantize_(model: nn.Module, config) -> nn.Module:
+    """Quantize the Linear layers of a model already in memory, in place; returns the model."""
+    config = config_from_dict(config, "config")
+    already = quantized_modules(model)
+    if getattr(model, "_loom_quantizer", None) is not None or already:
+        where = f" ({', '.join(already[:3])}{', ...' if len(already) > 3 else ''})" if already else ""
+        raise ValueError(f"quantize_: the model is already quantized{where}; quantizing twice loses accuracy. "
+                         "Load the full-precision checkpoint and quantize that")
+    if any(p.is_meta for p in model.parameters()):
+        raise ValueError("quantize_: the model has weights on the meta device; load it first, or pass "
+                         "quantization_config= to from_pretrained to quantize while loading")
+    quantizer = quantizer_class(config)(config, pre_quantized=False)
+    quantizer.validate_environment(next((p.device for p in model.parameters()), None))
+    quantizer.converted = quantizer.targets(model)
+    for name in quantizer.converted:
+        linear = model.get_submodule(name)
+        quantized = quantizer.quantize_linear(linear)
+        # a new module starts in training mode; an eval model's layers must stay in eval (bitsandbytes' CPU 4-bit
+        # Linear, for one, takes another kernel path when training)
+        quantized.train(linear.training)
+        replace_module(model, name, quantized)
+    quantizer._attach(model)
+    quantizer.finish(model)
+    return model
