@@ -44,9 +44,12 @@ _NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 _EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
 
 
-# Under torch.compile the plain torch ops are traced instead: the C kernels are opaque calls that would break the
-# graph at every layer.
-_compiling = torch.compiler.is_compiling
+def _compiling() -> bool:
+    """Whether something records or reinterprets the ops: torch.compile/export, torch.jit.trace, or a dispatch mode
+    (FakeTensorMode, a FLOP counter). Then the plain torch ops run instead of the C kernels, which are opaque calls
+    on raw pointers: they would break a compiled graph at every layer, be baked into a jit trace as constants, read
+    fake tensors' missing data, and go uncounted by a mode."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
 
 
 def _plain_linear(module: nn.Module) -> bool:
