@@ -162,8 +162,9 @@ def position_mask(attention_mask: torch.Tensor | None, cache_position: torch.Ten
     """Causal boolean SDPA mask (B, 1, T, kv_len) for queries at `cache_position` (T positions, a tensor).
 
     Always builds the mask and never reads a position back to the host, so its shape depends only on T and kv_len:
-    a static cache's compiled decode step sees the same graph at every position. `attention_mask` (B, >= kv_len
-    or shorter, zero-padded) marks the real tokens."""
+    a static cache's compiled decode step sees the same graph at every position. `attention_mask` (B, L) marks the
+    real tokens; L may exceed kv_len (the Decoder hands a static cache its whole-length mask) or fall short of it (the
+    missing keys count as padding)."""
     k_pos = torch.arange(kv_len, device=cache_position.device)
     q_pos = cache_position[:, None]
     allowed = k_pos[None, :] <= q_pos  # (T, kv)
