@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+import torch.utils._pytree as pytree
+
 
 # Output fields that read as None when a model did not produce them (as the reference's dataclass fields do).
 FIELDS = frozenset({"loss", "logits", "last_hidden_state", "pooler_output", "past_key_values", "hidden_states",
@@ -12,7 +14,14 @@ FIELDS = frozenset({"loss", "logits", "last_hidden_state", "pooler_output", "pas
 
 
 class ModelOutput(OrderedDict):
-    """Fields set to None are left out, so `out[0]` is the first field that has a value (the reference's rule)."""
+    """Fields set to None are left out, so `out[0]` is the first field that has a value (the reference's rule).
+
+    Registered as a pytree node (each subclass too), so torch.export, torch.compile's output handling and other
+    tree-walking tools see the tensors inside, as they do for the reference's outputs."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _register_pytree(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -43,3 +52,24 @@ class ModelOutput(OrderedDict):
 
     def __reduce__(self):
         return (self.__class__, (dict(self),))
+
+
+def _flatten(output: ModelOutput):
+    return list(output.values()), (type(output), list(output.keys()))
+
+
+def _flatten_with_keys(output: ModelOutput):
+    return [(pytree.MappingKey(k), v) for k, v in output.items()], (type(output), list(output.keys()))
+
+
+def _unflatten(values, context) -> ModelOutput:
+    cls, keys = context
+    return cls(zip(keys, values))
+
+
+def _register_pytree(cls: type) -> None:
+    pytree.register_pytree_node(cls, _flatten, _unflatten, flatten_with_keys_fn=_flatten_with_keys,
+                                serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+
+
+_register_pytree(ModelOutput)

@@ -28,8 +28,11 @@ class Decoder:
         self.output_hidden_states = output_hidden_states
         self.positions = torch.arange(total_positions, device=device)
         self.cache = None
+        # A static cache attends over its whole buffer, so it takes the whole mask: one shape at every step (a
+        # compiled step would otherwise recompile for each length of a sliced mask).
+        self.whole_mask = use_cache and cache_implementation == "static"
         if use_cache:
-            if cache_implementation == "static":
+            if self.whole_mask:
                 # the last generated token is never fed back, so total_positions - 1 slots suffice
                 self.cache = StaticCache(model.config, max_batch_size=rows, max_cache_len=max(total_positions - 1, 1),
                                          device=device, dtype=model.dtype)
@@ -57,7 +60,7 @@ class Decoder:
 
     def _run(self, forward, start: int, end: int, **inputs) -> torch.Tensor:
         out = forward(
-            attention_mask=None if self.mask is None else self.mask[:, :end],
+            attention_mask=self.mask if self.mask is None or self.whole_mask else self.mask[:, :end],
             position_ids=None if self.position_ids is None else self.position_ids[:, start:end],
             past_key_values=self.cache, use_cache=self.use_cache, cache_position=self.positions[start:end],
             output_hidden_states=self.output_hidden_states or None, logits_to_keep=1, **inputs)

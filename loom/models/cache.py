@@ -98,23 +98,31 @@ class StaticCache(Cache):
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_cache_len = max_cache_len
-        self.seen = 0  # tokens written so far (host-side; cache positions come from the caller)
+        # Tokens written so far, as a tensor: the compiled decode step updates it in place, where a Python int would
+        # be read back from the device and, read inside the compiled region, recompile the step for every value.
+        self.seen = torch.zeros((), dtype=torch.long, device=device)
 
     def update(self, key, value, layer_idx, cache_position: torch.Tensor | None = None):
+        """Write `key`/`value` (B, Hkv, T, D) at `cache_position` (T positions, a tensor) and return the whole buffers.
+
+        Without `cache_position` the tokens follow the ones seen so far (a host read of `seen`; the models always pass
+        positions)."""
         if cache_position is None:
-            start = self.seen if layer_idx == 0 else self.seen - key.shape[-2]
+            start = int(self.seen) - (key.shape[-2] if layer_idx else 0)  # layer 0 already counted these tokens
             cache_position = torch.arange(start, start + key.shape[-2], device=key.device)
-        if int(cache_position[-1]) >= self.max_cache_len:
-            raise ValueError(f"StaticCache is full: max_cache_len={self.max_cache_len}; create it with a larger "
-                             "max_cache_len")
+        # The bounds check reads a position back to the host: fine eagerly, but inside torch.compile it would break
+        # the graph (and the caller, the Decoder, sizes the cache so that it never overflows).
+        if not torch.compiler.is_compiling() and int(cache_position[-1]) >= self.max_cache_len:
+            raise ValueError(f"StaticCache is full: position {int(cache_position[-1])} does not fit in max_cache_len="
+                             f"{self.max_cache_len}; create the cache with a larger max_cache_len")
         self.keys[layer_idx].index_copy_(2, cache_position, key.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, cache_position, value.to(self.values[layer_idx].dtype))
         if layer_idx == 0:
-            self.seen = int(cache_position[-1]) + 1
+            self.seen.copy_(cache_position[-1] + 1)
         return self.keys[layer_idx], self.values[layer_idx]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.seen
+        return int(self.seen)
 
     def get_max_cache_shape(self) -> int:
         return self.max_cache_len
@@ -128,4 +136,4 @@ class StaticCache(Cache):
         for k, v in zip(self.keys, self.values):
             k.zero_()
             v.zero_()
-        self.seen = 0
+        self.seen.zero_()

@@ -30,12 +30,37 @@ def activation(name: str) -> nn.Module:
 
 
 # -- masks and attention -----------------------------------------------------------------------------------------
+def causal_inputs(cache, attention_mask: torch.Tensor | None, cache_position: torch.Tensor | None, q_len: int,
+                  device, *, sliding_window: int | None = None):
+    """A causal decoder's per-forward inputs for `q_len` new tokens: (cache_position, past_len, mask, is_causal).
+
+    A cache of fixed length (a static cache) keeps the positions a tensor end to end: the mask is built from
+    `cache_position` over the whole buffer and past_len is None, so a compiled decode step reads nothing back to the
+    host and has one shape at every position. Otherwise (dynamic cache, no cache) past_len is the cache's Python
+    length and `attention_mask_for` skips the mask where it can.
+    """
+    kv_len = cache.get_max_cache_shape() if cache is not None else None
+    if kv_len:
+        if cache_position is None:
+            past = cache.get_seq_length()
+            cache_position = torch.arange(past, past + q_len, device=device)
+        return cache_position, None, position_mask(attention_mask, cache_position, kv_len,
+                                                   sliding_window=sliding_window), False
+    past = cache.get_seq_length() if cache is not None else 0
+    if cache_position is None:
+        cache_position = torch.arange(past, past + q_len, device=device)
+    mask, is_causal = attention_mask_for(attention_mask, q_len, past, past + q_len, causal=True, device=device,
+                                         sliding_window=sliding_window)
+    return cache_position, past, mask, is_causal
+
+
 def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len: int, kv_len: int, *,
                        causal: bool, device, sliding_window: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """Boolean SDPA mask (B, 1, q_len, kv_len), True = attend, and whether SDPA's own is_causal can be used instead.
 
     Queries sit at positions past_len .. past_len + q_len - 1; keys at 0 .. kv_len - 1. Returns (None, is_causal) on
-    the fast paths (no padding, no window in reach), so most calls never build a mask.
+    the fast paths (no padding, no window in reach), so most calls never build a mask. For a static cache, whose
+    positions are a tensor, use `position_mask`.
     """
     no_padding = attention_mask is None or bool(attention_mask.all())
     window_in_reach = sliding_window is not None and kv_len > sliding_window
@@ -44,24 +69,38 @@ def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len
             return None, False
         if past_len == 0:
             return None, True
-    k_pos = torch.arange(kv_len, device=device)
-    if causal:
-        q_pos = torch.arange(past_len, past_len + q_len, device=device)
-        allowed = k_pos[None, :] <= q_pos[:, None]  # (q, kv)
-        if sliding_window is not None:
-            allowed = allowed & (k_pos[None, :] > q_pos[:, None] - sliding_window)
-        allowed = allowed[None, None]
-    else:
+    if not causal:
         allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        return _with_padding(allowed, attention_mask, kv_len), False
+    q_pos = torch.arange(past_len, past_len + q_len, device=device)
+    return position_mask(attention_mask, q_pos, kv_len, sliding_window=sliding_window), False
+
+
+def position_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, kv_len: int, *,
+                  sliding_window: int | None = None) -> torch.Tensor:
+    """Causal boolean SDPA mask (B, 1, T, kv_len) for queries at `cache_position` (T positions, a tensor).
+
+    Always builds the mask and never reads a position back to the host, so its shape depends only on T and kv_len:
+    a static cache's compiled decode step sees the same graph at every position. `attention_mask` (B, L) marks the
+    real tokens; L may exceed kv_len (the Decoder hands a static cache its whole-length mask) or fall short of it (the
+    missing keys count as padding)."""
+    k_pos = torch.arange(kv_len, device=cache_position.device)
+    q_pos = cache_position[:, None]
+    allowed = k_pos[None, :] <= q_pos  # (T, kv)
+    if sliding_window is not None:
+        allowed = allowed & (k_pos[None, :] > q_pos - sliding_window)
+    return _with_padding(allowed[None, None], attention_mask, kv_len)
+
+
+def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
     if attention_mask is not None:
-        keep = attention_mask.to(device=device, dtype=torch.bool)
+        keep = attention_mask.to(device=allowed.device, dtype=torch.bool)
         if keep.shape[-1] < kv_len:  # a static cache is longer than the tokens seen so far
             keep = F.pad(keep, (0, kv_len - keep.shape[-1]))
         allowed = allowed & keep[:, None, None, :kv_len]
     # A query with nothing to attend to (a padding position) would give NaN; let it attend everywhere instead.
     # Its output is never used, but NaNs would leak into gradients and into batched reductions.
-    allowed = allowed | ~allowed.any(-1, keepdim=True)
-    return allowed, False
+    return allowed | ~allowed.any(-1, keepdim=True)
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -72,7 +111,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return torch.ops.loom.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
-    gqa = k.shape[1] != q.shape[1]
+    # a plain bool from the static sizes: under torch.jit.trace a comparison of traced sizes would be a tensor
+    gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
 
@@ -132,7 +172,10 @@ class RotaryEmbedding(nn.Module):
         self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or "cpu")
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids[:, None, :, None].float() * self.inv_freq.float()  # (B, 1, T, D/2)
+        inv_freq = self.inv_freq
+        if inv_freq.device != position_ids.device:  # built on meta (the buffer stays on CPU) and run on meta/fake
+            inv_freq = inv_freq.to(position_ids.device)
+        freqs = position_ids[:, None, :, None].float() * inv_freq.float()  # (B, 1, T, D/2)
         sin = freqs.sin()
         return torch.cat((freqs, freqs), -1).cos().to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 

@@ -8,7 +8,7 @@ from torch import nn
 from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
-from loom.models.common import activation, attention_mask_for, causal_lm_loss, classification_loss, \
+from loom.models.common import activation, causal_inputs, causal_lm_loss, classification_loss, \
     maybe_checkpoint, sdpa
 from loom.models.llama import last_token_pool
 from loom.outputs import ModelOutput
@@ -118,20 +118,18 @@ class GPT2Model(GPT2PreTrainedModel):
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache or past_key_values is not None else None
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + T > self.config.n_positions:
+        cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, T, x.device)
+        if past is None and not torch.compiler.is_compiling():
+            past = int(cache_position[0])  # a static cache's positions are a tensor; eagerly, read one for the check
+        if past is not None and past + T > self.config.n_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than this model's n_positions="
                              f"{self.config.n_positions}; truncate the input")
-        if cache_position is None:
-            cache_position = torch.arange(past, past + T, device=x.device)
         if position_ids is None:
             position_ids = cache_position[None]
         x = x + self.wpe(position_ids)
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
-        kv_len = cache.get_max_cache_shape() or past + T if cache is not None else T
-        mask, is_causal = attention_mask_for(attention_mask, T, past, kv_len, causal=True, device=x.device)
         hidden = [x] if output_hidden_states else None
         for block in self.h:
             x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache, cache_position)

@@ -7,7 +7,7 @@ from torch import nn
 from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache, DynamicCache
-from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, attention_mask_for,
+from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, causal_inputs,
                                 causal_lm_loss, classification_loss, maybe_checkpoint, sdpa)
 from loom.outputs import ModelOutput
 
@@ -141,14 +141,10 @@ class LlamaModel(LlamaPreTrainedModel):
         if use_cache and past_key_values is None and not self.training:
             past_key_values = DynamicCache()
         cache = past_key_values if use_cache or past_key_values is not None else None
-        past = cache.get_seq_length() if cache is not None else 0
-        if cache_position is None:
-            cache_position = torch.arange(past, past + T, device=x.device)
+        cache_position, _, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, T, x.device,
+                                                           sliding_window=self.sliding_window())
         if position_ids is None:
             position_ids = cache_position[None].expand(B, T)
-        kv_len = cache.get_max_cache_shape() or past + T if cache is not None else T
-        mask, is_causal = attention_mask_for(attention_mask, T, past, kv_len, causal=True, device=x.device,
-                                             sliding_window=self.sliding_window())
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
