@@ -6,7 +6,7 @@ For each dtype and batch size it prints tokens/s and time to first token for bot
 the model's own Linear weights (85 of them) replayed alone as matrix-vector (batch 1) or skinny matrix (batch 8)
 products in the same dtype with F.linear, i.e. the time a decode step would take with zero overhead around the
 matmuls; and a second floor with the same weights replayed through the kernel loom's models actually call
-(`loom.models.common.linear`: loom's C kernel for up to 16 rows on x86-64 with AVX2). The decode rate excludes the
+(`loom.kernels.KernelLinear`: loom::dense_linear for up to 16 rows on x86-64 with AVX2). The decode rate excludes the
 prefill (tokens after the first / time after the first token); both floors are compared with it. "same tokens" is the
 number of leading greedy tokens (of 16) on which loom and the reference agree in every row: in fp32 all 16; in bf16
 the two libraries round differently summed products (loom's kernel sums in another order), and on a random model,
@@ -54,17 +54,15 @@ def best_time(fn, reps: int) -> float:
 def kernel_floor(model, batch: int, dtype, reps: int, kernel: str = "F.linear") -> tuple[float, int]:
     """Seconds per decode step for the model's Linear layers alone, nothing else around them.
 
-    kernel="F.linear" is the issue's floor (x @ W.T per layer); kernel="loom" replays the same weights through
-    `loom.models.common.linear`, the dispatch loom's models actually use (loom's C kernel, or W @ x.T).
+    kernel="F.linear" is the issue's floor (x @ W.T per layer); kernel="loom" calls the model's own Linears, which
+    loom gives its fast path (`loom.kernels.KernelLinear`: loom::dense_linear, or W @ x.T).
     """
-    from loom.models.common import linear as loom_linear
-
     modules = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     xs = {m.in_features: torch.randn(batch, m.in_features, dtype=dtype) for m in modules}
     if kernel == "loom":
         def step():
             for m in modules:
-                loom_linear(m, xs[m.in_features])
+                m(xs[m.in_features])
     else:
         weights = [m.weight.detach() for m in modules]
         linear = torch.nn.functional.linear

@@ -344,6 +344,9 @@ def environment(check_backends: bool = True) -> dict[str, Any]:
                        "torch intra-op": torch.get_num_threads(), "torch inter-op": torch.get_num_interop_threads(),
                        **{var: os.environ[var] for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS",
                                                            "TOKENIZERS_PARALLELISM") if var in os.environ}}
+    from loom.kernels import build
+
+    info["loom kernels"] = build.describe()
     info["optional backends"] = {name: {**_backend_status(dist, check, check_backends), "used for": used_for}
                                  for name, (dist, used_for, check) in OPTIONAL_BACKENDS.items()}
     return info

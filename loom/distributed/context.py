@@ -95,7 +95,13 @@ class ParallelContext:
 
         if not _is_distributed(model):
             model.to(self.device)
-        if self.tp_size > 1 and getattr(model, "_loom_tp_mesh", None) is None:
+        tp_mesh = getattr(model, "_loom_tp_mesh", None)
+        if tp_mesh is not None and tp_mesh.size() != self.tp_size:
+            raise ValueError(f"the model is already tensor-parallel over {tp_mesh.size()} ranks (loaded with tp_plan=) "
+                             f"but the run's tp_size is {self.tp_size}; pass TrainingArguments(tp_size="
+                             f"{tp_mesh.size()}) (or setup_parallel(tp_size={tp_mesh.size()})), or load the model "
+                             "without tp_plan and let the trainer shard it")
+        if self.tp_size > 1 and tp_mesh is None:
             apply_tp(model, self.meshes["tp"])
         if self.cp_size > 1:
             apply_cp(model, self.meshes["cp"])

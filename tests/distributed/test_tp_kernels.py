@@ -25,6 +25,7 @@ def test_tp_auto_inference_matches_one_process(tmp_path):
     torch.testing.assert_close(got["logits"], logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(got["tokens"], model.generate(ids, max_new_tokens=8, do_sample=False))
     assert got["fake_shape"] == (1, 4, H.TINY_LLAMA["vocab_size"])
+    assert "already tensor-parallel over 2 ranks" in got["mismatch"] and "tp_size=2" in got["mismatch"]
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(output_dir=str(tmp_path / "one"), per_device_eval_batch_size=2, report_to=[])
     assert got["eval_loss"] == pytest.approx(Trainer(model=model, args=args, eval_dataset=data).evaluate()["eval_loss"],

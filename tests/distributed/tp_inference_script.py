@@ -27,11 +27,18 @@ def main() -> None:
     with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
         fake_shape = tuple(model(torch.empty(1, 4, dtype=torch.long)).logits.shape)
     data = [{"input_ids": row, "labels": row} for row in ids]
+    try:  # a run that does not say tp_size=2 must say so, not hang in a collective of mismatched shards
+        Trainer(model=model, args=TrainingArguments(output_dir=str(out / "t1"), report_to=[]), eval_dataset=data)
+        mismatch = "no error"
+    except ValueError as e:
+        mismatch = str(e)
     args = TrainingArguments(output_dir=str(out / "trainer"), per_device_eval_batch_size=2, report_to=[], tp_size=2)
     metrics = Trainer(model=model, args=args, eval_dataset=data).evaluate()
     if dist.get_rank() == 0:
-        torch.save({"logits": logits, "tokens": tokens, "fake_shape": fake_shape, "eval_loss": metrics["eval_loss"]},
-                   out / "tp_inference.pt")
+        torch.save({"logits": logits, "tokens": tokens, "fake_shape": fake_shape, "eval_loss": metrics["eval_loss"],
+                    "mismatch": mismatch}, out / "tp_inference.pt")
+    dist.barrier()
+    dist.destroy_process_group()  # leave together: a gloo group alive at exit can abort in its destructor
 
 
 if __name__ == "__main__":
