@@ -16,14 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.kernels import policy
+from loom.kernels import ops, policy
 
 SKINNY_MAX_ROWS = 64
 
 
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if policy.dense_applies(x, weight, bias):
-        return torch.ops.loom.dense_linear(x, weight, bias)
+        return ops.dense_linear(x, weight, bias)
     if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not policy.plain(x) or not policy.plain(weight)
             or weight.dtype is not x.dtype or (bias is not None and not policy.plain(bias))):
         return F.linear(x, weight, bias)

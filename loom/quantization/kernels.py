@@ -87,7 +87,7 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
     kernel = module.kernel
     shape = x.shape[:-1]
     if kernel == "native" and policy.quantized_applies(x):
-        return torch.ops.loom.int8_linear(x, module.weight, module.weight_scale)
+        return ops.int8_linear(x, module.weight, module.weight_scale)
     if kernel == "fbgemm_int8" and x.device.type == "cpu":
         packed = module.packed_weight()
         y = fbgemm_int8_matmul(_rows(x).float(), packed, module.row_sums)
@@ -122,7 +122,7 @@ def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     zero = module.zero_point
     if module.kernel == "native" and policy.plain(x):
         if policy.quantized_applies(x):
-            return torch.ops.loom.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
+            return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
         weight = torch.ops.loom.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype, zero))
