@@ -22,10 +22,13 @@ EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX",
 enabled = build.available
 
 
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
 def plain(t: torch.Tensor) -> bool:
-    """A dense CPU tensor of torch's own type: no DTensor, FakeTensor, functional or other wrapper subclass."""
-    return (type(t) is torch.Tensor or type(t) is nn.Parameter) and t.device.type == "cpu" \
-        and t.layout == torch.strided
+    """A CPU tensor of torch's own type: no DTensor, FakeTensor, functional or other wrapper subclass (layouts and
+    the rest are checked by the operators themselves)."""
+    return type(t) in _PLAIN and t.is_cpu
 
 
 def rows_of(x: torch.Tensor) -> int:
@@ -52,16 +55,17 @@ def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
     """A decode step's attention: one query per head, no dropout or causal flag, a bool (B|1, 1, 1, L) mask."""
-    if is_causal or dropout or torch.is_grad_enabled() or q.shape[2] != 1 or not enabled():
+    qs = q.shape
+    if is_causal or dropout or len(qs) != 4 or qs[2] != 1 or torch.is_grad_enabled() or not enabled():
         return False
-    dtype = q.dtype
+    dtype, ks = q.dtype, k.shape
     if not (dtype in DTYPES and k.dtype is dtype and v.dtype is dtype and plain(q) and plain(k) and plain(v)):
         return False
-    if not (q.shape[-1] == k.shape[-1] == v.shape[-1] <= 512 and q.shape[1] % k.shape[1] == 0 and k.shape[2] > 0):
+    if not (len(ks) == 4 and qs[3] == ks[3] <= 512 and v.shape == ks and ks[1] and qs[1] % ks[1] == 0 and ks[2]):
         return False
     return mask is None or (plain(mask) and mask.dtype is torch.bool and mask.dim() == 4
-                            and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, q.shape[0])
-                            and mask.shape[3] == k.shape[2])
+                            and mask.shape[1] == 1 and mask.shape[2] == 1 and mask.shape[0] in (1, qs[0])
+                            and mask.shape[3] == ks[2])
 
 
 def quantized_applies(x: torch.Tensor) -> bool:
