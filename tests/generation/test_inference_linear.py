@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from loomtest import kernels_off_for, kernels_on
 from torch import nn
 
-from loom.kernels import KernelLinear, is_plain_linear, use_kernels_
+from loom.kernels import KernelLinear, is_plain_linear, ops, use_kernels_
 from loom.kernels.linear import SKINNY_MAX_ROWS
 from loom.kernels.policy import MAX_ROWS
 
@@ -127,7 +127,7 @@ def test_without_the_c_library_the_torch_paths_are_used(monkeypatch, dtype):
     module = _linear(True).to(dtype)
     x = torch.randn(4, 48, dtype=dtype)
     calls = []
-    monkeypatch.setattr(torch.ops.loom, "dense_linear", lambda *a: calls.append(a))
+    monkeypatch.setattr(ops, "_dense_cpu", lambda *a: calls.append(a))
     with torch.no_grad():
         torch.testing.assert_close(module(x), F.linear(x, module.weight, module.bias), rtol=1e-5, atol=1e-5)
     assert not calls
