@@ -5,10 +5,12 @@ fastest correct product. Model files call their modules (`self.q_proj(x)`) and n
 
 The product, on CPU without autograd:
 - decode-sized fp32/bf16 inputs: loom::dense_linear (see policy.py for when);
-- fp32 up to SKINNY_MAX_ROWS rows: W @ x.T, ~1.5-2x faster than the BLAS's x @ W.T for skinny inputs;
 - bf16 where torch emulates bf16: the product in fp32 on a transient fp32 copy of the weight (exact bf16 inputs,
   fp32 sums, one rounding to bf16: what a bf16 matmul computes), ~5x faster than the emulation.
 Anything else (training, CUDA, DTensor weights, mixed dtypes, torch.compile beyond the operator) is F.linear.
+(Earlier sessions took W @ x.T for 2-64 fp32 rows, 1.5-2x F.linear on an AVX2 Zen 1 machine. Its result depends on
+where the weight sits in memory: the BLAS picks its kernel by alignment, so a loaded model and the same model in
+memory differed in the last bit. On this AVX-512 machine it was no faster above 2 rows, and those go to the kernel.)
 """
 from __future__ import annotations
 
@@ -18,32 +20,14 @@ from torch import nn
 
 from loom.kernels import ops, policy
 
-SKINNY_MAX_ROWS = 64
-
-
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if policy.dense_applies(x, weight, bias):
         return ops.dense_linear(x, weight, bias)
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or not policy.plain(x) or not policy.plain(weight)
-            or weight.dtype is not x.dtype or (bias is not None and not policy.plain(bias))):
-        return F.linear(x, weight, bias)
-    rows = policy.rows_of(x)
-    if rows == 0 or rows > SKINNY_MAX_ROWS and not (x.dtype is torch.bfloat16 and policy.EMULATED_BF16):
-        return F.linear(x, weight, bias)
-    x2 = x.reshape(rows, x.shape[-1])
-    if x.dtype is torch.float32:
-        out = _skinny(x2, weight, bias)
-    elif x.dtype is torch.bfloat16 and policy.EMULATED_BF16:
-        xf, wf, bf = x2.float(), weight.float(), None if bias is None else bias.float()
-        out = (_skinny(xf, wf, bf) if rows <= SKINNY_MAX_ROWS else F.linear(xf, wf, bf)).bfloat16()
-    else:
-        return F.linear(x, weight, bias)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
-def _skinny(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    out = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())  # (N, M)
-    return out.t().contiguous()
+    if (x.dtype is torch.bfloat16 and weight.dtype is torch.bfloat16 and policy.EMULATED_BF16
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and policy.plain(x)
+            and policy.plain(weight) and (bias is None or policy.plain(bias))):
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).bfloat16()
+    return F.linear(x, weight, bias)
 
 
 class KernelLinear(nn.Linear):

@@ -246,8 +246,9 @@ def _attn_cpu(q, k, v, mask, scale):
     out = torch.empty(B, 1, H, D, dtype=q.dtype)
     if B == 0:
         return out.transpose(1, 2)
-    if lib is None:
-        return attention_reference(q, k, v, mask, scale)
+    if lib is None:  # the kernel's arithmetic (fp32 sums, one rounding) and its output layout
+        out.transpose(1, 2).copy_(attention_reference(q.float(), k.float(), v.float(), mask, scale))
+        return out.transpose(1, 2)
     q, k, v = _unit_stride_last(q), _unit_stride_last(k), _unit_stride_last(v)
     mask = None if mask is None else _unit_stride_last(mask)
     m_sb = 0 if mask is None or mask.shape[0] == 1 else mask.stride(0)

@@ -1,5 +1,5 @@
 """KernelLinear, the fast path `use_kernels_` gives every plain Linear: loom::dense_linear for fp32/bf16 up to
-policy.MAX_ROWS rows, W @ x.T for fp32 up to SKINNY_MAX_ROWS, equal to nn.Linear; hooks, autograd and mixed dtypes
+policy.MAX_ROWS rows, equal to nn.Linear; hooks, autograd and mixed dtypes
 behave as nn.Linear does; models built by loom carry it without any model file calling a kernel."""
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from loomtest import kernels_off_for, kernels_on
 from torch import nn
 
 from loom.kernels import KernelLinear, is_plain_linear, ops, use_kernels_
-from loom.kernels.linear import SKINNY_MAX_ROWS
 from loom.kernels.policy import MAX_ROWS
 
 needs_kernels = pytest.mark.skipif(not kernels_on(), reason="loom's C kernels need Linux x86-64 with "
@@ -45,7 +44,7 @@ def test_loom_models_get_it_from_outside(tmp_path):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 48), (3, 5, 48), (8, 1, 48), (1, SKINNY_MAX_ROWS + 3, 48),
+@pytest.mark.parametrize("shape", [(1, 1, 48), (2, 48), (3, 5, 48), (8, 1, 48), (1, 67, 48),
                                    (0, 48)])
 def test_matches_f_linear(bias, shape):
     module = _linear(bias)
@@ -114,6 +113,26 @@ def test_kernel_rounds_bf16_like_torch():
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
 
 
+def test_result_does_not_depend_on_where_the_weight_sits():
+    """A loaded model and the same model in memory must agree bitwise: no path may pick its BLAS kernel by the
+    weight's alignment (W @ x.T did)."""
+    module = _linear(False, 32, 32)
+    x = torch.randn(24, 32)  # beyond the kernel's rows: torch's own matmul
+    buf = torch.empty(32 * 32 + 16)
+    with torch.no_grad():
+        want = module(x)
+        for offset in range(1, 16):
+            moved = buf[offset:offset + 32 * 32].view(32, 32)
+            moved.copy_(module.weight)
+            assert torch.equal(KernelLinear.forward(_with_weight(module, moved), x), want), offset
+
+
+def _with_weight(module, weight):
+    clone = _linear(False, 32, 32)
+    clone.weight = nn.Parameter(weight, requires_grad=False)
+    return clone
+
+
 def test_noncontiguous_inputs():
     module = _linear(True)
     x = torch.randn(48, 6).t()  # (6, 48), not contiguous
@@ -133,7 +152,7 @@ def test_without_the_c_library_the_torch_paths_are_used(monkeypatch, dtype):
     assert not calls
 
 
-@pytest.mark.parametrize("rows", [MAX_ROWS + 1, SKINNY_MAX_ROWS + 1])
+@pytest.mark.parametrize("rows", [MAX_ROWS + 1, 65])
 def test_bf16_beyond_the_kernel_matches_a_bf16_matmul(rows):
     module = _linear(True).to(torch.bfloat16)
     x = torch.randn(rows, 48, dtype=torch.bfloat16)
