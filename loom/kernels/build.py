@@ -27,6 +27,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from loom.kernels.signatures import declare
+
 CSRC = Path(__file__).parent / "csrc"
 ENV = "LOOM_KERNELS"
 LEVELS = {
@@ -124,9 +126,13 @@ def _compile(cc: str, level: str, key: str, out: Path) -> None:
         raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-800:]}")
 
 
+def _library_name(level: str, key: str) -> str:
+    return f"loom_kernels_{level}_{key}.so"
+
+
 def _install(cc: str, level: str, key: str, directory: Path) -> Path:
     """Build into a private temporary directory under `directory`, then move the library and its record into place."""
-    target = directory / f"loom_kernels_{level}_{key}.so"
+    target = directory / _library_name(level, key)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory, prefix=".build-") as tmp:
         out = Path(tmp) / target.name
@@ -139,11 +145,10 @@ def _install(cc: str, level: str, key: str, directory: Path) -> Path:
     return target
 
 
-def locate(cc: str, level: str) -> Path:
-    """A validated library for `level`: the cached one, or a fresh build (in a temporary directory when the cache
-    directory cannot be written)."""
-    key = build_key(cc, level)
-    target = cache_dir() / f"loom_kernels_{level}_{key}.so"
+def locate(cc: str, level: str, key: str) -> Path:
+    """A validated library for `level` built as `key` (see build_key): the cached one, or a fresh build (in a
+    temporary directory when the cache directory cannot be written)."""
+    target = cache_dir() / _library_name(level, key)
     if _valid(target, key):
         return target
     try:
@@ -157,8 +162,6 @@ def locate(cc: str, level: str) -> Path:
 
 
 def _load(path: Path, key: str) -> ctypes.CDLL:
-    from loom.kernels.signatures import declare
-
     lib = declare(ctypes.CDLL(str(path)))
     built = lib.loom_build_id().decode()
     if built != key:
@@ -182,7 +185,7 @@ def library() -> ctypes.CDLL | None:
         else:
             try:
                 key = build_key(cc, level)
-                lib = _load(locate(cc, level), key)
+                lib = _load(locate(cc, level, key), key)
             except (OSError, RuntimeError, subprocess.SubprocessError) as err:
                 why = f"build failed: {err}"
                 warnings.warn(f"loom could not build its CPU kernels ({err}); decode-sized and quantized matmuls "

@@ -20,6 +20,7 @@ from torch import nn
 
 from loom.kernels import ops, policy
 
+
 def linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if policy.dense_applies(x, weight, bias):
         return ops.dense_linear(x, weight, bias)

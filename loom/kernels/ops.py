@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import build
+from loom.kernels.policy import rows_of
 from loom.kernels.threads import pool_threads
 
 _lib = torch.library.Library("loom", "DEF")
@@ -29,13 +30,22 @@ _F32 = torch.float32
 _SCALES = (torch.float16, torch.float32)
 
 
-def _define(schema: str, cpu, fake, backward=None, setup=None) -> None:
+def _define(schema: str, cpu, fake, backward=None, setup=None, *, grad_args: tuple[int, ...] = ()):
+    """Register the operator; return the plain function callers use (see the module docstring): `cpu` itself when
+    nothing records ops and no argument at `grad_args` needs a gradient, the operator otherwise."""
     name = schema.split("(", 1)[0]
     _lib.define(schema)
     _lib.impl(name, cpu, "CPU")
     torch.library.register_fake(f"loom::{name}", fake, lib=_lib)
     if backward is not None:
         torch.library.register_autograd(f"loom::{name}", backward, setup_context=setup, lib=_lib)
+    op = getattr(torch.ops.loom, name).default
+
+    def call(*args):
+        return cpu(*args) if _eager(args, grad_args) else op(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
 
 
 def _check(ok: bool, op: str, message: str) -> None:
@@ -54,15 +64,12 @@ def _check_float(op: str, name: str, t: torch.Tensor, allowed=_FLOATS) -> None:
            f"{', '.join(str(d).replace('torch.', '') for d in allowed)}")
 
 
-def _eager(*maybe_grad: torch.Tensor | None) -> bool:
-    """Nothing records or transforms ops now, and no gradient is wanted for `maybe_grad`."""
+def _eager(args: tuple, grad_args: tuple[int, ...]) -> bool:
+    """Nothing records or transforms ops now, and no gradient is wanted for the arguments at `grad_args`."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack()
                 or torch._C._are_functorch_transforms_active()
-                or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in maybe_grad)))
-
-
-def _rows(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+                or (torch.is_grad_enabled() and any(args[i] is not None and args[i].requires_grad
+                                                    for i in grad_args)))
 
 
 # -- dense linear: x (..., K) @ weight (N, K).T + bias ------------------------------------------------------------
@@ -93,7 +100,7 @@ def _dense_cpu(x, weight, bias):
     x2, w = x.contiguous(), weight.contiguous()
     b = None if bias is None else bias.contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
-    m, bf16 = _rows(x), torch.bfloat16
+    m, bf16 = rows_of(x), torch.bfloat16
     if m and n:
         status = lib.loom_dense_gemm(x2.data_ptr(), x.dtype is bf16, w.data_ptr(), w.dtype is bf16,
                                      None if b is None else b.data_ptr(), b is not None and b.dtype is bf16,
@@ -130,12 +137,8 @@ def _dense_backward(ctx, grad):
     return gx, gw, gb
 
 
-_define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _dense_cpu, _dense_fake,
-        _dense_backward, _dense_setup)
-
-
-def dense_linear(x, weight, bias):
-    return _dense_cpu(x, weight, bias) if _eager(x, weight, bias) else torch.ops.loom.dense_linear(x, weight, bias)
+dense_linear = _define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _dense_cpu, _dense_fake,
+                       _dense_backward, _dense_setup, grad_args=(0, 1, 2))
 
 
 # -- RMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim ------------------------------------------------
@@ -164,7 +167,7 @@ def _norm_cpu(x, weight, eps):
     w = weight.contiguous()
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     n = x.shape[-1]
-    lib.loom_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16, _rows(x), n, eps,
+    lib.loom_rms_norm(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16, rows_of(x), n, eps,
                       pool_threads())
     return y
 
@@ -191,12 +194,8 @@ def _norm_backward(ctx, grad):
     return (None if gx is None else gx.to(x.dtype)), (None if gw is None else gw.to(weight.dtype)), None
 
 
-_define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_cpu, _norm_fake, _norm_backward,
-        _norm_setup)
-
-
-def rms_norm(x, weight, eps: float):
-    return _norm_cpu(x, weight, eps) if _eager(x, weight) else torch.ops.loom.rms_norm(x, weight, eps)
+rms_norm = _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_cpu, _norm_fake,
+                   _norm_backward, _norm_setup, grad_args=(0, 1))
 
 
 # -- single-query attention: softmax(q k^T * scale, mask) v, one query per head ------------------------------------
@@ -292,14 +291,8 @@ def _attn_backward(ctx, grad):
     return gq, gk, gv, None, None
 
 
-_define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor", _attn_cpu,
-        _attn_fake, _attn_backward, _attn_setup)
-
-
-def decode_attention(q, k, v, mask, scale: float):
-    if _eager(q, k, v):
-        return _attn_cpu(q, k, v, mask, scale)
-    return torch.ops.loom.decode_attention(q, k, v, mask, scale)
+decode_attention = _define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
+                           _attn_cpu, _attn_fake, _attn_backward, _attn_setup, grad_args=(0, 1, 2))
 
 
 # -- int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N,)).T ------------------------------------
@@ -344,8 +337,7 @@ def _int8_fake(x, weight, scale):
 
 
 def _quant_setup(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))
-    ctx.extra = [a for a in inputs if not (isinstance(a, torch.Tensor) or a is None)]
+    ctx.save_for_backward(*(t for t in inputs if isinstance(t, torch.Tensor) or t is None))  # not group_size
 
 
 def _int8_backward(ctx, grad):
@@ -359,16 +351,12 @@ def _int8_backward(ctx, grad):
     return gx, None, gs
 
 
-_define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor", _int8_cpu, _int8_fake, _int8_backward,
-        _quant_setup)
-
-
-def int8_linear(x, weight, scale):
-    return _int8_cpu(x, weight, scale) if _eager(x, scale) else torch.ops.loom.int8_linear(x, weight, scale)
+int8_linear = _define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor", _int8_cpu, _int8_fake,
+                      _int8_backward, _quant_setup, grad_args=(0, 2))
 
 
 # -- int4 group-wise weight-only linear ---------------------------------------------------------------------------
-def _int4_param_checks(op, packed, scale, zero, group_size, k=None) -> None:
+def _int4_param_checks(op, packed, scale, zero, group_size) -> None:
     _check_strided(op, packed=packed, scale=scale, zero=zero)
     _check(packed.dtype == torch.uint8 and packed.dim() == 2, op,
            f"packed must be uint8 (N, K/2), got {packed.dtype} {tuple(packed.shape)}")
@@ -396,8 +384,9 @@ def unpack_int4(packed):
     return torch.stack([packed & 15, packed >> 4], dim=-1).view(packed.shape[0], -1)
 
 
-def int4_dequantize_reference(packed, scale, zero, group_size: int):
-    """w = (nibble - zero) * scale per group in float32; zero None is the symmetric layout (zero 8)."""
+def int4_dequantize_reference(packed, scale, zero):
+    """w = (nibble - zero) * scale per group in float32 (the group size follows from the shapes); zero None is the
+    symmetric layout (zero 8)."""
     u = unpack_int4(packed).to(torch.float32)
     n, groups = scale.shape
     z = 8.0 if zero is None else zero.float()[:, :, None]
@@ -415,7 +404,7 @@ def _int4_cpu(x, packed, scale, zero, group_size):
         _int4_checks(x, packed, scale, zero, group_size)
     lib = build.library()
     if lib is None:
-        return F.linear(x, int4_dequantize_reference(packed, scale, zero, group_size).to(x.dtype))
+        return F.linear(x, int4_dequantize_reference(packed, scale, zero).to(x.dtype))
     xf = x.reshape(-1, x.shape[-1]).to(_F32).contiguous()
     w, s = packed.contiguous(), scale.contiguous()
     z = None if zero is None else zero.contiguous()
@@ -436,26 +425,20 @@ def _int4_backward(ctx, grad):
     x, packed, scale, zero = ctx.saved_tensors
     if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
         raise NotImplementedError("loom::int4_linear has no gradient for scale or zero; keep them frozen buffers")
-    w = int4_dequantize_reference(packed, scale, zero, ctx.extra[0])
+    w = int4_dequantize_reference(packed, scale, zero)
     gx = (grad.float() @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
     return gx, None, None, None, None
 
 
-_define("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor", _int4_cpu,
-        _int4_fake, _int4_backward, _quant_setup)
-
-
-def int4_linear(x, packed, scale, zero, group_size: int):
-    if _eager(x, scale, zero):
-        return _int4_cpu(x, packed, scale, zero, group_size)
-    return torch.ops.loom.int4_linear(x, packed, scale, zero, group_size)
+int4_linear = _define("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor",
+                      _int4_cpu, _int4_fake, _int4_backward, _quant_setup, grad_args=(0, 2, 3))
 
 
 def _dequant_cpu(packed, scale, zero, group_size):
     _int4_param_checks("int4_dequantize", packed, scale, zero, group_size)
     lib = build.library()
     if lib is None:
-        return int4_dequantize_reference(packed, scale, zero, group_size)
+        return int4_dequantize_reference(packed, scale, zero)
     w, s = packed.contiguous(), scale.contiguous()
     z = None if zero is None else zero.contiguous()
     n, k = w.shape[0], w.shape[1] * 2
@@ -470,8 +453,8 @@ def _dequant_fake(packed, scale, zero, group_size):
     return packed.new_empty(packed.shape[0], packed.shape[1] * 2, dtype=torch.float32)
 
 
-_define("int4_dequantize(Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor", _dequant_cpu,
-        _dequant_fake)
+int4_dequantize = _define("int4_dequantize(Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor",
+                          _dequant_cpu, _dequant_fake)
 
 
 # -- asymmetric int4 quantizer (the search of loom.quantization.linear.quantize_int4_asymmetric, in C) -------------
@@ -507,5 +490,6 @@ def _quantize_fake(weight, group_size):
     return weight.new_empty(n, k // 2, dtype=torch.uint8), scale, torch.empty_like(scale)
 
 
-_define("int4_quantize_asymmetric(Tensor weight, int group_size) -> (Tensor, Tensor, Tensor)", _quantize_cpu,
-        _quantize_fake)
+int4_quantize_asymmetric = _define(
+    "int4_quantize_asymmetric(Tensor weight, int group_size) -> (Tensor, Tensor, Tensor)", _quantize_cpu,
+    _quantize_fake)

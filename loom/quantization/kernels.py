@@ -3,12 +3,12 @@ that a faster kernel can replace one without touching the modules.
 
 On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (the operators loom::int8_linear and loom::int4_linear of
 `loom.kernels`) read the int8 or packed int4 weights directly: exact weight-only math up to the int16 rounding of
-the activations, memory-bound at decode batch sizes, with autograd to the input. Measured on the project's AMD AVX2 machine they beat fbgemm's dynamic int8 Linear (which also
-quantizes the activations, so it needs a second residual pass to stay accurate) and fp32 F.linear at small
-batches; for large batches (prefill, encoders) a float GEMM on the dequantized weight is faster, so rows above
-`loom.kernels.policy.MAX_ROWS` take that path. Elsewhere the torch paths below are used: fbgemm for int8 on CPU, PyTorch's
-int8 kernel on CUDA, dequantize-then-matmul everywhere else. `LOOM_QUANT_KERNEL=<name>` forces one (debugging,
-tests).
+the activations, memory-bound at decode batch sizes, with autograd to the input. Measured on the project's AMD AVX2
+machine they beat fbgemm's dynamic int8 Linear (which also quantizes the activations, so it needs a second residual
+pass to stay accurate) and fp32 F.linear at small batches; for large batches (prefill, encoders) a float GEMM on the
+dequantized weight is faster, so rows above `loom.kernels.policy.MAX_ROWS` take that path. Elsewhere the torch paths
+below are used: fbgemm for int8 on CPU, PyTorch's int8 kernel on CUDA, dequantize-then-matmul everywhere else.
+`LOOM_QUANT_KERNEL=<name>` forces one (debugging, tests).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ unpack_int4 = ops.unpack_int4
 def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
                     zero: torch.Tensor | None = None) -> torch.Tensor:
     """w = (nibble - zero) * scale per group, computed in float32; zero None is the symmetric layout (zero 8)."""
-    return ops.int4_dequantize_reference(packed, scale, zero, packed.shape[1] * 2 // scale.shape[1]).to(dtype)
+    return ops.int4_dequantize_reference(packed, scale, zero).to(dtype)
 
 
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
@@ -123,6 +123,6 @@ def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     if module.kernel == "native" and policy.plain(x):
         if policy.quantized_applies(x):
             return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
-        weight = torch.ops.loom.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
+        weight = ops.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype, zero))

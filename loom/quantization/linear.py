@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.kernels import policy
+from loom.kernels import ops, policy
 from loom.quantization import kernels
 
 
@@ -60,7 +60,7 @@ def quantize_int4_asymmetric(weight: torch.Tensor, group_size: int) -> tuple[tor
     measured after rounding scale and zero to float16. Returns (packed, scale, zero). Uses the C version of this
     search where the native kernels are available (same arithmetic, ~5-20x faster)."""
     if kernels.choose_kernel(4, weight.device, group_size) == "native":
-        return torch.ops.loom.int4_quantize_asymmetric(weight.detach(), group_size)
+        return ops.int4_quantize_asymmetric(weight.detach(), group_size)
     out, inp = weight.shape
     rows = max(1, _INT4_CHUNK // inp)
     parts = [_int4_asymmetric_rows(weight[i:i + rows].detach().float(), group_size) for i in range(0, out, rows)]
