@@ -48,7 +48,7 @@ def test_reference_reads_our_config_and_back(tmp_path):
 
 
 def test_rope_legacy_keys_become_rope_parameters():
-    from loom.models.common import rope_parameters
+    from loom.models.rope import rope_parameters
 
     c = loom.LlamaConfig(rope_theta=500000.0, rope_scaling={"type": "linear", "factor": 2.0})
     p = rope_parameters(c)

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import loom
-from loom.models.common import RotaryEmbedding
+from loom.models.rope import RotaryEmbedding
 from loomtest import TINY
 
 FAMILIES = {"llama": (loom.LlamaConfig, loom.LlamaForCausalLM), "gpt2": (loom.GPT2Config, loom.GPT2LMHeadModel)}

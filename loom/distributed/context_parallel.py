@@ -180,7 +180,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group=None
 # -- applying it to a model -------------------------------------------------------------------------------------------
 def _cp_forward(self, x, cos, sin, mask, is_causal, cache=None, cache_position=None):
     """Llama-family attention with the local (zig-zag) chunk of the sequence; positions come in through cos/sin."""
-    from loom.models.common import apply_rotary
+    from loom.models.rope import apply_rotary
 
     if cache is not None:
         raise ValueError("context parallelism is for training: pass use_cache=False (no KV cache under cp)")

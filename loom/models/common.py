@@ -1,8 +1,6 @@
-"""Pieces shared by the model families: attention over SDPA with padding/causal/sliding-window masks, rotary
-embeddings (default, linear and llama3 scaling), RMSNorm, activations and the loss helpers."""
+"""Pieces shared by the model families: attention over SDPA with padding/causal/sliding-window masks, RMSNorm,
+activations and the loss helpers (rotary embeddings are in `rope.py`)."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -115,89 +113,6 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
-
-
-# -- rotary position embeddings ----------------------------------------------------------------------------------
-def rope_parameters(config) -> dict:
-    """The rope settings of a config in the 5.x `rope_parameters` form, also from legacy rope_theta/rope_scaling."""
-    params = getattr(config, "rope_parameters", None)
-    if params:
-        params = dict(params)
-    else:
-        params = dict(getattr(config, "rope_scaling", None) or {})
-        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
-    return params
-
-
-def rope_inv_freq(params: dict, dim: int) -> torch.Tensor:
-    base = float(params.get("rope_theta", 10000.0))
-    # explicit CPU: this also runs while a model is built under torch.device("meta"), where math would go through
-    # meta decompositions (and import torch._dynamo, seconds of startup)
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
-    kind = params["rope_type"]
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(params["factor"])
-    if kind == "llama3":
-        factor = float(params["factor"])
-        low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
-        old_len = float(params["original_max_position_embeddings"])
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low) / (high - low)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-        return torch.where(medium, smoothed, scaled)
-    raise ValueError(f"rope_type={kind!r} is not supported; loom supports 'default', 'linear' and 'llama3'")
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions, computed in float32 and cast to the activations' dtype.
-
-    Returns (cos, sin) of shape (B, 1, T, D_rot), ready to broadcast over heads, with rotate-half's sign folded into
-    sin (its first half is negated), so `apply_rotary` needs only a swap of the two halves. Computed once per forward
-    for all layers.
-    """
-
-    def __init__(self, config, head_dim: int) -> None:
-        super().__init__()
-        self.params = rope_parameters(config)
-        self.dim = int(head_dim * float(self.params.get("partial_rotary_factor", 1.0)))
-        self.register_buffer("inv_freq", rope_inv_freq(self.params, self.dim), persistent=False)
-
-    def _init_buffers(self, device=None) -> None:
-        """Recompute the non-persistent buffer on `device` (after meta-device construction and loading)."""
-        self.inv_freq = rope_inv_freq(self.params, self.dim).to(device or "cpu")
-
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = self.inv_freq
-        if inv_freq.device != position_ids.device:  # built on meta (the buffer stays on CPU) and run on meta/fake
-            inv_freq = inv_freq.to(position_ids.device)
-        freqs = position_ids[:, None, :, None].float() * inv_freq.float()  # (B, 1, T, D/2)
-        sin = freqs.sin()
-        return torch.cat((freqs, freqs), -1).cos().to(dtype), torch.cat((-sin, sin), -1).to(dtype)
-
-
-def _swap_halves(x: torch.Tensor) -> torch.Tensor:
-    """[x1, x2] -> [x2, x1] on the last dim (rotate-half without its sign, which `RotaryEmbedding` puts in sin)."""
-    return x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
-
-
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate (B, H, T, D) queries and (B, Hkv, T, D) keys with `RotaryEmbedding`'s (B, 1, T, D_rot) cos/sin.
-
-    q and k are rotated as one tensor (one concatenation instead of a second set of ops); the results are views.
-    Bitwise the reference's q * cos + rotate_half(q) * sin: the sign moved into sin is an exact negation."""
-    heads, rot = q.shape[1], cos.shape[-1]
-    x = torch.cat((q, k), 1)
-    if rot == x.shape[-1]:
-        x = x * cos + _swap_halves(x) * sin
-    else:
-        x_rot = x[..., :rot]
-        x = torch.cat((x_rot * cos + _swap_halves(x_rot) * sin, x[..., rot:]), -1)
-    return x[:, :heads], x[:, heads:]
 
 
 class RMSNorm(nn.Module):

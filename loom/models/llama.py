@@ -7,8 +7,9 @@ from torch import nn
 from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache, DynamicCache
-from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, causal_inputs,
-                                causal_lm_loss, classification_loss, maybe_checkpoint, sdpa)
+from loom.models.common import (RMSNorm, activation, causal_inputs, causal_lm_loss, classification_loss,
+                                maybe_checkpoint, sdpa)
+from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
 
 

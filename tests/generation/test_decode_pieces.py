@@ -8,7 +8,8 @@ import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
 from loom.models.cache import DynamicCache
-from loom.models.common import RMSNorm, RotaryEmbedding, apply_rotary
+from loom.models.common import RMSNorm
+from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.models.llama import LlamaConfig
 
 
