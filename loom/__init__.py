@@ -24,13 +24,6 @@ _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoMod
         "AutoModelForImageClassification")
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
-_export("loom.models.bert", "BertConfig", "BertModel", "BertForMaskedLM", "BertForSequenceClassification",
-        "BertForTokenClassification", "BertForQuestionAnswering")
-_export("loom.models.gpt2", "GPT2Config", "GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification")
-_export("loom.models.llama", "LlamaConfig", "LlamaModel", "LlamaForCausalLM", "LlamaForSequenceClassification")
-_export("loom.models.mistral", "MistralConfig", "MistralModel", "MistralForCausalLM")
-_export("loom.models.qwen2", "Qwen2Config", "Qwen2Model", "Qwen2ForCausalLM")
-_export("loom.models.vit", "ViTConfig", "ViTModel", "ViTForImageClassification")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
 _export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
 _export("loom.generation", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "LogitsProcessorList",
@@ -42,17 +35,24 @@ _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "Tra
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
 _export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
 
-__all__ = sorted(_EXPORTS)
+def _model_names() -> dict:
+    """Config and model classes come from the model files' MODEL_TYPES tables (imports torch and the families)."""
+    return importlib.import_module("loom.auto").public_model_names()
 
 
 def __getattr__(name: str):
+    if name == "__all__":
+        return sorted(set(_EXPORTS) | set(_model_names()))
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    elif name[:1].isupper() and name in _model_names():
+        value = _model_names()[name]
+    else:
         raise AttributeError(f"module 'loom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+    return sorted(set(globals()) | set(__getattr__("__all__")))

@@ -1,60 +1,63 @@
-"""One table from model_type to its config class and its model class per head, and the Auto* classes over it."""
+"""One table from model_type to its config class and its model class per head, gathered from the model files\n(each declares `MODEL_TYPES`, so adding a family touches only its own file), and the Auto* classes over it."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import pkgutil
 from typing import Any
 
 from loom.configuration import CONFIG_NAME, PretrainedConfig, read_config_dict
 
-# model_type -> (module, config class, {head: model class})
-MODEL_TABLE: dict[str, tuple[str, str, dict[str, str]]] = {
-    "bert": ("loom.models.bert", "BertConfig", {
-        "base": "BertModel", "masked-lm": "BertForMaskedLM", "sequence-classification": "BertForSequenceClassification",
-        "token-classification": "BertForTokenClassification", "question-answering": "BertForQuestionAnswering"}),
-    "gpt2": ("loom.models.gpt2", "GPT2Config", {
-        "base": "GPT2Model", "causal-lm": "GPT2LMHeadModel", "sequence-classification": "GPT2ForSequenceClassification"}),
-    "llama": ("loom.models.llama", "LlamaConfig", {
-        "base": "LlamaModel", "causal-lm": "LlamaForCausalLM", "sequence-classification": "LlamaForSequenceClassification"}),
-    "mistral": ("loom.models.mistral", "MistralConfig", {
-        "base": "MistralModel", "causal-lm": "MistralForCausalLM",
-        "sequence-classification": "MistralForSequenceClassification"}),
-    "qwen2": ("loom.models.qwen2", "Qwen2Config", {
-        "base": "Qwen2Model", "causal-lm": "Qwen2ForCausalLM", "sequence-classification": "Qwen2ForSequenceClassification"}),
-    "vit": ("loom.models.vit", "ViTConfig", {"base": "ViTModel", "image-classification": "ViTForImageClassification"}),
-}
+def _family_modules() -> list[str]:
+    import loom.models
+
+    return [f"loom.models.{m.name}" for m in pkgutil.iter_modules(loom.models.__path__)]
+
+
+@functools.cache
+def model_table() -> dict[str, tuple[type[PretrainedConfig], dict[str, type]]]:
+    """model_type -> (config class, {head: model class}), gathered from each model file's `MODEL_TYPES`."""
+    table = {}
+    for name in _family_modules():
+        table.update(getattr(importlib.import_module(name), "MODEL_TYPES", {}))
+    return table
+
+
+@functools.cache
+def public_model_names() -> dict[str, type]:
+    """The config and model classes of every family, by name (loom's top-level exports)."""
+    return {cls.__name__: cls for config, heads in model_table().values() for cls in (config, *heads.values())}
 
 
 def supported_types() -> str:
-    return ", ".join(sorted(MODEL_TABLE))
+    return ", ".join(sorted(model_table()))
 
 
 def _entry(model_type: str | None, source: Any):
-    if model_type not in MODEL_TABLE:
+    table = model_table()
+    if model_type not in table:
         raise ValueError(f"{source}: model_type {model_type!r} is not supported by loom; supported types: "
                          f"{supported_types()}")
-    return MODEL_TABLE[model_type]
+    return table[model_type]
 
 
 def config_class_for(model_type: str, source: Any = "config") -> type[PretrainedConfig]:
-    module, name, _ = _entry(model_type, source)
-    return getattr(importlib.import_module(module), name)
+    return _entry(model_type, source)[0]
 
 
 def model_class_for(model_type: str, head: str, source: Any = "config"):
-    module, _, heads = _entry(model_type, source)
+    heads = _entry(model_type, source)[1]
     if head not in heads:
         have = ", ".join(sorted(heads))
         raise ValueError(f"{source}: model_type {model_type!r} has no {head} head in loom (it has: {have})")
-    return getattr(importlib.import_module(module), heads[head])
+    return heads[head]
 
 
 def model_class_by_name(name: str):
-    """The loom class named `name` (an `architectures` entry), or None."""
-    for module, _, heads in MODEL_TABLE.values():
-        if name in heads.values():
-            return getattr(importlib.import_module(module), name)
-    return None
+    """The loom model class named `name` (an `architectures` entry), or None."""
+    cls = public_model_names().get(name)
+    return cls if cls is not None and not issubclass(cls, PretrainedConfig) else None
 
 
 class AutoConfig:

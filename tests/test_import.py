@@ -48,3 +48,14 @@ def test_unknown_attribute():
 
     with pytest.raises(AttributeError, match="no attribute 'NoSuchThing'"):
         loom.NoSuchThing  # noqa: B018
+
+
+def test_every_family_class_is_a_top_level_name():
+    from loom.auto import model_table
+
+    for model_type, (config_class, heads) in model_table().items():
+        assert config_class.model_type == model_type
+        for cls in (config_class, *heads.values()):
+            assert getattr(loom, cls.__name__) is cls
+            assert cls.__name__ in loom.__all__
+    assert "MistralForSequenceClassification" in dir(loom)

@@ -5,16 +5,25 @@ import pytest
 import torch
 
 import loom
-from loomtest import reference_checkpoint
+from loom.auto import model_table
+from loomtest import TINY, reference_checkpoint
 
-DECODERS = [
-    ("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM"), ("mistral", "MistralForCausalLM"),
-    ("qwen2", "Qwen2ForCausalLM"),
-]
-ENCODER_HEADS = ["BertModel", "BertForMaskedLM", "BertForSequenceClassification", "BertForTokenClassification",
-                 "BertForQuestionAnswering"]
-SEQ_CLS = [("gpt2", "GPT2ForSequenceClassification"), ("llama", "LlamaForSequenceClassification")]
-BASES = [("gpt2", "GPT2Model"), ("llama", "LlamaModel")]
+def _heads(head: str, causal: bool = True) -> list[tuple[str, str]]:
+    """(model_type, class name) of every family with `head`, from the model files' MODEL_TYPES tables."""
+    return [(t, heads[head].__name__) for t, (_, heads) in sorted(model_table().items())
+            if head in heads and ("causal-lm" in heads) == causal]
+
+
+DECODERS = _heads("causal-lm")
+ENCODER_HEADS = [name for t, name in _heads("base", causal=False) + _heads("masked-lm", causal=False)
+                 + _heads("sequence-classification", causal=False) + _heads("token-classification", causal=False)
+                 + _heads("question-answering", causal=False) if t == "bert"]
+SEQ_CLS = _heads("sequence-classification")
+BASES = _heads("base")
+
+
+def test_every_family_has_a_tiny_test_config():
+    assert sorted(t for t in model_table() if t != "vit") == sorted(TINY)
 
 
 def _ids(B=2, T=12, vocab=99, seed=1):

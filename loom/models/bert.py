@@ -360,3 +360,9 @@ class BertForQuestionAnswering(_BertWithHead):
             e = end_positions.view(-1).clamp(0, ignored)
             loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
         return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+
+
+# the registry (loom.auto), the top-level exports and the test tables are derived from this
+MODEL_TYPES = {"bert": (BertConfig, {
+    "base": BertModel, "masked-lm": BertForMaskedLM, "sequence-classification": BertForSequenceClassification,
+    "token-classification": BertForTokenClassification, "question-answering": BertForQuestionAnswering})}

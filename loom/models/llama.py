@@ -217,3 +217,8 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         logits = last_token_pool(self.score(out.last_hidden_state), input_ids, self.config.pad_token_id)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+# the registry (loom.auto), the top-level exports and the test tables are derived from this
+MODEL_TYPES = {"llama": (LlamaConfig, {
+    "base": LlamaModel, "causal-lm": LlamaForCausalLM, "sequence-classification": LlamaForSequenceClassification})}

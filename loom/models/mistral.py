@@ -23,3 +23,9 @@ class MistralForCausalLM(LlamaForCausalLM):
 class MistralForSequenceClassification(LlamaForSequenceClassification):
     config_class = MistralConfig
     model_class = MistralModel
+
+
+# the registry (loom.auto), the top-level exports and the test tables are derived from this
+MODEL_TYPES = {"mistral": (MistralConfig, {
+    "base": MistralModel, "causal-lm": MistralForCausalLM, "sequence-classification":
+    MistralForSequenceClassification})}

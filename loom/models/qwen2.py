@@ -37,3 +37,8 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     config_class = Qwen2Config
     model_class = Qwen2Model
+
+
+# the registry (loom.auto), the top-level exports and the test tables are derived from this
+MODEL_TYPES = {"qwen2": (Qwen2Config, {
+    "base": Qwen2Model, "causal-lm": Qwen2ForCausalLM, "sequence-classification": Qwen2ForSequenceClassification})}

@@ -223,3 +223,7 @@ class ViTForImageClassification(ViTPreTrainedModel):
         logits = self.classifier(out.last_hidden_state[:, 0])
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+
+
+# the registry (loom.auto), the top-level exports and the test tables are derived from this
+MODEL_TYPES = {"vit": (ViTConfig, {"base": ViTModel, "image-classification": ViTForImageClassification})}

@@ -113,10 +113,10 @@ def _check_checkpoint_head(config, head: str, task: str, source) -> None:
     would give meaningless answers)."""
     if head in ("base", "causal-lm", "masked-lm"):
         return
-    from loom.auto import MODEL_TABLE
+    from loom.auto import model_table
 
-    heads = MODEL_TABLE.get(config.model_type, (None, None, {}))[2]
-    wanted = heads.get(head)
+    heads = model_table().get(config.model_type, (None, {}))[1]
+    wanted = heads[head].__name__ if head in heads else None
     archs = getattr(config, "architectures", None) or []
     if wanted and archs and wanted not in archs:
         raise ValueError(f"{source} holds a {archs[0]} checkpoint, which has no trained {head} head for the "

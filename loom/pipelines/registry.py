@@ -12,7 +12,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 class TaskSpec:
     module: str
     class_name: str
-    head: str  # a head name of loom.auto.MODEL_TABLE
+    head: str  # a head name in a model file's MODEL_TYPES (loom.auto.model_table)
     default_model: str | None = None
     needs_tokenizer: bool = True
     needs_image_processor: bool = False
