@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -330,9 +331,14 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self._last_log_time, self._last_log_step = start, state.global_step
         first_step = state.global_step
         total_loss = 0.0
+        # a resumed run trains to the max_steps / num_train_epochs passed now (as the reference): a stop that ended
+        # the checkpoint's run does not end this one
+        self.control.should_training_stop = False
         self._event("on_train_begin")
-        for epoch in range(state.global_step // steps_per_epoch, state.num_train_epochs):
+        for epoch in self._epochs_to_train(steps_per_epoch):
             done_in_epoch = state.global_step - epoch * steps_per_epoch
+            if done_in_epoch == 0:
+                self.control.should_epoch_stop = False
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * ga * args.train_batch_size)
             batches = iter(loader)
             if rng is not None:
@@ -357,6 +363,16 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             if self.control.should_training_stop:
                 break
         return self._finish_training(start, first_step, total_loss)
+
+    def _epochs_to_train(self, steps_per_epoch: int) -> range:
+        state = self.state
+        if state.global_step >= state.max_steps:
+            if state.global_step > state.max_steps:
+                warnings.warn(f"the checkpoint resumed is at step {state.global_step}, past max_steps="
+                              f"{state.max_steps} (num_train_epochs={self.args.num_train_epochs}); nothing to train. "
+                              "Pass a larger max_steps or num_train_epochs to train on", stacklevel=4)
+            return range(0)
+        return range(state.global_step // steps_per_epoch, state.num_train_epochs)
 
     def _optimizer_step_on(self, window: list[dict]) -> torch.Tensor:
         """One optimizer step over a window of micro-batches; returns the window's (normalised) loss."""
