@@ -140,6 +140,10 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         keep = None if names is None else names | set(self.label_names) | set(LABEL_ALIASES)
         return prepare_hf_dataset(dataset, keep, name)
 
+    def _parallel_sizes(self) -> tuple[int, int]:
+        """(world size, data-parallel ranks: those that draw different samples); a distributed subclass overrides."""
+        return 1, 1
+
     def _train_sampler(self, dataset) -> EpochSampler:
         """The training order; a distributed subclass returns a sampler that shards it."""
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
@@ -304,9 +308,11 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             eval_steps=steps_from(args.eval_steps, max_steps) or steps_from(args.logging_steps, max_steps),
             save_steps=steps_from(args.save_steps, max_steps), is_hyper_param_search=trial is not None)
         self.control = TrainerControl()  # a stop requested in an earlier train() does not carry over
+        world, dp = self._parallel_sizes()
         self._data_shape = {"num_examples": len(self.train_dataset), "num_batches": num_batches,
                             "steps_per_epoch": steps_per_epoch, "train_batch_size": args.train_batch_size,
-                            "gradient_accumulation_steps": ga, "data_seed": loader.sampler.seed,
+                            "gradient_accumulation_steps": ga, "world_size": world, "data_parallel_size": dp,
+                            "global_batch_size": args.train_batch_size * ga * dp, "data_seed": loader.sampler.seed,
                             "dataloader_drop_last": args.dataloader_drop_last}
         self._pending_loss = torch.zeros((), device=args.device)
         self._pending_steps = 0

@@ -135,7 +135,13 @@ def test_bad_checkpoints_fail_before_training(uninterrupted, tmp_path):
     moved = Trainer(tiny_bert(), resume_args(str(tmp_path / "z")), train_dataset=cls_rows(21))
     with pytest.raises(ValueError, match="different data order .*num_examples: checkpoint 20 vs now 21"):
         moved.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
-    assert other.state.global_step == 0 and moved.state.global_step == 0
+    wider = Trainer(tiny_bert(), resume_args(str(tmp_path / "w"), per_device_train_batch_size=4),
+                    train_dataset=cls_rows(20))
+    with pytest.raises(ValueError, match=r"global batch size of 9 \(per_device_train_batch_size 3 x "
+                                         r"gradient_accumulation_steps 3 x 1 data-parallel ranks, world size 1\), but "
+                                         r"this run's is 12 \(4 x 3 x 1, world size 1\)"):
+        wider.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
+    assert other.state.global_step == 0 and moved.state.global_step == 0 and wider.state.global_step == 0
 
 
 def _early_stopped(output_dir, resume=None, callbacks=None):
