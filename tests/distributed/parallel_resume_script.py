@@ -1,7 +1,7 @@
 """Resume scenarios of the ParallelTrainer, one rank each (tests/distributed/test_parallel_trainer.py launches them).
 
     python parallel_resume_script.py extend OUT CKPT MODE           # to 8 steps; to 4 (or 1 epoch) then resumed to 8
-    python parallel_resume_script.py continue OUT CKPT MODE FROM [PLAIN]  # resume FROM at this world size
+    python parallel_resume_script.py continue OUT CKPT MODE FROM    # resume FROM at this world size (1 first, then N)
 
 Every run keeps a global batch of 4 examples (per-device batch 4 // data-parallel ranks) over 16 examples: 4 steps per
 epoch. Rank 0 writes OUT/<scenario>_w<world size>.json: each run's logged losses and final step, and the message of a
@@ -45,11 +45,14 @@ def extend(out: Path, ckpt: str, mode: str) -> dict:
     return result
 
 
-def resume_elsewhere(out: Path, ckpt: str, mode: str, source: str, plain: str | None = None) -> dict:
+def resume_elsewhere(out: Path, ckpt: str, mode: str, source: str) -> dict:
     result = {"refused": _refusal(ValueError, out, ckpt, mode, source, global_batch=8)}  # another global batch
-    if plain is not None:  # a single-process checkpoint (no dcp/ folder) cannot go into sharded parameters
+    plain = str(out / "continued_w1" / "checkpoint-8")  # written by the one-process run (no dcp/ folder)
+    if WORLD > 1:  # it cannot go into sharded parameters...
         result["plain_refused"] = _refusal(FileNotFoundError, out, ckpt, mode, plain)
     result["continued"] = run(out / f"continued_w{WORLD}", ckpt, mode, resume=source)
+    # ...but into replicated ones (plain data parallel) it can: two more steps from it, in each world size
+    result["beyond"] = run(out / f"beyond_w{WORLD}", ckpt, "dp", resume=plain, max_steps=10)
     return result
 
 

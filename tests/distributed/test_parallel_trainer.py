@@ -79,19 +79,22 @@ def test_finished_parallel_run_resumes_to_larger_max_steps_and_epochs(two_rank_r
 def test_resume_at_another_world_size(two_rank_runs):
     """checkpoint-4 of the 2-rank FSDP run (per-device batch 2) resumes in one plain process (batch 4) and on 4 FSDP
     ranks (batch 1): the global batch is the same, so steps 5-8 and the final weights equal the 2-rank run's. A resume
-    that changes the global batch is refused with a message naming world size, batch sizes and accumulation, and the
-    one process's checkpoint (no dcp/ folder) is refused by the FSDP ranks with a message saying why."""
+    that changes the global batch is refused with a message naming world size, batch sizes and accumulation. The one
+    process's own checkpoint-8 (no dcp/ folder) is refused by the 4 FSDP ranks, saying why, and resumes on 4
+    replicated (plain data-parallel) ranks to the same steps 9-10 as in one process."""
     out, ckpt, runs = two_rank_runs
     source = str(out / "full" / "checkpoint-4")
-    plain = out / "continued_w1" / "checkpoint-8"
-    for world, extra in ((1, ["dp", source]), (4, ["fsdp", source, str(plain)])):
-        got = _run_resume_script(world, out, "continue", str(ckpt), *extra)
-        _same_losses(got["continued"]["losses"], runs["full"]["losses"], rel=1e-5)
+    got = {world: _run_resume_script(world, out, "continue", str(ckpt), mode, source)
+           for world, mode in ((1, "dp"), (4, "fsdp"))}  # in this order: 4 ranks use the one process's checkpoint
+    for world, result in got.items():
+        _same_losses(result["continued"]["losses"], runs["full"]["losses"], rel=1e-5)
         _same_weights(out / "full" / "checkpoint-8", out / f"continued_w{world}" / "checkpoint-8", atol=1e-5)
         expected = ("global batch size of 4 (per_device_train_batch_size 2 x gradient_accumulation_steps 1 x 2 "
                     "data-parallel ranks, world size 2)", f"this run's is 8 ({8 // world} x 1 x {world}, world size "
                     f"{world})", f"x {world} data-parallel ranks = 4")
-        assert got["refused"] is not None and all(part in got["refused"] for part in expected), got["refused"]
-    assert not (plain / "dcp").exists()
-    assert got["plain_refused"] is not None and "has no dcp/ folder" in got["plain_refused"] and \
-        "resume it in one process" in got["plain_refused"], got["plain_refused"]
+        assert result["refused"] is not None and all(part in result["refused"] for part in expected), result["refused"]
+    assert not (out / "continued_w1" / "checkpoint-8" / "dcp").exists()
+    refused = got[4]["plain_refused"]
+    assert refused is not None and "has no dcp/ folder" in refused and "resume it in one process" in refused, refused
+    assert got[1]["beyond"]["step"] == got[4]["beyond"]["step"] == 10
+    _same_losses(got[4]["beyond"]["losses"], got[1]["beyond"]["losses"], rel=1e-5)
