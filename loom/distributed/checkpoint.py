@@ -59,7 +59,7 @@ def save_dcp(checkpoint_dir: str | os.PathLike, model: nn.Module, optimizer: tor
     if _is_main():
         config = getattr(model, "config", None)
         if config is not None:
-            config.architectures = [_model_class_name(model)]
+            config.architectures = [model_class_name(model)]
             config.save_pretrained(path)
         atomic_write_text(path / STATE_FILE, json.dumps(extra_state or {}, indent=2) + "\n")
     _barrier()
@@ -124,7 +124,7 @@ def _check_compatible(path: Path, model: nn.Module) -> None:
                          "into the model it was trained with")
 
 
-def _model_class_name(model: nn.Module) -> str:
+def model_class_name(model: nn.Module) -> str:
     """The user's class name under FSDP2's `FSDP<Class>` and context parallel's wrapper subclasses."""
     for cls in type(model).__mro__:
         if not cls.__name__.startswith("FSDP") and not cls.__name__.startswith("ContextParallel"):
@@ -184,7 +184,7 @@ def write_gathered(model: nn.Module, save_directory: str | os.PathLike, full_sta
     tensors = {k: (v.t() if any(k.endswith(s) for s in transposed) else v) for k, v in full_state.items()
                if k not in tied}
     type(model).save_pretrained(model, save_directory, state_dict=tensors, **kwargs)
-    model.config.architectures = [_model_class_name(model)]
+    model.config.architectures = [model_class_name(model)]
     model.config.save_pretrained(save_directory)
 
 

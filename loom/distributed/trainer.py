@@ -8,7 +8,8 @@ with `torchrun --nproc_per_node N train.py`. Sizes come from `parallel=` or from
 tp_size / cp_size / fsdp when they exist.
 
 Checkpoints: checkpoint-N/ holds the gathered model.safetensors (loadable by from_pretrained in one process), the
-trainer's usual state files, and dcp/ with the sharded model + optimizer state, which resumes at any world size.
+trainer's usual state files, and dcp/ with the sharded model + optimizer state, which resumes at any world size (with
+the same global batch: see CheckpointMixin._check_data_position) and in a single-process Trainer.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loom.distributed.context import ParallelContext, setup_parallel
+from loom.distributed.context import ParallelContext, _is_distributed, setup_parallel
 from loom.training import checkpoints as ckpt
 
 
@@ -41,6 +42,9 @@ class ParallelTrainerMixin:
     def _train_sampler(self, dataset):
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=self.args.dataloader_drop_last)
+
+    def _parallel_sizes(self) -> tuple[int, int]:
+        return self.parallel.world_size, self.parallel.dp_size
 
     def count_loss_items(self, batches: list[dict]):
         local = super().count_loss_items(batches)
@@ -108,24 +112,22 @@ class ParallelTrainerMixin:
         shutil.move(str(self._staging), str(folder / "dcp"))
 
     def _load_model_weights(self, path: Path) -> None:
-        """Weights (and optimizer state) come from the checkpoint's dcp/ folder, resharded to this run's mesh."""
-        optimizer = getattr(self, "_real_optimizer", None) or self.optimizer
-        self.parallel.load_checkpoint(Path(path) / "dcp", self.model, optimizer)
-
-    def _load_checkpoint(self, path: Path) -> dict:
-        self._real_optimizer = self.optimizer
-        self.optimizer = _StateInDcp()  # optimizer.pt is a placeholder; _load_model_weights restores the real state
-        try:
-            return super()._load_checkpoint(path)
-        finally:
-            self.optimizer, self._real_optimizer = self._real_optimizer, None
+        """Weights from the checkpoint's dcp/ folder, resharded to this run's mesh (the base Trainer loads the
+        optimizer state from there too); a checkpoint without one loads into a model that is not sharded."""
+        path = Path(path)
+        if (path / "dcp" / ".metadata").is_file():
+            self.parallel.load_checkpoint(path / "dcp", self.model)
+        elif _is_distributed(self.model):
+            raise FileNotFoundError(f"checkpoint {path} has no dcp/ folder (a single-process Trainer wrote it), so its "
+                                    "state cannot be loaded into this sharded (FSDP / tensor-parallel) model; resume it "
+                                    "in one process or with plain data parallel, or start from its weights "
+                                    "(from_pretrained) without resuming")
+        else:
+            super()._load_model_weights(path)
 
 
 class _StateInDcp:
-    """Stands in for the optimizer while the base Trainer saves/loads optimizer.pt (a placeholder)."""
+    """Stands in for the optimizer while the base Trainer writes optimizer.pt (a placeholder: the state is in dcp/)."""
 
     def state_dict(self) -> dict:
         return {"note": "the optimizer state of a ParallelTrainer checkpoint is in dcp/"}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -138,6 +139,10 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         names = model_input_names(self.model) if self.args.remove_unused_columns else None
         keep = None if names is None else names | set(self.label_names) | set(LABEL_ALIASES)
         return prepare_hf_dataset(dataset, keep, name)
+
+    def _parallel_sizes(self) -> tuple[int, int]:
+        """(world size, data-parallel ranks: those that draw different samples); a distributed subclass overrides."""
+        return 1, 1
 
     def _train_sampler(self, dataset) -> EpochSampler:
         """The training order; a distributed subclass returns a sampler that shards it."""
@@ -303,9 +308,11 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             eval_steps=steps_from(args.eval_steps, max_steps) or steps_from(args.logging_steps, max_steps),
             save_steps=steps_from(args.save_steps, max_steps), is_hyper_param_search=trial is not None)
         self.control = TrainerControl()  # a stop requested in an earlier train() does not carry over
+        world, dp = self._parallel_sizes()
         self._data_shape = {"num_examples": len(self.train_dataset), "num_batches": num_batches,
                             "steps_per_epoch": steps_per_epoch, "train_batch_size": args.train_batch_size,
-                            "gradient_accumulation_steps": ga, "data_seed": loader.sampler.seed,
+                            "gradient_accumulation_steps": ga, "world_size": world, "data_parallel_size": dp,
+                            "global_batch_size": args.train_batch_size * ga * dp, "data_seed": loader.sampler.seed,
                             "dataloader_drop_last": args.dataloader_drop_last}
         self._pending_loss = torch.zeros((), device=args.device)
         self._pending_steps = 0
@@ -330,9 +337,14 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self._last_log_time, self._last_log_step = start, state.global_step
         first_step = state.global_step
         total_loss = 0.0
+        # a resumed run trains to the max_steps / num_train_epochs passed now (as the reference): a stop that ended
+        # the checkpoint's run does not end this one
+        self.control.should_training_stop = False
         self._event("on_train_begin")
-        for epoch in range(state.global_step // steps_per_epoch, state.num_train_epochs):
+        for epoch in self._epochs_to_train(steps_per_epoch):
             done_in_epoch = state.global_step - epoch * steps_per_epoch
+            if done_in_epoch == 0:
+                self.control.should_epoch_stop = False
             loader.sampler.set_epoch(epoch, skip=done_in_epoch * ga * args.train_batch_size)
             batches = iter(loader)
             if rng is not None:
@@ -357,6 +369,16 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             if self.control.should_training_stop:
                 break
         return self._finish_training(start, first_step, total_loss)
+
+    def _epochs_to_train(self, steps_per_epoch: int) -> range:
+        state = self.state
+        if state.global_step >= state.max_steps:
+            if state.global_step > state.max_steps:
+                warnings.warn(f"the checkpoint resumed is at step {state.global_step}, past max_steps="
+                              f"{state.max_steps} (num_train_epochs={self.args.num_train_epochs}); nothing to train. "
+                              "Pass a larger max_steps or num_train_epochs to train on", stacklevel=4)
+            return range(0)
+        return range(state.global_step // steps_per_epoch, state.num_train_epochs)
 
     def _optimizer_step_on(self, window: list[dict]) -> torch.Tensor:
         """One optimizer step over a window of micro-batches; returns the window's (normalised) loss."""

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from loom.distributed.checkpoint import load_dcp, model_class_name
 from loom.training import checkpoints as ckpt
 from loom.training.callbacks import ExportableState, TrainerState
 
@@ -53,7 +54,7 @@ class CheckpointMixin:
         spe = self._data_shape["steps_per_epoch"]
         position = {**self._data_shape, "epoch": self.state.global_step // spe,
                     "steps_in_epoch": self.state.global_step % spe, "pending_loss": self._pending_loss.item(),
-                    "pending_steps": self._pending_steps, "model_class": type(self.model).__name__}
+                    "pending_steps": self._pending_steps, "model_class": model_class_name(self.model)}
         ckpt.save_json(position, folder / "data_state.json")
         ckpt.save_json(self.args.to_dict(), folder / "training_args.json")
         self.state.stateful_callbacks = {name: states[0] if len(states) == 1 else states
@@ -90,20 +91,11 @@ class CheckpointMixin:
     def _load_checkpoint(self, path: Path) -> dict:
         """Restore model, optimizer, scheduler, state and data position; returns the RNG states to set later."""
         position = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
-        mismatched = {k: (position.get(k), v) for k, v in self._data_shape.items() if position.get(k) != v}
-        if mismatched:
-            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"checkpoint {path} was written by a run with a different data order ({details}); "
-                             "resume with the same dataset and batch/seed arguments")
-        if position.get("model_class") != type(self.model).__name__:
+        self._check_data_position(position, path)
+        if position.get("model_class") != model_class_name(self.model):
             raise ValueError(f"checkpoint {path} holds a {position.get('model_class')}, not a "
-                             f"{type(self.model).__name__}; pass the matching checkpoint")
-        self._load_model_weights(path)
-        try:
-            self.optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise ValueError(f"{path / 'optimizer.pt'} does not fit this model's optimizer ({e}); resume with the "
-                             "same model and optim argument") from None
+                             f"{model_class_name(self.model)}; pass the matching checkpoint")
+        self._load_model_and_optimizer(path)
         self.lr_scheduler.load_state_dict(ckpt.load_torch(path / "scheduler.pt"))
         if self.scaler is not None:
             if not (path / "scaler.pt").is_file():
@@ -117,6 +109,37 @@ class CheckpointMixin:
         self._pending_loss = torch.tensor(position["pending_loss"], device=self.args.device)
         self._pending_steps = position["pending_steps"]
         return ckpt.load_torch(path / "rng_state.pth")
+
+    def _check_data_position(self, saved: dict, path: Path) -> None:
+        """The checkpoint's step must mean the same place in the data order here. Every optimizer step takes the next
+        global batch (per-device batch x accumulation x data-parallel ranks) of the epoch's order, however it is
+        split over ranks, so world size, per-device batch and accumulation may change as long as that product does
+        not (DCP reshards the model and optimizer state)."""
+        now = self._data_shape
+        if saved.get("global_batch_size") != now["global_batch_size"]:
+            raise ValueError(
+                f"checkpoint {path} was written with a global batch size of {_batch_split(saved, True)}, but this "
+                f"run's is {_batch_split(now, False)}. A run resumes at another world size only with the same global "
+                f"batch size: set per_device_train_batch_size x gradient_accumulation_steps x "
+                f"{now['data_parallel_size']} data-parallel ranks = {saved.get('global_batch_size')}")
+        mismatched = {k: (saved.get(k), now[k]) for k in ("num_examples", "steps_per_epoch", "data_seed",
+                                                          "dataloader_drop_last") if saved.get(k) != now[k]}
+        if mismatched:
+            details = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"checkpoint {path} was written by a run with a different data order ({details}); "
+                             "resume with the same dataset, seed and dataloader_drop_last")
+
+    def _load_model_and_optimizer(self, path: Path) -> None:
+        if (path / "dcp" / ".metadata").is_file():
+            # a ParallelTrainer's checkpoint: the sharded state reshards to this model at any world size
+            load_dcp(path / "dcp", self.model, self.optimizer)
+            return
+        self._load_model_weights(path)
+        try:
+            self.optimizer.load_state_dict(ckpt.load_torch(path / "optimizer.pt"))
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise ValueError(f"{path / 'optimizer.pt'} does not fit this model's optimizer ({e}); resume with the "
+                             "same model and optim argument") from None
 
     def _load_model_weights(self, path: Path) -> None:
         """Copy the checkpoint's weights into the live model (same parameter objects, so the optimizer keeps them)."""
@@ -144,3 +167,11 @@ class CheckpointMixin:
         self.model.save_pretrained(folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
+
+
+def _batch_split(shape: dict, full: bool) -> str:
+    """'4 (per_device_train_batch_size 2 x gradient_accumulation_steps 1 x 2 data-parallel ranks, world size 2)'."""
+    b, ga, dp = shape.get("train_batch_size"), shape.get("gradient_accumulation_steps"), shape.get("data_parallel_size")
+    parts = f"per_device_train_batch_size {b} x gradient_accumulation_steps {ga} x {dp} data-parallel ranks" if full \
+        else f"{b} x {ga} x {dp}"
+    return f"{shape.get('global_batch_size')} ({parts}, world size {shape.get('world_size')})"

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 import dist_helpers as H
 from loom import Trainer, TrainingArguments
 
@@ -36,6 +38,8 @@ def main() -> None:
 
     if env_world()[0] == 0:
         (out / f"{name}.json").write_text(json.dumps({"losses": losses, "resumed": resumed}))
+    if dist.is_initialized():
+        dist.destroy_process_group()  # leave together: a gloo group alive at exit can abort in its destructor
 
 
 if __name__ == "__main__":

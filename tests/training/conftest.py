@@ -78,11 +78,12 @@ def args_for(tmp_path):
     return make
 
 
-def resume_args(output_dir: str):
+def resume_args(output_dir: str, **overrides):
     """20 examples, batch 3, accumulation 3: windows of 3, 3 and 1 batches per epoch, checkpoints every 2 steps."""
     from loom.training import TrainingArguments
 
     # bit-exact replay is promised on the CPU (GPU kernels such as the embedding backward may use atomics)
-    return TrainingArguments(output_dir=output_dir, use_cpu=True, disable_tqdm=True, logging_steps=1, save_steps=2,
-                             max_steps=8, per_device_train_batch_size=3, gradient_accumulation_steps=3, learning_rate=3e-3,
-                             warmup_steps=2, weight_decay=0.1, report_to="none")
+    return TrainingArguments(**{**dict(output_dir=output_dir, use_cpu=True, disable_tqdm=True, logging_steps=1,
+                                       save_steps=2, max_steps=8, per_device_train_batch_size=3,
+                                       gradient_accumulation_steps=3, learning_rate=3e-3, warmup_steps=2,
+                                       weight_decay=0.1, report_to="none"), **overrides})

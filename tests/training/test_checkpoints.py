@@ -135,7 +135,13 @@ def test_bad_checkpoints_fail_before_training(uninterrupted, tmp_path):
     moved = Trainer(tiny_bert(), resume_args(str(tmp_path / "z")), train_dataset=cls_rows(21))
     with pytest.raises(ValueError, match="different data order .*num_examples: checkpoint 20 vs now 21"):
         moved.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
-    assert other.state.global_step == 0 and moved.state.global_step == 0
+    wider = Trainer(tiny_bert(), resume_args(str(tmp_path / "w"), per_device_train_batch_size=4),
+                    train_dataset=cls_rows(20))
+    with pytest.raises(ValueError, match=r"global batch size of 9 \(per_device_train_batch_size 3 x "
+                                         r"gradient_accumulation_steps 3 x 1 data-parallel ranks, world size 1\), but "
+                                         r"this run's is 12 \(4 x 3 x 1, world size 1\)"):
+        wider.train(resume_from_checkpoint=str(Path(uninterrupted.args.output_dir) / "checkpoint-4"))
+    assert other.state.global_step == 0 and moved.state.global_step == 0 and wider.state.global_step == 0
 
 
 def _early_stopped(output_dir, resume=None, callbacks=None):
@@ -170,3 +176,35 @@ def test_early_stopping_patience_survives_resume(tmp_path):
     with pytest.raises(ValueError, match=r"state of 1 EarlyStoppingCallback callback\(s\) but this run has 2"):
         _early_stopped(tmp_path / "two", resume=str(checkpoint),
                        callbacks=[EarlyStoppingCallback(3), EarlyStoppingCallback(5)])
+
+
+# a schedule that does not depend on the run's length, so a shorter run's steps are the first steps of a longer one
+_SHORT_THEN_LONG = [({"max_steps": 4}, {"max_steps": 8}),
+                    ({"max_steps": -1, "num_train_epochs": 1, "save_strategy": "epoch"},
+                     {"max_steps": -1, "num_train_epochs": 2, "save_strategy": "epoch"})]
+
+
+@pytest.mark.parametrize("short, long", _SHORT_THEN_LONG, ids=["max_steps", "num_train_epochs"])
+def test_finished_run_resumes_to_the_new_length(tmp_path, short, long):
+    """A finished run resumed with a larger max_steps / num_train_epochs trains on to the new end and equals one
+    uninterrupted run to that end, bit for bit; resumed with its own length it trains and writes nothing."""
+    def run(output_dir, lengths, resume=None):
+        args = resume_args(str(output_dir), lr_scheduler_type="constant_with_warmup", **lengths)
+        trainer = Trainer(tiny_bert(hidden_dropout_prob=0.1), args, train_dataset=cls_rows(20))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "full", long)
+    first = run(tmp_path / "ext", short)
+    done = [p.name for p in list_checkpoints(tmp_path / "ext")]
+    again = run(tmp_path / "ext", short, resume=True)
+    assert again.state.global_step == first.state.global_step and _losses(again) == _losses(first)
+    assert [p.name for p in list_checkpoints(tmp_path / "ext")] == done
+    with pytest.warns(UserWarning, match=rf"at step {first.state.global_step}, past max_steps=2 .*nothing to train"):
+        assert run(tmp_path / "ext", {"max_steps": 2}, resume=True).state.global_step == first.state.global_step
+    extended = run(tmp_path / "ext", long, resume=True)
+    assert extended.state.global_step == full.state.global_step > first.state.global_step
+    assert _losses(extended) == _losses(full)
+    for (name, a), b in zip(full.model.state_dict().items(), extended.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert latest_checkpoint(tmp_path / "ext").name == f"checkpoint-{full.state.global_step}"
