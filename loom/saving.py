@@ -8,9 +8,10 @@ config.json last, in an order where the loader (which, like the reference's, pre
 - shards: they go in under names no live index refers to, then the index; the index rename (or, coming from one
   file, removing that file) is the switch. A live shard that a new shard would overwrite first gets a second
   name (a hard link, else a copy) that the live index is re-pointed to.
-Files of the old set are deleted only after the switch. What stays open: between the weights switch and the config
-rename the directory holds the new weights with the old config.json, which is the new model when the config did not
-change (re-saving a trained model) and a mismatch when it did.
+Files of the old set are deleted only after the switch, so a save over a model needs room for both sets of
+weights (a full disk fails the save and keeps the old model). What stays open: between the weights switch and the
+config rename the directory holds the new weights with the old config.json, which is the new model when the config
+did not change (re-saving a trained model) and a mismatch when it did.
 """
 from __future__ import annotations
 

@@ -131,6 +131,7 @@ def test_a_failed_resave_leaves_a_loadable_model(tmp_path, monkeypatch, before, 
             break
     assert k > 6  # the loop went through every step of the save
 
+
 def test_failed_write_leaves_the_old_model_untouched(tmp_path, monkeypatch):
     """The disk fills while the weights are written: not one byte of the old model changed."""
     old, new, directory = _model(0), _model(1), tmp_path / "model"
