@@ -135,12 +135,18 @@ class PretrainedConfig:
 
         atomic_write_text(Path(path), self.to_json_string())
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write config.json; push_to_hub=True then uploads it (`repo_id`, `commit_message`, `private`, `token`)."""
+        from loom.hub import push_settings, upload_files
+
+        push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
         save_directory = Path(save_directory)
         if save_directory.exists() and not save_directory.is_dir():
             raise NotADirectoryError(f"save_pretrained: {save_directory} exists and is not a directory")
         save_directory.mkdir(parents=True, exist_ok=True)
         self.to_json_file(save_directory / CONFIG_NAME)
+        if push is not None:
+            upload_files(save_directory, [CONFIG_NAME], push, "Upload config")
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> "PretrainedConfig":

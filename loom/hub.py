@@ -1,5 +1,7 @@
 """Path or hub id -> local files: a directory, the Hugging Face cache read offline, packaged models, or the hub.
 
+Also the upload side of `save_pretrained(..., push_to_hub=True)`.
+
 Resolution order for an id: local directory -> a model shipped inside an installed Python package -> the HF cache
 (`models--org--name/snapshots/<commit>/`, refs resolved) -> a download through huggingface_hub (skipped when
 HF_HUB_OFFLINE=1 or local_files_only=True).
@@ -148,3 +150,38 @@ def safe_join(directory: Path, name: str, source: Path) -> Path:
         raise OSError(f"{source} names the file {name!r}, which lies outside {directory}; refusing to read it. "
                       "An index may only name files in its own folder")
     return directory / norm
+
+
+# -- pushing -----------------------------------------------------------------------------------------------------
+# save_pretrained keywords that configure an upload (the reference's names); they need push_to_hub=True.
+PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr")
+
+
+def push_settings(kwargs: dict, push_to_hub: bool, save_directory, method: str) -> dict | None:
+    """The upload settings of `method(save_directory, push_to_hub=..., **kwargs)`, None when not pushing.
+
+    Any other keyword is an error, and so is an upload setting without push_to_hub=True: loom never ignores an
+    argument."""
+    settings = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
+    if kwargs:
+        raise TypeError(f"{method}() got keyword arguments loom does not support: {', '.join(sorted(kwargs))}; "
+                        "remove them")
+    if not push_to_hub:
+        if settings:
+            raise ValueError(f"{method}(): {', '.join(settings)} only apply to an upload; pass push_to_hub=True "
+                             "to upload, or drop them")
+        return None
+    settings.setdefault("repo_id", Path(save_directory).resolve().name)  # the reference's default: the folder name
+    return settings
+
+
+def upload_files(folder, files, settings: dict, default_message: str) -> None:
+    """Create the repo if needed (exist_ok) and upload `files` (names inside `folder`) in one commit."""
+    from loom.utils import require
+
+    hf = require("huggingface_hub", "push_to_hub=True")
+    api = hf.HfApi(token=settings.get("token"))
+    repo_id = api.create_repo(settings["repo_id"], private=settings.get("private"), exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=[str(f) for f in files],
+                      commit_message=settings.get("commit_message") or default_message,
+                      create_pr=settings.get("create_pr", False))

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +158,7 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
 def open_checkpoint(file: Path, eager: bool = False):
     """A handle for one file: safetensors through a private mmap (zero-copy, pages read on first touch) or, with
     `eager`, through plain reads (for loads that convert every tensor: a quantizer's fp32 pages must not stay
-    resident); .bin files through a weights_only mmap'd torch.load."""
+    resident); .bin files through torch.load(weights_only=True), mmap'd unless in the legacy format."""
     if file.suffix == ".safetensors":
         if eager:
             return SafetensorsReader(file)
@@ -168,10 +170,18 @@ def open_checkpoint(file: Path, eager: bool = False):
             raise OSError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
                           "re-download or re-save it") from None
     try:
-        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+        # the legacy (pre-zipfile) format cannot be mapped: it is read into memory, with the same weights_only check
+        state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except Exception as e:
-        raise OSError(f"{file} could not be read with torch.load(weights_only=True) ({e}); loom never unpickles "
-                      "arbitrary objects: convert the checkpoint to safetensors") from None
+        unsafe = re.search(r"GLOBAL (\S+\.\w+) was not an allowed global", str(e))
+        if unsafe:
+            raise OSError(f"{file} pickles the Python object {unsafe.group(1)} besides tensors; loom refuses to "
+                          "unpickle it, as unpickling can run arbitrary code (torch.load(weights_only=True) refused "
+                          "it). If you trust the file, convert it to safetensors with the code that wrote it") from None
+        reason = "malformed pickle data" if isinstance(e, pickle.UnpicklingError) else \
+            next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise OSError(f"{file} is not a readable PyTorch checkpoint ({reason}); it may be truncated or corrupt, "
+                      "re-download or re-save it") from None
     if not isinstance(state, dict):
         raise OSError(f"{file} does not hold a state dict")
     return state
@@ -181,24 +191,23 @@ class SafetensorsReader:
     """Reads safetensors tensors with plain file reads into fresh memory (no mapping of the file stays alive)."""
 
     def __init__(self, file: Path) -> None:
+        from safetensors import safe_open
+
         self.file = file
-        size = file.stat().st_size
         try:
+            # safetensors' own header checks (offsets in order, contiguous and covering the data exactly, byte
+            # sizes matching shapes and dtypes) before any offset of the header is trusted for a read
+            with safe_open(str(file), framework="pt"):
+                pass
             with open(file, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
-                if not 0 < n <= size - 8:
-                    raise ValueError(f"header length {n} does not fit a file of {size} bytes")
                 header = json.loads(f.read(n))
-        except (ValueError, json.JSONDecodeError) as e:
+        except Exception as e:
             raise OSError(f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt, "
                           "re-download or re-save it") from None
         header.pop("__metadata__", None)
         self.start = 8 + n
         self.entries = header
-        end = max((e["data_offsets"][1] for e in header.values()), default=0)
-        if self.start + end > size:
-            raise OSError(f"{file} is truncated ({size} bytes, its header needs {self.start + end}); re-download or "
-                          "re-save it")
         self._sliced = None
 
     def keys(self):

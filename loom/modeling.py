@@ -6,10 +6,8 @@ tie weights, initialise only what is truly missing -> eval(). The full-precision
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,9 +16,10 @@ import torch
 from torch import nn
 
 from loom.configuration import PretrainedConfig
-from loom.hub import pop_hub_kwargs
+from loom.hub import pop_hub_kwargs, push_settings, upload_files
 from loom.kernels import use_kernels_
-from loom.utils import atomic_write_bytes, atomic_write_text, parse_dtype
+from loom.saving import write_model_dir
+from loom.utils import parse_dtype
 
 logger = logging.getLogger("loom")
 
@@ -323,33 +322,40 @@ class PreTrainedModel(nn.Module):
     # -- saving --------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, *, state_dict: dict | None = None,
                         max_shard_size: int | str = "5GB", safe_serialization: bool = True,
-                        variant: str | None = None, is_main_process: bool = True, **_ignored) -> None:
-        """Write config.json, generation_config.json and (sharded) safetensors, each file atomically."""
+                        variant: str | None = None, is_main_process: bool = True, push_to_hub: bool = False,
+                        save_function=None, **kwargs) -> None:
+        """Write config.json, generation_config.json and (sharded) safetensors. Over an existing model the directory
+        loads as the old or the new model whatever the point of failure (loom/saving.py). With push_to_hub=True the
+        written files are then uploaded (`repo_id`, `commit_message`, `private`, `token`, `create_pr`)."""
         save_directory = Path(save_directory)
+        push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
         if save_directory.exists() and not save_directory.is_dir():
             raise NotADirectoryError(f"save_pretrained: {save_directory} is a file; pass a directory path")
-        if not is_main_process:
-            return
         if not safe_serialization:
             raise ValueError("loom writes safetensors only (safe_serialization=True): pickle-based .bin files can "
                              "run code when loaded")
-        save_directory.mkdir(parents=True, exist_ok=True)
+        if save_function not in (None, torch.save):  # the reference calls it for .bin files only, never written here
+            raise ValueError("save_pretrained(save_function=...) is not supported: loom writes safetensors with "
+                             "atomic file writes; drop the argument")
+        if not is_main_process:
+            return
         quantizer = getattr(self, "_loom_quantizer", None)
         if quantizer is not None and not quantizer.is_serializable():
             raise ValueError(f"{type(quantizer).__name__} models cannot be saved: {quantizer.why_not_serializable()}")
+        save_directory.mkdir(parents=True, exist_ok=True)
         tensors = self.checkpoint_state_dict() if state_dict is None else dict(state_dict)
-        # Remove config.json first so that an interrupted save never looks like a complete checkpoint.
-        (save_directory / "config.json").unlink(missing_ok=True)
-        write_safetensors(tensors, save_directory, max_shard_size=max_shard_size, variant=variant)
+        texts = {}
         if self.generation_config is not None and self.can_generate():
-            self.generation_config.save_pretrained(save_directory)
+            texts["generation_config.json"] = self.generation_config.to_json_string()
         config = self.config
         config.architectures = [type(self).__name__]
-        dtype = self.dtype
-        config.dtype = str(dtype).removeprefix("torch.")
+        config.dtype = str(self.dtype).removeprefix("torch.")
         if quantizer is not None:
             config.quantization_config = quantizer.config
-        config.save_pretrained(save_directory)
+        texts["config.json"] = config.to_json_string()  # renamed into place last
+        written = write_model_dir(save_directory, tensors, texts, max_shard_size=max_shard_size, variant=variant)
+        if push is not None:
+            upload_files(save_directory, written, push, "Upload model")
 
     def checkpoint_state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors as the checkpoint stores them: tied copies dropped, transposed weights flipped back."""
@@ -425,69 +431,3 @@ def _load_generation_config(path, config, hub):
         return GenerationConfig.from_pretrained(path, **hub)
     except OSError:
         return GenerationConfig.from_model_config(config)
-
-
-def _parse_size(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(size).upper().replace("IB", "iB"))
-    if not m:
-        raise ValueError(f"max_shard_size={size!r} is not a size; use an int of bytes or a string like '5GB'")
-    n, unit = float(m.group(1)), (m.group(2) or "B")
-    scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[unit]
-    return int(n * scale)
-
-
-def write_safetensors(tensors: dict[str, torch.Tensor], directory: Path, *, max_shard_size="5GB",
-                      variant: str | None = None, metadata: dict | None = None) -> list[str]:
-    """Write tensors as one safetensors file or several shards plus an index, atomically; returns file names."""
-    from safetensors.torch import save
-
-    limit = _parse_size(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    total = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        total += nbytes
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().contiguous().cpu() if t.device.type != "cpu" or not t.is_contiguous() \
-            else t.detach()
-        size += nbytes
-    base = "model.safetensors" if not variant else f"model.{variant}.safetensors"
-    stem = base[: -len(".safetensors")]
-    meta = {"format": "pt", **(metadata or {})}
-    names = [base] if len(shards) == 1 else \
-        [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    _remove_stale_weights(directory, stem, keep=set(names))
-    for name, shard in zip(names, shards):
-        atomic_write_bytes(directory / name, save(_unshare(shard), metadata=meta))
-    index_path = directory / f"{base}.index.json"
-    if len(shards) > 1:
-        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
-    else:
-        index_path.unlink(missing_ok=True)
-    return names
-
-
-def _unshare(shard: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """safetensors refuses tensors that share memory; clone the later ones (tied weights are already dropped)."""
-    seen, out = set(), {}
-    for k, t in shard.items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
-        out[k] = t.clone() if key in seen or (t.numel() and t.untyped_storage().nbytes() != t.numel() *
-                                               t.element_size()) else t
-        if key is not None:
-            seen.add(key)
-    return out
-
-
-def _remove_stale_weights(directory: Path, stem: str, keep: set[str]) -> None:
-    pattern = re.compile(rf"^{re.escape(stem)}(-\d{{5}}-of-\d{{5}})?\.safetensors$")
-    for f in directory.iterdir():
-        if pattern.match(f.name) and f.name not in keep:
-            f.unlink()

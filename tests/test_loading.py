@@ -100,16 +100,75 @@ def test_bin_fallback(llama_ckpt, tmp_path):
         torch.testing.assert_close(ours(_ids()).logits, ref(_ids()).logits, atol=1e-4, rtol=1e-4)
 
 
-def test_bin_with_pickled_objects_is_refused(llama_ckpt, tmp_path):
+def test_legacy_format_bin_loads(llama_ckpt, tmp_path):
+    """A pytorch_model.bin in the pre-zipfile format (which cannot be mmap'd) loads, as in the reference."""
+    path, ref = llama_ckpt
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    ours = loom.LlamaForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(_ids()).logits, ref(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_bin_with_pickled_objects_is_refused(llama_ckpt, tmp_path, zipfile):
     path, _ = llama_ckpt
     shutil.copy(path / "config.json", tmp_path / "config.json")
-    torch.save({"model.norm.weight": torch.ones(32), "evil": _Pickled()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(OSError, match="weights_only=True"):
+    torch.save({"model.norm.weight": torch.ones(32), "evil": _Pickled()}, tmp_path / "pytorch_model.bin",
+               _use_new_zipfile_serialization=zipfile)
+    with pytest.raises(OSError, match=r"pickles the Python object .*_Pickled besides tensors; loom refuses to unpickle "
+                                      r"it, as unpickling can run arbitrary code \(torch.load\(weights_only=True\)"):
         loom.LlamaForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("zipfile", [True, False])
+def test_corrupt_bin_is_called_corrupt(llama_ckpt, tmp_path, zipfile):
+    path, ref = llama_ckpt
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=zipfile)
+    data = (tmp_path / "pytorch_model.bin").read_bytes()
+    (tmp_path / "pytorch_model.bin").write_bytes(data[:len(data) // 2])
+    with pytest.raises(OSError, match=r"pytorch_model.bin is not a readable PyTorch checkpoint \(.*\); it may be "
+                                      "truncated or corrupt") as e:
+        loom.LlamaForCausalLM.from_pretrained(tmp_path)
+    assert "arbitrary code" not in str(e.value) and "trust" not in str(e.value)
 
 
 class _Pickled:
     pass
+
+
+def _rewrite_header(file, edit) -> None:
+    """Apply `edit(header)` to a safetensors file's JSON header, keeping its data bytes."""
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    raw = json.dumps(header).encode()
+    file.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+
+
+def _overlap(header):  # q_proj of layer 1 reads the bytes of layer 0's: same size, so only the offsets tell
+    header["model.layers.1.self_attn.q_proj.weight"]["data_offsets"] = \
+        header["model.layers.0.self_attn.q_proj.weight"]["data_offsets"]
+
+
+def _wrong_size(header):  # a float16 tensor over float32 bytes
+    header["model.layers.0.self_attn.q_proj.weight"]["dtype"] = "F16"
+
+
+@pytest.mark.parametrize("edit", [_overlap, _wrong_size])
+@pytest.mark.parametrize("quantized", [True, False])
+def test_inconsistent_safetensors_header_is_refused(llama_ckpt, tmp_path, edit, quantized):
+    """Every reader validates the header as safetensors does, the plain-reads one of quantize-on-load included."""
+    path, _ = llama_ckpt
+    shutil.copy(path / "config.json", tmp_path)
+    shutil.copy(path / "model.safetensors", tmp_path)
+    _rewrite_header(tmp_path / "model.safetensors", edit)
+    kwargs = {"quantization_config": loom.WeightOnlyConfig(bits=8)} if quantized else {}
+    with pytest.raises(OSError, match=f"{tmp_path / 'model.safetensors'} is not a readable safetensors file "
+                                      r"\(.*invalid .*offset"):
+        loom.LlamaForCausalLM.from_pretrained(tmp_path, **kwargs)
 
 
 def test_hf_cache_layout_offline(llama_ckpt, tmp_path, monkeypatch):
@@ -245,23 +304,6 @@ def test_missing_shard(llama_ckpt, tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-0001.safetensors"}}))
     with pytest.raises(OSError, match="lists the shard model-0001.safetensors, which is missing"):
         loom.LlamaForCausalLM.from_pretrained(tmp_path)
-
-
-def test_failed_save_leaves_nothing_complete(llama_ckpt, tmp_path, monkeypatch):
-    path, _ = llama_ckpt
-    m = loom.LlamaForCausalLM.from_pretrained(path)
-    m.save_pretrained(tmp_path)
-    import safetensors.torch
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save", boom)
-    with pytest.raises(RuntimeError, match="disk full"):
-        m.save_pretrained(tmp_path)
-    # config.json is written last, so the interrupted directory does not look like a complete checkpoint
-    assert not (tmp_path / "config.json").exists()
-    assert not [f for f in tmp_path.iterdir() if f.name.endswith(".tmp")]
 
 
 def test_save_refuses_pickle_and_files(llama_ckpt, tmp_path):

@@ -190,6 +190,9 @@ def write_gathered(model: nn.Module, save_directory: str | os.PathLike, full_sta
 
 def save_pretrained_distributed(model: nn.Module, save_directory: str | os.PathLike, **kwargs) -> None:
     """`save_pretrained` for a tensor-parallel / FSDP model: gathers full tensors, rank 0 writes; all ranks call."""
+    if kwargs.get("push_to_hub"):  # on every rank, before the collective; write_gathered fixes config.json last
+        raise ValueError("save_pretrained of a parallelised model does not push to the hub; save it, then upload "
+                         "the folder with huggingface_hub's upload_folder")
     full = gather_full_state(model)
     if _is_main():
         write_gathered(model, save_directory, full, **kwargs)

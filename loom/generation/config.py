@@ -76,12 +76,19 @@ class GenerationConfig:
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, config_file_name: str | None = None,
+                        push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write generation_config.json; push_to_hub=True then uploads it (the upload settings of the model's)."""
+        from loom.hub import push_settings, upload_files
         from loom.utils import atomic_write_text
 
+        push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(save_directory / (config_file_name or GENERATION_CONFIG_NAME), self.to_json_string())
+        name = config_file_name or GENERATION_CONFIG_NAME
+        atomic_write_text(save_directory / name, self.to_json_string())
+        if push is not None:
+            upload_files(save_directory, [name], push, "Upload config")
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the generation fields among kwargs; return the others (model inputs such as attention_mask)."""

@@ -2,7 +2,7 @@
 
 The config keeps the settings the tokenizer was loaded with (so the reference rebuilds the same class), plus the
 current special tokens, sides, input names and model_max_length; the engine file carries vocabulary, added tokens
-and the post-processor. Files are written atomically.
+and the post-processor. Files are written atomically; push_to_hub=True then uploads them.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from ..hub import push_settings, upload_files
 from ..utils import atomic_write_text
 from .arguments import LARGE_INTEGER
 
@@ -49,24 +50,32 @@ def _engine_json(tok) -> str:
     return engine.to_str(pretty=True)
 
 
-def save_pretrained(tok, save_directory: str | os.PathLike, filename_prefix: str | None = None,
-                    push_to_hub: bool = False) -> tuple[str, ...]:
+def save_pretrained(tok, save_directory: str | os.PathLike, legacy_format: bool | None = None,
+                    filename_prefix: str | None = None, push_to_hub: bool = False, save_jinja_files: bool = True,
+                    **kwargs) -> tuple[str, ...]:
     """Write the tokenizer files into `save_directory` (created if needed); returns their paths."""
-    if push_to_hub:
-        raise NotImplementedError("push_to_hub is not supported by loom; save to a folder and upload it with "
-                                  "huggingface_hub's upload_folder")
+    push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
+    if legacy_format:
+        raise ValueError("save_pretrained(legacy_format=True) is not supported: loom writes the tokenizer.json "
+                         "format only; leave legacy_format unset (or False)")
     directory = Path(save_directory)
     if directory.is_file():
         raise NotADirectoryError(f"save_pretrained needs a directory, but {directory} is a file")
     directory.mkdir(parents=True, exist_ok=True)
     prefix = f"{filename_prefix}-" if filename_prefix else ""
     written = []
-    if isinstance(tok.chat_template, str):
+    config = _config(tok)
+    if isinstance(tok.chat_template, str) and save_jinja_files:
         path = directory / f"{prefix}chat_template.jinja"
         atomic_write_text(path, tok.chat_template)
         written.append(path)
+    elif isinstance(tok.chat_template, str):  # save_jinja_files=False: inside the config, the older layout
+        config["chat_template"] = tok.chat_template
     config_path = directory / f"{prefix}tokenizer_config.json"
-    atomic_write_text(config_path, json.dumps(_config(tok), indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    atomic_write_text(config_path, json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     engine_path = directory / f"{prefix}tokenizer.json"
     atomic_write_text(engine_path, _engine_json(tok))
-    return tuple(str(p) for p in (config_path, *written, engine_path))
+    paths = (config_path, *written, engine_path)
+    if push is not None:
+        upload_files(directory, [p.name for p in paths], push, "Upload tokenizer")
+    return tuple(str(p) for p in paths)

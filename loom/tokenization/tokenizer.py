@@ -170,8 +170,10 @@ class PreTrainedTokenizerFast:
 
     def save_pretrained(self, save_directory: str | os.PathLike, legacy_format: bool | None = None,
                         filename_prefix: str | None = None, push_to_hub: bool = False, **kwargs) -> tuple[str, ...]:
-        """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (when there is a template)."""
-        return saving.save_pretrained(self, save_directory, filename_prefix=filename_prefix, push_to_hub=push_to_hub)
+        """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (when there is a template);
+        push_to_hub=True then uploads them (`repo_id`, `commit_message`, `private`, `token`, `create_pr`)."""
+        return saving.save_pretrained(self, save_directory, legacy_format=legacy_format,
+                                      filename_prefix=filename_prefix, push_to_hub=push_to_hub, **kwargs)
 
     # special tokens
     @property

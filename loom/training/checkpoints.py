@@ -1,7 +1,11 @@
 """Training checkpoints `output_dir/checkpoint-N/`: written atomically, found, validated, rotated, restored.
 
-A checkpoint is first written to `tmp-checkpoint-N/` and renamed when complete, so a run killed while saving leaves
-the previous checkpoints intact and the partial folder is never mistaken for a checkpoint (it starts with "tmp-").
+A checkpoint is first written to `tmp-checkpoint-N/`, renamed to `tmp-checkpoint-N-new/` once complete, then to
+`checkpoint-N/`. A run killed while saving leaves the previous checkpoints intact and the partial folder is never
+mistaken for a checkpoint (it starts with "tmp-"). Replacing an existing `checkpoint-N` (a resumed run saving a step
+again) moves it to `tmp-checkpoint-N-old/` for the moment between two renames; a kill there leaves no
+`checkpoint-N`, and the next save or resume puts the newer complete copy back (`recover_interrupted`). Only a
+partial `tmp-checkpoint-N` is ever deleted as a leftover: a complete copy is never the one thrown away.
 """
 from __future__ import annotations
 
@@ -10,15 +14,19 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
+
+from loom.utils import fsync_dir
 
 PREFIX = "checkpoint"
 TMP_PREFIX = "tmp-checkpoint"
 REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "data_state.json",
                   "training_args.json", "config.json")
 _NUMBERED = re.compile(rf"^{PREFIX}-(\d+)$")
+_SWAPPING = re.compile(rf"^{TMP_PREFIX}-(\d+)-(new|old)$")
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -31,12 +39,16 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint-N folder, after finishing any save a kill left half-done (recover_interrupted)."""
+    recover_interrupted(output_dir)
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
 
 
 def check_complete(path: Path) -> None:
     """Raise if a checkpoint folder lacks a file needed to resume exactly."""
+    if not path.is_dir() and _NUMBERED.match(path.name):
+        recover_interrupted(path.parent)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a directory")
     missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
@@ -91,37 +103,75 @@ def write_checkpoint(output_dir: str | Path, step: int, write_files) -> Path:
     """Call write_files(tmp_dir) to fill a temporary folder, then rename it to checkpoint-<step> atomically."""
     root = Path(output_dir)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{PREFIX}-{step}"
-    tmp = root / f"{TMP_PREFIX}-{step}"
+    recover_interrupted(root)
+    final, tmp, new, old = _folders(root, step)
     if tmp.exists():
-        shutil.rmtree(tmp)  # left by a run killed while saving
+        shutil.rmtree(tmp)  # partial: left by a run killed while writing it (complete copies are renamed first)
     tmp.mkdir()
     write_files(tmp)
-    _fsync_dir(tmp)
-    if final.exists():
-        # re-saving a step (a resumed run passing an old checkpoint's step): swap, then drop the old one
-        old = root / f"{TMP_PREFIX}-{step}-old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(tmp)
+    os.replace(tmp, new)
+    _install(final, new, old)
+    fsync_dir(root)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _folders(root: Path, step: int) -> tuple[Path, Path, Path, Path]:
+    """checkpoint-N, and its temporary folders: being written, complete, replaced."""
+    tmp = root / f"{TMP_PREFIX}-{step}"
+    return root / f"{PREFIX}-{step}", tmp, tmp.with_name(tmp.name + "-new"), tmp.with_name(tmp.name + "-old")
+
+
+def _install(final: Path, new: Path, old: Path) -> None:
+    """Rename the complete copy `new` to `final`; a copy already there goes aside to `old`, deleted last."""
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)  # an older copy still: `final` is complete
+        os.replace(final, old)
+    os.replace(new, final)  # a kill just before this leaves no `final`: recover_interrupted puts `new` in
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_interrupted(output_dir: str | Path) -> list[Path]:
+    """Finish the checkpoint swaps that a killed save left half-done; returns the checkpoints put back in place.
+
+    A complete new copy (tmp-checkpoint-N-new) goes in, replacing checkpoint-N when that exists too; without one,
+    a missing checkpoint-N gets back its old copy (tmp-checkpoint-N-old). A tmp-checkpoint-N beside a -old folder
+    and no checkpoint-N is the complete new copy of loom before the -new stage. Every rank of a run may call this
+    at once: a step another process has just finished is looked at again."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    restored = []
+    for step in sorted({int(m.group(1)) for p in root.iterdir() if (m := _SWAPPING.match(p.name))}):
+        for attempt in range(3):
+            try:
+                source = _recover_step(*_folders(root, step))
+                break
+            except OSError:
+                if attempt == 2:
+                    raise
+        if source is not None:
+            restored.append(root / f"{PREFIX}-{step}")
+            warnings.warn(f"{restored[-1]}: finished a save that an interrupted run left half-done (the complete "
+                          f"copy {source} is now in place)", stacklevel=2)
+    if restored:
+        fsync_dir(root)
+    return restored
+
+
+def _recover_step(final: Path, tmp: Path, new: Path, old: Path) -> str | None:
+    source = new.name
+    if not new.is_dir() and not final.exists() and tmp.is_dir() and old.is_dir():
+        os.replace(tmp, new)
+        source = tmp.name
+    if new.is_dir():
+        _install(final, new, old)
+        return source
+    if old.is_dir() and not final.exists():
+        os.replace(old, final)
+        return old.name
+    shutil.rmtree(old, ignore_errors=True)
+    return None
 
 
 def save_torch(obj, path: Path) -> None:

@@ -163,6 +163,26 @@ def test_save_pretrained_round_trip_both_libraries(tmp_path, assets, reference):
             assert ref.chat_template == tok.chat_template
 
 
+def test_save_arguments_are_honoured_or_refused(tmp_path, assets, reference):
+    """save_jinja_files=False keeps the template inside tokenizer_config.json (as the reference writes it then);
+    legacy_format=True (slow-tokenizer files) and unknown keywords are errors, never ignored."""
+    from tok_data import CHATML_TEMPLATE
+
+    tok = AutoTokenizer.from_pretrained(assets["minilm_vocab"])
+    tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(tmp_path / "inline", save_jinja_files=False)
+    assert not (tmp_path / "inline" / "chat_template.jinja").exists()
+    assert json.loads((tmp_path / "inline" / "tokenizer_config.json").read_text())["chat_template"] == CHATML_TEMPLATE
+    assert AutoTokenizer.from_pretrained(tmp_path / "inline").chat_template == CHATML_TEMPLATE
+    with pytest.raises(ValueError, match=r"legacy_format=True\) is not supported: loom writes the tokenizer.json"):
+        tok.save_pretrained(tmp_path / "legacy", legacy_format=True)
+    with pytest.raises(TypeError, match="keyword arguments loom does not support: bogus; remove them"):
+        tok.save_pretrained(tmp_path / "bogus", bogus=True)
+    with pytest.raises(ValueError, match="repo_id only apply to an upload; pass push_to_hub=True"):
+        tok.save_pretrained(tmp_path / "repo", repo_id="me/tok")
+    assert not (tmp_path / "legacy").exists() and not (tmp_path / "bogus").exists()
+
+
 def test_model_max_length_rule(assets, tmp_path, loom_tok):
     assert loom_tok("minilm").model_max_length == 512  # tokenizer_config.json
     assert loom_tok("llama3_chat").model_max_length == 8192  # 1e30 in the config: config.json's positions instead

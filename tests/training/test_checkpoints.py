@@ -1,17 +1,20 @@
 """Checkpoints: exact resume (in process, and after SIGKILL), atomic saves, rotation, reference loading, errors."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
 from loom.training import Trainer
-from loom.training.checkpoints import latest_checkpoint, list_checkpoints
+from loom.training.checkpoints import latest_checkpoint, list_checkpoints, write_checkpoint
 from tests.training.conftest import cls_rows, lm_rows, PadCollator, resume_args, tiny_bert, tiny_llama
 
 SCRIPT = Path(__file__).with_name("resume_script.py")
@@ -74,6 +77,77 @@ def test_sigkill_mid_epoch_and_while_saving_then_resume(uninterrupted, tmp_path)
     for losses in (first, second, third):
         assert all(losses[s] == full[s] for s in losses), (losses, full)
     assert not (out / "tmp-checkpoint-6").exists()
+
+
+def test_kill_between_the_renames_of_a_resave_then_resume(uninterrupted, tmp_path, monkeypatch):
+    """A resumed run saves checkpoint-4 again and dies between moving the old checkpoint-4 aside and renaming the
+    new one in (an injected failure of that rename): resuming finds checkpoint-4 again, the newer complete copy,
+    says so, and replays the uninterrupted run's losses."""
+    out = tmp_path / "run"
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(Path(uninterrupted.args.output_dir) / name, out / name)
+    (out / "checkpoint-4" / "the-old-copy").touch()
+    real_replace = os.replace
+
+    def die_between_renames(src, dst, *args, **kwargs):
+        if Path(src).name.startswith("tmp-checkpoint-4") and Path(dst).name == "checkpoint-4":
+            raise OSError(errno.EIO, "injected: killed between the renames")
+        return real_replace(src, dst, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "replace", die_between_renames)
+        with pytest.raises(OSError, match="injected"):
+            _train(out, resume=str(out / "checkpoint-2"))
+    assert not (out / "checkpoint-4").exists()
+    with pytest.warns(UserWarning, match=r"checkpoint-4: finished a save that an interrupted run left half-done \(the "
+                                         "complete copy tmp-checkpoint-4-new is now in place\)"):
+        resumed = _train(out, resume=True)
+    assert _losses(resumed) == _losses(uninterrupted)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
+    assert not (out / "checkpoint-4" / "the-old-copy").exists()
+
+
+def _leave(root: Path, folders: dict[str, str]) -> None:
+    for name, copy in folders.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "copy").write_text(copy)
+
+
+@pytest.mark.parametrize("left,restored", [
+    ({"tmp-checkpoint-4-new": "new", "tmp-checkpoint-4-old": "old"}, "new"),  # killed between the two renames
+    ({"tmp-checkpoint-4": "new", "tmp-checkpoint-4-old": "old"}, "new"),  # the same, by loom before the -new stage
+    ({"tmp-checkpoint-4-old": "old"}, "old"),
+    ({"checkpoint-4": "old", "tmp-checkpoint-4-new": "new"}, "new"),  # killed before the old copy moved aside
+    ({"checkpoint-4": "new", "tmp-checkpoint-4-old": "old"}, None),  # killed while deleting the old copy
+    ({"tmp-checkpoint-4": "partial"}, None),  # killed while writing: never taken for a checkpoint
+])
+def test_leftovers_of_an_interrupted_save_are_recovered_at_resume(tmp_path, left, restored):
+    _leave(tmp_path, {"checkpoint-2": "older step", **left})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        latest = latest_checkpoint(tmp_path)
+    assert [str(w.message).split(":")[0] for w in caught] == ([str(tmp_path / "checkpoint-4")] if restored else [])
+    leftover = sorted(p.name for p in tmp_path.iterdir())
+    if "checkpoint-4" in left or restored:
+        assert leftover == ["checkpoint-2", "checkpoint-4"]
+        assert (latest / "copy").read_text() == (restored or left["checkpoint-4"])
+    else:
+        assert latest.name == "checkpoint-2" and leftover == ["checkpoint-2", "tmp-checkpoint-4"]
+
+
+def test_a_failing_save_after_a_kill_keeps_the_complete_copy(tmp_path):
+    """The issue's state (a complete tmp-checkpoint-4 and tmp-checkpoint-4-old, no checkpoint-4), then another save
+    of step 4 that fails while writing (a full disk): the complete copy was put in place first, not deleted."""
+    _leave(tmp_path, {"tmp-checkpoint-4": "new", "tmp-checkpoint-4-old": "old"})
+
+    def disk_full(folder):
+        (folder / "optimizer.pt").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.warns(UserWarning, match="checkpoint-4: finished a save"), pytest.raises(OSError, match="No space"):
+        write_checkpoint(tmp_path, 4, disk_full)
+    assert (tmp_path / "checkpoint-4" / "copy").read_text() == "new"
+    assert latest_checkpoint(tmp_path).name == "checkpoint-4"
 
 
 def test_checkpoint_loads_in_reference_with_equal_logits(args_for):
