@@ -49,6 +49,11 @@ class PretrainedConfig:
         if "torch_dtype" in kwargs:  # the pre-5.x name of `dtype`
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs.pop("model_type", None)
+        # a load setting, not a stored field; the internal names are not read from config.json (old hub configs
+        # carry stale values), as in the reference. Models check the name (`checked_attn_implementation`).
+        self._attn_implementation = kwargs.pop("attn_implementation", None)
+        for internal in ("_attn_implementation", "_attn_implementation_internal"):
+            kwargs.pop(internal, None)
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
