@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.common import activation, attention, attention_mask_for, classification_loss, maybe_checkpoint, \
     recording_attentions, token_loss
@@ -19,6 +19,7 @@ class BertConfig(PretrainedConfig):
                     attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
                     initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                     tie_word_embeddings=True, use_cache=False)
+    field_types = {**TOKEN_ID_TYPES, "classifier_dropout": (float, None)}
 
 
 class _CpuDropoutFunction(torch.autograd.Function):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
 from loom.models.common import activation, attention, causal_inputs, causal_lm_loss, classification_loss, \
@@ -23,6 +23,7 @@ class GPT2Config(PretrainedConfig):
                     layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True, use_cache=True,
                     bos_token_id=50256, eos_token_id=50256, scale_attn_by_inverse_layer_idx=False,
                     reorder_and_upcast_attn=False, tie_word_embeddings=True)
+    field_types = {**TOKEN_ID_TYPES, "n_inner": (int, None)}
 
 
 class GPT2Attention(nn.Module):

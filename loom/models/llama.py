@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache, DynamicCache
 from loom.models.common import (RMSNorm, RotaryEmbedding, activation, apply_rotary, attention, causal_inputs,
@@ -19,6 +19,9 @@ class LlamaConfig(PretrainedConfig):
                     max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
                     pad_token_id=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                     attention_bias=False, attention_dropout=0.0, mlp_bias=False, pretraining_tp=1)
+    field_types = {**TOKEN_ID_TYPES, "num_key_value_heads": (int, None), "head_dim": (int, None),
+                   "attention_dropout": (float, None), "pretraining_tp": (int, None), "rope_theta": (float,),
+                   "rope_parameters": (dict, None), "rope_scaling": (dict, None)}
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:

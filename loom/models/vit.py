@@ -22,6 +22,8 @@ class ViTConfig(PretrainedConfig):
                     initializer_range=0.02, layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                     qkv_bias=True, encoder_stride=16, pooler_output_size=None, pooler_act="tanh",
                     tie_word_embeddings=False)
+    field_types = {"image_size": (int, list[int], tuple),
+                   "patch_size": (int, list[int], tuple), "pooler_output_size": (int, None)}
 
     def __post_init__(self) -> None:
         if not self.pooler_output_size:
