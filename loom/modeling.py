@@ -273,7 +273,7 @@ class PreTrainedModel(nn.Module):
                 setattr(config, k, v)
         if attn_implementation is not None:
             config._attn_implementation = attn_implementation
-        config._attn_implementation = checked_attn_implementation(config)  # before any file is read
+        config._attn_implementation = checked_attn_implementation(config)  # before the weights are read
         config._name_or_path = str(path)
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype

@@ -110,7 +110,8 @@ def test_wrongly_typed_field_is_refused_at_load_naming_field_and_file(tmp_path, 
     path = _write_config(tmp_path, raw)
     where = re.escape(f"{path / 'config.json'}: LlamaConfig: {key}={value!r} is ") + f"{kind}.*but {key} must be"
     for load in (loom.AutoConfig.from_pretrained, loom.LlamaConfig.from_pretrained,
-                 loom.AutoModelForCausalLM.from_pretrained, lambda p: loom.LlamaConfig.from_json_file(p / "config.json")):
+                 loom.AutoModelForCausalLM.from_pretrained,
+                 lambda p: loom.LlamaConfig.from_json_file(p / "config.json")):
         with pytest.raises(ConfigFieldError, match=where):
             load(path)
     with pytest.raises(ConfigFieldError, match=f"^LlamaConfig: {key}="):  # a keyword, not the file, is to blame
@@ -184,7 +185,8 @@ REAL_CONFIGS = {  # the type-relevant fields of real hub configs (facts from the
     "gpt2": {"model_type": "gpt2", "activation_function": "gelu_new", "attn_pdrop": 0.1, "bos_token_id": 50256,
              "embd_pdrop": 0.1, "eos_token_id": 50256, "initializer_range": 0.02, "layer_norm_epsilon": 1e-05,
              "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_inner": None, "n_layer": 12, "n_positions": 1024,
-             "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1, "summary_proj_to_labels": True,
+             "resid_pdrop": 0.1, "summary_activation": None, "summary_first_dropout": 0.1,
+             "summary_proj_to_labels": True,
              "summary_type": "cls_index", "summary_use_proj": True,
              "task_specific_params": {"text-generation": {"do_sample": True, "max_length": 50}}, "vocab_size": 50257},
     "bert-base": {"model_type": "bert", "attention_probs_dropout_prob": 0.1, "gradient_checkpointing": False,
