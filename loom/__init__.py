@@ -26,8 +26,15 @@ _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
 _export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
-_export("loom.generation", "GenerationConfig", "TextStreamer", "TextIteratorStreamer", "LogitsProcessorList",
-        "StoppingCriteriaList")
+_export("loom.generation.config", "GenerationConfig")
+_export("loom.generation.logits_process", "LogitsProcessor", "LogitsProcessorList", "MinLengthLogitsProcessor",
+        "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
+        "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
+        "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
+        "MinPLogitsWarper", "TypicalLogitsWarper")
+_export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
+        "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
+_export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer")
 _export("loom.pipelines", "pipeline", "Pipeline")
 _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",

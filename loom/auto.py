@@ -7,7 +7,8 @@ import os
 import pkgutil
 from typing import Any
 
-from loom.configuration import CONFIG_NAME, PretrainedConfig, read_config_dict
+from loom.configuration import CONFIG_NAME, PretrainedConfig, config_from_file, read_config_dict
+
 
 def _family_modules() -> list[str]:
     import loom.models
@@ -73,7 +74,7 @@ class AutoConfig:
         path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
         data = read_config_dict(path)
         cls = config_class_for(data.get("model_type"), path)
-        config = cls.from_dict(data, **kwargs)
+        config = config_from_file(cls, path, data, **kwargs)
         config._name_or_path = str(path_or_id)
         return config
 

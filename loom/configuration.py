@@ -1,7 +1,9 @@
 """PretrainedConfig: the model hyper-parameters read from and written to config.json.
 
 A config keeps every key it was given, known or not, so load -> save is lossless. Family configs declare their
-defaults as a class-level dict and their legacy names (GPT-2's `n_embd`) in `attribute_map`.
+defaults as a class-level dict and their legacy names (GPT-2's `n_embd`) in `attribute_map`. The known fields are
+type-checked when a config is made (`check_field_types`): a default says its field's type, and `field_types` widens
+it where the reference takes more (None, lists), so a config the reference loads is never refused.
 """
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, get_args, get_origin
 
 CONFIG_NAME = "config.json"
 
@@ -32,8 +34,20 @@ _COMMON_DEFAULTS: dict[str, Any] = {
     "dtype": None,
 }
 
+# `field_types` of the special token ids, for the families whose models read them
+TOKEN_ID_TYPES: dict[str, tuple] = {"bos_token_id": (int, None), "pad_token_id": (int, None),
+                                    "eos_token_id": (int, list[int], None)}
+
 _INTERNAL = {"_name_or_path", "_commit_hash", "_attn_implementation", "_attn_implementation_internal",
              "_experts_implementation"}
+
+
+class ConfigFieldError(ValueError):
+    """A config field holds a value of the wrong type (the message names the field and, from a file, the file)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class PretrainedConfig:
@@ -41,6 +55,9 @@ class PretrainedConfig:
 
     model_type: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    # accepted types of the fields whose default does not tell them all (a None default, a field that takes None or
+    # a list too); None stands for null; list[int] for a list of ints. A float field also takes ints.
+    field_types: ClassVar[dict[str, tuple]] = {}
     attribute_map: ClassVar[dict[str, str]] = {}
     # extra keys that are dropped from `to_dict` because they are derived, not stored
     derived: ClassVar[tuple[str, ...]] = ()
@@ -49,12 +66,18 @@ class PretrainedConfig:
         if "torch_dtype" in kwargs:  # the pre-5.x name of `dtype`
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs.pop("model_type", None)
+        # a load setting, not a stored field; the internal names are not read from config.json (old hub configs
+        # carry stale values), as in the reference. Models check the name (`checked_attn_implementation`).
+        self._attn_implementation = kwargs.pop("attn_implementation", None)
+        for internal in ("_attn_implementation", "_attn_implementation_internal"):
+            kwargs.pop(internal, None)
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
         values = {**_COMMON_DEFAULTS, **copy.deepcopy(self.defaults)}
         for key, value in kwargs.items():
             values[self.attribute_map.get(key, key)] = value
+        check_field_types(type(self), values)
         for key, value in values.items():
             object.__setattr__(self, key, value)
         self._name_or_path = str(kwargs.get("_name_or_path", ""))
@@ -100,7 +123,7 @@ class PretrainedConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
-        if not isinstance(n, int) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"num_labels must be a positive integer, got {n!r}")
         if getattr(self, "id2label", None) is None or len(self.id2label) != n:
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}
@@ -156,7 +179,7 @@ class PretrainedConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PretrainedConfig":
-        return cls.from_dict(read_config_dict(Path(path)))
+        return config_from_file(cls, Path(path), read_config_dict(Path(path)))
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
@@ -164,7 +187,7 @@ class PretrainedConfig:
         from loom.hub import pop_hub_kwargs, resolve_file
 
         path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
-        config = cls.from_dict(read_config_dict(path), **kwargs)
+        config = config_from_file(cls, path, read_config_dict(path), **kwargs)
         config._name_or_path = str(path_or_id)
         return config
 
@@ -173,6 +196,52 @@ class PretrainedConfig:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__} {self.to_json_string()}"
+
+
+def check_field_types(cls: type[PretrainedConfig], values: dict[str, Any]) -> None:
+    """Raise ConfigFieldError for the first known field of `cls` whose value has the wrong type. ints are not bools,
+    floats take ints; a field with a None default and no `field_types` entry takes anything."""
+    for key, value in values.items():
+        kinds = cls.field_types.get(key) or _kinds_of(cls.defaults.get(key))
+        if kinds and not any(_is(value, kind) for kind in kinds):
+            expected = " or ".join(_type_name(kind) for kind in kinds)
+            raise ConfigFieldError(f"{cls.__name__}: {key}={value!r} is {_type_name(type(value))}, but {key} must be "
+                                   f"{expected}; fix the value", key)
+
+
+def _kinds_of(default: Any) -> tuple:
+    for kind in (bool, int, float, str, dict, list):
+        if isinstance(default, kind):
+            return (kind,)
+    return ()
+
+
+def _is(value: Any, kind: Any) -> bool:
+    if kind is None:
+        return value is None
+    if kind in (int, float):
+        return isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    if get_origin(kind) is list:
+        return isinstance(value, list) and all(_is(v, get_args(kind)[0]) for v in value)
+    return isinstance(value, kind)
+
+
+def _type_name(kind: Any) -> str:
+    if kind is None or kind is type(None):
+        return "null"
+    return str(kind) if get_origin(kind) else {"str": "a string", "dict": "a dict (JSON object)", "list": "a list",
+                                              "int": "an int", "float": "a float", "bool": "a bool (true/false)"
+                                              }.get(kind.__name__, kind.__name__)
+
+
+def config_from_file(cls: type[PretrainedConfig], path: Path, data: dict[str, Any], **kwargs: Any):
+    """`cls.from_dict(data, **kwargs)`, with a wrongly typed field that came from the file blamed on the file."""
+    try:
+        return cls.from_dict(data, **kwargs)
+    except ConfigFieldError as e:
+        if e.field in kwargs or e.field not in {cls.attribute_map.get(k, k) for k in data}:
+            raise
+        raise ConfigFieldError(f"{path}: {e}", e.field) from None
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:

@@ -6,6 +6,7 @@ tie weights, initialise only what is truly missing -> eval(). The full-precision
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
@@ -46,6 +47,7 @@ class PreTrainedModel(nn.Module):
         super().__init__()
         if not isinstance(config, PretrainedConfig):
             raise TypeError(f"{type(self).__name__} expects a {self.config_class.__name__}, got {type(config).__name__}")
+        config._attn_implementation = checked_attn_implementation(config)
         self.config = config
         self.name_or_path = getattr(config, "_name_or_path", "")
         self.generation_config = None
@@ -235,8 +237,12 @@ class PreTrainedModel(nn.Module):
 
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
-    def from_config(cls, config: PretrainedConfig, dtype=None, **kwargs) -> "PreTrainedModel":
+    def from_config(cls, config: PretrainedConfig, dtype=None, attn_implementation: str | None = None,
+                    **kwargs) -> "PreTrainedModel":
         dtype = parse_dtype(kwargs.pop("torch_dtype", dtype))
+        if attn_implementation is not None:
+            config = copy.deepcopy(config)  # the caller's config keeps its own setting, as in the reference
+            config._attn_implementation = attn_implementation
         model = cls(config, **kwargs)
         if dtype not in (None, "auto"):
             model.to(dtype)
@@ -248,13 +254,15 @@ class PreTrainedModel(nn.Module):
                         device_map=None, max_memory: dict | None = None, offload_folder: str | None = None,
                         quantization_config=None, tp_plan=None, device_mesh=None, output_loading_info: bool = False,
                         ignore_mismatched_sizes: bool = False, variant: str | None = None,
-                        use_safetensors: bool | None = None, **kwargs: Any):
-        """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring)."""
+                        use_safetensors: bool | None = None, attn_implementation: str | None = None,
+                        **kwargs: Any):
+        """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring).
+
+        `attn_implementation`: "sdpa" (the default) or "eager" (needed for output_attentions=True)."""
         from loom import loading
 
         hub = pop_hub_kwargs(kwargs)
-        for legacy in ("low_cpu_mem_usage", "attn_implementation", "_fast_init",
-                       "use_auth_token", "resume_download", "mirror"):
+        for legacy in ("low_cpu_mem_usage", "_fast_init", "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)
         path = pretrained_model_name_or_path
         if not isinstance(config, PretrainedConfig):
@@ -262,6 +270,9 @@ class PreTrainedModel(nn.Module):
         else:
             for k, v in kwargs.items():
                 setattr(config, k, v)
+        if attn_implementation is not None:
+            config._attn_implementation = attn_implementation
+        config._attn_implementation = checked_attn_implementation(config)  # before the weights are read
         config._name_or_path = str(path)
         if torch_dtype is not None and dtype is None:
             dtype = torch_dtype
@@ -368,6 +379,35 @@ class PreTrainedModel(nn.Module):
                 tensor = tensor.t()
             out[name] = tensor
         return out
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def checked_attn_implementation(config: PretrainedConfig) -> str:
+    """The attention a config asks for (`attn_implementation`), checked: loom runs "sdpa" (the default; "eager" when
+    output_attentions is set, as the reference chooses) and "eager"; any other name is an error, never ignored."""
+    name = getattr(config, "_attn_implementation", None)
+    wants_probs = bool(getattr(config, "output_attentions", False))
+    if name is None:
+        return "eager" if wants_probs else "sdpa"
+    if name in ATTN_IMPLEMENTATIONS:
+        if wants_probs and name != "eager":
+            raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
+                             f'"{name}" never forms; use attn_implementation="eager"')
+        return name
+    text = str(name)
+    if "flash_attention" in text:
+        why = ("FlashAttention needs a CUDA GPU and the flash-attn package, which loom does not support (on CUDA, "
+               "'sdpa' runs PyTorch's own flash kernel where it applies)")
+    elif "flex_attention" in text:
+        why = "loom has no path through torch's flex_attention"
+    elif "paged" in text:
+        why = "paged attention (continuous batching) is not part of loom"
+    else:
+        why = "loom implements 'sdpa' (the default) and 'eager' (the math written out, for output_attentions=True)"
+    raise ValueError(f"attn_implementation={name!r} is not supported: {why}; pass attn_implementation='sdpa' or "
+                     "'eager'")
 
 
 def _on_meta(model: nn.Module) -> bool:

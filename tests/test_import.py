@@ -59,3 +59,49 @@ def test_every_family_class_is_a_top_level_name():
             assert getattr(loom, cls.__name__) is cls
             assert cls.__name__ in loom.__all__
     assert "MistralForSequenceClassification" in dir(loom)
+
+
+# The reference's top-level generation names that loom does not implement (yet): a name that loom gains must leave
+# this list, and one the reference adds must join it, so the gap stays visible.
+GENERATION_NOT_IN_LOOM = {
+    "AlternatingCodebooksLogitsProcessor", "AsyncTextIteratorStreamer", "BayesianDetectorConfig",
+    "BayesianDetectorModel", "CacheLayerMixin", "ClassifierFreeGuidanceLogitsProcessor", "CompileConfig",
+    "ContinuousBatchingConfig", "ContinuousBatchingManager", "ContinuousMixin", "DynamicIndexedLayer", "DynamicLayer",
+    "EncoderDecoderCache", "EncoderNoRepeatNGramLogitsProcessor", "EncoderRepetitionPenaltyLogitsProcessor",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "ExponentialDecayLengthPenalty", "Fp8QuantizedLayer",
+    "GenerationMixin", "HQQQuantizedLayer", "InfNanRemoveLogitsProcessor", "LogitNormalization",
+    "PrefixConstrainedLogitsProcessor", "QuantizedCache", "QuantoQuantizedLayer", "SequenceBiasLogitsProcessor",
+    "StaticIndexedLayer", "StaticLayer", "StaticSlidingWindowLayer", "SuppressTokensAtBeginLogitsProcessor",
+    "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor", "SynthIDTextWatermarkingConfig",
+    "TextDiffusionStreamer", "TopHLogitsWarper", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "WatermarkDetector", "WatermarkLogitsProcessor", "WatermarkingConfig", "WhisperTimeStampLogitsProcessor",
+}
+LOOM_GENERATION_MODULES = ("loom.generation.config", "loom.generation.logits_process",
+                           "loom.generation.stopping_criteria", "loom.generation.streamers", "loom.models.cache")
+
+
+def test_reference_top_level_generation_names_import_from_loom():
+    """`from transformers import TopKLogitsWarper` ports as `from loom import TopKLogitsWarper`, for every
+    generation name (processors, warpers, criteria, streamers, caches) the reference exports at top level."""
+    import importlib
+
+    import transformers
+
+    import loom.generation
+
+    # the reference's lazy top-level namespace: public name -> its submodule
+    reference = {name for name, module in transformers._class_to_module.items()
+                 if module.split(".")[0] in ("generation", "cache_utils")}
+    assert "LogitsProcessor" in reference and "DynamicCache" in reference  # the oracle still reads as expected
+    modules = [importlib.import_module(m) for m in LOOM_GENERATION_MODULES]
+    implemented = {name: getattr(m, name) for name in reference for m in modules if hasattr(m, name)}
+    assert set(implemented) | GENERATION_NOT_IN_LOOM == reference, "update GENERATION_NOT_IN_LOOM"
+    assert not set(implemented) & GENERATION_NOT_IN_LOOM
+    for name, obj in implemented.items():
+        assert getattr(loom, name) is obj, name
+        assert name in loom.__all__ and name in dir(loom)
+        if not obj.__module__.startswith("loom.models"):  # caches live with the models
+            assert getattr(loom.generation, name) is obj, name
+    namespace = {}
+    exec("from loom import LogitsProcessor, TopPLogitsWarper, StopStringCriteria, StaticCache", namespace)
+    assert namespace["LogitsProcessor"] is implemented["LogitsProcessor"]

@@ -9,13 +9,15 @@ import importlib
 from loom.generation.config import GenerationConfig
 
 _LAZY = {
-    "TextStreamer": "loom.generation.streamers",
-    "TextIteratorStreamer": "loom.generation.streamers",
-    "BaseStreamer": "loom.generation.streamers",
-    "LogitsProcessor": "loom.generation.logits_process",
-    "LogitsProcessorList": "loom.generation.logits_process",
-    "StoppingCriteria": "loom.generation.stopping_criteria",
-    "StoppingCriteriaList": "loom.generation.stopping_criteria",
+    **dict.fromkeys(("TextStreamer", "TextIteratorStreamer", "BaseStreamer"), "loom.generation.streamers"),
+    **dict.fromkeys(("LogitsProcessor", "LogitsProcessorList", "MinLengthLogitsProcessor",
+                     "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor",
+                     "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor",
+                     "ForcedEOSTokenLogitsProcessor", "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper",
+                     "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper"),
+                    "loom.generation.logits_process"),
+    **dict.fromkeys(("StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria", "MaxTimeCriteria",
+                     "EosTokenCriteria", "StopStringCriteria"), "loom.generation.stopping_criteria"),
     "generate": "loom.generation.utils",
     "GenerateDecoderOnlyOutput": "loom.generation.outputs",
     "GenerateBeamDecoderOnlyOutput": "loom.generation.outputs",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from loom.generation.decoder import FIRST_CAPACITY, grown
 from loom.generation.outputs import GenerateBeamDecoderOnlyOutput
 
 _NEG = -1.0e9
@@ -33,15 +34,16 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
     fill = (int(pad) if pad is not None and int(pad) != 0 else int(eos[0])) if eos is not None else -1
     length_penalty, early_stopping = cfg.length_penalty, cfg.early_stopping
 
-    running = torch.full((B, K, max_length), fill, dtype=torch.long, device=device)
-    running[:, :, :prompt_len] = input_ids.view(B, K, prompt_len)
+    # token and beam-index buffers hold `capacity` positions and double when full (capped at max_length)
+    capacity = min(max_length, prompt_len + FIRST_CAPACITY)
+    running = grown(input_ids.view(B, K, prompt_len), capacity, capacity, fill)
     finished_seqs = running.clone()
     running_scores = torch.zeros(B, K, device=device)
     running_scores[:, 1:] = _NEG  # all beams start identical: only the first may expand at step one
     finished_scores = torch.full((B, K), _NEG, device=device)
     is_finished = torch.zeros(B, K, dtype=torch.bool, device=device)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
-    running_idx = torch.full((B, K, max_length - prompt_len), -1, dtype=torch.int32, device=device)
+    running_idx = torch.full((B, K, capacity - prompt_len), -1, dtype=torch.int32, device=device)
     finished_idx = running_idx.clone()
     batch_offset = torch.arange(B, device=device).view(-1, 1) * K
     want_scores = cfg.return_dict_in_generate and cfg.output_scores
@@ -52,8 +54,12 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
     with decoder.stepping():  # torch on one thread while loom's kernels carry the matmuls
         while True:
+            if cur == running.shape[-1]:
+                running, finished_seqs = (grown(t, cur + 1, max_length, fill) for t in (running, finished_seqs))
+                width = running.shape[-1] - prompt_len
+                running_idx, finished_idx = (grown(t, width, width, -1) for t in (running_idx, finished_idx))
             logits = logits.float()
-            flat_running = running.view(rows, max_length)[:, :cur]
+            flat_running = running.view(rows, -1)[:, :cur]
             log_probs = processors(flat_running, F.log_softmax(logits, dim=-1))
             if want_logits:
                 logits_out.append(logits.clone())
@@ -76,7 +82,7 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
             top_beam_idx[:, :, cur - prompt_len] = (src_beam + batch_offset).to(top_beam_idx.dtype)
 
             # b. which of them are done
-            hits = criteria(top_seqs.view(B * keep, max_length)[:, :cur + 1],
+            hits = criteria(top_seqs.view(B * keep, -1)[:, :cur + 1],
                             tuple(scores_out) if want_scores else None).view(B, keep)
 
             # c. the best unfinished ones keep running
@@ -106,10 +112,10 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
             open_beams = not (bool(is_finished.all()) and early_stopping is True)
             if not (bool(improvable.any()) and open_beams and not bool(hits.all())):
                 break
-            logits = decoder.step(running.view(rows, max_length)[:, :cur])
+            logits = decoder.step(running.view(rows, -1)[:, :cur])
 
     n = cfg.num_return_sequences
-    sequences = finished_seqs[:, :n].reshape(B * n, max_length)
+    sequences = finished_seqs[:, :n].reshape(B * n, -1)
     seq_scores = finished_scores[:, :n].reshape(-1)
     beam_indices = finished_idx[:, :n].reshape(B * n, -1)
     generated = int((beam_indices + 1).bool().sum(1).max())

@@ -1,9 +1,10 @@
 """Runs the model for generation: one prefill over the prompt, then one forward per new token.
 
-Everything a step needs is prepared once: the cache, a position table, and (only for padded batches) a full-length
-attention mask and position-id buffer, so a decode step is a single model call on views, with no per-step
-allocation of masks or positions. Without padding no mask is passed at all, so the attention takes its mask-free
-path. Only the last position's logits are computed (`logits_to_keep=1`).
+Everything a step needs is prepared ahead: the cache, a position table, and (only for padded batches) an attention
+mask and position-id buffer, so a decode step is a single model call on views, with no per-step allocation of masks
+or positions. The buffers grow by doubling as tokens are generated (capped at the total), so a generate whose
+max_length is huge but stops early holds what it used, not what it might have used. Without padding no mask is passed
+at all, so the attention takes its mask-free path. Only the last position's logits are computed (`logits_to_keep=1`).
 """
 from __future__ import annotations
 
@@ -14,9 +15,21 @@ import torch
 from loom.kernels import policy, threads
 from loom.models.cache import DynamicCache, StaticCache
 
+FIRST_CAPACITY = 64  # positions reserved past the prompt before the first doubling
+
+
+def grown(buffer: torch.Tensor, needed: int, limit: int, fill: int = 0) -> torch.Tensor:
+    """`buffer` (..., n) copied into one of at least `needed` and twice n columns along its last dim, at most `limit`;
+    the new columns hold `fill`. Doubling keeps the copies O(1) per appended column, amortised."""
+    width = min(limit, max(needed, 2 * buffer.shape[-1]))
+    out = buffer.new_full((*buffer.shape[:-1], width), fill)
+    out[..., :buffer.shape[-1]] = buffer
+    return out
+
 
 class Decoder:
-    """Model stepping state for `rows` sequences whose prompts fill the first `prompt_positions` positions."""
+    """Model stepping state for `rows` sequences whose prompts fill the first `prompt_positions` positions, which may
+    run to `total_positions`."""
 
     def __init__(self, model, *, rows: int, prompt_positions: int, total_positions: int, attention_mask,
                  position_ids, use_cache: bool, cache_implementation: str | None, output_hidden_states: bool,
@@ -25,8 +38,8 @@ class Decoder:
         self.model = model
         self.use_cache = use_cache
         self.n = prompt_positions  # positions consumed so far
+        self.rows, self.prompt_positions, self.total = rows, prompt_positions, total_positions
         self.output_hidden_states = output_hidden_states
-        self.positions = torch.arange(total_positions, device=device)
         self.cache = None
         # A static cache attends over its whole buffer, so it takes the whole mask: one shape at every step (a
         # compiled step would otherwise recompile for each length of a sliced mask).
@@ -38,18 +51,30 @@ class Decoder:
                                          device=device, dtype=model.dtype)
             else:
                 self.cache = DynamicCache()
-        self.mask = self.position_ids = None
-        if attention_mask is not None:  # padded batch: full-length buffers, sliced as views each step
-            self.mask = torch.ones(rows, total_positions, dtype=attention_mask.dtype, device=device)
-            self.mask[:, :prompt_positions] = attention_mask
-            self.position_ids = torch.empty(rows, total_positions, dtype=torch.long, device=device)
-            self.position_ids[:, :prompt_positions] = position_ids
-            steps = torch.arange(1, total_positions - prompt_positions + 1, device=device)
-            self.position_ids[:, prompt_positions:] = position_ids[:, -1:] + steps
+        # padded batch: the prompt's mask and positions, extended as `_reserve` grows them
+        self.mask = None if attention_mask is None else attention_mask.to(device)
+        self.position_ids = None if attention_mask is None else position_ids.to(device)
+        self.positions = torch.arange(0, device=device)
+        self._reserve(total_positions if self.whole_mask else prompt_positions + FIRST_CAPACITY)
         self.forward = model
-        self.rows = rows
         if compile:
             self.forward = torch.compile(model, dynamic=False)
+
+    def _reserve(self, end: int) -> None:
+        """Make the position table (and a padded batch's mask and position ids) cover positions [0, end): grown to
+        at least double, capped at the total, so growing costs O(1) per step amortised."""
+        have = self.positions.shape[0]
+        if end <= have:
+            return
+        cap = min(self.total, max(end, 2 * have))
+        self.positions = torch.arange(cap, device=self.positions.device)
+        if self.mask is not None:
+            width = self.mask.shape[1]
+            self.mask = grown(self.mask, cap, cap, fill=1)
+            # generated tokens continue each row's positions from its last prompt token
+            steps = torch.arange(width, cap, device=self.mask.device) - self.prompt_positions + 1
+            last_prompt = self.position_ids[:, self.prompt_positions - 1:self.prompt_positions]
+            self.position_ids = torch.cat((self.position_ids, last_prompt + steps), 1)
 
     def stepping(self):
         """Context for the decode loop: where loom's C kernels carry every matmul of a step, torch's own small ops
@@ -59,6 +84,7 @@ class Decoder:
         return contextlib.nullcontext()
 
     def _run(self, forward, start: int, end: int, **inputs) -> torch.Tensor:
+        self._reserve(end)
         out = forward(
             attention_mask=self.mask if self.mask is None or self.whole_mask else self.mask[:, :end],
             position_ids=None if self.position_ids is None else self.position_ids[:, start:end],

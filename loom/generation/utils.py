@@ -10,7 +10,7 @@ import torch
 
 from loom.generation.beam_search import beam_search
 from loom.generation.config import GenerationConfig
-from loom.generation.decoder import Decoder
+from loom.generation.decoder import FIRST_CAPACITY, Decoder, grown
 from loom.generation.logits_process import LogitsProcessorList, build_logits_processors
 # both output classes stay importable from here, where the reference defines them
 from loom.generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput  # noqa: F401
@@ -104,10 +104,10 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
 
 
 def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteria, streamer, generator):
-    """Greedy decoding or multinomial sampling, one token per step into a preallocated (rows, max_length) buffer."""
+    """Greedy decoding or multinomial sampling, one token per step into a (rows, capacity) buffer that doubles when
+    full (capped at max_length): no copy per step, and no reservation for tokens an early EOS never makes."""
     rows, cur = input_ids.shape
-    seqs = torch.empty(rows, cfg.max_length, dtype=torch.long, device=input_ids.device)
-    seqs[:, :cur] = input_ids
+    seqs = grown(input_ids, min(cfg.max_length, cur + FIRST_CAPACITY), cfg.max_length)
     eos, pad = cfg._eos_tensor, cfg._pad_tensor
     # The common case (only max-length and EOS criteria) is checked inline: one host sync per step, for EOS.
     simple = all(type(c) in (MaxLengthCriteria, EosTokenCriteria) for c in criteria)
@@ -135,6 +135,8 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 next_tokens = scores.argmax(-1)
             if eos is not None:
                 next_tokens = torch.where(unfinished, next_tokens, pad)  # finished rows are padded
+            if cur == seqs.shape[1]:
+                seqs = grown(seqs, cur + 1, cfg.max_length)
             seqs[:, cur] = next_tokens
             cur += 1
             if streamer is not None:

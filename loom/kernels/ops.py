@@ -281,7 +281,7 @@ def _attn_backward(ctx, grad):
     s = (q.float() @ kf.transpose(-1, -2)) * ctx.scale  # (B, H, 1, L)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = s.softmax(-1)
+    p = s.softmax(-1).masked_fill((s == float("-inf")).all(-1, keepdim=True), 0.0)  # nothing to attend to: zeros
     g = grad.float()
     gp = g @ vf.transpose(-1, -2)  # (B, H, 1, L)
     gs = p * (gp - (gp * p).sum(-1, keepdim=True)) * ctx.scale

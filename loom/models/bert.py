@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, attention_mask_for, classification_loss, maybe_checkpoint, sdpa, \
-    token_loss
+from loom.models.common import activation, attention, attention_mask_for, classification_loss, maybe_checkpoint, \
+    recording_attentions, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -19,6 +19,7 @@ class BertConfig(PretrainedConfig):
                     attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
                     initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
                     tie_word_embeddings=True, use_cache=False)
+    field_types = {**TOKEN_ID_TYPES, "classifier_dropout": (float, None)}
 
 
 class _CpuDropoutFunction(torch.autograd.Function):
@@ -59,11 +60,12 @@ class Dropout(nn.Dropout):
 def _cpu_attention_with_dropout(q, k, v, mask, p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(d), masked) with dropout, @ v: what SDPA computes, written out for CPU training. With
     dropout SDPA takes its math path on the CPU, which scales q and k separately and runs a NaN-safe softmax (three
-    extra passes over the scores); `attention_mask_for` never leaves a row fully masked, so a plain softmax is safe."""
+    extra passes over the scores). A query with nothing to attend to gets zeros, as from SDPA."""
     scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    probs = torch.softmax(scores if mask is None else scores.masked_fill(~mask, float("-inf")), dim=-1)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, True), v)
+        probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # a fully masked row's softmax is NaN
+    return torch.matmul(dropout(probs, p, True), v)
 
 
 class BertEmbeddings(nn.Module):
@@ -97,6 +99,7 @@ class BertSelfAttention(nn.Module):
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        self.config = config
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
                              f"{config.num_attention_heads}")
@@ -117,10 +120,12 @@ class BertSelfAttention(nn.Module):
         q, k, v = self.query(xq), self.key(x), self.value(x)
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = (t.view(B, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if self.training and self.dropout > 0.0 and x.device.type == "cpu":
+        implementation = self.config._attn_implementation
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu" and implementation == "sdpa":
             out = _cpu_attention_with_dropout(q, k, v, mask, self.dropout)
         else:
-            out = sdpa(q, k, v, mask, False, self.dropout if self.training else 0.0)
+            out = attention(q, k, v, mask, False, implementation=implementation,
+                            dropout=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, q.shape[2], -1)
 
 
@@ -182,21 +187,23 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
+        self.config = config
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, mask, output_hidden_states=False, keep_first: int | None = None):
+    def forward(self, x, mask, output_hidden_states=False, keep_first: int | None = None, output_attentions=None):
         """`keep_first`: how many leading positions of the output the caller reads (default all). The last layer then
         computes its output at these positions only: its keys and values still see every position, so the rows
         kept are exact, and a head that reads one token of T saves most of a layer, forward and backward."""
         hidden = [x] if output_hidden_states else None
         last = len(self.layer) - 1
-        for i, layer in enumerate(self.layer):
-            queries = slice(0, keep_first) if i == last and keep_first is not None else None
-            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask, queries)
-            if hidden is not None:
-                hidden.append(x)
-        return x, hidden
+        with recording_attentions(self.config, output_attentions) as attentions:
+            for i, layer in enumerate(self.layer):
+                queries = slice(0, keep_first) if i == last and keep_first is not None else None
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask, queries)
+                if hidden is not None:
+                    hidden.append(x)
+        return x, hidden, attentions
 
 
 class BertPooler(nn.Module):
@@ -241,19 +248,22 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_hidden_states=None, return_dict=None, *,
-                keep_first: int | None = None, **_):
+                keep_first: int | None = None, output_attentions=None, **_):
         """`keep_first` (internal, for heads, like causal LMs' `logits_to_keep`): how many leading positions of
         last_hidden_state the caller reads; only these are computed and returned (the pooler reads position 0). Ignored
-        when hidden states are requested, so that every output keeps its full length."""
+        when hidden states or attentions are requested, so that every output keeps its full length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
-        x, hidden = self.encoder(x, mask, output_hidden_states, None if output_hidden_states else keep_first)
+        if output_hidden_states or output_attentions:
+            keep_first = None
+        x, hidden, attentions = self.encoder(x, mask, output_hidden_states, keep_first, output_attentions)
         pooled = self.pooler(x) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=tuple(hidden) if hidden is not None else None)
+                           hidden_states=tuple(hidden) if hidden is not None else None,
+                           attentions=tuple(attentions) if attentions is not None else None)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -300,11 +310,14 @@ class BertForMaskedLM(BertPreTrainedModel):
         return self.cls.predictions.decoder
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None,
+                **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
+                        output_attentions=output_attentions)
         logits = self.cls(out.last_hidden_state)
         loss = token_loss(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                           attentions=out.attentions)
 
 
 class _BertWithHead(BertPreTrainedModel):
@@ -326,22 +339,27 @@ class BertForSequenceClassification(_BertWithHead):
     add_pooling_layer = True
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
+                output_attentions=None, **_):
         # the pooler reads the first token only, so the last layer computes only that one
         out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
-                        keep_first=1)
+                        keep_first=1, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(out.pooler_output))
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                           attentions=out.attentions)
 
 
 class BertForTokenClassification(_BertWithHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None,
+                **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
+                        output_attentions=output_attentions)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = token_loss(logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                           attentions=out.attentions)
 
 
 class BertForQuestionAnswering(_BertWithHead):
@@ -349,8 +367,9 @@ class BertForQuestionAnswering(_BertWithHead):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=None,
-                return_dict=None, **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states)
+                return_dict=None, output_attentions=None, **_):
+        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
+                        output_attentions=output_attentions)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
@@ -359,7 +378,8 @@ class BertForQuestionAnswering(_BertWithHead):
             s = start_positions.view(-1).clamp(0, ignored)
             e = end_positions.view(-1).clamp(0, ignored)
             loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
-        return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states,
+                           attentions=out.attentions)
 
 
 # the registry (loom.auto), the top-level exports and the test tables are derived from this

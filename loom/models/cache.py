@@ -6,6 +6,9 @@ attention the keys/values for positions [0, seq_length) of every row.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
 
@@ -95,6 +98,7 @@ class StaticCache(Cache):
             raise ValueError("StaticCache needs a config (or num_layers/num_kv_heads/head_dim) and max_cache_len > 0")
         shape = (max_batch_size, num_kv_heads, max_cache_len, head_dim)
         dtype = dtype or torch.float32
+        _check_fits(2 * num_layers * math.prod(shape) * dtype.itemsize, max_cache_len, device)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.max_cache_len = max_cache_len
@@ -137,3 +141,19 @@ class StaticCache(Cache):
             k.zero_()
             v.zero_()
         self.seen.zero_()
+
+
+def _check_fits(nbytes: int, max_cache_len: int, device) -> None:
+    """A static cache larger than its device's memory is refused before any allocation is tried (a huge max_length
+    would otherwise ask the allocator for terabytes, or on Linux let the kernel kill the process while zeroing)."""
+    device = torch.device(device if device is not None else "cpu")
+    if device.type == "cuda":
+        room = torch.cuda.mem_get_info(device)[0]
+    elif device.type == "cpu" and hasattr(os, "sysconf"):
+        room = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    else:
+        return
+    if nbytes > room:
+        raise ValueError(f"a StaticCache of max_cache_len={max_cache_len} positions needs {nbytes / 2**30:.1f} GiB, "
+                         f"more than the {room / 2**30:.1f} GiB of {device}; give it the length you need (generate "
+                         "sizes it to the prompt plus max_new_tokens), or use the dynamic cache, which grows")

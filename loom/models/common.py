@@ -1,6 +1,10 @@
-"""Pieces shared by the model families: attention over SDPA with padding/causal/sliding-window masks, RMSNorm,
-activations and the loss helpers (rotary embeddings are in `rope.py`)."""
+"""Pieces shared by the model families: attention ("sdpa", or "eager" math that can return its probabilities) with
+padding/causal/sliding-window masks, RMSNorm, activations and the loss helpers (rotary embeddings are in
+`rope.py`)."""
 from __future__ import annotations
+
+import contextlib
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -96,9 +100,9 @@ def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv
         if keep.shape[-1] < kv_len:  # a static cache is longer than the tokens seen so far
             keep = F.pad(keep, (0, kv_len - keep.shape[-1]))
         allowed = allowed & keep[:, None, None, :kv_len]
-    # A query with nothing to attend to (a padding position) would give NaN; let it attend everywhere instead.
-    # Its output is never used, but NaNs would leak into gradients and into batched reductions.
-    return allowed | ~allowed.any(-1, keepdim=True)
+    # A query with nothing to attend to (a padding position, a row whose mask is all zeros) stays fully masked, as in
+    # the reference: SDPA gives it a zero output (and zero gradients), eager attention an average of every value.
+    return allowed
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
@@ -113,6 +117,63 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,
+              implementation: str = "sdpa", dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """The attention a model's config names (`config._attn_implementation`): `sdpa` or `eager_attention`."""
+    if implementation == "eager":
+        return eager_attention(q, k, v, mask, is_causal, dropout, scale)
+    return sdpa(q, k, v, mask, is_causal, dropout, scale)
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
+                    dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale, masked) v written out, as the reference's eager path, so that its probabilities can be
+    returned (`recording_attentions`). Masked scores get the dtype's lowest value, not -inf, as in the reference: a
+    query with nothing to attend to averages every value here, where SDPA gives it zeros."""
+    if k.shape[1] != q.shape[1]:  # grouped kv heads: query head h reads kv head h // (H / Hkv)
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, Tq, Tk)
+    if mask is None and is_causal:
+        tq, tk = scores.shape[-2:]
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    if dropout:
+        probs = F.dropout(probs, dropout, training=True)
+    recorded = _recorded_attentions.get()
+    if recorded is not None:
+        recorded.append(probs)
+    return torch.matmul(probs, v)
+
+
+_recorded_attentions: ContextVar[list | None] = ContextVar("loom_recorded_attentions", default=None)
+
+
+def recording_attentions(config, output_attentions: bool | None):
+    """Context around a model's layers. When `output_attentions` (default: config.output_attentions) asks for them, it
+    yields a list that collects each layer's attention probabilities (B, H, Tq, Tk) in order; otherwise None."""
+    if output_attentions is None:
+        output_attentions = getattr(config, "output_attentions", False)
+    if not output_attentions:
+        return contextlib.nullcontext()
+    if config._attn_implementation != "eager":
+        raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
+                         f'"{config._attn_implementation}" never forms; load the model with attn_implementation="eager"'
+                         ' (from_pretrained(path, attn_implementation="eager")) to get them')
+    return _recording()
+
+
+@contextlib.contextmanager
+def _recording():
+    found: list[torch.Tensor] = []
+    token = _recorded_attentions.set(found)
+    try:
+        yield found
+    finally:
+        _recorded_attentions.reset(token)
 
 
 class RMSNorm(nn.Module):

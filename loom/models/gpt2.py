@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
-from loom.models.common import activation, causal_inputs, causal_lm_loss, classification_loss, \
-    maybe_checkpoint, sdpa
+from loom.models.common import activation, attention, causal_inputs, causal_lm_loss, classification_loss, \
+    maybe_checkpoint, recording_attentions
 from loom.models.llama import last_token_pool
 from loom.outputs import ModelOutput
 
@@ -23,11 +23,13 @@ class GPT2Config(PretrainedConfig):
                     layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True, use_cache=True,
                     bos_token_id=50256, eos_token_id=50256, scale_attn_by_inverse_layer_idx=False,
                     reorder_and_upcast_attn=False, tie_word_embeddings=True)
+    field_types = {**TOKEN_ID_TYPES, "n_inner": (int, None)}
 
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2Config, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         h = config.n_embd
         self.num_heads, self.head_dim, self.layer_idx = config.n_head, h // config.n_head, layer_idx
         self.scale = (self.head_dim ** -0.5) if config.scale_attn_weights else 1.0
@@ -47,7 +49,8 @@ class GPT2Attention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx, cache_position)
             else:
                 k, v = cache.update(k, v, self.layer_idx)
-        out = sdpa(q, k, v, mask, is_causal, self.attn_dropout if self.training else 0.0, scale=self.scale)
+        out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
+                        dropout=self.attn_dropout if self.training else 0.0, scale=self.scale)
         return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(B, T, C)))
 
 
@@ -109,7 +112,7 @@ class GPT2Model(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
-                cache_position=None, return_dict=None, **_):
+                cache_position=None, return_dict=None, output_attentions=None, **_):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
@@ -131,15 +134,17 @@ class GPT2Model(GPT2PreTrainedModel):
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
         hidden = [x] if output_hidden_states else None
-        for block in self.h:
-            x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache, cache_position)
-            if hidden is not None:
-                hidden.append(x)
+        with recording_attentions(self.config, output_attentions) as attentions:
+            for block in self.h:
+                x = maybe_checkpoint(block, self.gradient_checkpointing, x, mask, is_causal, cache, cache_position)
+                if hidden is not None:
+                    hidden.append(x)
         x = self.ln_f(x)
         if hidden is not None:
             hidden[-1] = x
         return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
-                           hidden_states=tuple(hidden) if hidden is not None else None)
+                           hidden_states=tuple(hidden) if hidden is not None else None,
+                           attentions=tuple(attentions) if attentions is not None else None)
 
 
 class GPT2LMHeadModel(GPT2PreTrainedModel):
@@ -158,14 +163,16 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
-                cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, **_):
+                cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None,
+                output_attentions=None, **_):
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
-                               inputs_embeds, use_cache, output_hidden_states, cache_position)
+                               inputs_embeds, use_cache, output_hidden_states, cache_position,
+                               output_attentions=output_attentions)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states)
+                           hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
@@ -177,15 +184,15 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
 
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
-                return_dict=None, **_):
+                return_dict=None, output_attentions=None, **_):
         if input_ids is not None and input_ids.shape[0] > 1 and self.config.pad_token_id is None:
             raise ValueError("batches of more than one sequence need config.pad_token_id to find each row's last "
                              "token; set it (e.g. to the tokenizer's pad id)")
         out = self.transformer(input_ids, None, attention_mask, token_type_ids, position_ids, inputs_embeds, False,
-                               output_hidden_states)
+                               output_hidden_states, output_attentions=output_attentions)
         logits = last_token_pool(self.score(out.last_hidden_state), input_ids, self.config.pad_token_id)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 # the registry (loom.auto), the top-level exports and the test tables are derived from this

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.configuration import PretrainedConfig
+from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache, DynamicCache
-from loom.models.common import (RMSNorm, activation, causal_inputs, causal_lm_loss, classification_loss,
-                                maybe_checkpoint, sdpa)
+from loom.models.common import (RMSNorm, activation, attention, causal_inputs, causal_lm_loss,
+                                classification_loss, maybe_checkpoint, recording_attentions)
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
 
@@ -20,6 +20,9 @@ class LlamaConfig(PretrainedConfig):
                     max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, use_cache=True,
                     pad_token_id=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
                     attention_bias=False, attention_dropout=0.0, mlp_bias=False, pretraining_tp=1)
+    field_types = {**TOKEN_ID_TYPES, "num_key_value_heads": (int, None), "head_dim": (int, None),
+                   "attention_dropout": (float, None), "pretraining_tp": (int, None), "rope_theta": (float,),
+                   "rope_parameters": (dict, None), "rope_scaling": (dict, None)}
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -36,6 +39,7 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
+        self.config = config
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -60,7 +64,8 @@ class LlamaAttention(nn.Module):
                 k, v = cache.update(k, v, self.layer_idx, cache_position)
             else:
                 k, v = cache.update(k, v, self.layer_idx)
-        out = sdpa(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
+        out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
+                        dropout=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -133,7 +138,7 @@ class LlamaModel(LlamaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, cache_position=None,
-                return_dict=None, **_):
+                return_dict=None, output_attentions=None, **_):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -148,16 +153,18 @@ class LlamaModel(LlamaPreTrainedModel):
             position_ids = cache_position[None].expand(B, T)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         hidden = [x] if output_hidden_states else None
-        for layer in self.layers:
-            x = maybe_checkpoint(layer, self.gradient_checkpointing, x, cos, sin, mask, is_causal, cache,
-                                 cache_position)
-            if hidden is not None:
-                hidden.append(x)
+        with recording_attentions(self.config, output_attentions) as attentions:
+            for layer in self.layers:
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, cos, sin, mask, is_causal, cache,
+                                     cache_position)
+                if hidden is not None:
+                    hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
         return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
-                           hidden_states=tuple(hidden) if hidden is not None else None)
+                           hidden_states=tuple(hidden) if hidden is not None else None,
+                           attentions=tuple(attentions) if attentions is not None else None)
 
 
 class LlamaForCausalLM(LlamaPreTrainedModel):
@@ -176,14 +183,15 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, cache_position=None,
-                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, **kwargs):
+                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None,
+                **kwargs):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                         output_hidden_states, cache_position)
+                         output_hidden_states, cache_position, output_attentions=output_attentions)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
-                           hidden_states=out.hidden_states)
+                           hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 def last_token_pool(logits: torch.Tensor, input_ids, pad_token_id) -> torch.Tensor:
@@ -208,15 +216,16 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None, **_):
+                inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, return_dict=None,
+                output_attentions=None, **_):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, False,
-                         output_hidden_states)
+                         output_hidden_states, output_attentions=output_attentions)
         if input_ids is not None and input_ids.shape[0] > 1 and self.config.pad_token_id is None:
             raise ValueError("batches of more than one sequence need config.pad_token_id to find each row's last "
                              "token; set it (e.g. to the tokenizer's pad id)")
         logits = last_token_pool(self.score(out.last_hidden_state), input_ids, self.config.pad_token_id)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 # the registry (loom.auto), the top-level exports and the test tables are derived from this

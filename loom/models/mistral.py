@@ -9,6 +9,7 @@ class MistralConfig(LlamaConfig):
     defaults = {**LlamaConfig.defaults, "vocab_size": 32000, "intermediate_size": 14336, "num_key_value_heads": 8,
                 "max_position_embeddings": 4096 * 32, "rms_norm_eps": 1e-6, "sliding_window": 4096,
                 "rope_theta": 10000.0}
+    field_types = {**LlamaConfig.field_types, "sliding_window": (int, None)}
 
 
 class MistralModel(LlamaModel):

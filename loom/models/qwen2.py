@@ -10,6 +10,7 @@ class Qwen2Config(LlamaConfig):
     defaults = {**LlamaConfig.defaults, "vocab_size": 151936, "intermediate_size": 22016, "num_key_value_heads": 32,
                 "max_position_embeddings": 32768, "use_sliding_window": False, "sliding_window": 4096,
                 "max_window_layers": 28, "bos_token_id": None, "eos_token_id": None}
+    field_types = {**LlamaConfig.field_types, "sliding_window": (int, None)}
 
 
 class Qwen2Attention(LlamaAttention):

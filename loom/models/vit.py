@@ -11,7 +11,7 @@ from torch import nn
 from loom.configuration import PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import BertIntermediate, BertSelfAttention
-from loom.models.common import activation, classification_loss, maybe_checkpoint
+from loom.models.common import activation, classification_loss, maybe_checkpoint, recording_attentions
 from loom.outputs import ModelOutput
 
 
@@ -22,6 +22,8 @@ class ViTConfig(PretrainedConfig):
                     initializer_range=0.02, layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
                     qkv_bias=True, encoder_stride=16, pooler_output_size=None, pooler_act="tanh",
                     tie_word_embeddings=False)
+    field_types = {"image_size": (int, list[int], tuple),
+                   "patch_size": (int, list[int], tuple), "pooler_output_size": (int, None)}
 
     def __post_init__(self) -> None:
         if not self.pooler_output_size:
@@ -137,16 +139,18 @@ class ViTLayer(nn.Module):
 class ViTEncoder(nn.Module):
     def __init__(self, config: ViTConfig) -> None:
         super().__init__()
+        self.config = config
         self.layer = nn.ModuleList(ViTLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, output_hidden_states=False):
+    def forward(self, x, output_hidden_states=False, output_attentions=None):
         hidden = [x] if output_hidden_states else None
-        for layer in self.layer:
-            x = maybe_checkpoint(layer, self.gradient_checkpointing, x)
-            if hidden is not None:
-                hidden.append(x)
-        return x, hidden
+        with recording_attentions(self.config, output_attentions) as attentions:
+            for layer in self.layer:
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x)
+                if hidden is not None:
+                    hidden.append(x)
+        return x, hidden, attentions
 
 
 class ViTPooler(nn.Module):
@@ -193,17 +197,18 @@ class ViTModel(ViTPreTrainedModel):
         return self.embeddings.patch_embeddings
 
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
-                output_hidden_states=None, return_dict=None, **_):
+                output_hidden_states=None, return_dict=None, output_attentions=None, **_):
         if pixel_values is None:
             raise ValueError("ViT needs pixel_values (B, C, H, W); an image processor makes them from images")
         # the patch projection's dtype wins, so fp32 pixels work with a bf16 model
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
         x = self.embeddings(pixel_values, bool_masked_pos, bool(interpolate_pos_encoding))
-        x, hidden = self.encoder(x, output_hidden_states)
+        x, hidden, attentions = self.encoder(x, output_hidden_states, output_attentions)
         x = self.layernorm(x)
         pooled = self.pooler(x) if self.pooler is not None else None
         return ModelOutput(last_hidden_state=x, pooler_output=pooled,
-                           hidden_states=tuple(hidden) if hidden is not None else None)
+                           hidden_states=tuple(hidden) if hidden is not None else None,
+                           attentions=tuple(attentions) if attentions is not None else None)
 
 
 class ViTForImageClassification(ViTPreTrainedModel):
@@ -217,12 +222,12 @@ class ViTForImageClassification(ViTPreTrainedModel):
         self.post_init()
 
     def forward(self, pixel_values=None, labels=None, interpolate_pos_encoding=None, output_hidden_states=None,
-                return_dict=None, **_):
+                return_dict=None, output_attentions=None, **_):
         out = self.vit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding,
-                       output_hidden_states=output_hidden_states)
+                       output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         logits = self.classifier(out.last_hidden_state[:, 0])
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
-        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
 # the registry (loom.auto), the top-level exports and the test tables are derived from this

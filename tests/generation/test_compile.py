@@ -101,16 +101,16 @@ def test_gpt2_static_cache_past_n_positions_is_a_clear_error(models):
 def test_static_mask_is_whole_length_and_dynamic_decode_is_mask_free(models, monkeypatch):
     """The static cache sees one (B, 1, 1, max_cache_len) mask shape at every step; the dynamic cache's unpadded
     decode passes no mask at all (SDPA's mask-free path)."""
-    import loom.models.llama as llama
+    import loom.models.common as common
 
     seen = []
-    real = llama.sdpa
+    real = common.sdpa
 
     def spy(q, k, v, mask, *args, **kwargs):
         seen.append(None if mask is None else tuple(mask.shape))
         return real(q, k, v, mask, *args, **kwargs)
 
-    monkeypatch.setattr(llama, "sdpa", spy)
+    monkeypatch.setattr(common, "sdpa", spy)
     model, ids = models["llama"], torch.tensor([[5, 9, 14]])
     layers = model.config.num_hidden_layers
     _generate(model, ids)

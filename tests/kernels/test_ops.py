@@ -267,6 +267,21 @@ def test_nan_in_attention_propagates_at_every_position(position, where):
     assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_nothing_to_attend_to_gives_zeros_as_sdpa(dtype):
+    """A fully masked row (a padding query, an all-zero attention_mask row) gets zeros and zero gradients, as from
+    SDPA (the reference's attention), not NaN; the other rows are untouched."""
+    q, k, v, mask, scale = _attn_args(3, 4, 2, 11, 16, dtype, masked=True, grad=True)
+    mask[1] = False
+    got = ops_.decode_attention(q, k, v, mask, scale)
+    want = ops.attention_reference(q, k, v, mask, scale)
+    assert not got.isnan().any() and torch.equal(got[1], torch.zeros_like(got[1]))
+    torch.testing.assert_close(got.float(), want.float(), **({} if dtype is torch.float32 else dict(rtol=2 ** -7,
+                                                                                                   atol=1e-3)))
+    got.float().sum().backward()
+    assert not q.grad.isnan().any() and torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+
+
 def test_inf_in_attention_and_rms_norm_as_torch():
     q, k, v, _, scale = _attn_args(1, 2, 2, 10, 16, torch.float32)
     k[0, 0, 4, :] = float("inf")

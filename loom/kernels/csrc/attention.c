@@ -51,13 +51,14 @@ static void attn_one(attn_job *j, long bh) {
         nan_score |= isnan(s[l]);
         if (s[l] > mx) mx = s[l];
     }
-    /* A NaN or +inf score makes softmax NaN across the whole row (inf - inf = NaN), whatever its position, and so
-       does a row with nothing to attend to (all -inf); the vectorised exp below would clamp a NaN away instead, so
-       these rows are settled here. */
+    /* A NaN or +inf score makes softmax NaN across the whole row (inf - inf = NaN), whatever its position; the
+       vectorised exp below would clamp a NaN away instead, so these rows are settled here. A row with nothing to
+       attend to (all -inf: every key masked) gives zeros, as torch's SDPA does. */
     if (nan_score || isinf(mx)) {
+        int nan_row = nan_score || mx > 0;
         for (long d = 0; d < D; d++) {
-            if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = 0x7fc0;
-            else ((float *)j->out)[bh * D + d] = NAN;
+            if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = nan_row ? 0x7fc0 : 0;
+            else ((float *)j->out)[bh * D + d] = nan_row ? NAN : 0.0f;
         }
         if (s != stack_s) free(s);
         return;
