@@ -15,6 +15,8 @@ TINY = {
                     eos_token_id=2),
     "qwen2": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "qwen3": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
 }
 
 

@@ -15,7 +15,10 @@ import torch
 class Cache:
     """Per-layer key/value store. `update` appends and returns the keys/values to attend to."""
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+               cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, Hkv, T, D) keys/values of `layer_idx` (at `cache_position`, where the cache places tokens by
+        position) and return the keys/values to attend to. One signature for every cache."""
         raise NotImplementedError
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -39,7 +42,7 @@ class DynamicCache(Cache):
         self.values: list[torch.Tensor] = []
         self.length: list[int] = []
 
-    def update(self, key, value, layer_idx):
+    def update(self, key, value, layer_idx, cache_position=None):  # appends: positions follow the tokens seen
         new = key.shape[-2]
         if layer_idx == len(self.keys):  # first call for this layer
             cap = max(new, 16)

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import contextlib
 from contextvars import ContextVar
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.configuration import ConfigFieldError
 from loom.kernels import ops, policy
+from loom.models.cache import Cache, DynamicCache
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -31,7 +34,44 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
 
 
-# -- masks and attention -----------------------------------------------------------------------------------------
+# -- decoder inputs, masks and attention -----------------------------------------------------------------------------------------
+class DecoderInputs(NamedTuple):
+    x: torch.Tensor  # (B, T, hidden) input embeddings
+    cache: Cache | None  # where this forward reads and writes keys/values
+    use_cache: bool  # whether the output returns the cache
+    cache_position: torch.Tensor  # (T,) positions of the new tokens
+    past: int | None  # tokens seen before (None for a static cache, whose positions stay a tensor)
+    masks: dict  # sliding window (None = full attention) -> (mask, is_causal), one per window the layers use
+
+
+def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
+                   cache_position, *, training: bool, windows=(None,)) -> DecoderInputs:
+    """The preamble every causal decoder shares: embed the tokens, pick the cache (a new DynamicCache for inference
+    when none is given), then the positions and one mask per attention window (full and sliding layers differ)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    x = embed(input_ids) if inputs_embeds is None else inputs_embeds
+    use_cache = config.use_cache if use_cache is None else use_cache
+    if use_cache and past_key_values is None and not training:
+        past_key_values = DynamicCache()
+    cache = past_key_values if use_cache or past_key_values is not None else None
+    masks, past = {}, None
+    for window in dict.fromkeys(windows):
+        cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, x.shape[1],
+                                                              x.device, sliding_window=window)
+        masks[window] = (mask, is_causal)
+    return DecoderInputs(x, cache, use_cache, cache_position, past, masks)
+
+
+def check_layer_types(config, allowed=("full_attention", "sliding_attention")) -> None:
+    """config.layer_types must name one known attention kind per layer."""
+    types, n = config.layer_types, config.num_hidden_layers
+    where = f"{config._name_or_path}: " if getattr(config, "_name_or_path", "") else ""
+    if not isinstance(types, (list, tuple)) or len(types) != n or any(t not in allowed for t in types):
+        raise ConfigFieldError(f"{where}config layer_types={types!r} must list one of {', '.join(allowed)} for each "
+                               f"of the num_hidden_layers={n} layers; fix config.json", "layer_types")
+
+
 def causal_inputs(cache, attention_mask: torch.Tensor | None, cache_position: torch.Tensor | None, q_len: int,
                   device, *, sliding_window: int | None = None):
     """A causal decoder's per-forward inputs for `q_len` new tokens: (cache_position, past_len, mask, is_causal).
@@ -120,21 +160,26 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,
-              implementation: str = "sdpa", dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
-    """The attention a model's config names (`config._attn_implementation`): `sdpa` or `eager_attention`."""
-    if implementation == "eager":
-        return eager_attention(q, k, v, mask, is_causal, dropout, scale)
+              implementation: str = "sdpa", dropout: float = 0.0, scale: float | None = None,
+              softcap: float | None = None) -> torch.Tensor:
+    """The attention a model's config names (`config._attn_implementation`): `sdpa` or `eager_attention`. Soft-capped
+    scores (Gemma 2) exist only in the eager math, which the reference uses for them too."""
+    if implementation == "eager" or softcap is not None:
+        return eager_attention(q, k, v, mask, is_causal, dropout, scale, softcap)
     return sdpa(q, k, v, mask, is_causal, dropout, scale)
 
 
 def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
-                    dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
+                    dropout: float = 0.0, scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """softmax(q k^T * scale, masked) v written out, as the reference's eager path, so that its probabilities can be
     returned (`recording_attentions`). Masked scores get the dtype's lowest value, not -inf, as in the reference: a
-    query with nothing to attend to averages every value here, where SDPA gives it zeros."""
+    query with nothing to attend to averages every value here, where SDPA gives it zeros. With `softcap` the scores
+    become softcap * tanh(scores / softcap) before the mask."""
     if k.shape[1] != q.shape[1]:  # grouped kv heads: query head h reads kv head h // (H / Hkv)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, Tq, Tk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is None and is_causal:
         tq, tk = scores.shape[-2:]
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)

@@ -7,8 +7,7 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.cache import DynamicCache
-from loom.models.common import activation, attention, causal_inputs, causal_lm_loss, classification_loss, \
+from loom.models.common import activation, attention, causal_lm_loss, classification_loss, decoder_inputs, \
     maybe_checkpoint, recording_attentions
 from loom.models.llama import last_token_pool
 from loom.outputs import ModelOutput
@@ -45,10 +44,7 @@ class GPT2Attention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is not None:
-            if cache_position is not None and hasattr(cache, "max_cache_len"):
-                k, v = cache.update(k, v, self.layer_idx, cache_position)
-            else:
-                k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, cache_position)
         out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
                         dropout=self.attn_dropout if self.training else 0.0, scale=self.scale)
         return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(B, T, C)))
@@ -113,15 +109,10 @@ class GPT2Model(GPT2PreTrainedModel):
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, use_cache=None, output_hidden_states=None,
                 cache_position=None, return_dict=None, output_attentions=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or past_key_values is not None else None
-        cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, T, x.device)
+        inputs = decoder_inputs(self.config, self.wte, input_ids, inputs_embeds, attention_mask, past_key_values,
+                                use_cache, cache_position, training=self.training)
+        x, cache, cache_position, past = inputs.x, inputs.cache, inputs.cache_position, inputs.past
+        (mask, is_causal), T = inputs.masks[None], x.shape[1]
         if past is None and not torch.compiler.is_compiling():
             past = int(cache_position[0])  # a static cache's positions are a tensor; eagerly, read one for the check
         if past is not None and past + T > self.config.n_positions:
@@ -142,7 +133,7 @@ class GPT2Model(GPT2PreTrainedModel):
         x = self.ln_f(x)
         if hidden is not None:
             hidden[-1] = x
-        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
+        return ModelOutput(last_hidden_state=x, past_key_values=cache if inputs.use_cache else None,
                            hidden_states=tuple(hidden) if hidden is not None else None,
                            attentions=tuple(attentions) if attentions is not None else None)
 

@@ -6,9 +6,9 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.cache import Cache, DynamicCache
-from loom.models.common import (RMSNorm, activation, attention, causal_inputs, causal_lm_loss,
-                                classification_loss, maybe_checkpoint, recording_attentions)
+from loom.models.cache import Cache
+from loom.models.common import (RMSNorm, activation, attention, causal_lm_loss, classification_loss, decoder_inputs,
+                                maybe_checkpoint, recording_attentions)
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
 
@@ -34,6 +34,9 @@ class LlamaConfig(PretrainedConfig):
 
 
 class LlamaAttention(nn.Module):
+    """Grouped-query attention with RoPE. Variants set class attributes (biases) or the instance's `q_norm` /
+    `k_norm` (per-head norms before RoPE), `scaling`, `softcap`, `use_rope`, and may override `project` (fused or
+    normalised projections)."""
     q_bias = k_bias = v_bias = None  # None: follow config.attention_bias (Qwen2 forces q/k/v biases on)
     o_bias = None
 
@@ -45,6 +48,11 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
+        self.scaling: float | None = None  # None: head_dim ** -0.5
+        self.softcap: float | None = None
+        self.use_rope = True
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
         bias = config.attention_bias
         pick = lambda b: bias if b is None else b  # noqa: E731
         h, d = config.hidden_size, self.head_dim
@@ -53,26 +61,32 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=pick(self.v_bias))
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=pick(self.o_bias))
 
+    def project(self, x):
+        """Queries, keys and values as (B, T, heads, head_dim)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
     def forward(self, x, cos, sin, mask, is_causal, cache: Cache | None, cache_position=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, heads, T, D)
+        if self.use_rope:
+            q, k = apply_rotary(q, k, cos, sin)
         if cache is not None:
-            if cache_position is not None and hasattr(cache, "max_cache_len"):
-                k, v = cache.update(k, v, self.layer_idx, cache_position)
-            else:
-                k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, cache_position)
         out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
-                        dropout=self.dropout if self.training else 0.0)
+                        dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaConfig) -> None:
+    def __init__(self, config: LlamaConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        h, i, b = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, i, b = config.hidden_size, intermediate_size or config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(h, i, bias=b)
         self.up_proj = nn.Linear(h, i, bias=b)
         self.down_proj = nn.Linear(i, h, bias=b)
@@ -83,18 +97,25 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
+    """Pre-norm block. Variants set `attention_class`, `norm_class`, `mlp_name` (the checkpoint's name for the
+    feed-forward module) and `make_mlp` (e.g. a mixture of experts on some layers)."""
     attention_class = LlamaAttention
+    norm_class = RMSNorm
+    mlp_name = "mlp"
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = self.attention_class(config, layer_idx)
-        self.mlp = LlamaMLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        setattr(self, self.mlp_name, self.make_mlp(config, layer_idx))
+        self.input_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+
+    def make_mlp(self, config: LlamaConfig, layer_idx: int) -> nn.Module:
+        return LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, cache_position=None):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
 
 
 class LlamaPreTrainedModel(PreTrainedModel):
@@ -115,20 +136,37 @@ class LlamaPreTrainedModel(PreTrainedModel):
 
 
 class LlamaModel(LlamaPreTrainedModel):
+    """Embeddings, decoder layers, final norm. Variants override `layer_windows` (sliding-window layers),
+    `rope_tables` (per-window RoPE), `embed` (scaled embeddings) or the classes it builds."""
     layer_class = LlamaDecoderLayer
+    norm_class = RMSNorm
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config, config.head_dim)
+        self.windows = self.layer_windows()
         self.gradient_checkpointing = False
         self.post_init()
 
-    def sliding_window(self) -> int | None:
-        return getattr(self.config, "sliding_window", None)
+    def layer_windows(self) -> list[int | None]:
+        """Each layer's sliding window (None: full attention). Llama has none (the reference ignores a
+        `sliding_window` key on Llama); families with `layer_types` read them from the config."""
+        if "layer_types" not in self.config_class.defaults:
+            return [None] * self.config.num_hidden_layers
+        window = self.config.sliding_window
+        return [window if t == "sliding_attention" else None for t in self.config.layer_types]
+
+    def rope_tables(self, position_ids, dtype) -> dict:
+        """window -> (cos, sin); one table for every window unless a family rotates sliding layers differently."""
+        tables = self.rotary_emb(position_ids, dtype)
+        return dict.fromkeys(self.windows, tables)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -139,30 +177,23 @@ class LlamaModel(LlamaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, cache_position=None,
                 return_dict=None, output_attentions=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        B, T = x.shape[:2]
-        use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None and not self.training:
-            past_key_values = DynamicCache()
-        cache = past_key_values if use_cache or past_key_values is not None else None
-        cache_position, _, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, T, x.device,
-                                                           sliding_window=self.sliding_window())
+        inputs = decoder_inputs(self.config, self.embed, input_ids, inputs_embeds, attention_mask, past_key_values,
+                                use_cache, cache_position, training=self.training, windows=self.windows)
+        x, cache, cache_position = inputs.x, inputs.cache, inputs.cache_position
         if position_ids is None:
-            position_ids = cache_position[None].expand(B, T)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+            position_ids = cache_position[None].expand(x.shape[0], x.shape[1])
+        rope = self.rope_tables(position_ids, x.dtype)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
-            for layer in self.layers:
-                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, cos, sin, mask, is_causal, cache,
-                                     cache_position)
+            for layer, window in zip(self.layers, self.windows):
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, *rope[window], *inputs.masks[window],
+                                     cache, cache_position)
                 if hidden is not None:
                     hidden.append(x)
         x = self.norm(x)
         if hidden is not None:
             hidden[-1] = x
-        return ModelOutput(last_hidden_state=x, past_key_values=cache if use_cache else None,
+        return ModelOutput(last_hidden_state=x, past_key_values=cache if inputs.use_cache else None,
                            hidden_states=tuple(hidden) if hidden is not None else None,
                            attentions=tuple(attentions) if attentions is not None else None)
 
@@ -181,6 +212,10 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
     def get_output_embeddings(self):
         return self.lm_head
 
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits as the family returns them (soft-capped, scaled)."""
+        return logits
+
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, cache_position=None,
                 logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None,
@@ -188,7 +223,7 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_hidden_states, cache_position, output_attentions=output_attentions)
         h = out.last_hidden_state
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        logits = self.finish_logits(self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h))
         loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions)

@@ -15,6 +15,9 @@ class MistralConfig(LlamaConfig):
 class MistralModel(LlamaModel):
     config_class = MistralConfig
 
+    def layer_windows(self) -> list[int | None]:
+        return [self.config.sliding_window] * self.config.num_hidden_layers
+
 
 class MistralForCausalLM(LlamaForCausalLM):
     config_class = MistralConfig
