@@ -66,7 +66,12 @@ def infer_device_map(cls, config, max_memory, dtype, strategy: str) -> dict:
         model = cls(config)
     if dtype is not None:
         model.to(dtype)
-    kwargs = dict(no_split_module_classes=list(cls._no_split_modules), dtype=dtype)
+    # accelerate matches class names exactly: name every module class that derives from a no-split class, so a
+    # variant's own layer class (Qwen2DecoderLayer < LlamaDecoderLayer) is not split either
+    keep = set(cls._no_split_modules)
+    keep |= {type(m).__name__ for m in model.modules()
+             if any(k.__name__ in cls._no_split_modules for k in type(m).__mro__)}
+    kwargs = dict(no_split_module_classes=sorted(keep), dtype=dtype)
     if strategy != "sequential" and max_memory is None:
         max_memory = accelerate.utils.get_balanced_memory(model, low_zero=strategy == "balanced_low_0", **kwargs)
     device_map = accelerate.infer_auto_device_map(model, max_memory=max_memory, **kwargs)

@@ -393,3 +393,20 @@ def test_packaged_model_never_goes_online(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
     assert resolve_file("sentence-transformers/all-MiniLM-L6-v2", "chat_template.jinja", required=False) is None
     assert resolve_file("sentence-transformers/all-MiniLM-L6-v2", "config.json").name == "config.json"
+
+
+def test_device_map_auto_keeps_variant_layers_whole(tmp_path_factory, tmp_path):
+    """A variant's own layer class (Qwen2DecoderLayer, a LlamaDecoderLayer) is never split across devices."""
+    import re
+
+    from loomtest import reference_checkpoint
+
+    path, ref = reference_checkpoint(tmp_path_factory, "qwen2", "Qwen2ForCausalLM", num_hidden_layers=4)
+    for budget in (80_000, 100_000, 120_000):
+        m = loom.Qwen2ForCausalLM.from_pretrained(path, device_map="auto", max_memory={"cpu": budget},
+                                                  offload_folder=str(tmp_path / str(budget)))
+        assert "disk" in set(m.hf_device_map.values())
+        split = [k for k in m.hf_device_map if "layers." in k and not re.fullmatch(r"model\.layers\.\d+", k)]
+        assert split == [], m.hf_device_map
+        with torch.no_grad():
+            torch.testing.assert_close(m(_ids()).logits, ref(_ids()).logits, atol=1e-4, rtol=1e-4)
