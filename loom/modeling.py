@@ -292,7 +292,12 @@ class PreTrainedModel(nn.Module):
 
         device_for, dispatch = _placement(cls, config, device_map, max_memory, offload_folder, dtype)
         with loading.empty_init():
-            model = cls(config, *model_args)
+            try:
+                model = cls(config, *model_args)
+            except ValueError as e:  # a config value the model cannot build (rope_type, hidden_act, experts, ...)
+                if str(path) in str(e) or type(e) is not ValueError:
+                    raise
+                raise type(e)(f"{path}: {e}") from None
         for hook in hooks:
             if hasattr(hook, "prepare_model"):
                 hook.prepare_model(model)

@@ -17,6 +17,18 @@ TINY = {
                   intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
     "qwen3": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=8, intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "olmo2": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    # multipliers away from 1 (values like Granite 3's) so that every family test exercises them
+    "granite": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                    embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.25,
+                    logits_scaling=8.0),
+    # layer 1 is NoPE and sliding (window 4), with biases: every family test exercises them
+    "smollm3": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                    no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4, attention_bias=True,
+                    mlp_bias=True),
     # Gemma: head_dim 16 is not hidden_size / heads; Gemma 2/3 alternate a 4-token sliding layer with a global one,
     # scale queries by query_pre_attn_scalar != head_dim; Gemma 3 rotates its sliding layers with a local base and
     # its global layers with linear scaling

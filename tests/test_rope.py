@@ -74,3 +74,17 @@ def test_bad_rope_settings_name_the_key(rope, message):
     with pytest.raises(ValueError, match="rope_parameters") as e:
         loom.LlamaForCausalLM(config)
     assert message in str(e.value)
+
+
+def test_unsupported_settings_name_the_checkpoint(tmp_path):
+    import json
+
+    loom.LlamaForCausalLM(loom.LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                           intermediate_size=48)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for key, value, message in (("rope_scaling", {"rope_type": "su", "factor": 2.0}, "rope_type"),
+                                ("hidden_act", "swiglu", "hidden_act")):
+        (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": None, key: value}))
+        with pytest.raises(ValueError, match=message) as e:
+            loom.AutoModelForCausalLM.from_pretrained(tmp_path)
+        assert str(tmp_path) in str(e.value)

@@ -34,6 +34,14 @@ def activation(name: str) -> nn.Module:
         raise ValueError(f"hidden_act={name!r} is not supported; use one of {sorted(ACTIVATIONS)}") from None
 
 
+def check_activation(config, key: str = "hidden_act") -> None:
+    """Refuse an activation loom does not have when the config is read, so the error names config.json's key."""
+    name = getattr(config, key)
+    if name not in ACTIVATIONS:
+        raise ConfigFieldError(f"config {key}={name!r} is not supported by loom; use one of "
+                               f"{', '.join(sorted(ACTIVATIONS))}", key)
+
+
 # -- decoder inputs, masks and attention -----------------------------------------------------------------------------------------
 class DecoderInputs(NamedTuple):
     x: torch.Tensor  # (B, T, hidden) input embeddings
