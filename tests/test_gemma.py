@@ -209,3 +209,17 @@ def test_gemma3_per_layer_type_rope_beyond_the_original_context(tmp_path, rope):
         a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
         assert a.sequences.tolist() == b.sequences.tolist()
         torch.testing.assert_close(torch.stack(a.logits), torch.stack(b.logits), atol=1e-4, rtol=1e-4)
+
+
+def test_hub_generation_config_with_hybrid_cache_generates(tmp_path):
+    """Gemma 2/3 checkpoints ship generation_config.json with cache_implementation "hybrid" (the old sliding-window
+    cache); the reference now runs its default cache for it, and so does loom instead of refusing the name."""
+    ref = sharp_checkpoint(tmp_path, "gemma3_text")
+    raw = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**raw, "cache_implementation": "hybrid"}))
+    ours = loom.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert ours.generation_config.cache_implementation == "hybrid"
+    ids = _ids(B=1, T=6)
+    kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+    assert ours.generate(ids, cache_implementation="hybrid", **kw).tolist() == ref.generate(ids, **kw).tolist()
