@@ -29,6 +29,20 @@ TINY = {
                     intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                     no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4, attention_bias=True,
                     mlp_bias=True),
+    # Gemma: head_dim 16 is not hidden_size / heads; Gemma 2/3 alternate a 4-token sliding layer with a global one,
+    # scale queries by query_pre_attn_scalar != head_dim; Gemma 3 rotates its sliding layers with a local base and
+    # its global layers with linear scaling
+    "gemma": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "gemma2": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   head_dim=16, intermediate_size=48, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                   sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+                   final_logit_softcapping=5.0),
+    "gemma3_text": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, intermediate_size=48, max_position_embeddings=64,
+                        bos_token_id=1, eos_token_id=2, sliding_window=4, sliding_window_pattern=2,
+                        query_pre_attn_scalar=12, rope_local_base_freq=100.0,
+                        rope_scaling={"rope_type": "linear", "factor": 4.0}),
 }
 
 

@@ -79,13 +79,17 @@ def test_num_labels_conflict():
 
 
 # -- field types ----------------------------------------------------------------------------------------------------
-FAMILY_CONFIGS = ["BertConfig", "GPT2Config", "LlamaConfig", "MistralConfig", "Qwen2Config", "ViTConfig"]
+FAMILY_CONFIGS = ["BertConfig", "GPT2Config", "LlamaConfig", "MistralConfig", "Qwen2Config", "ViTConfig", "GemmaConfig",
+                  "Gemma2Config", "Gemma3TextConfig"]
 # fields loom type-checks that the reference's config class does not declare (it takes any value there)
 CHECKED_BY_LOOM_ONLY = {
     "LlamaConfig": {"rope_theta"},  # folded into rope_parameters by the reference; a non-number fails its model
     "MistralConfig": {"rope_theta", "attention_bias", "mlp_bias", "pretraining_tp"},  # loom's variants inherit Llama's
     "Qwen2Config": {"rope_theta", "attention_bias", "mlp_bias", "pretraining_tp", "head_dim"},
     "ViTConfig": {"tie_word_embeddings"},
+    "GemmaConfig": {"rope_theta"},
+    "Gemma2Config": {"rope_theta"},
+    "Gemma3TextConfig": {"rope_theta", "rope_local_base_freq", "sliding_window_pattern"},  # legacy keys, folded in
 }
 
 

@@ -47,6 +47,8 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
     if unknown:
         raise TypeError(f"generate() got unexpected arguments {unknown}: they are neither generation settings nor "
                         f"model inputs ({', '.join(_MODEL_INPUTS)})")
+    if cfg.cache_implementation == "hybrid":  # Gemma 2/3 hub files name the old sliding cache; the reference now
+        cfg.cache_implementation = None  # runs its default (dynamic) cache for it, whoever set it
     cfg.validate()
     if cfg.num_beams > 1 and streamer is not None:
         raise ValueError("streamer cannot be used with beam search (num_beams > 1); use num_beams=1")
