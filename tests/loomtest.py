@@ -43,6 +43,13 @@ TINY = {
                         bos_token_id=1, eos_token_id=2, sliding_window=4, sliding_window_pattern=2,
                         query_pre_attn_scalar=12, rope_local_base_freq=100.0,
                         rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "phi3": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=48, max_position_embeddings=64, partial_rotary_factor=0.5, sliding_window=5,
+                 bos_token_id=1, eos_token_id=2, pad_token_id=0),
+    "phi": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=48, max_position_embeddings=64, qk_layernorm=True, bos_token_id=1, eos_token_id=2),
+    "gpt_neox": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                     max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
 }
 
 

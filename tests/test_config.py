@@ -80,7 +80,7 @@ def test_num_labels_conflict():
 
 # -- field types ----------------------------------------------------------------------------------------------------
 FAMILY_CONFIGS = ["BertConfig", "GPT2Config", "LlamaConfig", "MistralConfig", "Qwen2Config", "ViTConfig", "GemmaConfig",
-                  "Gemma2Config", "Gemma3TextConfig"]
+                  "Gemma2Config", "Gemma3TextConfig", "Phi3Config", "PhiConfig", "GPTNeoXConfig"]
 # fields loom type-checks that the reference's config class does not declare (it takes any value there)
 CHECKED_BY_LOOM_ONLY = {
     "LlamaConfig": {"rope_theta"},  # folded into rope_parameters by the reference; a non-number fails its model
@@ -90,6 +90,10 @@ CHECKED_BY_LOOM_ONLY = {
     "GemmaConfig": {"rope_theta"},
     "Gemma2Config": {"rope_theta"},
     "Gemma3TextConfig": {"rope_theta", "rope_local_base_freq", "sliding_window_pattern"},  # legacy keys, folded in
+    # Phi-3 and Phi inherit Llama's; their references read partial_rotary_factor as a plain keyword
+    "Phi3Config": {"rope_theta", "head_dim", "pretraining_tp", "partial_rotary_factor"},
+    "PhiConfig": {"rope_theta", "head_dim", "pretraining_tp", "partial_rotary_factor"},
+    "GPTNeoXConfig": {"rotary_pct", "rotary_emb_base"},  # legacy names the reference folds into rope_parameters
 }
 
 
@@ -213,11 +217,11 @@ def test_real_fixture_and_default_configs_still_load(tmp_path, minilm_dir):
     from loomtest import TINY
 
     dirs = [minilm_dir] + [_write_config(tmp_path / name, data) for name, data in REAL_CONFIGS.items()]
-    for model_type in ("bert", "gpt2", "llama", "mistral", "qwen2", "vit"):
+    for model_type in ("bert", "gpt2", "llama", "mistral", "qwen2", "vit", "phi3", "phi", "gpt_neox"):
         transformers.AutoConfig.for_model(model_type).save_pretrained(tmp_path / f"default-{model_type}")
         dirs.append(tmp_path / f"default-{model_type}")
         if model_type in TINY:
-            transformers.AutoConfig.for_model(model_type, **TINY[model_type], pad_token_id=0).save_pretrained(
+            transformers.AutoConfig.for_model(model_type, **{**TINY[model_type], "pad_token_id": 0}).save_pretrained(
                 tmp_path / f"tiny-{model_type}")
             dirs.append(tmp_path / f"tiny-{model_type}")
     for path in dirs:

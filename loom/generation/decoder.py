@@ -41,6 +41,10 @@ class Decoder:
         self.rows, self.prompt_positions, self.total = rows, prompt_positions, total_positions
         self.output_hidden_states = output_hidden_states
         self.cache = None
+        # a model whose cached keys go stale at some length (Phi-3's longrope) says where; the step that reaches it
+        # starts a new cache and re-reads the whole sequence, as the reference's generate does for that model
+        self.restart_at = getattr(model, "cache_restart_length", None)
+        self.tokens_known = True  # False after a prefill from inputs_embeds: the prompt cannot be re-read as tokens
         # A static cache attends over its whole buffer, so it takes the whole mask: one shape at every step (a
         # compiled step would otherwise recompile for each length of a sliced mask).
         self.whole_mask = use_cache and cache_implementation == "static"
@@ -96,6 +100,7 @@ class Decoder:
     def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, V) for the token after the prompt."""
         if inputs_embeds is not None:
+            self.tokens_known = False
             return self._run(self.model, 0, self.n, inputs_embeds=inputs_embeds)
         return self._run(self.model, 0, self.n, input_ids=input_ids)
 
@@ -103,6 +108,12 @@ class Decoder:
         """Feed the newest token of `tokens` (rows, T); return logits (rows, V) for the one after it."""
         n = self.n
         self.n = n + 1
+        if self.use_cache and n == self.restart_at and self.tokens_known:
+            if isinstance(self.cache, StaticCache):
+                self.cache.reset()
+            else:
+                self.cache = DynamicCache()
+            return self._run(self.model, 0, n + 1, input_ids=tokens)
         if self.use_cache:
             return self._run(self.forward, n, n + 1, input_ids=tokens[:, -1:])
         # without a cache the whole sequence is recomputed (the reference's use_cache=False behaviour)

@@ -34,11 +34,13 @@ class LlamaConfig(PretrainedConfig):
 
 
 class LlamaAttention(nn.Module):
-    """Grouped-query attention with RoPE. Variants set class attributes (biases) or the instance's `q_norm` /
-    `k_norm` (per-head norms before RoPE), `scaling`, `softcap`, `use_rope`, and may override `project` (fused or
-    normalised projections)."""
+    """Grouped-query attention with RoPE. Variants set class attributes (biases, checkpoint names of a fused qkv or
+    of the output projection) or the instance's `q_norm` / `k_norm` (per-head norms before RoPE), `scaling`,
+    `softcap`, `use_rope`, and may override `project` (fused or normalised projections)."""
     q_bias = k_bias = v_bias = None  # None: follow config.attention_bias (Qwen2 forces q/k/v biases on)
     o_bias = None
+    qkv_name: str | None = None  # the checkpoint's name for one fused [q; k; v] Linear (its `project` splits it)
+    o_name = "o_proj"  # the checkpoint's name for the output projection
 
     def __init__(self, config: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
@@ -53,13 +55,15 @@ class LlamaAttention(nn.Module):
         self.use_rope = True
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
-        bias = config.attention_bias
-        pick = lambda b: bias if b is None else b  # noqa: E731
-        h, d = config.hidden_size, self.head_dim
-        self.q_proj = nn.Linear(h, self.num_heads * d, bias=pick(self.q_bias))
-        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=pick(self.k_bias))
-        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=pick(self.v_bias))
-        self.o_proj = nn.Linear(self.num_heads * d, h, bias=pick(self.o_bias))
+        pick = lambda b: config.attention_bias if b is None else b  # noqa: E731
+        h, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.qkv_name is None:
+            self.q_proj = nn.Linear(h, q_out, bias=pick(self.q_bias))
+            self.k_proj = nn.Linear(h, kv_out, bias=pick(self.k_bias))
+            self.v_proj = nn.Linear(h, kv_out, bias=pick(self.v_bias))
+        else:
+            setattr(self, self.qkv_name, nn.Linear(h, q_out + 2 * kv_out, bias=pick(self.q_bias)))
+        setattr(self, self.o_name, nn.Linear(q_out, h, bias=pick(self.o_bias)))
 
     def project(self, x):
         """Queries, keys and values as (B, T, heads, head_dim)."""
@@ -80,7 +84,7 @@ class LlamaAttention(nn.Module):
             k, v = cache.update(k, v, self.layer_idx, cache_position)
         out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
                         dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+        return getattr(self, self.o_name)(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class LlamaMLP(nn.Module):
@@ -137,16 +141,17 @@ class LlamaPreTrainedModel(PreTrainedModel):
 
 class LlamaModel(LlamaPreTrainedModel):
     """Embeddings, decoder layers, final norm. Variants override `layer_windows` (sliding-window layers),
-    `rope_tables` (per-window RoPE), `embed` (scaled embeddings) or the classes it builds."""
+    `rope_tables` (per-window RoPE), `embed` (scaled embeddings), the classes it builds or the final norm's name."""
     layer_class = LlamaDecoderLayer
     norm_class = RMSNorm
+    norm_name = "norm"  # the checkpoint's name for the final norm
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(self.layer_class(config, i) for i in range(config.num_hidden_layers))
-        self.norm = self.norm_class(config.hidden_size, config.rms_norm_eps)
+        setattr(self, self.norm_name, self.norm_class(config.hidden_size, config.rms_norm_eps))
         self.rotary_emb = RotaryEmbedding(config, config.head_dim)
         self.windows = self.layer_windows()
         self.gradient_checkpointing = False
@@ -190,7 +195,7 @@ class LlamaModel(LlamaPreTrainedModel):
                                      cache, cache_position)
                 if hidden is not None:
                     hidden.append(x)
-        x = self.norm(x)
+        x = getattr(self, self.norm_name)(x)
         if hidden is not None:
             hidden[-1] = x
         return ModelOutput(last_hidden_state=x, past_key_values=cache if inputs.use_cache else None,
@@ -202,11 +207,12 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _can_generate = True
     model_class = LlamaModel
+    lm_head_bias = False
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.model = self.model_class(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=self.lm_head_bias)
         self.post_init()
 
     def get_output_embeddings(self):
