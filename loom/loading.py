@@ -337,12 +337,26 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
         del handle
     if info.mismatched_keys and not ignore_mismatched_sizes:
         lines = "\n".join(f"  {k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in info.mismatched_keys)
-        raise ValueError(f"size mismatch loading {ckpt.files[0].parent}:\n{lines}\nThe checkpoint does not match this "
-                         "config; fix the config, or pass ignore_mismatched_sizes=True to re-initialise those weights")
+        hints = "".join(f"{h}\n" for h in dict.fromkeys(_config_hints(model, info.mismatched_keys)))
+        raise ValueError(f"size mismatch loading {ckpt.files[0].parent}:\n{lines}\n{hints}The checkpoint does not "
+                         "match this config; fix the config, or pass ignore_mismatched_sizes=True to re-initialise "
+                         "those weights")
     # A hook may fill companions of a tensor it loaded (a quantizer's scales): only what is still on meta is missing.
     state = model.state_dict(keep_vars=True)
     info.missing_keys = sorted(k for k in expected - loaded if k in state and state[k].is_meta)
     return info
+
+
+def _config_hints(model: nn.Module, mismatched) -> list[str]:
+    """For the mismatched sizes that a config key sets (the model's `_config_dims`: key pattern -> (dim, config key,
+    what it counts)), what the checkpoint has and which key to change."""
+    hints = []
+    for pattern, (dim, key, what) in getattr(model, "_config_dims", {}).items():
+        for name, found, want in mismatched:
+            if re.search(pattern, name) and len(found) == len(want) and found[dim] != want[dim]:
+                hints.append(f"The checkpoint has {found[dim]} {what} where the config has {key}={want[dim]}; set "
+                             f"{key} to {found[dim]} in config.json.")
+    return hints
 
 
 def _hook_keeps_extra(hooks, model: nn.Module, name: str, source: TensorSource) -> bool:

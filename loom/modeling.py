@@ -37,6 +37,9 @@ class PreTrainedModel(nn.Module):
     _transposed_checkpoint_weights: ClassVar[tuple[str, ...]] = ()
     # regexes of checkpoint keys that are expected to be unused (old buffers) and are dropped quietly
     _keys_to_ignore_on_load_unexpected: ClassVar[tuple[str, ...]] = ()
+    # regex of a model key -> (dim, config key, what it counts): a checkpoint whose size there differs gets an error
+    # naming the config key (a Mixtral router's rows are its `num_local_experts`)
+    _config_dims: ClassVar[dict[str, tuple[int, str, str]]] = {}
     _no_split_modules: ClassVar[list[str]] = []
     # tensor-parallel plan: module-name pattern -> "colwise" | "rowwise" | "embedding" | ...
     _tp_plan: ClassVar[dict[str, str]] = {}

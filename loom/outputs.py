@@ -10,7 +10,8 @@ import torch.utils._pytree as pytree
 # Output fields that read as None when a model did not produce them (as the reference's dataclass fields do).
 FIELDS = frozenset({"loss", "logits", "last_hidden_state", "pooler_output", "past_key_values", "hidden_states",
                     "attentions", "start_logits", "end_logits", "sequences", "scores", "logits_processed",
-                    "sequences_scores", "beam_indices", "image_embeds", "cross_attentions"})
+                    "sequences_scores", "beam_indices", "image_embeds", "cross_attentions", "aux_loss",
+                    "router_logits"})
 
 
 class ModelOutput(OrderedDict):

@@ -50,6 +50,17 @@ TINY = {
                 intermediate_size=48, max_position_embeddings=64, qk_layernorm=True, bos_token_id=1, eos_token_id=2),
     "gpt_neox": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                      max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    "mixtral": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+                    bos_token_id=1, eos_token_id=2),
+    # three layers: experts on 0 and 2, a dense MLP on 1 (mlp_only_layers)
+    "qwen2_moe": dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                      num_experts=4, num_experts_per_tok=2, mlp_only_layers=[1], max_position_embeddings=64,
+                      bos_token_id=1, eos_token_id=2),
+    "qwen3_moe": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                      norm_topk_prob=True, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
 }
 
 

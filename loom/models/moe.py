@@ -4,6 +4,9 @@ checkpoint keys match one to one and quantization, tensor parallelism, kernels a
 Tokens are grouped per expert: each expert that received tokens runs once on exactly those rows, so a decode step
 reads only the active experts' weights. The router is the reference's: softmax in float32 over the router logits,
 top-k, renormalised when the family says so, and each expert's output weighted and summed in expert order.
+
+The families build on Llama through `make_mlp` and add two mixins: `RouterLogitsModel` (the base model returns the
+router logits) and `AuxLossCausalLM` (the head adds the load-balancing loss), both driven by `output_router_logits`.
 """
 from __future__ import annotations
 
@@ -14,15 +17,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels.linear import KernelLinear
+from loom.outputs import ModelOutput
+
 _recorded: ContextVar[list | None] = ContextVar("loom_router_logits", default=None)
 
 
 @contextlib.contextmanager
 def recording_router_logits(enabled: bool):
-    """Around a model's layers: yields a list collecting each MoE block's router logits (tokens, experts) in layer
-    order when `enabled`, else None."""
-    if not enabled:
-        yield None
+    """Around a forward: yields a list collecting each MoE block's router logits (tokens, experts) in layer order
+    when `enabled`, else None. Nested uses share the outer list (a head and its base model both ask)."""
+    outer = _recorded.get()
+    if not enabled or outer is not None:
+        yield outer if enabled else None
         return
     found: list[torch.Tensor] = []
     token = _recorded.set(found)
@@ -32,18 +39,35 @@ def recording_router_logits(enabled: bool):
         _recorded.reset(token)
 
 
+def check_top_k(config, experts_key: str) -> None:
+    """num_experts_per_tok must pick between 1 and all of config.<experts_key> experts."""
+    top_k, n = config.num_experts_per_tok, getattr(config, experts_key)
+    if not 0 < top_k <= n:
+        where = f"{config._name_or_path}: " if getattr(config, "_name_or_path", "") else ""
+        raise ValueError(f"{where}config num_experts_per_tok={top_k} must be between 1 and {experts_key}={n} (the "
+                         f"number of experts); fix config.json")
+
+
+class Router(KernelLinear):
+    """The router's Linear (hidden -> one logit per expert). A subclass, so that quantizers, which convert plain
+    Linears only, keep it in full precision: the reference's router is no Linear and is never quantized, and a
+    quantized router would move tokens to other experts to save a few bytes."""
+
+
 class SparseMoE(nn.Module):
-    """`gate` (the router Linear) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden))."""
+    """`gate` (the router) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden)). In training,
+    `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter)."""
 
     def __init__(self, hidden_size: int, experts: list[nn.Module], top_k: int, normalize: bool,
-                 weights_in_logits_dtype: bool) -> None:
+                 weights_in_logits_dtype: bool, jitter_noise: float = 0.0) -> None:
         super().__init__()
         if not 0 < top_k <= len(experts):
             raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the number of experts "
                              f"({len(experts)}); check config.json")
-        self.gate = nn.Linear(hidden_size, len(experts), bias=False)
+        self.gate = Router(hidden_size, len(experts), bias=False)
         self.experts = nn.ModuleList(experts)
         self.top_k, self.normalize, self.weights_in_logits_dtype = top_k, normalize, weights_in_logits_dtype
+        self.jitter_noise = jitter_noise
 
     def route(self, x: torch.Tensor):
         """(router logits, top-k weights, top-k expert indices) for (n, hidden) tokens."""
@@ -56,6 +80,8 @@ class SparseMoE(nn.Module):
         return logits, weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         logits, weights, chosen = self.route(flat)
@@ -94,7 +120,50 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
             prob_sum = prob_sum + probs.float().sum(0)
             rows = rows + probs.shape[0]
         else:
-            per_expert = per_expert + torch.zeros_like(per_expert).scatter_add_(0, chosen, keep.repeat_interleave(top_k))
+            counts = torch.zeros_like(per_expert).scatter_add_(0, chosen, keep.repeat_interleave(top_k))
+            per_expert = per_expert + counts
             prob_sum = prob_sum + (probs.float() * keep[:, None]).sum(0)
             rows = rows + keep.sum()
     return torch.sum((per_expert / rows) * (prob_sum / rows)) * num_experts
+
+
+class RouterLogitsModel:
+    """Mixin for a MoE family's base model (listed before LlamaModel): with `output_router_logits` (argument, else
+    the config's) the output carries each MoE layer's router logits (tokens, experts) as `router_logits`."""
+
+    def forward(self, *args, output_router_logits=None, **kwargs):
+        want = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        with recording_router_logits(want) as logits:
+            out = super().forward(*args, **kwargs)
+        if logits:
+            out.router_logits = tuple(logits)
+        return out
+
+
+class AuxLossCausalLM:
+    """Mixin for a MoE family's causal-LM head (listed before LlamaForCausalLM): with `output_router_logits` the
+    output also carries `router_logits` and the load-balancing `aux_loss`, which joins the loss times
+    `router_aux_loss_coef`, as in the reference."""
+
+    def forward(self, input_ids=None, attention_mask=None, *args, output_router_logits=None, **kwargs):
+        config = self.config
+        want = config.output_router_logits if output_router_logits is None else output_router_logits
+        with recording_router_logits(want) as logits:
+            out = super().forward(input_ids, attention_mask, *args, **kwargs)
+        if not logits:
+            return out
+        mask = attention_mask
+        if mask is not None and mask.shape[-1] * mask.shape[0] != logits[0].shape[0]:
+            mask = mask[:, -(logits[0].shape[0] // mask.shape[0]):]  # a cached step routes only the new tokens
+        aux = load_balancing_loss(logits, config.num_experts, config.num_experts_per_tok, mask)
+        loss = None if out.loss is None else out.loss + config.router_aux_loss_coef * aux.to(out.loss.device)
+        return ModelOutput(loss=loss, aux_loss=aux, logits=out.logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions, router_logits=tuple(logits))
+
+
+def mlp_tp_plan(prefix: str, colwise=("gate_proj", "up_proj"), rowwise=("down_proj",)) -> dict[str, str]:
+    """Tensor-parallel entries for MLPs under `prefix` (e.g. 'model.layers.*.mlp.experts.*'): each expert's input
+    projections split by output features, its output projection by input features (one all-reduce per expert that
+    runs). The router has no entry, so every rank keeps all of it and routes every token the same way."""
+    plan = {f"{prefix}.{name}": "colwise" for name in colwise}
+    return {**plan, **{f"{prefix}.{name}": "rowwise" for name in rowwise}}
