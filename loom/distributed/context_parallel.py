@@ -188,12 +188,11 @@ def _cp_forward(self, x, cos, sin, mask, is_causal, cache=None, cache_position=N
         raise ValueError("context parallelism supports causal attention without padding; drop the attention_mask "
                          "or pack sequences without pad tokens")
     B, T, _ = x.shape
-    q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-    k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-    v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-    q, k = apply_rotary(q, k, cos, sin)
-    out = ring_attention(q, k, v, self._loom_cp_group)
-    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+    q, k, v = (t.transpose(1, 2) for t in self.project(x))  # the family's own projections and q/k norms
+    if self.use_rope:
+        q, k = apply_rotary(q, k, cos, sin)
+    out = ring_attention(q, k, v, self._loom_cp_group, scale=self.scaling)
+    return getattr(self, self.o_name)(out.transpose(1, 2).reshape(B, T, -1))
 
 
 _CP_CLASSES: dict[type, type] = {}
@@ -220,15 +219,21 @@ def apply_cp(model: nn.Module, cp_mesh) -> nn.Module:
     if getattr(config, "attention_dropout", 0.0):
         raise ValueError("context parallelism does not support attention dropout; set config.attention_dropout=0")
     group = cp_mesh.get_group() if hasattr(cp_mesh, "get_group") else cp_mesh
+    if any(w is not None for m in model.modules() for w in getattr(m, "windows", ())):
+        raise ValueError(f"context parallelism does not support sliding-window attention (layers with "
+                         f"config.sliding_window={window}); train without cp")
     found = 0
     for module in model.modules():
+        if isinstance(module, LlamaAttention) and module.softcap is not None:
+            raise ValueError(f"context parallelism does not support soft-capped attention scores "
+                             f"(config.attn_logit_softcapping={module.softcap}); train without cp")
         if isinstance(module, LlamaAttention):
             module.__class__ = _cp_class(type(module)) if not hasattr(module, "_loom_cp_group") else module.__class__
             module._loom_cp_group = group
             found += 1
     if not found:
         raise ValueError(f"{type(model).__name__} has no attention layers that context parallelism knows "
-                         "(Llama-family: Llama, Mistral, Qwen2); train it without cp_size")
+                         "(the Llama-based families); train it without cp_size")
     model._loom_cp_group = group
     return model
 
