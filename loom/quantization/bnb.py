@@ -66,10 +66,14 @@ class BnbQuantizer(Quantizer):
 
     # -- targeting ---------------------------------------------------------------------------------------------
     def modules_to_not_convert(self, model: nn.Module) -> list[str]:
+        # Mixture-of-experts experts stay in full precision, as in the reference (whose experts are 3-D parameters,
+        # not Linears, so bitsandbytes never converts them): a bnb checkpoint then moves between the libraries.
+        experts = [f"{name}.experts" for name, m in model.named_modules()
+                   if any(k.__name__ == "SparseMoE" for k in type(m).__mro__)]
         # as in the reference: an explicit list replaces the default skips
         if self.config.llm_int8_skip_modules is not None:
-            return list(self.config.llm_int8_skip_modules)
-        return default_skips(model)
+            return list(self.config.llm_int8_skip_modules) + experts
+        return default_skips(model) + experts
 
     def make_module(self, linear: nn.Linear) -> nn.Module:
         bnb = _bnb()
