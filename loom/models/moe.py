@@ -88,6 +88,11 @@ class SparseMoE(nn.Module):
         recorded = _recorded.get()
         if recorded is not None:
             recorded.append(logits)
+        if flat.shape[0] == 1:  # a decode step: run its k experts directly, summed in expert order as below
+            out = torch.zeros_like(flat)
+            for expert, j in sorted(zip(chosen[0].tolist(), range(self.top_k))):
+                out = out + (self.experts[expert](flat) * weights[:, j:j + 1]).to(out.dtype)
+            return out.reshape(shape)
         out = torch.zeros_like(flat)
         slots = chosen.reshape(-1)  # token t's j-th choice is slot t * k + j
         order = slots.argsort(stable=True)
