@@ -216,17 +216,18 @@ def recording_attentions(config, output_attentions: bool | None):
         raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
                          f'"{config._attn_implementation}" never forms; load the model with attn_implementation="eager"'
                          ' (from_pretrained(path, attn_implementation="eager")) to get them')
-    return _recording()
+    return collecting(_recorded_attentions)
 
 
 @contextlib.contextmanager
-def _recording():
+def collecting(var: ContextVar):
+    """Set `var` to a fresh list for the duration of the block (and yield it), for the layers to append to."""
     found: list[torch.Tensor] = []
-    token = _recorded_attentions.set(found)
+    token = var.set(found)
     try:
         yield found
     finally:
-        _recorded_attentions.reset(token)
+        var.reset(token)
 
 
 class RMSNorm(nn.Module):

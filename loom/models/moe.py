@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels.linear import KernelLinear
+from loom.models.common import collecting
 from loom.outputs import ModelOutput
 
 _recorded: ContextVar[list | None] = ContextVar("loom_router_logits", default=None)
@@ -31,12 +32,8 @@ def recording_router_logits(enabled: bool):
     if not enabled or outer is not None:
         yield outer if enabled else None
         return
-    found: list[torch.Tensor] = []
-    token = _recorded.set(found)
-    try:
+    with collecting(_recorded) as found:
         yield found
-    finally:
-        _recorded.reset(token)
 
 
 def check_top_k(config, experts_key: str) -> None:
