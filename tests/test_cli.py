@@ -108,3 +108,24 @@ def test_chat_keeps_history(capsys, monkeypatch, gpt2_dir):
     code, out, _ = run_cli(capsys, monkeypatch, ["chat", "--model", str(gpt2_dir), "--max-new-tokens", "3"],
                            stdin="hi there\nand again\n\n")
     assert code == 0 and out.count("assistant> ") == 2
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "gemma2", "mixtral", "phi3"])
+def test_generate_and_chat_on_other_families(capsys, monkeypatch, tmp_path_factory, gpt2_dir, model_type):
+    """`loom generate` / `loom chat` run every decoder family (the Auto classes pick it from config.json)."""
+    import shutil
+
+    from loom.auto import model_table
+    from loomtest import reference_checkpoint
+
+    cls = model_table()[model_type][1]["causal-lm"].__name__
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, vocab_size=30522, bos_token_id=101,
+                                   eos_token_id=102, pad_token_id=0)
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json", "tokenizer_config.json"):
+        shutil.copy(gpt2_dir / name, path / name)
+    code, out, _ = run_cli(capsys, monkeypatch, ["generate", "--model", str(path), "hello", "world",
+                                                 "--max-new-tokens", "4"])
+    assert code == 0 and out.startswith("hello world") and len(out) > len("hello world")
+    code, out, _ = run_cli(capsys, monkeypatch, ["chat", "--model", str(path), "--max-new-tokens", "3"],
+                           stdin="hi there\nand again\n\n")
+    assert code == 0 and out.count("assistant> ") == 2
