@@ -1,0 +1,154 @@
+"""DistilBERT and MPNet against the reference: every head's outputs on a padded batch, losses, checkpoints both ways."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loom
+from loom.auto import model_table
+from loomtest import reference_checkpoint
+
+FAMILIES = ("distilbert", "mpnet")
+HEADS = [(t, cls.__name__) for t in FAMILIES for cls in model_table()[t][1].values()]
+# per-sequence outputs: compared over the whole batch; the others per real token
+POOLED = ("pooler_output",)
+
+
+def _ids(B=2, T=12, seed=1):
+    return torch.randint(3, 99, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _padded(model_type, B=2, T=12):
+    """A batch whose second row is right-padded after 8 tokens with the family's pad id."""
+    ids = _ids(B, T)
+    pad = 1 if model_type == "mpnet" else 0
+    ids[ids == pad] = 5
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    ids[1, 8:] = pad
+    return ids, mask
+
+
+def _num_labels(cls):
+    return 2 if "Question" in cls else 3
+
+
+def _inputs(cls, ids, mask):
+    if "MultipleChoice" in cls:  # (batch 1, 2 choices, T)
+        return dict(input_ids=ids[None], attention_mask=mask[None])
+    return dict(input_ids=ids, attention_mask=mask)
+
+
+@pytest.mark.parametrize("model_type,cls", HEADS)
+def test_heads_match_reference_on_padded_batch(tmp_path_factory, model_type, cls):
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
+    ours = getattr(loom, cls).from_pretrained(path)
+    ids, mask = _padded(model_type)
+    kw = _inputs(cls, ids, mask)
+    with torch.no_grad():
+        a, b = ours(**kw), ref(**kw)
+    for key in b.keys():
+        if key in ("hidden_states", "attentions"):
+            continue
+        if key in POOLED or a[key].dim() == 2 and key == "logits" and "Token" not in cls and "Masked" not in cls:
+            torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=1e-4)
+        else:  # per-token outputs: the real tokens (padding positions differ by design, as in the reference's SDPA)
+            torch.testing.assert_close(a[key][0], b[key][0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a[key][1, :8], b[key][1, :8], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_losses_match_reference(tmp_path_factory, model_type):
+    ids, mask = _padded(model_type)
+    heads = model_table()[model_type][1]
+    cases = {"masked-lm": dict(labels=torch.where(ids % 3 == 0, ids, -100)),
+             "sequence-classification": dict(labels=torch.tensor([0, 2])),
+             "token-classification": dict(labels=ids % 3),
+             "question-answering": dict(start_positions=torch.tensor([1, 3]), end_positions=torch.tensor([4, 40])),
+             "multiple-choice": dict(labels=torch.tensor([1]))}
+    for head, labels in cases.items():
+        cls = heads[head].__name__
+        path, ref = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
+        ours = getattr(loom, cls).from_pretrained(path)
+        kw = {**_inputs(cls, ids, mask), **labels}
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**kw).loss, ref(**kw).loss, atol=1e-5, rtol=1e-5, msg=cls)
+
+
+@pytest.mark.parametrize("model_type,cls", HEADS)
+def test_loom_checkpoint_loads_in_reference(tmp_path_factory, tmp_path, model_type, cls):
+    import transformers
+
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
+    ours = getattr(loom, cls).from_pretrained(path)
+    ours.save_pretrained(tmp_path)
+    back, info = getattr(transformers, cls).from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ids, mask = _padded(model_type)
+    kw = _inputs(cls, ids, mask)
+    with torch.no_grad():
+        a, b = ours(**kw), back.eval()(**kw)
+    key = next(k for k in ("logits", "start_logits", "last_hidden_state") if k in b)
+    torch.testing.assert_close(a[key][0], b[key][0], atol=1e-4, rtol=1e-4)
+
+
+def test_distilbert_sinusoidal_positions_match_reference(tmp_path_factory):
+    path, ref = reference_checkpoint(tmp_path_factory, "distilbert", "DistilBertModel", sinusoidal_pos_embds=True)
+    ours = loom.DistilBertModel.from_pretrained(path)
+    fresh = loom.DistilBertModel(loom.AutoConfig.from_pretrained(path))  # initialised here, not loaded
+    table = ref.embeddings.position_embeddings.weight
+    torch.testing.assert_close(fresh.embeddings.position_embeddings.weight, table, atol=1e-6, rtol=1e-6)
+    ids, mask = _padded("distilbert")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask).last_hidden_state[0], ref(ids, mask).last_hidden_state[0],
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_mpnet_long_sequence_crosses_the_log_spaced_buckets(tmp_path_factory):
+    # 60 tokens: offsets up to 59 use the log-spaced buckets (exact below 8), and positions reach 61 of 64
+    path, ref = reference_checkpoint(tmp_path_factory, "mpnet", "MPNetModel")
+    ours = loom.MPNetModel.from_pretrained(path)
+    ids = _ids(1, 62)
+    ids[ids == 1] = 5
+    with torch.no_grad():
+        a, b = ours(ids), ref(ids)
+    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.pooler_output, b.pooler_output, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="max_position_embeddings=64"):
+        ours(_ids(1, 63))
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_eager_attentions_and_hidden_states_match_reference(tmp_path_factory, model_type):
+    import transformers
+
+    cls = model_table()[model_type][1]["base"].__name__
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path, attn_implementation="eager")
+    ref = getattr(transformers, cls).from_pretrained(path, attn_implementation="eager").eval()
+    ids, mask = _padded(model_type)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        b = ref(ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+    assert len(a.attentions) == len(b.attentions) and len(a.hidden_states) == len(b.hidden_states)
+    for x, y in zip(a.attentions, b.attentions):
+        torch.testing.assert_close(x[0], y[0], atol=1e-5, rtol=1e-5)
+    for x, y in zip(a.hidden_states, b.hidden_states):
+        torch.testing.assert_close(x[0], y[0], atol=1e-4, rtol=1e-4)
+
+
+def test_auto_classes_pick_the_families(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "mpnet", "MPNetForMultipleChoice")
+    assert type(loom.AutoModelForMultipleChoice.from_pretrained(path)).__name__ == "MPNetForMultipleChoice"
+    path, _ = reference_checkpoint(tmp_path_factory, "distilbert", "DistilBertForMaskedLM")
+    model = loom.AutoModelForMaskedLM.from_pretrained(path)
+    assert model.vocab_projector.weight is model.distilbert.embeddings.word_embeddings.weight
+
+
+def test_distilbert_bad_config_is_named(tmp_path):
+    with pytest.raises(ValueError, match="activation"):
+        loom.DistilBertConfig(activation="bogus")
+    with pytest.raises(ValueError, match="num_labels=2"):
+        loom.DistilBertForQuestionAnswering(loom.DistilBertConfig(num_labels=3, dim=32, n_heads=4, n_layers=1,
+                                                                  hidden_dim=16, vocab_size=10))
+
