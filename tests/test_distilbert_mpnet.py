@@ -152,3 +152,81 @@ def test_distilbert_bad_config_is_named(tmp_path):
         loom.DistilBertForQuestionAnswering(loom.DistilBertConfig(num_labels=3, dim=32, n_heads=4, n_layers=1,
                                                                   hidden_dim=16, vocab_size=10))
 
+
+
+# -- tokenizers and pipelines -------------------------------------------------------------------------------------
+CORPUS = ["Hello world, héllo!", "the <mask> sat on the [MASK]", "Ünïcödé naïve café — 中文 テスト", "  spaced   out\ttabs ",
+          "Привет, мир. Γειά σου κόσμε", "don't stop-believing 3.14 $5"]
+PAIRS = (["a question?", "short"], ["its answer here.", "a longer second segment than the first"])
+
+
+def _write_tokenizer(model_type, folder, minilm_dir, legacy: bool):
+    """The reference's own tokenizer class for the family over MiniLM's WordPiece vocabulary (MPNet's adds <s>, <pad>,
+    </s>, <unk> in front and <mask> at the end: 30527 tokens, as the real one), saved as tokenizer.json, or as the
+    legacy vocab.txt + tokenizer_config.json when `legacy`."""
+    import json
+
+    import transformers
+
+    lines = (minilm_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    if model_type == "mpnet":
+        lines = ["<s>", "<pad>", "</s>", "<unk>", *lines, "<mask>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    cls = transformers.MPNetTokenizer if model_type == "mpnet" else transformers.DistilBertTokenizer
+    tok = cls(vocab=str(folder / "vocab.txt"))
+    tok.save_pretrained(folder)
+    if legacy:
+        (folder / "tokenizer.json").unlink()
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        config.pop("backend", None)
+        (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["tokenizer.json", "vocab.txt"])
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_tokenizer_ids_match_reference(tmp_path, minilm_dir, model_type, legacy):
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(_write_tokenizer(model_type, tmp_path / "ref", minilm_dir, False))
+    ours = loom.AutoTokenizer.from_pretrained(_write_tokenizer(model_type, tmp_path / "ours", minilm_dir, legacy))
+    for kw in (dict(padding=True), dict(padding="max_length", truncation=True, max_length=9)):
+        assert dict(ours(CORPUS, **kw)) == dict(ref(CORPUS, **kw)), kw
+        assert dict(ours(*PAIRS, **kw)) == dict(ref(*PAIRS, **kw)), kw
+    ids = ref(CORPUS)["input_ids"]
+    assert ours.batch_decode(ids) == ref.batch_decode(ids)
+    assert (ours.pad_token_id, ours.mask_token_id) == (ref.pad_token_id, ref.mask_token_id)
+
+
+PIPELINE_HEADS = {"feature-extraction": "base", "fill-mask": "masked-lm", "text-classification": "sequence-classification"}
+
+
+@pytest.mark.parametrize("task", sorted(PIPELINE_HEADS))
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_pipelines_match_reference(tmp_path_factory, minilm_dir, model_type, task):
+    import transformers
+
+    cls = model_table()[model_type][1][PIPELINE_HEADS[task]].__name__
+    vocab = 30527 if model_type == "mpnet" else 30522
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, vocab_size=vocab, max_position_embeddings=128,
+                                   initializer_range=0.5, id2label={0: "NEGATIVE", 1: "POSITIVE"},
+                                   label2id={"NEGATIVE": 0, "POSITIVE": 1})
+    _write_tokenizer(model_type, path, minilm_dir, False)
+    mask = "<mask>" if model_type == "mpnet" else "[MASK]"
+    texts = [f"the weather {mask} today", f"a much longer sentence {mask} about the weather"]
+    ours = loom.pipeline(task, model=str(path))(texts)
+    ref = transformers.pipeline(task, model=str(path))(texts)
+    if task == "feature-extraction":
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
+    elif task == "fill-mask":
+        for a, b in zip(ours, ref):
+            assert [r["token"] for r in a] == [r["token"] for r in b]
+            assert [r["sequence"] for r in a] == [r["sequence"] for r in b]
+            torch.testing.assert_close(torch.tensor([r["score"] for r in a]), torch.tensor([r["score"] for r in b]),
+                                       atol=1e-4, rtol=1e-4)
+    else:
+        assert [r["label"] for r in ours] == [r["label"] for r in ref]
+        torch.testing.assert_close(torch.tensor([r["score"] for r in ours]), torch.tensor([r["score"] for r in ref]),
+                                   atol=1e-4, rtol=1e-4)
