@@ -6,12 +6,25 @@ import torch
 
 import loom
 from loom.auto import model_table
-from loomtest import reference_checkpoint
+from loomtest import reference_checkpoint as _fresh_reference
 
 FAMILIES = ("distilbert", "mpnet")
 HEADS = [(t, cls.__name__) for t in FAMILIES for cls in model_table()[t][1].values()]
 # per-sequence outputs: compared over the whole batch; the others per real token
 POOLED = ("pooler_output",)
+
+
+def reference_checkpoint(tmp_path_factory, model_type, cls, **overrides):
+    """A reference checkpoint whose every parameter is random (fresh ones have zero biases and unit norms, which
+    would hide a bias or norm loom reads from the wrong key); saved again by the reference."""
+    path, ref = _fresh_reference(tmp_path_factory, model_type, cls, **overrides)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            base = 1.0 if name.endswith("LayerNorm.weight") or "layer_norm.weight" in name else 0.0
+            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+    ref.save_pretrained(path)
+    return path, ref
 
 
 def _ids(B=2, T=12, seed=1):
@@ -93,7 +106,8 @@ def test_loom_checkpoint_loads_in_reference(tmp_path_factory, tmp_path, model_ty
 
 
 def test_distilbert_sinusoidal_positions_match_reference(tmp_path_factory):
-    path, ref = reference_checkpoint(tmp_path_factory, "distilbert", "DistilBertModel", sinusoidal_pos_embds=True)
+    # the reference's own initialisation (not perturbed): its position table is the sinusoids
+    path, ref = _fresh_reference(tmp_path_factory, "distilbert", "DistilBertModel", sinusoidal_pos_embds=True)
     ours = loom.DistilBertModel.from_pretrained(path)
     fresh = loom.DistilBertModel(loom.AutoConfig.from_pretrained(path))  # initialised here, not loaded
     table = ref.embeddings.position_embeddings.weight

@@ -166,15 +166,8 @@ class MPNetPreTrainedModel(PreTrainedModel):
     config_class = MPNetConfig
     base_model_prefix = "mpnet"
     _no_split_modules = ["MPNetLayer"]
-    _keys_to_ignore_on_load_unexpected = (r"position_ids$", r"pooler\.")
-    _tp_plan = {
-        "mpnet.encoder.layer.*.attention.attn.q": "colwise",
-        "mpnet.encoder.layer.*.attention.attn.k": "colwise",
-        "mpnet.encoder.layer.*.attention.attn.v": "colwise",
-        "mpnet.encoder.layer.*.attention.attn.o": "rowwise",
-        "mpnet.encoder.layer.*.intermediate.dense": "colwise",
-        "mpnet.encoder.layer.*.output.dense": "rowwise",
-    }
+    _keys_to_ignore_on_load_unexpected = (r"position_ids$", r"pooler\.", r"lm_head\.decoder\.bias$")
+    # no tensor-parallel plan: the relative position bias holds every head, a rank only its share
 
 
 class MPNetModel(MPNetPreTrainedModel):
@@ -213,11 +206,12 @@ class MPNetLMHead(nn.Module):
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
-        self.bias = self.decoder.bias  # one parameter under both names, as in the reference
+        # the bias lives here (the reference's checkpoints store `lm_head.bias`; its decoder.bias is a tied copy)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
     def forward(self, h):
-        return self.decoder(self.layer_norm(F.gelu(self.dense(h))))
+        return F.linear(self.layer_norm(F.gelu(self.dense(h))), self.decoder.weight, self.bias)
 
 
 class MPNetForMaskedLM(MPNetPreTrainedModel):
