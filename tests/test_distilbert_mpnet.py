@@ -244,3 +244,38 @@ def test_pipelines_match_reference(tmp_path_factory, minilm_dir, model_type, tas
         assert [r["label"] for r in ours] == [r["label"] for r in ref]
         torch.testing.assert_close(torch.tensor([r["score"] for r in ours]), torch.tensor([r["score"] for r in ref]),
                                    atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_inputs_embeds_and_default_configs_match_reference(tmp_path_factory, tmp_path, model_type):
+    import transformers
+
+    cls = model_table()[model_type][1]["base"].__name__
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path)
+    embeds = ref.get_input_embeddings()(_ids()).detach()
+    with torch.no_grad():  # no ids: MPNet counts positions from padding_idx + 1 without looking for padding
+        torch.testing.assert_close(ours(inputs_embeds=embeds).last_hidden_state,
+                                   ref(inputs_embeds=embeds).last_hidden_state, atol=1e-4, rtol=1e-4)
+    transformers.AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+    default = loom.AutoConfig.from_pretrained(tmp_path)
+    assert (default.hidden_size, default.num_hidden_layers, default.num_attention_heads) == (768, 6 if model_type ==
+                                                                                             "distilbert" else 12, 12)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_training_step_with_dropout_and_checkpointing(tmp_path_factory, model_type):
+    cls = model_table()[model_type][1]["masked-lm"].__name__
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path)
+    ours.train()
+    ours.gradient_checkpointing_enable()
+    ids, mask = _padded(model_type)
+    loss = ours(ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, -100)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in ours.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    ours.eval()
+    with torch.no_grad():  # dropout off again: two passes agree
+        assert torch.equal(ours(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
