@@ -136,3 +136,7 @@ class AutoModelForQuestionAnswering(_AutoModel):
 
 class AutoModelForImageClassification(_AutoModel):
     head = "image-classification"
+
+
+class AutoModelForMultipleChoice(_AutoModel):
+    head = "multiple-choice"

@@ -35,6 +35,8 @@ FAMILIES = {
     "llama": Family("llama", padding_side="left", spm_flavour="llama",
                     special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
     "roberta": Family("roberta", special_tokens=_ROBERTA_SPECIALS, post_processor="roberta"),
+    # WordPiece with RoBERTa's specials and pair layout; its unknown token stays BERT's
+    "mpnet": Family("mpnet", special_tokens={**_ROBERTA_SPECIALS, "unk_token": "[UNK]"}, post_processor="roberta"),
     "t5": Family("t5", spm_flavour="t5", post_processor="t5",
                  special_tokens={"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
 }
@@ -44,17 +46,20 @@ CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
     "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
     "RobertaTokenizer": "roberta", "T5Tokenizer": "t5",
+    "MPNetTokenizer": "mpnet",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
 }
 
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
-                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5"}
+                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5",
+                       "mpnet": "mpnet"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 # models whose position table starts after padding_idx + 1, so two positions are not usable
-POSITION_OFFSET_MODELS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "bart": 2, "mbart": 2}
+POSITION_OFFSET_MODELS = {"roberta": 2, "xlm-roberta": 2, "camembert": 2, "longformer": 2, "bart": 2, "mbart": 2,
+                          "mpnet": 2}
 
 
 def family_for(tokenizer_class: str | None, model_type: str | None) -> Family:
