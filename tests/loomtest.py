@@ -61,6 +61,12 @@ TINY = {
     "qwen3_moe": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
                       norm_topk_prob=True, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    # DeBERTa-v3's settings: relative attention both ways over 8 log buckets (so a 12-token test reaches the
+    # logarithmic ones), shared position keys, a normalised position table, no absolute positions
+    "deberta-v2": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       max_position_embeddings=64, relative_attention=True, position_buckets=8,
+                       pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                       position_biased_input=False),
 }
 
 
