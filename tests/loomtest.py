@@ -64,6 +64,12 @@ TINY = {
     "distilbert": dict(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64),
     "mpnet": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                   max_position_embeddings=64),
+    # DeBERTa-v3's settings: relative attention both ways over 8 log buckets (so a 12-token test reaches the
+    # logarithmic ones), shared position keys, a normalised position table, no absolute positions
+    "deberta-v2": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       max_position_embeddings=64, relative_attention=True, position_buckets=8,
+                       pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
+                       position_biased_input=False),
 }
 
 
