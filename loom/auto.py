@@ -140,7 +140,3 @@ class AutoModelForMultipleChoice(_AutoModel):
 
 class AutoModelForImageClassification(_AutoModel):
     head = "image-classification"
-
-
-class AutoModelForMultipleChoice(_AutoModel):
-    head = "multiple-choice"
