@@ -10,6 +10,14 @@ from loom.pipelines.batching import Chunk
 from loom.pipelines.pooling import POOLING_MODES, SentenceConfig, normalize_mode, pool, sentence_config_from_files
 
 
+def embed(chunk: Chunk, modes: tuple[str, ...], steps: tuple) -> torch.Tensor:
+    """One text's sentence embedding: pooled, then the folder's Dense and Normalize modules in order."""
+    out = pool(chunk.outputs["last_hidden_state"], modes, chunk.meta.get("start", 0))
+    for step in steps:
+        out = torch.nn.functional.normalize(out, dim=-1) if step == "normalize" else step(out)
+    return out
+
+
 class _TextEncoderPipeline(Pipeline):
     per_token_outputs = ("last_hidden_state",)
 
@@ -42,10 +50,10 @@ class _TextEncoderPipeline(Pipeline):
             self._sentence_config = sentence_config_from_files(processor_source(self.model))
         return self._sentence_config
 
-    def sentence_params(self, pooling, max_length, prompt_name, prompt) -> tuple[dict, tuple | None, bool]:
-        """(tokenizing params, pooling modes, model normalises) for `pooling`: "auto" follows the folder's
-        sentence-transformers config (modes, Normalize, max_seq_length, default prompt), a mode name pools that
-        way, None keeps the token embeddings."""
+    def sentence_params(self, pooling, max_length, prompt_name, prompt, normalize=None) -> tuple[dict, dict]:
+        """(tokenizing params, postprocess params) for `pooling`: "auto" follows the folder's sentence-transformers
+        config (modes, Dense, Normalize, max_seq_length, default prompt), a mode name pools that way, None keeps the
+        token embeddings. `normalize` True/False adds or drops the final L2 normalisation."""
         if prompt_name is not None and prompt is not None:
             raise ValueError("pass prompt_name= (a prompt the model defines) or prompt= (the text), not both")
         if prompt is not None and not isinstance(prompt, str):
@@ -60,8 +68,15 @@ class _TextEncoderPipeline(Pipeline):
             if max_length is None and config.max_seq_length is not None:
                 pre["max_length"] = min(filter(None, (config.max_seq_length, self.max_length)))
             pre["skip_prompt"] = not config.include_prompt
-            return pre, config.modes, config.normalize
-        return pre, (normalize_mode(pooling),) if pooling else None, False
+            steps = config.steps
+        else:
+            steps = ()
+        if normalize is False:
+            steps = tuple(step for step in steps if step != "normalize")
+        elif normalize and steps[-1:] != ("normalize",):
+            steps = steps + ("normalize",)
+        modes = config.modes if pooling == "auto" else (normalize_mode(pooling),) if pooling else None
+        return pre, {"modes": modes, "steps": steps}
 
 
 class FeatureExtractionPipeline(_TextEncoderPipeline):
@@ -85,22 +100,16 @@ class FeatureExtractionPipeline(_TextEncoderPipeline):
         if normalize and not pooling:
             raise ValueError("normalize=True needs a pooling mode (pooling='auto', 'mean', ...): token embeddings "
                              "are not normalised")
-        pre, modes, model_normalize = self.sentence_params(pooling or None, max_length, prompt_name, prompt)
+        pre, post = self.sentence_params(pooling or None, max_length, prompt_name, prompt, normalize)
         pre.update(truncation=truncation, tokenize_kwargs=tokenize_kwargs)
-        normalize = normalize if normalize is not None else model_normalize
-        return pre, {}, {"return_tensors": return_tensors, "modes": modes, "normalize": normalize}
+        return pre, {}, {"return_tensors": return_tensors, **post}
 
     def preprocess_many(self, items: list, **params) -> list[list[Chunk]]:
         return [[chunk] for chunk in self.tokenize_texts(items, **params)]
 
-    def postprocess(self, chunks: list[Chunk], return_tensors=False, modes=None, normalize=False) -> Any:
+    def postprocess(self, chunks: list[Chunk], return_tensors=False, modes=None, steps=()) -> Any:
         hidden = chunks[0].outputs["last_hidden_state"]
-        if modes is None:
-            out = hidden[None]  # (1, T, H), the reference's layout
-        else:
-            out = pool(hidden, modes, chunks[0].meta.get("start", 0))
-            if normalize:
-                out = torch.nn.functional.normalize(out, dim=-1)
+        out = hidden[None] if modes is None else embed(chunks[0], modes, steps)  # (1, T, H): the reference's layout
         return out if return_tensors else out.tolist()
 
 
@@ -123,9 +132,9 @@ class SentenceSimilarityPipeline(_TextEncoderPipeline):
                             "max_length, pooling, prompt_name, prompt, batch_size")
         if not pooling:
             raise ValueError(f"pooling={pooling!r} is not supported; use 'auto' or one of {POOLING_MODES}")
-        pre, modes, _ = self.sentence_params(pooling, max_length, prompt_name, prompt)
+        pre, post = self.sentence_params(pooling, max_length, prompt_name, prompt)
         pre["truncation"] = truncation
-        return pre, {}, {"modes": modes}
+        return pre, {}, post
 
     def preprocess_many(self, items: list, **params) -> list[list[Chunk]]:
         out = []
@@ -137,7 +146,7 @@ class SentenceSimilarityPipeline(_TextEncoderPipeline):
             out.append(self.tokenize_texts([item["source_sentence"], *item["sentences"]], **params))
         return out
 
-    def postprocess(self, chunks: list[Chunk], modes=("mean",)) -> list[float]:
-        vectors = torch.stack([pool(c.outputs["last_hidden_state"], modes, c.meta.get("start", 0)) for c in chunks])
+    def postprocess(self, chunks: list[Chunk], modes=("mean",), steps=()) -> list[float]:
+        vectors = torch.stack([embed(c, modes, steps) for c in chunks])
         vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return (vectors[1:] @ vectors[0]).tolist()

@@ -1,6 +1,7 @@
 """Sentence embeddings as a sentence-transformers folder configures them: modules.json, the Pooling module's
 config (both the old `pooling_mode_*_tokens` booleans and 6.x's `"pooling_mode": "mean"`), Normalize,
-`sentence_bert_config.json`'s `max_seq_length` and the prompts of `config_sentence_transformers.json`."""
+Dense projections, `sentence_bert_config.json`'s `max_seq_length` and the prompts of
+`config_sentence_transformers.json`."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,23 @@ _LEGACY_FLAGS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "ma
                  "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 # the modules loom runs, by the last part of their class path (old `sentence_transformers.models.Pooling` and 6.x
 # `sentence_transformers.sentence_transformer.modules.pooling.Pooling` alike)
-_RUNNABLE = ("Transformer", "Pooling", "Normalize")
+_RUNNABLE = ("Transformer", "Pooling", "Dense", "Normalize")
+# Dense activations by class name (sentence-transformers saves e.g. "torch.nn.modules.activation.Tanh")
+_ACTIVATIONS = {"Tanh": torch.tanh, "Identity": lambda x: x, "ReLU": torch.relu, "Sigmoid": torch.sigmoid,
+                "GELU": torch.nn.functional.gelu, "SiLU": torch.nn.functional.silu}
+
+
+@dataclass(frozen=True, eq=False)
+class Dense:
+    """sentence-transformers' Dense module: activation(pooled @ weight.T + bias)."""
+
+    weight: torch.Tensor  # (out, in)
+    bias: torch.Tensor | None
+    activation: str
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.device)
+        return _ACTIVATIONS[self.activation](torch.nn.functional.linear(x, self.weight.to(x.device), bias))
 
 
 @dataclass(frozen=True)
@@ -25,11 +42,15 @@ class SentenceConfig:
     """What a sentence-transformers folder says about turning token embeddings into one vector per text."""
 
     modes: tuple[str, ...] = ("mean",)
-    normalize: bool = False
+    steps: tuple = ()  # after pooling, in the folder's order: Dense modules and "normalize"
     include_prompt: bool = True
     max_seq_length: int | None = None
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+
+    @property
+    def normalize(self) -> bool:
+        return "normalize" in self.steps
 
     def prompt_text(self, prompt_name: str | None, prompt: str | None) -> str | None:
         """The text put before each input: `prompt` as given, else the named (or the folder's default) prompt."""
@@ -70,6 +91,7 @@ def sentence_config_from_files(source: str | None) -> SentenceConfig:
     if modules is None:
         return SentenceConfig()
     settings: dict = {}
+    steps: list = []
     for module in modules:
         kind = module.get("type", "")
         short = kind.rsplit(".", 1)[-1]
@@ -84,8 +106,11 @@ def sentence_config_from_files(source: str | None) -> SentenceConfig:
             if config is not None:
                 settings["modes"] = _modes(config, config_path)
                 settings["include_prompt"] = bool(config.get("include_prompt", True))
+        elif short == "Dense":
+            steps.append(_dense(source, module, modules_path))
         elif short == "Normalize":
-            settings["normalize"] = True
+            steps.append("normalize")
+    settings["steps"] = tuple(steps)
     bert_config, _ = read("sentence_bert_config.json")
     if isinstance((bert_config or {}).get("max_seq_length"), int):
         settings["max_seq_length"] = bert_config["max_seq_length"]
@@ -94,6 +119,46 @@ def sentence_config_from_files(source: str | None) -> SentenceConfig:
         settings["prompts"] = dict(st_config.get("prompts") or {})
         settings["default_prompt_name"] = st_config.get("default_prompt_name")
     return SentenceConfig(**settings)
+
+
+def _dense(source: str, module: dict, modules_path) -> Dense:
+    from loom.hub import resolve_file
+
+    folder = module.get("path", "")
+    config_path = resolve_file(source, f"{folder}/config.json".lstrip("/"), required=False)
+    if config_path is None:
+        raise ValueError(f"{modules_path}: the Dense module's folder {folder!r} has no config.json; the folder is "
+                         "incomplete, copy it again from where the model was saved")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    activation = str(config.get("activation_function", "torch.nn.modules.activation.Tanh")).rsplit(".", 1)[-1]
+    if activation not in _ACTIVATIONS or config.get("module_input_name", "sentence_embedding") != "sentence_embedding":
+        raise ValueError(f"{config_path}: loom runs Dense modules on the sentence embedding with one of the "
+                         f"activations {sorted(_ACTIVATIONS)}; this one has activation_function="
+                         f"{config.get('activation_function')!r}, module_input_name="
+                         f"{config.get('module_input_name', 'sentence_embedding')!r}. Use sentence-transformers "
+                         "for this model")
+    weights = _module_weights(source, folder, modules_path)
+    return Dense(weights["linear.weight"].float(), weights.get("linear.bias"), activation)
+
+
+def _module_weights(source: str, folder: str, modules_path) -> dict[str, torch.Tensor]:
+    from loom.hub import resolve_file
+
+    path = resolve_file(source, f"{folder}/model.safetensors".lstrip("/"), required=False)
+    if path is not None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    else:
+        path = resolve_file(source, f"{folder}/pytorch_model.bin".lstrip("/"), required=False)
+        if path is None:
+            raise ValueError(f"{modules_path}: the Dense module's folder {folder!r} has neither model.safetensors nor "
+                             "pytorch_model.bin; copy the folder again from where the model was saved")
+        weights = torch.load(str(path), map_location="cpu", weights_only=True)
+    if "linear.weight" not in weights:
+        raise ValueError(f"{path}: no 'linear.weight' tensor (found {sorted(weights)}); this is not a "
+                         "sentence-transformers Dense module's weights file")
+    return {key: value.float() for key, value in weights.items()}
 
 
 def _modes(config: dict, path) -> tuple[str, ...]:

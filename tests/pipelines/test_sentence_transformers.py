@@ -127,13 +127,34 @@ def test_unknown_prompt_name_is_refused(tmp_path, minilm_dir):
 
 
 def test_a_module_loom_does_not_run_is_named(tmp_path, minilm_dir):
-    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
-    folder = st_folder(tmp_path, minilm_dir, {"pooling_mode": "mean"}, extra_modules=(dense,))
+    custom = {"idx": 3, "name": "3", "path": "3_Custom", "type": "my_package.modules.Whitening"}
+    folder = st_folder(tmp_path, minilm_dir, {"pooling_mode": "mean"}, extra_modules=(custom,))
     extractor = loom.pipeline("feature-extraction", model=str(folder))
-    with pytest.raises(ValueError, match=r"modules\.json: module 3 is 'sentence_transformers\.models\.Dense' "
-                                         r"\(folder '3_Dense'\), which loom does not run"):
+    with pytest.raises(ValueError, match=r"modules\.json: module 3 is 'my_package\.modules\.Whitening' "
+                                         r"\(folder '3_Custom'\), which loom does not run"):
         extractor("x", pooling="auto")
     assert len(extractor("x", pooling="mean")) == 384  # an explicit mode still pools the encoder's output
+
+
+@pytest.mark.parametrize("activation", ["Tanh", "Identity"])
+def test_dense_projection_matches_sentence_transformers(tmp_path, minilm_dir, activation):
+    """Transformer -> Pooling -> Dense(384 -> 64) -> Normalize, as SentenceTransformer saves it."""
+    torch.manual_seed(0)
+    base = st.SentenceTransformer(str(minilm_dir), device="cpu")
+    dense = st.models.Dense(384, 64, activation_function=getattr(torch.nn, activation)())
+    st.SentenceTransformer(modules=[base[0], base[1], dense, base[2]], device="cpu").save(str(tmp_path / "dense"))
+    expected = reference_embeddings(tmp_path / "dense", TEXTS)
+    assert expected.shape == (len(TEXTS), 64)
+    torch.testing.assert_close(loom_embeddings(tmp_path / "dense", TEXTS), expected, atol=1e-5, rtol=0)
+
+
+def test_a_dense_module_without_weights_is_named(tmp_path, minilm_dir):
+    dense = {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}
+    folder = st_folder(tmp_path, minilm_dir, {"pooling_mode": "mean"}, extra_modules=(dense,))
+    (folder / "3_Dense").mkdir()
+    (folder / "3_Dense" / "config.json").write_text(json.dumps({"in_features": 384, "out_features": 8}))
+    with pytest.raises(ValueError, match="folder '3_Dense' has neither model.safetensors nor pytorch_model.bin"):
+        loom.pipeline("feature-extraction", model=str(folder))("x", pooling="auto")
 
 
 def test_loom_run_prints_the_same_embeddings(tmp_path, minilm_dir, capsys):
