@@ -58,12 +58,9 @@ class _TextEncoderPipeline(Pipeline):
             raise ValueError("pass prompt_name= (a prompt the model defines) or prompt= (the text), not both")
         if prompt is not None and not isinstance(prompt, str):
             raise TypeError(f"prompt= must be a string, got {type(prompt).__name__}")
-        if pooling == "auto" or prompt_name is not None:
-            config = self.sentence_config()
-        else:
-            config = SentenceConfig()
-        text = config.prompt_text(prompt_name, prompt) if pooling == "auto" or prompt_name is not None else prompt
-        pre = {"max_length": max_length, "prompt": text}
+        # the folder's config is read only when asked for: token embeddings and explicit modes work without it
+        config = self.sentence_config() if pooling == "auto" or prompt_name is not None else SentenceConfig()
+        pre = {"max_length": max_length, "prompt": config.prompt_text(prompt_name, prompt)}
         if pooling == "auto":
             if max_length is None and config.max_seq_length is not None:
                 pre["max_length"] = min(filter(None, (config.max_seq_length, self.max_length)))
