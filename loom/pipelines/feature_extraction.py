@@ -7,65 +7,106 @@ import torch
 
 from loom.pipelines.base import Pipeline
 from loom.pipelines.batching import Chunk
-from loom.pipelines.pooling import POOLING_MODES, pool, pooling_from_files
+from loom.pipelines.pooling import POOLING_MODES, SentenceConfig, normalize_mode, pool, sentence_config_from_files
+
+
+def embed(chunk: Chunk, modes: tuple[str, ...], steps: tuple) -> torch.Tensor:
+    """One text's sentence embedding: pooled, then the folder's Dense and Normalize modules in order."""
+    out = pool(chunk.outputs["last_hidden_state"], modes, chunk.meta.get("start", 0))
+    for step in steps:
+        out = torch.nn.functional.normalize(out, dim=-1) if step == "normalize" else step(out)
+    return out
 
 
 class _TextEncoderPipeline(Pipeline):
     per_token_outputs = ("last_hidden_state",)
 
-    def tokenize_texts(self, texts: list[str], truncation=True, max_length=None, tokenize_kwargs=None) -> list:
+    def tokenize_texts(self, texts: list[str], truncation=True, max_length=None, tokenize_kwargs=None,
+                       prompt=None, skip_prompt=False) -> list:
         self.check_texts(texts)
+        if prompt:
+            texts = [prompt + text for text in texts]
         limit = max_length or self.max_length
         opts = dict(truncation=bool(truncation) and limit is not None, max_length=limit if truncation else None)
         opts.update(tokenize_kwargs or {})
         enc = self.tokenizer(texts, **opts)
-        return [Chunk(self.model_inputs(enc, row)) for row in range(len(texts))]
+        start = self.prompt_length(prompt) if prompt and skip_prompt else 0
+        return [Chunk(self.model_inputs(enc, row), meta={"start": start}) for row in range(len(texts))]
+
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens the prompt takes at the start of each input (its leading special tokens included, a trailing one
+        not), as sentence-transformers counts them for `include_prompt: false`."""
+        ids = self.tokenizer(prompt)["input_ids"]
+        return len(ids) - (1 if ids and ids[-1] in set(self.tokenizer.all_special_ids) else 0)
 
     def _forward(self, batch, **_):
         return {"last_hidden_state": self.model(**batch).last_hidden_state}
 
-    def model_pooling(self) -> tuple[str, bool]:
-        if not hasattr(self, "_model_pooling"):
+    def sentence_config(self) -> SentenceConfig:
+        """The model folder's sentence-transformers settings (read once)."""
+        if not hasattr(self, "_sentence_config"):
             from loom.pipelines.factory import processor_source
 
-            self._model_pooling = pooling_from_files(processor_source(self.model))
-        return self._model_pooling
+            self._sentence_config = sentence_config_from_files(processor_source(self.model))
+        return self._sentence_config
+
+    def sentence_params(self, pooling, max_length, prompt_name, prompt, normalize=None) -> tuple[dict, dict]:
+        """(tokenizing params, postprocess params) for `pooling`: "auto" follows the folder's sentence-transformers
+        config (modes, Dense, Normalize, max_seq_length, default prompt), a mode name pools that way, None keeps the
+        token embeddings. `normalize` True/False adds or drops the final L2 normalisation."""
+        if prompt_name is not None and prompt is not None:
+            raise ValueError("pass prompt_name= (a prompt the model defines) or prompt= (the text), not both")
+        if prompt is not None and not isinstance(prompt, str):
+            raise TypeError(f"prompt= must be a string, got {type(prompt).__name__}")
+        # the folder's config is read only when asked for: token embeddings and explicit modes work without it
+        config = self.sentence_config() if pooling == "auto" or prompt_name is not None else SentenceConfig()
+        pre = {"max_length": max_length, "prompt": config.prompt_text(prompt_name, prompt)}
+        if pooling == "auto":
+            if max_length is None and config.max_seq_length is not None:
+                pre["max_length"] = min(filter(None, (config.max_seq_length, self.max_length)))
+            pre["skip_prompt"] = not config.include_prompt
+            steps = config.steps
+        else:
+            steps = ()
+        if normalize is False:
+            steps = tuple(step for step in steps if step != "normalize")
+        elif normalize and steps[-1:] != ("normalize",):
+            steps = steps + ("normalize",)
+        modes = config.modes if pooling == "auto" else (normalize_mode(pooling),) if pooling else None
+        return pre, {"modes": modes, "steps": steps}
 
 
 class FeatureExtractionPipeline(_TextEncoderPipeline):
     """Hidden states of the base model. By default, as the reference: a nested list (1, tokens, hidden) per text.
-    With `pooling` ("auto" = the model's sentence-transformers config, or one of mean/cls/max/mean_sqrt_len) one
-    vector per text, L2-normalised when `normalize=True` (with "auto", as the model's config says)."""
+    With `pooling` one vector per text: "auto" follows the model's sentence-transformers folder (its pooling modes,
+    Normalize, `max_seq_length` and default prompt), or one of mean/cls/max/mean_sqrt_len/weightedmean/lasttoken;
+    L2-normalised when `normalize=True` (with "auto", as the model's config says). `prompt_name=` picks one of the
+    folder's prompts (config_sentence_transformers.json), `prompt=` gives the text to put before each input."""
 
     task = "feature-extraction"
 
     def _sanitize_parameters(self, truncation=True, max_length=None, tokenize_kwargs=None, return_tensors=False,
-                             pooling=None, normalize=None, **kwargs) -> tuple[dict, dict, dict]:
+                             pooling=None, normalize=None, prompt_name=None, prompt=None,
+                             **kwargs) -> tuple[dict, dict, dict]:
         if kwargs:
             raise TypeError(f"{self.task} pipeline got unknown arguments {sorted(kwargs)}; it takes truncation, "
-                            "max_length, tokenize_kwargs, return_tensors, pooling, normalize, batch_size")
+                            "max_length, tokenize_kwargs, return_tensors, pooling, normalize, prompt_name, prompt, "
+                            "batch_size")
         if pooling is True:
             pooling = "auto"
-        if pooling not in (None, False, "auto") + POOLING_MODES:
-            raise ValueError(f"pooling={pooling!r} is not supported; use None, 'auto' or one of {POOLING_MODES}")
         if normalize and not pooling:
             raise ValueError("normalize=True needs a pooling mode (pooling='auto', 'mean', ...): token embeddings "
                              "are not normalised")
-        pre = {"truncation": truncation, "max_length": max_length, "tokenize_kwargs": tokenize_kwargs}
-        return pre, {}, {"return_tensors": return_tensors, "pooling": pooling or None, "normalize": normalize}
+        pre, post = self.sentence_params(pooling or None, max_length, prompt_name, prompt, normalize)
+        pre.update(truncation=truncation, tokenize_kwargs=tokenize_kwargs)
+        return pre, {}, {"return_tensors": return_tensors, **post}
 
     def preprocess_many(self, items: list, **params) -> list[list[Chunk]]:
         return [[chunk] for chunk in self.tokenize_texts(items, **params)]
 
-    def postprocess(self, chunks: list[Chunk], return_tensors=False, pooling=None, normalize=None) -> Any:
+    def postprocess(self, chunks: list[Chunk], return_tensors=False, modes=None, steps=()) -> Any:
         hidden = chunks[0].outputs["last_hidden_state"]
-        if pooling is None:
-            out = hidden[None]  # (1, T, H), the reference's layout
-        else:
-            mode, model_normalize = self.model_pooling() if pooling == "auto" else (pooling, False)
-            out = pool(hidden, mode)
-            if normalize if normalize is not None else model_normalize:
-                out = torch.nn.functional.normalize(out, dim=-1)
+        out = hidden[None] if modes is None else embed(chunks[0], modes, steps)  # (1, T, H): the reference's layout
         return out if return_tensors else out.tolist()
 
 
@@ -81,13 +122,16 @@ class SentenceSimilarityPipeline(_TextEncoderPipeline):
             inputs = {"source_sentence": kwargs.pop("source_sentence"), "sentences": kwargs.pop("sentences", None)}
         return super().__call__(inputs, **kwargs)
 
-    def _sanitize_parameters(self, truncation=True, max_length=None, pooling="auto", **kwargs):
+    def _sanitize_parameters(self, truncation=True, max_length=None, pooling="auto", prompt_name=None, prompt=None,
+                             **kwargs):
         if kwargs:
             raise TypeError(f"{self.task} pipeline got unknown arguments {sorted(kwargs)}; it takes truncation, "
-                            "max_length, pooling, batch_size")
-        if pooling not in ("auto",) + POOLING_MODES:
+                            "max_length, pooling, prompt_name, prompt, batch_size")
+        if not pooling:
             raise ValueError(f"pooling={pooling!r} is not supported; use 'auto' or one of {POOLING_MODES}")
-        return {"truncation": truncation, "max_length": max_length}, {}, {"pooling": pooling}
+        pre, post = self.sentence_params(pooling, max_length, prompt_name, prompt)
+        pre["truncation"] = truncation
+        return pre, {}, post
 
     def preprocess_many(self, items: list, **params) -> list[list[Chunk]]:
         out = []
@@ -99,8 +143,7 @@ class SentenceSimilarityPipeline(_TextEncoderPipeline):
             out.append(self.tokenize_texts([item["source_sentence"], *item["sentences"]], **params))
         return out
 
-    def postprocess(self, chunks: list[Chunk], pooling="auto") -> list[float]:
-        mode = self.model_pooling()[0] if pooling == "auto" else pooling
-        vectors = torch.stack([pool(c.outputs["last_hidden_state"], mode) for c in chunks])
+    def postprocess(self, chunks: list[Chunk], modes=("mean",), steps=()) -> list[float]:
+        vectors = torch.stack([embed(c, modes, steps) for c in chunks])
         vectors = torch.nn.functional.normalize(vectors, dim=-1)
         return (vectors[1:] @ vectors[0]).tolist()
