@@ -13,10 +13,9 @@ import torch
 
 import loom
 
-# sentence-transformers 6.0.1 declares huggingface-hub<2 while transformers 5.25 (the oracle) needs >=2.4, so it
-# is installed beside them with `pip install --no-deps sentence-transformers scikit-learn scipy`, not by the extras.
-st = pytest.importorskip("sentence_transformers", reason="sentence-transformers (the oracle here) is not installed; "
-                         "install it with `pip install --no-deps sentence-transformers==6.0.1 scikit-learn scipy`")
+# sentence-transformers 6.0.1 declares huggingface-hub<2 while transformers 5.25 (the oracle) needs >=2.4, so
+# `./run setup` installs it beside them with --no-deps (its scikit-learn and scipy come with the dev extras).
+import sentence_transformers as st  # noqa: E402
 
 TEXTS = ["A man is eating food.", "Stocks fell sharply on Monday after the central bank raised rates again.",
          "A dog", "Le chat dort sur le canapé, et personne ne veut le réveiller avant midi."]
