@@ -213,7 +213,9 @@ def test_tokenizer_ids_match_reference(tmp_path, minilm_dir, model_type, legacy)
     assert (ours.pad_token_id, ours.mask_token_id) == (ref.pad_token_id, ref.mask_token_id)
 
 
-PIPELINE_HEADS = {"feature-extraction": "base", "fill-mask": "masked-lm", "text-classification": "sequence-classification"}
+# the reference (5.x) has no question-answering pipeline to compare with
+PIPELINE_HEADS = {"feature-extraction": "base", "fill-mask": "masked-lm",
+                  "text-classification": "sequence-classification", "token-classification": "token-classification"}
 
 
 @pytest.mark.parametrize("task", sorted(PIPELINE_HEADS))
@@ -231,7 +233,12 @@ def test_pipelines_match_reference(tmp_path_factory, minilm_dir, model_type, tas
     texts = [f"the weather {mask} today", f"a much longer sentence {mask} about the weather"]
     ours = loom.pipeline(task, model=str(path))(texts)
     ref = transformers.pipeline(task, model=str(path))(texts)
-    if task == "feature-extraction":
+    if task == "token-classification":
+        assert [[(r["word"], r["entity"], r["start"]) for r in a] for a in ours] == \
+            [[(r["word"], r["entity"], r["start"]) for r in b] for b in ref]
+        torch.testing.assert_close(torch.tensor([r["score"] for a in ours for r in a]),
+                                   torch.tensor([r["score"] for b in ref for r in b]), atol=1e-4, rtol=1e-4)
+    elif task == "feature-extraction":
         for a, b in zip(ours, ref):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-4)
     elif task == "fill-mask":
@@ -279,3 +286,26 @@ def test_training_step_with_dropout_and_checkpointing(tmp_path_factory, model_ty
     ours.eval()
     with torch.no_grad():  # dropout off again: two passes agree
         assert torch.equal(ours(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_bf16_close_to_reference(tmp_path_factory, model_type):
+    import transformers
+
+    cls = model_table()[model_type][1]["masked-lm"].__name__
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path, dtype=torch.bfloat16)
+    ref = getattr(transformers, cls).from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids, mask = _padded(model_type)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(a[0].float(), b[0].float(), atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(a[1, :8].float(), b[1, :8].float(), atol=5e-2, rtol=5e-2)
+
+
+def test_mpnet_head_missing_from_checkpoint_is_initialised(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "mpnet", "MPNetModel")
+    with pytest.warns(UserWarning, match="newly initialised.*lm_head.bias"):
+        model = loom.MPNetForMaskedLM.from_pretrained(path)
+    assert torch.equal(model.lm_head.bias, torch.zeros(99))

@@ -169,6 +169,11 @@ class MPNetPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = (r"position_ids$", r"pooler\.", r"lm_head\.decoder\.bias$")
     # no tensor-parallel plan: the relative position bias holds every head, a rank only its share
 
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, MPNetLMHead):  # also when a checkpoint without the head leaves it to initialise
+            module.bias.data.zero_()
+
 
 class MPNetModel(MPNetPreTrainedModel):
     def __init__(self, config: MPNetConfig, add_pooling_layer: bool = True) -> None:
