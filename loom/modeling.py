@@ -96,7 +96,9 @@ class PreTrainedModel(nn.Module):
             keep.update({n: t for n, t in module.named_buffers(recurse=False) if n not in attrs})
             for attr in attrs:
                 old = getattr(module, attr)
-                new = torch.empty(old.shape, dtype=old.dtype, device=device_for(f"{mod_name}.{attr}".lstrip(".")))
+                # zeros, not empty: a parameter `_init_weights` does not know (a head's separate bias) stays zero,
+                # as in the reference, instead of whatever the memory held
+                new = torch.zeros(old.shape, dtype=old.dtype, device=device_for(f"{mod_name}.{attr}".lstrip(".")))
                 if attr in module._parameters:
                     module._parameters[attr] = nn.Parameter(new, requires_grad=old.requires_grad)
                 else:
@@ -170,12 +172,15 @@ class PreTrainedModel(nn.Module):
         tied = getattr(self.config, "tie_word_embeddings", False)
         if head is not None and not tied:
             head.weight = nn.Parameter(_resized_rows(head.weight, new_num_tokens, mean_resizing))
-        if head is not None and getattr(head, "bias", None) is not None:
-            bias = head.bias.data
-            grown = torch.zeros(new_num_tokens, dtype=bias.dtype, device=bias.device)
-            n = min(new_num_tokens, bias.shape[0])
-            grown[:n] = bias[:n]
-            head.bias = nn.Parameter(grown)
+        # the head's bias, or one kept beside the head's Linear (BERT's cls.predictions.bias, RoBERTa's lm_head.bias)
+        holders = [head] + [m for m in self.modules() if any(c is head for c in m.children())] if head is not None else []
+        for holder in holders:
+            bias = getattr(holder, "bias", None)
+            if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == old.num_embeddings:
+                grown = torch.zeros(new_num_tokens, dtype=bias.dtype, device=bias.device)
+                n = min(new_num_tokens, bias.shape[0])
+                grown[:n] = bias.data[:n]
+                holder.bias = nn.Parameter(grown)
         if head is not None and hasattr(head, "out_features"):
             head.out_features = new_num_tokens
         self.config.vocab_size = new_num_tokens

@@ -410,3 +410,35 @@ def test_device_map_auto_keeps_variant_layers_whole(tmp_path_factory, tmp_path):
         assert split == [], m.hf_device_map
         with torch.no_grad():
             torch.testing.assert_close(m(_ids()).logits, ref(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_head_bias_missing_from_a_base_checkpoint_starts_at_zero(tmp_path):
+    """BertForMaskedLM from a BertModel checkpoint: the MLM bias is not in the file; it starts at zero as in the
+    reference (it once held whatever the allocator returned, values up to 1e12)."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                     intermediate_size=37)
+    transformers.BertModel(config).save_pretrained(tmp_path)
+    for _ in range(3):
+        model = loom.BertForMaskedLM.from_pretrained(tmp_path)
+        assert torch.equal(model.cls.predictions.bias, torch.zeros(99))
+
+
+@pytest.mark.parametrize("cls", ["BertForMaskedLM", "MPNetForMaskedLM", "DistilBertForMaskedLM"])
+def test_resize_token_embeddings_grows_a_bias_kept_beside_the_head(tmp_path, cls):
+    import transformers
+
+    model_type = {"BertForMaskedLM": "bert", "MPNetForMaskedLM": "mpnet", "DistilBertForMaskedLM": "distilbert"}[cls]
+    from loomtest import TINY
+
+    torch.manual_seed(0)
+    getattr(transformers, cls)(transformers.AutoConfig.for_model(model_type, **TINY[model_type])).save_pretrained(tmp_path)
+    model = getattr(loom, cls).from_pretrained(tmp_path)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        before = model(ids).logits
+        model.resize_token_embeddings(110)
+        after = model(torch.tensor([[5, 6, 7]])).logits
+    assert after.shape == (1, 3, 110)
+    torch.testing.assert_close(after[..., :99], before)
