@@ -134,5 +134,9 @@ class AutoModelForQuestionAnswering(_AutoModel):
     head = "question-answering"
 
 
+class AutoModelForMultipleChoice(_AutoModel):
+    head = "multiple-choice"
+
+
 class AutoModelForImageClassification(_AutoModel):
     head = "image-classification"

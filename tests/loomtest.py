@@ -61,6 +61,12 @@ TINY = {
     "qwen3_moe": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
                       norm_topk_prob=True, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    # ModernBERT: three layers (global, local, global); an 8-token window (+-4) that binds on 12-token inputs, a local
+    # RoPE base different from the global one
+    "modernbert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                       max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=2,
+                       global_rope_theta=1000.0, local_rope_theta=100.0, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, cls_token_id=1, sep_token_id=2),
 }
 
 
