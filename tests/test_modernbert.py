@@ -1,0 +1,180 @@
+"""ModernBERT against the reference on tiny random checkpoints: every head on a padded batch longer than the local
+window (sdpa and eager), losses, hidden states and attentions, legacy and 5.x configs, save -> reference load,
+pipelines and a tokenizer.json with ModernBERT's special tokens."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import loom
+from loomtest import TINY, reference_checkpoint
+
+HEADS = ["ModernBertModel", "ModernBertForMaskedLM", "ModernBertForSequenceClassification",
+         "ModernBertForTokenClassification", "ModernBertForQuestionAnswering", "ModernBertForMultipleChoice"]
+T = 20  # longer than the 8-token local window (+-4) of the tiny config, so local layers differ from global ones
+
+
+def _labels(cls: str) -> int:
+    return 2 if "Question" in cls else 3
+
+
+def _batch(multiple_choice: bool, left_padding: bool = False):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 99, (2, T), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 13:] = 0  # right padding on row 1
+    if left_padding:
+        mask[0, :5] = 0
+    if multiple_choice:  # (batch 2, choices 2, T): each choice its own padding
+        ids = torch.stack([ids, ids.flip(0)], 1)
+        mask = torch.stack([mask, mask.flip(0)], 1)
+    return ids, mask
+
+
+def _load(tmp_path_factory, cls, attn="sdpa", **overrides):
+    path, ref = reference_checkpoint(tmp_path_factory, "modernbert", cls, num_labels=_labels(cls),
+                                     attn_implementation=attn, **overrides)
+    return path, ref, getattr(loom, cls).from_pretrained(path, attn_implementation=attn)
+
+
+def _assert_same_outputs(a, b, mask):
+    """Every output of the reference within 1e-4; per-token outputs are compared on the real tokens."""
+    real = mask.reshape(-1, mask.shape[-1]).bool()
+    for key in b.keys():
+        if key in ("hidden_states", "attentions"):
+            continue
+        x, y = a[key], b[key]
+        assert x.shape == y.shape, key
+        if x.dim() >= 2 and x.shape[:2] == real.shape:
+            x, y = x[real], y[real]
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("cls", HEADS)
+def test_heads_match_reference_on_padded_batch(tmp_path_factory, cls, attn):
+    _, ref, ours = _load(tmp_path_factory, cls, attn)
+    ids, mask = _batch("Multiple" in cls)
+    with torch.no_grad():
+        _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+        _assert_same_outputs(ours(ids), ref(ids), torch.ones_like(ids))
+
+
+@pytest.mark.parametrize("cls", ["ModernBertForSequenceClassification", "ModernBertForMultipleChoice"])
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_classifier_pooling_with_left_padding(tmp_path_factory, cls, pooling):
+    """"mean" averages the real tokens; "cls" reads position 0 (sequence classification) or each choice's first real
+    token (multiple choice), as the reference does."""
+    _, ref, ours = _load(tmp_path_factory, cls, classifier_pooling=pooling)
+    ids, mask = _batch("Multiple" in cls, left_padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits,
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_local_window_binds(tmp_path_factory):
+    """The test inputs reach past the window: widening it changes the output, so the parity above covers it."""
+    path, ref, ours = _load(tmp_path_factory, "ModernBertModel")
+    ids, mask = _batch(False)
+    wide = loom.ModernBertModel.from_pretrained(path, local_attention=4 * T)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).last_hidden_state, wide(ids, attention_mask=mask).last_hidden_state
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    ("ModernBertForMaskedLM", lambda ids: dict(labels=torch.where(ids % 3 == 0, ids, -100))),
+    ("ModernBertForSequenceClassification", lambda ids: dict(labels=torch.tensor([0, 2]))),
+    ("ModernBertForTokenClassification", lambda ids: dict(labels=ids % 3)),
+    ("ModernBertForQuestionAnswering", lambda ids: dict(start_positions=torch.tensor([1, 3]),
+                                                       end_positions=torch.tensor([4, 40]))),
+    ("ModernBertForMultipleChoice", lambda ids: dict(labels=torch.tensor([1, 0]))),
+])
+def test_losses_match_reference(tmp_path_factory, cls, kwargs):
+    _, ref, ours = _load(tmp_path_factory, cls)
+    ids, mask = _batch("Multiple" in cls)
+    args = kwargs(ids)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask, **args), ref(ids, attention_mask=mask, **args)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_prediction_matches_reference(tmp_path_factory):
+    """sparse_prediction: with labels, logits only for the labelled tokens (flattened), the same loss."""
+    _, ref, ours = _load(tmp_path_factory, "ModernBertForMaskedLM", sparse_prediction=True)
+    ids, mask = _batch(False)
+    labels = torch.where(ids % 3 == 0, ids, -100)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask, labels=labels), ref(ids, attention_mask=mask, labels=labels)
+    assert a.logits.shape == b.logits.shape == (int((labels != -100).sum()), 99)
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_hidden_states_and_attentions_match_reference(tmp_path_factory):
+    _, ref, ours = _load(tmp_path_factory, "ModernBertModel", "eager")
+    ids, mask = _batch(False)
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+        b = ref(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    assert len(a.hidden_states) == len(b.hidden_states) == 4 and len(a.attentions) == len(b.attentions) == 3
+    for x, y in zip(a.hidden_states + a.attentions, b.hidden_states + b.attentions):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_legacy_config_keys(tmp_path_factory):
+    """A 4.x config.json (global_attn_every_n_layers, global_rope_theta, local_rope_theta; no layer_types or
+    rope_parameters) gives the layer types and RoPE bases the reference derives from it."""
+    import transformers
+
+    path, _, _ = _load(tmp_path_factory, "ModernBertForMaskedLM")
+    config = json.loads((path / "config.json").read_text())
+    for key in ("layer_types", "rope_parameters"):
+        config.pop(key)
+    config.update(global_attn_every_n_layers=2, global_rope_theta=500.0, local_rope_theta=50.0)
+    (path / "config.json").write_text(json.dumps(config))
+    ours = loom.ModernBertForMaskedLM.from_pretrained(path)
+    ref = transformers.ModernBertForMaskedLM.from_pretrained(path).eval()
+    assert ours.config.layer_types == ref.config.layer_types == ["full_attention", "sliding_attention",
+                                                                 "full_attention"]
+    assert ours.config.rope_parameters["sliding_attention"]["rope_theta"] == 50.0
+    ids, mask = _batch(False)
+    with torch.no_grad():
+        _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+
+
+@pytest.mark.parametrize("cls", HEADS)
+def test_save_then_reference_load(tmp_path_factory, cls):
+    import transformers
+
+    _, _, ours = _load(tmp_path_factory, cls)
+    out = tmp_path_factory.mktemp(f"loom-{cls}")
+    ours.save_pretrained(out)
+    ref = getattr(transformers, cls).from_pretrained(out).eval()
+    if cls == "ModernBertForMaskedLM":
+        assert ref.decoder.weight.data_ptr() == ref.model.embeddings.tok_embeddings.weight.data_ptr()
+    ids, mask = _batch("Multiple" in cls)
+    with torch.no_grad():
+        _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+
+
+def test_auto_classes_pick_modernbert(tmp_path_factory):
+    path, _, _ = _load(tmp_path_factory, "ModernBertForMultipleChoice")
+    assert type(loom.AutoModelForMultipleChoice.from_pretrained(path)) is loom.ModernBertForMultipleChoice
+    assert type(loom.AutoModel.from_pretrained(path)) is loom.ModernBertModel
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("classifier_pooling", "max", "classifier_pooling='max' is not supported; use 'cls' or 'mean'"),
+    ("layer_types", ["full_attention"], "layer_types=.* must list one of"),
+    ("hidden_activation", "nope", "hidden_activation='nope' is not supported by loom"),
+])
+def test_bad_config_is_refused_by_name(tmp_path_factory, key, value, message):
+    path, _, _ = _load(tmp_path_factory, "ModernBertModel")
+    config = json.loads((path / "config.json").read_text())
+    config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        loom.ModernBertModel.from_pretrained(path)
