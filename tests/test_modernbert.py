@@ -178,3 +178,114 @@ def test_bad_config_is_refused_by_name(tmp_path_factory, key, value, message):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         loom.ModernBertModel.from_pretrained(path)
+
+
+# -- tokenizer and pipelines ------------------------------------------------------------------------------------------
+CORPUS = ["The capital of France is Paris.", "A cat sat on the mat, and the dog sat on the log.",
+          "ModernBERT reads long documents quickly.", "Fünf Äpfel kosten 3,50 € — naïve café prices!",
+          "def tokenize(text): return text.split()", "    indented   spaces\tand\ttabs\nnew lines"]
+SPECIALS = {"[UNK]": False, "[CLS]": False, "[SEP]": False, "[PAD]": False, "[MASK]": True}  # token -> lstrip
+
+
+@pytest.fixture(scope="module")
+def modernbert_tokenizer_dir(tmp_path_factory):
+    """ModernBERT's tokenizer layout at toy size, saved by the reference: a byte-level BPE trained on CORPUS, its
+    special tokens appended after the merges (as in ModernBERT, where they follow the OLMo vocabulary), [MASK] with
+    lstrip, and "[CLS] $A [SEP]" / "[CLS] $A [SEP] $B [SEP]" templates."""
+    import transformers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, lstrip=lstrip, normalized=False) for t, lstrip in SPECIALS.items()])
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0", pair="[CLS]:0 $A:0 [SEP]:0 $B:0 [SEP]:0",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+        mask_token="[MASK]", model_input_names=["input_ids", "attention_mask"], clean_up_tokenization_spaces=True)
+    path = tmp_path_factory.mktemp("modernbert-tokenizer")
+    fast.save_pretrained(path)
+    return path
+
+
+def test_tokenizer_json_ids_match_reference(modernbert_tokenizer_dir):
+    import transformers
+
+    ours = loom.AutoTokenizer.from_pretrained(modernbert_tokenizer_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(modernbert_tokenizer_dir)
+    texts = CORPUS + ["unseen wörds [MASK] and [MASK]tokens", "Paris is the [MASK] of France.", ""]
+    assert ours.mask_token_id == ref.mask_token_id and ours.pad_token_id == ref.pad_token_id
+    for text in texts:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        assert ours.decode(ours(text)["input_ids"]) == ref.decode(ref(text)["input_ids"]), text
+    a = ours(texts[:3], texts[3:6], padding=True, return_tensors="pt")
+    b = ref(texts[:3], texts[3:6], padding=True, return_tensors="pt")
+    assert sorted(a.keys()) == sorted(b.keys()) == ["attention_mask", "input_ids"]
+    for key in b:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _pipeline_checkpoint(tmp_path_factory, tokenizer_dir, cls, **overrides):
+    import shutil
+
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    # wide init and a window of +-2 tokens: decisive scores, and the sentences below reach past the window
+    path, _ = reference_checkpoint(tmp_path_factory, "modernbert", cls, vocab_size=len(tokenizer),
+                                   pad_token_id=tokenizer.pad_token_id, cls_token_id=tokenizer.cls_token_id,
+                                   sep_token_id=tokenizer.sep_token_id, bos_token_id=tokenizer.cls_token_id,
+                                   eos_token_id=tokenizer.sep_token_id, initializer_range=0.5, local_attention=4,
+                                   **overrides)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy(file, path / file.name)
+    return path
+
+
+def _same(ours, theirs):
+    """Equal structure and values; floats within 1e-4."""
+    if isinstance(theirs, dict):
+        assert set(ours) == set(theirs)
+        for key in theirs:
+            _same(ours[key], theirs[key])
+    elif isinstance(theirs, (list, tuple)):
+        assert len(ours) == len(theirs)
+        for a, b in zip(ours, theirs):
+            _same(a, b)
+    elif isinstance(theirs, float):
+        assert abs(float(ours) - theirs) <= 1e-4, (ours, theirs)
+    else:
+        assert ours == theirs
+
+
+def test_fill_mask_pipeline_matches_reference(tmp_path_factory, modernbert_tokenizer_dir):
+    import transformers
+
+    path = _pipeline_checkpoint(tmp_path_factory, modernbert_tokenizer_dir, "ModernBertForMaskedLM")
+    ours = loom.pipeline("fill-mask", model=str(path))
+    ref = transformers.pipeline("fill-mask", model=str(path), device="cpu")
+    texts = ["The capital of France is [MASK].", "A cat sat on the [MASK], and the dog sat on the log.",
+             "[MASK] reads"]
+    _same(ours(texts[0]), ref(texts[0]))
+    _same(ours(texts, batch_size=3), ref(texts, batch_size=3))
+    _same(ours(texts[1], top_k=2), ref(texts[1], top_k=2))
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_text_classification_pipeline_matches_reference(tmp_path_factory, modernbert_tokenizer_dir, pooling):
+    import transformers
+
+    labels = {0: "NEGATIVE", 1: "POSITIVE"}
+    path = _pipeline_checkpoint(tmp_path_factory, modernbert_tokenizer_dir, "ModernBertForSequenceClassification",
+                                classifier_pooling=pooling, id2label=labels,
+                                label2id={v: k for k, v in labels.items()})
+    ours = loom.pipeline("text-classification", model=str(path))
+    ref = transformers.pipeline("text-classification", model=str(path), device="cpu")
+    _same(ours(CORPUS[1]), ref(CORPUS[1]))
+    _same(ours(CORPUS, batch_size=4), ref(CORPUS, batch_size=4))
+    _same(ours(CORPUS[:2], top_k=None), ref(CORPUS[:2], top_k=None))
