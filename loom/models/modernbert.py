@@ -150,10 +150,6 @@ class ModernBertPreTrainedModel(PreTrainedModel):
     config_class = ModernBertConfig
     base_model_prefix = "model"
     _no_split_modules = ["ModernBertEmbeddings", "ModernBertEncoderLayer"]
-    _tp_plan = {
-        "model.layers.*.attn.Wo": "rowwise",
-        "model.layers.*.mlp.Wo": "rowwise",
-    }
 
 
 class ModernBertModel(ModernBertPreTrainedModel):
