@@ -289,3 +289,24 @@ def test_text_classification_pipeline_matches_reference(tmp_path_factory, modern
     _same(ours(CORPUS[1]), ref(CORPUS[1]))
     _same(ours(CORPUS, batch_size=4), ref(CORPUS, batch_size=4))
     _same(ours(CORPUS[:2], top_k=None), ref(CORPUS[:2], top_k=None))
+
+
+def test_new_weights_are_drawn_as_the_reference_draws_them(tmp_path_factory):
+    """Fresh weights (a new model, or a head missing from a base checkpoint) come from the reference's truncated
+    normals: initializer_range for inputs, divided by sqrt(2 * layers) for outputs, hidden_size**-0.5 for the
+    classifier, all cut at initializer_cutoff_factor standard deviations."""
+    import transformers
+
+    sizes = dict(hidden_size=256, intermediate_size=384, num_labels=64, initializer_range=0.05)
+    path, ref = reference_checkpoint(tmp_path_factory, "modernbert", "ModernBertModel", **sizes)
+    ours = loom.ModernBertForSequenceClassification.from_pretrained(path, num_labels=64)
+    ref = transformers.ModernBertForSequenceClassification(ref.config).eval()
+    fresh = loom.ModernBertForSequenceClassification(ours.config)
+    for name in ("classifier.weight", "head.dense.weight", "model.layers.1.attn.Wqkv.weight",
+                 "model.layers.1.attn.Wo.weight", "model.layers.2.mlp.Wo.weight",
+                 "model.embeddings.tok_embeddings.weight"):
+        theirs = ref.get_parameter(name)
+        for model in ([ours, fresh] if name.startswith(("classifier", "head")) else [fresh]):
+            w = model.get_parameter(name)
+            assert abs(w.std() / theirs.std() - 1) < 0.05, name
+            assert w.abs().max() <= 2.0 * theirs.std() * 1.2, name  # initializer_cutoff_factor 2

@@ -6,6 +6,8 @@ The reference unpads batches only for flash attention; its SDPA/eager path (whic
 padded batch with padding keys masked."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -70,10 +72,18 @@ def _layer_norm(config: ModernBertConfig) -> nn.LayerNorm:
     return nn.LayerNorm(config.hidden_size, eps=config.norm_eps, bias=config.norm_bias)
 
 
+def _init_as(module: nn.Module, role: str) -> nn.Module:
+    """Mark a Linear or Embedding with its initialisation role ("in", "out", "embedding", "final_out"): the reference
+    draws each role from a truncated normal of its own width (`ModernBertPreTrainedModel._init_weights`)."""
+    module.init_role = role
+    return module
+
+
 class ModernBertEmbeddings(nn.Module):
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.tok_embeddings = _init_as(nn.Embedding(config.vocab_size, config.hidden_size,
+                                                    padding_idx=config.pad_token_id), "embedding")
         self.norm = _layer_norm(config)
         self.drop = Dropout(config.embedding_dropout)
 
@@ -87,10 +97,10 @@ class ModernBertMLP(nn.Module):
 
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
-        self.Wi = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.Wi = _init_as(nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias), "in")
         self.act = activation(config.hidden_activation)
         self.drop = Dropout(config.mlp_dropout)
-        self.Wo = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.Wo = _init_as(nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias), "out")
 
     def forward(self, x):
         h, gate = self.Wi(x).chunk(2, dim=-1)
@@ -105,8 +115,8 @@ class ModernBertAttention(nn.Module):
                              f"{config.num_attention_heads}")
         self.config = config
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.Wqkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias)
-        self.Wo = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias)
+        self.Wqkv = _init_as(nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=config.attention_bias), "in")
+        self.Wo = _init_as(nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_bias), "out")
         self.dropout = config.attention_dropout
         self.out_drop = Dropout(config.attention_dropout)
 
@@ -150,6 +160,18 @@ class ModernBertPreTrainedModel(PreTrainedModel):
     config_class = ModernBertConfig
     base_model_prefix = "model"
     _no_split_modules = ["ModernBertEmbeddings", "ModernBertEncoderLayer"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        role = getattr(module, "init_role", None)
+        if role is None:
+            return super()._init_weights(module)
+        c = self.config
+        std = {"in": c.initializer_range, "embedding": c.initializer_range, "final_out": c.hidden_size ** -0.5,
+               "out": c.initializer_range / math.sqrt(2.0 * c.num_hidden_layers)}[role]
+        cutoff = (c.initializer_cutoff_factor or 3.0) * std
+        nn.init.trunc_normal_(module.weight.data, 0.0, std, -cutoff, cutoff)
+        if getattr(module, "bias", None) is not None:
+            module.bias.data.zero_()
 
 
 class ModernBertModel(ModernBertPreTrainedModel):
@@ -198,7 +220,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
 class ModernBertPredictionHead(nn.Module):
     def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias)
+        self.dense = _init_as(nn.Linear(config.hidden_size, config.hidden_size, bias=config.classifier_bias), "out")
         self.act = activation(config.classifier_activation)
         self.norm = _layer_norm(config)
 
@@ -213,7 +235,7 @@ class ModernBertForMaskedLM(ModernBertPreTrainedModel):
         super().__init__(config)
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
-        self.decoder = nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias)
+        self.decoder = _init_as(nn.Linear(config.hidden_size, config.vocab_size, bias=config.decoder_bias), "out")
         self.post_init()
 
     def get_output_embeddings(self):
@@ -247,7 +269,7 @@ class _ModernBertWithHead(ModernBertPreTrainedModel):
         self.model = ModernBertModel(config)
         self.head = ModernBertPredictionHead(config)
         self.drop = Dropout(config.classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, self.num_outputs or config.num_labels)
+        self.classifier = _init_as(nn.Linear(config.hidden_size, self.num_outputs or config.num_labels), "final_out")
         self.post_init()
 
     def scores(self, h):
