@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -257,8 +258,8 @@ def _same(ours, theirs):
         assert len(ours) == len(theirs)
         for a, b in zip(ours, theirs):
             _same(a, b)
-    elif isinstance(theirs, float):
-        assert abs(float(ours) - theirs) <= 1e-4, (ours, theirs)
+    elif isinstance(theirs, (float, np.floating)):
+        assert abs(float(ours) - float(theirs)) <= 1e-4, (ours, theirs)
     else:
         assert ours == theirs
 
@@ -310,3 +311,29 @@ def test_new_weights_are_drawn_as_the_reference_draws_them(tmp_path_factory):
             w = model.get_parameter(name)
             assert abs(w.std() / theirs.std() - 1) < 0.05, name
             assert w.abs().max() <= 2.0 * theirs.std() * 1.2, name  # initializer_cutoff_factor 2
+
+
+def test_inputs_embeds_match_reference(tmp_path_factory):
+    """inputs_embeds skip the token lookup but still pass the embedding norm, as in the reference."""
+    _, ref, ours = _load(tmp_path_factory, "ModernBertForMaskedLM")
+    ids, mask = _batch(False)
+    embeds = ref.model.embeddings.tok_embeddings(ids).detach() * 1.5
+    with torch.no_grad():
+        _assert_same_outputs(ours(inputs_embeds=embeds, attention_mask=mask),
+                             ref(inputs_embeds=embeds, attention_mask=mask), mask)
+
+
+@pytest.mark.parametrize("task,cls", [("token-classification", "ModernBertForTokenClassification"),
+                                      ("feature-extraction", "ModernBertModel")])
+def test_other_pipelines_match_reference(tmp_path_factory, modernbert_tokenizer_dir, task, cls):
+    """(The reference 5.x has no question-answering pipeline left to compare with.)"""
+    import transformers
+
+    labels = {0: "O", 1: "B-PER", 2: "I-PER"}
+    path = _pipeline_checkpoint(tmp_path_factory, modernbert_tokenizer_dir, cls, id2label=labels,
+                                label2id={v: k for k, v in labels.items()})
+    ours = loom.pipeline(task, model=str(path))
+    ref = transformers.pipeline(task, model=str(path), device="cpu")
+    _same(ours(CORPUS[:3]), ref(CORPUS[:3]))
+    if task != "feature-extraction":  # batched, the reference returns each text's vectors padded to the batch
+        _same(ours(CORPUS[:3], batch_size=3), ref(CORPUS[:3], batch_size=3))
