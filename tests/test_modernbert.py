@@ -134,16 +134,26 @@ def test_legacy_config_keys(tmp_path_factory):
     config = json.loads((path / "config.json").read_text())
     for key in ("layer_types", "rope_parameters"):
         config.pop(key)
-    config.update(global_attn_every_n_layers=2, global_rope_theta=500.0, local_rope_theta=50.0)
+    # the other keys of answerdotai/ModernBERT-base's config.json that 5.x no longer knows
+    config.update(global_attn_every_n_layers=3, global_rope_theta=500.0, local_rope_theta=50.0,
+                  reference_compile=None, repad_logits_with_grad=False, gradient_checkpointing=False,
+                  position_embedding_type="absolute", layer_norm_eps=1e-05, transformers_version="4.48.0.dev0")
     (path / "config.json").write_text(json.dumps(config))
     ours = loom.ModernBertForMaskedLM.from_pretrained(path)
     ref = transformers.ModernBertForMaskedLM.from_pretrained(path).eval()
     assert ours.config.layer_types == ref.config.layer_types == ["full_attention", "sliding_attention",
-                                                                 "full_attention"]
+                                                                 "sliding_attention"]
     assert ours.config.rope_parameters["sliding_attention"]["rope_theta"] == 50.0
     ids, mask = _batch(False)
     with torch.no_grad():
         _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+    out = tmp_path_factory.mktemp("loom-legacy")  # loom writes the 5.x form, which the reference reads back
+    ours.save_pretrained(out)
+    saved = json.loads((out / "config.json").read_text())
+    assert "global_rope_theta" not in saved and saved["rope_parameters"]["full_attention"]["rope_theta"] == 500.0
+    again = transformers.ModernBertForMaskedLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        _assert_same_outputs(ours(ids, attention_mask=mask), again(ids, attention_mask=mask), mask)
 
 
 @pytest.mark.parametrize("cls", HEADS)
