@@ -347,3 +347,19 @@ def test_other_pipelines_match_reference(tmp_path_factory, modernbert_tokenizer_
     _same(ours(CORPUS[:3]), ref(CORPUS[:3]))
     if task != "feature-extraction":  # batched, the reference returns each text's vectors padded to the batch
         _same(ours(CORPUS[:3], batch_size=3), ref(CORPUS[:3], batch_size=3))
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(attention_bias=True, mlp_bias=True, norm_bias=True, classifier_bias=True, decoder_bias=False),
+    dict(local_attention=7, global_attn_every_n_layers=1),  # odd window (+-3); every layer global
+    dict(layer_types=["sliding_attention", "sliding_attention", "full_attention"], local_attention=4),
+    dict(rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0},
+                          "sliding_attention": {"rope_type": "default", "rope_theta": 30.0}}),
+    dict(hidden_activation="gelu_pytorch_tanh", classifier_activation="silu", norm_eps=1e-3),
+], ids=["biases", "odd-window-all-global", "explicit-layer-types", "nested-rope-parameters", "activations"])
+def test_config_variants_match_reference(tmp_path_factory, overrides):
+    _, ref, ours = _load(tmp_path_factory, "ModernBertForMaskedLM", **overrides)
+    assert ours.config.layer_types == ref.config.layer_types
+    ids, mask = _batch(False)
+    with torch.no_grad():
+        _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
