@@ -177,16 +177,19 @@ def test_auto_classes_pick_modernbert(tmp_path_factory):
     assert type(loom.AutoModel.from_pretrained(path)) is loom.ModernBertModel
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("classifier_pooling", "max", "classifier_pooling='max' is not supported; use 'cls' or 'mean'"),
-    ("layer_types", ["full_attention"], "layer_types=.* must list one of"),
-    ("hidden_activation", "nope", "hidden_activation='nope' is not supported by loom"),
+@pytest.mark.parametrize("changes,message", [
+    (dict(classifier_pooling="max"), "classifier_pooling='max' is not supported; use 'cls' or 'mean'"),
+    (dict(layer_types=["full_attention"]), "layer_types=.* must list one of"),
+    (dict(layer_types=None, global_attn_every_n_layers=0), "global_attn_every_n_layers=0 must be at least 1"),
+    (dict(hidden_activation="nope"), "hidden_activation='nope' is not supported by loom"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "magic", "rope_theta": 1.0}}),
+     "rope_type'\\]='magic' is not supported"),
 ])
-def test_bad_config_is_refused_by_name(tmp_path_factory, key, value, message):
+def test_bad_config_is_refused_by_name(tmp_path_factory, changes, message):
     path, _, _ = _load(tmp_path_factory, "ModernBertModel")
     config = json.loads((path / "config.json").read_text())
-    config[key] = value
-    (path / "config.json").write_text(json.dumps(config))
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
     with pytest.raises(ValueError, match=message):
         loom.ModernBertModel.from_pretrained(path)
 

@@ -42,7 +42,7 @@ class ModernBertConfig(PretrainedConfig):
         if self.layer_types is None:  # legacy configs: layer 0 and every n-th after it attend globally
             every = self.__dict__.get("global_attn_every_n_layers", 3)
             if every < 1:
-                raise ConfigFieldError(f"config global_attn_every_n_layers={every} must be at least 1", 
+                raise ConfigFieldError(f"config global_attn_every_n_layers={every} must be at least 1",
                                        "global_attn_every_n_layers")
             self.layer_types = ["sliding_attention" if i % every else "full_attention"
                                 for i in range(self.num_hidden_layers)]
