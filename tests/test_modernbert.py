@@ -366,3 +366,18 @@ def test_config_variants_match_reference(tmp_path_factory, overrides):
     ids, mask = _batch(False)
     with torch.no_grad():
         _assert_same_outputs(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask), mask)
+
+
+def test_bf16_close_to_reference(tmp_path_factory):
+    """bf16 weights and activations (RoPE applied in float32 as the reference does): logits within bf16 rounding."""
+    import transformers
+
+    path, _, _ = _load(tmp_path_factory, "ModernBertForMaskedLM")
+    ours = loom.ModernBertForMaskedLM.from_pretrained(path, dtype=torch.bfloat16)
+    ref = transformers.ModernBertForMaskedLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    ids, mask = _batch(False)
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    real = mask.bool()
+    torch.testing.assert_close(a[real].float(), b[real].float(), atol=1e-2, rtol=1e-2)

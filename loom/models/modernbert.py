@@ -123,7 +123,8 @@ class ModernBertAttention(nn.Module):
     def forward(self, x, rope, mask):
         B, T, _ = x.shape
         q, k, v = self.Wqkv(x).view(B, T, 3, -1, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        q, k = apply_rotary(q, k, *rope)
+        # rotated in float32 whatever the activations' dtype, as the reference does
+        q, k = (t.to(v.dtype) for t in apply_rotary(q.float(), k.float(), *rope))
         out = attention(q, k, v, mask, False, implementation=self.config._attn_implementation,
                         dropout=self.dropout if self.training else 0.0)
         return self.out_drop(self.Wo(out.transpose(1, 2).reshape(B, T, -1)))
@@ -202,7 +203,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
             position_ids = torch.arange(T, device=x.device)[None]
         masks = {"full_attention": attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)[0],
                  "sliding_attention": window_mask(attention_mask, T, self.config.local_attention // 2, x.device)}
-        ropes = {kind: rotary(position_ids, x.dtype) for kind, rotary in self.rotary_emb.items()}
+        ropes = {kind: rotary(position_ids, torch.float32) for kind, rotary in self.rotary_emb.items()}
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
             for layer in self.layers:
