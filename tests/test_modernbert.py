@@ -303,6 +303,8 @@ def test_text_classification_pipeline_matches_reference(tmp_path_factory, modern
     _same(ours(CORPUS[1]), ref(CORPUS[1]))
     _same(ours(CORPUS, batch_size=4), ref(CORPUS, batch_size=4))
     _same(ours(CORPUS[:2], top_k=None), ref(CORPUS[:2], top_k=None))
+    pair = {"text": CORPUS[0], "text_pair": CORPUS[2]}  # a reranker's (query, passage) input: [CLS] a [SEP] b [SEP]
+    _same(ours(pair), ref(pair))
 
 
 def test_new_weights_are_drawn_as_the_reference_draws_them(tmp_path_factory):
