@@ -108,7 +108,7 @@ class ModernBertMLP(nn.Module):
 
 
 class ModernBertAttention(nn.Module):
-    def __init__(self, config: ModernBertConfig, layer_idx: int) -> None:
+    def __init__(self, config: ModernBertConfig) -> None:
         super().__init__()
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"config hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
@@ -135,7 +135,7 @@ class ModernBertEncoderLayer(nn.Module):
         super().__init__()
         # the embeddings end in a norm, so the first layer's attention reads them as they are
         self.attn_norm = nn.Identity() if layer_idx == 0 else _layer_norm(config)
-        self.attn = ModernBertAttention(config, layer_idx)
+        self.attn = ModernBertAttention(config)
         self.mlp_norm = _layer_norm(config)
         self.mlp = ModernBertMLP(config)
         self.attention_type = config.layer_types[layer_idx]
