@@ -70,6 +70,12 @@ TINY = {
                        max_position_embeddings=64, relative_attention=True, position_buckets=8,
                        pos_att_type=["p2c", "c2p"], share_att_key=True, norm_rel_ebd="layer_norm",
                        position_biased_input=False),
+    # ModernBERT: three layers (global, local, global); an 8-token window (+-4) that binds on 12-token inputs, a local
+    # RoPE base different from the global one
+    "modernbert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+                       max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=2,
+                       global_rope_theta=1000.0, local_rope_theta=100.0, pad_token_id=0, bos_token_id=1,
+                       eos_token_id=2, cls_token_id=1, sep_token_id=2),
 }
 
 
