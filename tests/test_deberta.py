@@ -209,3 +209,70 @@ def test_bad_mask_shape_is_refused():
     ids = _ids()
     with pytest.raises(ValueError, match=r"attention_mask must be \(batch, sequence\)"):
         model(ids, attention_mask=torch.ones(2, 1, 12, 12))
+
+
+# -- tokenizer: DeBERTa-v3's sentencepiece `spm.model` ---------------------------------------------------------------
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? Ünïcödé text here!",
+          "Tokenizers split words into pieces; numbers like 12345 too.", "日本語のテキストも少し。",
+          "Привет мир, как дела?", "Ελληνικά και العربية معًا", "DeBERTa-v3 reads SentencePiece pieces.",
+          "Relative positions, disentangled attention and a masked language model."]
+TEXTS = ["The quick brown fox", "Héllo  wörld [MASK] 12345", "日本語 Привет", "  lead and trail  ",
+         "tab\tand\nnewline", "", "Ελληνικά العربية", "UPPER lower MiXeD", "ﬁ ligature and full-width ＡＢＣ"]
+
+
+@pytest.fixture(scope="module")
+def spm_dirs(tmp_path_factory):
+    """A tiny unigram spm.model laid out as DeBERTa-v3's hub folders are (spm.model, a two-key tokenizer_config.json,
+    the model's config.json; [MASK] is not a piece and is appended after them), and the same tokenizer saved by the
+    reference's DebertaV2Tokenizer (tokenizer.json)."""
+    import json
+    import shutil
+
+    spm = pytest.importorskip("sentencepiece")
+    import transformers
+
+    root = tmp_path_factory.mktemp("deberta-spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 30), model_prefix=str(root / "spm"),
+                                   vocab_size=120, model_type="unigram", character_coverage=1.0, pad_id=0, bos_id=1,
+                                   eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+                                   unk_piece="[UNK]", minloglevel=2)
+    dirs = {}
+    for name, settings in (("hub", {}), ("hub-lower", {"do_lower_case": True})):
+        path = root / name
+        path.mkdir()
+        shutil.copy(root / "spm.model", path / "spm.model")
+        (path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm",
+                                                                **settings}))
+        (path / "config.json").write_text(json.dumps({"model_type": "deberta-v2"}))
+        dirs[name] = path
+    dirs["saved"] = root / "saved"
+    transformers.DebertaV2Tokenizer.from_pretrained(dirs["hub"]).save_pretrained(dirs["saved"])
+    return dirs
+
+
+@pytest.mark.parametrize("layout", ["hub", "hub-lower", "saved"])
+def test_tokenizer_ids_match_the_reference(spm_dirs, layout):
+    import transformers
+
+    ours = loom.AutoTokenizer.from_pretrained(spm_dirs[layout])
+    ref = transformers.AutoTokenizer.from_pretrained(spm_dirs[layout])
+    assert type(ref).__name__ == "DebertaV2Tokenizer"
+    for text in TEXTS:
+        assert dict(ours(text)) == dict(ref(text)), text
+    a = ours(TEXTS[:4], TEXTS[4:8], padding=True, truncation=True, max_length=16)
+    b = ref(TEXTS[:4], TEXTS[4:8], padding=True, truncation=True, max_length=16)
+    assert dict(a) == dict(b)
+    assert ours.convert_tokens_to_ids("[MASK]") == ref.mask_token_id == len(ref) - 1
+    ids = ref(TEXTS[1], TEXTS[2])["input_ids"]
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_tokenizer_saved_by_loom_loads_in_the_reference(spm_dirs, tmp_path):
+    import transformers
+
+    loom.AutoTokenizer.from_pretrained(spm_dirs["hub"]).save_pretrained(tmp_path)
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(spm_dirs["hub"])
+    for text in TEXTS:
+        assert back(text)["input_ids"] == ref(text)["input_ids"], text
