@@ -143,6 +143,39 @@ def test_save_then_reference_load(tmp_path_factory, tmp_path, cls, variant):
         _assert_outputs_close(cls, ours(**inputs), back.eval()(**inputs))
 
 
+@pytest.mark.parametrize("variant", ["v3", "v2-conv"])
+def test_training_gradients_match_the_reference(tmp_path_factory, variant):
+    """Without dropout, every parameter's gradient equals the reference's, with labels on padding positions too
+    (the reference's padding queries average every value, and pass no gradient to their queries and keys)."""
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2ForMaskedLM", variant, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    ours = loom.DebertaV2ForMaskedLM.from_pretrained(path).train()
+    ref.train()
+    inputs = _inputs("DebertaV2ForMaskedLM")
+    inputs.update(LABELS["DebertaV2ForMaskedLM"](inputs["input_ids"]))
+    assert (inputs["labels"][1, 8:] != -100).any()
+    ours(**inputs).loss.backward()
+    ref(**inputs).loss.backward()
+    theirs = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+    ref.zero_grad()
+
+
+def test_resize_token_embeddings_keeps_the_tied_bias(tmp_path_factory):
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2ForMaskedLM", "v3")
+    ours = loom.DebertaV2ForMaskedLM.from_pretrained(path)
+    ours.resize_token_embeddings(120)
+    head = ours.cls.predictions
+    assert head.decoder.bias is head.bias and head.bias.shape == (120,)
+    assert head.decoder.weight is ours.deberta.embeddings.word_embeddings.weight
+    ids = _ids()
+    with torch.no_grad():
+        logits = ours(ids).logits
+        torch.testing.assert_close(logits[..., :99], ref(ids).logits, atol=1e-4, rtol=1e-4)
+    assert logits.shape[-1] == 120
+
+
 def test_non_legacy_mlm_head(tmp_path_factory):
     """legacy=false: the original DeBERTa head, whose logits read the word embeddings."""
     path, ref = _checkpoint(tmp_path_factory, "DebertaV2ForMaskedLM", "v3", legacy=False)
