@@ -309,3 +309,24 @@ def test_tokenizer_saved_by_loom_loads_in_the_reference(spm_dirs, tmp_path):
     ref = transformers.AutoTokenizer.from_pretrained(spm_dirs["hub"])
     for text in TEXTS:
         assert back(text)["input_ids"] == ref(text)["input_ids"], text
+
+
+def test_reranker_pairs_through_text_classification_with_the_spm_tokenizer(spm_dirs, tmp_path_factory):
+    """A DeBERTa-v3 cross-encoder as users run one: the hub tokenizer layout beside the model, sentence pairs through
+    `text-classification`; scores equal to the reference pipeline's."""
+    import shutil
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path, _ = _checkpoint(tmp_path_factory, "DebertaV2ForSequenceClassification", "v3", vocab_size=121, num_labels=1,
+                          type_vocab_size=2)
+    for name in ("spm.model", "tokenizer_config.json"):
+        shutil.copy(spm_dirs["hub"] / name, path / name)
+    pairs = [{"text": "the quick brown fox", "text_pair": "a lazy dog"},
+             {"text": "Привет мир", "text_pair": "Héllo wörld, ça va?"}]
+    ours = loom.pipeline("text-classification", model=str(path))(pairs, function_to_apply="none")
+    ref = transformers.pipeline("text-classification", model=str(path), device="cpu")(pairs, function_to_apply="none")
+    assert [x["label"] for x in ours] == [x["label"] for x in ref]
+    torch.testing.assert_close(torch.tensor([x["score"] for x in ours]), torch.tensor([x["score"] for x in ref]),
+                               atol=1e-5, rtol=1e-4)
