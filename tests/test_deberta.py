@@ -84,6 +84,28 @@ def test_sequence_longer_than_the_buckets_and_no_mask(tmp_path_factory):
         torch.testing.assert_close(ours(ids).last_hidden_state, ref(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
+def test_scale_counts_the_position_terms_even_without_relative_attention(tmp_path_factory):
+    """relative_attention=false with a pos_att_type: no position terms, yet the reference still divides the scores
+    by sqrt(head_dim * 3)."""
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2Model", "v3", relative_attention=False)
+    ours = loom.DebertaV2Model.from_pretrained(path)
+    inputs = _inputs("DebertaV2Model")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("buckets,max_position", [(8, 64), (256, 512), (6, 20)])
+def test_log_buckets_equal_the_reference(buckets, max_position):
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    from loom.models.deberta_v2 import log_bucket_positions
+
+    rel = torch.arange(-2 * max_position, 2 * max_position)
+    assert torch.equal(log_bucket_positions(rel, buckets, max_position),
+                       make_log_bucket_position(rel, buckets, max_position).long())
+
+
 LABELS = {
     "DebertaV2ForMaskedLM": lambda ids: dict(labels=torch.where(ids % 3 == 0, ids, -100)),
     "DebertaV2ForSequenceClassification": lambda ids: dict(labels=torch.tensor([0, 2])),
