@@ -84,6 +84,28 @@ def test_sequence_longer_than_the_buckets_and_no_mask(tmp_path_factory):
         torch.testing.assert_close(ours(ids).last_hidden_state, ref(ids).last_hidden_state, atol=1e-4, rtol=1e-4)
 
 
+def test_scale_counts_the_position_terms_even_without_relative_attention(tmp_path_factory):
+    """relative_attention=false with a pos_att_type: no position terms, yet the reference still divides the scores
+    by sqrt(head_dim * 3)."""
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2Model", "v3", relative_attention=False)
+    ours = loom.DebertaV2Model.from_pretrained(path)
+    inputs = _inputs("DebertaV2Model")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).last_hidden_state, ref(**inputs).last_hidden_state, atol=1e-4,
+                                   rtol=1e-4)
+
+
+@pytest.mark.parametrize("buckets,max_position", [(8, 64), (256, 512), (6, 20)])
+def test_log_buckets_equal_the_reference(buckets, max_position):
+    from transformers.models.deberta_v2.modeling_deberta_v2 import make_log_bucket_position
+
+    from loom.models.deberta_v2 import log_bucket_positions
+
+    rel = torch.arange(-2 * max_position, 2 * max_position)
+    assert torch.equal(log_bucket_positions(rel, buckets, max_position),
+                       make_log_bucket_position(rel, buckets, max_position).long())
+
+
 LABELS = {
     "DebertaV2ForMaskedLM": lambda ids: dict(labels=torch.where(ids % 3 == 0, ids, -100)),
     "DebertaV2ForSequenceClassification": lambda ids: dict(labels=torch.tensor([0, 2])),
@@ -141,6 +163,39 @@ def test_save_then_reference_load(tmp_path_factory, tmp_path, cls, variant):
     inputs = _inputs(cls)
     with torch.no_grad():
         _assert_outputs_close(cls, ours(**inputs), back.eval()(**inputs))
+
+
+@pytest.mark.parametrize("variant", ["v3", "v2-conv"])
+def test_training_gradients_match_the_reference(tmp_path_factory, variant):
+    """Without dropout, every parameter's gradient equals the reference's, with labels on padding positions too
+    (the reference's padding queries average every value, and pass no gradient to their queries and keys)."""
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2ForMaskedLM", variant, hidden_dropout_prob=0.0,
+                            attention_probs_dropout_prob=0.0)
+    ours = loom.DebertaV2ForMaskedLM.from_pretrained(path).train()
+    ref.train()
+    inputs = _inputs("DebertaV2ForMaskedLM")
+    inputs.update(LABELS["DebertaV2ForMaskedLM"](inputs["input_ids"]))
+    assert (inputs["labels"][1, 8:] != -100).any()
+    ours(**inputs).loss.backward()
+    ref(**inputs).loss.backward()
+    theirs = dict(ref.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+    ref.zero_grad()
+
+
+def test_resize_token_embeddings_keeps_the_tied_bias(tmp_path_factory):
+    path, ref = _checkpoint(tmp_path_factory, "DebertaV2ForMaskedLM", "v3")
+    ours = loom.DebertaV2ForMaskedLM.from_pretrained(path)
+    ours.resize_token_embeddings(120)
+    head = ours.cls.predictions
+    assert head.decoder.bias is head.bias and head.bias.shape == (120,)
+    assert head.decoder.weight is ours.deberta.embeddings.word_embeddings.weight
+    ids = _ids()
+    with torch.no_grad():
+        logits = ours(ids).logits
+        torch.testing.assert_close(logits[..., :99], ref(ids).logits, atol=1e-4, rtol=1e-4)
+    assert logits.shape[-1] == 120
 
 
 def test_non_legacy_mlm_head(tmp_path_factory):
@@ -209,3 +264,91 @@ def test_bad_mask_shape_is_refused():
     ids = _ids()
     with pytest.raises(ValueError, match=r"attention_mask must be \(batch, sequence\)"):
         model(ids, attention_mask=torch.ones(2, 1, 12, 12))
+
+
+# -- tokenizer: DeBERTa-v3's sentencepiece `spm.model` ---------------------------------------------------------------
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Héllo wörld, ça va? Ünïcödé text here!",
+          "Tokenizers split words into pieces; numbers like 12345 too.", "日本語のテキストも少し。",
+          "Привет мир, как дела?", "Ελληνικά και العربية معًا", "DeBERTa-v3 reads SentencePiece pieces.",
+          "Relative positions, disentangled attention and a masked language model."]
+TEXTS = ["The quick brown fox", "Héllo  wörld [MASK] 12345", "日本語 Привет", "  lead and trail  ",
+         "tab\tand\nnewline", "", "Ελληνικά العربية", "UPPER lower MiXeD", "ﬁ ligature and full-width ＡＢＣ"]
+
+
+@pytest.fixture(scope="module")
+def spm_dirs(tmp_path_factory):
+    """A tiny unigram spm.model laid out as DeBERTa-v3's hub folders are (spm.model, a two-key tokenizer_config.json,
+    the model's config.json; [MASK] is not a piece and is appended after them), and the same tokenizer saved by the
+    reference's DebertaV2Tokenizer (tokenizer.json)."""
+    import json
+    import shutil
+
+    spm = pytest.importorskip("sentencepiece")
+    import transformers
+
+    root = tmp_path_factory.mktemp("deberta-spm")
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS * 30), model_prefix=str(root / "spm"),
+                                   vocab_size=120, model_type="unigram", character_coverage=1.0, pad_id=0, bos_id=1,
+                                   eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]", eos_piece="[SEP]",
+                                   unk_piece="[UNK]", minloglevel=2)
+    dirs = {}
+    for name, settings in (("hub", {}), ("hub-lower", {"do_lower_case": True})):
+        path = root / name
+        path.mkdir()
+        shutil.copy(root / "spm.model", path / "spm.model")
+        (path / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False, "vocab_type": "spm",
+                                                                **settings}))
+        (path / "config.json").write_text(json.dumps({"model_type": "deberta-v2"}))
+        dirs[name] = path
+    dirs["saved"] = root / "saved"
+    transformers.DebertaV2Tokenizer.from_pretrained(dirs["hub"]).save_pretrained(dirs["saved"])
+    return dirs
+
+
+@pytest.mark.parametrize("layout", ["hub", "hub-lower", "saved"])
+def test_tokenizer_ids_match_the_reference(spm_dirs, layout):
+    import transformers
+
+    ours = loom.AutoTokenizer.from_pretrained(spm_dirs[layout])
+    ref = transformers.AutoTokenizer.from_pretrained(spm_dirs[layout])
+    assert type(ref).__name__ == "DebertaV2Tokenizer"
+    for text in TEXTS:
+        assert dict(ours(text)) == dict(ref(text)), text
+    a = ours(TEXTS[:4], TEXTS[4:8], padding=True, truncation=True, max_length=16)
+    b = ref(TEXTS[:4], TEXTS[4:8], padding=True, truncation=True, max_length=16)
+    assert dict(a) == dict(b)
+    assert ours.convert_tokens_to_ids("[MASK]") == ref.mask_token_id == len(ref) - 1
+    ids = ref(TEXTS[1], TEXTS[2])["input_ids"]
+    assert ours.decode(ids) == ref.decode(ids)
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+
+
+def test_tokenizer_saved_by_loom_loads_in_the_reference(spm_dirs, tmp_path):
+    import transformers
+
+    loom.AutoTokenizer.from_pretrained(spm_dirs["hub"]).save_pretrained(tmp_path)
+    back = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    ref = transformers.AutoTokenizer.from_pretrained(spm_dirs["hub"])
+    for text in TEXTS:
+        assert back(text)["input_ids"] == ref(text)["input_ids"], text
+
+
+def test_reranker_pairs_through_text_classification_with_the_spm_tokenizer(spm_dirs, tmp_path_factory):
+    """A DeBERTa-v3 cross-encoder as users run one: the hub tokenizer layout beside the model, sentence pairs through
+    `text-classification`; scores equal to the reference pipeline's."""
+    import shutil
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    path, _ = _checkpoint(tmp_path_factory, "DebertaV2ForSequenceClassification", "v3", vocab_size=121, num_labels=1,
+                          type_vocab_size=2)
+    for name in ("spm.model", "tokenizer_config.json"):
+        shutil.copy(spm_dirs["hub"] / name, path / name)
+    pairs = [{"text": "the quick brown fox", "text_pair": "a lazy dog"},
+             {"text": "Привет мир", "text_pair": "Héllo wörld, ça va?"}]
+    ours = loom.pipeline("text-classification", model=str(path))(pairs, function_to_apply="none")
+    ref = transformers.pipeline("text-classification", model=str(path), device="cpu")(pairs, function_to_apply="none")
+    assert [x["label"] for x in ours] == [x["label"] for x in ref]
+    torch.testing.assert_close(torch.tensor([x["score"] for x in ours]), torch.tensor([x["score"] for x in ref]),
+                               atol=1e-5, rtol=1e-4)

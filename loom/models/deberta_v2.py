@@ -162,21 +162,28 @@ class DisentangledSelfAttention(nn.Module):
         return score * self.scale
 
     def forward(self, x, mask, rel_pos, rel_embeddings, attentions: list | None):
-        """`mask`: additive (B, 1, T, T) with the dtype's lowest value at masked pairs, or None."""
+        """`mask`: None, or (additive (B, 1, 1, T) key mask with the dtype's lowest value at padding, (B, 1, T, 1)
+        bool, True at real queries)."""
         q, k, v = (self._heads(proj(x)) for proj in (self.query_proj, self.key_proj, self.value_proj))  # (B, H, T, D)
-        bias = mask
+        keys, queries = mask if mask is not None else (None, None)
+        bias = keys
         if self.relative and self.types:
             bias = self.position_bias(q, k, rel_pos, rel_embeddings)
-            if mask is not None:
-                bias = bias + mask  # a masked pair stays at the lowest value
+            if keys is not None:
+                bias = bias + keys  # a masked key stays at the lowest value
         p = self.dropout if self.training else 0.0
         if attentions is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
             probs = (scores if bias is None else scores + bias).softmax(-1)
+            if queries is not None:
+                probs = torch.where(queries, probs, 1.0 / probs.shape[-1])
             attentions.append(probs)
             out = torch.matmul(F.dropout(probs, p, self.training), v)
+        if queries is not None and attentions is None:
+            # the reference masks a padding query's whole row, so it averages every value, whatever q and k are
+            out = torch.where(queries, out, v.mean(-2, keepdim=True))
         return out.transpose(1, 2).flatten(2)
 
 
@@ -245,9 +252,9 @@ class DebertaV2Encoder(nn.Module):
         """`keep`: (B, T) bool, True at real tokens, or None when nothing is padded."""
         T = x.shape[1]
         mask = None
-        if keep is not None:  # a padding position neither attends nor is attended to, as in the reference
-            pair = keep[:, None, :, None] & keep[:, None, None, :]  # (B, 1, T, T)
-            mask = torch.zeros(pair.shape, dtype=x.dtype, device=x.device).masked_fill_(~pair, torch.finfo(x.dtype).min)
+        if keep is not None:  # no query attends to padding; a padding query attends evenly to all (the reference's)
+            keys = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, torch.finfo(x.dtype).min)
+            mask = (keys[:, None, None, :], keep[:, None, :, None])  # (B, 1, 1, T), (B, 1, T, 1)
         rel_pos = relative_positions(T, self.config, x.device) if self.config.relative_attention else None
         rel_embeddings = self.relative_embeddings()
         hidden = [x] if output_hidden_states else None
@@ -374,6 +381,17 @@ class DebertaV2ForMaskedLM(DebertaV2PreTrainedModel):
 
     def get_output_embeddings(self):
         return self.cls.predictions.decoder if self.legacy else None
+
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """As every model, and the head's own bias (tied to the decoder's) grows with the vocabulary too."""
+        emb = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        head = self.cls.predictions if self.legacy else self.lm_predictions.lm_head
+        grown = head.bias.new_zeros(emb.num_embeddings)
+        n = min(grown.shape[0], head.bias.shape[0])
+        grown[:n] = head.bias.detach()[:n]
+        head.bias = nn.Parameter(grown)
+        self.tie_weights()
+        return emb
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None,

@@ -79,6 +79,36 @@ def t5_processor(engine: Tokenizer, eos_token):
                                          special_tokens=[(eos, eos_id)])
 
 
+def bert_processor(engine: Tokenizer, family: str, cls_token, sep_token):
+    """BERT's `[CLS] A [SEP]` / `[CLS] A [SEP] B [SEP]` post-processor (the second sequence has type id 1)."""
+    cls, sep = str(cls_token), str(sep_token)
+    cls_id = _family_token_id(engine, family, "cls_token", cls_token)
+    sep_id = _family_token_id(engine, family, "sep_token", sep_token)
+    return processors.TemplateProcessing(single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+                                         special_tokens=[(cls, cls_id), (sep, sep_id)])
+
+
+def deberta_v2_tokenizer(model: SpmModel, *, do_lower_case: bool = False, split_by_punct: bool = False,
+                         add_prefix_space: bool = True) -> Tokenizer:
+    """DeBERTa-v2/v3's `spm.model` as the reference converts it: its Unigram pieces with the model's charsmap, but
+    DeBERTa's own whitespace handling (trailing spaces dropped, runs of spaces squeezed) instead of the model's."""
+    tok = Tokenizer(Unigram([(p.piece, p.score) for p in model.pieces], unk_id=model.unk_id, byte_fallback=False))
+    steps = [normalizers.Lowercase()] if do_lower_case else []
+    if model.precompiled_charsmap:
+        steps += [normalizers.Precompiled(model.precompiled_charsmap), normalizers.Strip(left=False, right=True),
+                  normalizers.Replace(Regex(" {2,}"), " ")]
+    else:
+        steps += [normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "), normalizers.NFC(),
+                  normalizers.Strip(left=False, right=True)]
+    tok.normalizer = normalizers.Sequence(steps)
+    scheme = "always" if add_prefix_space else "first"
+    splitters = [pre_tokenizers.Punctuation(behavior="isolated")] if split_by_punct else []
+    tok.pre_tokenizer = pre_tokenizers.Sequence(splitters + [pre_tokenizers.Metaspace(replacement="▁",
+                                                                                      prepend_scheme=scheme)])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=scheme)
+    return tok
+
+
 def special_tokens_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
     """A TemplateProcessing that puts `bos` before and `eos` after each sequence (either may be None)."""
     head = f"{bos[0]}:0 " if bos else ""

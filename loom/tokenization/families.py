@@ -15,8 +15,10 @@ class Family:
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     padding_side: str = "right"
     special_tokens: dict[str, str] = field(default_factory=dict)
-    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic", "llama" or "t5"
-    # the post-processor the family builds over legacy files once its special tokens have ids: "roberta" or "t5"
+    # how a SentencePiece .model converts: "generic", "llama", "t5" or "deberta-v2"
+    spm_flavour: str = "generic"
+    # the post-processor the family builds over legacy files once its special tokens have ids: "bert", "roberta"
+    # or "t5"
     post_processor: str | None = None
 
 
@@ -37,6 +39,9 @@ FAMILIES = {
     "roberta": Family("roberta", special_tokens=_ROBERTA_SPECIALS, post_processor="roberta"),
     # WordPiece with RoBERTa's specials and pair layout; its unknown token stays BERT's
     "mpnet": Family("mpnet", special_tokens={**_ROBERTA_SPECIALS, "unk_token": "[UNK]"}, post_processor="roberta"),
+    "deberta-v2": Family("deberta-v2", ("input_ids", "attention_mask", "token_type_ids"), spm_flavour="deberta-v2",
+                         post_processor="bert", special_tokens={**_BERT_SPECIALS, "bos_token": "[CLS]",
+                                                                "eos_token": "[SEP]"}),
     "t5": Family("t5", spm_flavour="t5", post_processor="t5",
                  special_tokens={"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
 }
@@ -45,7 +50,7 @@ FAMILIES = {
 CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
     "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
-    "RobertaTokenizer": "roberta", "T5Tokenizer": "t5",
+    "RobertaTokenizer": "roberta", "T5Tokenizer": "t5", "DebertaV2Tokenizer": "deberta-v2",
     "MPNetTokenizer": "mpnet",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
 }
@@ -53,7 +58,7 @@ CLASS_FAMILIES = {
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
                        "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5",
-                       "mpnet": "mpnet"}
+                       "mpnet": "mpnet", "deberta-v2": "deberta-v2"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

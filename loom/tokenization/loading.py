@@ -18,7 +18,7 @@ from .spm_proto import read_spm_model
 
 # the order the reference gives named special tokens their ids when they are new to the vocabulary
 SPECIAL_TOKENS_ORDER = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-SPM_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model")
+SPM_FILES = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model")
 IGNORED_KWARGS = ("use_fast", "resume_download", "_from_auto")
 # tokenizer_config.json keys that describe files or the loader, not the tokenizer
 _NOT_SETTINGS = {"tokenizer_class", "auto_map", "added_tokens_decoder", "tokenizer_file", "vocab_file",
@@ -104,6 +104,12 @@ def _legacy_engine(files: _Files, family: Family, init: dict) -> tuple[Tokenizer
                 init.setdefault(key, value)
             if "extra_special_tokens" not in init and controls:
                 init["extra_special_tokens"] = [AddedToken(c, special=True, normalized=False) for c in controls]
+            if family.spm_flavour == "deberta-v2":
+                engine = convert.deberta_v2_tokenizer(
+                    model, do_lower_case=init.get("do_lower_case", False),
+                    split_by_punct=init.get("split_by_punct", False),
+                    add_prefix_space=init.get("add_prefix_space", True))
+                return engine, str(spm_file)
             return convert.sentencepiece_tokenizer(model, family.spm_flavour), str(spm_file)
     raise OSError(f"no tokenizer files found for '{files.source}': expected tokenizer.json, or vocab.txt, or "
                   f"vocab.json + merges.txt, or a SentencePiece model ({', '.join(SPM_FILES)})")
@@ -138,7 +144,10 @@ def _finish_family(engine: Tokenizer, family: Family, init: dict) -> None:
                 token = AddedToken(token, special=True, normalized=False)
             engine.add_special_tokens([token])
             present.add(str(token))
-    if family.post_processor == "roberta":
+    if family.post_processor == "bert":
+        engine.post_processor = convert.bert_processor(engine, family.name, init.get("cls_token"),
+                                                       init.get("sep_token"))
+    elif family.post_processor == "roberta":
         engine.post_processor = convert.roberta_processor(
             engine, init.get("cls_token"), init.get("sep_token"),
             trim_offsets=init.get("trim_offsets", True), add_prefix_space=init.get("add_prefix_space", False))
