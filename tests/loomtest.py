@@ -61,6 +61,15 @@ TINY = {
     "qwen3_moe": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       head_dim=8, intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
                       norm_topk_prob=True, max_position_embeddings=64, bos_token_id=1, eos_token_id=2),
+    # RoBERTa and its aliases: padding id 1, positions from 2 (so 64 positions hold 62 tokens)
+    "roberta": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                    max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "xlm-roberta": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, type_vocab_size=1, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2),
+    "camembert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                      max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2),
 }
 
 

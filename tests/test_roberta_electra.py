@@ -74,3 +74,89 @@ def test_bert_new_heads_auto_and_round_trip(tmp_path_factory, tmp_path, cls):
         ids = torch.stack([ids, ids.flip(0)], 1)
     with torch.no_grad():
         _assert_outputs_close(back(ids), ref(ids), torch.ones(ids.shape[:2], dtype=torch.bool))
+
+
+def _encoder_heads(*model_types):
+    from loom.auto import model_table
+
+    return [(t, cls.__name__) for t in model_types for cls in model_table()[t][1].values()]
+
+
+def _padded_batch(pad_id: int):
+    """Row 0 left-padded by 3, row 1 right-padded by 4, pad tokens set to `pad_id` (RoBERTa counts positions over
+    the non-pad ids, so the pad id matters)."""
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[1, 8:] = 0
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+def _head_inputs(cls: str, ids, mask):
+    """The inputs (multiple choice: (B, C, T)) and labels of a head, and which outputs rows are real tokens."""
+    valid = mask.bool()
+    if "MultipleChoice" in cls:
+        ids, mask = (torch.stack([t, t.flip(0), t.roll(3, 1)], 1) for t in (ids, mask))
+        return dict(input_ids=ids, attention_mask=mask, labels=torch.tensor([2, 0])), torch.ones(2, 3).bool()
+    labels = {"MaskedLM": dict(labels=torch.where((ids % 3 == 0) & valid, ids, -100)),
+              "SequenceClassification": dict(labels=torch.tensor([0, 2])),
+              "TokenClassification": dict(labels=torch.where(valid, ids % 3, -100)),
+              "QuestionAnswering": dict(start_positions=torch.tensor([4, 3]), end_positions=torch.tensor([6, 40])),
+              "PreTraining": dict(labels=(ids % 2).float()), "Model": {}}
+    extra = next(v for k, v in labels.items() if cls.endswith(k) or k in cls)
+    return dict(input_ids=ids, attention_mask=mask, **extra), valid
+
+
+def _num_labels(cls: str) -> int:
+    return 2 if "QuestionAnswering" in cls else 3
+
+
+ROBERTA_HEADS = _encoder_heads("roberta", "xlm-roberta", "camembert")
+
+
+@pytest.mark.parametrize("model_type,cls", ROBERTA_HEADS)
+def test_roberta_family_parity_and_loss(tmp_path_factory, model_type, cls):
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
+    ours = getattr(loom, cls).from_pretrained(path)
+    inputs, valid = _head_inputs(cls, *_padded_batch(ref.config.pad_token_id))
+    with torch.no_grad():
+        a, b = ours(**inputs), ref(**inputs)
+    _assert_outputs_close(a, b, valid)
+    if cls.endswith("Model"):
+        assert a.pooler_output is not None
+    else:
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,cls", [r for r in ROBERTA_HEADS if r[0] == "roberta"])
+def test_roberta_save_then_reference_load(tmp_path_factory, tmp_path, model_type, cls):
+    import transformers
+
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
+    getattr(loom, cls).from_pretrained(path).save_pretrained(tmp_path)
+    back = getattr(transformers, cls).from_pretrained(tmp_path).eval()
+    inputs, valid = _head_inputs(cls, *_padded_batch(1))
+    with torch.no_grad():
+        _assert_outputs_close(back(**inputs), ref(**inputs), valid)
+
+
+def test_roberta_positions_from_inputs_embeds_and_length_limit(tmp_path_factory):
+    path, ref = reference_checkpoint(tmp_path_factory, "roberta", "RobertaModel")
+    ours = loom.RobertaModel.from_pretrained(path)
+    embeds = torch.randn(2, 7, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(inputs_embeds=embeds).last_hidden_state,
+                                   ref(inputs_embeds=embeds).last_hidden_state, atol=1e-4, rtol=1e-4)
+        ours(_ids(T=62))  # 62 tokens fill positions 2..63
+        with pytest.raises(ValueError, match="63 tokens is longer than RoBERTa's 62 positions.*max_position_embeddings"):
+            ours(_ids(T=63))
+
+
+def test_roberta_mlm_ties_decoder_to_embeddings_and_bias(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "roberta", "RobertaForMaskedLM")
+    ours = loom.AutoModelForMaskedLM.from_pretrained(path)
+    assert ours.lm_head.decoder.weight is ours.roberta.embeddings.word_embeddings.weight
+    assert ours.lm_head.decoder.bias is ours.lm_head.bias
+    assert type(loom.AutoModelForMultipleChoice.from_pretrained(
+        reference_checkpoint(tmp_path_factory, "xlm-roberta", "XLMRobertaForMultipleChoice")[0])).__name__ == \
+        "XLMRobertaForMultipleChoice"

@@ -362,10 +362,14 @@ class BertForSequenceClassification(_BertWithHead):
         # the pooler reads the first token only, so the last layer computes only that one
         out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           output_hidden_states, keep_first=1, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.pooler_output))
+        logits = self.classify(out)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                            attentions=out.attentions)
+
+
+    def classify(self, out):
+        return self.classifier(self.dropout(out.pooler_output))
 
 
 class BertForTokenClassification(_BertWithHead):
