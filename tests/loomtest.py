@@ -70,6 +70,9 @@ TINY = {
     "camembert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                       max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
                       eos_token_id=2),
+    # embeddings narrower than the encoder, so every test runs the embeddings_project path
+    "electra": dict(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64, type_vocab_size=2),
 }
 
 

@@ -160,3 +160,56 @@ def test_roberta_mlm_ties_decoder_to_embeddings_and_bias(tmp_path_factory):
     assert type(loom.AutoModelForMultipleChoice.from_pretrained(
         reference_checkpoint(tmp_path_factory, "xlm-roberta", "XLMRobertaForMultipleChoice")[0])).__name__ == \
         "XLMRobertaForMultipleChoice"
+
+
+ELECTRA_HEADS = _encoder_heads("electra")
+
+
+@pytest.mark.parametrize("embedding_size", [16, 32])
+@pytest.mark.parametrize("cls", [c for _, c in ELECTRA_HEADS])
+def test_electra_parity_loss_and_round_trip(tmp_path_factory, tmp_path, cls, embedding_size):
+    import transformers
+
+    path, ref = reference_checkpoint(tmp_path_factory, "electra", cls, num_labels=_num_labels(cls),
+                                     embedding_size=embedding_size)
+    ours = getattr(loom, cls).from_pretrained(path)
+    base = ours if cls == "ElectraModel" else ours.electra
+    assert hasattr(base, "embeddings_project") == (embedding_size != 32)
+    inputs, valid = _head_inputs(cls, *_padded_batch(0))
+    inputs["token_type_ids"] = (torch.arange(inputs["input_ids"].shape[-1]) >= 6).long().expand_as(inputs["input_ids"])
+    with torch.no_grad():
+        a, b = ours(**inputs), ref(**inputs)
+    _assert_outputs_close(a, b, valid)
+    if not cls.endswith("Model"):
+        torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
+    ours.save_pretrained(tmp_path)
+    back = getattr(transformers, cls).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        _assert_outputs_close(back(**inputs), b, valid)
+
+
+@pytest.mark.parametrize("summary_type", ["last", "mean"])
+def test_electra_multiple_choice_summary_types(tmp_path_factory, summary_type):
+    path, ref = reference_checkpoint(tmp_path_factory, "electra", "ElectraForMultipleChoice",
+                                     summary_type=summary_type, summary_proj_to_labels=False)
+    ours = loom.AutoModelForMultipleChoice.from_pretrained(path)
+    inputs, valid = _head_inputs("ElectraForMultipleChoice", *_padded_batch(0))
+    with torch.no_grad():
+        _assert_outputs_close(ours(**inputs), ref(**inputs), valid)
+
+
+def test_electra_bad_summary_type_is_named(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "electra", "ElectraModel")
+    config = loom.AutoConfig.from_pretrained(path)
+    config.summary_type = "attn"
+    with pytest.raises(ValueError, match="summary_type='attn' is not supported by loom"):
+        loom.ElectraForMultipleChoice(config)
+
+
+def test_electra_generator_ties_lm_head_to_embeddings(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "electra", "ElectraForMaskedLM")
+    ours = loom.AutoModelForMaskedLM.from_pretrained(path)
+    assert ours.generator_lm_head.weight is ours.electra.embeddings.word_embeddings.weight
+    assert type(loom.AutoModelForPreTraining.from_pretrained(
+        reference_checkpoint(tmp_path_factory, "electra", "ElectraForPreTraining")[0])).__name__ == \
+        "ElectraForPreTraining"

@@ -69,12 +69,14 @@ def _cpu_attention_with_dropout(q, k, v, mask, p: float) -> torch.Tensor:
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, width: int | None = None) -> None:
+        """`width`: the embedding size (default hidden_size; ELECTRA's are narrower and projected up)."""
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        width = width or config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.max_positions = config.max_position_embeddings
 
@@ -238,9 +240,16 @@ class BertModel(BertPreTrainedModel):
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
         self.embeddings = self.embeddings_class(config)
+        self.add_variant_modules(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
+
+    def add_variant_modules(self, config) -> None:
+        """Hook for a variant's extra modules between the embeddings and the encoder (ELECTRA's projection)."""
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        return self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -256,7 +265,7 @@ class BertModel(BertPreTrainedModel):
         when hidden states or attentions are requested, so that every output keeps its full length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
         if output_hidden_states or output_attentions:
@@ -408,6 +417,7 @@ class BertForMultipleChoice(_BertWithHead):
     """Scores each of C choices: inputs are (B, C, T), logits (B, C)."""
 
     add_pooling_layer = True
+    reads_first_token = True  # the classifier reads position 0 only, so the last layer computes only that row
 
     def make_head(self, config):
         return nn.Linear(config.hidden_size, 1)
@@ -418,7 +428,8 @@ class BertForMultipleChoice(_BertWithHead):
         choices = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
         flat = [t.flatten(0, 1) if t is not None else None
                 for t in (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)]  # (B*C, T, ...)
-        out = self.encode(*flat, output_hidden_states, keep_first=1, output_attentions=output_attentions)
+        out = self.encode(*flat, output_hidden_states, keep_first=1 if self.reads_first_token else None,
+                          output_attentions=output_attentions)
         logits = self.classify(out).view(-1, choices)
         loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)

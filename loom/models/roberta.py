@@ -77,8 +77,10 @@ class RobertaClassificationHead(nn.Module):
         self.dropout = Dropout(p)
         self.out_proj = nn.Linear(config.hidden_size, config.num_labels)
 
+    activation = staticmethod(torch.tanh)
+
     def forward(self, h):
-        x = torch.tanh(self.dense(self.dropout(h[:, 0])))
+        x = self.activation(self.dense(self.dropout(h[:, 0])))
         return self.out_proj(self.dropout(x))
 
 
