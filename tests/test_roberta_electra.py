@@ -213,3 +213,119 @@ def test_electra_generator_ties_lm_head_to_embeddings(tmp_path_factory):
     assert type(loom.AutoModelForPreTraining.from_pretrained(
         reference_checkpoint(tmp_path_factory, "electra", "ElectraForPreTraining")[0])).__name__ == \
         "ElectraForPreTraining"
+
+
+# -- tokenizers and pipelines -----------------------------------------------------------------------------------------
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "Le cœur a ses raisons que la raison ne connaît point.",
+          "Über den Wolken muss die Freiheit wohl grenzenlos sein.", "¿Dónde está la biblioteca?",
+          "Москва — столица России.", "東京は日本の首都です。", "北京欢迎你", "안녕하세요, 만나서 반갑습니다.",
+          "مرحبا بالعالم", "नमस्ते दुनिया", "Γειά σου Κόσμε", "emoji 🤗 and tabs\tand  double  spaces",
+          "Numbers 12345 and 3.14159, URLs https://example.com/a?b=c", "Wolfgang lives in Berlin."]
+
+
+def _legacy_tokenizer_dirs(root):
+    """Legacy tokenizer folders trained here: RoBERTa's vocab.json + merges.txt (a byte-level BPE), and an XLM-R and
+    a CamemBERT folder holding one SentencePiece unigram model as sentencepiece.bpe.model."""
+    import json
+    import shutil
+
+    import sentencepiece as spm
+    from tokenizers import ByteLevelBPETokenizer
+
+    dirs = {t: root / f"{t}-legacy" for t in ("roberta", "xlm-roberta", "camembert")}
+    for d in dirs.values():
+        d.mkdir()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS * 3, vocab_size=400, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], show_progress=False)
+    bpe.save_model(str(dirs["roberta"]))
+    (root / "corpus.txt").write_text("\n".join(CORPUS * 3), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(root / "corpus.txt"), model_prefix=str(root / "sp"), vocab_size=150,
+                                   model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+                                   minloglevel=2)
+    for model_type, cls in [("roberta", "RobertaTokenizer"), ("xlm-roberta", "XLMRobertaTokenizer"),
+                            ("camembert", "CamembertTokenizer")]:
+        if model_type != "roberta":
+            shutil.copy(root / "sp.model", dirs[model_type] / "sentencepiece.bpe.model")
+        (dirs[model_type] / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": cls}))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory):
+    """Per family: the legacy folder, and the folder the reference's tokenizer class saves from it (tokenizer.json)."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    out = {}
+    for model_type, legacy in _legacy_tokenizer_dirs(root).items():
+        saved = root / f"{model_type}-saved"
+        transformers.AutoTokenizer.from_pretrained(legacy).save_pretrained(saved)
+        assert (saved / "tokenizer.json").exists()
+        out[model_type] = {"legacy": legacy, "saved": saved}
+    return out
+
+
+@pytest.mark.parametrize("layout", ["legacy", "saved"])
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert"])
+def test_tokenizer_ids_equal_reference(tokenizer_dirs, model_type, layout):
+    import transformers
+
+    path = tokenizer_dirs[model_type][layout]
+    ours, ref = loom.AutoTokenizer.from_pretrained(path), transformers.AutoTokenizer.from_pretrained(path)
+    for text in CORPUS:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+        assert ours.decode(ours(text)["input_ids"], skip_special_tokens=True) == \
+            ref.decode(ref(text)["input_ids"], skip_special_tokens=True)
+    assert dict(ours(CORPUS[0], CORPUS[4])) == dict(ref(CORPUS[0], CORPUS[4]))
+    batch_a = ours(CORPUS, padding=True)
+    batch_b = ref(CORPUS, padding=True)
+    assert batch_a["input_ids"] == batch_b["input_ids"] and batch_a["attention_mask"] == batch_b["attention_mask"]
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "mask_token_id"):
+        assert getattr(ours, name) == getattr(ref, name), name
+    assert len(ours) == len(ref)
+
+
+def _model_with_tokenizer(tmp_path_factory, model_type, cls, tokenizer_dir, **overrides):
+    import shutil
+
+    import transformers
+
+    vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, vocab_size=vocab, **overrides)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (tokenizer_dir / name).exists():
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path
+
+
+PIPELINE_CASES = [("fill-mask", "MaskedLM", {}), ("text-classification", "SequenceClassification", {}),
+                  ("token-classification", "TokenClassification", {"aggregation_strategy": "simple"})]
+
+
+def _pipeline_text(task: str, mask_token: str) -> list[str]:
+    if task == "fill-mask":
+        return [f"The quick brown {mask_token} jumps.", f"Le cœur a ses {mask_token} que la raison."]
+    return CORPUS[:4] + CORPUS[-1:]
+
+
+@pytest.mark.parametrize("task,head,kwargs", PIPELINE_CASES)
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert", "electra"])
+def test_pipelines_match_reference(tmp_path_factory, tokenizer_dirs, minilm_dir, model_type, task, head, kwargs):
+    import transformers
+
+    from pipelines.test_text_tasks import assert_same
+
+    prefix = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "electra": "Electra"}
+    labels = {"id2label": {0: "O", 1: "B-PER", 2: "I-PER"}, "label2id": {"O": 0, "B-PER": 1, "I-PER": 2}}
+    if model_type == "electra":  # ELECTRA checkpoints ship BERT's WordPiece tokenizer
+        tokenizer_dir = minilm_dir
+    else:
+        tokenizer_dir = tokenizer_dirs[model_type]["saved"]
+    path = _model_with_tokenizer(tmp_path_factory, model_type, f"{prefix[model_type]}For{head}",
+                                 tokenizer_dir, num_labels=3, **labels)
+    transformers.logging.set_verbosity_error()
+    ref = transformers.pipeline(task, model=str(path), device="cpu")
+    ours = loom.pipeline(task, model=str(path))
+    for text in _pipeline_text(task, ref.tokenizer.mask_token):
+        assert_same(ours(text, **kwargs), ref(text, **kwargs))

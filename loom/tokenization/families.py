@@ -15,8 +15,9 @@ class Family:
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     padding_side: str = "right"
     special_tokens: dict[str, str] = field(default_factory=dict)
-    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic", "llama" or "t5"
-    # the post-processor the family builds over legacy files once its special tokens have ids: "roberta" or "t5"
+    spm_flavour: str = "generic"  # how a SentencePiece .model converts: "generic", "llama", "t5", "xlm-roberta", ...
+    # the post-processor the family builds over legacy files once its special tokens have ids: "roberta", "fairseq"
+    # (XLM-R, CamemBERT) or "t5"
     post_processor: str | None = None
 
 
@@ -35,6 +36,10 @@ FAMILIES = {
     "llama": Family("llama", padding_side="left", spm_flavour="llama",
                     special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
     "roberta": Family("roberta", special_tokens=_ROBERTA_SPECIALS, post_processor="roberta"),
+    "xlm-roberta": Family("xlm-roberta", special_tokens=_ROBERTA_SPECIALS, spm_flavour="xlm-roberta",
+                          post_processor="fairseq"),
+    "camembert": Family("camembert", special_tokens=_ROBERTA_SPECIALS, spm_flavour="camembert",
+                        post_processor="fairseq"),
     "t5": Family("t5", spm_flavour="t5", post_processor="t5",
                  special_tokens={"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
 }
@@ -43,13 +48,15 @@ FAMILIES = {
 CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
     "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
-    "RobertaTokenizer": "roberta", "T5Tokenizer": "t5",
+    "RobertaTokenizer": "roberta", "XLMRobertaTokenizer": "xlm-roberta", "CamembertTokenizer": "camembert",
+    "T5Tokenizer": "t5",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
 }
 
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
-                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5"}
+                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
+                       "camembert": "camembert", "t5": "t5"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
