@@ -33,6 +33,8 @@ class PreTrainedModel(nn.Module):
     base_model_prefix: ClassVar[str] = ""
     # model key of a tied parameter -> the parameter it shares storage with (when config.tie_word_embeddings)
     _tied_weights_keys: ClassVar[dict[str, str]] = {}
+    # per-vocabulary-entry biases held outside the output Linear (BERT's `cls.predictions.bias`): resized with it
+    _output_bias_keys: ClassVar[tuple[str, ...]] = ()
     # suffixes of weights stored transposed in checkpoints (GPT-2's Conv1D); flipped on load and on save
     _transposed_checkpoint_weights: ClassVar[tuple[str, ...]] = ()
     # regexes of checkpoint keys that are expected to be unused (old buffers) and are dropped quietly
@@ -171,11 +173,11 @@ class PreTrainedModel(nn.Module):
         if head is not None and not tied:
             head.weight = nn.Parameter(_resized_rows(head.weight, new_num_tokens, mean_resizing))
         if head is not None and getattr(head, "bias", None) is not None:
-            bias = head.bias.data
-            grown = torch.zeros(new_num_tokens, dtype=bias.dtype, device=bias.device)
-            n = min(new_num_tokens, bias.shape[0])
-            grown[:n] = bias[:n]
-            head.bias = nn.Parameter(grown)
+            head.bias = nn.Parameter(_resized_bias(head.bias, new_num_tokens))
+        for name in self._output_bias_keys:
+            mod, _, attr = name.rpartition(".")
+            module = self.get_submodule(mod)
+            setattr(module, attr, nn.Parameter(_resized_bias(getattr(module, attr), new_num_tokens)))
         if head is not None and hasattr(head, "out_features"):
             head.out_features = new_num_tokens
         self.config.vocab_size = new_num_tokens
@@ -420,6 +422,13 @@ def checked_attn_implementation(config: PretrainedConfig) -> str:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
+
+
+def _resized_bias(bias: torch.Tensor, n: int) -> torch.Tensor:
+    grown = torch.zeros(n, dtype=bias.dtype, device=bias.device)
+    keep = min(n, bias.shape[0])
+    grown[:keep] = bias.data[:keep]
+    return grown
 
 
 def _resized_rows(weight: torch.Tensor, n: int, mean_resizing: bool) -> torch.Tensor:

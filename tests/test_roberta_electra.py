@@ -329,3 +329,28 @@ def test_pipelines_match_reference(tmp_path_factory, tokenizer_dirs, minilm_dir,
     ours = loom.pipeline(task, model=str(path))
     for text in _pipeline_text(task, ref.tokenizer.mask_token):
         assert_same(ours(text, **kwargs), ref(text, **kwargs))
+
+
+@pytest.mark.parametrize("model_type,cls", [("bert", "BertForMaskedLM"), ("bert", "BertForPreTraining"),
+                                            ("roberta", "RobertaForMaskedLM"), ("electra", "ElectraForMaskedLM")])
+def test_resized_vocabulary_keeps_old_logits_and_reloads_in_reference(tmp_path_factory, tmp_path, model_type, cls):
+    """The LM bias kept outside the decoder grows with the vocabulary (it stayed at the old size before)."""
+    import transformers
+
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path)
+    ids = _ids()
+    with torch.no_grad():
+        before = _first_logits(ours(ids))
+        ours.resize_token_embeddings(120)
+        after = _first_logits(ours(ids))
+    assert after.shape[-1] == 120
+    torch.testing.assert_close(after[..., :99], before)
+    ours.save_pretrained(tmp_path)
+    back = getattr(transformers, cls).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_first_logits(back(ids)), after, atol=1e-4, rtol=1e-4)
+
+
+def _first_logits(out):
+    return out["logits"] if "logits" in out else out["prediction_logits"]

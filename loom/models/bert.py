@@ -324,6 +324,7 @@ class _BertHeadModel(BertPreTrainedModel):
 
 class BertForMaskedLM(_BertHeadModel):
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _output_bias_keys = ("cls.predictions.bias",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
@@ -483,6 +484,7 @@ class BertForPreTraining(_BertHeadModel):
 
     add_pooling_layer = True
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _output_bias_keys = ("cls.predictions.bias",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)

@@ -88,6 +88,7 @@ class RobertaForMaskedLM(RobertaPreTrainedModel, _BertHeadModel):
     model_class = RobertaModel
     _tied_weights_keys = {"lm_head.decoder.weight": "roberta.embeddings.word_embeddings.weight",
                           "lm_head.decoder.bias": "lm_head.bias"}
+    _output_bias_keys = ("lm_head.bias",)
 
     def __init__(self, config: RobertaConfig) -> None:
         super().__init__(config)
