@@ -354,3 +354,19 @@ def test_resized_vocabulary_keeps_old_logits_and_reloads_in_reference(tmp_path_f
 
 def _first_logits(out):
     return out["logits"] if "logits" in out else out["prediction_logits"]
+
+
+def test_multiple_choice_refuses_unstacked_inputs(tmp_path_factory):
+    path, _ = reference_checkpoint(tmp_path_factory, "roberta", "RobertaForMultipleChoice")
+    ours = loom.RobertaForMultipleChoice.from_pretrained(path)
+    with pytest.raises(ValueError, match=r"input_ids of shape \(batch, num_choices, seq_len\).*got \(2, 12\)"):
+        ours(_ids())
+
+
+@pytest.mark.parametrize("model_type,cls,key", [("roberta", "RobertaForCausalLM", "is_decoder"),
+                                                ("bert", "BertLMHeadModel", "is_decoder")])
+def test_decoder_configs_are_refused_by_name(tmp_path_factory, model_type, cls, key):
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, **{key: True})
+    base = loom.RobertaModel if model_type == "roberta" else loom.BertModel
+    with pytest.raises(ValueError, match=f"{key}=true asks for this encoder as a decoder.*set it to false"):
+        base.from_pretrained(path)

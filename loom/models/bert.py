@@ -239,6 +239,12 @@ class BertModel(BertPreTrainedModel):
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
+        for key in ("is_decoder", "add_cross_attention"):
+            if getattr(config, key, False):
+                raise ValueError(f"{config._name_or_path or 'config'}: {key}=true asks for this encoder as a decoder "
+                                 f"(a {type(self).__name__.removesuffix('Model')}ForCausalLM or encoder-decoder "
+                                 "checkpoint); loom runs it bidirectionally only: set it to false to use it as an "
+                                 "encoder")
         self.embeddings = self.embeddings_class(config)
         self.add_variant_modules(config)
         self.encoder = BertEncoder(config)
@@ -426,7 +432,12 @@ class BertForMultipleChoice(_BertWithHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
                 output_attentions=None, **_):
-        choices = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape[1]
+        given = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        if given is None or given.dim() != 3:
+            raise ValueError(f"{type(self).__name__} takes input_ids of shape (batch, num_choices, seq_len) (or "
+                             "inputs_embeds with a hidden dimension after those), got "
+                             f"{None if given is None else tuple(given.shape)}; stack each example's choices")
+        choices = given.shape[1]
         flat = [t.flatten(0, 1) if t is not None else None
                 for t in (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)]  # (B*C, T, ...)
         out = self.encode(*flat, output_hidden_states, keep_first=1 if self.reads_first_token else None,
