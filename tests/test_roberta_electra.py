@@ -149,7 +149,7 @@ def test_roberta_positions_from_inputs_embeds_and_length_limit(tmp_path_factory)
         torch.testing.assert_close(ours(inputs_embeds=embeds).last_hidden_state,
                                    ref(inputs_embeds=embeds).last_hidden_state, atol=1e-4, rtol=1e-4)
         ours(_ids(T=62))  # 62 tokens fill positions 2..63
-        with pytest.raises(ValueError, match="63 tokens is longer than RoBERTa's 62 positions.*max_position_embeddings"):
+        with pytest.raises(ValueError, match="63 tokens is longer than RoBERTa's 62 positions.*max_position_embed"):
             ours(_ids(T=63))
 
 
