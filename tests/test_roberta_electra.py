@@ -80,7 +80,7 @@ def test_bert_new_heads_auto_and_round_trip(tmp_path_factory, tmp_path, cls):
 def _encoder_heads(*model_types):
     from loom.auto import model_table
 
-    return [(t, cls.__name__) for t in model_types for cls in model_table()[t][1].values()]
+    return sorted({(t, cls.__name__) for t in model_types for cls in model_table()[t][1].values()})
 
 
 def _padded_batch(pad_id: int):
@@ -158,6 +158,7 @@ def test_roberta_mlm_ties_decoder_to_embeddings_and_bias(tmp_path_factory):
     ours = loom.AutoModelForMaskedLM.from_pretrained(path)
     assert ours.lm_head.decoder.weight is ours.roberta.embeddings.word_embeddings.weight
     assert ours.lm_head.decoder.bias is ours.lm_head.bias
+    assert type(loom.AutoModelForPreTraining.from_pretrained(path)) is loom.RobertaForMaskedLM  # as the reference
     assert type(loom.AutoModelForMultipleChoice.from_pretrained(
         reference_checkpoint(tmp_path_factory, "xlm-roberta", "XLMRobertaForMultipleChoice")[0])).__name__ == \
         "XLMRobertaForMultipleChoice"

@@ -139,16 +139,17 @@ class RobertaForQuestionAnswering(RobertaPreTrainedModel, BertForQuestionAnsweri
 ROBERTA_HEADS = {"base": RobertaModel, "masked-lm": RobertaForMaskedLM,
                  "sequence-classification": RobertaForSequenceClassification,
                  "token-classification": RobertaForTokenClassification,
-                 "question-answering": RobertaForQuestionAnswering, "multiple-choice": RobertaForMultipleChoice}
+                 "question-answering": RobertaForQuestionAnswering, "multiple-choice": RobertaForMultipleChoice,
+                 "pretraining": RobertaForMaskedLM}  # the reference's AutoModelForPreTraining picks the MLM
 
 
 def _renamed(name: str, config_class: type[RobertaConfig]) -> tuple[type[RobertaConfig], dict[str, type]]:
     """The RoBERTa classes under another family's names (`XLMRobertaForMaskedLM`, ...) and config class: the
     network and the checkpoint keys are RoBERTa's."""
-    heads = {head: type(cls.__name__.replace("Roberta", name, 1), (cls,),
-                        {"config_class": config_class, "__module__": __name__, "__doc__": cls.__doc__})
-             for head, cls in ROBERTA_HEADS.items()}
-    return config_class, heads
+    renamed = {cls: type(cls.__name__.replace("Roberta", name, 1), (cls,),
+                         {"config_class": config_class, "__module__": __name__, "__doc__": cls.__doc__})
+               for cls in set(ROBERTA_HEADS.values())}
+    return config_class, {head: renamed[cls] for head, cls in ROBERTA_HEADS.items()}
 
 
 class XLMRobertaConfig(RobertaConfig):
