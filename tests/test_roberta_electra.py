@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import loom
-from loomtest import reference_checkpoint
+from loomtest import TINY, reference_checkpoint
 
 
 def _ids(B=2, T=12, vocab=99, seed=1, low=3):
@@ -377,3 +377,18 @@ def test_decoder_configs_are_refused_by_name(tmp_path_factory, model_type, cls, 
     base = loom.RobertaModel if model_type == "roberta" else loom.BertModel
     with pytest.raises(ValueError, match=f"{key}=true asks for this encoder as a decoder.*set it to false"):
         base.from_pretrained(path)
+
+
+@pytest.mark.parametrize("cls", ["RobertaModel", "XLMRobertaForSequenceClassification", "ElectraForPreTraining",
+                                 "BertForMultipleChoice"])
+def test_tensor_parallel_plan_covers_every_layer(cls):
+    """tp_plan="auto" names each layer's six projections under the family's own prefix (a plan written for `bert.`
+    would match nothing in a RoBERTa or ELECTRA model)."""
+    from loom.auto import model_table
+    from loom.distributed.tensor_parallel import resolve_plan
+
+    model_type = next(t for t, (_, heads) in model_table().items() if cls in {c.__name__ for c in heads.values()})
+    model = getattr(loom, cls)(loom.AutoConfig.for_model(model_type, **TINY[model_type]))
+    plan = resolve_plan(model)
+    assert len(plan) == 6 * TINY[model_type]["num_hidden_layers"]
+    assert sum(style == "rowwise" for style in plan.values()) == 2 * TINY[model_type]["num_hidden_layers"]
