@@ -255,7 +255,11 @@ def _legacy_tokenizer_dirs(root):
 
 @pytest.fixture(scope="module")
 def tokenizer_dirs(tmp_path_factory):
-    """Per family: the legacy folder, and the folder the reference's tokenizer class saves from it (tokenizer.json)."""
+    """Per family: the legacy folder, the folder the reference's tokenizer class saves from it (tokenizer.json), and
+    the legacy files with only config.json's model_type to say whose they are."""
+    import json
+    import shutil
+
     import transformers
 
     root = tmp_path_factory.mktemp("tokenizers")
@@ -264,11 +268,15 @@ def tokenizer_dirs(tmp_path_factory):
         saved = root / f"{model_type}-saved"
         transformers.AutoTokenizer.from_pretrained(legacy).save_pretrained(saved)
         assert (saved / "tokenizer.json").exists()
-        out[model_type] = {"legacy": legacy, "saved": saved}
+        by_model_type = root / f"{model_type}-by-model-type"  # no tokenizer_config.json: config.json names the family
+        shutil.copytree(legacy, by_model_type)
+        (by_model_type / "tokenizer_config.json").unlink()
+        (by_model_type / "config.json").write_text(json.dumps({"model_type": model_type}))
+        out[model_type] = {"legacy": legacy, "saved": saved, "by-model-type": by_model_type}
     return out
 
 
-@pytest.mark.parametrize("layout", ["legacy", "saved"])
+@pytest.mark.parametrize("layout", ["legacy", "saved", "by-model-type"])
 @pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert"])
 def test_tokenizer_ids_equal_reference(tokenizer_dirs, model_type, layout):
     import transformers
