@@ -242,9 +242,8 @@ class BertModel(BertPreTrainedModel):
         for key in ("is_decoder", "add_cross_attention"):
             if getattr(config, key, False):
                 raise ValueError(f"{config._name_or_path or 'config'}: {key}=true asks for this encoder as a decoder "
-                                 f"(a {type(self).__name__.removesuffix('Model')}ForCausalLM or encoder-decoder "
-                                 "checkpoint); loom runs it bidirectionally only: set it to false to use it as an "
-                                 "encoder")
+                                 "(a causal-LM or encoder-decoder checkpoint); loom runs it bidirectionally only: set "
+                                 "it to false to use it as an encoder")
         self.embeddings = self.embeddings_class(config)
         self.add_variant_modules(config)
         self.encoder = BertEncoder(config)
@@ -383,7 +382,6 @@ class BertForSequenceClassification(_BertWithHead):
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                            attentions=out.attentions)
 
-
     def classify(self, out):
         return self.classifier(self.dropout(out.pooler_output))
 
@@ -432,7 +430,7 @@ class BertForMultipleChoice(_BertWithHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
                 output_attentions=None, **_):
-        given = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        given = input_ids if input_ids is not None else inputs_embeds[..., 0] if inputs_embeds is not None else None
         if given is None or given.dim() != 3:
             raise ValueError(f"{type(self).__name__} takes input_ids of shape (batch, num_choices, seq_len) (or "
                              "inputs_embeds with a hidden dimension after those), got "
