@@ -129,13 +129,15 @@ def test_roberta_family_parity_and_loss(tmp_path_factory, model_type, cls):
         torch.testing.assert_close(a.loss, b.loss, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("model_type,cls", [r for r in ROBERTA_HEADS if r[0] == "roberta"])
+@pytest.mark.parametrize("model_type,cls", ROBERTA_HEADS)
 def test_roberta_save_then_reference_load(tmp_path_factory, tmp_path, model_type, cls):
     import transformers
 
     path, ref = reference_checkpoint(tmp_path_factory, model_type, cls, num_labels=_num_labels(cls))
     getattr(loom, cls).from_pretrained(path).save_pretrained(tmp_path)
     back = getattr(transformers, cls).from_pretrained(tmp_path).eval()
+    saved = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert (saved.model_type, saved.architectures) == (model_type, [cls])
     inputs, valid = _head_inputs(cls, *_padded_batch(1))
     with torch.no_grad():
         _assert_outputs_close(back(**inputs), ref(**inputs), valid)
