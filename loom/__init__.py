@@ -21,7 +21,8 @@ def _export(module: str, *names: str) -> None:
 _export("loom.configuration", "PretrainedConfig")
 _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
         "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering",
-        "AutoModelForImageClassification", "AutoModelForMultipleChoice")
+        "AutoModelForImageClassification", "AutoModelForMultipleChoice", "AutoModelForNextSentencePrediction",
+        "AutoModelForPreTraining")
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")

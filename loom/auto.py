@@ -138,5 +138,13 @@ class AutoModelForMultipleChoice(_AutoModel):
     head = "multiple-choice"
 
 
+class AutoModelForNextSentencePrediction(_AutoModel):
+    head = "next-sentence-prediction"
+
+
+class AutoModelForPreTraining(_AutoModel):
+    head = "pretraining"
+
+
 class AutoModelForImageClassification(_AutoModel):
     head = "image-classification"

@@ -177,10 +177,7 @@ class PreTrainedModel(nn.Module):
         for holder in holders:
             bias = getattr(holder, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == old.num_embeddings:
-                grown = torch.zeros(new_num_tokens, dtype=bias.dtype, device=bias.device)
-                n = min(new_num_tokens, bias.shape[0])
-                grown[:n] = bias.data[:n]
-                holder.bias = nn.Parameter(grown)
+                holder.bias = nn.Parameter(_resized_bias(bias, new_num_tokens))
         if head is not None and hasattr(head, "out_features"):
             head.out_features = new_num_tokens
         self.config.vocab_size = new_num_tokens
@@ -425,6 +422,13 @@ def checked_attn_implementation(config: PretrainedConfig) -> str:
 
 def _on_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
+
+
+def _resized_bias(bias: torch.Tensor, n: int) -> torch.Tensor:
+    grown = torch.zeros(n, dtype=bias.dtype, device=bias.device)
+    keep = min(n, bias.shape[0])
+    grown[:keep] = bias.data[:keep]
+    return grown
 
 
 def _resized_rows(weight: torch.Tensor, n: int, mean_resizing: bool) -> torch.Tensor:

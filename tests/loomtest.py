@@ -76,6 +76,18 @@ TINY = {
                        max_position_embeddings=64, local_attention=8, global_attn_every_n_layers=2,
                        global_rope_theta=1000.0, local_rope_theta=100.0, pad_token_id=0, bos_token_id=1,
                        eos_token_id=2, cls_token_id=1, sep_token_id=2),
+    # RoBERTa and its aliases: padding id 1, positions from 2 (so 64 positions hold 62 tokens)
+    "roberta": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                    max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2),
+    "xlm-roberta": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=37, max_position_embeddings=64, type_vocab_size=1, pad_token_id=1,
+                        bos_token_id=0, eos_token_id=2),
+    "camembert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                      max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, bos_token_id=0,
+                      eos_token_id=2),
+    # embeddings narrower than the encoder, so every test runs the embeddings_project path
+    "electra": dict(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    intermediate_size=37, max_position_embeddings=64, type_vocab_size=2),
 }
 
 

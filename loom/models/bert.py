@@ -69,12 +69,14 @@ def _cpu_attention_with_dropout(q, k, v, mask, p: float) -> torch.Tensor:
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, width: int | None = None) -> None:
+        """`width`: the embedding size (default hidden_size; ELECTRA's are narrower and projected up)."""
         super().__init__()
-        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
-        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
-        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        width = width or config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width)
+        self.LayerNorm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.dropout = Dropout(config.hidden_dropout_prob)
         self.max_positions = config.max_position_embeddings
 
@@ -233,12 +235,26 @@ class BertPreTrainedModel(PreTrainedModel):
 
 
 class BertModel(BertPreTrainedModel):
+    embeddings_class = BertEmbeddings
+
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        for key in ("is_decoder", "add_cross_attention"):
+            if getattr(config, key, False):
+                raise ValueError(f"{config._name_or_path or 'config'}: {key}=true asks for this encoder as a decoder "
+                                 "(a causal-LM or encoder-decoder checkpoint); loom runs it bidirectionally only: set "
+                                 "it to false to use it as an encoder")
+        self.embeddings = self.embeddings_class(config)
+        self.add_variant_modules(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.post_init()
+
+    def add_variant_modules(self, config) -> None:
+        """Hook for a variant's extra modules between the embeddings and the encoder (ELECTRA's projection)."""
+
+    def embed(self, input_ids, token_type_ids, position_ids, inputs_embeds):
+        return self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
 
     def get_input_embeddings(self):
         return self.embeddings.word_embeddings
@@ -254,7 +270,7 @@ class BertModel(BertPreTrainedModel):
         when hidden states or attentions are requested, so that every output keeps its full length."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
-        x = self.embeddings(input_ids, token_type_ids, position_ids, inputs_embeds)
+        x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
         if output_hidden_states or output_attentions:
@@ -297,12 +313,26 @@ class BertOnlyMLMHead(nn.Module):
         return self.predictions(h)
 
 
-class BertForMaskedLM(BertPreTrainedModel):
+class _BertHeadModel(BertPreTrainedModel):
+    """A head over the encoder, which sits at `base_model_prefix` (`bert.`, `roberta.`, ...) as in checkpoints;
+    variants set `model_class` and the prefix."""
+
+    model_class = BertModel
+    add_pooling_layer = False
+
+    def add_encoder(self, config) -> None:
+        setattr(self, self.base_model_prefix, self.model_class(config, add_pooling_layer=self.add_pooling_layer))
+
+    def encode(self, *args, **kwargs):
+        return getattr(self, self.base_model_prefix)(*args, **kwargs)
+
+
+class BertForMaskedLM(_BertHeadModel):
     _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=False)
+        self.add_encoder(config)
         self.cls = BertOnlyMLMHead(config)
         self.post_init()
 
@@ -312,27 +342,29 @@ class BertForMaskedLM(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None,
                 **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
-                        output_attentions=output_attentions)
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, output_attentions=output_attentions)
         logits = self.cls(out.last_hidden_state)
         loss = token_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                            attentions=out.attentions)
 
 
-class _BertWithHead(BertPreTrainedModel):
-    """Shared body of the classification-style heads: BERT, dropout, one Linear."""
+class _BertWithHead(_BertHeadModel):
+    """Shared body of the classification-style heads: the encoder, dropout, one Linear."""
 
-    add_pooling_layer = False
     head_name = "classifier"
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__(config)
-        self.bert = BertModel(config, add_pooling_layer=self.add_pooling_layer)
+        self.add_encoder(config)
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = Dropout(p)
-        setattr(self, self.head_name, nn.Linear(config.hidden_size, config.num_labels))
+        setattr(self, self.head_name, self.make_head(config))
         self.post_init()
+
+    def make_head(self, config):
+        return nn.Linear(config.hidden_size, config.num_labels)
 
 
 class BertForSequenceClassification(_BertWithHead):
@@ -342,20 +374,23 @@ class BertForSequenceClassification(_BertWithHead):
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
                 output_attentions=None, **_):
         # the pooler reads the first token only, so the last layer computes only that one
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
-                        keep_first=1, output_attentions=output_attentions)
-        logits = self.classifier(self.dropout(out.pooler_output))
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, keep_first=1, output_attentions=output_attentions)
+        logits = self.classify(out)
         loss = classification_loss(self.config, logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                            attentions=out.attentions)
+
+    def classify(self, out):
+        return self.classifier(self.dropout(out.pooler_output))
 
 
 class BertForTokenClassification(_BertWithHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None, output_attentions=None,
                 **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
-                        output_attentions=output_attentions)
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, output_attentions=output_attentions)
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = token_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
@@ -368,8 +403,8 @@ class BertForQuestionAnswering(_BertWithHead):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, start_positions=None, end_positions=None, output_hidden_states=None,
                 return_dict=None, output_attentions=None, **_):
-        out = self.bert(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds, output_hidden_states,
-                        output_attentions=output_attentions)
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, output_attentions=output_attentions)
         start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
         start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
         loss = None
@@ -382,7 +417,107 @@ class BertForQuestionAnswering(_BertWithHead):
                            attentions=out.attentions)
 
 
+class BertForMultipleChoice(_BertWithHead):
+    """Scores each of C choices: inputs are (B, C, T), logits (B, C)."""
+
+    add_pooling_layer = True
+    reads_first_token = True  # the classifier reads position 0 only, so the last layer computes only that row
+
+    def make_head(self, config):
+        return nn.Linear(config.hidden_size, 1)
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
+                output_attentions=None, **_):
+        given = input_ids if input_ids is not None else inputs_embeds[..., 0] if inputs_embeds is not None else None
+        if given is None or given.dim() != 3:
+            raise ValueError(f"{type(self).__name__} takes input_ids of shape (batch, num_choices, seq_len) (or "
+                             "inputs_embeds with a hidden dimension after those), got "
+                             f"{None if given is None else tuple(given.shape)}; stack each example's choices")
+        choices = given.shape[1]
+        flat = [t.flatten(0, 1) if t is not None else None
+                for t in (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)]  # (B*C, T, ...)
+        out = self.encode(*flat, output_hidden_states, keep_first=1 if self.reads_first_token else None,
+                          output_attentions=output_attentions)
+        logits = self.classify(out).view(-1, choices)
+        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+    def classify(self, out):
+        return self.classifier(self.dropout(out.pooler_output))
+
+
+class BertOnlyNSPHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, pooled):
+        return self.seq_relationship(pooled)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(self, h, pooled):
+        return self.predictions(h), self.seq_relationship(pooled)
+
+
+class BertForNextSentencePrediction(_BertHeadModel):
+    """Whether sentence B follows sentence A (label 0) or is random (label 1), from the pooled [CLS]."""
+
+    add_pooling_layer = True
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.add_encoder(config)
+        self.cls = BertOnlyNSPHead(config)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, output_hidden_states=None, return_dict=None,
+                output_attentions=None, **_):
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, keep_first=1, output_attentions=output_attentions)
+        logits = self.cls(out.pooler_output)
+        loss = F.cross_entropy(logits.float(), labels.view(-1)) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class BertForPreTraining(_BertHeadModel):
+    """Masked-LM and next-sentence heads together; the loss is their sum when both label sets are given."""
+
+    add_pooling_layer = True
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.add_encoder(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, next_sentence_label=None, output_hidden_states=None,
+                return_dict=None, output_attentions=None, **_):
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, output_attentions=output_attentions)
+        prediction, relationship = self.cls(out.last_hidden_state, out.pooler_output)
+        loss = None
+        if labels is not None and next_sentence_label is not None:
+            loss = token_loss(prediction, labels) + F.cross_entropy(relationship.float(), next_sentence_label.view(-1))
+        return ModelOutput(loss=loss, prediction_logits=prediction, seq_relationship_logits=relationship,
+                           hidden_states=out.hidden_states, attentions=out.attentions)
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"bert": (BertConfig, {
     "base": BertModel, "masked-lm": BertForMaskedLM, "sequence-classification": BertForSequenceClassification,
-    "token-classification": BertForTokenClassification, "question-answering": BertForQuestionAnswering})}
+    "token-classification": BertForTokenClassification, "question-answering": BertForQuestionAnswering,
+    "multiple-choice": BertForMultipleChoice, "next-sentence-prediction": BertForNextSentencePrediction,
+    "pretraining": BertForPreTraining})}

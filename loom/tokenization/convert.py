@@ -4,7 +4,8 @@ Three formats: WordPiece `vocab.txt` (BERT family), byte-level BPE `vocab.json` 
 families) and SentencePiece `.model` files (Unigram, or BPE with byte fallback). A SentencePiece model converts in
 one of three flavours: "generic" follows the model's own normalizer spec, so ids equal
 `SentencePieceProcessor.encode`; "llama" is the Llama/Mistral recipe (no normalizer, a dummy prefix on the first
-piece only, byte fallback); "t5" is T5's recipe (charsmap only, split on whitespace, sentinel pieces appended).
+piece only, byte fallback); "t5" is T5's recipe (charsmap only, split on whitespace, sentinel pieces appended);
+"xlm-roberta" and "camembert" put fairseq's dictionary (its specials first, <mask> last) over T5-like splitting.
 """
 from __future__ import annotations
 
@@ -142,6 +143,33 @@ def _llama_merges(vocab: dict[str, int]) -> list[tuple[str, str]]:
     return [(left, right) for left, right, _ in merges]
 
 
+def fairseq_processor(engine: Tokenizer, bos_token, eos_token):
+    """XLM-R's and CamemBERT's `<s> A </s>` / `<s> A </s> </s> B </s>` (token types all 0)."""
+    bos = (str(bos_token), _family_token_id(engine, "XLM-RoBERTa", "bos_token", bos_token))
+    eos = (str(eos_token), _family_token_id(engine, "XLM-RoBERTa", "eos_token", eos_token))
+    return processors.TemplateProcessing(single=f"{bos[0]} $A {eos[0]}",
+                                         pair=f"{bos[0]} $A {eos[0]} {eos[0]} $B {eos[0]}", special_tokens=[bos, eos])
+
+
+# fairseq's dictionary over a SentencePiece model: its own specials first, then the model's pieces from this index
+# (shifted), then <mask>. CamemBERT keeps the model's <s>, </s> as pieces and parks unused names in front.
+_FAIRSEQ_HEADS = {"xlm-roberta": ([("<s>", 0.0), ("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)], 3),
+                  "camembert": ([("<s>NOTUSED", 0.0), ("<pad>", 0.0), ("</s>NOTUSED", 0.0), ("<unk>", 0.0),
+                                 ("<unk>NOTUSED", -100.0)], 1)}
+
+
+def _fairseq_tokenizer(model: SpmModel, flavour: str) -> Tokenizer:
+    head, first_piece = _FAIRSEQ_HEADS[flavour]
+    pieces = head + [(p.piece, p.score) for p in model.pieces[first_piece:]] + [("<mask>", 0.0)]
+    tok = Tokenizer(Unigram(pieces, unk_id=3, byte_fallback=False))
+    if model.precompiled_charsmap:
+        tok.normalizer = normalizers.Precompiled(model.precompiled_charsmap)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    return tok
+
+
 def sentencepiece_tokenizer(model: SpmModel, flavour: str = "generic", extra_ids: int = 0) -> Tokenizer:
     """Convert a parsed SentencePiece model; `flavour` is "generic" (the model's own spec), "llama" or "t5"
     (`extra_ids` sentinel pieces `<extra_id_N>` are appended to T5's vocabulary, highest N first)."""
@@ -149,6 +177,8 @@ def sentencepiece_tokenizer(model: SpmModel, flavour: str = "generic", extra_ids
         return _llama_tokenizer(model)
     if flavour == "t5":
         return _t5_tokenizer(model, extra_ids)
+    if flavour in _FAIRSEQ_HEADS:
+        return _fairseq_tokenizer(model, flavour)
     user_defined = [p.piece for p in model.pieces if p.type == USER_DEFINED]
     if model.model_type == SPM_BPE:
         vocab = {p.piece: i for i, p in enumerate(model.pieces)}

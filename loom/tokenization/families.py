@@ -15,10 +15,10 @@ class Family:
     model_input_names: tuple[str, ...] = ("input_ids", "attention_mask")
     padding_side: str = "right"
     special_tokens: dict[str, str] = field(default_factory=dict)
-    # how a SentencePiece .model converts: "generic", "llama", "t5" or "deberta-v2"
+    # how a SentencePiece .model converts: "generic", "llama", "t5", "deberta-v2", "xlm-roberta", "camembert"
     spm_flavour: str = "generic"
-    # the post-processor the family builds over legacy files once its special tokens have ids: "bert", "roberta"
-    # or "t5"
+    # the post-processor the family builds over legacy files once its special tokens have ids: "bert", "roberta",
+    # "fairseq" (XLM-R, CamemBERT) or "t5"
     post_processor: str | None = None
 
 
@@ -42,6 +42,10 @@ FAMILIES = {
     "deberta-v2": Family("deberta-v2", ("input_ids", "attention_mask", "token_type_ids"), spm_flavour="deberta-v2",
                          post_processor="bert", special_tokens={**_BERT_SPECIALS, "bos_token": "[CLS]",
                                                                 "eos_token": "[SEP]"}),
+    "xlm-roberta": Family("xlm-roberta", special_tokens=_ROBERTA_SPECIALS, spm_flavour="xlm-roberta",
+                          post_processor="fairseq"),
+    "camembert": Family("camembert", special_tokens=_ROBERTA_SPECIALS, spm_flavour="camembert",
+                        post_processor="fairseq"),
     "t5": Family("t5", spm_flavour="t5", post_processor="t5",
                  special_tokens={"eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}),
 }
@@ -50,15 +54,15 @@ FAMILIES = {
 CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
     "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
-    "RobertaTokenizer": "roberta", "T5Tokenizer": "t5", "DebertaV2Tokenizer": "deberta-v2",
-    "MPNetTokenizer": "mpnet",
+    "RobertaTokenizer": "roberta", "XLMRobertaTokenizer": "xlm-roberta", "CamembertTokenizer": "camembert",
+    "T5Tokenizer": "t5", "DebertaV2Tokenizer": "deberta-v2", "MPNetTokenizer": "mpnet",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
 }
 
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
-                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "t5": "t5",
-                       "mpnet": "mpnet", "deberta-v2": "deberta-v2"}
+                       "llama": "llama", "mistral": "llama", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
+                       "camembert": "camembert", "t5": "t5", "mpnet": "mpnet", "deberta-v2": "deberta-v2"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")

@@ -99,6 +99,8 @@ def _legacy_engine(files: _Files, family: Family, init: dict) -> tuple[Tokenizer
             if family.spm_flavour == "t5":
                 extra_ids = _t5_sentinels(init, spm_file)
                 return convert.sentencepiece_tokenizer(model, "t5", extra_ids), str(spm_file)
+            if family.post_processor == "fairseq":  # the family's specials are in its dictionary
+                return convert.sentencepiece_tokenizer(model, family.spm_flavour), str(spm_file)
             named, controls = convert.spm_special_tokens(model)
             for key, value in named.items():
                 init.setdefault(key, value)
@@ -151,6 +153,8 @@ def _finish_family(engine: Tokenizer, family: Family, init: dict) -> None:
         engine.post_processor = convert.roberta_processor(
             engine, init.get("cls_token"), init.get("sep_token"),
             trim_offsets=init.get("trim_offsets", True), add_prefix_space=init.get("add_prefix_space", False))
+    elif family.post_processor == "fairseq":
+        engine.post_processor = convert.fairseq_processor(engine, init.get("bos_token"), init.get("eos_token"))
     else:
         engine.post_processor = convert.t5_processor(engine, init.get("eos_token"))
 
