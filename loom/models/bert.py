@@ -8,7 +8,7 @@ from torch import nn
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.common import activation, attention, attention_mask_for, classification_loss, maybe_checkpoint, \
-    recording_attentions, token_loss
+    recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -405,14 +405,7 @@ class BertForQuestionAnswering(_BertWithHead):
                 return_dict=None, output_attentions=None, **_):
         out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           output_hidden_states, output_attentions=output_attentions)
-        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
-        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            ignored = start.shape[1]  # positions outside the sequence are ignored, as in the reference
-            s = start_positions.view(-1).clamp(0, ignored)
-            e = end_positions.view(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
+        start, end, loss = span_outputs(self.qa_outputs(out.last_hidden_state), start_positions, end_positions)
         return ModelOutput(loss=loss, start_logits=start, end_logits=end, hidden_states=out.hidden_states,
                            attentions=out.attentions)
 

@@ -42,7 +42,7 @@ def check_activation(config, key: str = "hidden_act") -> None:
                                f"{', '.join(sorted(ACTIVATIONS))}", key)
 
 
-# -- decoder inputs, masks and attention -----------------------------------------------------------------------------------------
+# -- decoder inputs, masks and attention -------------------------------------------------------------------------------
 class DecoderInputs(NamedTuple):
     x: torch.Tensor  # (B, T, hidden) input embeddings
     cache: Cache | None  # where this forward reads and writes keys/values
@@ -285,6 +285,20 @@ def classification_loss(config, logits: torch.Tensor, labels: torch.Tensor) -> t
     if config.problem_type == "single_label_classification":
         return F.cross_entropy(logits.view(-1, num_labels).float(), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+
+
+def span_outputs(logits: torch.Tensor, start_positions=None, end_positions=None):
+    """Question answering: (start_logits, end_logits, loss) from (B, T, 2) logits. The loss is the mean of the start
+    and end cross entropies; positions past the sequence are ignored, as in the reference."""
+    start, end = logits.split(1, dim=-1)
+    start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
+    loss = None
+    if start_positions is not None and end_positions is not None:
+        ignored = start.shape[1]
+        s = start_positions.reshape(-1).clamp(0, ignored)
+        e = end_positions.reshape(-1).clamp(0, ignored)
+        loss = (F.cross_entropy(start, s, ignore_index=ignored) + F.cross_entropy(end, e, ignore_index=ignored)) / 2
+    return start, end, loss
 
 
 def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):

@@ -11,7 +11,7 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import Dropout
 from loom.models.common import activation, attention, attention_mask_for, check_activation, classification_loss, \
-    maybe_checkpoint, recording_attentions, token_loss
+    maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -36,15 +36,6 @@ def sinusoidal_positions(n_pos: int, dim: int) -> torch.Tensor:
     table = torch.empty(n_pos, dim, dtype=torch.float64)
     table[:, 0::2], table[:, 1::2] = torch.sin(angles[:, 0::2]), torch.cos(angles[:, 1::2])
     return table.float()
-
-
-def span_loss(start: torch.Tensor, end: torch.Tensor, start_positions, end_positions) -> torch.Tensor:
-    """Question answering loss: mean of the start and end cross entropies; positions past the sequence are ignored."""
-    ignored = start.shape[1]
-    s = start_positions.reshape(-1).clamp(0, ignored)
-    e = end_positions.reshape(-1).clamp(0, ignored)
-    return (F.cross_entropy(start.float(), s, ignore_index=ignored)
-            + F.cross_entropy(end.float(), e, ignore_index=ignored)) / 2
 
 
 def flatten_choices(*tensors):
@@ -287,11 +278,8 @@ class DistilBertForQuestionAnswering(DistilBertPreTrainedModel):
                 return_dict=None, **_):
         out = self.distilbert(input_ids, attention_mask, inputs_embeds, position_ids, output_hidden_states,
                               output_attentions)
-        start, end = self.qa_outputs(self.dropout(out.last_hidden_state)).split(1, dim=-1)
-        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start, end, start_positions, end_positions)
+        start, end, loss = span_outputs(self.qa_outputs(self.dropout(out.last_hidden_state)), start_positions,
+                                        end_positions)
         return _outputs(out, loss=loss, start_logits=start, end_logits=end)
 
 

@@ -12,8 +12,8 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import BertIntermediate, BertOutput, BertPooler, Dropout
 from loom.models.common import attention, attention_mask_for, check_activation, classification_loss, \
-    maybe_checkpoint, recording_attentions, token_loss, _recorded_attentions
-from loom.models.distilbert import flatten_choices, span_loss
+    maybe_checkpoint, recording_attentions, span_outputs, token_loss, _recorded_attentions
+from loom.models.distilbert import flatten_choices
 from loom.outputs import ModelOutput
 
 # the reference's MPNet embeddings use padding index 1 whatever config.pad_token_id says
@@ -318,11 +318,7 @@ class MPNetForQuestionAnswering(MPNetPreTrainedModel):
                 return_dict=None, **_):
         out = self.mpnet(input_ids, attention_mask, position_ids, inputs_embeds, output_attentions,
                          output_hidden_states)
-        start, end = self.qa_outputs(out.last_hidden_state).split(1, dim=-1)
-        start, end = start.squeeze(-1).contiguous(), end.squeeze(-1).contiguous()
-        loss = None
-        if start_positions is not None and end_positions is not None:
-            loss = span_loss(start, end, start_positions, end_positions)
+        start, end, loss = span_outputs(self.qa_outputs(out.last_hidden_state), start_positions, end_positions)
         return _outputs(out, loss=loss, start_logits=start, end_logits=end)
 
 
