@@ -173,7 +173,7 @@ class PreTrainedModel(nn.Module):
         if head is not None and not tied:
             head.weight = nn.Parameter(_resized_rows(head.weight, new_num_tokens, mean_resizing))
         # the head's bias, or one kept beside the head's Linear (BERT's cls.predictions.bias, RoBERTa's lm_head.bias)
-        holders = [head] + [m for m in self.modules() if any(c is head for c in m.children())] if head is not None else []
+        holders = [] if head is None else [head] + [m for m in self.modules() if any(c is head for c in m.children())]
         for holder in holders:
             bias = getattr(holder, "bias", None)
             if isinstance(bias, nn.Parameter) and bias.dim() == 1 and bias.shape[0] == old.num_embeddings:
