@@ -7,8 +7,8 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, attention, attention_mask_for, classification_loss, maybe_checkpoint, \
-    recording_attentions, span_outputs, token_loss
+from loom.models.common import activation, attention, attention_mask_for, check_inputs, classification_loss, \
+    maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -68,6 +68,16 @@ def _cpu_attention_with_dropout(q, k, v, mask, p: float) -> torch.Tensor:
     return torch.matmul(dropout(probs, p, True), v)
 
 
+def absolute_positions(position_ids, x: torch.Tensor, max_positions: int) -> torch.Tensor:
+    """Positions into an absolute position table for the (B, T, ...) embeddings `x` (0..T-1 unless given); a
+    sequence longer than the table is an error naming max_position_embeddings."""
+    T = x.shape[1]
+    if T > max_positions:
+        raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={max_positions}; "
+                         "truncate the input (e.g. tokenizer(..., truncation=True))")
+    return torch.arange(T, device=x.device)[None] if position_ids is None else position_ids
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig, width: int | None = None) -> None:
         """`width`: the embedding size (default hidden_size; ELECTRA's are narrower and projected up)."""
@@ -82,12 +92,7 @@ class BertEmbeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        T = x.shape[1]
-        if T > self.max_positions:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={self.max_positions}; "
-                             "truncate the input (e.g. tokenizer(..., truncation=True))")
-        if position_ids is None:
-            position_ids = torch.arange(T, device=x.device)[None]
+        position_ids = absolute_positions(position_ids, x, self.max_positions)
         if token_type_ids is None:
             types = self.token_type_embeddings.weight[0]
         else:
@@ -268,8 +273,7 @@ class BertModel(BertPreTrainedModel):
         """`keep_first` (internal, for heads, like causal LMs' `logits_to_keep`): how many leading positions of
         last_hidden_state the caller reads; only these are computed and returned (the pooler reads position 0). Ignored
         when hidden states or attentions are requested, so that every output keeps its full length."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds)
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
@@ -283,11 +287,13 @@ class BertModel(BertPreTrainedModel):
 
 
 class BertPredictionHeadTransform(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, size: int | None = None) -> None:
+        """`size`: the width it maps to (hidden_size; DeBERTa's legacy head maps to its embedding size)."""
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        size = size or config.hidden_size
+        self.dense = nn.Linear(config.hidden_size, size)
         self.transform_act_fn = activation(config.hidden_act)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.LayerNorm = nn.LayerNorm(size, eps=config.layer_norm_eps)
 
     def forward(self, h):
         return self.LayerNorm(self.transform_act_fn(self.dense(h)))

@@ -52,12 +52,16 @@ class DecoderInputs(NamedTuple):
     masks: dict  # sliding window (None = full attention) -> (mask, is_causal), one per window the layers use
 
 
+def check_inputs(input_ids, inputs_embeds) -> None:
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+
+
 def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
                    cache_position, *, training: bool, windows=(None,)) -> DecoderInputs:
     """The preamble every causal decoder shares: embed the tokens, pick the cache (a new DynamicCache for inference
     when none is given), then the positions and one mask per attention window (full and sliding layers differ)."""
-    if (input_ids is None) == (inputs_embeds is None):
-        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    check_inputs(input_ids, inputs_embeds)
     x = embed(input_ids) if inputs_embeds is None else inputs_embeds
     use_cache = config.use_cache if use_cache is None else use_cache
     if use_cache and past_key_values is None and not training:

@@ -11,8 +11,9 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.bert import BertIntermediate, BertOutput, BertSelfOutput, Dropout
-from loom.models.common import activation, check_activation, classification_loss, maybe_checkpoint, \
+from loom.models.bert import BertIntermediate, BertOutput, BertPredictionHeadTransform, BertSelfOutput, Dropout, \
+    absolute_positions
+from loom.models.common import activation, check_activation, check_inputs, classification_loss, maybe_checkpoint, \
     recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
@@ -92,14 +93,8 @@ class DebertaV2Embeddings(nn.Module):
 
     def forward(self, input_ids, token_type_ids, position_ids, inputs_embeds, mask):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        T = x.shape[1]
         if self.position_embeddings is not None:
-            if T > self.max_positions:
-                raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings="
-                                 f"{self.max_positions}; truncate the input (e.g. tokenizer(..., truncation=True))")
-            if position_ids is None:
-                position_ids = torch.arange(T, device=x.device)[None]
-            x = x + self.position_embeddings(position_ids)
+            x = x + self.position_embeddings(absolute_positions(position_ids, x, self.max_positions))
         if self.token_type_embeddings is not None:
             types = self.token_type_embeddings.weight[0] if token_type_ids is None else \
                 self.token_type_embeddings(token_type_ids)
@@ -292,8 +287,7 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_hidden_states=None, return_dict=None, output_attentions=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds)
         keep = None
         if attention_mask is not None:
             if attention_mask.dim() != 2:
@@ -307,24 +301,12 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
                            attentions=tuple(attentions) if attentions is not None else None)
 
 
-class LegacyDebertaV2PredictionHeadTransform(nn.Module):
-    def __init__(self, config: DebertaV2Config) -> None:
-        super().__init__()
-        size = getattr(config, "embedding_size", config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, size)
-        self.transform_act_fn = activation(config.hidden_act)
-        self.LayerNorm = nn.LayerNorm(size, eps=config.layer_norm_eps)
-
-    def forward(self, h):
-        return self.LayerNorm(self.transform_act_fn(self.dense(h)))
-
-
 class LegacyDebertaV2LMPredictionHead(nn.Module):
     """BERT's head; the decoder's bias is `bias` when the embeddings are tied (one tensor, saved as `bias`)."""
 
     def __init__(self, config: DebertaV2Config) -> None:
         super().__init__()
-        self.transform = LegacyDebertaV2PredictionHeadTransform(config)
+        self.transform = BertPredictionHeadTransform(config, getattr(config, "embedding_size", config.hidden_size))
         self.decoder = nn.Linear(getattr(config, "embedding_size", config.hidden_size), config.vocab_size)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 

@@ -9,9 +9,9 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.bert import Dropout
-from loom.models.common import activation, attention, attention_mask_for, check_activation, classification_loss, \
-    maybe_checkpoint, recording_attentions, span_outputs, token_loss
+from loom.models.bert import Dropout, absolute_positions
+from loom.models.common import activation, attention, attention_mask_for, check_activation, check_inputs, \
+    classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -55,12 +55,7 @@ class DistilBertEmbeddings(nn.Module):
 
     def forward(self, input_ids, inputs_embeds, position_ids):
         x = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        T = x.shape[1]
-        if T > self.max_positions:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings={self.max_positions}; "
-                             "truncate the input (e.g. tokenizer(..., truncation=True))")
-        if position_ids is None:
-            position_ids = torch.arange(T, device=x.device)[None]
+        position_ids = absolute_positions(position_ids, x, self.max_positions)
         return self.dropout(self.LayerNorm(x + self.position_embeddings(position_ids)))
 
 
@@ -164,8 +159,7 @@ class DistilBertModel(DistilBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, position_ids=None,
                 output_hidden_states=None, output_attentions=None, return_dict=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds)
         x = self.embeddings(input_ids, inputs_embeds, position_ids)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)

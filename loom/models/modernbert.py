@@ -15,8 +15,8 @@ from torch import nn
 from loom.configuration import TOKEN_ID_TYPES, ConfigFieldError, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import Dropout
-from loom.models.common import activation, attention, attention_mask_for, check_activation, check_layer_types, \
-    classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
+from loom.models.common import activation, attention, attention_mask_for, check_activation, check_inputs, \
+    check_layer_types, classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
 
@@ -195,8 +195,7 @@ class ModernBertModel(ModernBertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 output_hidden_states=None, return_dict=None, output_attentions=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds)
         x = self.embeddings(input_ids, inputs_embeds)
         T = x.shape[1]
         if position_ids is None:

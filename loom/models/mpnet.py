@@ -11,7 +11,7 @@ from torch import nn
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import BertIntermediate, BertOutput, BertPooler, Dropout
-from loom.models.common import attention, attention_mask_for, check_activation, classification_loss, \
+from loom.models.common import attention, attention_mask_for, check_activation, check_inputs, classification_loss, \
     maybe_checkpoint, recording_attentions, span_outputs, token_loss, _recorded_attentions
 from loom.models.distilbert import flatten_choices
 from loom.outputs import ModelOutput
@@ -191,8 +191,7 @@ class MPNetModel(MPNetPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 output_attentions=None, output_hidden_states=None, return_dict=None, **_):
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        check_inputs(input_ids, inputs_embeds)
         x = self.embeddings(input_ids, position_ids, inputs_embeds)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
