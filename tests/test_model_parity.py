@@ -6,7 +6,7 @@ import torch
 
 import loom
 from loom.auto import model_table
-from loomtest import TINY, reference_checkpoint
+from loomtest import TINY, check_padded_and_generate, reference_checkpoint
 
 def _heads(head: str, causal: bool = True) -> list[tuple[str, str]]:
     """(model_type, class name) of every family with `head`, from the model files' MODEL_TYPES tables."""
@@ -177,13 +177,7 @@ def test_sliding_window_on_some_layers(tmp_path_factory, model_type, cls):
         ids = _ids(T=14)
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
-        with torch.no_grad():
-            a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
-            torch.testing.assert_close(a[0, 3:], b[0, 3:], atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
-            kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
-            assert ours.generate(ids, attention_mask=mask, **kw).tolist() == \
-                ref.generate(ids, attention_mask=mask, **kw).tolist()
+        check_padded_and_generate(ours, ref, ids, mask, new_tokens=10)
 
 
 def test_bad_layer_types_name_the_key(tmp_path):

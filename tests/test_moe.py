@@ -15,7 +15,7 @@ from loom.distributed.tensor_parallel import resolve_plan
 from loom.kernels import is_plain_linear, policy
 from loom.models.moe import Router, SparseMoE
 from loom.quantization import WeightOnlyConfig
-from loomtest import TINY, kernels_on, reference_checkpoint
+from loomtest import TINY, check_padded_and_generate, kernels_on, reference_checkpoint
 
 HEADS = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 EXPERTS_KEY = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_experts"}
@@ -130,13 +130,7 @@ def test_layer_rules_match_reference(tmp_path_factory, model_type, extra, window
     ours, info = getattr(loom, HEADS[model_type]).from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert ours.model.windows == windows
-    ids, mask = _padded(T=14)
-    with torch.no_grad():
-        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
-        torch.testing.assert_close(a[0, 4:], b[0, 4:], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
-        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
-        assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+    check_padded_and_generate(ours, ref, *_padded(T=14))
 
 
 def test_router_weights_follow_each_family(family):

@@ -10,7 +10,7 @@ import torch
 
 import loom
 from loom.configuration import ConfigFieldError
-from loomtest import TINY, reference_checkpoint
+from loomtest import TINY, check_padded_and_generate, reference_checkpoint
 
 
 def _ids(B=2, T=14, seed=1):
@@ -22,12 +22,7 @@ def _check_padded_and_generate(ours, ref, T=14):
     ids = _ids(T=T)
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
-    with torch.no_grad():
-        a, b = ours(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits
-        torch.testing.assert_close(a[0, 3:], b[0, 3:], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-4)
-        kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask)
-        assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
+    check_padded_and_generate(ours, ref, ids, mask)
 
 
 GRANITE_DEFAULTS = dict(embedding_multiplier=1.0, residual_multiplier=1.0, attention_multiplier=8 ** -0.5,
