@@ -54,6 +54,9 @@ class Router(KernelLinear):
 class SparseMoE(nn.Module):
     """`gate` (the router) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden)). In training,
     `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter)."""
+    # bitsandbytes leaves the experts in full precision, as in the reference (whose experts are 3-D parameters, not
+    # Linears): a bnb checkpoint then moves between the libraries
+    bnb_keeps_experts_full_precision = True
 
     def __init__(self, hidden_size: int, experts: list[nn.Module], top_k: int, normalize: bool,
                  weights_in_logits_dtype: bool, jitter_noise: float = 0.0) -> None:

@@ -66,10 +66,9 @@ class BnbQuantizer(Quantizer):
 
     # -- targeting ---------------------------------------------------------------------------------------------
     def modules_to_not_convert(self, model: nn.Module) -> list[str]:
-        # Mixture-of-experts experts stay in full precision, as in the reference (whose experts are 3-D parameters,
-        # not Linears, so bitsandbytes never converts them): a bnb checkpoint then moves between the libraries.
+        # mixture-of-experts blocks say whether their experts stay in full precision (loom.models.moe.SparseMoE)
         experts = [f"{name}.experts" for name, m in model.named_modules()
-                   if any(k.__name__ == "SparseMoE" for k in type(m).__mro__)]
+                   if getattr(m, "bnb_keeps_experts_full_precision", False)]
         # as in the reference: an explicit list replaces the default skips
         if self.config.llm_int8_skip_modules is not None:
             return list(self.config.llm_int8_skip_modules) + experts
