@@ -7,7 +7,7 @@
     torchrun --nproc_per_node 2 examples/distributed_train.py --tp 2       # tensor parallel
     torchrun --nproc_per_node 2 examples/distributed_train.py --cp 2       # context parallel (long sequences)
 
-Under torchrun, `Trainer(...)` becomes a ParallelTrainer: same arguments, gradients synchronised, losses reported
+Under torchrun the same Trainer shards the model (trainer.parallel): gradients synchronised, losses reported
 as the global mean on every rank. CPU runs use the gloo backend, GPU runs NCCL (one GPU per process).
 """
 from __future__ import annotations
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         result = trainer.train()
     rank = int(os.environ.get("RANK", "0"))
     losses = [round(h["loss"], 3) for h in trainer.state.log_history if "loss" in h]
-    print(f"rank {rank}/{world} ({type(trainer).__name__}, tp={args.tp} cp={args.cp} fsdp={args.fsdp}): "
+    sizes = trainer.parallel.dims
+    print(f"rank {rank}/{world} (mesh world={sizes.world_size}, tp={sizes.tp} cp={sizes.cp} fsdp={args.fsdp}): "
           f"losses {losses}, train_loss {result.training_loss:.3f}")
     assert losses[-1] < losses[0]
 

@@ -57,7 +57,7 @@ def test_distributed_example_under_torchrun(tmp_path):
                           env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
-    assert len(lines) == 2 and all("ParallelTrainer" in line and "cp=2" in line for line in lines)
+    assert len(lines) == 2 and all("mesh world=2" in line and "cp=2" in line for line in lines)
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # every rank reports the same global losses
 
 

@@ -1,133 +1,85 @@
-"""What makes loom's Trainer a ParallelTrainer (under torchrun, with tensor / context / FSDP2 data parallelism).
+"""How the Trainer writes and reads checkpoints: plain files in one process, DCP shards under parallelism.
 
-A mixin rather than a Trainer subclass: `Trainer(...)` itself returns a ParallelTrainer when the arguments ask for
-parallelism, so the training package assembles the class (loom/training/trainer.py) and this file needs no Trainer.
-It overrides only the Trainer's documented extension points (sampler, item counting, loss, gradient sync, clipping,
-model wrapping, checkpoints), so the same script runs with `python train.py` (one process: every size is 1) and
-with `torchrun --nproc_per_node N train.py`. Sizes come from `parallel=` or from the TrainingArguments fields
-tp_size / cp_size / fsdp when they exist.
+The Trainer holds a ParallelContext (every size 1 and every method a no-op in one process) and one of the two
+strategies below, chosen by whether the context is enabled, so one Trainer class runs with `python train.py` and
+with `torchrun --nproc_per_node N train.py`.
 
-Checkpoints: checkpoint-N/ holds the gathered model.safetensors (loadable by from_pretrained in one process), the
-trainer's usual state files, and dcp/ with the sharded model + optimizer state, which resumes at any world size (with
-the same global batch: see CheckpointMixin._check_data_position) and in a single-process Trainer.
+A DcpCheckpoints checkpoint-N/ holds the gathered model.safetensors (loadable by from_pretrained in one process), the
+trainer's usual state files, a placeholder optimizer.pt, and dcp/ with the sharded model + optimizer state, which
+resumes at any world size (with the same global batch: see CheckpointMixin._check_data_position) and in a
+single-process Trainer.
 """
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from loom.distributed.context import ParallelContext, _is_distributed, setup_parallel
+from loom.distributed.context import ParallelContext, _is_distributed
 from loom.training import checkpoints as ckpt
 
 
-class ParallelTrainerMixin:
-    """Put before Trainer in the bases: each method here wraps or replaces the Trainer's (see the module docstring)."""
+class FileCheckpoints:
+    """One process: save_pretrained for the weights, optimizer.pt for the optimizer state."""
 
-    def __init__(self, *args, parallel: ParallelContext | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.parallel = parallel if parallel is not None else setup_parallel(self.args)
-        if self.model_init is not None and self.parallel.enabled:
-            raise ValueError("ParallelTrainer does not support model_init (hyper-parameter search); pass a model")
-        # parallelise before the optimizer exists: FSDP and tensor parallel replace the parameters
-        self.model = self.parallel.wrap_model(self.model)
-        self.callback_handler.model = self._forward_model = self.model
-        if self.optimizer is not None:
-            raise ValueError("ParallelTrainer builds its optimizer after sharding the model; pass optimizers=(None, "
-                             "scheduler) or override create_optimizer")
+    def __init__(self, parallel: ParallelContext) -> None:
+        self.parallel = parallel
 
-    # -- data and loss -------------------------------------------------------------------------------------------
-    def _train_sampler(self, dataset):
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=self.args.dataloader_drop_last)
+    def begin(self, model: nn.Module, optimizer, staging: Path) -> None:
+        """Called on every rank before rank 0 writes the checkpoint folder."""
 
-    def _parallel_sizes(self) -> tuple[int, int]:
-        return self.parallel.world_size, self.parallel.dp_size
+    def write_model(self, model: nn.Module, folder: Path) -> None:
+        model.save_pretrained(folder)
 
-    def count_loss_items(self, batches: list[dict]):
-        local = super().count_loss_items(batches)
-        return None if local is None else self.parallel._sum(local, "dp")
+    def write_optimizer(self, optimizer, folder: Path) -> None:
+        ckpt.save_torch(optimizer.state_dict(), folder / "optimizer.pt")
 
-    def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False, num_items_in_batch=None):
-        if self.parallel.cp_size == 1 or not model.training:
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = self.parallel.compute_loss(model, self.parallel.prepare_batch(inputs), num_items_in_batch)
-        return (loss, None) if return_outputs else loss
+    def end(self) -> None:
+        """Called on every rank after the checkpoint folder is complete."""
 
-    def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None,
-                      num_micro_batches: int = 1) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch, num_micro_batches)
-        return self.parallel.reduce_loss(loss)  # logged losses are global means, equal on every rank
+    def load_model_weights(self, model: nn.Module, path: Path, load_files) -> None:
+        """Weights of checkpoint `path` into the live model; `load_files(path)` is the Trainer's file loader."""
+        load_files(path)
 
-    # -- gradients -----------------------------------------------------------------------------------------------
-    def gradient_sync(self, is_last_micro_batch: bool):
-        return self.parallel.gradient_sync(self.model, is_last_micro_batch)
 
-    def clip_gradients(self):
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        self.parallel.sync_gradients(self.model)
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 \
-            else float("inf")
-        return self.parallel.clip_grad_norm_(self.model, max_norm)
+class DcpCheckpoints(FileCheckpoints):
+    """Under parallelism: every rank writes its DCP shards and helps gather the full weights; rank 0 writes the
+    gathered model.safetensors and moves the shards into checkpoint-N/dcp."""
 
-    # -- saving --------------------------------------------------------------------------------------------------
-    def save_model(self, output_dir: str | None = None) -> None:
-        folder = output_dir or self.args.output_dir
-        self.parallel.save_pretrained(self.model, folder)
-        if self.parallel.is_main_process and self.processing_class is not None and \
-                hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(folder)
-
-    def _save_checkpoint(self) -> Path:
-        """Every rank writes its DCP shards and helps gather the weights; rank 0 then assembles checkpoint-N."""
+    def begin(self, model: nn.Module, optimizer, staging: Path) -> None:
         from loom.distributed.checkpoint import gather_full_state
 
-        root = Path(self.args.output_dir or "trainer_output")
-        self._staging = root / f".dcp-staging-{self.state.global_step}"
-        self.parallel.save_checkpoint(self._staging, self.model, self.optimizer)
-        self._gathered = gather_full_state(self.model)
-        path = root / f"{ckpt.PREFIX}-{self.state.global_step}"
-        if self.parallel.is_main_process:
-            path = super()._save_checkpoint()
-        self.parallel.barrier()
-        self._gathered = None
-        return path
+        self._staging = staging
+        self.parallel.save_checkpoint(staging, model, optimizer)
+        self._gathered = gather_full_state(model)
 
-    def _write_checkpoint_files(self, folder: Path) -> None:
+    def write_model(self, model: nn.Module, folder: Path) -> None:
         from loom.distributed.checkpoint import write_gathered
 
-        model, gathered, real = self.model, self._gathered, self.optimizer
-        # the base writer calls model.save_pretrained and optimizer.state_dict(), which cannot see sharded tensors:
-        # give it the gathered weights, and a placeholder optimizer.pt (the real state goes into dcp/)
-        model.save_pretrained = lambda directory, **kw: write_gathered(model, directory, gathered, **kw)
-        self.optimizer = _StateInDcp()
-        try:
-            super()._write_checkpoint_files(folder)
-        finally:
-            del model.save_pretrained
-            self.optimizer = real
+        write_gathered(model, folder, self._gathered)
+
+    def write_optimizer(self, optimizer, folder: Path) -> None:
+        # the optimizer's state is sharded like the model: it lives in dcp/, optimizer.pt only says so
+        ckpt.save_torch({"note": "the optimizer state of this checkpoint is in dcp/"}, folder / "optimizer.pt")
         shutil.move(str(self._staging), str(folder / "dcp"))
 
-    def _load_model_weights(self, path: Path) -> None:
-        """Weights from the checkpoint's dcp/ folder, resharded to this run's mesh (the base Trainer loads the
-        optimizer state from there too); a checkpoint without one loads into a model that is not sharded."""
-        path = Path(path)
+    def end(self) -> None:
+        self.parallel.barrier()
+        self._gathered = None
+
+    def load_model_weights(self, model: nn.Module, path: Path, load_files) -> None:
+        """Resharded to this run's mesh from dcp/; a checkpoint without one loads only into an unsharded model."""
         if (path / "dcp" / ".metadata").is_file():
-            self.parallel.load_checkpoint(path / "dcp", self.model)
-        elif _is_distributed(self.model):
+            self.parallel.load_checkpoint(path / "dcp", model)
+        elif _is_distributed(model):
             raise FileNotFoundError(f"checkpoint {path} has no dcp/ folder (a single-process Trainer wrote it), so its "
                                     "state cannot be loaded into this sharded (FSDP / tensor-parallel) model; resume it "
                                     "in one process or with plain data parallel, or start from its weights "
                                     "(from_pretrained) without resuming")
         else:
-            super()._load_model_weights(path)
+            load_files(path)
 
 
-class _StateInDcp:
-    """Stands in for the optimizer while the base Trainer writes optimizer.pt (a placeholder: the state is in dcp/)."""
-
-    def state_dict(self) -> dict:
-        return {"note": "the optimizer state of a ParallelTrainer checkpoint is in dcp/"}
+def checkpoint_strategy(parallel: ParallelContext) -> FileCheckpoints:
+    return DcpCheckpoints(parallel) if parallel.enabled else FileCheckpoints(parallel)

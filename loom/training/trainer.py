@@ -3,8 +3,12 @@
 One optimizer step consumes a window of `gradient_accumulation_steps` micro-batches (the last window of an epoch may
 be shorter). The window's batches are fetched first, the number of loss items (target tokens or examples) is counted
 over the whole window, and each micro-batch's loss is divided by that count, so the accumulated gradient equals the
-gradient of one big batch. The pieces a distributed run changes (sampler, gradient sync, item counting, model
-wrapping, clipping) are small methods that subclasses override.
+gradient of one big batch.
+
+One Trainer runs in one process and under torchrun: it holds a ParallelContext (loom/distributed/context.py; every
+size 1 and every method a no-op in one process) for the sampler, item counting, gradient sync, clipping and model
+wrapping, and a checkpoint strategy (loom/distributed/trainer.py: plain files, or DCP shards under parallelism), so
+each feature is written once and works in both.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from loom.distributed.trainer import ParallelTrainerMixin
+from loom.distributed.context import ParallelContext, setup_parallel
+from loom.distributed.mesh import ParallelDims
+from loom.distributed.trainer import checkpoint_strategy
 from loom.training import checkpoints as ckpt
 from loom.training.arguments import TrainingArguments, steps_from
 from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
@@ -42,22 +48,17 @@ class TrainOutput(NamedTuple):
 class Trainer(EvaluationMixin, CheckpointMixin):
     """Train, evaluate and predict with a model; the reference's constructor arguments and methods.
 
-    Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, `Trainer(...)` builds a `ParallelTrainer`
-    (below), so one script runs with `python` and with `torchrun`.
+    Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, the same Trainer shards the model over the
+    device mesh (`parallel=` takes a ParallelContext built by `loom.distributed.setup_parallel`), so one script runs
+    with `python` and with `torchrun`.
     """
-
-    def __new__(cls, *args, **kwargs):
-        if cls is Trainer:
-            targs = kwargs.get("args", args[1] if len(args) > 1 else None)
-            if targs is not None and getattr(targs, "wants_parallel", False):
-                return super().__new__(ParallelTrainer)
-        return super().__new__(cls)
 
     def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None,
                  data_collator: Callable | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, model_init: Callable | None = None, compute_loss_func: Callable | None = None,
                  compute_metrics: Callable | None = None, callbacks: list | None = None,
-                 optimizers: tuple = (None, None), preprocess_logits_for_metrics: Callable | None = None) -> None:
+                 optimizers: tuple = (None, None), preprocess_logits_for_metrics: Callable | None = None,
+                 parallel: ParallelContext | None = None) -> None:
         self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
         if model is None and model_init is None:
             raise ValueError("Trainer needs a model (or a model_init function that builds one)")
@@ -90,8 +91,23 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.callback_handler = CallbackHandler(self._default_callbacks() + list(callbacks or []), self.model,
                                                 processing_class, self.optimizer, self.lr_scheduler)
         self.hp_search_backend = None
+        self.parallel = parallel if parallel is not None else setup_parallel(self.args) \
+            if self.args.wants_parallel else ParallelContext(dims=ParallelDims())
+        self.checkpoints = checkpoint_strategy(self.parallel)
+        if self.parallel.enabled:
+            self._parallelise()
         self._forward_model: nn.Module = self.model
         self.control = self.callback_handler.call("on_init_end", self.args, self.state, self.control)
+
+    def _parallelise(self) -> None:
+        if self.model_init is not None:
+            raise ValueError("a Trainer under torchrun (or with tp_size/cp_size/fsdp) does not support model_init "
+                             "(hyper-parameter search); pass a model")
+        if self.optimizer is not None:
+            raise ValueError("a Trainer under torchrun (or with tp_size/cp_size/fsdp) builds its optimizer after "
+                             "sharding the model; pass optimizers=(None, scheduler) or override create_optimizer")
+        # before the optimizer exists: FSDP and tensor parallel replace the parameters
+        self.model = self.callback_handler.model = self.parallel.wrap_model(self.model)
 
     def _default_callbacks(self) -> list:
         cbs: list = [DefaultFlowCallback(), PrinterCallback() if self.args.disable_tqdm else ProgressCallback()]
@@ -141,12 +157,14 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         return prepare_hf_dataset(dataset, keep, name)
 
     def _parallel_sizes(self) -> tuple[int, int]:
-        """(world size, data-parallel ranks: those that draw different samples); a distributed subclass overrides."""
-        return 1, 1
+        """(world size, data-parallel ranks: those that draw different samples)."""
+        return self.parallel.world_size, self.parallel.dp_size
 
-    def _train_sampler(self, dataset) -> EpochSampler:
-        """The training order; a distributed subclass returns a sampler that shards it."""
+    def _train_sampler(self, dataset):
+        """The training order; under parallelism each data-parallel rank draws its own share of it."""
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        if self.parallel.enabled:
+            return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=self.args.dataloader_drop_last)
         return EpochSampler(len(dataset), seed)
 
     def get_train_dataloader(self) -> DataLoader:
@@ -200,20 +218,25 @@ class Trainer(EvaluationMixin, CheckpointMixin):
     # -- loss ----------------------------------------------------------------------------------------------------
     def count_loss_items(self, batches: list[dict]) -> torch.Tensor | int | None:
         """What the losses of one optimizer step are normalised by: target tokens for token-level labels (after the
-        causal shift when the model shifts), examples for sequence-level labels, None without labels. A distributed
-        subclass sums this over ranks."""
+        causal shift when the model shifts), examples for sequence-level labels, None without labels; summed over
+        the data-parallel ranks under parallelism."""
         labels = [b.get("labels") for b in batches]
         if any(lab is None for lab in labels):
             return None
         if self._accepts_num_items:
-            return sum(lab[..., 1:].ne(-100).sum() for lab in labels)
-        if _token_level(labels[0]):
-            return sum(lab.ne(-100).sum() for lab in labels)
-        return sum(lab.shape[0] for lab in labels)
+            local = sum(lab[..., 1:].ne(-100).sum() for lab in labels)
+        elif _token_level(labels[0]):
+            local = sum(lab.ne(-100).sum() for lab in labels)
+        else:
+            local = sum(lab.shape[0] for lab in labels)
+        return self.parallel._sum(local, "dp") if self.parallel.enabled else local
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: torch.Tensor | int | None = None):
         """The micro-batch loss, already divided by the item count of the whole accumulated batch when given."""
+        if self.parallel.cp_size > 1 and model.training:  # each rank holds its chunks of every sequence
+            loss = self.parallel.compute_loss(model, self.parallel.prepare_batch(inputs), num_items_in_batch)
+            return (loss, None) if return_outputs else loss
         labels = inputs.get("labels")
         if self.compute_loss_func is not None:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
@@ -245,7 +268,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         if num_items_in_batch is None and num_micro_batches > 1:
             loss = loss / num_micro_batches
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        return loss.detach()
+        # logged losses are global means, equal on every rank
+        return self.parallel.reduce_loss(loss) if self.parallel.enabled else loss.detach()
 
     def autocast(self):
         if self.args.bf16 or self.args.fp16:
@@ -254,18 +278,21 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         return contextlib.nullcontext()
 
     def gradient_sync(self, is_last_micro_batch: bool):
-        """Context for one micro-batch's backward; a data-parallel subclass skips the gradient all-reduce until the
-        last micro-batch of a window."""
-        return contextlib.nullcontext()
+        """Context for one micro-batch's backward: FSDP reduces gradients only on the last micro-batch of a
+        window."""
+        return self.parallel.gradient_sync(self.model, is_last_micro_batch)
 
     def clip_gradients(self) -> torch.Tensor | None:
-        """Clip to args.max_grad_norm; returns the total gradient norm before clipping."""
+        """Sync replicated gradients, clip to args.max_grad_norm; returns the total gradient norm before clipping."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
+        if self.parallel.enabled:
+            self.parallel.sync_gradients(self.model)
+            return self.parallel.clip_grad_norm_(self.model, max_norm)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if not params:
             return None
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm and self.args.max_grad_norm > 0 else math.inf
         return nn.utils.clip_grad_norm_(params, max_norm)
 
     def optimizer_step(self) -> None:
@@ -323,7 +350,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         return self._inner_loop(loader, steps_per_epoch, rng)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """The module the loop calls: compiled when asked; a distributed subclass wraps it further."""
+        """The module the loop calls: compiled when asked."""
         return torch.compile(model) if self.args.torch_compile else model
 
     def _inner_loop(self, loader: DataLoader, steps_per_epoch: int, rng: dict | None) -> TrainOutput:
@@ -551,7 +578,3 @@ def _preserved_rng():
     finally:
         ckpt.set_rng_state(saved)
 
-
-class ParallelTrainer(ParallelTrainerMixin, Trainer):
-    """The Trainer with tensor / context / FSDP2 data parallelism (loom/distributed/trainer.py); `Trainer(...)`
-    returns one when the arguments ask for parallelism."""

@@ -35,18 +35,22 @@ class CheckpointMixin:
         final = root / f"{ckpt.PREFIX}-{step}"
         if self.state.best_global_step == step:
             self.state.best_model_checkpoint = str(final)
-        path = ckpt.write_checkpoint(root, step, self._write_checkpoint_files)
-        keep = {path}
-        if self.state.best_model_checkpoint:
-            keep.add(Path(self.state.best_model_checkpoint))
-        ckpt.rotate(root, self.args.save_total_limit, keep)
-        return path
+        # every rank takes part (DCP shards, gathering the weights); the main process writes the folder
+        self.checkpoints.begin(self.model, self.optimizer, root / f".dcp-staging-{step}")
+        if self.parallel.is_main_process:
+            ckpt.write_checkpoint(root, step, self._write_checkpoint_files)
+            keep = {final}
+            if self.state.best_model_checkpoint:
+                keep.add(Path(self.state.best_model_checkpoint))
+            ckpt.rotate(root, self.args.save_total_limit, keep)
+        self.checkpoints.end()
+        return final
 
     def _write_checkpoint_files(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
+        self.checkpoints.write_model(self.model, folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
-        ckpt.save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
+        self.checkpoints.write_optimizer(self.optimizer, folder)
         ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
         ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
         if self.scaler is not None:
@@ -131,7 +135,7 @@ class CheckpointMixin:
 
     def _load_model_and_optimizer(self, path: Path) -> None:
         if (path / "dcp" / ".metadata").is_file():
-            # a ParallelTrainer's checkpoint: the sharded state reshards to this model at any world size
+            # a checkpoint written under parallelism: the sharded state reshards to this model at any world size
             load_dcp(path / "dcp", self.model, self.optimizer)
             return
         self._load_model_weights(path)
@@ -142,6 +146,10 @@ class CheckpointMixin:
                              "same model and optim argument") from None
 
     def _load_model_weights(self, path: Path) -> None:
+        """The checkpoint's weights into the live model, as the checkpoint strategy reads them."""
+        self.checkpoints.load_model_weights(self.model, Path(path), self._load_weight_files)
+
+    def _load_weight_files(self, path: Path) -> None:
         """Copy the checkpoint's weights into the live model (same parameter objects, so the optimizer keeps them)."""
         from safetensors.torch import load_file
 
@@ -164,8 +172,9 @@ class CheckpointMixin:
     def save_model(self, output_dir: str | None = None) -> None:
         """Write the model (and the tokenizer/processor) with save_pretrained."""
         folder = Path(output_dir or self.args.output_dir or "trainer_output")
-        self.model.save_pretrained(folder)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
+        self.parallel.save_pretrained(self.model, folder)  # under parallelism every rank helps gather the weights
+        if self.parallel.is_main_process and self.processing_class is not None and \
+                hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
 
 

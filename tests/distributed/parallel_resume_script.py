@@ -1,4 +1,4 @@
-"""Resume scenarios of the ParallelTrainer, one rank each (tests/distributed/test_parallel_trainer.py launches them).
+"""Resume scenarios of the Trainer under torchrun, one rank each (tests/distributed/test_parallel_trainer.py launches them).
 
     python parallel_resume_script.py extend OUT CKPT MODE           # to 8 steps; to 4 (or 1 epoch) then resumed to 8
     python parallel_resume_script.py continue OUT CKPT MODE FROM    # resume FROM at this world size (1 first, then N)

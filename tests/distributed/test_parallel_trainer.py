@@ -1,5 +1,5 @@
 """The same training script under `python` (one process) and as two tensor-parallel ranks: same losses, and both
-resume from their own checkpoint-2 to the same curve. Resuming under the ParallelTrainer: to a larger max_steps /
+resume from their own checkpoint-2 to the same curve. Resuming under torchrun: to a larger max_steps /
 num_train_epochs, and at another world size with the same global batch (parallel_resume_script.py)."""
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ def run(out: Path, ckpt: str, mode: str, resume: str | None = None, seed_model: 
                              learning_rate=5e-3, adam_epsilon=1e-3, logging_steps=1, save_steps=2,
                              lr_scheduler_type="constant", optim="adamw_torch", report_to="none", disable_tqdm=True,
                              seed=7, max_grad_norm=0.5, tp_size=tp, fsdp=mode == "fsdp")
-    trainer = Trainer(model=model, args=args, train_dataset=H.dataset(16))  # a ParallelTrainer under torchrun
+    trainer = Trainer(model=model, args=args, train_dataset=H.dataset(16))  # sharded over the mesh under torchrun
     trainer.train(resume_from_checkpoint=resume)
     return [e["loss"] for e in trainer.state.log_history if "loss" in e]
 
