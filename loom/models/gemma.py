@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from loom.models.common import ACTIVATIONS
+from loom.models.heads import TokenClassificationHead
 from loom.models.llama import (LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification,
                                LlamaModel, LlamaPreTrainedModel)
 
@@ -117,6 +118,11 @@ class GemmaForSequenceClassification(GemmaPreTrainedModel, LlamaForSequenceClass
     model_class = GemmaModel
 
 
+class GemmaForTokenClassification(TokenClassificationHead, GemmaPreTrainedModel):
+    model_class = GemmaModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"gemma": (GemmaConfig, {
-    "base": GemmaModel, "causal-lm": GemmaForCausalLM, "sequence-classification": GemmaForSequenceClassification})}
+    "base": GemmaModel, "causal-lm": GemmaForCausalLM, "sequence-classification": GemmaForSequenceClassification,
+    "token-classification": GemmaForTokenClassification})}

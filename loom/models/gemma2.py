@@ -11,6 +11,7 @@ import torch
 from loom.models.common import check_layer_types
 from loom.models.gemma import (GemmaConfig, GemmaDecoderLayer, GemmaForCausalLM, GemmaForSequenceClassification,
                                GemmaModel, GemmaPreTrainedModel, GemmaRMSNorm, config_where)
+from loom.models.heads import TokenClassificationHead
 from loom.models.llama import LlamaAttention
 
 
@@ -87,6 +88,11 @@ class Gemma2ForSequenceClassification(Gemma2PreTrainedModel, GemmaForSequenceCla
     model_class = Gemma2Model
 
 
+class Gemma2ForTokenClassification(TokenClassificationHead, Gemma2PreTrainedModel):
+    model_class = Gemma2Model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"gemma2": (Gemma2Config, {
-    "base": Gemma2Model, "causal-lm": Gemma2ForCausalLM, "sequence-classification": Gemma2ForSequenceClassification})}
+    "base": Gemma2Model, "causal-lm": Gemma2ForCausalLM, "sequence-classification": Gemma2ForSequenceClassification,
+    "token-classification": Gemma2ForTokenClassification})}

@@ -9,6 +9,7 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.common import activation, attention, causal_lm_loss, classification_loss, decoder_inputs, \
     maybe_checkpoint, recording_attentions
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import last_token_pool
 from loom.outputs import ModelOutput
 
@@ -186,6 +187,16 @@ class GPT2ForSequenceClassification(GPT2PreTrainedModel):
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
+class GPT2ForTokenClassification(TokenClassificationHead, GPT2PreTrainedModel):
+    model_class = GPT2Model
+    head_name = "classifier"
+
+
+class GPT2ForQuestionAnswering(QuestionAnsweringHead, GPT2PreTrainedModel):
+    model_class = GPT2Model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"gpt2": (GPT2Config, {
-    "base": GPT2Model, "causal-lm": GPT2LMHeadModel, "sequence-classification": GPT2ForSequenceClassification})}
+    "base": GPT2Model, "causal-lm": GPT2LMHeadModel, "sequence-classification": GPT2ForSequenceClassification,
+    "token-classification": GPT2ForTokenClassification, "question-answering": GPT2ForQuestionAnswering})}

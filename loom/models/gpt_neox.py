@@ -10,6 +10,7 @@ from loom.configuration import TOKEN_ID_TYPES, ConfigFieldError, PretrainedConfi
 from loom.modeling import PreTrainedModel
 from loom.models.common import (activation, causal_lm_loss, classification_loss, decoder_inputs, maybe_checkpoint,
                                 recording_attentions)
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import LlamaAttention, last_token_pool
 from loom.models.rope import RotaryEmbedding
 from loom.outputs import ModelOutput
@@ -187,7 +188,17 @@ class GPTNeoXForSequenceClassification(GPTNeoXPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
+class GPTNeoXForTokenClassification(TokenClassificationHead, GPTNeoXPreTrainedModel):
+    model_class = GPTNeoXModel
+    head_name = "classifier"
+
+
+class GPTNeoXForQuestionAnswering(QuestionAnsweringHead, GPTNeoXPreTrainedModel):
+    model_class = GPTNeoXModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"gpt_neox": (GPTNeoXConfig, {
     "base": GPTNeoXModel, "causal-lm": GPTNeoXForCausalLM,
-    "sequence-classification": GPTNeoXForSequenceClassification})}
+    "sequence-classification": GPTNeoXForSequenceClassification,
+    "token-classification": GPTNeoXForTokenClassification, "question-answering": GPTNeoXForQuestionAnswering})}

@@ -9,6 +9,7 @@ from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache
 from loom.models.common import (RMSNorm, activation, attention, causal_lm_loss, classification_loss, decoder_inputs,
                                 maybe_checkpoint, recording_attentions)
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
 
@@ -269,6 +270,16 @@ class LlamaForSequenceClassification(LlamaPreTrainedModel):
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
 
 
+class LlamaForTokenClassification(TokenClassificationHead, LlamaPreTrainedModel):
+    model_class = LlamaModel
+
+
+class LlamaForQuestionAnswering(QuestionAnsweringHead, LlamaPreTrainedModel):
+    model_class = LlamaModel
+    base_model_prefix = "transformer"  # the reference's name for this head's base model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"llama": (LlamaConfig, {
-    "base": LlamaModel, "causal-lm": LlamaForCausalLM, "sequence-classification": LlamaForSequenceClassification})}
+    "base": LlamaModel, "causal-lm": LlamaForCausalLM, "sequence-classification": LlamaForSequenceClassification,
+    "token-classification": LlamaForTokenClassification, "question-answering": LlamaForQuestionAnswering})}

@@ -1,7 +1,9 @@
 """Mistral = Llama + sliding-window attention (config.sliding_window; None disables it)."""
 from __future__ import annotations
 
-from loom.models.llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
+from loom.models.llama import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel,
+                               LlamaPreTrainedModel)
 
 
 class MistralConfig(LlamaConfig):
@@ -29,7 +31,18 @@ class MistralForSequenceClassification(LlamaForSequenceClassification):
     model_class = MistralModel
 
 
+class MistralForTokenClassification(TokenClassificationHead, LlamaPreTrainedModel):
+    config_class = MistralConfig
+    model_class = MistralModel
+
+
+class MistralForQuestionAnswering(QuestionAnsweringHead, LlamaPreTrainedModel):
+    config_class = MistralConfig
+    model_class = MistralModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"mistral": (MistralConfig, {
     "base": MistralModel, "causal-lm": MistralForCausalLM, "sequence-classification":
-    MistralForSequenceClassification})}
+    MistralForSequenceClassification,
+    "token-classification": MistralForTokenClassification, "question-answering": MistralForQuestionAnswering})}

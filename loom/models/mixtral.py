@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from loom.models.common import activation
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification, LlamaPreTrainedModel
 from loom.models.mistral import MistralConfig, MistralModel
 from loom.models.moe import AuxLossCausalLM, RouterLogitsModel, SparseMoE, check_top_k, mlp_tp_plan
@@ -65,7 +66,16 @@ class MixtralForSequenceClassification(MixtralPreTrainedModel, LlamaForSequenceC
     model_class = MixtralModel
 
 
+class MixtralForTokenClassification(TokenClassificationHead, MixtralPreTrainedModel):
+    model_class = MixtralModel
+
+
+class MixtralForQuestionAnswering(QuestionAnsweringHead, MixtralPreTrainedModel):
+    model_class = MixtralModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"mixtral": (MixtralConfig, {
     "base": MixtralModel, "causal-lm": MixtralForCausalLM,
-    "sequence-classification": MixtralForSequenceClassification})}
+    "sequence-classification": MixtralForSequenceClassification,
+    "token-classification": MixtralForTokenClassification, "question-answering": MixtralForQuestionAnswering})}

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from loom.models.common import activation
+from loom.models.heads import TokenClassificationHead
 from loom.models.llama import (LlamaAttention, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                                LlamaModel, LlamaPreTrainedModel)
 
@@ -106,6 +107,11 @@ class PhiForSequenceClassification(PhiPreTrainedModel, LlamaForSequenceClassific
     model_class = PhiModel
 
 
+class PhiForTokenClassification(TokenClassificationHead, PhiPreTrainedModel):
+    model_class = PhiModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"phi": (PhiConfig, {
-    "base": PhiModel, "causal-lm": PhiForCausalLM, "sequence-classification": PhiForSequenceClassification})}
+    "base": PhiModel, "causal-lm": PhiForCausalLM, "sequence-classification": PhiForSequenceClassification,
+    "token-classification": PhiForTokenClassification})}

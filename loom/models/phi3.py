@@ -9,6 +9,7 @@ from torch import nn
 
 from loom.configuration import ConfigFieldError
 from loom.models.common import activation
+from loom.models.heads import TokenClassificationHead
 from loom.models.llama import (LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM,
                                LlamaForSequenceClassification, LlamaModel, LlamaPreTrainedModel)
 
@@ -117,6 +118,11 @@ class Phi3ForSequenceClassification(Phi3PreTrainedModel, LlamaForSequenceClassif
     model_class = Phi3Model
 
 
+class Phi3ForTokenClassification(TokenClassificationHead, Phi3PreTrainedModel):
+    model_class = Phi3Model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"phi3": (Phi3Config, {
-    "base": Phi3Model, "causal-lm": Phi3ForCausalLM, "sequence-classification": Phi3ForSequenceClassification})}
+    "base": Phi3Model, "causal-lm": Phi3ForCausalLM, "sequence-classification": Phi3ForSequenceClassification,
+    "token-classification": Phi3ForTokenClassification})}

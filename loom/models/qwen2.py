@@ -3,8 +3,9 @@ from `max_window_layers` on (or as `layer_types` says)."""
 from __future__ import annotations
 
 from loom.models.common import check_layer_types
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import (LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM,
-                               LlamaForSequenceClassification, LlamaModel)
+                               LlamaForSequenceClassification, LlamaModel, LlamaPreTrainedModel)
 
 
 class Qwen2Config(LlamaConfig):
@@ -49,6 +50,18 @@ class Qwen2ForSequenceClassification(LlamaForSequenceClassification):
     model_class = Qwen2Model
 
 
+class Qwen2ForTokenClassification(TokenClassificationHead, LlamaPreTrainedModel):
+    config_class = Qwen2Config
+    model_class = Qwen2Model
+
+
+class Qwen2ForQuestionAnswering(QuestionAnsweringHead, LlamaPreTrainedModel):
+    config_class = Qwen2Config
+    model_class = Qwen2Model
+    base_model_prefix = "transformer"  # the reference's name for this head's base model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"qwen2": (Qwen2Config, {
-    "base": Qwen2Model, "causal-lm": Qwen2ForCausalLM, "sequence-classification": Qwen2ForSequenceClassification})}
+    "base": Qwen2Model, "causal-lm": Qwen2ForCausalLM, "sequence-classification": Qwen2ForSequenceClassification,
+    "token-classification": Qwen2ForTokenClassification, "question-answering": Qwen2ForQuestionAnswering})}

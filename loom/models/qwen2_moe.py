@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification,
                                LlamaMLP, LlamaPreTrainedModel)
 from loom.models.moe import AuxLossCausalLM, RouterLogitsModel, SparseMoE, check_top_k, mlp_tp_plan
@@ -88,7 +89,16 @@ class Qwen2MoeForSequenceClassification(Qwen2MoePreTrainedModel, LlamaForSequenc
     model_class = Qwen2MoeModel
 
 
+class Qwen2MoeForTokenClassification(TokenClassificationHead, Qwen2MoePreTrainedModel):
+    model_class = Qwen2MoeModel
+
+
+class Qwen2MoeForQuestionAnswering(QuestionAnsweringHead, Qwen2MoePreTrainedModel):
+    model_class = Qwen2MoeModel
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"qwen2_moe": (Qwen2MoeConfig, {
     "base": Qwen2MoeModel, "causal-lm": Qwen2MoeForCausalLM,
-    "sequence-classification": Qwen2MoeForSequenceClassification})}
+    "sequence-classification": Qwen2MoeForSequenceClassification,
+    "token-classification": Qwen2MoeForTokenClassification, "question-answering": Qwen2MoeForQuestionAnswering})}

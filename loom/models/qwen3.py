@@ -3,7 +3,9 @@ an explicit head_dim (128 by default, not hidden_size / heads)."""
 from __future__ import annotations
 
 from loom.models.common import RMSNorm
-from loom.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
+from loom.models.llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaForSequenceClassification,
+                               LlamaPreTrainedModel)
 from loom.models.qwen2 import Qwen2Config, Qwen2Model
 
 
@@ -38,6 +40,18 @@ class Qwen3ForSequenceClassification(LlamaForSequenceClassification):
     model_class = Qwen3Model
 
 
+class Qwen3ForTokenClassification(TokenClassificationHead, LlamaPreTrainedModel):
+    config_class = Qwen3Config
+    model_class = Qwen3Model
+
+
+class Qwen3ForQuestionAnswering(QuestionAnsweringHead, LlamaPreTrainedModel):
+    config_class = Qwen3Config
+    model_class = Qwen3Model
+    base_model_prefix = "transformer"  # the reference's name for this head's base model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"qwen3": (Qwen3Config, {
-    "base": Qwen3Model, "causal-lm": Qwen3ForCausalLM, "sequence-classification": Qwen3ForSequenceClassification})}
+    "base": Qwen3Model, "causal-lm": Qwen3ForCausalLM, "sequence-classification": Qwen3ForSequenceClassification,
+    "token-classification": Qwen3ForTokenClassification, "question-answering": Qwen3ForQuestionAnswering})}

@@ -3,6 +3,7 @@ Qwen3's per-head q/k norms, and a sliding window (with `use_sliding_window`) on 
 `num_experts` in the Hub's config.json files, `num_local_experts` in the reference's; both are read."""
 from __future__ import annotations
 
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaMLP
 from loom.models.moe import AuxLossCausalLM, SparseMoE
 from loom.models.qwen2_moe import MOE_DEFAULTS, Qwen2MoeDecoderLayer, Qwen2MoeModel, Qwen2MoePreTrainedModel
@@ -60,7 +61,17 @@ class Qwen3MoeForSequenceClassification(Qwen3MoePreTrainedModel, LlamaForSequenc
     model_class = Qwen3MoeModel
 
 
+class Qwen3MoeForTokenClassification(TokenClassificationHead, Qwen3MoePreTrainedModel):
+    model_class = Qwen3MoeModel
+
+
+class Qwen3MoeForQuestionAnswering(QuestionAnsweringHead, Qwen3MoePreTrainedModel):
+    model_class = Qwen3MoeModel
+    base_model_prefix = "transformer"  # the reference's name for this head's base model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"qwen3_moe": (Qwen3MoeConfig, {
     "base": Qwen3MoeModel, "causal-lm": Qwen3MoeForCausalLM,
-    "sequence-classification": Qwen3MoeForSequenceClassification})}
+    "sequence-classification": Qwen3MoeForSequenceClassification,
+    "token-classification": Qwen3MoeForTokenClassification, "question-answering": Qwen3MoeForQuestionAnswering})}

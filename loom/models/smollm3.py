@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from loom.configuration import ConfigFieldError
 from loom.models.common import check_activation, check_layer_types
+from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.llama import (LlamaAttention, LlamaConfig, LlamaDecoderLayer, LlamaForCausalLM,
-                               LlamaForSequenceClassification, LlamaModel)
+                               LlamaForSequenceClassification, LlamaModel, LlamaPreTrainedModel)
 
 
 class SmolLM3Config(LlamaConfig):
@@ -66,7 +67,19 @@ class SmolLM3ForSequenceClassification(LlamaForSequenceClassification):
     model_class = SmolLM3Model
 
 
+class SmolLM3ForTokenClassification(TokenClassificationHead, LlamaPreTrainedModel):
+    config_class = SmolLM3Config
+    model_class = SmolLM3Model
+
+
+class SmolLM3ForQuestionAnswering(QuestionAnsweringHead, LlamaPreTrainedModel):
+    config_class = SmolLM3Config
+    model_class = SmolLM3Model
+    base_model_prefix = "transformer"  # the reference's name for this head's base model
+
+
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"smollm3": (SmolLM3Config, {
     "base": SmolLM3Model, "causal-lm": SmolLM3ForCausalLM, "sequence-classification":
-    SmolLM3ForSequenceClassification})}
+    SmolLM3ForSequenceClassification,
+    "token-classification": SmolLM3ForTokenClassification, "question-answering": SmolLM3ForQuestionAnswering})}
