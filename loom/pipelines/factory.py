@@ -36,6 +36,9 @@ def pipeline(task: str | None = None, model=None, tokenizer=None, processor=None
                              "(a checkpoint directory or hub id with the matching head)")
         model = spec.default_model
     if isinstance(model, (str, os.PathLike)):
+        from loom.pipelines.pooling import transformer_folder
+
+        model = transformer_folder(model) or model  # an older sentence-transformers folder's 0_Transformer/
         config = AutoConfig.from_pretrained(model)
         _check_checkpoint_head(config, spec.head, name, model)
         cls = model_class_for(config.model_type, spec.head, str(model))

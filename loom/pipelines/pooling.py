@@ -1,11 +1,13 @@
 """Sentence embeddings as a sentence-transformers folder configures them: modules.json, the Pooling module's
 config (both the old `pooling_mode_*_tokens` booleans and 6.x's `"pooling_mode": "mean"`), Normalize,
 Dense projections, `sentence_bert_config.json`'s `max_seq_length` and the prompts of
-`config_sentence_transformers.json`."""
+`config_sentence_transformers.json`. Older folders keep the encoder in a subfolder (`0_Transformer/`, named by
+modules.json's Transformer entry): `transformer_folder` finds it, and the settings are read from the folder above."""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -73,12 +75,49 @@ def normalize_mode(mode: str) -> str:
     return mode
 
 
+def _local_modules(folder: Path) -> list | None:
+    path = folder / "modules.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _transformer_path(modules: list) -> str:
+    return next((m.get("path", "") for m in modules if m.get("type", "").endswith("Transformer")), "")
+
+
+def transformer_folder(source) -> str | None:
+    """The encoder's subfolder of an older sentence-transformers folder (modules.json names it, e.g.
+    `0_Transformer`, and the root has no config.json); None for any other model directory or id."""
+    folder = Path(source)
+    if not folder.is_dir() or (folder / "config.json").is_file():
+        return None
+    modules = _local_modules(folder)
+    sub = _transformer_path(modules) if isinstance(modules, list) else ""
+    if not sub:
+        return None
+    if not (folder / sub).resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder / 'modules.json'}: the Transformer module's path {sub!r} leaves the model folder")
+    return str(folder / sub)
+
+
+def _sentence_root(source: str) -> tuple[str, str]:
+    """(folder holding modules.json, the encoder's subfolder in it or ''): a model loaded from the `0_Transformer/`
+    subfolder of an older layout reads its sentence-transformers settings from the folder above."""
+    folder = Path(source)
+    if folder.is_dir() and not (folder / "modules.json").is_file():
+        modules = _local_modules(folder.parent)
+        if isinstance(modules, list) and _transformer_path(modules) == folder.name:
+            return str(folder.parent), folder.name
+    return source, ""
+
+
 def sentence_config_from_files(source: str | None) -> SentenceConfig:
     """The SentenceConfig of a model directory or id; the sentence-transformers defaults (mean pooling, no
     normalisation) when it ships no modules.json."""
     if source is None:
         return SentenceConfig()
     from loom.hub import resolve_file
+
+    source, encoder_folder = _sentence_root(str(source))
 
     def read(name: str) -> tuple[dict | list | None, object]:
         try:
@@ -112,6 +151,8 @@ def sentence_config_from_files(source: str | None) -> SentenceConfig:
             steps.append("normalize")
     settings["steps"] = tuple(steps)
     bert_config, _ = read("sentence_bert_config.json")
+    if bert_config is None and encoder_folder:  # the older layout keeps it beside the encoder
+        bert_config, _ = read(f"{encoder_folder}/sentence_bert_config.json")
     if isinstance((bert_config or {}).get("max_seq_length"), int):
         settings["max_seq_length"] = bert_config["max_seq_length"]
     st_config, _ = read("config_sentence_transformers.json")

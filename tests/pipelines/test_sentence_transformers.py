@@ -199,3 +199,36 @@ def test_reranker_pair_scores_match_cross_encoder_and_the_reference(reranker_dir
     reference = transformers.pipeline("text-classification", model=str(reranker_dir), device="cpu")
     theirs = reference([{"text": q, "text_pair": d} for q, d in pairs])
     assert [r["score"] for r in ours] == pytest.approx([r["score"] for r in theirs], abs=1e-5)
+
+
+def test_older_layout_with_the_encoder_in_a_subfolder(tmp_path, minilm_dir):
+    """sentence-transformers 2.x folders keep the encoder and its sentence_bert_config.json in `0_Transformer/`:
+    loom loads the encoder from there and honours that max_seq_length (16 here, so the long texts are cut)."""
+    folder = tmp_path / "old"
+    encoder = folder / "0_Transformer"
+    encoder.mkdir(parents=True)
+    for item in minilm_dir.iterdir():
+        if item.is_file() and item.name not in ST_FILES:
+            (encoder / item.name).symlink_to(item)
+    (encoder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16, "do_lower_case": False}))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384,
+                                                                  "pooling_mode_mean_tokens": True}))
+    (folder / "2_Normalize").mkdir()
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    expected = reference_embeddings(folder, TEXTS)
+    torch.testing.assert_close(loom_embeddings(folder, TEXTS), expected, atol=1e-5, rtol=0)
+    uncut = loom.pipeline("feature-extraction", model=str(encoder))(TEXTS[3], pooling="mean", normalize=True,
+                                                                   return_tensors=True)
+    assert not torch.allclose(uncut, expected[3], atol=1e-3)  # the 16-token cut changed this long text's vector
+
+
+def test_modules_json_path_cannot_leave_the_folder(tmp_path):
+    (tmp_path / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "../elsewhere", "type": "sentence_transformers.models.Transformer"}]))
+    (tmp_path.parent / "elsewhere").mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match="leaves the model folder"):
+        loom.pipeline("feature-extraction", model=str(tmp_path))
