@@ -323,15 +323,16 @@ def _pipeline_text(task: str, mask_token: str) -> list[str]:
 
 
 @pytest.mark.parametrize("task,head,kwargs", PIPELINE_CASES)
-@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert", "electra"])
+@pytest.mark.parametrize("model_type", ["roberta", "xlm-roberta", "camembert", "electra", "deberta-v2"])
 def test_pipelines_match_reference(tmp_path_factory, tokenizer_dirs, minilm_dir, model_type, task, head, kwargs):
     import transformers
 
     from pipelines.test_text_tasks import assert_same
 
-    prefix = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "electra": "Electra"}
+    prefix = {"roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert", "electra": "Electra",
+              "deberta-v2": "DebertaV2"}
     labels = {"id2label": {0: "O", 1: "B-PER", 2: "I-PER"}, "label2id": {"O": 0, "B-PER": 1, "I-PER": 2}}
-    if model_type == "electra":  # ELECTRA checkpoints ship BERT's WordPiece tokenizer
+    if model_type in ("electra", "deberta-v2"):  # WordPiece (ELECTRA ships BERT's; DeBERTa here for its heads)
         tokenizer_dir = minilm_dir
     else:
         tokenizer_dir = tokenizer_dirs[model_type]["saved"]
