@@ -36,6 +36,9 @@ FAMILIES = {
                                            "unk_token": _GPT2_TOKEN}),
     "llama": Family("llama", padding_side="left", spm_flavour="llama",
                     special_tokens={"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}),
+    "gemma": Family("gemma", padding_side="left",
+                    special_tokens={"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+                                    "pad_token": "<pad>"}),
     "roberta": Family("roberta", special_tokens=_ROBERTA_SPECIALS, post_processor="roberta"),
     # WordPiece with RoBERTa's specials and pair layout; its unknown token stays BERT's
     "mpnet": Family("mpnet", special_tokens={**_ROBERTA_SPECIALS, "unk_token": "[UNK]"}, post_processor="roberta"),
@@ -53,7 +56,7 @@ FAMILIES = {
 # tokenizer_class in tokenizer_config.json (without a "Fast" suffix) -> family
 CLASS_FAMILIES = {
     "BertTokenizer": "bert", "ElectraTokenizer": "bert", "DistilBertTokenizer": "distilbert",
-    "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama",
+    "GPT2Tokenizer": "gpt2", "LlamaTokenizer": "llama", "CodeLlamaTokenizer": "llama", "GemmaTokenizer": "gemma",
     "RobertaTokenizer": "roberta", "XLMRobertaTokenizer": "xlm-roberta", "CamembertTokenizer": "camembert",
     "T5Tokenizer": "t5", "DebertaV2Tokenizer": "deberta-v2", "MPNetTokenizer": "mpnet",
     "PreTrainedTokenizer": "generic", "PreTrainedTokenizerFast": "generic", "TokenizersBackend": "generic",
@@ -62,7 +65,8 @@ CLASS_FAMILIES = {
 # model_type in config.json -> family, used when tokenizer_config.json names no class
 MODEL_TYPE_FAMILIES = {"bert": "bert", "electra": "bert", "distilbert": "distilbert", "gpt2": "gpt2",
                        "llama": "llama", "mistral": "llama", "roberta": "roberta", "xlm-roberta": "xlm-roberta",
-                       "camembert": "camembert", "t5": "t5", "mpnet": "mpnet", "deberta-v2": "deberta-v2"}
+                       "camembert": "camembert", "t5": "t5", "mpnet": "mpnet", "deberta-v2": "deberta-v2",
+                       "gemma": "gemma", "gemma2": "gemma", "gemma3_text": "gemma", "gemma3": "gemma"}
 
 # config.json keys that hold the longest input the model's positions allow, in order of preference
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
