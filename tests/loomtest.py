@@ -117,6 +117,21 @@ def check_padded_and_generate(ours, ref, ids, mask, new_tokens: int = 8) -> None
         assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
 
 
+def gemma_like_tokenizer(folder) -> None:
+    """Write a small byte-fallback BPE in Gemma's tokenizer.json shape ('▁' for spaces, <bos> prepended; ids 0-3 are
+    <pad>, <eos>, <bos>, <unk>) into `folder`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["hello world, a b c"] * 10,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                       special_tokens=[("<bos>", 2)])
+    tok.save(str(folder / "tokenizer.json"))
+
+
 def kernels_on() -> bool:
     from loom.kernels import build
 

@@ -11,7 +11,7 @@ import torch
 
 import loom
 from loom.configuration import ConfigFieldError
-from loomtest import TINY
+from loomtest import TINY, gemma_like_tokenizer, reference_checkpoint
 
 CLASSES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 # config keys with a value that must change the logits (so a loom ignoring the key would fail the parity check)
@@ -177,8 +177,8 @@ def test_unsupported_activation_names_the_key_and_file(tmp_path, model_type, key
 
 
 def test_refused_gemma_settings_say_which_key(tmp_path):
-    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
-        loom.Gemma3ForCausalLM(loom.Gemma3TextConfig(**TINY["gemma3_text"], use_bidirectional_attention=True))
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):  # only Gemma 3 runs as an encoder
+        loom.Gemma2ForCausalLM(loom.Gemma2Config(**TINY["gemma2"], use_bidirectional_attention=True))
     with pytest.raises(ValueError, match="sliding_attention layers but sliding_window is null"):
         loom.Gemma2Model(loom.Gemma2Config(**{**TINY["gemma2"], "sliding_window": None}))
 
@@ -223,3 +223,46 @@ def test_hub_generation_config_with_hybrid_cache_generates(tmp_path):
     kw = dict(max_new_tokens=6, do_sample=False, eos_token_id=None)
     assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist()
     assert ours.generate(ids, cache_implementation="hybrid", **kw).tolist() == ref.generate(ids, **kw).tolist()
+
+
+# -- EmbeddingGemma: Gemma 3 with use_bidirectional_attention ---------------------------------------------------------
+def test_bidirectional_gemma3_matches_reference_and_is_no_decoder(tmp_path_factory):
+    """Every layer attends both ways; sliding layers to keys under sliding_window // 2 + 1 positions away (6 -> 4,
+    within reach of 12 tokens), on a right-padded batch. It keeps no cache, so generate gets a clear error."""
+    path, ref = reference_checkpoint(tmp_path_factory, "gemma3_text", "Gemma3TextModel", sliding_window=6,
+                                     use_bidirectional_attention=True, pad_token_id=0)
+    ours = loom.AutoModel.from_pretrained(path)
+    assert ours.windows == [4, None]
+    ids, mask = _ids(), torch.ones(2, 12, dtype=torch.long)
+    mask[0, -4:] = 0
+    with torch.no_grad():
+        a, b = ours(ids, attention_mask=mask).last_hidden_state, ref(ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(a[0, :8], b[0, :8], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a[1], b[1], atol=1e-5, rtol=1e-5)
+        causal = loom.AutoModel.from_pretrained(path, use_bidirectional_attention=False)
+        assert not torch.allclose(causal(ids).last_hidden_state[:, :-1], ours(ids).last_hidden_state[:, :-1])
+    lm = loom.AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(ValueError, match="attends in both directions"):
+        lm.generate(ids, max_new_tokens=2)
+
+
+def test_embeddinggemma_folder_matches_sentence_transformers(tmp_path_factory):
+    """EmbeddingGemma's sentence-transformers layout: Transformer -> mean Pooling -> Dense -> Dense -> Normalize."""
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers import models as modules
+    path, _ = reference_checkpoint(tmp_path_factory, "gemma3_text", "Gemma3TextModel", vocab_size=300,
+                                   use_bidirectional_attention=True, pad_token_id=0, bos_token_id=2, eos_token_id=1)
+    gemma_like_tokenizer(path)
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    torch.manual_seed(3)
+    encoder = modules.Transformer(str(path))
+    dense = [modules.Dense(32, 48, bias=False, activation_function=torch.nn.Identity()),
+             modules.Dense(48, 16, bias=False, activation_function=torch.nn.Identity())]
+    model = st.SentenceTransformer(modules=[encoder, modules.Pooling(32, "mean"), *dense, modules.Normalize()],
+                                   device="cpu")
+    folder = tmp_path_factory.mktemp("embeddinggemma")
+    model.save(str(folder))
+    texts = ["the quick brown fox", "hello world, a b c and the lazy dog jumps over", "a"]
+    expected = st.SentenceTransformer(str(folder), device="cpu").encode(texts, convert_to_tensor=True)
+    ours = loom.pipeline("feature-extraction", model=str(folder))(texts, pooling="auto", return_tensors=True)
+    torch.testing.assert_close(torch.stack(ours), expected.float(), atol=1e-5, rtol=0)

@@ -58,11 +58,18 @@ def check_inputs(input_ids, inputs_embeds) -> None:
 
 
 def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention_mask, past_key_values, use_cache,
-                   cache_position, *, training: bool, windows=(None,)) -> DecoderInputs:
+                   cache_position, *, training: bool, windows=(None,), causal: bool = True) -> DecoderInputs:
     """The preamble every causal decoder shares: embed the tokens, pick the cache (a new DynamicCache for inference
-    when none is given), then the positions and one mask per attention window (full and sliding layers differ)."""
+    when none is given), then the positions and one mask per attention window (full and sliding layers differ).
+    `causal=False` (a decoder family run as an encoder, e.g. EmbeddingGemma) attends both ways and keeps no cache."""
     check_inputs(input_ids, inputs_embeds)
     x = embed(input_ids) if inputs_embeds is None else inputs_embeds
+    if not causal:
+        if past_key_values is not None or use_cache:
+            raise ValueError("this model attends in both directions (config use_bidirectional_attention=True), so "
+                             "it keeps no key/value cache: pass use_cache=False and no past_key_values (it embeds "
+                             "text; it does not generate)")
+        use_cache = False
     use_cache = config.use_cache if use_cache is None else use_cache
     if use_cache and past_key_values is None and not training:
         past_key_values = DynamicCache()
@@ -70,7 +77,7 @@ def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention
     masks, past = {}, None
     for window in dict.fromkeys(windows):
         cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, x.shape[1],
-                                                              x.device, sliding_window=window)
+                                                              x.device, sliding_window=window, causal=causal)
         masks[window] = (mask, is_causal)
     return DecoderInputs(x, cache, use_cache, cache_position, past, masks)
 
@@ -85,7 +92,7 @@ def check_layer_types(config, allowed=("full_attention", "sliding_attention")) -
 
 
 def causal_inputs(cache, attention_mask: torch.Tensor | None, cache_position: torch.Tensor | None, q_len: int,
-                  device, *, sliding_window: int | None = None):
+                  device, *, sliding_window: int | None = None, causal: bool = True):
     """A causal decoder's per-forward inputs for `q_len` new tokens: (cache_position, past_len, mask, is_causal).
 
     A cache of fixed length (a static cache) keeps the positions a tensor end to end: the mask is built from
@@ -103,7 +110,7 @@ def causal_inputs(cache, attention_mask: torch.Tensor | None, cache_position: to
     past = cache.get_seq_length() if cache is not None else 0
     if cache_position is None:
         cache_position = torch.arange(past, past + q_len, device=device)
-    mask, is_causal = attention_mask_for(attention_mask, q_len, past, past + q_len, causal=True, device=device,
+    mask, is_causal = attention_mask_for(attention_mask, q_len, past, past + q_len, causal=causal, device=device,
                                          sliding_window=sliding_window)
     return cache_position, past, mask, is_causal
 
@@ -114,7 +121,8 @@ def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len
 
     Queries sit at positions past_len .. past_len + q_len - 1; keys at 0 .. kv_len - 1. Returns (None, is_causal) on
     the fast paths (no padding, no window in reach), so most calls never build a mask. For a static cache, whose
-    positions are a tensor, use `position_mask`.
+    positions are a tensor, use `position_mask`. Without `causal`, a sliding window keeps the keys less than
+    `sliding_window` positions away on either side.
     """
     no_padding = attention_mask is None or bool(attention_mask.all())
     window_in_reach = sliding_window is not None and kv_len > sliding_window
@@ -125,6 +133,9 @@ def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len
             return None, True
     if not causal:
         allowed = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+        if window_in_reach:
+            q_pos = torch.arange(past_len, past_len + q_len, device=device)[:, None]
+            allowed = ((q_pos - torch.arange(kv_len, device=device)[None, :]).abs() < sliding_window)[None, None]
         return _with_padding(allowed, attention_mask, kv_len), False
     q_pos = torch.arange(past_len, past_len + q_len, device=device)
     return position_mask(attention_mask, q_pos, kv_len, sliding_window=sliding_window), False

@@ -92,9 +92,10 @@ class GemmaPreTrainedModel(LlamaPreTrainedModel):
 class GemmaModel(GemmaPreTrainedModel, LlamaModel):
     layer_class = GemmaDecoderLayer
     norm_class = GemmaRMSNorm
+    runs_bidirectional = False  # whether use_bidirectional_attention=True is supported (Gemma 3's encoder mode)
 
     def __init__(self, config: GemmaConfig) -> None:
-        if getattr(config, "use_bidirectional_attention", None):
+        if getattr(config, "use_bidirectional_attention", None) and not self.runs_bidirectional:
             raise ValueError(f"{config_where(config)}config use_bidirectional_attention=True (an encoder such as "
                              "EmbeddingGemma) is not supported: loom runs Gemma as a causal decoder; set it to false "
                              "or null to use the checkpoint as a decoder")

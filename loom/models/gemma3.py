@@ -2,7 +2,8 @@
 RoPE per layer type (sliding layers: `rope_local_base_freq`, unscaled; global layers: `rope_theta` with the
 checkpoint's scaling; 5.x nests both in `rope_parameters`), five sliding layers to one global by default
 (`sliding_window_pattern`, or `layer_types`), no soft-capping by default (the reference ignores
-`attn_logit_softcapping` here) and SDPA as its default attention."""
+`attn_logit_softcapping` here) and SDPA as its default attention. `use_bidirectional_attention` (EmbeddingGemma)
+makes it an encoder."""
 from __future__ import annotations
 
 from loom.models.gemma import GemmaRMSNorm
@@ -58,7 +59,20 @@ class Gemma3PreTrainedModel(Gemma2PreTrainedModel):
 
 
 class Gemma3TextModel(Gemma3PreTrainedModel, Gemma2Model):
+    """With `use_bidirectional_attention` (EmbeddingGemma) an encoder: every layer attends both ways, sliding layers
+    to the keys less than sliding_window // 2 + 1 positions away on either side, as the reference."""
     layer_class = Gemma3DecoderLayer
+    runs_bidirectional = True
+
+    @property
+    def causal(self) -> bool:
+        return not self.config.use_bidirectional_attention
+
+    def layer_windows(self) -> list[int | None]:
+        windows = super().layer_windows()
+        if self.causal:
+            return windows
+        return [None if w is None else w // 2 + 1 for w in windows]
 
     def __init__(self, config: Gemma3TextConfig) -> None:
         super().__init__(config)

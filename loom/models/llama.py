@@ -146,6 +146,7 @@ class LlamaModel(LlamaPreTrainedModel):
     layer_class = LlamaDecoderLayer
     norm_class = RMSNorm
     norm_name = "norm"  # the checkpoint's name for the final norm
+    causal = True  # False: every token attends both ways (a family run as an encoder)
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
@@ -184,7 +185,8 @@ class LlamaModel(LlamaPreTrainedModel):
                 inputs_embeds=None, use_cache=None, output_hidden_states=None, cache_position=None,
                 return_dict=None, output_attentions=None, **_):
         inputs = decoder_inputs(self.config, self.embed, input_ids, inputs_embeds, attention_mask, past_key_values,
-                                use_cache, cache_position, training=self.training, windows=self.windows)
+                                use_cache, cache_position, training=self.training, windows=self.windows,
+                                causal=self.causal)
         x, cache, cache_position = inputs.x, inputs.cache, inputs.cache_position
         if position_ids is None:
             position_ids = cache_position[None].expand(x.shape[0], x.shape[1])

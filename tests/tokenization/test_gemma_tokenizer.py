@@ -7,22 +7,13 @@ import json
 import pytest
 
 import loom
+from loomtest import gemma_like_tokenizer
 
 
 @pytest.fixture(scope="module")
 def gemma_like(tmp_path_factory):
-    """A small byte-fallback BPE in Gemma's tokenizer.json shape ('▁' for spaces, <bos> prepended)."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20 + ["hello world, a b c"] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"]))
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", 2)])
     folder = tmp_path_factory.mktemp("gemma_tok")
-    tok.save(str(folder / "tokenizer.json"))
+    gemma_like_tokenizer(folder)
     return folder
 
 
