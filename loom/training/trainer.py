@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader
 from loom.distributed.trainer import ParallelTrainerMixin
 from loom.training import checkpoints as ckpt
 from loom.training.arguments import TrainingArguments, steps_from
-from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
-                                     ProgressCallback, TensorBoardCallback, TrainerControl, TrainerState)
+from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
+                                     TrainerControl, TrainerState)
 from loom.training.collators import DataCollatorWithPadding, default_data_collator
 from loom.training.data import (LABEL_ALIASES, EpochSampler, RemoveColumnsCollator, as_dataset, check_batch,
                                 is_hf_dataset, model_input_names, move_to, prepare_hf_dataset)
+from loom.training.integrations import reporting_callbacks
 from loom.training.optimization import create_optimizer, get_scheduler
 from loom.training.seed import set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
@@ -95,11 +96,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
 
     def _default_callbacks(self) -> list:
         cbs: list = [DefaultFlowCallback(), PrinterCallback() if self.args.disable_tqdm else ProgressCallback()]
-        if "jsonl" in self.args.report_to:
-            cbs.append(JsonLinesLoggerCallback())
-        if "tensorboard" in self.args.report_to:
-            cbs.append(TensorBoardCallback())
-        return cbs
+        return cbs + reporting_callbacks(self.args.report_to)
 
     def _call_model_init(self, trial=None) -> nn.Module:
         import inspect
