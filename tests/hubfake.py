@@ -43,7 +43,8 @@ def fake_hub(monkeypatch):
         # the files are read now: a push uploads from a temporary folder that is gone afterwards
         files = {op.path_in_repo: _read(op.path_or_fileobj) for op in operations}
         hub.calls.append(("create_commit", repo_id, {**kwargs, "token": self.token}))
-        hub.commits.append({"repo_id": repo_id, "message": kwargs.get("commit_message"), "files": files, **kwargs})
+        hub.commits.append({"repo_id": repo_id, "message": kwargs.get("commit_message"), "files": files,
+                            "token": self.token, **kwargs})
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
 
     def upload_folder(self, *, repo_id, folder_path, run_as_future=False, **kwargs):
@@ -55,7 +56,8 @@ def fake_hub(monkeypatch):
             if path.is_file() and not any(Path(rel).match(p) or Path(rel.split("/")[0]).match(p) for p in ignored):
                 files[f"{kwargs['path_in_repo']}/{rel}" if kwargs.get("path_in_repo") else rel] = path.read_bytes()
         hub.calls.append(("upload_folder", repo_id, {**kwargs, "token": kwargs.get("token", self.token)}))
-        hub.commits.append({"repo_id": repo_id, "message": kwargs.get("commit_message"), "files": files, **kwargs})
+        hub.commits.append({"repo_id": repo_id, "message": kwargs.get("commit_message"), "files": files,
+                            "token": self.token, **kwargs})
         info = SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0", oid="0")
         if not run_as_future:
             return info
@@ -63,7 +65,11 @@ def fake_hub(monkeypatch):
         future.set_result(info)
         return future
 
+    load_local = huggingface_hub.ModelCard.load
+
     def load_card(repo_id, token=None, **kwargs):
+        if Path(repo_id).is_file():  # a local README.md: no request involved
+            return load_local(repo_id, token=token, **kwargs)
         hub.calls.append(("load_card", repo_id, {"token": token}))
         if hub.card is None:
             raise EntryNotFoundError(f"{repo_id} has no README.md")

@@ -32,6 +32,7 @@ from loom.training.optimization import create_optimizer, get_scheduler
 from loom.training.seed import set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
 from loom.training.trainer_eval import EvaluationMixin
+from loom.training.trainer_hub import HubMixin
 
 
 class TrainOutput(NamedTuple):
@@ -40,7 +41,7 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, float]
 
 
-class Trainer(EvaluationMixin, CheckpointMixin):
+class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
     """Train, evaluate and predict with a model; the reference's constructor arguments and methods.
 
     Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, `Trainer(...)` builds a `ParallelTrainer`
@@ -92,6 +93,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                                                 processing_class, self.optimizer, self.lr_scheduler)
         self.hp_search_backend = None
         self._forward_model: nn.Module = self.model
+        self._init_hub()
         self.control = self.callback_handler.call("on_init_end", self.args, self.state, self.control)
 
     def _default_callbacks(self) -> list:
