@@ -466,6 +466,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
             self._load_model_weights(Path(self.state.best_model_checkpoint))
         self.log(metrics)
         self._event("on_train_end")
+        self._finish_current_push()  # background uploads of checkpoints (trainer_hub.py); raises their errors
         self.model.eval()
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 

@@ -87,6 +87,7 @@ class HubMixin:
 
         token = token if token is not None else hub_setting(self.args, "hub_token")
         check_can_push("Trainer.push_to_hub", token)
+        self._event("on_push_begin")
         model_name = kwargs.pop("model_name", None)
         if model_name is None:
             model_name = (hub_setting(self.args, "hub_model_id") or self._output_dir().name).split("/")[-1]
@@ -124,11 +125,6 @@ class HubMixin:
             self._push_from_checkpoint(path)
         return path
 
-    def _finish_training(self, *args, **kwargs):
-        out = super()._finish_training(*args, **kwargs)
-        self._finish_current_push()
-        return out
-
     def _push_from_checkpoint(self, folder: Path) -> None:
         """Copy the checkpoint's model files into output_dir and push it in the background, plus the checkpoint
         folder itself for the "checkpoint" and "all_checkpoints" strategies."""
@@ -139,6 +135,7 @@ class HubMixin:
             return
         if not hub_setting(self.args, "hub_always_push", False) and any(not job.done() for job in self._push_jobs):
             return
+        self._event("on_push_begin")
         output = self._output_dir()
         for name in _model_files(folder):
             shutil.copy(folder / name, output / name)

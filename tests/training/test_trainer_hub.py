@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from concurrent.futures import Future
 
 import pytest
 
-from loom.training import Trainer, TrainingArguments
+from loom.training import Trainer, TrainerCallback, TrainingArguments
 from tests.hubfake import fake_hub  # noqa: F401  (fixture)
 from tests.training.conftest import cls_rows, tiny_bert
 
@@ -28,6 +29,14 @@ def _hub_args(tmp_path, **settings):
 
 def _trainer(args, **kwargs):
     return Trainer(tiny_bert(), args, train_dataset=cls_rows(16), **kwargs)
+
+
+class PushCounter(TrainerCallback):
+    def __init__(self):
+        self.steps = []
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        self.steps.append(state.global_step)
 
 
 def test_pushing_is_checked_before_training(fake_hub, tmp_path, monkeypatch):
@@ -53,9 +62,11 @@ def test_pushing_is_checked_before_training(fake_hub, tmp_path, monkeypatch):
 def test_hub_strategy_decides_what_each_save_pushes(fake_hub, tmp_path, strategy):
     args = _hub_args(tmp_path, push_to_hub=True, hub_token="hf_x", hub_model_id="org/tiny", hub_strategy=strategy,
                      hub_revision="dev")
-    trainer = _trainer(args)
+    counter = PushCounter()
+    trainer = _trainer(args, callbacks=[counter])
     assert fake_hub.calls == [("create_repo", "org/tiny", {"private": None, "exist_ok": True, "token": "hf_x"})]
     trainer.train()
+    assert counter.steps == ([] if strategy == "end" else [2, 4])
     out = tmp_path / "out"
     pushed = [(c["message"], c.get("path_in_repo"), c["revision"]) for c in fake_hub.commits]
     if strategy == "end":
@@ -79,6 +90,7 @@ def test_hub_strategy_decides_what_each_save_pushes(fake_hub, tmp_path, strategy
     fake_hub.commits.clear()
     trainer.push_to_hub(finetuned_from="org/base", dataset_tags="glue")
     (final,) = fake_hub.commits
+    assert counter.steps[-1] == 4
     assert (final["message"], final["revision"], final["repo_id"]) == ("End of training", "dev", "org/tiny")
     assert {"README.md", "config.json", "model.safetensors"} <= set(final["files"])
     assert not [f for f in final["files"] if f.startswith("checkpoint-")]
@@ -143,3 +155,40 @@ def test_model_card_infers_base_model_and_keeps_tags(tmp_path):
     assert data.base_model is None and data.tags == ["second", "first", "generated_from_trainer"]
     assert "This model was trained from scratch on an unknown dataset." in text
     assert data.to_dict()["model-index"] == [{"name": "out", "results": []}]
+
+
+def test_a_failed_background_push_is_raised_when_training_ends(fake_hub, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def failing_upload(self, **kwargs):
+        job = Future()
+        job.set_exception(OSError("503 Service Unavailable"))
+        return job
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", failing_upload)
+    trainer = _trainer(_hub_args(tmp_path, push_to_hub=True, hub_token="hf_x"))
+    with pytest.raises(OSError, match="503 Service Unavailable"):
+        trainer.train()
+    assert (tmp_path / "out" / "checkpoint-4" / "model.safetensors").is_file()  # the work is saved all the same
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_running_push_is_not_doubled_unless_hub_always_push(fake_hub, tmp_path, monkeypatch, always):
+    import huggingface_hub
+
+    pending = []
+
+    def slow_upload(self, **kwargs):
+        pending.append(Future())  # still running when the next checkpoint is saved
+        return pending[-1]
+
+    class FinishUploads(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            for job in pending:
+                job.set_result(None)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", slow_upload)
+    trainer = _trainer(_hub_args(tmp_path, push_to_hub=True, hub_token="hf_x", hub_always_push=always),
+                       callbacks=[FinishUploads()])
+    trainer.train()
+    assert len(pending) == (2 if always else 1)
