@@ -60,17 +60,26 @@ def read_wandb_records(path):
     return records
 
 
+def _wandb_run_log(args_for, tmp_path, monkeypatch, env: dict, **train_kwargs):
+    """Train with report_to="wandb" offline into tmp_path; returns (trainer, the run's .wandb file)."""
+    wandb = pytest.importorskip("wandb", reason="wandb is an optional dependency")
+    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true", **env}.items():
+        monkeypatch.setenv(name, value)
+    trainer = _train(args_for, "wandb", **train_kwargs)
+    # wandb's service finishes writing the run's file when it shuts down (at process exit, or here); it also
+    # reads WANDB_DIR once per service, so the next test gets a fresh one
+    wandb.teardown()
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    return trainer, log
+
+
 def _items(entries) -> dict:
     return {e.key or "/".join(e.nested_key): json.loads(e.value_json) for e in entries}
 
 
 def test_wandb_offline_run_is_read_back(args_for, tmp_path, monkeypatch):
-    pytest.importorskip("wandb", reason="wandb is an optional dependency")
-    for name, value in {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_PROJECT": "loom-tests",
-                        "WANDB_LOG_MODEL": "end", "WANDB_SILENT": "true"}.items():
-        monkeypatch.setenv(name, value)
-    trainer = _train(args_for, "wandb")
-    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    trainer, log = _wandb_run_log(args_for, tmp_path, monkeypatch, {"WANDB_PROJECT": "loom-tests",
+                                                                    "WANDB_LOG_MODEL": "end"})
     records = read_wandb_records(log)
     kinds = [r.WhichOneof("record_type") for r in records]
     assert kinds[-1] == "exit", "the run was not finished"
@@ -92,8 +101,17 @@ def test_wandb_offline_run_is_read_back(args_for, tmp_path, monkeypatch):
             summary.update(_items(r.summary.update))
     assert summary["train_loss"] == _logged(trainer, "train_loss")[3]
     (artifact,) = [r.artifact for r in records if r.HasField("artifact")]
-    assert artifact.name == "model-tiny-run" and artifact.type == "model"
+    assert (artifact.name, artifact.type) == ("model-tiny-run", "model") and "final_model" in artifact.aliases
     assert {"config.json", "model.safetensors"} <= {entry.path for entry in artifact.manifest.contents}
+
+
+def test_wandb_logs_each_checkpoint_when_asked(args_for, tmp_path, monkeypatch):
+    _, log = _wandb_run_log(args_for, tmp_path, monkeypatch, {"WANDB_LOG_MODEL": "checkpoint"},
+                            save_strategy="steps", save_steps=2)
+    artifacts = [r.artifact for r in read_wandb_records(log) if r.HasField("artifact")]
+    assert [[x for x in a.aliases if x.startswith("checkpoint_")] for a in artifacts] == [
+        ["checkpoint_global_step_2"], ["checkpoint_global_step_3"]]
+    assert {"optimizer.pt", "trainer_state.json", "model.safetensors"} <= {e.path for e in artifacts[0].manifest.contents}
 
 
 def test_wandb_log_model_must_be_understood(args_for, monkeypatch):
