@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-
 
 @dataclass
 class FakeHub:
@@ -24,8 +22,8 @@ def _read(source) -> bytes:
     return Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
 
 
-@pytest.fixture
-def fake_hub(monkeypatch):
+def install_fake_hub(monkeypatch) -> FakeHub:
+    """Patch huggingface_hub for one test (the `fake_hub` fixture of conftest.py) and unset HF_HUB_OFFLINE."""
     import huggingface_hub
     from huggingface_hub.errors import EntryNotFoundError
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import loom
-from tests.hubfake import fake_hub  # noqa: F401  (fixture)
 from tests.loomtest import TINY
 
 

@@ -61,8 +61,8 @@ class TrainingArguments:
     dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory when on a GPU."})
     remove_unused_columns: bool = field(default=True, metadata={"help": "Drop inputs the model does not take."})
     label_names: list[str] | None = field(default=None, metadata={"help": "Keys of the labels in a batch."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "none, all, or a list of: jsonl, "
-                                                                                 "tensorboard, wandb, mlflow, trackio."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "none, all, or some of jsonl, "
+                                                                                 "tensorboard, wandb, mlflow, trackio"})
     optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint to resume from."})
     batch_eval_metrics: bool = field(default=False, metadata={"help": "Call compute_metrics on every eval batch."})

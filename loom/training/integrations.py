@@ -60,8 +60,7 @@ class _TrackerCallback(TrainerCallback):
     """Shared life cycle: import the package when built, start the run on train begin (or the first log), log on
     the main process only, finish on train end. Subclasses fill in _start, _log and _finish."""
 
-    report_to = ""  # the report_to value that selects this callback
-    package = ""  # the module imported; pip_name installs it
+    report_to = ""  # the report_to value that selects this callback (INTEGRATION_TO_CALLBACK names its package)
 
     def __init__(self) -> None:
         self._tracker = import_tracker(self.report_to)
@@ -108,7 +107,7 @@ class WandbCallback(_TrackerCallback):
     "parameters" or "all" to let wandb watch the model. The run is named `args.run_name`.
     """
 
-    report_to = package = "wandb"
+    report_to = "wandb"
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,7 +180,7 @@ class MLflowCallback(_TrackerCallback):
     DISABLE_MLFLOW_INTEGRATION (leaves mlflow out of report_to="all"). The run is named `args.run_name`.
     """
 
-    report_to = package = "mlflow"
+    report_to = "mlflow"
 
     def __init__(self) -> None:
         super().__init__()
@@ -248,14 +247,13 @@ class TrackioCallback(_TrackerCallback):
     `args.trackio_space_id` is set. The project is `args.project` (default "huggingface"), the run `args.run_name`;
     `trackio_bucket_id` and `hub_private_repo` pass through to `trackio.init`."""
 
-    report_to = package = "trackio"
+    report_to = "trackio"
 
     def _start(self, args, state, model) -> None:
         trackio = self._tracker
-        trackio.init(project=getattr(args, "project", "huggingface"), name=args.run_name,
-                     space_id=getattr(args, "trackio_space_id", None), resume="allow",
-                     private=getattr(args, "hub_private_repo", None), bucket_id=getattr(args, "trackio_bucket_id", None),
-                     config=run_parameters(args, model))
+        trackio.init(project=getattr(args, "project", "huggingface"), name=args.run_name, resume="allow",
+                     space_id=getattr(args, "trackio_space_id", None), private=getattr(args, "hub_private_repo", None),
+                     bucket_id=getattr(args, "trackio_bucket_id", None), config=run_parameters(args, model))
         if hasattr(model, "num_parameters"):
             trackio.config["model/num_parameters"] = model.num_parameters()
 

@@ -111,7 +111,8 @@ def test_wandb_logs_each_checkpoint_when_asked(args_for, tmp_path, monkeypatch):
     artifacts = [r.artifact for r in read_wandb_records(log) if r.HasField("artifact")]
     assert [[x for x in a.aliases if x.startswith("checkpoint_")] for a in artifacts] == [
         ["checkpoint_global_step_2"], ["checkpoint_global_step_3"]]
-    assert {"optimizer.pt", "trainer_state.json", "model.safetensors"} <= {e.path for e in artifacts[0].manifest.contents}
+    assert {"optimizer.pt", "trainer_state.json", "model.safetensors"} <= {e.path for e in
+                                                                           artifacts[0].manifest.contents}
 
 
 def test_wandb_log_model_must_be_understood(args_for, monkeypatch):

@@ -11,7 +11,6 @@ from concurrent.futures import Future
 import pytest
 
 from loom.training import Trainer, TrainerCallback, TrainingArguments
-from tests.hubfake import fake_hub  # noqa: F401  (fixture)
 from tests.training.conftest import cls_rows, tiny_bert
 
 
