@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, get_args, get_origin
 
+from loom.hub_push import PushToHubMixin
+
 CONFIG_NAME = "config.json"
 
 # Keys every config carries (the reference's common attributes) with their defaults.
@@ -50,7 +52,7 @@ class ConfigFieldError(ValueError):
         self.field = field
 
 
-class PretrainedConfig:
+class PretrainedConfig(PushToHubMixin):
     """Base class for model configurations (`config.json`)."""
 
     model_type: ClassVar[str] = ""

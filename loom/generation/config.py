@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from loom.hub_push import PushToHubMixin
+
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 FIELDS = (
@@ -34,7 +36,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = dict(
 _MODEL_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
-class GenerationConfig:
+class GenerationConfig(PushToHubMixin):
     """Decoding parameters. Fields left unset are None; unknown keys are kept so a JSON round trip is lossless."""
 
     def __init__(self, **kwargs: Any) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loom.hub import HUB_KWARGS
+from loom.hub_push import PushToHubMixin
 from loom.processing.image_processor import BaseImageProcessor, ViTImageProcessor, read_processor_config
 
 IMAGE_PROCESSORS: dict[str, type[BaseImageProcessor]] = {
@@ -52,7 +53,7 @@ def _class_from_model_type(path_or_id, hub) -> type[BaseImageProcessor] | None:
     return IMAGE_PROCESSOR_FOR_MODEL.get(model_type)
 
 
-class ProcessorMixin:
+class ProcessorMixin(PushToHubMixin):
     """A bundle of a tokenizer and an image processor; calling it runs each on its own inputs and merges them."""
 
     def __init__(self, image_processor: BaseImageProcessor | None = None, tokenizer=None, **extra: Any) -> None:

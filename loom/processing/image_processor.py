@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from loom.hub_push import PushToHubMixin
 from loom.processing import images as T
 from loom.processing.features import BatchFeature
 
@@ -30,7 +31,7 @@ def _size_dict(size, name: str) -> dict[str, int] | None:
                      "{'shortest_edge': S}")
 
 
-class BaseImageProcessor:
+class BaseImageProcessor(PushToHubMixin):
     """Holds the settings of preprocessor_config.json (unknown keys kept) and turns images into pixel_values."""
 
     model_input_names: ClassVar[list[str]] = ["pixel_values"]

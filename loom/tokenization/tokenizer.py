@@ -11,6 +11,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from ..hub_push import PushToHubMixin
 from . import chat, encoding, saving
 from . import padding as padding_ops
 from .arguments import VERY_LARGE_INTEGER, batch_inputs, resolve_strategy
@@ -55,7 +56,7 @@ def _id_property(name: str) -> property:
     return property(get, set, doc=f"Id of the {name.replace('_', ' ')}, or None.")
 
 
-class PreTrainedTokenizerFast:
+class PreTrainedTokenizerFast(PushToHubMixin):
     """A tokenizer with the reference's public interface, backed by the Rust `tokenizers` engine."""
 
     SPECIAL_TOKENS_ATTRIBUTES = SPECIAL_TOKENS_ATTRIBUTES

@@ -1,6 +1,7 @@
 """Training: TrainingArguments, data collators, the Trainer, callbacks, optimizers and schedules.
 
-Importing this package costs torch only; optuna, datasets and tensorboard are imported when a feature needs them.
+Importing this package costs torch only; optuna, datasets, tensorboard and the trackers (wandb, mlflow, trackio) are
+imported when a feature needs them.
 """
 from loom.training.argparser import HfArgumentParser
 from loom.training.arguments import TrainingArguments
@@ -10,12 +11,13 @@ from loom.training.callbacks import (DefaultFlowCallback, EarlyStoppingCallback,
 from loom.training.collators import (DataCollatorForLanguageModeling, DataCollatorForTokenClassification,
                                      DataCollatorWithPadding, default_data_collator)
 from loom.training.evaluation import EvalPrediction, PredictionOutput
+from loom.training.integrations import MLflowCallback, TrackioCallback, WandbCallback
 from loom.training.optimization import get_scheduler
 from loom.training.seed import set_seed
 from loom.training.trainer import Trainer, TrainOutput
 
 __all__ = ["DataCollatorForLanguageModeling", "DataCollatorForTokenClassification", "DataCollatorWithPadding",
            "DefaultFlowCallback", "EarlyStoppingCallback", "EvalPrediction", "HfArgumentParser",
-           "JsonLinesLoggerCallback", "PredictionOutput", "PrinterCallback", "ProgressCallback",
-           "TensorBoardCallback", "TrainOutput", "Trainer", "TrainerCallback", "TrainerControl", "TrainerState",
-           "TrainingArguments", "default_data_collator", "get_scheduler", "set_seed"]
+           "JsonLinesLoggerCallback", "MLflowCallback", "PredictionOutput", "PrinterCallback", "ProgressCallback",
+           "TensorBoardCallback", "TrackioCallback", "TrainOutput", "Trainer", "TrainerCallback", "TrainerControl",
+           "TrainerState", "TrainingArguments", "WandbCallback", "default_data_collator", "get_scheduler", "set_seed"]

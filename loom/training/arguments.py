@@ -6,13 +6,13 @@ from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from loom.training.integrations import normalise_report_to
+
 STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = (*STRATEGIES, "best")
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adafactor")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
-# report_to values loom knows how to serve; others are rejected rather than silently ignored
-INTEGRATIONS = ("tensorboard", "jsonl")
 
 
 @dataclass
@@ -61,7 +61,8 @@ class TrainingArguments:
     dataloader_pin_memory: bool = field(default=True, metadata={"help": "Pin host memory when on a GPU."})
     remove_unused_columns: bool = field(default=True, metadata={"help": "Drop inputs the model does not take."})
     label_names: list[str] | None = field(default=None, metadata={"help": "Keys of the labels in a batch."})
-    report_to: str | list[str] | None = field(default="none", metadata={"help": "none, all, tensorboard, jsonl."})
+    report_to: str | list[str] | None = field(default="none", metadata={"help": "none, all, or some of jsonl, "
+                                                                                 "tensorboard, wandb, mlflow, trackio"})
     optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint to resume from."})
     batch_eval_metrics: bool = field(default=False, metadata={"help": "Call compute_metrics on every eval batch."})
@@ -92,7 +93,7 @@ class TrainingArguments:
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = self.metric_for_best_model.removeprefix("eval_") != "loss"
         self._check_best_model()
-        self.report_to = _normalise_report_to(self.report_to)
+        self.report_to = normalise_report_to(self.report_to)
         if isinstance(self.label_names, str):
             self.label_names = [self.label_names]
 
@@ -220,22 +221,4 @@ def steps_from(value: float | None, total_steps: int) -> int | None:
 
 def _is_ratio(value) -> bool:
     return value is not None and 0 < value < 1
-
-
-def _normalise_report_to(value) -> list[str]:
-    if value is None or value == "none" or value == ["none"]:
-        return []
-    if value == "all":
-        return [name for name in INTEGRATIONS if name != "tensorboard" or _has_tensorboard()]
-    names = [value] if isinstance(value, str) else list(value)
-    unknown = [n for n in names if n not in INTEGRATIONS]
-    if unknown:
-        raise ValueError(f"report_to={unknown} is not supported by loom; use 'none', 'all' or some of {INTEGRATIONS}")
-    return names
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 

@@ -108,6 +108,7 @@ class TrainerCallback:
     def on_save(self, args, state, control, **kwargs): pass
     def on_log(self, args, state, control, **kwargs): pass
     def on_prediction_step(self, args, state, control, **kwargs): pass
+    def on_push_begin(self, args, state, control, **kwargs): pass
 
 
 class CallbackHandler:

@@ -28,15 +28,17 @@ from loom.distributed.mesh import ParallelDims
 from loom.distributed.trainer import checkpoint_strategy
 from loom.training import checkpoints as ckpt
 from loom.training.arguments import TrainingArguments, steps_from
-from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
-                                     ProgressCallback, TensorBoardCallback, TrainerControl, TrainerState)
+from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
+                                     TrainerControl, TrainerState)
 from loom.training.collators import DataCollatorWithPadding, default_data_collator
 from loom.training.data import (LABEL_ALIASES, EpochSampler, RemoveColumnsCollator, as_dataset, check_batch,
                                 is_hf_dataset, model_input_names, move_to, prepare_hf_dataset)
+from loom.training.integrations import reporting_callbacks
 from loom.training.optimization import create_optimizer, get_scheduler
 from loom.training.seed import set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
 from loom.training.trainer_eval import EvaluationMixin
+from loom.training.trainer_hub import HubMixin
 
 
 class TrainOutput(NamedTuple):
@@ -45,7 +47,7 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, float]
 
 
-class Trainer(EvaluationMixin, CheckpointMixin):
+class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
     """Train, evaluate and predict with a model; the reference's constructor arguments and methods.
 
     Under torchrun, or with tp_size/cp_size/fsdp set in the arguments, the same Trainer shards the model over the
@@ -97,6 +99,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         if self.parallel.enabled:
             self._parallelise()
         self._forward_model: nn.Module = self.model
+        self._init_hub()
         self.control = self.callback_handler.call("on_init_end", self.args, self.state, self.control)
 
     def _parallelise(self) -> None:
@@ -111,11 +114,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
 
     def _default_callbacks(self) -> list:
         cbs: list = [DefaultFlowCallback(), PrinterCallback() if self.args.disable_tqdm else ProgressCallback()]
-        if "jsonl" in self.args.report_to:
-            cbs.append(JsonLinesLoggerCallback())
-        if "tensorboard" in self.args.report_to:
-            cbs.append(TensorBoardCallback())
-        return cbs
+        return cbs + reporting_callbacks(self.args.report_to)
 
     def _call_model_init(self, trial=None) -> nn.Module:
         import inspect
@@ -494,6 +493,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
             self._load_model_weights(Path(self.state.best_model_checkpoint))
         self.log(metrics)
         self._event("on_train_end")
+        self._finish_current_push()  # background uploads of checkpoints (trainer_hub.py); raises their errors
         self.model.eval()
         return TrainOutput(self.state.global_step, metrics["train_loss"], metrics)
 

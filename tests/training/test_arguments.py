@@ -22,7 +22,7 @@ from loom.training import HfArgumentParser, TrainingArguments
     (dict(lr_scheduler_type="wobbly"), "lr_scheduler_type='wobbly' is not supported"),
     (dict(optim="lion"), "optim='lion' is not supported"),
     (dict(max_steps=-1, num_train_epochs=0), "nothing to train"),
-    (dict(report_to="wandb"), r"report_to=\['wandb'\] is not supported"),
+    (dict(report_to="comet_ml"), r"report_to=\['comet_ml'\] is not supported"),
 ])
 def test_contradictions_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
