@@ -175,9 +175,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               implementation: str = "sdpa", dropout: float = 0.0, scale: float | None = None,
               softcap: float | None = None) -> torch.Tensor:
     """The attention a model's config names (`config._attn_implementation`): `sdpa` or `eager_attention`. Soft-capped
-    scores (Gemma 2) exist only in the eager math, which the reference uses for them too."""
+    scores (Gemma 2) exist only in the eager math, which the reference uses for them too.
+
+    While a forward records its attentions (output_attentions=True) under "sdpa", this layer runs the eager math to
+    form them, and gives queries with nothing to attend to SDPA's zero output: asking for the probabilities never
+    changes the model's outputs (the reference's SDPA returns no attentions there, only a warning)."""
     if implementation == "eager" or softcap is not None:
         return eager_attention(q, k, v, mask, is_causal, dropout, scale, softcap)
+    if _recorded_attentions.get() is not None:
+        out = eager_attention(q, k, v, mask, is_causal, dropout, scale)
+        return out if mask is None or mask.dtype != torch.bool else out.masked_fill(~mask.any(-1, keepdim=True), 0)
     return sdpa(q, k, v, mask, is_causal, dropout, scale)
 
 
@@ -186,7 +193,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """softmax(q k^T * scale, masked) v written out, as the reference's eager path, so that its probabilities can be
     returned (`recording_attentions`). Masked scores get the dtype's lowest value, not -inf, as in the reference: a
     query with nothing to attend to averages every value here, where SDPA gives it zeros. With `softcap` the scores
-    become softcap * tanh(scores / softcap) before the mask."""
+    become softcap * tanh(scores / softcap) before the mask. A float `mask` is a bias added to the scores."""
     if k.shape[1] != q.shape[1]:  # grouped kv heads: query head h reads kv head h // (H / Hkv)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, Tq, Tk)
@@ -195,7 +202,9 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if mask is None and is_causal:
         tq, tk = scores.shape[-2:]
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:  # an additive bias (MPNet's relative positions)
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
     if dropout:
@@ -211,15 +220,12 @@ _recorded_attentions: ContextVar[list | None] = ContextVar("loom_recorded_attent
 
 def recording_attentions(config, output_attentions: bool | None):
     """Context around a model's layers. When `output_attentions` (default: config.output_attentions) asks for them, it
-    yields a list that collects each layer's attention probabilities (B, H, Tq, Tk) in order; otherwise None."""
+    yields a list that collects each layer's attention probabilities (B, H, Tq, Tk) in order; otherwise None. Under
+    any attn_implementation: the layers then compute them eagerly (`attention`)."""
     if output_attentions is None:
         output_attentions = getattr(config, "output_attentions", False)
     if not output_attentions:
         return contextlib.nullcontext()
-    if config._attn_implementation != "eager":
-        raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
-                         f'"{config._attn_implementation}" never forms; load the model with attn_implementation="eager"'
-                         ' (from_pretrained(path, attn_implementation="eager")) to get them')
     return collecting(_recorded_attentions)
 
 

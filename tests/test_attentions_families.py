@@ -1,0 +1,112 @@
+"""Every registered family against the reference (fp32, the TINY checkpoints, padded batches): output_attentions=True
+returns the reference's eager attention probabilities (sliding-window and soft-capped layers included), under
+"eager" and under "sdpa" alike, and attn_implementation really picks the computation. Families come from the model
+files' MODEL_TYPES, so a new family is covered once it has a TINY config."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import loom
+from loom.auto import model_table
+from loomtest import TINY, reference_checkpoint
+
+FAMILIES = sorted(model_table())
+T = 12  # past every TINY sliding window (4, 5; ModernBERT's +-4), so the windows bind
+
+
+def _head(model_type: str) -> str:
+    heads = model_table()[model_type][1]
+    return (heads.get("causal-lm") or heads["base"]).__name__
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    """(model_type, checkpoint directory, the reference loaded with eager attention, its inputs)."""
+    import transformers
+
+    model_type = request.param
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, _head(model_type))
+    ref = getattr(transformers, _head(model_type)).from_pretrained(path, attn_implementation="eager").eval()
+    return model_type, path, ref, _inputs(model_type)
+
+
+def _inputs(model_type: str) -> dict:
+    """A batch of 2 whose row 0 is padded: on the left for a decoder, on the right for an encoder (ViT: pixels)."""
+    if model_type == "vit":
+        return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))}
+    ids = torch.randint(3, 99, (2, T), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    if "causal-lm" in model_table()[model_type][1]:
+        mask[0, :3] = 0
+    else:
+        mask[0, -3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _main(out):
+    return out.logits if "logits" in out else out.last_hidden_state
+
+
+def _real(inputs) -> torch.Tensor | slice:
+    """Where outputs are compared between eager and SDPA: a padded query that may attend to nothing gets SDPA's zeros
+    but eager's average of every value (in the reference too), so only real positions."""
+    return inputs["attention_mask"].bool() if "attention_mask" in inputs else slice(None)
+
+
+def _load(model_type, path, **kw):
+    return getattr(loom, _head(model_type)).from_pretrained(path, **kw)
+
+
+def test_output_attentions_match_reference(family):
+    model_type, path, ref, inputs = family
+    with torch.no_grad():
+        want = ref(**inputs, output_attentions=True)
+        for impl in ("eager", "sdpa"):
+            ours = _load(model_type, path, attn_implementation=impl)
+            got = ours(**inputs, output_attentions=True)
+            torch.testing.assert_close(_main(got)[_real(inputs)], _main(want)[_real(inputs)], atol=1e-5, rtol=1e-5)
+            assert len(got.attentions) == len(want.attentions) == ours.config.num_hidden_layers, impl
+            for layer, (a, b) in enumerate(zip(got.attentions, want.attentions)):
+                assert a.shape == b.shape == (2, ours.config.num_attention_heads, *b.shape[-2:]), (impl, layer)
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=lambda m: f"{impl} layer {layer}: {m}")
+
+
+def test_asking_for_attentions_leaves_the_outputs_unchanged(family):
+    """Under "sdpa" the probabilities are computed eagerly for that forward only: the outputs, padded positions
+    included, stay those of SDPA, and the next plain forward returns no attentions."""
+    model_type, path, _, inputs = family
+    ours = _load(model_type, path, attn_implementation="sdpa")
+    with torch.no_grad():
+        plain, asked = ours(**inputs), ours(**inputs, output_attentions=True)
+        again = ours(**inputs)
+    torch.testing.assert_close(_main(asked), _main(plain), atol=1e-5, rtol=1e-5)
+    assert asked.attentions is not None and again.get("attentions") is None
+    assert ours.config._attn_implementation == "sdpa"
+
+
+def test_attn_implementation_picks_the_computation(family, monkeypatch):
+    """Eager and SDPA agree at every real position, and "eager" really runs the written-out math: SDPA is never
+    called. Soft-capped scores (Gemma 2) exist only in the eager math, so that family never calls SDPA."""
+    model_type, path, _, inputs = family
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    outputs, counts = {}, {}
+    model = _load(model_type, path, attn_implementation="sdpa")
+    for impl in ("sdpa", "eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        assert model.config._attn_implementation == impl
+        calls.clear()
+        with torch.no_grad():
+            outputs[impl] = _main(model(**inputs))[_real(inputs)]
+        counts[impl] = len(calls)
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], atol=1e-5, rtol=1e-5)
+    assert counts["eager"] == 0
+    softcapped = getattr(model.config, "attn_logit_softcapping", None) is not None
+    assert counts["sdpa"] == (0 if softcapped else model.config.num_hidden_layers)
+
+
+def test_every_family_is_covered():
+    assert set(FAMILIES) <= set(TINY)
