@@ -151,3 +151,30 @@ def test_fully_masked_single_query_matches_reference(checkpoints):
         a = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         b = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_generate_returns_each_steps_attentions(checkpoints, impl, beams):
+    """generate(output_attentions=True, return_dict_in_generate=True): per generated token, one tuple of per-layer
+    probabilities (the prompt's, then one query per step), equal to the reference's (eager) for a left-padded batch,
+    greedy and beam search."""
+    import transformers
+
+    path, _ = checkpoints("qwen2", "Qwen2ForCausalLM")
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ours = loom.Qwen2ForCausalLM.from_pretrained(path, attn_implementation=impl)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=beams, pad_token_id=0,
+              eos_token_id=None, output_attentions=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert a.sequences.tolist() == b.sequences.tolist()
+    assert len(a.attentions) == len(b.attentions) == 4
+    for step, (x, y) in enumerate(zip(a.attentions, b.attentions)):
+        assert len(x) == len(y) == 2
+        for p, q in zip(x, y):
+            assert p.shape == q.shape == (2 * beams, 4, 9 if step == 0 else 1, 9 + step)
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+    plain = ours.generate(ids, **{**kw, "output_attentions": False})
+    assert plain.attentions is None and plain.sequences.tolist() == a.sequences.tolist()

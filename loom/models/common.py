@@ -4,6 +4,7 @@ padding/causal/sliding-window masks, RMSNorm, activations and the loss helpers (
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -182,7 +183,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     changes the model's outputs (the reference's SDPA returns no attentions there, only a warning)."""
     if implementation == "eager" or softcap is not None:
         return eager_attention(q, k, v, mask, is_causal, dropout, scale, softcap)
-    if _recorded_attentions.get() is not None:
+    if _recording_open and _recorded_attentions.get() is not None:
         out = eager_attention(q, k, v, mask, is_causal, dropout, scale)
         return out if mask is None or mask.dtype != torch.bool else out.masked_fill(~mask.any(-1, keepdim=True), 0)
     return sdpa(q, k, v, mask, is_causal, dropout, scale)
@@ -216,6 +217,10 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 _recorded_attentions: ContextVar[list | None] = ContextVar("loom_recorded_attentions", default=None)
+# how many recording blocks are open, in any thread: `attention` reads this int first, because torch.compile guards
+# on a global's value but breaks its graph at a ContextVar (the var stays the truth for the calling thread)
+_recording_open = 0
+_recording_lock = threading.Lock()
 
 
 def recording_attentions(config, output_attentions: bool | None):
@@ -226,7 +231,20 @@ def recording_attentions(config, output_attentions: bool | None):
         output_attentions = getattr(config, "output_attentions", False)
     if not output_attentions:
         return contextlib.nullcontext()
-    return collecting(_recorded_attentions)
+    return _recording()
+
+
+@contextlib.contextmanager
+def _recording():
+    global _recording_open
+    with _recording_lock:
+        _recording_open += 1
+    try:
+        with collecting(_recorded_attentions) as found:
+            yield found
+    finally:
+        with _recording_lock:
+            _recording_open -= 1
 
 
 @contextlib.contextmanager
