@@ -422,6 +422,10 @@ def checked_attn_implementation(config: PretrainedConfig, name: str | None = Non
             # the reference refuses this pair too: a config that always returns attentions never runs "sdpa"
             raise ValueError(f'config output_attentions=True asks every forward for the attention probabilities, which '
                              f'attn_implementation="{name}" never forms; use attn_implementation="eager"')
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if name == "sdpa" and softcap is not None:  # the reference refuses "sdpa" for Gemma 2 too
+            raise ValueError(f"attn_implementation='sdpa' cannot soft-cap the attention scores (config "
+                             f"attn_logit_softcapping={softcap}); only 'eager' does: use attn_implementation='eager'")
         return name
     text = str(name)
     if "flash_attention" in text:

@@ -58,11 +58,16 @@ def _load(model_type, path, **kw):
     return getattr(loom, _head(model_type)).from_pretrained(path, **kw)
 
 
+def _implementations(config) -> tuple[str, ...]:
+    """Soft-capped scores (Gemma 2) exist only in the eager math: "sdpa" is refused there, as in the reference."""
+    return ("eager",) if getattr(config, "attn_logit_softcapping", None) is not None else ("eager", "sdpa")
+
+
 def test_output_attentions_match_reference(family):
     model_type, path, ref, inputs = family
     with torch.no_grad():
         want = ref(**inputs, output_attentions=True)
-        for impl in ("eager", "sdpa"):
+        for impl in _implementations(ref.config):
             ours = _load(model_type, path, attn_implementation=impl)
             got = ours(**inputs, output_attentions=True)
             torch.testing.assert_close(_main(got)[_real(inputs)], _main(want)[_real(inputs)], atol=1e-5, rtol=1e-5)
@@ -75,26 +80,32 @@ def test_output_attentions_match_reference(family):
 def test_asking_for_attentions_leaves_the_outputs_unchanged(family):
     """Under "sdpa" the probabilities are computed eagerly for that forward only: the outputs, padded positions
     included, stay those of SDPA, and the next plain forward returns no attentions."""
-    model_type, path, _, inputs = family
-    ours = _load(model_type, path, attn_implementation="sdpa")
+    model_type, path, ref, inputs = family
+    ours = _load(model_type, path, attn_implementation=_implementations(ref.config)[-1])
     with torch.no_grad():
         plain, asked = ours(**inputs), ours(**inputs, output_attentions=True)
         again = ours(**inputs)
     torch.testing.assert_close(_main(asked), _main(plain), atol=1e-5, rtol=1e-5)
     assert asked.attentions is not None and again.get("attentions") is None
-    assert ours.config._attn_implementation == "sdpa"
+    assert ours.config._attn_implementation == _implementations(ref.config)[-1]
 
 
 def test_attn_implementation_picks_the_computation(family, monkeypatch):
-    """Eager and SDPA agree at every real position, and "eager" really runs the written-out math: SDPA is never
-    called. Soft-capped scores (Gemma 2) exist only in the eager math, so that family never calls SDPA."""
-    model_type, path, _, inputs = family
+    """Eager and SDPA agree at every real position, and each really runs: "eager" never calls SDPA, "sdpa" calls it
+    once per layer. A soft-capped family refuses "sdpa" and stays eager."""
+    model_type, path, ref, inputs = family
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
     outputs, counts = {}, {}
-    model = _load(model_type, path, attn_implementation="sdpa")
+    model = _load(model_type, path, attn_implementation="eager")
+    if _implementations(ref.config) == ("eager",):
+        with pytest.raises(ValueError, match="attn_implementation='sdpa' cannot soft-cap.*use attn_implementation="
+                                             "'eager'"):
+            model.set_attn_implementation("sdpa")
+        assert model.config._attn_implementation == "eager"
+        return
     for impl in ("sdpa", "eager", "sdpa"):
         model.set_attn_implementation(impl)
         assert model.config._attn_implementation == impl
@@ -103,9 +114,7 @@ def test_attn_implementation_picks_the_computation(family, monkeypatch):
             outputs[impl] = _main(model(**inputs))[_real(inputs)]
         counts[impl] = len(calls)
     torch.testing.assert_close(outputs["eager"], outputs["sdpa"], atol=1e-5, rtol=1e-5)
-    assert counts["eager"] == 0
-    softcapped = getattr(model.config, "attn_logit_softcapping", None) is not None
-    assert counts["sdpa"] == (0 if softcapped else model.config.num_hidden_layers)
+    assert (counts["eager"], counts["sdpa"]) == (0, model.config.num_hidden_layers)
 
 
 def test_every_family_is_covered():
