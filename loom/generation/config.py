@@ -19,8 +19,8 @@ FIELDS = (
     "do_sample", "num_beams", "use_cache", "cache_implementation", "temperature", "top_k", "top_p", "min_p",
     "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "num_return_sequences", "output_scores",
-    "output_logits", "output_hidden_states", "output_attentions", "return_dict_in_generate", "pad_token_id", "bos_token_id",
-    "eos_token_id", "decoder_start_token_id", "compile",
+    "output_logits", "output_hidden_states", "output_attentions", "return_dict_in_generate", "pad_token_id",
+    "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
