@@ -155,7 +155,7 @@ def test_fully_masked_single_query_matches_reference(checkpoints):
 
 @pytest.mark.parametrize("beams", [1, 2])
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_generate_returns_each_steps_attentions(checkpoints, impl, beams):
+def test_generate_returns_each_steps_attentions(checkpoints, impl, beams, one_thread):
     """generate(output_attentions=True, return_dict_in_generate=True): per generated token, one tuple of per-layer
     probabilities (the prompt's, then one query per step), equal to the reference's (eager) for a left-padded batch,
     greedy and beam search."""

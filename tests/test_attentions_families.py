@@ -11,6 +11,7 @@ import loom
 from loom.auto import model_table
 from loomtest import TINY, reference_checkpoint
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is many times faster on shared cores
 FAMILIES = sorted(model_table())
 T = 12  # past every TINY sliding window (4, 5; ModernBERT's +-4), so the windows bind
 
@@ -119,3 +120,26 @@ def test_attn_implementation_picks_the_computation(family, monkeypatch):
 
 def test_every_family_is_covered():
     assert set(FAMILIES) <= set(TINY)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_head_returns_its_encoders_attentions(model_type):
+    """Each head hands output_attentions=True to its base model and returns what it recorded (the base model's
+    values are checked against the reference above). Multiple-choice heads flatten their choices into the batch."""
+    config = loom.AutoConfig.for_model(model_type, **{**TINY[model_type], "pad_token_id": 0})
+    ids = torch.randint(3, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+    for head, cls in model_table()[model_type][1].items():
+        torch.manual_seed(0)
+        model = cls(config).eval()
+        inputs = _inputs(model_type) if model_type == "vit" else {"input_ids": ids}
+        base_inputs = inputs
+        if head == "multiple-choice":
+            inputs = {"input_ids": ids[:, None].expand(2, 3, 6)}
+            base_inputs = {"input_ids": inputs["input_ids"].reshape(6, 6)}
+        base = model if head == "base" else getattr(model, model.base_model_prefix)
+        with torch.no_grad():
+            got = model(**inputs, output_attentions=True).attentions
+            want = base(**base_inputs, output_attentions=True).attentions
+        assert len(got) == config.num_hidden_layers, head
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, msg=lambda m: f"{head}: {m}")
