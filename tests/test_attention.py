@@ -178,3 +178,25 @@ def test_generate_returns_each_steps_attentions(checkpoints, impl, beams, one_th
             torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
     plain = ours.generate(ids, **{**kw, "output_attentions": False})
     assert plain.attentions is None and plain.sequences.tolist() == a.sequences.tolist()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_output_attentions_with_gradient_checkpointing(impl, one_thread):
+    """The backward's recomputation of a checkpointed layer takes the path its forward took (eager while recording,
+    under "sdpa" too): the gradients equal those of a run without checkpointing or attentions."""
+    from loomtest import TINY
+
+    torch.manual_seed(0)
+    model = loom.LlamaForCausalLM(loom.LlamaConfig(**TINY["llama"], attn_implementation=impl)).train()
+    ids, mask = _batch()
+    grads = []
+    for checkpointing, attentions in ((False, False), (True, True)):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(ids, attention_mask=mask, labels=ids, output_attentions=attentions)
+        out.loss.backward()
+        assert (out.attentions is not None) == attentions
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

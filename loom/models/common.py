@@ -334,5 +334,19 @@ def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):
     if enabled and module.training and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        run = module
+        if _recording_open and _recorded_attentions.get() is not None:
+            run = _recording_again(module)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
     return module(*args, **kwargs)
+
+
+def _recording_again(module: nn.Module):
+    """`module` for a checkpoint whose forward records attentions: the backward's recomputation, outside the
+    recording block, records too (into a list nobody reads), so it takes the same eager path as the forward did."""
+    def run(*args, **kwargs):
+        if _recorded_attentions.get() is not None:
+            return module(*args, **kwargs)
+        with _recording():
+            return module(*args, **kwargs)
+    return run
