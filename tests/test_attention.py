@@ -200,3 +200,42 @@ def test_output_attentions_with_gradient_checkpointing(impl, one_thread):
         grads.append([p.grad.clone() for p in model.parameters()])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_recording_is_per_thread_and_from_config_picks_eager(checkpoints, monkeypatch):
+    """A forward recording its attentions in one thread leaves another thread's SDPA forward alone (SDPA runs there
+    for each layer); from_config's attn_implementation sets the model's config and not the caller's."""
+    import threading
+
+    sdpa_threads = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_threads.append(threading.current_thread().name) or sdpa(*a, **kw))
+
+    path, _ = checkpoints("llama", "LlamaForCausalLM")
+    config = loom.AutoConfig.from_pretrained(path)
+    eager = loom.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert (eager.config._attn_implementation, config._attn_implementation) == ("eager", None)
+    model = loom.LlamaForCausalLM.from_pretrained(path)
+    ids, mask = _batch()
+    seen = {}
+    original = model.model.layers[0].self_attn.forward
+
+    def in_other_thread():
+        with torch.no_grad():
+            seen["other"] = model(ids, attention_mask=mask)
+
+    def first_layer(*args, **kwargs):  # runs inside the recording forward: start the other one meanwhile
+        if "started" not in seen:
+            seen["started"] = True
+            worker = threading.Thread(target=in_other_thread, name="other")
+            worker.start()
+            worker.join()
+        return original(*args, **kwargs)
+
+    model.model.layers[0].self_attn.forward = first_layer
+    with torch.no_grad():
+        recorded = model(ids, attention_mask=mask, output_attentions=True)
+    assert len(recorded.attentions) == 2 and seen["other"].get("attentions") is None
+    assert sdpa_threads == ["other", "other"]
+    torch.testing.assert_close(seen["other"].logits, recorded.logits, atol=1e-5, rtol=1e-5)
