@@ -44,6 +44,11 @@ _INTERNAL = {"_name_or_path", "_commit_hash", "_attn_implementation", "_attn_imp
              "_experts_implementation"}
 
 
+# where a composite config nests its text stack's config, by end (the reference's names)
+_DECODER_TEXT_CONFIGS = ("decoder", "generator", "text_config")
+_ENCODER_TEXT_CONFIGS = ("text_encoder",)
+
+
 class ConfigFieldError(ValueError):
     """A config field holds a value of the wrong type (the message names the field and, from a file, the file)."""
 
@@ -63,6 +68,8 @@ class PretrainedConfig(PushToHubMixin):
     attribute_map: ClassVar[dict[str, str]] = {}
     # extra keys that are dropped from `to_dict` because they are derived, not stored
     derived: ClassVar[tuple[str, ...]] = ()
+    # nested configs by attribute name (a composite model's `text_config`); loom's families have none
+    sub_configs: ClassVar[dict[str, type]] = {}
 
     def __init__(self, **kwargs: Any) -> None:
         if "torch_dtype" in kwargs:  # the pre-5.x name of `dtype`
@@ -134,6 +141,32 @@ class PretrainedConfig(PushToHubMixin):
     @property
     def use_return_dict(self) -> bool:
         return self.return_dict
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> "PretrainedConfig":
+        """The config of the model's text stack, by the reference's rules: the nested `text_encoder` (encoder end) or
+        `decoder` / `generator` / `text_config` (decoder end) section when one is set (both ends when `decoder` and
+        `encoder` agree), else this config; for one end of a flat encoder-decoder config, a copy whose
+        `decoder_*` (or `encoder_*`) keys lose their prefix (`decoder_layers` -> `num_hidden_layers`)."""
+        both = decoder == encoder
+        names = _ENCODER_TEXT_CONFIGS + _DECODER_TEXT_CONFIGS if both else \
+            _DECODER_TEXT_CONFIGS if decoder else _ENCODER_TEXT_CONFIGS
+        found = [name for name in names if self.__dict__.get(name) is not None]
+        if len(found) > 1:
+            raise ValueError(f"get_text_config: this config has several text configs {found}, so the choice is "
+                             f"ambiguous; read the one you want directly (config.{found[0]})")
+        if found:
+            return getattr(self, found[0])
+        if both or not self.is_encoder_decoder:
+            return self
+        return self._one_end(prefix="decoder" if decoder else "encoder")
+
+    def _one_end(self, prefix: str) -> "PretrainedConfig":
+        out = copy.deepcopy(self)
+        renames = {f"{prefix}_layers": "num_hidden_layers", f"{prefix}_attention_heads": "num_attention_heads"}
+        for key in [k for k in out.to_dict() if k.startswith(prefix)]:
+            value = out.__dict__.pop(key)
+            setattr(out, renames.get(key, key[len(prefix) + 1:]), value)
+        return out
 
     # -- serialisation ----------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

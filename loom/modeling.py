@@ -241,6 +241,19 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
 
         return generate(self, *args, **kwargs)
 
+    def set_attn_implementation(self, attn_implementation: str | dict) -> None:
+        """Switch the attention every layer runs to "sdpa" or "eager" (as the reference's method). The name is checked
+        first, so a refused one leaves the model as it was. A dict names it under "" (loom's models have no
+        sub-models, so no other key is taken)."""
+        name = attn_implementation
+        if isinstance(name, dict):
+            others = sorted(set(name) - {""})
+            if others:
+                raise ValueError(f"set_attn_implementation({attn_implementation!r}): {type(self.config).__name__} has "
+                                 f"no sub-configs {others}; pass a name, or a dict with only the key ''")
+            name = name.get("", self.config._attn_implementation)
+        self.config._attn_implementation = checked_attn_implementation(self.config, name)
+
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: PretrainedConfig, dtype=None, attn_implementation: str | None = None,
@@ -264,7 +277,8 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
                         **kwargs: Any):
         """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring).
 
-        `attn_implementation`: "sdpa" (the default) or "eager" (needed for output_attentions=True)."""
+        `attn_implementation`: "sdpa" (the default) or "eager" (the math written out; a forward asked for
+        output_attentions=True computes them eagerly under either)."""
         from loom import loading
 
         hub = pop_hub_kwargs(kwargs)
@@ -395,17 +409,24 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
-def checked_attn_implementation(config: PretrainedConfig) -> str:
-    """The attention a config asks for (`attn_implementation`), checked: loom runs "sdpa" (the default; "eager" when
-    output_attentions is set, as the reference chooses) and "eager"; any other name is an error, never ignored."""
-    name = getattr(config, "_attn_implementation", None)
+def checked_attn_implementation(config: PretrainedConfig, name: str | None = None) -> str:
+    """The attention a config asks for (`attn_implementation`, or `name` when given), checked: loom runs "sdpa" (the
+    default; "eager" when config.output_attentions is set, as the reference chooses) and "eager"; any other name is an
+    error, never ignored. A forward asked for output_attentions=True computes them eagerly under either."""
+    if name is None:
+        name = getattr(config, "_attn_implementation", None)
     wants_probs = bool(getattr(config, "output_attentions", False))
     if name is None:
         return "eager" if wants_probs else "sdpa"
     if name in ATTN_IMPLEMENTATIONS:
         if wants_probs and name != "eager":
-            raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
-                             f'"{name}" never forms; use attn_implementation="eager"')
+            # the reference refuses this pair too: a config that always returns attentions never runs "sdpa"
+            raise ValueError(f'config output_attentions=True asks every forward for the attention probabilities, which '
+                             f'attn_implementation="{name}" never forms; use attn_implementation="eager"')
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if name == "sdpa" and softcap is not None:  # the reference refuses "sdpa" for Gemma 2 too
+            raise ValueError(f"attn_implementation='sdpa' cannot soft-cap the attention scores (config "
+                             f"attn_logit_softcapping={softcap}); only 'eager' does: use attn_implementation='eager'")
         return name
     text = str(name)
     if "flash_attention" in text:

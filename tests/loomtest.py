@@ -88,6 +88,8 @@ TINY = {
     # embeddings narrower than the encoder, so every test runs the embeddings_project path
     "electra": dict(vocab_size=99, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                     intermediate_size=37, max_position_embeddings=64, type_vocab_size=2),
+    "vit": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, image_size=32,
+                patch_size=8),
 }
 
 

@@ -65,31 +65,8 @@ def test_attn_implementation_from_config_json(checkpoints, tmp_path):
     assert loom.LlamaForCausalLM(loom.AutoConfig.from_pretrained(tmp_path)).config._attn_implementation == "sdpa"
 
 
-@pytest.mark.parametrize("model_type,cls", FAMILIES)
-def test_eager_matches_sdpa_and_reference_attentions(checkpoints, model_type, cls):
-    import transformers
-
-    path, _ = checkpoints(model_type, cls)
-    sdpa = getattr(loom, cls).from_pretrained(path)
-    eager = getattr(loom, cls).from_pretrained(path, attn_implementation="eager")
-    ref = getattr(transformers, cls).from_pretrained(path, attn_implementation="eager").eval()
-    assert (sdpa.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
-    ids, mask = _batch()
-    with torch.no_grad():
-        a, b = eager(ids, attention_mask=mask, output_attentions=True), ref(ids, attention_mask=mask,
-                                                                            output_attentions=True)
-        plain = sdpa(ids, attention_mask=mask)
-    real = mask.bool()  # padded queries differ by design between sdpa (zeros) and eager (a uniform average)
-    torch.testing.assert_close(_main(a)[real], _main(plain)[real], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(_main(a), _main(b), atol=1e-5, rtol=1e-5)
-    assert len(a.attentions) == len(b.attentions) == 2
-    for x, y in zip(a.attentions, b.attentions):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-    assert "attentions" not in plain
-
-
-def test_output_attentions_decode_and_vit(checkpoints, tmp_path_factory):
-    """Cached decode steps return each step's probabilities; ViT's encoder too."""
+def test_output_attentions_in_cached_decode(checkpoints):
+    """A cached decode step returns that step's probabilities over every key so far."""
     import transformers
 
     path, _ = checkpoints("llama", "LlamaForCausalLM")
@@ -102,32 +79,48 @@ def test_output_attentions_decode_and_vit(checkpoints, tmp_path_factory):
         a = ours(ids[:, -1:], attention_mask=mask, past_key_values=a.past_key_values, output_attentions=True)
         b = ref(ids[:, -1:], attention_mask=mask, past_key_values=b.past_key_values, output_attentions=True)
     for x, y in zip(a.attentions, b.attentions, strict=True):
+        assert x.shape == (2, 4, 1, ids.shape[1])
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                                    image_size=32, patch_size=8)
-    torch.manual_seed(0)
-    vit_path = tmp_path_factory.mktemp("vit")
-    transformers.ViTModel(config).save_pretrained(vit_path)
-    ref = transformers.ViTModel.from_pretrained(vit_path, attn_implementation="eager").eval()
-    ours = loom.ViTModel.from_pretrained(vit_path, attn_implementation="eager")
-    pixels = torch.randn(2, 3, 32, 32)
+
+
+def test_output_attentions_under_sdpa(checkpoints):
+    """Asked in a forward, loom computes them eagerly under "sdpa" too (the reference's SDPA returns an empty tuple
+    and warns). Asked in the config, sdpa is refused, as in the reference, and load-time output_attentions picks
+    eager."""
+    import transformers
+
+    path, ref = checkpoints("llama", "LlamaForCausalLM")
+    ids, mask = _batch()
     with torch.no_grad():
-        a, b = ours(pixels, output_attentions=True), ref(pixels, output_attentions=True)
-    torch.testing.assert_close(a.last_hidden_state, b.last_hidden_state, atol=1e-5, rtol=1e-5)
-    for x, y in zip(a.attentions, b.attentions, strict=True):
-        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
-
-
-def test_output_attentions_needs_eager(checkpoints):
-    path, _ = checkpoints("llama", "LlamaForCausalLM")
-    model = loom.LlamaForCausalLM.from_pretrained(path)
-    ids, _ = _batch()
-    with pytest.raises(ValueError, match="output_attentions=True.*attn_implementation=\"eager\""):
-        model(ids, output_attentions=True)
-    # asked for at load time, the reference switches to eager; with sdpa named explicitly it refuses
+        assert ref(ids, attention_mask=mask, output_attentions=True).attentions == ()  # the reference's choice
+        got = loom.LlamaForCausalLM.from_pretrained(path)(ids, attention_mask=mask, output_attentions=True)
+    assert len(got.attentions) == 2 and got.attentions[0].shape == (2, 4, 9, 9)
     assert loom.LlamaForCausalLM.from_pretrained(path, output_attentions=True).config._attn_implementation == "eager"
-    with pytest.raises(ValueError, match="output_attentions=True.*attn_implementation=\"eager\""):
+    with pytest.raises(ValueError, match="config output_attentions=True.*attn_implementation=\"eager\""):
         loom.LlamaForCausalLM.from_pretrained(path, output_attentions=True, attn_implementation="sdpa")
+    with pytest.raises(Exception, match="output_attentions.*sdpa"):  # the reference refuses the same pair
+        transformers.LlamaForCausalLM.from_pretrained(path, output_attentions=True, attn_implementation="sdpa")
+    model = loom.LlamaForCausalLM.from_pretrained(path, output_attentions=True)
+    with pytest.raises(ValueError, match="config output_attentions=True"):
+        model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("name,words", [
+    ("bogus", "loom implements 'sdpa'"), ("flash_attention_2", "flash-attn package"),
+    ("flex_attention", "flex_attention"), (None, "loom implements")])
+def test_set_attn_implementation_refuses_what_loom_lacks(checkpoints, name, words):
+    path, _ = checkpoints("gpt2", "GPT2LMHeadModel")
+    model = loom.GPT2LMHeadModel.from_pretrained(path, attn_implementation="eager")
+    if name is None:  # a dict may only name the model itself: loom's models have no sub-configs
+        with pytest.raises(ValueError, match=r"set_attn_implementation\(\{'text_config': 'sdpa'\}\).*sub-configs"):
+            model.set_attn_implementation({"text_config": "sdpa"})
+        model.set_attn_implementation({"": "sdpa"})
+        assert model.config._attn_implementation == "sdpa"
+        return
+    with pytest.raises(ValueError, match=re.escape(f"attn_implementation={name!r}") + f".*{words}.*'sdpa' or 'eager'"):
+        model.set_attn_implementation(name)
+    assert model.config._attn_implementation == "eager"  # a refused name leaves the model as it was
 
 
 @pytest.mark.parametrize("model_type,cls", FAMILIES)
@@ -158,3 +151,91 @@ def test_fully_masked_single_query_matches_reference(checkpoints):
         a = ours.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
         b = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_generate_returns_each_steps_attentions(checkpoints, impl, beams, one_thread):
+    """generate(output_attentions=True, return_dict_in_generate=True): per generated token, one tuple of per-layer
+    probabilities (the prompt's, then one query per step), equal to the reference's (eager) for a left-padded batch,
+    greedy and beam search."""
+    import transformers
+
+    path, _ = checkpoints("qwen2", "Qwen2ForCausalLM")
+    ref = transformers.Qwen2ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    ours = loom.Qwen2ForCausalLM.from_pretrained(path, attn_implementation=impl)
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, num_beams=beams, pad_token_id=0,
+              eos_token_id=None, output_attentions=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        a, b = ours.generate(ids, **kw), ref.generate(ids, **kw)
+    assert a.sequences.tolist() == b.sequences.tolist()
+    assert len(a.attentions) == len(b.attentions) == 4
+    for step, (x, y) in enumerate(zip(a.attentions, b.attentions)):
+        assert len(x) == len(y) == 2
+        for p, q in zip(x, y):
+            assert p.shape == q.shape == (2 * beams, 4, 9 if step == 0 else 1, 9 + step)
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5, msg=lambda m: f"step {step}: {m}")
+    plain = ours.generate(ids, **{**kw, "output_attentions": False})
+    assert plain.attentions is None and plain.sequences.tolist() == a.sequences.tolist()
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_output_attentions_with_gradient_checkpointing(impl, one_thread):
+    """The backward's recomputation of a checkpointed layer takes the path its forward took (eager while recording,
+    under "sdpa" too): the gradients equal those of a run without checkpointing or attentions."""
+    from loomtest import TINY
+
+    torch.manual_seed(0)
+    model = loom.LlamaForCausalLM(loom.LlamaConfig(**TINY["llama"], attn_implementation=impl)).train()
+    ids, mask = _batch()
+    grads = []
+    for checkpointing, attentions in ((False, False), (True, True)):
+        model.zero_grad()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(ids, attention_mask=mask, labels=ids, output_attentions=attentions)
+        out.loss.backward()
+        assert (out.attentions is not None) == attentions
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_recording_is_per_thread_and_from_config_picks_eager(checkpoints, monkeypatch):
+    """A forward recording its attentions in one thread leaves another thread's SDPA forward alone (SDPA runs there
+    for each layer); from_config's attn_implementation sets the model's config and not the caller's."""
+    import threading
+
+    sdpa_threads = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **kw: sdpa_threads.append(threading.current_thread().name) or sdpa(*a, **kw))
+
+    path, _ = checkpoints("llama", "LlamaForCausalLM")
+    config = loom.AutoConfig.from_pretrained(path)
+    eager = loom.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    assert (eager.config._attn_implementation, config._attn_implementation) == ("eager", None)
+    model = loom.LlamaForCausalLM.from_pretrained(path)
+    ids, mask = _batch()
+    seen = {}
+    original = model.model.layers[0].self_attn.forward
+
+    def in_other_thread():
+        with torch.no_grad():
+            seen["other"] = model(ids, attention_mask=mask)
+
+    def first_layer(*args, **kwargs):  # runs inside the recording forward: start the other one meanwhile
+        if "started" not in seen:
+            seen["started"] = True
+            worker = threading.Thread(target=in_other_thread, name="other")
+            worker.start()
+            worker.join()
+        return original(*args, **kwargs)
+
+    model.model.layers[0].self_attn.forward = first_layer
+    with torch.no_grad():
+        recorded = model(ids, attention_mask=mask, output_attentions=True)
+    assert len(recorded.attentions) == 2 and seen["other"].get("attentions") is None
+    assert sdpa_threads == ["other", "other"]
+    torch.testing.assert_close(seen["other"].logits, recorded.logits, atol=1e-5, rtol=1e-5)

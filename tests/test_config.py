@@ -228,3 +228,44 @@ def test_real_fixture_and_default_configs_still_load(tmp_path, minilm_dir):
         ref = transformers.AutoConfig.from_pretrained(path)
         ours = loom.AutoConfig.from_pretrained(path)
         assert ours.model_type == ref.model_type and ours.hidden_size == ref.hidden_size, path
+
+
+TEXT_CONFIG_CASES = {  # extra config keys -> what get_text_config finds, in loom and in the reference
+    "flat": {},
+    "nested text_config": {"text_config": {"hidden_size": 8}},
+    "one per end": {"text_config": {"hidden_size": 8}, "text_encoder": {"hidden_size": 16}},
+    "flat encoder-decoder": {"is_encoder_decoder": True, "decoder_layers": 3, "encoder_layers": 5,
+                             "decoder_attention_heads": 2, "decoder_ffn_dim": 7, "encoder_ffn_dim": 9},
+}
+
+
+@pytest.mark.parametrize("case", TEXT_CONFIG_CASES)
+@pytest.mark.parametrize("model_type", ["bert", "llama"])
+def test_get_text_config_and_sub_configs_as_the_reference(model_type, case):
+    """sentence-transformers' trainer calls model.config.get_text_config(); composite configs nest theirs."""
+    import transformers
+
+    from loomtest import TINY
+
+    kwargs = {**TINY[model_type], **TEXT_CONFIG_CASES[case]}
+    ours, ref = loom.AutoConfig.for_model(model_type, **kwargs), transformers.AutoConfig.for_model(model_type, **kwargs)
+    assert type(ours).sub_configs == type(ref).sub_configs == {}
+    for end in ({}, {"decoder": True}, {"encoder": True}, {"decoder": True, "encoder": True}):
+        try:
+            want = ref.get_text_config(**end)
+        except ValueError:
+            with pytest.raises(ValueError, match=r"get_text_config: .*several text configs \['text_encoder', "
+                                                 r"'text_config'\].*config\.text_encoder"):
+                ours.get_text_config(**end)
+            continue
+        got = ours.get_text_config(**end)
+        if want is ref:
+            assert got is ours, end
+        elif isinstance(want, dict):
+            assert got == want, end
+        else:  # one end of a flat encoder-decoder config: a renamed copy
+            assert got is not ours and ours.num_hidden_layers == TINY[model_type]["num_hidden_layers"]
+            picked = {k: v for k, v in want.to_dict().items() if k in kwargs or k in ("num_hidden_layers",
+                                                                                      "num_attention_heads")}
+            assert {k: got.to_dict().get(k) for k in picked} == picked, end
+            assert not any(k.startswith(("decoder_" if end.get("decoder") else "encoder_")) for k in got.to_dict())

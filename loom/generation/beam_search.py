@@ -48,7 +48,7 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
     batch_offset = torch.arange(B, device=device).view(-1, 1) * K
     want_scores = cfg.return_dict_in_generate and cfg.output_scores
     want_logits = cfg.return_dict_in_generate and cfg.output_logits
-    scores_out, logits_out = [], []
+    scores_out, logits_out, attentions_out = [], [], []
 
     cur = prompt_len
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
@@ -65,6 +65,8 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
                 logits_out.append(logits.clone())
             if want_scores:
                 scores_out.append(log_probs.clone())
+            if decoder.output_attentions:  # per step, for the (B * num_beams) rows the model ran, as the reference
+                attentions_out.append(decoder.last_attentions)
             vocab = log_probs.shape[-1]
             log_probs = (log_probs.view(B, K, vocab) + running_scores[:, :, None]).view(B, K * vocab)
 
@@ -125,7 +127,7 @@ def beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, ge
     return GenerateBeamDecoderOnlyOutput(
         sequences=sequences, sequences_scores=seq_scores if cfg.output_scores else None,
         scores=tuple(scores_out) if want_scores else None, logits=tuple(logits_out) if want_logits else None,
-        beam_indices=beam_indices, cache=decoder.cache)
+        beam_indices=beam_indices, attentions=tuple(attentions_out) if attentions_out else None, cache=decoder.cache)
 
 
 def _still_improvable(improvable, running_scores, finished_scores, is_finished, cur, max_length, prompt_len,

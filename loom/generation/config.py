@@ -21,8 +21,8 @@ FIELDS = (
     "do_sample", "num_beams", "use_cache", "cache_implementation", "temperature", "top_k", "top_p", "min_p",
     "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "num_return_sequences", "output_scores",
-    "output_logits", "output_hidden_states", "return_dict_in_generate", "pad_token_id", "bos_token_id",
-    "eos_token_id", "decoder_start_token_id", "compile",
+    "output_logits", "output_hidden_states", "output_attentions", "return_dict_in_generate", "pad_token_id",
+    "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
@@ -30,7 +30,7 @@ GLOBAL_DEFAULTS: dict[str, Any] = dict(
     max_length=20, min_length=0, do_sample=False, use_cache=True, early_stopping=False, num_beams=1,
     temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, length_penalty=1.0,
     no_repeat_ngram_size=0, num_return_sequences=1, output_scores=False, output_logits=False,
-    output_hidden_states=False, return_dict_in_generate=False, compile=False,
+    output_hidden_states=False, output_attentions=False, return_dict_in_generate=False, compile=False,
 )
 
 _MODEL_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")

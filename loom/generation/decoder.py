@@ -33,13 +33,13 @@ class Decoder:
 
     def __init__(self, model, *, rows: int, prompt_positions: int, total_positions: int, attention_mask,
                  position_ids, use_cache: bool, cache_implementation: str | None, output_hidden_states: bool,
-                 compile: bool = False) -> None:
+                 output_attentions: bool = False, compile: bool = False) -> None:
         device = model.device
         self.model = model
         self.use_cache = use_cache
         self.n = prompt_positions  # positions consumed so far
         self.rows, self.prompt_positions, self.total = rows, prompt_positions, total_positions
-        self.output_hidden_states = output_hidden_states
+        self.output_hidden_states, self.output_attentions = output_hidden_states, output_attentions
         self.cache = None
         # a model whose cached keys go stale at some length (Phi-3's longrope) says where; the step that reaches it
         # starts a new cache and re-reads the whole sequence, as the reference's generate does for that model
@@ -93,8 +93,9 @@ class Decoder:
             attention_mask=self.mask if self.mask is None or self.whole_mask else self.mask[:, :end],
             position_ids=None if self.position_ids is None else self.position_ids[:, start:end],
             past_key_values=self.cache, use_cache=self.use_cache, cache_position=self.positions[start:end],
-            output_hidden_states=self.output_hidden_states or None, logits_to_keep=1, **inputs)
-        self.last_hidden_states = out.hidden_states
+            output_hidden_states=self.output_hidden_states or None, output_attentions=self.output_attentions or None,
+            logits_to_keep=1, **inputs)
+        self.last_hidden_states, self.last_attentions = out.hidden_states, out.attentions
         return out.logits[:, -1]
 
     def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -99,6 +99,7 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
                       total_positions=prompt_positions + new_tokens, attention_mask=attention_mask,
                       position_ids=position_ids, use_cache=cfg.use_cache,
                       cache_implementation=cfg.cache_implementation, output_hidden_states=cfg.output_hidden_states,
+                      output_attentions=cfg.return_dict_in_generate and cfg.output_attentions,
                       compile=bool(cfg.compile))
     if cfg.num_beams > 1:
         return beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, generator)
@@ -118,7 +119,7 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
     want_scores = cfg.return_dict_in_generate and cfg.output_scores
     want_logits = cfg.return_dict_in_generate and cfg.output_logits
     want_hidden = cfg.return_dict_in_generate and cfg.output_hidden_states
-    scores_out, logits_out, hidden_out = [], [], []
+    scores_out, logits_out, hidden_out, attentions_out = [], [], [], []
 
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
     with decoder.stepping():  # torch on one thread while loom's kernels carry the matmuls
@@ -131,6 +132,8 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 logits_out.append(logits)
             if want_hidden:
                 hidden_out.append(decoder.last_hidden_states)
+            if decoder.output_attentions:
+                attentions_out.append(decoder.last_attentions)
             if cfg.do_sample:
                 next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
             else:
@@ -156,10 +159,10 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 if not bool(unfinished.any()):
                     break
             logits = decoder.step(seqs[:, :cur])
-    return _finish(cfg, seqs[:, :cur], scores_out, logits_out, decoder.cache, streamer, hidden_out)
+    return _finish(cfg, seqs[:, :cur], scores_out, logits_out, decoder.cache, streamer, hidden_out, attentions_out)
 
 
-def _finish(cfg, sequences, scores, logits, cache, streamer, hidden=None):
+def _finish(cfg, sequences, scores, logits, cache, streamer, hidden=None, attentions=None):
     if streamer is not None:
         streamer.end()
     if not cfg.return_dict_in_generate:
@@ -167,7 +170,8 @@ def _finish(cfg, sequences, scores, logits, cache, streamer, hidden=None):
     return GenerateDecoderOnlyOutput(
         sequences=sequences, scores=tuple(scores) if cfg.output_scores and scores is not None else None,
         logits=tuple(logits) if cfg.output_logits and logits is not None else None,
-        hidden_states=tuple(hidden) if cfg.output_hidden_states and hidden else None, cache=cache)
+        hidden_states=tuple(hidden) if cfg.output_hidden_states and hidden else None,
+        attentions=tuple(attentions) if cfg.output_attentions and attentions else None, cache=cache)
 
 
 # -- preparation ---------------------------------------------------------------------------------------------------

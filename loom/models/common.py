@@ -4,6 +4,7 @@ padding/causal/sliding-window masks, RMSNorm, activations and the loss helpers (
 from __future__ import annotations
 
 import contextlib
+import threading
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -186,9 +187,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
               implementation: str = "sdpa", dropout: float = 0.0, scale: float | None = None,
               softcap: float | None = None) -> torch.Tensor:
     """The attention a model's config names (`config._attn_implementation`): `sdpa` or `eager_attention`. Soft-capped
-    scores (Gemma 2) exist only in the eager math, which the reference uses for them too."""
+    scores (Gemma 2) exist only in the eager math, which the reference uses for them too.
+
+    While a forward records its attentions (output_attentions=True) under "sdpa", this layer runs the eager math to
+    form them, and gives queries with nothing to attend to SDPA's zero output: asking for the probabilities never
+    changes the model's outputs (the reference's SDPA returns no attentions there, only a warning)."""
     if implementation == "eager" or softcap is not None:
         return eager_attention(q, k, v, mask, is_causal, dropout, scale, softcap)
+    if _recording_open and _recorded_attentions.get() is not None:
+        out = eager_attention(q, k, v, mask, is_causal, dropout, scale)
+        return out if mask is None or mask.dtype != torch.bool else out.masked_fill(~mask.any(-1, keepdim=True), 0)
     return sdpa(q, k, v, mask, is_causal, dropout, scale)
 
 
@@ -197,7 +205,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     """softmax(q k^T * scale, masked) v written out, as the reference's eager path, so that its probabilities can be
     returned (`recording_attentions`). Masked scores get the dtype's lowest value, not -inf, as in the reference: a
     query with nothing to attend to averages every value here, where SDPA gives it zeros. With `softcap` the scores
-    become softcap * tanh(scores / softcap) before the mask."""
+    become softcap * tanh(scores / softcap) before the mask. A float `mask` is a bias added to the scores."""
     if k.shape[1] != q.shape[1]:  # grouped kv heads: query head h reads kv head h // (H / Hkv)
         k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
     scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)  # (B, H, Tq, Tk)
@@ -206,7 +214,9 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
     if mask is None and is_causal:
         tq, tk = scores.shape[-2:]
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-    if mask is not None:
+    if mask is not None and mask.dtype != torch.bool:  # an additive bias (MPNet's relative positions)
+        scores = scores + mask
+    elif mask is not None:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
     if dropout:
@@ -218,20 +228,34 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 _recorded_attentions: ContextVar[list | None] = ContextVar("loom_recorded_attentions", default=None)
+# how many recording blocks are open, in any thread: `attention` reads this int first, because torch.compile guards
+# on a global's value but breaks its graph at a ContextVar (the var stays the truth for the calling thread)
+_recording_open = 0
+_recording_lock = threading.Lock()
 
 
 def recording_attentions(config, output_attentions: bool | None):
     """Context around a model's layers. When `output_attentions` (default: config.output_attentions) asks for them, it
-    yields a list that collects each layer's attention probabilities (B, H, Tq, Tk) in order; otherwise None."""
+    yields a list that collects each layer's attention probabilities (B, H, Tq, Tk) in order; otherwise None. Under
+    any attn_implementation: the layers then compute them eagerly (`attention`)."""
     if output_attentions is None:
         output_attentions = getattr(config, "output_attentions", False)
     if not output_attentions:
         return contextlib.nullcontext()
-    if config._attn_implementation != "eager":
-        raise ValueError(f'output_attentions=True needs the attention probabilities, which attn_implementation='
-                         f'"{config._attn_implementation}" never forms; load the model with attn_implementation="eager"'
-                         ' (from_pretrained(path, attn_implementation="eager")) to get them')
-    return collecting(_recorded_attentions)
+    return _recording()
+
+
+@contextlib.contextmanager
+def _recording():
+    global _recording_open
+    with _recording_lock:
+        _recording_open += 1
+    try:
+        with collecting(_recorded_attentions) as found:
+            yield found
+    finally:
+        with _recording_lock:
+            _recording_open -= 1
 
 
 @contextlib.contextmanager
@@ -321,5 +345,19 @@ def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):
     if enabled and module.training and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
-        return checkpoint(module, *args, use_reentrant=False, **kwargs)
+        run = module
+        if _recording_open and _recorded_attentions.get() is not None:
+            run = _recording_again(module)
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
     return module(*args, **kwargs)
+
+
+def _recording_again(module: nn.Module):
+    """`module` for a checkpoint whose forward records attentions: the backward's recomputation, outside the
+    recording block, records too (into a list nobody reads), so it takes the same eager path as the forward did."""
+    def run(*args, **kwargs):
+        if _recorded_attentions.get() is not None:
+            return module(*args, **kwargs)
+        with _recording():
+            return module(*args, **kwargs)
+    return run

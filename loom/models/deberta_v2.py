@@ -167,16 +167,19 @@ class DisentangledSelfAttention(nn.Module):
             if keys is not None:
                 bias = bias + keys  # a masked key stays at the lowest value
         p = self.dropout if self.training else 0.0
-        if attentions is None:
+        # SDPA gives the reference's eager values here (its only implementation); "eager" writes the math out
+        eager = attentions is not None or self.config._attn_implementation == "eager"
+        if not eager:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)
         else:
             scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
             probs = (scores if bias is None else scores + bias).softmax(-1)
             if queries is not None:
                 probs = torch.where(queries, probs, 1.0 / probs.shape[-1])
-            attentions.append(probs)
+            if attentions is not None:
+                attentions.append(probs)
             out = torch.matmul(F.dropout(probs, p, self.training), v)
-        if queries is not None and attentions is None:
+        if queries is not None and not eager:
             # the reference masks a padding query's whole row, so it averages every value, whatever q and k are
             out = torch.where(queries, out, v.mean(-2, keepdim=True))
         return out.transpose(1, 2).flatten(2)

@@ -12,7 +12,7 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.bert import BertIntermediate, BertOutput, BertPooler, Dropout
 from loom.models.common import attention, attention_mask_for, check_activation, check_inputs, classification_loss, \
-    maybe_checkpoint, recording_attentions, span_outputs, token_loss, _recorded_attentions
+    maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.models.distilbert import flatten_choices
 from loom.outputs import ModelOutput
 
@@ -95,21 +95,8 @@ class MPNetSelfAttention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
         p = self.dropout if self.training else 0.0
-        if self.config._attn_implementation == "eager":
-            out = _eager_attention_with_bias(q, k, v, bias, p)
-        else:
-            out = attention(q, k, v, bias, False, dropout=p)  # (B, H, T, D)
+        out = attention(q, k, v, bias, False, implementation=self.config._attn_implementation, dropout=p)  # (B,H,T,D)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
-
-
-def _eager_attention_with_bias(q, k, v, bias, p):
-    """The written-out math, so that output_attentions can record the probabilities."""
-    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + bias
-    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-    recorded = _recorded_attentions.get()
-    if recorded is not None:
-        recorded.append(probs)
-    return torch.matmul(F.dropout(probs, p, True) if p else probs, v)
 
 
 class MPNetAttention(nn.Module):
