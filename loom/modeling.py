@@ -329,6 +329,7 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
         truly_missing = info.missing_keys + [k for k, _, _ in info.mismatched_keys]
         if truly_missing:
             model._init_missing_(truly_missing, device_for)
+            model.tie_weights()  # a tied copy of a parameter just created (a head's bias) must follow it
         if dtype is not None:
             _cast_remaining_(model, dtype)
         model._init_buffers_(device_for)

@@ -403,3 +403,18 @@ def test_tensor_parallel_plan_covers_every_layer(cls):
     plan = resolve_plan(model)
     assert len(plan) == 6 * TINY[model_type]["num_hidden_layers"]
     assert sum(style == "rowwise" for style in plan.values()) == 2 * TINY[model_type]["num_hidden_layers"]
+
+
+@pytest.mark.parametrize("model_type,base,head", [("roberta", "RobertaModel", "RobertaForMaskedLM"),
+                                                  ("xlm-roberta", "XLMRobertaModel", "XLMRobertaForMaskedLM"),
+                                                  ("deberta-v2", "DebertaV2Model", "DebertaV2ForMaskedLM")])
+def test_masked_lm_head_from_a_base_checkpoint_runs_with_its_bias_tied(tmp_path_factory, model_type, base, head):
+    """The head's new bias and the decoder's tied copy of it are one tensor (the copy stayed on meta before)."""
+    path, _ = reference_checkpoint(tmp_path_factory, model_type, base)
+    with pytest.warns(UserWarning, match="newly initialised"):
+        ours = getattr(loom, head).from_pretrained(path)
+    assert not any(p.is_meta for p in ours.parameters())
+    decoder = ours.get_output_embeddings()
+    assert decoder.bias is not None and not decoder.bias.is_meta and not decoder.bias.any()
+    with torch.no_grad():
+        assert torch.isfinite(ours(_ids()).logits).all()
