@@ -8,6 +8,7 @@ training differently.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from enum import Enum
 
@@ -87,8 +88,8 @@ def normalise(args) -> None:
         setattr(args, old, getattr(args, new))
     if args.activation_checkpointing is None:
         args.activation_checkpointing = args.gradient_checkpointing = False
-    if args.disable_tqdm is None:
-        args.disable_tqdm = False
+    if args.disable_tqdm is None:  # no progress bar when loom's logger is quieter than warnings (the reference's rule)
+        args.disable_tqdm = logging.getLogger("loom").getEffectiveLevel() > logging.WARNING
     if isinstance(args.include_num_input_tokens_seen, bool):
         args.include_num_input_tokens_seen = "all" if args.include_num_input_tokens_seen else "no"
     if (args.torch_compile_mode is not None or args.torch_compile_backend is not None) and not args.torch_compile:

@@ -26,6 +26,7 @@ class CheckpointMixin:
                                         "checkpoint-N folder; pass a path or start without resuming")
             value = found
         path = Path(value)
+        _refuse_model_only(path)
         ckpt.check_complete(path)
         return path
 
@@ -46,12 +47,13 @@ class CheckpointMixin:
         self.model.save_pretrained(folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
-        ckpt.save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
-        ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
-        ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
-        if self.scaler is not None:
-            ckpt.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
-        spe = self._data_shape["steps_per_epoch"]
+        if not self.args.save_only_model:
+            ckpt.save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
+            ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+            ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
+            if self.scaler is not None:
+                ckpt.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
+        spe = self._data_shape["steps_per_epoch"] or self.state.max_steps
         position = {**self._data_shape, "epoch": self.state.global_step // spe,
                     "steps_in_epoch": self.state.global_step % spe, "pending_loss": self._pending_loss.item(),
                     "pending_steps": self._pending_steps, "model_class": model_class_name(self.model)}
@@ -167,6 +169,17 @@ class CheckpointMixin:
         self.model.save_pretrained(folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
+
+
+def _refuse_model_only(path: Path) -> None:
+    """A save_only_model checkpoint has no optimizer, scheduler or RNG state: say so instead of listing files."""
+    args_file = path / "training_args.json"
+    if (path / "optimizer.pt").is_file() or not args_file.is_file():
+        return
+    if json.loads(args_file.read_text(encoding="utf-8")).get("save_only_model"):
+        raise ValueError(f"checkpoint {path} was written with save_only_model=True: it holds the model weights but no "
+                         "optimizer, scheduler or RNG state, so training cannot resume from it. Load the weights with "
+                         "from_pretrained and start a new run, or save with save_only_model=False to resume")
 
 
 def _batch_split(shape: dict, full: bool) -> str:

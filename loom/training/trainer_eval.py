@@ -2,6 +2,7 @@
 the CPU (or, with batch_eval_metrics, handed to compute_metrics one batch at a time)."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -50,10 +51,15 @@ class EvaluationMixin:
         streaming = args.batch_eval_metrics and self.compute_metrics is not None and not keep_predictions
         model = self.model
         was_training = model.training
+        full_eval = torch.bfloat16 if args.bf16_full_eval else torch.float16 if args.fp16_full_eval else None
+        if full_eval is not None and not was_training:
+            # outside training the model itself is cast (faster, half the memory), as the reference does
+            model.to(full_eval)
         model.eval()
         expected = len(dataloader.dataset) if hasattr(dataloader, "dataset") else 0
         preds, labels = Accumulator(expected), Accumulator(expected)
         loss_sum, loss_count, num_samples = 0.0, 0, 0
+        skipped_nonfinite = False
         metrics: dict[str, float] = {}
         batches = list(dataloader) if isinstance(dataloader, list) else dataloader
         total = len(batches)
@@ -63,9 +69,11 @@ class EvaluationMixin:
             loss, logits, label = self.prediction_step(model, batch, loss_only, ignore_keys)
             size = _batch_size(batch)
             num_samples += size
-            if loss is not None:
+            if loss is not None and (not args.logging_nan_inf_filter or math.isfinite(float(loss))):
                 loss_sum += float(loss) * size
                 loss_count += size
+            elif loss is not None:
+                skipped_nonfinite = True  # left out of the mean (logging_nan_inf_filter), unless all are
             if loss_only:
                 continue
             if self.preprocess_logits_for_metrics is not None and logits is not None:
@@ -84,6 +92,8 @@ class EvaluationMixin:
         metrics = dict(metrics or {})
         if loss_count:
             metrics["loss"] = loss_sum / loss_count
+        elif skipped_nonfinite:
+            metrics["loss"] = math.nan
         metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": _scalar(v)
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions, label_ids, metrics, num_samples)
@@ -98,7 +108,8 @@ class EvaluationMixin:
             labels = found[0] if len(found) == 1 else found
         with torch.no_grad(), self.autocast():
             outputs = self._forward_model(**inputs) if model is self.model else model(**inputs)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        # a model returning a tuple puts the loss first when it is given labels (the reference's convention)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0] if has_labels else None
         loss = loss.detach().mean() if loss is not None else None
         if prediction_loss_only:
             return loss, None, None
