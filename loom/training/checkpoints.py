@@ -51,7 +51,10 @@ def check_complete(path: Path) -> None:
         recover_interrupted(path.parent)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a directory")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    state_file = path / "data_state.json"
+    plain = state_file.is_file() and json.loads(state_file.read_text(encoding="utf-8")).get("model_format") == \
+        "state_dict"  # a plain nn.Module has no config.json
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file() and not (plain and f == "config.json")]
     if not any(path.glob("model*.safetensors")):
         missing.append("model.safetensors")
     if missing:

@@ -44,9 +44,7 @@ class CheckpointMixin:
         return path
 
     def _write_checkpoint_files(self, folder: Path) -> None:
-        self.model.save_pretrained(folder)
-        if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
-            self.processing_class.save_pretrained(folder)
+        self._save_model_files(folder)
         if not self.args.save_only_model:
             ckpt.save_torch(self.optimizer.state_dict(), folder / "optimizer.pt")
             ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
@@ -56,7 +54,8 @@ class CheckpointMixin:
         spe = self._data_shape["steps_per_epoch"] or self.state.max_steps
         position = {**self._data_shape, "epoch": self.state.global_step // spe,
                     "steps_in_epoch": self.state.global_step % spe, "pending_loss": self._pending_loss.item(),
-                    "pending_steps": self._pending_steps, "model_class": model_class_name(self.model)}
+                    "pending_steps": self._pending_steps, "model_class": model_class_name(self.model),
+                    "model_format": "save_pretrained" if hasattr(self.model, "save_pretrained") else "state_dict"}
         ckpt.save_json(position, folder / "data_state.json")
         ckpt.save_json(self.args.to_dict(), folder / "training_args.json")
         self.state.stateful_callbacks = {name: states[0] if len(states) == 1 else states
@@ -164,9 +163,18 @@ class CheckpointMixin:
         self.model.load_state_dict(state, strict=False)
 
     def save_model(self, output_dir: str | None = None) -> None:
-        """Write the model (and the tokenizer/processor) with save_pretrained."""
-        folder = Path(output_dir or self.args.output_dir or "trainer_output")
-        self.model.save_pretrained(folder)
+        """Write the model (and the tokenizer/processor) with save_pretrained (a plain module: its weights)."""
+        self._save_model_files(Path(output_dir or self.args.output_dir or "trainer_output"))
+
+    def _save_model_files(self, folder: Path) -> None:
+        """save_pretrained, or for a plain nn.Module its weights as model.safetensors (as the reference)."""
+        if hasattr(self.model, "save_pretrained"):
+            self.model.save_pretrained(folder)
+        else:
+            from safetensors.torch import save_model
+
+            folder.mkdir(parents=True, exist_ok=True)
+            save_model(self.model, str(folder / "model.safetensors"), metadata={"format": "pt"})
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
 

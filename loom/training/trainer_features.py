@@ -2,7 +2,6 @@
 out-of-memory detection for auto_find_batch_size, and the endless stream of batches an IterableDataset trains on."""
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
@@ -37,7 +36,8 @@ def is_causal_lm(model: nn.Module) -> bool:
 def _neftune_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
     # uniform noise of magnitude alpha / sqrt(T * D) (NEFTune, arXiv:2310.05914), in training mode only
     if module.training:
-        bound = module.neftune_noise_alpha / math.sqrt(output.size(1) * output.size(2))
+        # the bound in float32, as the reference computes it, so the same seed gives the same noise
+        bound = float(module.neftune_noise_alpha / torch.tensor(float(output.size(1) * output.size(2))).sqrt())
         output = output + torch.zeros_like(output).uniform_(-bound, bound)
     return output
 

@@ -1,0 +1,251 @@
+"""Trainer features switched on by TrainingArguments, checked against the reference where it defines the result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loom.training import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments
+from loom.training.data import LengthGroupedSampler, get_length_grouped_indices
+from tests.training.conftest import PadCollator, cls_rows, lm_rows, tiny_bert, tiny_llama
+
+
+def _batch(rows):
+    return PadCollator()(rows)
+
+
+@pytest.mark.parametrize("family, ref_class, accumulated", [
+    ("llama", "LlamaForCausalLM", False), ("llama", "LlamaForCausalLM", True),
+    ("bert", "BertForSequenceClassification", True)])
+def test_label_smoothing_loss_equals_reference(tmp_path_factory, family, ref_class, accumulated):
+    import transformers
+
+    import loom
+    from tests.loomtest import reference_checkpoint
+
+    path, ref = reference_checkpoint(tmp_path_factory, family, ref_class)
+    ours = getattr(loom, ref_class).from_pretrained(path).eval()
+    if family == "llama":
+        inputs = _batch(lm_rows(4))
+    else:
+        rows = cls_rows(4)
+        inputs = {"input_ids": torch.stack([r["input_ids"] for r in rows]), "labels": torch.tensor([0, 1, 1, 0])}
+    items = torch.tensor(17) if accumulated else None
+    ref_trainer = transformers.Trainer(ref, transformers.TrainingArguments(
+        output_dir=str(path / "ref"), label_smoothing_factor=0.1, use_cpu=True, report_to="none"))
+    trainer = Trainer(ours, TrainingArguments(output_dir=str(path / "ours"), label_smoothing_factor=0.1))
+    expected = ref_trainer.compute_loss(ref, dict(inputs), num_items_in_batch=items)
+    got = trainer.compute_loss(ours, dict(inputs), num_items_in_batch=items)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    plain = Trainer(ours, TrainingArguments(output_dir=str(path / "plain"))).compute_loss(ours, dict(inputs))
+    assert abs(plain.item() - got.item()) > 1e-4  # smoothing changes the loss
+
+
+def test_neftune_noise_is_the_reference_formula_and_only_in_training(args_for):
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    from loom.training.trainer_features import _neftune_hook
+
+    emb = torch.nn.Embedding(50, 16)
+    emb.neftune_noise_alpha = 5.0
+    out = emb(torch.randint(0, 50, (2, 7)))
+    torch.manual_seed(3)
+    ours = _neftune_hook(emb, None, out)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours, neftune_post_forward_hook(emb, None, out), rtol=0, atol=0)
+    assert not torch.equal(ours, out)
+    emb.eval()
+    assert torch.equal(_neftune_hook(emb, None, out), out)
+
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            ids = torch.tensor([[5, 6, 7]])
+            seen.append(torch.equal(model.get_input_embeddings()(ids), model.get_input_embeddings()(ids)))
+
+    model = tiny_llama()
+    trainer = Trainer(model, args_for(max_steps=2, neftune_noise_alpha=5.0), train_dataset=lm_rows(8),
+                      data_collator=PadCollator(), callbacks=[Probe()])
+    trainer.train()
+    assert seen == [False, False]  # noisy (and random) while training
+    assert not model.get_input_embeddings()._forward_hooks  # removed afterwards
+
+
+def test_auto_find_batch_size_retries_like_a_run_with_the_smaller_batch(args_for):
+    class FakeOOM(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if args.per_device_train_batch_size > 6:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    common = dict(max_steps=3, learning_rate=1e-2)
+    model = tiny_llama()
+    trainer = Trainer(model, args_for(per_device_train_batch_size=8, auto_find_batch_size=True, **common),
+                      train_dataset=lm_rows(24), data_collator=PadCollator(), callbacks=[FakeOOM()])
+    with pytest.warns(UserWarning, match="auto_find_batch_size") as caught:
+        trainer.train()
+    assert [str(w.message).split("; ")[1] for w in caught] == ["retrying with 7", "retrying with 6"]
+    assert trainer.args.per_device_train_batch_size == 6  # 8 -> 7 -> 6, the reference's 0.9 factor
+    direct = tiny_llama()
+    Trainer(direct, args_for(per_device_train_batch_size=6, **common), train_dataset=lm_rows(24),
+            data_collator=PadCollator()).train()
+    for (name, a), b in zip(model.named_parameters(), direct.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+    class OtherError(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            raise RuntimeError("not memory")
+
+    with pytest.raises(RuntimeError, match="not memory"):
+        Trainer(tiny_llama(), args_for(auto_find_batch_size=True, **common), train_dataset=lm_rows(8),
+                data_collator=PadCollator(), callbacks=[OtherError()]).train()
+
+
+def test_save_only_model_checkpoints_cannot_resume(args_for, tmp_path):
+    args = args_for(max_steps=2, save_strategy="steps", save_steps=2, save_only_model=True)
+    Trainer(tiny_llama(), args, train_dataset=lm_rows(8), data_collator=PadCollator()).train()
+    folder = tmp_path / "out" / "checkpoint-2"
+    assert (folder / "model.safetensors").is_file() and not (folder / "optimizer.pt").exists()
+    assert not (folder / "rng_state.pth").exists() and not (folder / "scheduler.pt").exists()
+    with pytest.raises(ValueError, match="save_only_model=True: it holds the model weights but no optimizer"):
+        Trainer(tiny_llama(), args_for(max_steps=4), train_dataset=lm_rows(8),
+                data_collator=PadCollator()).train(resume_from_checkpoint=str(folder))
+
+
+def test_input_tokens_seen(args_for):
+    rows = lm_rows(8)
+    for mode in ("all", "non_padding"):
+        trainer = Trainer(tiny_llama(), args_for(num_train_epochs=1, per_device_train_batch_size=4,
+                                                 train_sampling_strategy="sequential",
+                                                 include_num_input_tokens_seen=mode),
+                          train_dataset=rows, data_collator=PadCollator())
+        trainer.train()
+        batches = [_batch(rows[:4]), _batch(rows[4:])]
+        counts = [b["input_ids"].numel() if mode == "all" else int(b["attention_mask"].sum()) for b in batches]
+        assert trainer.state.num_input_tokens_seen == sum(counts)
+        assert [h["num_input_tokens_seen"] for h in trainer.state.log_history[:2]] == [counts[0], sum(counts)]
+    assert sum(len(r["input_ids"]) for r in rows) == sum(counts)
+
+
+def test_dataloader_worker_options(args_for):
+    args = args_for(dataloader_num_workers=2, dataloader_persistent_workers=True, dataloader_prefetch_factor=3,
+                    dataloader_multiprocessing_context="spawn")
+    loader = Trainer(tiny_llama(), args, train_dataset=lm_rows(8), data_collator=PadCollator()).get_train_dataloader()
+    assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor) == (2, True, 3)
+    assert loader.multiprocessing_context.get_start_method() == "spawn"
+
+
+def test_length_grouped_order_equals_reference():
+    from transformers.trainer_pt_utils import LengthGroupedSampler as RefSampler
+
+    lengths = [int(x) for x in torch.randint(1, 200, (1000,), generator=torch.Generator().manual_seed(0))]
+    for batch_size in (4, 16):
+        ref = list(RefSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(7)))
+        ours = list(LengthGroupedSampler(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(7)))
+        assert ours == ref
+    rows = [{"input_ids": [1] * n} for n in lengths[:50]]
+    assert list(LengthGroupedSampler(4, dataset=rows, generator=torch.Generator().manual_seed(1))) == \
+        list(RefSampler(4, dataset=rows, generator=torch.Generator().manual_seed(1)))
+    assert get_length_grouped_indices([3], 4) == [0]
+
+
+def test_group_by_length_in_the_trainer_is_seeded_and_skippable(args_for):
+    rows = lm_rows(40, min_len=2, max_len=30)
+    trainer = Trainer(tiny_llama(), args_for(train_sampling_strategy="group_by_length", per_device_train_batch_size=4),
+                      train_dataset=rows, data_collator=PadCollator())
+    sampler = trainer.get_train_dataloader().sampler
+    order = list(sampler)
+    assert sorted(order) == list(range(40)) and order == list(sampler)
+    assert len(rows[order[0]]["input_ids"]) == max(len(r["input_ids"]) for r in rows)  # longest first
+    sampler.set_epoch(0, skip=8)
+    assert list(sampler) == order[8:]
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    with pytest.raises(ValueError, match="group_by_length' needs the length of each example"):
+        Trainer(tiny_bert(), args_for(train_sampling_strategy="group_by_length"),
+                train_dataset=[{"x": 1}]).get_train_dataloader()
+
+
+def test_compile_options_reach_torch_compile(args_for, monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    trainer = Trainer(tiny_llama(), args_for(torch_compile_mode="reduce-overhead", torch_compile_backend="eager"))
+    trainer.wrap_model(trainer.model)
+    assert calls == [{"backend": "eager", "mode": "reduce-overhead"}]
+
+
+def test_gradient_checkpointing_kwargs_reach_checkpoint(args_for, monkeypatch):
+    import torch.utils.checkpoint as tc
+
+    seen, real = [], tc.checkpoint
+    monkeypatch.setattr(tc, "checkpoint", lambda fn, *a, **kw: seen.append(kw.get("use_reentrant")) or
+                        real(fn, *a, **kw))
+    model = tiny_llama()
+    Trainer(model, args_for(max_steps=1, gradient_checkpointing=True,
+                            gradient_checkpointing_kwargs={"use_reentrant": True}),
+            train_dataset=lm_rows(4), data_collator=PadCollator()).train()
+    assert seen and set(seen) == {True}
+    with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs \['reentrant'\] are not options"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"reentrant": True})
+
+
+def test_eval_delay_and_eval_on_start(args_for):
+    trainer = Trainer(tiny_bert(), args_for(max_steps=6, eval_strategy="steps", eval_steps=2, eval_delay=3,
+                                            eval_on_start=True),
+                      train_dataset=cls_rows(16), eval_dataset=cls_rows(4))
+    trainer.train()
+    assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [0, 4, 6]
+
+
+class TupleModel(torch.nn.Module):
+    """A plain module returning (loss, logits) when given labels; a nan `poison` makes the loss nan (not the
+    gradients of the weights)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = torch.nn.Linear(4, 2)
+
+    def forward(self, x, labels=None, poison=None):
+        logits = self.linear(x)
+        if labels is None:
+            return (logits,)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        return (loss if poison is None else loss + poison.sum(), logits)
+
+
+def _tuple_rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(4, generator=g), "labels": torch.tensor(i % 2)} for i in range(n)]
+
+
+def test_tuple_models_keep_their_eval_loss_for_best_model_and_early_stopping(args_for):
+    args = args_for(max_steps=30, learning_rate=0.0, eval_strategy="steps", eval_steps=2, save_strategy="steps",
+                    save_steps=2, load_best_model_at_end=True, metric_for_best_model="loss")
+    trainer = Trainer(TupleModel(), args, train_dataset=_tuple_rows(8), eval_dataset=_tuple_rows(4, 1),
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=2)])
+    assert "eval_loss" in trainer.evaluate()
+    trainer.train()
+    assert trainer.state.global_step == 6 and trainer.state.best_global_step == 2
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+
+
+def test_nan_losses_are_kept_out_of_the_logs(args_for):
+    rows = [{**r, "poison": torch.tensor(0.0)} for r in _tuple_rows(8)]
+    rows[5]["poison"] = torch.tensor(float("nan"))
+    model = TupleModel()
+    with torch.no_grad():
+        step = [float(model(r["x"][None], r["labels"][None])[0]) for r in rows]
+    for keep_out in (True, False):
+        trainer = Trainer(TupleModel(), args_for(max_steps=8, per_device_train_batch_size=1, learning_rate=0.0,
+                                                 logging_steps=4, train_sampling_strategy="sequential",
+                                                 per_device_eval_batch_size=1,
+                                                 logging_nan_inf_filter=keep_out), train_dataset=rows)
+        trainer.train()
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert losses[0] == pytest.approx(sum(step[:4]) / 4)
+        if keep_out:  # the reference's rule: a nan step counts as the mean of the steps since the last log
+            assert losses[1] == pytest.approx((step[4] * 1.5 + step[6] + step[7]) / 4)
+        else:
+            assert losses[1] != losses[1]
+        eval_loss = trainer.evaluate(rows)["eval_loss"]
+        assert (eval_loss == pytest.approx(sum(step[:5] + step[6:]) / 7)) if keep_out else eval_loss != eval_loss
