@@ -560,6 +560,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                    "train_loss": total_loss / max(1, steps), "epoch": self.state.epoch}
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_model_weights(Path(self.state.best_model_checkpoint))
+        self._keep_only_best_checkpoint()
         self.log(metrics)
         self._event("on_train_end")
         self.model.eval()
@@ -580,6 +581,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         with _preserved_rng():
             if isinstance(dataset, torch.utils.data.IterableDataset):
                 first = list(itertools.islice(iter(dataset), self.args.train_batch_size))
+                if not first:
+                    raise ValueError("the training IterableDataset yields no examples; check that it is not empty")
             else:
                 first = [dataset[i] for i in range(min(len(dataset), self.args.train_batch_size))]
             batch = self._collator_for(self.model)(first)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -42,6 +43,16 @@ class CheckpointMixin:
             keep.add(Path(self.state.best_model_checkpoint))
         ckpt.rotate(root, self.args.save_total_limit, keep)
         return path
+
+    def _keep_only_best_checkpoint(self) -> None:
+        """With save_total_limit=1 the run ends with the best checkpoint alone: during training the latest is kept
+        beside it for resuming, at the end it goes (the reference's rule)."""
+        best = self.state.best_model_checkpoint
+        if self.args.save_total_limit != 1 or best is None or not self.args.should_save:
+            return
+        for path in ckpt.list_checkpoints(self.args.output_dir):
+            if path.resolve() != Path(best).resolve():
+                shutil.rmtree(path, ignore_errors=True)
 
     def _write_checkpoint_files(self, folder: Path) -> None:
         self._save_model_files(folder)

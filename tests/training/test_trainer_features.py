@@ -249,3 +249,61 @@ def test_nan_losses_are_kept_out_of_the_logs(args_for):
             assert losses[1] != losses[1]
         eval_loss = trainer.evaluate(rows)["eval_loss"]
         assert (eval_loss == pytest.approx(sum(step[:5] + step[6:]) / 7)) if keep_out else eval_loss != eval_loss
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """Rows from a generator (no length); set_epoch reshuffles each pass, as datasets' IterableDataset does."""
+
+    def __init__(self, rows):
+        self.rows, self.epoch = rows, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(self.epoch)).tolist()
+        return (self.rows[i] for i in order)
+
+
+def test_iterable_dataset_trains_and_resumes_exactly(args_for, tmp_path):
+    rows = lm_rows(10)
+    # 10 rows in batches of 2 with accumulation 2: 2.5 steps a pass, so 7 steps span three passes
+    common = dict(max_steps=7, per_device_train_batch_size=2, gradient_accumulation_steps=2, save_strategy="steps",
+                  save_steps=3, learning_rate=3e-3)
+    full = tiny_llama()
+    full_trainer = Trainer(full, args_for(**common), train_dataset=Stream(rows), data_collator=PadCollator())
+    full_trainer.train()
+    first_losses = [h["loss"] for h in full_trainer.state.log_history if "loss" in h]
+    resumed = tiny_llama(seed=5)
+    trainer = Trainer(resumed, args_for(**common), train_dataset=Stream(rows), data_collator=PadCollator())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    assert [h["loss"] for h in trainer.state.log_history if "loss" in h] == first_losses
+    for (name, a), b in zip(full.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="IterableDataset .* needs max_steps > 0"):
+        Trainer(tiny_llama(), args_for(), train_dataset=Stream(rows), data_collator=PadCollator()).train()
+    with pytest.raises(ValueError, match="the training IterableDataset yields no examples"):
+        Trainer(tiny_llama(), args_for(max_steps=2), train_dataset=Stream([]), data_collator=PadCollator()).train()
+
+
+@pytest.mark.parametrize("scores", [[0.5, 0.9, 0.3, 0.4, 0.2], [0.1, 0.2, 0.3, 0.4, 0.5]])
+def test_save_total_limit_one_with_best_model_keeps_what_the_reference_keeps(tmp_path, scores):
+    import transformers
+
+    from tests.loomtest import TINY
+
+    def run(trainer_cls, args_cls, model, folder):
+        args = args_cls(output_dir=str(folder), max_steps=5, eval_strategy="steps", eval_steps=1, save_steps=1,
+                        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="score",
+                        logging_steps=1, learning_rate=1e-3, report_to="none", use_cpu=True, disable_tqdm=True,
+                        per_device_train_batch_size=4)
+        trainer = trainer_cls(model, args, train_dataset=cls_rows(8), eval_dataset=cls_rows(4),
+                              compute_metrics=lambda p: {"score": ([0.0] + scores)[trainer.state.global_step]})
+        trainer.train()
+        return sorted(p.name for p in folder.iterdir() if p.name.startswith("checkpoint-")), \
+            trainer.state.best_model_checkpoint.rsplit("/", 1)[-1]
+
+    torch.manual_seed(0)
+    ref_model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY["bert"]))
+    expected = run(transformers.Trainer, transformers.TrainingArguments, ref_model, tmp_path / "ref")
+    assert run(Trainer, TrainingArguments, tiny_bert(), tmp_path / "ours") == expected
