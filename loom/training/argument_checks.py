@@ -12,6 +12,8 @@ import logging
 import os
 from enum import Enum
 
+from loom.training.optim_options import parse_optim_args
+
 STRATEGIES = ("no", "steps", "epoch")
 SAVE_STRATEGIES = (*STRATEGIES, "best")
 TORCH_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adagrad", "rmsprop", "adafactor")
@@ -122,6 +124,7 @@ def check_choices(args) -> None:
     if args.train_sampling_strategy not in SAMPLING:
         raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported; use one of "
                          f"{', '.join(SAMPLING)}")
+    parse_optim_args(args.optim_args)  # a malformed string fails here, on the script's first line
     unknown = sorted(set(args.include_for_metrics) - {"inputs", "loss"})
     if unknown:
         raise ValueError(f"include_for_metrics={args.include_for_metrics!r}: {unknown} unknown; use 'inputs' "

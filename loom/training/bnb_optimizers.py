@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.training.optim_options import check_optim_options, is_true
+
 
 def build_bnb_optimizer(name: str, groups: list[dict], args, options: dict[str, str],
                         model: nn.Module) -> torch.optim.Optimizer:
@@ -14,8 +16,6 @@ def build_bnb_optimizer(name: str, groups: list[dict], args, options: dict[str, 
         import bitsandbytes.optim as bnb_optim
     except ImportError:
         raise ImportError(f"optim={name!r} needs the bitsandbytes package: pip install bitsandbytes") from None
-    from loom.training.optimization import check_optim_options, is_true
-
     bits = 8 if "8bit" in name else 32
     kwargs: dict = {"lr": args.learning_rate, "optim_bits": bits}
     if "rmsprop" in name:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from loom.training.optim_options import check_optim_options, is_true, parse_optim_args
+
 # parameter-name patterns that never get weight decay (biases and normalisation weights)
 _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)", re.IGNORECASE)
 
@@ -42,24 +44,6 @@ def create_optimizer(model: nn.Module, args) -> torch.optim.Optimizer:
     ]
     groups = [g for g in groups if g["params"]]
     return build_optimizer(args.optim, groups, args, model)
-
-
-def parse_optim_args(text: str | None) -> dict[str, str]:
-    """optim_args "k=v,k=v" -> {k: v} (strings; each optimizer converts the keys it reads), as the reference."""
-    if not text:
-        return {}
-    out = {}
-    for item in text.replace(" ", "").split(","):
-        key, sep, value = item.partition("=")
-        if not sep or not key or "=" in value:
-            raise ValueError(f"optim_args={text!r}: {item!r} is not of the form key=value; write e.g. "
-                             "optim_args='momentum=0.9,nesterov=True'")
-        out[key] = value
-    return out
-
-
-def is_true(text: str) -> bool:
-    return text.lower() in ("true", "1", "yes")
 
 
 # optimizer -> (keys of optim_args read as floats, keys read as booleans), the reference's choices
@@ -91,13 +75,6 @@ def build_optimizer(name: str, groups: list[dict], args, model: nn.Module) -> to
     from loom.training.bnb_optimizers import build_bnb_optimizer
 
     return build_bnb_optimizer(name, groups, args, options, model)
-
-
-def check_optim_options(options: dict[str, str], known: tuple[str, ...], name: str) -> None:
-    unknown = sorted(set(options) - set(known))
-    if unknown:
-        raise ValueError(f"optim_args {unknown} are not options of optim={name!r}; it reads "
-                         f"{', '.join(known) or 'none'}")
 
 
 def _fused_supported(param: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ import torch
 
 from loom.training import TrainingArguments, get_scheduler
 from loom.training.argument_checks import BNB_OPTIMIZERS, FOREIGN_OPTIMIZERS
-from loom.training.optimization import create_optimizer, parse_optim_args
+from loom.training.optim_options import parse_optim_args
+from loom.training.optimization import create_optimizer
 
 TORCH_CASES = [("adamw_torch", None), ("adamw_torch_fused", None), ("sgd", "momentum=0.9, nesterov=True"),
                ("sgd", None), ("adagrad", "lr_decay=0.01,eps=1e-9"), ("rmsprop", "momentum=0.5,alpha=0.9,centered=1"),
@@ -79,7 +80,7 @@ def test_optim_args_parsing_and_errors():
     assert parse_optim_args(" momentum = 0.9,nesterov=True") == {"momentum": "0.9", "nesterov": "True"}
     assert parse_optim_args(None) == {}
     with pytest.raises(ValueError, match="'momentum' is not of the form key=value"):
-        parse_optim_args("momentum")
+        TrainingArguments(optim="sgd", optim_args="momentum")
     with pytest.raises(ValueError, match=r"optim_args \['betas'\] are not options of optim='sgd'"):
         create_optimizer(_model(), TrainingArguments(optim="sgd", optim_args="betas=0.1"))
 
