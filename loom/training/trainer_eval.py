@@ -2,14 +2,14 @@
 the CPU (or, with batch_eval_metrics, handed to compute_metrics one batch at a time)."""
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from torch import nn
 
 from loom.training.data import check_batch, move_to
-from loom.training.evaluation import Accumulator, EvalLoopOutput, EvalPrediction, PredictionOutput, to_numpy
+from loom.training.evaluation import (Accumulator, BatchList, EvalLoopOutput, EvalPrediction, LossMean,
+                                     PredictionOutput, to_numpy)
 
 
 class EvaluationMixin:
@@ -57,43 +57,44 @@ class EvaluationMixin:
             model.to(full_eval)
         model.eval()
         expected = len(dataloader.dataset) if hasattr(dataloader, "dataset") else 0
-        preds, labels = Accumulator(expected), Accumulator(expected)
-        loss_sum, loss_count, num_samples = 0.0, 0, 0
-        skipped_nonfinite = False
+        collect = Accumulator if args.eval_do_concat_batches else BatchList
+        kept = {"predictions": collect(expected), "label_ids": collect(expected)}
+        kept.update({name: collect(expected) for name, wanted in (("inputs", "inputs"), ("losses", "loss"))
+                     if wanted in args.include_for_metrics})
+        mean_loss, num_samples = LossMean(skip_nonfinite=args.logging_nan_inf_filter), 0
         metrics: dict[str, float] = {}
         batches = list(dataloader) if isinstance(dataloader, list) else dataloader
         total = len(batches)
+        main_input = getattr(model, "main_input_name", "input_ids")
         for i, batch in enumerate(batches):
             check_batch(batch, description)
             batch = move_to(batch, args.device)
             loss, logits, label = self.prediction_step(model, batch, loss_only, ignore_keys)
             size = _batch_size(batch)
             num_samples += size
-            if loss is not None and (not args.logging_nan_inf_filter or math.isfinite(float(loss))):
-                loss_sum += float(loss) * size
-                loss_count += size
-            elif loss is not None:
-                skipped_nonfinite = True  # left out of the mean (logging_nan_inf_filter), unless all are
+            mean_loss.add(loss, size)
             if loss_only:
                 continue
             if self.preprocess_logits_for_metrics is not None and logits is not None:
                 logits = self.preprocess_logits_for_metrics(logits, label)
+            step = {"predictions": logits, "label_ids": label, "inputs": batch.get(main_input),
+                    "losses": None if loss is None else loss.float().repeat(size)}
             if streaming:
-                metrics = self.compute_metrics(EvalPrediction(to_numpy(logits), to_numpy(label)), compute_result=i == total - 1)
+                metrics = self.compute_metrics(EvalPrediction(**{k: to_numpy(step[k]) for k in kept}),
+                                               compute_result=i == total - 1)
             else:
-                preds.add(logits)
-                labels.add(label)
+                for name, store in kept.items():
+                    store.add(step[name])
             self._event("on_prediction_step")
         model.train(was_training)
-        predictions, label_ids = preds.result(), labels.result()
+        results = {name: store.result() for name, store in kept.items()}
+        predictions, label_ids = results["predictions"], results["label_ids"]
         if not loss_only and not streaming and self.compute_metrics is not None and predictions is not None \
                 and label_ids is not None:
-            metrics = self.compute_metrics(EvalPrediction(predictions, label_ids))
+            metrics = self.compute_metrics(EvalPrediction(**results))
         metrics = dict(metrics or {})
-        if loss_count:
-            metrics["loss"] = loss_sum / loss_count
-        elif skipped_nonfinite:
-            metrics["loss"] = math.nan
+        if mean_loss.result() is not None:
+            metrics["loss"] = mean_loss.result()
         metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": _scalar(v)
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions, label_ids, metrics, num_samples)

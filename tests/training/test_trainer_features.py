@@ -307,3 +307,36 @@ def test_save_total_limit_one_with_best_model_keeps_what_the_reference_keeps(tmp
     ref_model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY["bert"]))
     expected = run(transformers.Trainer, transformers.TrainingArguments, ref_model, tmp_path / "ref")
     assert run(Trainer, TrainingArguments, tiny_bert(), tmp_path / "ours") == expected
+
+
+@pytest.mark.parametrize("concat", [True, False])
+def test_include_for_metrics_and_unconcatenated_batches_match_reference(tmp_path_factory, concat):
+    import numpy as np
+    import transformers
+
+    import loom
+    from tests.loomtest import reference_checkpoint
+
+    path, ref = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM")
+    seen = {}
+
+    def capture(key):
+        def compute_metrics(p):
+            seen[key] = p
+            return {"n": 1.0}
+        return compute_metrics
+
+    common = dict(per_device_eval_batch_size=3, include_for_metrics=["inputs", "loss"], eval_do_concat_batches=concat,
+                  report_to="none", use_cpu=True)
+    rows = lm_rows(7)
+    transformers.Trainer(ref, transformers.TrainingArguments(output_dir=str(path / "r"), **common),
+                         data_collator=PadCollator(), compute_metrics=capture("ref")).evaluate(rows)
+    Trainer(loom.LlamaForCausalLM.from_pretrained(path), TrainingArguments(output_dir=str(path / "o"), **common),
+            data_collator=PadCollator(), compute_metrics=capture("ours")).evaluate(rows)
+    for field in ("predictions", "label_ids", "inputs", "losses"):
+        ours, expected = getattr(seen["ours"], field), getattr(seen["ref"], field)
+        if concat:
+            ours, expected = [ours], [expected]
+        assert isinstance(ours, list) and len(ours) == len(expected) == (1 if concat else 3), field
+        for a, b in zip(ours, expected):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=field)
