@@ -340,3 +340,45 @@ def test_include_for_metrics_and_unconcatenated_batches_match_reference(tmp_path
         assert isinstance(ours, list) and len(ours) == len(expected) == (1 if concat else 3), field
         for a, b in zip(ours, expected):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=field)
+
+
+def test_full_determinism_bf16_full_eval_and_use_cache(args_for):
+    model = tiny_bert()
+    dtypes = []
+
+    class During(TrainerCallback):
+        def on_evaluate(self, args, state, control, model=None, **kwargs):
+            dtypes.append(next(model.parameters()).dtype)
+
+    trainer = Trainer(model, args_for(max_steps=2, eval_strategy="steps", eval_steps=2, full_determinism=True,
+                                      bf16_full_eval=True), train_dataset=cls_rows(8), eval_dataset=cls_rows(4),
+                      callbacks=[During()])
+    assert model.config.use_cache is False  # the reference's default: no KV cache while training
+    try:
+        trainer.train()
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert dtypes == [torch.float32]  # in training, evaluation leaves the model as it is
+    fp32_loss = trainer.state.log_history[-2]["eval_loss"]
+    bf16_loss = trainer.evaluate()["eval_loss"]
+    assert next(model.parameters()).dtype == torch.bfloat16  # outside it, the model is cast
+    assert bf16_loss == pytest.approx(fp32_loss, rel=2e-2) and bf16_loss != fp32_loss
+    assert Trainer(tiny_bert(), args_for(use_cache=True)).model.config.use_cache is True
+
+
+def test_ignore_data_skip_restarts_the_epochs_order(args_for, tmp_path):
+    seen = []
+
+    class Recording(PadCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            seen.append(batch["input_ids"][:, 0].tolist())
+            return batch
+
+    common = dict(per_device_train_batch_size=2, num_train_epochs=1, save_strategy="steps", save_steps=2)
+    Trainer(tiny_llama(), args_for(**common), train_dataset=lm_rows(8), data_collator=Recording()).train()
+    first_run, seen[:] = seen[1:], []  # seen[0] is the preflight's batch
+    Trainer(tiny_llama(), args_for(ignore_data_skip=True, **common), train_dataset=lm_rows(8),
+            data_collator=Recording()).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert seen[1:] == first_run[:2]  # steps 3 and 4 see the epoch's first batches again
