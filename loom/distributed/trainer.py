@@ -40,6 +40,9 @@ class ParallelTrainerMixin:
 
     # -- data and loss -------------------------------------------------------------------------------------------
     def _train_sampler(self, dataset):
+        if self.args.train_sampling_strategy != "random":
+            raise ValueError(f"train_sampling_strategy={self.args.train_sampling_strategy!r} is not supported by the "
+                             "ParallelTrainer (tp_size / cp_size / fsdp or torchrun); use 'random'")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=self.args.dataloader_drop_last)
 

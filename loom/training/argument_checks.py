@@ -92,6 +92,8 @@ def normalise(args) -> None:
         args.activation_checkpointing = args.gradient_checkpointing = False
     if args.disable_tqdm is None:  # no progress bar when loom's logger is quieter than warnings (the reference's rule)
         args.disable_tqdm = logging.getLogger("loom").getEffectiveLevel() > logging.WARNING
+    if str(args.include_num_input_tokens_seen).lower() in ("true", "false"):  # a bool, or one from the command line
+        args.include_num_input_tokens_seen = str(args.include_num_input_tokens_seen).lower() == "true"
     if isinstance(args.include_num_input_tokens_seen, bool):
         args.include_num_input_tokens_seen = "all" if args.include_num_input_tokens_seen else "no"
     if (args.torch_compile_mode is not None or args.torch_compile_backend is not None) and not args.torch_compile:

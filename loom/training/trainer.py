@@ -357,6 +357,9 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         loader = self.get_train_dataloader()
         ga = args.gradient_accumulation_steps
         if self._iterable_training():
+            if self._parallel_sizes()[1] > 1:
+                raise ValueError("an IterableDataset is not sharded over data-parallel ranks, so each would train on "
+                                 "the same examples; use a map-style dataset (with __len__) for data parallelism")
             if args.max_steps <= 0:
                 raise ValueError("training on an IterableDataset (no length, so no epochs to count) needs max_steps > "
                                  "0 in the TrainingArguments")

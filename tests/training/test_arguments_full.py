@@ -117,3 +117,15 @@ def test_a_reference_script_runs_unchanged(tmp_path):
     assert trainer.state.num_input_tokens_seen > 0
     assert [h["step"] for h in trainer.state.log_history if "eval_loss" in h] == [2, 4, 6]
     assert "eval_loss" in trainer.evaluate()
+
+
+def test_parser_reads_the_new_fields():
+    from loom.training import HfArgumentParser
+
+    (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(
+        ["--include_num_input_tokens_seen", "true", "--include_for_metrics", "inputs", "loss", "--optim_args",
+         "momentum=0.9", "--optim", "sgd", "--lr_scheduler_kwargs", '{"num_cycles": 2}', "--neftune_noise_alpha", "5",
+         "--train_sampling_strategy", "group_by_length", "--no_logging_nan_inf_filter", "--do_train"])
+    assert args.include_num_input_tokens_seen == "all" and args.include_for_metrics == ["inputs", "loss"]
+    assert args.optim_args == "momentum=0.9" and args.lr_scheduler_kwargs == {"num_cycles": 2}
+    assert args.neftune_noise_alpha == 5.0 and args.logging_nan_inf_filter is False and args.do_train is True

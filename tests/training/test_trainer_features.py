@@ -382,3 +382,17 @@ def test_ignore_data_skip_restarts_the_epochs_order(args_for, tmp_path):
     Trainer(tiny_llama(), args_for(ignore_data_skip=True, **common), train_dataset=lm_rows(8),
             data_collator=Recording()).train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert seen[1:] == first_run[:2]  # steps 3 and 4 see the epoch's first batches again
+
+
+def test_parallel_runs_refuse_what_they_cannot_shard(args_for, monkeypatch):
+    from types import SimpleNamespace
+
+    from loom.training.trainer import ParallelTrainer
+
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential' is not supported by the ParallelTrainer"):
+        ParallelTrainer._train_sampler(SimpleNamespace(args=args_for(train_sampling_strategy="sequential")), None)
+    trainer = Trainer(tiny_llama(), args_for(max_steps=2), train_dataset=Stream(lm_rows(4)),
+                      data_collator=PadCollator())
+    monkeypatch.setattr(trainer, "_parallel_sizes", lambda: (2, 2))
+    with pytest.raises(ValueError, match="IterableDataset is not sharded over data-parallel ranks"):
+        trainer.train()
