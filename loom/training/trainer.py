@@ -72,8 +72,9 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.model = model.to(self.args.device)
         if getattr(self.model, "config", None) is not None:
             self.model.config.use_cache = self.args.use_cache  # as the reference: no KV cache while training
-        if self.args.log_level != "passive":
-            logging.getLogger("loom").setLevel(self.args.log_level.upper())
+        level = self.args.log_level if self.args.process_index == 0 else self.args.log_level_replica
+        if level != "passive":
+            logging.getLogger("loom").setLevel(level.upper())
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = eval_dataset if isinstance(eval_dataset, dict) else as_dataset(eval_dataset,
                                                                                            "eval_dataset")
@@ -419,7 +420,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.control.should_training_stop = False
         self._event("on_train_begin")
         if args.eval_on_start:
-            self._evaluate_all()
+            self._evaluate_all(step_scheduler=False)  # the reference's sanity check: no scheduler step
         for epoch in self._epochs_to_train(steps_per_epoch):
             done_in_epoch = state.global_step - epoch * steps_per_epoch
             if done_in_epoch == 0:
@@ -444,9 +445,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                 self._pending_steps += 1
                 state.global_step += 1
                 state.epoch = epoch + (num_batches - remaining) / num_batches
-                if args.torch_empty_cache_steps and state.global_step % args.torch_empty_cache_steps == 0 and \
-                        torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                if args.torch_empty_cache_steps and state.global_step % args.torch_empty_cache_steps == 0:
+                    features.empty_device_cache(args.device)
                 self._event("on_step_end")
                 total_loss += self._maybe_log_save_evaluate()
             self._event("on_epoch_end")
@@ -488,7 +488,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self._event("on_pre_optimizer_step")
         self.optimizer_step()
         self._event("on_optimizer_step")
-        self.lr_scheduler.step()
+        if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step()  # a plateau schedule steps on evaluation metrics instead (_evaluate_all)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -525,7 +526,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.control._new_step()
         return logged
 
-    def _evaluate_all(self) -> dict[str, float]:
+    def _evaluate_all(self, step_scheduler: bool = True) -> dict[str, float]:
         if isinstance(self.eval_dataset, dict):
             metrics = {}
             for name, dataset in self.eval_dataset.items():
@@ -533,6 +534,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         else:
             metrics = self.evaluate()
         self._update_best(metrics)
+        if step_scheduler and isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.lr_scheduler.step(metrics[self._metric_key()])
         return metrics
 
     def _metric_key(self) -> str:

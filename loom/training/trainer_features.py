@@ -78,6 +78,13 @@ def is_out_of_memory(error: BaseException) -> bool:
         any(m in str(error.args[0]) for m in _OOM_MESSAGES)
 
 
+def empty_device_cache(device: torch.device) -> None:
+    """torch_empty_cache_steps: hand the accelerator's cached free memory back (nothing to do on the CPU)."""
+    backend = getattr(torch, device.type, None)
+    if device.type != "cpu" and hasattr(backend, "empty_cache"):
+        backend.empty_cache()
+
+
 def endless_batches(loader, skip: int) -> Iterator:
     """Batches of an IterableDataset's loader, pass after pass (calling the dataset's set_epoch when it has one),
     after skipping the first `skip` batches of the stream (those a resumed run already trained on)."""

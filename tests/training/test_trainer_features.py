@@ -396,3 +396,35 @@ def test_parallel_runs_refuse_what_they_cannot_shard(args_for, monkeypatch):
     monkeypatch.setattr(trainer, "_parallel_sizes", lambda: (2, 2))
     with pytest.raises(ValueError, match="IterableDataset is not sharded over data-parallel ranks"):
         trainer.train()
+
+
+def test_reduce_lr_on_plateau_in_training_matches_reference(tmp_path):
+    import transformers
+
+    from tests.loomtest import TINY
+
+    def learning_rates(trainer_cls, args_cls, model, folder):
+        args = args_cls(output_dir=str(folder), max_steps=8, eval_strategy="steps", eval_steps=2,
+                        lr_scheduler_type="reduce_lr_on_plateau", lr_scheduler_kwargs={"patience": 0, "factor": 0.5},
+                        metric_for_best_model="score", greater_is_better=False, logging_steps=1, learning_rate=1e-3,
+                        report_to="none", use_cpu=True, disable_tqdm=True, save_strategy="no", eval_on_start=True)
+        trainer = trainer_cls(model, args, train_dataset=cls_rows(8), eval_dataset=cls_rows(4),
+                              compute_metrics=lambda p: {"score": 1.0})
+        trainer.train()
+        return [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+
+    torch.manual_seed(0)
+    ref_model = transformers.BertForSequenceClassification(transformers.BertConfig(**TINY["bert"]))
+    expected = learning_rates(transformers.Trainer, transformers.TrainingArguments, ref_model, tmp_path / "r")
+    assert expected[-1] < expected[0]  # the constant metric is a plateau
+    assert learning_rates(Trainer, TrainingArguments, tiny_bert(), tmp_path / "o") == expected
+
+
+def test_empty_cache_every_n_steps(args_for, monkeypatch):
+    from loom.training import trainer_features
+
+    calls = []
+    monkeypatch.setattr(trainer_features, "empty_device_cache", lambda device: calls.append(device.type))
+    trainer = Trainer(tiny_bert(), args_for(max_steps=6, torch_empty_cache_steps=2), train_dataset=cls_rows(8))
+    trainer.train()
+    assert calls == ["cpu"] * 3
