@@ -23,11 +23,11 @@ from torch.utils.data import DataLoader
 
 from loom.distributed.trainer import ParallelTrainerMixin
 from loom.training import checkpoints as ckpt
+from loom.training import trainer_features as features
 from loom.training.arguments import TrainingArguments, steps_from
 from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, JsonLinesLoggerCallback, PrinterCallback,
                                      ProgressCallback, TensorBoardCallback, TrainerControl, TrainerState)
 from loom.training.collators import DataCollatorWithPadding, default_data_collator
-from loom.training import trainer_features as features
 from loom.training.data import (LABEL_ALIASES, EpochSampler, LengthGroupedEpochSampler, RemoveColumnsCollator,
                                 as_dataset, check_batch, is_hf_dataset, lengths_of, model_input_names, move_to,
                                 prepare_hf_dataset)
@@ -322,34 +322,10 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         try:
             if not args.auto_find_batch_size:
                 return self._train_once(resume, trial)
-            return self._train_finding_batch_size(resume, trial)
+            return features.train_finding_batch_size(self, resume, trial)
         finally:
             if neftune is not None:
                 neftune.remove()
-
-    def _train_finding_batch_size(self, resume, trial) -> TrainOutput:
-        """auto_find_batch_size: on out-of-memory, retry from the same start with 0.9x the batch size (the
-        reference's rule). Each try starts from the weights and optimizer this call began with, so the result equals
-        a run started with the batch size that fits."""
-        weights = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
-        optimizer, scheduler = self.optimizer, self.lr_scheduler
-        while True:
-            try:
-                return self._train_once(resume, trial)
-            except Exception as e:
-                size = self.args.per_device_train_batch_size
-                if not features.is_out_of_memory(e):
-                    raise
-                if int(size * 0.9) < 1:
-                    raise RuntimeError("auto_find_batch_size: out of memory even with per_device_train_batch_size=1"
-                                       ) from e
-                warnings.warn(f"auto_find_batch_size: out of memory with per_device_train_batch_size={size}; "
-                              f"retrying with {int(size * 0.9)}", stacklevel=3)
-                self.args = self.args.replace(per_device_train_batch_size=int(size * 0.9))
-                self.model.load_state_dict(weights)
-                self.optimizer, self.lr_scheduler = optimizer, scheduler
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
 
     def _train_once(self, resume: Path | None, trial) -> TrainOutput:
         args = self.args

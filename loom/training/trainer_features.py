@@ -2,6 +2,7 @@
 out-of-memory detection for auto_find_batch_size, and the endless stream of batches an IterableDataset trains on."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterator
 
 import torch
@@ -83,6 +84,29 @@ def empty_device_cache(device: torch.device) -> None:
     backend = getattr(torch, device.type, None)
     if device.type != "cpu" and hasattr(backend, "empty_cache"):
         backend.empty_cache()
+
+
+def train_finding_batch_size(trainer, resume, trial):
+    """auto_find_batch_size: on out-of-memory, retry from the same start with 0.9x the batch size (the reference's
+    rule). Each try starts from the weights and optimizer the call began with, so the result equals a run started
+    with the batch size that fits."""
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+    optimizer, scheduler = trainer.optimizer, trainer.lr_scheduler
+    while True:
+        try:
+            return trainer._train_once(resume, trial)
+        except Exception as e:
+            size = trainer.args.per_device_train_batch_size
+            if not is_out_of_memory(e):
+                raise
+            if int(size * 0.9) < 1:
+                raise RuntimeError("auto_find_batch_size: out of memory even with per_device_train_batch_size=1") from e
+            warnings.warn(f"auto_find_batch_size: out of memory with per_device_train_batch_size={size}; retrying "
+                          f"with {int(size * 0.9)}", stacklevel=4)
+            trainer.args = trainer.args.replace(per_device_train_batch_size=int(size * 0.9))
+            trainer.model.load_state_dict(weights)
+            trainer.optimizer, trainer.lr_scheduler = optimizer, scheduler
+            empty_device_cache(trainer.args.device)
 
 
 def endless_batches(loader, skip: int) -> Iterator:
