@@ -1,5 +1,5 @@
 """Pieces of the Trainer that TrainingArguments switch on: label smoothing, NEFTune noise, input-token counting,
-out-of-memory detection for auto_find_batch_size, and the endless stream of batches an IterableDataset trains on."""
+auto_find_batch_size's retries on out-of-memory, and the endless stream of batches an IterableDataset trains on."""
 from __future__ import annotations
 
 import warnings
