@@ -107,10 +107,17 @@ class EvaluationMixin:
         if has_labels:
             found = tuple(inputs[k] for k in self.label_names)
             labels = found[0] if len(found) == 1 else found
+        forward = self._forward_model if model is self.model else model
+        smoothed = has_labels and bool(self.args.label_smoothing_factor)
         with torch.no_grad(), self.autocast():
-            outputs = self._forward_model(**inputs) if model is self.model else model(**inputs)
+            if smoothed:  # the eval loss is the (label-smoothed) training loss, as the reference computes it
+                loss, outputs = self.compute_loss(forward, inputs, return_outputs=True)
+            else:
+                outputs = forward(**inputs)
         # a model returning a tuple puts the loss first when it is given labels (the reference's convention)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0] if has_labels else None
+        loss_first = has_labels and not smoothed and not isinstance(outputs, dict)
+        if not smoothed:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0] if loss_first else None
         loss = loss.detach().mean() if loss is not None else None
         if prediction_loss_only:
             return loss, None, None
@@ -118,7 +125,7 @@ class EvaluationMixin:
         if isinstance(outputs, dict):
             values = tuple(v for k, v in outputs.items() if k not in ignore)
         else:
-            values = tuple(outputs[1:] if has_labels else outputs)
+            values = tuple(outputs[1:] if loss_first else outputs)
         logits = values[0] if len(values) == 1 else values
         return loss, logits, labels
 
