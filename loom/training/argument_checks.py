@@ -159,10 +159,14 @@ def check_sizes(args) -> None:
         raise ValueError("dataloader_persistent_workers=True needs worker processes; set dataloader_num_workers > 0")
     if args.save_total_limit is not None and args.save_total_limit < 1:
         raise ValueError(f"save_total_limit must be >= 1 or None, got {args.save_total_limit}")
+    if args.eval_steps == 0:  # the reference reads 0 as "unset": eval_steps then follows logging_steps
+        args.eval_steps = None
     for name in ("logging_steps", "save_steps", "eval_steps"):
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError(f"{name}={value} must be a whole number of steps, or a ratio of the run below 1")
     for name in ("torch_empty_cache_steps", "eval_accumulation_steps"):
         value = getattr(args, name)
         if value is not None and not (isinstance(value, int) and value > 0):

@@ -42,6 +42,7 @@ def test_constructed_defaults_match_the_reference():
                  "report_to", "metric_for_best_model", "greater_is_better"):
         assert getattr(ours, name) == getattr(getattr(ref, name), "value", getattr(ref, name)), name
     assert TrainingArguments().output_dir == "trainer_output"
+    assert TrainingArguments(eval_strategy="steps", eval_steps=0, logging_steps=7).eval_steps == 7
 
 
 @pytest.mark.parametrize("name, value", [(n, v) for n, v in [
@@ -69,6 +70,7 @@ def test_fields_loom_cannot_honour_are_named(name, value):
     (dict(tf32=True), "tf32=True needs a CUDA GPU"),
     (dict(gradient_checkpointing_kwargs="{bad json"), "gradient_checkpointing_kwargs is not valid JSON"),
     (dict(hub_strategy="sometimes"), "hub_strategy='sometimes' is not supported"),
+    (dict(save_steps=2.5), "save_steps=2.5 must be a whole number of steps"),
 ])
 def test_new_fields_are_checked(kwargs, message):
     if kwargs.get("tf32"):
