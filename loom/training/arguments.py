@@ -110,15 +110,15 @@ class TrainingArguments:
     eval_do_concat_batches: bool = field(default=True, metadata={"help": "False: predictions as a list per batch."})
     eval_use_gather_object: bool = field(default=False, metadata={"help": "Gather objects across ranks (not in "
                                                                                 "loom)."})
-    eval_accumulation_steps: int | None = field(default=None, metadata={"help": "Eval batches between moves of "
-                                                                                 "outputs to the CPU."})
+    eval_accumulation_steps: int | None = field(default=None, metadata={"help": "Accepted; loom moves outputs "
+                                                                                 "to the CPU after every batch."})
     include_for_metrics: list[str] = field(default_factory=list, metadata={"help": "inputs and/or loss for "
                                                                                    "compute_metrics."})
     save_only_model: bool = field(default=False, metadata={"help": "Checkpoints hold only the model (no resume)."})
     save_on_each_node: bool = field(default=False, metadata={"help": "Multi-node saving (not in loom)."})
     enable_jit_checkpoint: bool = field(default=False, metadata={"help": "Checkpoint on SIGTERM (not in loom)."})
     push_to_hub: bool = field(default=False, metadata={"help": "Push the model to the Hub when saving."})
-    hub_token: str | None = field(default=None, metadata={"help": "Hub token."})
+    hub_token: str | None = field(default=None, repr=False, metadata={"help": "Hub token (never written out)."})
     hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repository as private."})
     hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id."})
     hub_strategy: str = field(default="every_save", metadata={"help": "end, every_save, checkpoint, "
@@ -227,7 +227,9 @@ class TrainingArguments:
         return int(self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields as a dict, with secrets (hub_token) replaced by a placeholder, as the reference writes them."""
+        return {f.name: f"<{f.name.upper()}>" if f.name.endswith("_token") and getattr(self, f.name) else
+                getattr(self, f.name) for f in fields(self)}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"

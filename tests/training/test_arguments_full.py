@@ -131,3 +131,10 @@ def test_parser_reads_the_new_fields():
     assert args.include_num_input_tokens_seen == "all" and args.include_for_metrics == ["inputs", "loss"]
     assert args.optim_args == "momentum=0.9" and args.lr_scheduler_kwargs == {"num_cycles": 2}
     assert args.neftune_noise_alpha == 5.0 and args.logging_nan_inf_filter is False and args.do_train is True
+
+
+def test_hub_token_is_never_written_out():
+    args = TrainingArguments(hub_token="hf_secret")
+    assert args.hub_token == "hf_secret" and args.replace(seed=1).hub_token == "hf_secret"
+    assert "hf_secret" not in repr(args) and "hf_secret" not in args.to_json_string()
+    assert args.to_dict()["hub_token"] == "<HUB_TOKEN>" and TrainingArguments().to_dict()["hub_token"] is None
