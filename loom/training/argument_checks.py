@@ -32,7 +32,8 @@ FOREIGN_OPTIMIZERS = {
     "apollo_adamw_layerwise": "apollo_torch", "stable_adamw": "torch_optimi"}
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-              "warmup_stable_decay")
+              "warmup_stable_decay", "greedy")
+METRIC_SCHEDULERS = ("reduce_lr_on_plateau", "greedy")  # stepped with metric_for_best_model after evaluations
 TOKEN_COUNTING = ("no", "all", "non_padding")
 SAMPLING = ("random", "sequential", "group_by_length")
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
@@ -178,9 +179,9 @@ def check_sizes(args) -> None:
                          f"{args.neftune_noise_alpha}")
     if args.eval_delay < 0:
         raise ValueError(f"eval_delay must be >= 0, got {args.eval_delay}")
-    if args.lr_scheduler_type == "reduce_lr_on_plateau" and args.eval_strategy == "no":
-        raise ValueError("lr_scheduler_type='reduce_lr_on_plateau' lowers the rate when an evaluation metric stops "
-                         "improving; set eval_strategy to 'steps' or 'epoch'")
+    if args.lr_scheduler_type in METRIC_SCHEDULERS and args.eval_strategy == "no":
+        raise ValueError(f"lr_scheduler_type={args.lr_scheduler_type!r} moves the rate with an evaluation metric; set "
+                         "eval_strategy to 'steps' or 'epoch'")
 
 
 def check_unsupported(args) -> None:

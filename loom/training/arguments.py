@@ -161,7 +161,7 @@ class TrainingArguments:
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
         needs_metric = self.load_best_model_at_end or self.save_strategy == "best" or \
-            self.lr_scheduler_type == "reduce_lr_on_plateau"
+            self.lr_scheduler_type in checks.METRIC_SCHEDULERS
         if needs_metric and self.metric_for_best_model is None:
             if self.save_strategy == "best":
                 raise ValueError("save_strategy='best' needs metric_for_best_model (the metric that decides "

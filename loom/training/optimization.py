@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from loom.training.greedy_lr import GreedyLR
 from loom.training.optim_options import check_optim_options, is_true, parse_optim_args
 
 # parameter-name patterns that never get weight decay (biases and normalisation weights)
@@ -191,8 +192,8 @@ def _wsd_kwargs(kw: dict, warmup: int, total: int | None) -> dict:
 
 def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps: int | None = None,
                   num_training_steps: int | None = None, scheduler_specific_kwargs: dict | None = None) -> LambdaLR:
-    """The schedule `name` (an args.lr_scheduler_type value): a LambdaLR with the reference's formula, or torch's
-    ReduceLROnPlateau for reduce_lr_on_plateau (stepped with the evaluation metric)."""
+    """The schedule `name` (an args.lr_scheduler_type value): a LambdaLR with the reference's formula, or for
+    reduce_lr_on_plateau / greedy a schedule stepped with the evaluation metric (see steps_on_metrics)."""
     name = getattr(name, "value", name)
     kw = dict(scheduler_specific_kwargs or {})
     warmup = num_warmup_steps or 0
@@ -200,8 +201,10 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
         return LambdaLR(optimizer, _constant)
     if name == "reduce_lr_on_plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kw)
-    known = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "warmup_stable_decay",
-             *_NEEDS_TOTAL)
+    if name == "greedy":
+        return GreedyLR(optimizer, **kw)
+    known = ("constant", "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau", "greedy",
+             "warmup_stable_decay", *_NEEDS_TOTAL)
     if name not in known:
         raise ValueError(f"lr_scheduler_type={name!r} is not supported; use one of {', '.join(known)}")
     if num_warmup_steps is None:
@@ -225,6 +228,11 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):
         kw = _min_lr_rate(name, optimizer, kw)
     return LambdaLR(optimizer, partial(_NEEDS_TOTAL[name], warmup=warmup, total=num_training_steps, **kw))
+
+
+def steps_on_metrics(scheduler) -> bool:
+    """Whether the Trainer steps this schedule with the evaluation metric instead of after every optimizer step."""
+    return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))
 
 
 _NEEDS_TOTAL = {"linear": _linear, "cosine": _cosine, "cosine_with_restarts": _cosine_with_restarts,

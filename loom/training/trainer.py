@@ -31,7 +31,7 @@ from loom.training.collators import DataCollatorWithPadding, default_data_collat
 from loom.training.data import (LABEL_ALIASES, EpochSampler, LengthGroupedEpochSampler, RemoveColumnsCollator,
                                 as_dataset, check_batch, is_hf_dataset, lengths_of, model_input_names, move_to,
                                 prepare_hf_dataset)
-from loom.training.optimization import create_optimizer, get_scheduler
+from loom.training.optimization import create_optimizer, get_scheduler, steps_on_metrics
 from loom.training.seed import enable_full_determinism, set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
 from loom.training.trainer_eval import EvaluationMixin
@@ -464,8 +464,8 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self._event("on_pre_optimizer_step")
         self.optimizer_step()
         self._event("on_optimizer_step")
-        if not isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.lr_scheduler.step()  # a plateau schedule steps on evaluation metrics instead (_evaluate_all)
+        if not steps_on_metrics(self.lr_scheduler):
+            self.lr_scheduler.step()  # plateau / greedy schedules step on evaluation metrics (_evaluate_all)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
@@ -510,7 +510,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         else:
             metrics = self.evaluate()
         self._update_best(metrics)
-        if step_scheduler and isinstance(self.lr_scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if step_scheduler and steps_on_metrics(self.lr_scheduler):
             self.lr_scheduler.step(metrics[self._metric_key()])
         return metrics
 

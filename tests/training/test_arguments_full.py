@@ -63,6 +63,7 @@ def test_fields_loom_cannot_honour_are_named(name, value):
     (dict(train_sampling_strategy="batch_rebalance"), "'batch_rebalance' is not implemented in loom"),
     (dict(train_sampling_strategy="shortest"), "train_sampling_strategy='shortest' is not supported"),
     (dict(lr_scheduler_type="reduce_lr_on_plateau"), "reduce_lr_on_plateau.*set eval_strategy"),
+    (dict(lr_scheduler_type="greedy"), "greedy.*set eval_strategy"),
     (dict(torch_empty_cache_steps=0), "torch_empty_cache_steps must be a positive integer"),
     (dict(label_smoothing_factor=1.5), r"label_smoothing_factor must lie in \[0, 1\)"),
     (dict(include_for_metrics=["logits"]), r"include_for_metrics=\['logits'\]"),

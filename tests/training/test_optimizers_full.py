@@ -104,7 +104,7 @@ def _lrs(factory, name, kwargs, metrics=None):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     sched = factory(name, opt, num_warmup_steps=4, num_training_steps=20, scheduler_specific_kwargs=dict(kwargs))
     out = []
-    for i in range(24):
+    for i in range(len(metrics) if metrics else 24):
         out.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step(metrics[i]) if metrics else sched.step()
@@ -139,3 +139,20 @@ def test_schedule_arguments_are_checked(name, kwargs, message):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match=message):
         get_scheduler(name, opt, num_warmup_steps=2, num_training_steps=10, scheduler_specific_kwargs=kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"patience": 1, "factor": 0.5, "min_lr": 0.01, "max_lr": 0.3},
+    {"patience": 0, "factor": 0.8, "cooldown": 2, "warmup": 1, "threshold_mode": "rel", "threshold": 0.01},
+    {"patience": 1, "mode": "max", "smooth": True, "window_size": 3, "min_lr": 0.05},
+    {"patience": 0, "factor": 0.5, "min_lr": 0.02, "reset_start": 2},
+])
+def test_greedy_schedule_matches_reference(kwargs):
+    import transformers
+
+    g = torch.Generator().manual_seed(0)
+    # falling, then flat, then noisy metrics: raises, cuts, cooldowns and (with reset_start) restarts all happen
+    metrics = [1.0 - 0.05 * i for i in range(8)] + [0.6] * 10 + (torch.rand(20, generator=g) + 0.5).tolist()
+    ours = _lrs(get_scheduler, "greedy", kwargs, metrics)
+    assert ours == _lrs(transformers.get_scheduler, "greedy", kwargs, metrics)
+    assert len(set(ours)) > 2  # the rate moved both ways or several times
