@@ -434,3 +434,18 @@ def test_empty_cache_every_n_steps(args_for, monkeypatch):
     trainer = Trainer(tiny_bert(), args_for(max_steps=6, torch_empty_cache_steps=2), train_dataset=cls_rows(8))
     trainer.train()
     assert calls == ["cpu"] * 3
+
+
+def test_a_streaming_datasets_iterable_trains(args_for):
+    datasets = pytest.importorskip("datasets")
+
+    class Strict(PadCollator):
+        def __call__(self, features):
+            assert {k for f in features for k in f} == {"input_ids", "attention_mask", "labels"}
+            return super().__call__(features)
+
+    rows = [{**r, "text": "unused"} for r in lm_rows(10)]
+    stream = datasets.IterableDataset.from_generator(lambda: iter(rows))
+    trainer = Trainer(tiny_llama(), args_for(max_steps=3, per_device_train_batch_size=4), train_dataset=stream,
+                      data_collator=Strict())
+    assert trainer.train().global_step == 3  # 'text' is not an input of the model: dropped before collating
