@@ -38,6 +38,9 @@ TOKEN_COUNTING = ("no", "all", "non_padding")
 SAMPLING = ("random", "sequential", "group_by_length")
 HUB_STRATEGIES = ("end", "every_save", "checkpoint", "all_checkpoints")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical", "passive")
+# (old name, the reference's new name)
+ALIASES = (("gradient_checkpointing", "activation_checkpointing"),
+           ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
 JSON_FIELDS = ("accelerator_config", "fsdp_config", "deepspeed", "activation_checkpointing_kwargs",
                "gradient_checkpointing_kwargs", "lr_scheduler_kwargs")
 
@@ -84,8 +87,7 @@ def normalise(args) -> None:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{name} is not valid JSON ({e}): {value!r}") from None
     # activation_checkpointing is the reference's new name for gradient_checkpointing; both end up equal
-    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
-                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+    for old, new in ALIASES:
         if getattr(args, new) is None:
             setattr(args, new, getattr(args, old))
         setattr(args, old, getattr(args, new))

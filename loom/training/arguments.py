@@ -237,6 +237,10 @@ class TrainingArguments:
     def replace(self, **changes: Any) -> "TrainingArguments":
         """A copy with some fields changed, validated again."""
         data = asdict(self)
+        for pair in checks.ALIASES:  # changing one name of an alias pair changes both
+            given = [name for name in pair if name in changes]
+            if len(given) == 1:
+                changes = {**changes, **{name: changes[given[0]] for name in pair}}
         data.update(changes)
         return type(self)(**data)
 

@@ -88,6 +88,8 @@ def test_json_strings_become_dicts_and_compile_options_turn_compile_on():
     assert args.gradient_checkpointing_kwargs == {"use_reentrant": True} == args.activation_checkpointing_kwargs
     assert args.torch_compile is True and args.torch_compile_backend == "eager"
     assert TrainingArguments(activation_checkpointing=True).gradient_checkpointing is True
+    changed = TrainingArguments().replace(gradient_checkpointing=True)
+    assert changed.gradient_checkpointing is True and changed.activation_checkpointing is True
 
 
 def test_a_reference_script_runs_unchanged(tmp_path):
