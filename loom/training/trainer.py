@@ -389,7 +389,7 @@ class Trainer(EvaluationMixin, CheckpointMixin):
         self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
         self._last_log_time, self._last_log_step = start, state.global_step
-        first_step = state.global_step
+        first_step, self._first_tokens = state.global_step, state.num_input_tokens_seen
         total_loss = 0.0
         # a resumed run trains to the max_steps / num_train_epochs passed now (as the reference): a stop that ended
         # the checkpoint's run does not end this one
@@ -540,6 +540,9 @@ class Trainer(EvaluationMixin, CheckpointMixin):
                    "train_samples_per_second": steps * self.args.train_batch_size *
                    self.args.gradient_accumulation_steps / runtime if runtime else 0.0,
                    "train_loss": total_loss / max(1, steps), "epoch": self.state.epoch}
+        if self.args.include_num_input_tokens_seen != "no":
+            tokens = self.state.num_input_tokens_seen - self._first_tokens
+            metrics["train_tokens_per_second"] = tokens / runtime if runtime else 0.0
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_model_weights(Path(self.state.best_model_checkpoint))
         self._keep_only_best_checkpoint()

@@ -128,6 +128,7 @@ def test_input_tokens_seen(args_for):
         counts = [b["input_ids"].numel() if mode == "all" else int(b["attention_mask"].sum()) for b in batches]
         assert trainer.state.num_input_tokens_seen == sum(counts)
         assert [h["num_input_tokens_seen"] for h in trainer.state.log_history[:2]] == [counts[0], sum(counts)]
+        assert trainer.state.log_history[-1]["train_tokens_per_second"] > 0
     assert sum(len(r["input_ids"]) for r in rows) == sum(counts)
 
 
