@@ -40,7 +40,8 @@ _export("loom.pipelines", "pipeline", "Pipeline")
 _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
-        "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
+        "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed",
+        "enable_full_determinism")
 _export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:

@@ -187,11 +187,20 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
 
     # -- training switches ---------------------------------------------------------------------------------------
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block's activations in backward; gradient_checkpointing_kwargs go to
+        torch.utils.checkpoint.checkpoint (loom's default is use_reentrant=False)."""
         if not self.supports_gradient_checkpointing:
             raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        options = dict(gradient_checkpointing_kwargs or {})
+        known = {"use_reentrant", "preserve_rng_state", "determinism_check", "debug", "context_fn"}
+        if set(options) - known:
+            raise ValueError(f"gradient_checkpointing_kwargs {sorted(set(options) - known)} are not options of "
+                             f"torch.utils.checkpoint.checkpoint; use some of {sorted(known)}")
         for m in self.modules():
             if hasattr(m, "gradient_checkpointing"):
                 m.gradient_checkpointing = True
+                for block in m.modules():
+                    block.checkpoint_options = options
 
     def gradient_checkpointing_disable(self) -> None:
         for m in self.modules():

@@ -30,7 +30,7 @@ class FileCheckpoints:
         """Called on every rank before rank 0 writes the checkpoint folder."""
 
     def write_model(self, model: nn.Module, folder: Path) -> None:
-        model.save_pretrained(folder)
+        ckpt.save_model_files(model, folder)
 
     def write_optimizer(self, optimizer, folder: Path) -> None:
         ckpt.save_torch(optimizer.state_dict(), folder / "optimizer.pt")
@@ -58,11 +58,11 @@ class DcpCheckpoints(FileCheckpoints):
         from loom.distributed.checkpoint import write_gathered
 
         write_gathered(model, folder, self._gathered)
+        shutil.move(str(self._staging), str(folder / "dcp"))  # the sharded model and optimizer state
 
     def write_optimizer(self, optimizer, folder: Path) -> None:
         # the optimizer's state is sharded like the model: it lives in dcp/, optimizer.pt only says so
         ckpt.save_torch({"note": "the optimizer state of this checkpoint is in dcp/"}, folder / "optimizer.pt")
-        shutil.move(str(self._staging), str(folder / "dcp"))
 
     def end(self) -> None:
         self.parallel.barrier()

@@ -341,14 +341,16 @@ def span_outputs(logits: torch.Tensor, start_positions=None, end_positions=None)
 
 
 def maybe_checkpoint(module: nn.Module, enabled: bool, *args, **kwargs):
-    """Run a block, with activation checkpointing when gradient checkpointing is on and the model trains."""
+    """Run a block, with activation checkpointing when gradient checkpointing is on and the model trains (with the
+    options gradient_checkpointing_enable stored on the block, e.g. use_reentrant)."""
     if enabled and module.training and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
 
         run = module
         if _recording_open and _recorded_attentions.get() is not None:
             run = _recording_again(module)
-        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+        options = {"use_reentrant": False, **getattr(module, "checkpoint_options", {})}
+        return checkpoint(run, *args, **options, **kwargs)
     return module(*args, **kwargs)
 
 

@@ -1,18 +1,14 @@
-"""TrainingArguments: the reference's common fields, checked for contradictions when constructed."""
+"""TrainingArguments: every field of the reference (same names and defaults), checked when constructed.
+
+Fields loom cannot honour are refused by argument_checks.check_unsupported when set to a non-default value."""
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from enum import Enum
 from typing import Any
 
+from loom.training import argument_checks as checks
 from loom.training.integrations import normalise_report_to
-
-STRATEGIES = ("no", "steps", "epoch")
-SAVE_STRATEGIES = (*STRATEGIES, "best")
-OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw", "sgd", "adafactor")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")
 
 
 @dataclass
@@ -35,7 +31,7 @@ class TrainingArguments:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 or less: no clipping)."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": f"One of {', '.join(SCHEDULERS)}."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "A schedule name (see get_scheduler)."})
     lr_scheduler_kwargs: dict | None = field(default=None, metadata={"help": "Extra scheduler arguments."})
     warmup_steps: float = field(default=0, metadata={"help": "Warmup steps (a float < 1 is a ratio)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Warmup as a fraction of total steps."})
@@ -54,7 +50,7 @@ class TrainingArguments:
     data_seed: int | None = field(default=None, metadata={"help": "Seed of the data order (default: seed)."})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast for forward passes."})
     fp16: bool = field(default=False, metadata={"help": "float16 autocast with a gradient scaler."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Recompute activations in backward."})
     torch_compile: bool = field(default=False, metadata={"help": "Compile the model's forward with torch.compile."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     dataloader_drop_last: bool = field(default=False, metadata={"help": "Drop the last incomplete batch."})
@@ -63,88 +59,120 @@ class TrainingArguments:
     label_names: list[str] | None = field(default=None, metadata={"help": "Keys of the labels in a batch."})
     report_to: str | list[str] | None = field(default="none", metadata={"help": "none, all, or some of jsonl, "
                                                                                  "tensorboard, wandb, mlflow, trackio"})
-    optim: str = field(default="adamw_torch_fused", metadata={"help": f"One of {', '.join(OPTIMIZERS)}."})
+    optim: str = field(default="adamw_torch_fused", metadata={"help": "An optimizer name (see create_optimizer)."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "Checkpoint to resume from."})
     batch_eval_metrics: bool = field(default=False, metadata={"help": "Call compute_metrics on every eval batch."})
     prediction_loss_only: bool = field(default=False, metadata={"help": "Evaluation returns only the loss."})
-    disable_tqdm: bool = field(default=False, metadata={"help": "Hide the progress bar."})
+    disable_tqdm: bool | None = field(default=None, metadata={"help": "Hide the progress bar."})
     use_cpu: bool = field(default=False, metadata={"help": "Train on the CPU even when a GPU is present."})
     run_name: str | None = field(default=None, metadata={"help": "A name for the run in logs."})
     tp_size: int = field(default=1, metadata={"help": "Tensor-parallel size (under torchrun)."})
     cp_size: int = field(default=1, metadata={"help": "Context-parallel size (under torchrun)."})
-    fsdp: bool | str = field(default=False, metadata={"help": "Shard parameters with FSDP2 ('offload' adds CPU "
-                                                                 "offload)."})
+    fsdp: bool | str | None = field(default=None, metadata={"help": "Shard parameters with FSDP2 ('offload' adds "
+                                                                        "CPU offload)."})
+    # -- the rest of the reference's fields (same names and defaults); argument_checks.py says which loom refuses ----
+    optim_args: str | None = field(default=None, metadata={"help": "Optimizer options as 'k=v,k=v'."})
+    optim_target_modules: str | list[str] | None = field(default=None, metadata={"help": "GaLore/APOLLO targets."})
+    average_tokens_across_devices: bool = field(default=True, metadata={"help": "Normalise by the global token "
+                                                                                "count (loom always does)."})
+    label_smoothing_factor: float = field(default=0.0, metadata={"help": "Label smoothing (0: none)."})
+    bf16_full_eval: bool = field(default=False, metadata={"help": "Evaluate with the model cast to bfloat16."})
+    fp16_full_eval: bool = field(default=False, metadata={"help": "Evaluate with the model cast to float16."})
+    tf32: bool | None = field(default=None, metadata={"help": "Allow TF32 matmuls on CUDA (None: leave as is)."})
+    activation_checkpointing: bool | None = field(default=None, metadata={"help": "Alias of gradient_checkpointing."})
+    activation_checkpointing_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "Alias of gradient_checkpointing_kwargs."})
+    gradient_checkpointing_kwargs: dict | str | None = field(default=None, metadata={
+        "help": "Passed to model.gradient_checkpointing_enable."})
+    torch_compile_backend: str | None = field(default=None, metadata={"help": "torch.compile backend (sets "
+                                                                              "torch_compile)."})
+    torch_compile_mode: str | None = field(default=None, metadata={"help": "torch.compile mode (sets torch_compile)."})
+    use_liger_kernel: bool = field(default=False, metadata={"help": "Liger kernels (not in loom)."})
+    liger_kernel_config: dict | None = field(default=None, metadata={"help": "Liger kernel options (not in loom)."})
+    use_cache: bool = field(default=False, metadata={"help": "model.config.use_cache during training."})
+    neftune_noise_alpha: float | None = field(default=None, metadata={"help": "NEFTune noise on input embeddings."})
+    torch_empty_cache_steps: int | None = field(default=None, metadata={"help": "Empty the device cache every N "
+                                                                                "steps."})
+    auto_find_batch_size: bool = field(default=False, metadata={"help": "Halve the batch size on out-of-memory."})
+    log_on_each_node: bool = field(default=True, metadata={"help": "Multi-node logging (loom logs on rank 0)."})
+    logging_nan_inf_filter: bool = field(default=True, metadata={"help": "Keep nan/inf losses out of the logs."})
+    include_num_input_tokens_seen: str | bool = field(default="no", metadata={"help": "no, all or non_padding."})
+    log_level: str = field(default="passive", metadata={"help": "Level of loom's logger (passive: leave it)."})
+    log_level_replica: str = field(default="warning", metadata={"help": "Level of loom's logger on other ranks."})
+    project: str = field(default="huggingface", metadata={"help": "Project name for trackers."})
+    trackio_space_id: str | None = field(default=None, metadata={"help": "Trackio Space id."})
+    trackio_bucket_id: str | None = field(default=None, metadata={"help": "Trackio bucket id."})
+    trackio_static_space_id: str | None = field(default=None, metadata={"help": "Trackio static Space id (or "
+                                                                                "False)."})
+    eval_delay: float = field(default=0, metadata={"help": "Steps or epochs before the first evaluation."})
+    eval_on_start: bool = field(default=False, metadata={"help": "Evaluate once before the first step."})
+    eval_do_concat_batches: bool = field(default=True, metadata={"help": "False: predictions as a list per batch."})
+    eval_use_gather_object: bool = field(default=False, metadata={"help": "Gather objects across ranks (not in "
+                                                                                "loom)."})
+    eval_accumulation_steps: int | None = field(default=None, metadata={"help": "Accepted; loom moves outputs "
+                                                                                 "to the CPU after every batch."})
+    include_for_metrics: list[str] = field(default_factory=list, metadata={"help": "inputs and/or loss for "
+                                                                                   "compute_metrics."})
+    save_only_model: bool = field(default=False, metadata={"help": "Checkpoints hold only the model (no resume)."})
+    save_on_each_node: bool = field(default=False, metadata={"help": "Multi-node saving (not in loom)."})
+    enable_jit_checkpoint: bool = field(default=False, metadata={"help": "Checkpoint on SIGTERM (not in loom)."})
+    push_to_hub: bool = field(default=False, metadata={"help": "Push the model to the Hub when saving."})
+    hub_token: str | None = field(default=None, repr=False, metadata={"help": "Hub token (never written out)."})
+    hub_private_repo: bool | None = field(default=None, metadata={"help": "Create the Hub repository as private."})
+    hub_model_id: str | None = field(default=None, metadata={"help": "Hub repository id."})
+    hub_strategy: str = field(default="every_save", metadata={"help": "end, every_save, checkpoint, "
+                                                                      "all_checkpoints."})
+    hub_always_push: bool = field(default=False, metadata={"help": "Push even while a push is in flight."})
+    hub_revision: str | None = field(default=None, metadata={"help": "Hub branch to push to."})
+    ignore_data_skip: bool = field(default=False, metadata={"help": "On resume, restart the epoch's data order."})
+    restore_callback_states_from_checkpoint: bool = field(default=False, metadata={
+        "help": "Accepted; loom always restores callback states (exact resume)."})
+    full_determinism: bool = field(default=False, metadata={"help": "Deterministic torch algorithms."})
+    accelerator_config: dict | str | None = field(default=None, metadata={"help": "Accelerate options (not in loom)."})
+    parallelism_config: Any = field(default=None, metadata={"help": "Accelerate parallelism (use tp_size/cp_size)."})
+    dataloader_persistent_workers: bool = field(default=False, metadata={"help": "Keep DataLoader workers alive."})
+    dataloader_prefetch_factor: int | None = field(default=None, metadata={"help": "Batches prefetched per worker."})
+    dataloader_multiprocessing_context: str | None = field(default=None, metadata={"help": "fork, spawn or "
+                                                                                           "forkserver."})
+    dataloader_in_order: bool = field(default=True, metadata={"help": "Batches in order (loom always)."})
+    train_sampling_strategy: str = field(default="random", metadata={"help": "random, sequential, group_by_length."})
+    length_column_name: str = field(default="length", metadata={"help": "Precomputed lengths for group_by_length."})
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata={"help": "DDP option (not in loom)."})
+    ddp_bucket_cap_mb: int | None = field(default=None, metadata={"help": "DDP option (not in loom)."})
+    ddp_broadcast_buffers: bool | None = field(default=None, metadata={"help": "DDP option (not in loom)."})
+    ddp_static_graph: bool | None = field(default=None, metadata={"help": "DDP option (not in loom)."})
+    ddp_backend: str | None = field(default=None, metadata={"help": "Process-group backend (not in loom)."})
+    ddp_timeout: int = field(default=1800, metadata={"help": "Process-group timeout (loom: LOOM_DIST_TIMEOUT)."})
+    fsdp_config: dict | str | None = field(default=None, metadata={"help": "FSDP1 options (not in loom)."})
+    deepspeed: dict | str | None = field(default=None, metadata={"help": "DeepSpeed config (not in loom)."})
+    debug: str | list[str] = field(default="", metadata={"help": "Debug features (not in loom)."})
+    skip_memory_metrics: bool = field(default=True, metadata={"help": "loom reports no memory metrics."})
+    do_train: bool = field(default=False, metadata={"help": "For scripts; the Trainer does not read it."})
+    do_eval: bool = field(default=False, metadata={"help": "For scripts; the Trainer does not read it."})
+    do_predict: bool = field(default=False, metadata={"help": "For scripts; the Trainer does not read it."})
+    local_rank: int = field(default=-1, metadata={"help": "Set by launchers; loom reads LOCAL_RANK."})
 
     def __post_init__(self) -> None:
-        for name in ("lr_scheduler_type", "optim", "logging_strategy", "eval_strategy", "save_strategy"):
-            value = getattr(self, name)
-            if isinstance(value, Enum):
-                setattr(self, name, value.value)
-        self._check_choices()
-        self._check_sizes()
+        checks.normalise(self)
+        checks.check_choices(self)
+        checks.check_sizes(self)
+        checks.check_unsupported(self)
         if self.eval_strategy == "steps" and self.eval_steps is None:
             self.eval_steps = self.logging_steps
-        if self.load_best_model_at_end or self.save_strategy == "best":
-            if self.metric_for_best_model is None:
-                if self.save_strategy == "best":
-                    raise ValueError("save_strategy='best' needs metric_for_best_model (the metric that decides "
-                                     "which checkpoint is best)")
-                self.metric_for_best_model = "loss"
+        needs_metric = self.load_best_model_at_end or self.save_strategy == "best" or \
+            self.lr_scheduler_type in checks.METRIC_SCHEDULERS
+        if needs_metric and self.metric_for_best_model is None:
+            if self.save_strategy == "best":
+                raise ValueError("save_strategy='best' needs metric_for_best_model (the metric that decides "
+                                 "which checkpoint is best)")
+            self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
-            self.greater_is_better = self.metric_for_best_model.removeprefix("eval_") != "loss"
-        self._check_best_model()
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        checks.check_best_model(self)
         self.report_to = normalise_report_to(self.report_to)
         if isinstance(self.label_names, str):
             self.label_names = [self.label_names]
-
-    def _check_choices(self) -> None:
-        for name, allowed in (("lr_scheduler_type", SCHEDULERS), ("optim", OPTIMIZERS),
-                              ("logging_strategy", STRATEGIES), ("eval_strategy", STRATEGIES),
-                              ("save_strategy", SAVE_STRATEGIES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported; use one of {', '.join(allowed)}")
-
-    def _check_sizes(self) -> None:
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            raise ValueError(f"nothing to train: max_steps={self.max_steps} and num_train_epochs="
-                             f"{self.num_train_epochs}; set one of them to a positive value")
-        if self.bf16 and self.fp16:
-            raise ValueError("bf16=True and fp16=True contradict each other; choose one mixed-precision mode")
-        if not 0.0 <= self.warmup_ratio <= 1.0:
-            raise ValueError(f"warmup_ratio must lie in [0, 1], got {self.warmup_ratio}")
-        if self.warmup_ratio > 0 and self.warmup_steps > 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} and warmup_ratio={self.warmup_ratio} contradict each "
-                             "other; set only one")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.dataloader_num_workers < 0:
-            raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
-        if self.save_total_limit is not None and self.save_total_limit < 1:
-            raise ValueError(f"save_total_limit must be >= 1 or None, got {self.save_total_limit}")
-        for name in ("logging_steps", "save_steps", "eval_steps"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-
-    def _check_best_model(self) -> None:
-        if not self.load_best_model_at_end:
-            return
-        if self.eval_strategy == "no":
-            raise ValueError("load_best_model_at_end=True needs evaluations to pick the best model; set eval_strategy "
-                             "to 'steps' or 'epoch'")
-        if self.save_strategy == "best":
-            return
-        if self.save_strategy != self.eval_strategy:
-            raise ValueError(f"load_best_model_at_end=True needs save_strategy to match eval_strategy (got "
-                             f"save_strategy={self.save_strategy!r}, eval_strategy={self.eval_strategy!r}) so every "
-                             "evaluated model is also saved")
-        if self.eval_strategy == "steps" and _is_ratio(self.eval_steps) == _is_ratio(self.save_steps) and \
-                round(self.save_steps / self.eval_steps, 8) % 1 != 0:
-            raise ValueError(f"load_best_model_at_end=True needs save_steps ({self.save_steps}) to be a multiple of "
-                             f"eval_steps ({self.eval_steps})")
+        checks.apply_tf32(self.tf32)
 
     # -- derived values ------------------------------------------------------------------------------------------
     @property
@@ -198,7 +226,9 @@ class TrainingArguments:
         return int(self.warmup_steps)
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The fields as a dict, with secrets (hub_token) replaced by a placeholder, as the reference writes them."""
+        return {f.name: f"<{f.name.upper()}>" if f.name.endswith("_token") and getattr(self, f.name) else
+                getattr(self, f.name) for f in fields(self)}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
@@ -206,6 +236,10 @@ class TrainingArguments:
     def replace(self, **changes: Any) -> "TrainingArguments":
         """A copy with some fields changed, validated again."""
         data = asdict(self)
+        for pair in checks.ALIASES:  # changing one name of an alias pair changes both
+            given = [name for name in pair if name in changes]
+            if len(given) == 1:
+                changes = {**changes, **{name: changes[given[0]] for name in pair}}
         data.update(changes)
         return type(self)(**data)
 
@@ -214,11 +248,9 @@ def steps_from(value: float | None, total_steps: int) -> int | None:
     """An interval in steps: a float below 1 is a ratio of total_steps (the reference's rule)."""
     if value is None:
         return None
-    if _is_ratio(value):
+    if checks.is_ratio(value):
         return max(1, int(-(-value * total_steps // 1)))
     return int(value)
 
 
-def _is_ratio(value) -> bool:
-    return value is not None and 0 < value < 1
 

@@ -282,14 +282,15 @@ class DefaultFlowCallback(TrainerCallback):
             control.should_log = True
         if args.logging_strategy == "steps" and step % state.logging_steps == 0:
             control.should_log = True
-        if args.eval_strategy == "steps" and step % state.eval_steps == 0:
+        delay_over = args.eval_delay <= step
+        if args.eval_strategy == "steps" and step % state.eval_steps == 0 and delay_over:
             control.should_evaluate = True
         if args.save_strategy == "steps" and step % state.save_steps == 0:
             control.should_save = True
         if step >= state.max_steps:
             control.should_training_stop = True
             # the final model is always evaluated and saved under a step-based strategy, even off the interval
-            if args.eval_strategy == "steps":
+            if args.eval_strategy == "steps" and delay_over:
                 control.should_evaluate = True
             if args.save_strategy == "steps":
                 control.should_save = True
@@ -298,7 +299,7 @@ class DefaultFlowCallback(TrainerCallback):
     def on_epoch_end(self, args, state, control, **kwargs):
         if args.logging_strategy == "epoch":
             control.should_log = True
-        if args.eval_strategy == "epoch":
+        if args.eval_strategy == "epoch" and args.eval_delay <= state.epoch:
             control.should_evaluate = True
         if args.save_strategy == "epoch":
             control.should_save = True

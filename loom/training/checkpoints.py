@@ -51,7 +51,10 @@ def check_complete(path: Path) -> None:
         recover_interrupted(path.parent)
     if not path.is_dir():
         raise FileNotFoundError(f"resume_from_checkpoint: {path} is not a directory")
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    state_file = path / "data_state.json"
+    plain = state_file.is_file() and json.loads(state_file.read_text(encoding="utf-8")).get("model_format") == \
+        "state_dict"  # a plain nn.Module has no config.json
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file() and not (plain and f == "config.json")]
     if not any(path.glob("model*.safetensors")):
         missing.append("model.safetensors")
     if missing:
@@ -172,6 +175,17 @@ def _recover_step(final: Path, tmp: Path, new: Path, old: Path) -> str | None:
         return old.name
     shutil.rmtree(old, ignore_errors=True)
     return None
+
+
+def save_model_files(model, folder: Path) -> None:
+    """save_pretrained, or for a plain nn.Module its weights as model.safetensors (as the reference)."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+        return
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def save_torch(obj, path: Path) -> None:

@@ -123,3 +123,71 @@ def check_batch(batch: Any, where: str) -> None:
 
 def move_to(batch: Mapping, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# -- length-grouped order -------------------------------------------------------------------------------------------
+def get_length_grouped_indices(lengths: list[int], batch_size: int, mega_batch_mult: int | None = None,
+                               generator: torch.Generator | None = None) -> list[int]:
+    """A shuffled order in which each run of `batch_size` indices has similar lengths (the reference's algorithm).
+
+    A random permutation is cut into megabatches of `mega_batch_mult * batch_size` (by default up to 50 batches, at
+    most a quarter of the data), each sorted longest first; the longest example of all is swapped to the very front
+    so that an out-of-memory error shows on the first step rather than late in the epoch.
+    """
+    if mega_batch_mult is None:
+        mega_batch_mult = max(1, min(len(lengths) // (batch_size * 4), 50))
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    size = mega_batch_mult * batch_size
+    megabatches = [sorted(order[i:i + size], key=lambda j: lengths[j], reverse=True)
+                   for i in range(0, len(order), size)]
+    if not megabatches:
+        return []
+    longest = max(range(len(megabatches)), key=lambda m: (lengths[megabatches[m][0]], -m))
+    megabatches[0][0], megabatches[longest][0] = megabatches[longest][0], megabatches[0][0]
+    return [i for mb in megabatches for i in mb]
+
+
+def lengths_of(dataset, model_input_name: str | None = None, length_column_name: str = "length") -> list[int]:
+    """Example lengths: a `datasets.Dataset`'s length column when it has one, else len(example[model_input_name])."""
+    if is_hf_dataset(dataset) and length_column_name in dataset.column_names:
+        return [int(n) for n in dataset[length_column_name]]
+    name = model_input_name or "input_ids"
+    first = dataset[0] if len(dataset) else None
+    if not isinstance(first, Mapping) or name not in first:
+        raise ValueError(f"train_sampling_strategy='group_by_length' needs the length of each example: give the "
+                         f"examples an {name!r} field, or a {length_column_name!r} column (length_column_name)")
+    return [len(dataset[i][name]) for i in range(len(dataset))]
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Indices grouped so that batches hold examples of similar length, with some randomness (the reference's
+    sampler and arguments: lengths are given or read from `dataset[i][model_input_name]`)."""
+
+    def __init__(self, batch_size: int, dataset=None, lengths: list[int] | None = None,
+                 model_input_name: str | None = None, generator: torch.Generator | None = None) -> None:
+        if dataset is None and lengths is None:
+            raise ValueError("LengthGroupedSampler needs a dataset or the lengths of its examples")
+        self.batch_size = batch_size
+        self.lengths = lengths.tolist() if torch.is_tensor(lengths) else \
+            list(lengths) if lengths is not None else lengths_of(dataset, model_input_name)
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator))
+
+
+class LengthGroupedEpochSampler(EpochSampler):
+    """The Trainer's group_by_length order: seeded by (seed, epoch) and skippable like EpochSampler, so runs resume
+    exactly."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int) -> None:
+        super().__init__(len(lengths), seed)
+        self.lengths, self.batch_size = lengths, batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=g)[self.skip:])

@@ -120,3 +120,41 @@ class Accumulator:
 
     def nbytes(self) -> int:
         return sum(b.data.nbytes for b in self.buffers or ())
+
+
+class BatchList:
+    """eval_do_concat_batches=False: each batch's outputs kept as they are (numpy), in a list, never joined."""
+
+    def __init__(self, expected_rows: int = 0) -> None:
+        self.items: list = []
+
+    def add(self, x) -> None:
+        if x is not None:
+            self.items.append(to_numpy(tuple(x) if isinstance(x, list) else x))
+
+    def result(self):
+        return self.items or None
+
+
+class LossMean:
+    """The sample-weighted mean of batch losses; with skip_nonfinite (logging_nan_inf_filter) nan/inf batches are
+    left out, and the mean is nan only when every batch was."""
+
+    def __init__(self, skip_nonfinite: bool) -> None:
+        self.skip_nonfinite = skip_nonfinite
+        self.total, self.count, self.skipped = 0.0, 0, False
+
+    def add(self, loss, size: int) -> None:
+        if loss is None:
+            return
+        value = float(loss)
+        if self.skip_nonfinite and not np.isfinite(value):
+            self.skipped = True
+            return
+        self.total += value * size
+        self.count += size
+
+    def result(self) -> float | None:
+        if self.count:
+            return self.total / self.count
+        return float("nan") if self.skipped else None

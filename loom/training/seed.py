@@ -1,4 +1,5 @@
-"""set_seed: one call that seeds python, numpy and torch (CPU and every GPU)."""
+"""set_seed: one call that seeds python, numpy and torch (CPU and every GPU); enable_full_determinism adds
+deterministic kernels."""
 from __future__ import annotations
 
 import os
@@ -22,3 +23,15 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+
+
+def enable_full_determinism(seed: int) -> None:
+    """set_seed plus deterministic kernels everywhere (TrainingArguments(full_determinism=True)): torch's
+    deterministic algorithms, cuDNN without autotuning, and cuBLAS/CUDA settings that make GPU runs repeat."""
+    import torch
+
+    os.environ["CUDA_LAUNCH_BLOCKING"] = "1"
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":16:8"
+    set_seed(seed, deterministic=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

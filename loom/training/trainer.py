@@ -13,6 +13,8 @@ each feature is written once and works in both.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import logging
 import math
 import time
 import warnings
@@ -27,15 +29,17 @@ from loom.distributed.context import ParallelContext, setup_parallel
 from loom.distributed.mesh import ParallelDims
 from loom.distributed.trainer import checkpoint_strategy
 from loom.training import checkpoints as ckpt
+from loom.training import trainer_features as features
 from loom.training.arguments import TrainingArguments, steps_from
 from loom.training.callbacks import (CallbackHandler, DefaultFlowCallback, PrinterCallback, ProgressCallback,
                                      TrainerControl, TrainerState)
 from loom.training.collators import DataCollatorWithPadding, default_data_collator
-from loom.training.data import (LABEL_ALIASES, EpochSampler, RemoveColumnsCollator, as_dataset, check_batch,
-                                is_hf_dataset, model_input_names, move_to, prepare_hf_dataset)
+from loom.training.data import (LABEL_ALIASES, EpochSampler, LengthGroupedEpochSampler, RemoveColumnsCollator,
+                                as_dataset, check_batch, is_hf_dataset, lengths_of, model_input_names, move_to,
+                                prepare_hf_dataset)
 from loom.training.integrations import reporting_callbacks
-from loom.training.optimization import create_optimizer, get_scheduler
-from loom.training.seed import set_seed
+from loom.training.optimization import create_optimizer, get_scheduler, steps_on_metrics
+from loom.training.seed import enable_full_determinism, set_seed
 from loom.training.trainer_checkpoints import CheckpointMixin
 from loom.training.trainer_eval import EvaluationMixin
 from loom.training.trainer_hub import HubMixin
@@ -61,7 +65,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
                  compute_metrics: Callable | None = None, callbacks: list | None = None,
                  optimizers: tuple = (None, None), preprocess_logits_for_metrics: Callable | None = None,
                  parallel: ParallelContext | None = None) -> None:
-        self.args = args if args is not None else TrainingArguments(output_dir="trainer_output")
+        self.args = args if args is not None else TrainingArguments()
         if model is None and model_init is None:
             raise ValueError("Trainer needs a model (or a model_init function that builds one)")
         self.model_init = model_init
@@ -69,6 +73,11 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
             set_seed(self.args.seed)
             model = self._call_model_init()
         self.model = model.to(self.args.device)
+        if getattr(self.model, "config", None) is not None:
+            self.model.config.use_cache = self.args.use_cache  # as the reference: no KV cache while training
+        level = self.args.log_level if self.args.process_index == 0 else self.args.log_level_replica
+        if level != "passive":
+            logging.getLogger("loom").setLevel(level.upper())
         self.train_dataset = as_dataset(train_dataset, "train_dataset")
         self.eval_dataset = eval_dataset if isinstance(eval_dataset, dict) else as_dataset(eval_dataset,
                                                                                            "eval_dataset")
@@ -160,18 +169,26 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         return self.parallel.world_size, self.parallel.dp_size
 
     def _train_sampler(self, dataset):
-        """The training order; under parallelism each data-parallel rank draws its own share of it."""
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        """The training order (train_sampling_strategy); under parallelism each data-parallel rank draws its own
+        share of it."""
+        args = self.args
+        seed = args.data_seed if args.data_seed is not None else args.seed
         if self.parallel.enabled:
-            return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=self.args.dataloader_drop_last)
-        return EpochSampler(len(dataset), seed)
+            if args.train_sampling_strategy != "random":
+                raise ValueError(f"train_sampling_strategy={args.train_sampling_strategy!r} is not supported under "
+                                 "torchrun or with tp_size / cp_size / fsdp; use 'random'")
+            return self.parallel.sampler(dataset, shuffle=True, seed=seed, drop_last=args.dataloader_drop_last)
+        if args.train_sampling_strategy == "group_by_length":
+            name = getattr(self.processing_class, "model_input_names", ["input_ids"])[0]
+            return LengthGroupedEpochSampler(lengths_of(dataset, name, args.length_column_name),
+                                             args.train_batch_size * args.gradient_accumulation_steps, seed)
+        return EpochSampler(len(dataset), seed, shuffle=args.train_sampling_strategy == "random")
 
     def get_train_dataloader(self) -> DataLoader:
         if self.train_dataset is None:
             raise ValueError("Trainer.train() needs a train_dataset")
-        if isinstance(self.train_dataset, torch.utils.data.IterableDataset):
-            raise TypeError("loom's Trainer trains on map-style datasets (with __len__ and __getitem__) so that runs "
-                            "resume exactly; materialise the iterable dataset as a list first")
+        if self._iterable_training():
+            return self._loader(self.train_dataset, self.args.train_batch_size, None, self.args.dataloader_drop_last)
         dataset = self._prepare_dataset(self.train_dataset, "train_dataset")
         return self._loader(dataset, self.args.train_batch_size, self._train_sampler(dataset),
                             self.args.dataloader_drop_last)
@@ -186,14 +203,22 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         dataset = self._prepare_dataset(as_dataset(test_dataset, "test_dataset"), "test_dataset")
         return self._loader(dataset, self.args.eval_batch_size, None, False)
 
+    def _iterable_training(self) -> bool:
+        return isinstance(self.train_dataset, torch.utils.data.IterableDataset)
+
     def _loader(self, dataset, batch_size: int, sampler, drop_last: bool) -> DataLoader:
+        args = self.args
         generator = torch.Generator()  # keeps DataLoader from drawing its worker seed off the global RNG
-        generator.manual_seed(self.args.seed)
+        generator.manual_seed(args.seed)
+        workers = {"persistent_workers": args.dataloader_persistent_workers,
+                   "prefetch_factor": args.dataloader_prefetch_factor,
+                   "multiprocessing_context": args.dataloader_multiprocessing_context} \
+            if args.dataloader_num_workers > 0 else {}
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=self._collator_for(self.model),
-                          num_workers=self.args.dataloader_num_workers, drop_last=drop_last, generator=generator,
+                          num_workers=args.dataloader_num_workers, drop_last=drop_last, generator=generator,
                           # pinning on the main thread (no workers) costs more per step than it saves
-                          pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda"
-                          and self.args.dataloader_num_workers > 0)
+                          pin_memory=args.dataloader_pin_memory and args.device.type == "cuda"
+                          and args.dataloader_num_workers > 0, **workers)
 
     # -- optimizer and schedule ----------------------------------------------------------------------------------
     def create_optimizer(self) -> torch.optim.Optimizer:
@@ -240,6 +265,12 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         if self.compute_loss_func is not None:
             outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             loss = self.compute_loss_func(outputs, labels, num_items_in_batch=num_items_in_batch)
+        elif self.args.label_smoothing_factor and labels is not None and not labels.is_floating_point():
+            extra = {"num_items_in_batch": num_items_in_batch} if self._accepts_num_items else {}
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, **extra)
+            logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+            loss = features.label_smoothed_loss(logits, labels, self.args.label_smoothing_factor,
+                                                features.is_causal_lm(model), num_items_in_batch)
         elif num_items_in_batch is None or labels is None:
             outputs = model(**inputs)
             loss = _loss_of(outputs)
@@ -309,20 +340,42 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         args = self.args
         resume = self._resolve_checkpoint(resume_from_checkpoint if resume_from_checkpoint is not None
                                           else args.resume_from_checkpoint)
-        if resume is None:
-            set_seed(args.seed)
         if self.model_init is not None and trial is not None:
+            set_seed(args.seed)
             self.model = self._call_model_init(trial).to(args.device)
             self.optimizer = self.lr_scheduler = None
             self.callback_handler.model = self.model
         if args.gradient_checkpointing and hasattr(self.model, "gradient_checkpointing_enable"):
-            self.model.gradient_checkpointing_enable()
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+        neftune = features.add_neftune(self.model, args.neftune_noise_alpha) \
+            if args.neftune_noise_alpha is not None else None
+        try:
+            if not args.auto_find_batch_size:
+                return self._train_once(resume, trial)
+            return features.train_finding_batch_size(self, resume, trial)
+        finally:
+            if neftune is not None:
+                neftune.remove()
+
+    def _train_once(self, resume: Path | None, trial) -> TrainOutput:
+        args = self.args
+        if resume is None:
+            (enable_full_determinism if args.full_determinism else set_seed)(args.seed)
         loader = self.get_train_dataloader()
-        num_batches = len(loader)
-        if num_batches == 0:
-            raise ValueError(f"the training dataset yields no batches ({len(self.train_dataset)} examples, batch size "
-                             f"{args.train_batch_size}, drop_last={args.dataloader_drop_last})")
         ga = args.gradient_accumulation_steps
+        if self._iterable_training():
+            if self._parallel_sizes()[1] > 1:
+                raise ValueError("an IterableDataset is not sharded over data-parallel ranks, so each would train on "
+                                 "the same examples; use a map-style dataset (with __len__) for data parallelism")
+            if args.max_steps <= 0:
+                raise ValueError("training on an IterableDataset (no length, so no epochs to count) needs max_steps > "
+                                 "0 in the TrainingArguments")
+            num_batches, num_examples, data_seed = args.max_steps * ga, None, args.seed
+        else:
+            num_batches, num_examples, data_seed = len(loader), len(self.train_dataset), loader.sampler.seed
+        if num_batches == 0:
+            raise ValueError(f"the training dataset yields no batches ({num_examples} examples, batch size "
+                             f"{args.train_batch_size}, drop_last={args.dataloader_drop_last})")
         steps_per_epoch = math.ceil(num_batches / ga)
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         self._preflight(loader.dataset)
@@ -335,10 +388,12 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
             save_steps=steps_from(args.save_steps, max_steps), is_hyper_param_search=trial is not None)
         self.control = TrainerControl()  # a stop requested in an earlier train() does not carry over
         world, dp = self._parallel_sizes()
-        self._data_shape = {"num_examples": len(self.train_dataset), "num_batches": num_batches,
-                            "steps_per_epoch": steps_per_epoch, "train_batch_size": args.train_batch_size,
+        self._data_shape = {"num_examples": num_examples, "num_batches": num_batches,
+                            # an iterable dataset has no epochs: a resumed run may train to another max_steps
+                            "steps_per_epoch": None if num_examples is None else steps_per_epoch,
+                            "train_batch_size": args.train_batch_size,
                             "gradient_accumulation_steps": ga, "world_size": world, "data_parallel_size": dp,
-                            "global_batch_size": args.train_batch_size * ga * dp, "data_seed": loader.sampler.seed,
+                            "global_batch_size": args.train_batch_size * ga * dp, "data_seed": data_seed,
                             "dataloader_drop_last": args.dataloader_drop_last}
         self._pending_loss = torch.zeros((), device=args.device)
         self._pending_steps = 0
@@ -350,29 +405,38 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module the loop calls: compiled when asked."""
-        return torch.compile(model) if self.args.torch_compile else model
+        if not self.args.torch_compile:
+            return model
+        return torch.compile(model, backend=self.args.torch_compile_backend or "inductor",
+                             mode=self.args.torch_compile_mode)
 
     def _inner_loop(self, loader: DataLoader, steps_per_epoch: int, rng: dict | None) -> TrainOutput:
         args, state = self.args, self.state
         ga = args.gradient_accumulation_steps
-        num_batches = len(loader)
+        num_batches = self._data_shape["num_batches"]
         self.callback_handler.train_dataloader = loader
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         start = time.perf_counter()
         self._last_log_time, self._last_log_step = start, state.global_step
-        first_step = state.global_step
+        first_step, self._first_tokens = state.global_step, state.num_input_tokens_seen
         total_loss = 0.0
         # a resumed run trains to the max_steps / num_train_epochs passed now (as the reference): a stop that ended
         # the checkpoint's run does not end this one
         self.control.should_training_stop = False
         self._event("on_train_begin")
+        if args.eval_on_start:
+            self._evaluate_all(step_scheduler=False)  # the reference's sanity check: no scheduler step
         for epoch in self._epochs_to_train(steps_per_epoch):
             done_in_epoch = state.global_step - epoch * steps_per_epoch
             if done_in_epoch == 0:
                 self.control.should_epoch_stop = False
-            loader.sampler.set_epoch(epoch, skip=done_in_epoch * ga * args.train_batch_size)
-            batches = iter(loader)
+            skip = 0 if args.ignore_data_skip else done_in_epoch * ga
+            if self._iterable_training():
+                batches = features.endless_batches(loader, skip)
+            else:
+                loader.sampler.set_epoch(epoch, skip=skip * args.train_batch_size)
+                batches = iter(loader)
             if rng is not None:
                 ckpt.set_rng_state(rng)  # after the iterator exists, exactly where the checkpoint was taken
                 rng = None
@@ -387,6 +451,8 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
                 self._pending_steps += 1
                 state.global_step += 1
                 state.epoch = epoch + (num_batches - remaining) / num_batches
+                if args.torch_empty_cache_steps and state.global_step % args.torch_empty_cache_steps == 0:
+                    features.empty_device_cache(args.device)
                 self._event("on_step_end")
                 total_loss += self._maybe_log_save_evaluate()
             self._event("on_epoch_end")
@@ -415,17 +481,30 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
             num_items = num_items.to(device)
         loss = torch.zeros((), device=device)
         for i, batch in enumerate(window):
+            self._count_input_tokens(batch)
             with self.gradient_sync(i == len(window) - 1):
-                loss += self.training_step(self._forward_model, batch, num_items, len(window))
+                step_loss = self.training_step(self._forward_model, batch, num_items, len(window))
+            if self.args.logging_nan_inf_filter and not torch.isfinite(step_loss):
+                # a nan/inf loss is logged as the mean of the losses since the last log (the reference's filter)
+                step_loss = (self._pending_loss + loss) / (1 + self._pending_steps)
+            loss += step_loss
             if i < len(window) - 1:
                 self._event("on_substep_end")
         self._grad_norm = self.clip_gradients()
         self._event("on_pre_optimizer_step")
         self.optimizer_step()
         self._event("on_optimizer_step")
-        self.lr_scheduler.step()
+        if not steps_on_metrics(self.lr_scheduler):
+            self.lr_scheduler.step()  # plateau / greedy schedules step on evaluation metrics (_evaluate_all)
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def _count_input_tokens(self, batch: dict) -> None:
+        mode = self.args.include_num_input_tokens_seen
+        if mode != "no":
+            self.state.num_input_tokens_seen += features.count_input_tokens(
+                batch, mode, getattr(self.model, "main_input_name", "input_ids"),
+                getattr(self.processing_class, "pad_token_id", None))
 
     def _maybe_log_save_evaluate(self) -> float:
         """Act on the control flags; returns the loss sum that was logged (for the run's mean training loss)."""
@@ -453,7 +532,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         self.control._new_step()
         return logged
 
-    def _evaluate_all(self) -> dict[str, float]:
+    def _evaluate_all(self, step_scheduler: bool = True) -> dict[str, float]:
         if isinstance(self.eval_dataset, dict):
             metrics = {}
             for name, dataset in self.eval_dataset.items():
@@ -461,6 +540,8 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         else:
             metrics = self.evaluate()
         self._update_best(metrics)
+        if step_scheduler and steps_on_metrics(self.lr_scheduler):
+            self.lr_scheduler.step(metrics[self._metric_key()])
         return metrics
 
     def _metric_key(self) -> str:
@@ -489,8 +570,12 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
                    "train_samples_per_second": steps * self.args.train_batch_size *
                    self.args.gradient_accumulation_steps / runtime if runtime else 0.0,
                    "train_loss": total_loss / max(1, steps), "epoch": self.state.epoch}
+        if self.args.include_num_input_tokens_seen != "no":
+            tokens = self.state.num_input_tokens_seen - self._first_tokens
+            metrics["train_tokens_per_second"] = tokens / runtime if runtime else 0.0
         if self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None:
             self._load_model_weights(Path(self.state.best_model_checkpoint))
+        self._keep_only_best_checkpoint()
         self.log(metrics)
         self._event("on_train_end")
         self._finish_current_push()  # background uploads of checkpoints (trainer_hub.py); raises their errors
@@ -501,15 +586,22 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         """Record logs in state.log_history (with epoch and step) and hand them to the callbacks."""
         if self.state.epoch is not None:
             logs = {**logs, "epoch": self.state.epoch}
+        if self.args.include_num_input_tokens_seen != "no":
+            logs = {**logs, "num_input_tokens_seen": self.state.num_input_tokens_seen}
         self.state.log_history.append({**logs, "step": self.state.global_step})
         self._event("on_log", logs=logs)
 
     # -- checks before the first step ----------------------------------------------------------------------------
     def _preflight(self, dataset) -> None:
         """Collate the first batch (RNG untouched) and check it, and compute_metrics' keys, before training."""
-        n = min(len(dataset), self.args.train_batch_size)
         with _preserved_rng():
-            batch = self._collator_for(self.model)([dataset[i] for i in range(n)])
+            if isinstance(dataset, torch.utils.data.IterableDataset):
+                first = list(itertools.islice(iter(dataset), self.args.train_batch_size))
+                if not first:
+                    raise ValueError("the training IterableDataset yields no examples; check that it is not empty")
+            else:
+                first = [dataset[i] for i in range(min(len(dataset), self.args.train_batch_size))]
+            batch = self._collator_for(self.model)(first)
             check_batch(batch, "first training")
             needs_labels = self.compute_loss_func is None and type(self).compute_loss is Trainer.compute_loss
             if needs_labels and self.label_names and not any(k in batch for k in self.label_names):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class CheckpointMixin:
                                         "checkpoint-N folder; pass a path or start without resuming")
             value = found
         path = Path(value)
+        _refuse_model_only(path)
         ckpt.check_complete(path)
         return path
 
@@ -46,19 +48,31 @@ class CheckpointMixin:
         self.checkpoints.end()
         return final
 
+    def _keep_only_best_checkpoint(self) -> None:
+        """With save_total_limit=1 the run ends with the best checkpoint alone: during training the latest is kept
+        beside it for resuming, at the end it goes (the reference's rule)."""
+        best = self.state.best_model_checkpoint
+        if self.args.save_total_limit != 1 or best is None or not self.args.should_save:
+            return
+        for path in ckpt.list_checkpoints(self.args.output_dir):
+            if path.resolve() != Path(best).resolve():
+                shutil.rmtree(path, ignore_errors=True)
+
     def _write_checkpoint_files(self, folder: Path) -> None:
         self.checkpoints.write_model(self.model, folder)
         if self.processing_class is not None and hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
-        self.checkpoints.write_optimizer(self.optimizer, folder)
-        ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
-        ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
-        if self.scaler is not None:
-            ckpt.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
-        spe = self._data_shape["steps_per_epoch"]
+        if not self.args.save_only_model:
+            self.checkpoints.write_optimizer(self.optimizer, folder)
+            ckpt.save_torch(self.lr_scheduler.state_dict(), folder / "scheduler.pt")
+            ckpt.save_torch(ckpt.rng_state(), folder / "rng_state.pth")
+            if self.scaler is not None:
+                ckpt.save_torch(self.scaler.state_dict(), folder / "scaler.pt")
+        spe = self._data_shape["steps_per_epoch"] or self.state.max_steps
         position = {**self._data_shape, "epoch": self.state.global_step // spe,
                     "steps_in_epoch": self.state.global_step % spe, "pending_loss": self._pending_loss.item(),
-                    "pending_steps": self._pending_steps, "model_class": model_class_name(self.model)}
+                    "pending_steps": self._pending_steps, "model_class": model_class_name(self.model),
+                    "model_format": "save_pretrained" if hasattr(self.model, "save_pretrained") else "state_dict"}
         ckpt.save_json(position, folder / "data_state.json")
         ckpt.save_json(self.args.to_dict(), folder / "training_args.json")
         self.state.stateful_callbacks = {name: states[0] if len(states) == 1 else states
@@ -170,12 +184,26 @@ class CheckpointMixin:
         self.model.load_state_dict(state, strict=False)
 
     def save_model(self, output_dir: str | None = None) -> None:
-        """Write the model (and the tokenizer/processor) with save_pretrained."""
+        """Write the model (and the tokenizer/processor) with save_pretrained (a plain module: its weights)."""
         folder = Path(output_dir or self.args.output_dir or "trainer_output")
-        self.parallel.save_pretrained(self.model, folder)  # under parallelism every rank helps gather the weights
+        if self.parallel.enabled:
+            self.parallel.save_pretrained(self.model, folder)  # every rank helps gather the weights
+        else:
+            ckpt.save_model_files(self.model, folder)
         if self.parallel.is_main_process and self.processing_class is not None and \
                 hasattr(self.processing_class, "save_pretrained"):
             self.processing_class.save_pretrained(folder)
+
+
+def _refuse_model_only(path: Path) -> None:
+    """A save_only_model checkpoint has no optimizer, scheduler or RNG state: say so instead of listing files."""
+    args_file = path / "training_args.json"
+    if (path / "optimizer.pt").is_file() or not args_file.is_file():
+        return
+    if json.loads(args_file.read_text(encoding="utf-8")).get("save_only_model"):
+        raise ValueError(f"checkpoint {path} was written with save_only_model=True: it holds the model weights but no "
+                         "optimizer, scheduler or RNG state, so training cannot resume from it. Load the weights with "
+                         "from_pretrained and start a new run, or save with save_only_model=False to resume")
 
 
 def _batch_split(shape: dict, full: bool) -> str:

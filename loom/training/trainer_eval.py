@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from loom.training.data import check_batch, move_to
-from loom.training.evaluation import Accumulator, EvalLoopOutput, EvalPrediction, PredictionOutput, to_numpy
+from loom.training.evaluation import (Accumulator, BatchList, EvalLoopOutput, EvalPrediction, LossMean,
+                                     PredictionOutput, to_numpy)
 
 
 class EvaluationMixin:
@@ -50,40 +51,50 @@ class EvaluationMixin:
         streaming = args.batch_eval_metrics and self.compute_metrics is not None and not keep_predictions
         model = self.model
         was_training = model.training
+        full_eval = torch.bfloat16 if args.bf16_full_eval else torch.float16 if args.fp16_full_eval else None
+        if full_eval is not None and not was_training:
+            # outside training the model itself is cast (faster, half the memory), as the reference does
+            model.to(full_eval)
         model.eval()
         expected = len(dataloader.dataset) if hasattr(dataloader, "dataset") else 0
-        preds, labels = Accumulator(expected), Accumulator(expected)
-        loss_sum, loss_count, num_samples = 0.0, 0, 0
+        collect = Accumulator if args.eval_do_concat_batches else BatchList
+        kept = {"predictions": collect(expected), "label_ids": collect(expected)}
+        kept.update({name: collect(expected) for name, wanted in (("inputs", "inputs"), ("losses", "loss"))
+                     if wanted in args.include_for_metrics})
+        mean_loss, num_samples = LossMean(skip_nonfinite=args.logging_nan_inf_filter), 0
         metrics: dict[str, float] = {}
         batches = list(dataloader) if isinstance(dataloader, list) else dataloader
         total = len(batches)
+        main_input = getattr(model, "main_input_name", "input_ids")
         for i, batch in enumerate(batches):
             check_batch(batch, description)
             batch = move_to(batch, args.device)
             loss, logits, label = self.prediction_step(model, batch, loss_only, ignore_keys)
             size = _batch_size(batch)
             num_samples += size
-            if loss is not None:
-                loss_sum += float(loss) * size
-                loss_count += size
+            mean_loss.add(loss, size)
             if loss_only:
                 continue
             if self.preprocess_logits_for_metrics is not None and logits is not None:
                 logits = self.preprocess_logits_for_metrics(logits, label)
+            step = {"predictions": logits, "label_ids": label, "inputs": batch.get(main_input),
+                    "losses": None if loss is None else loss.float().repeat(size)}
             if streaming:
-                metrics = self.compute_metrics(EvalPrediction(to_numpy(logits), to_numpy(label)), compute_result=i == total - 1)
+                metrics = self.compute_metrics(EvalPrediction(**{k: to_numpy(step[k]) for k in kept}),
+                                               compute_result=i == total - 1)
             else:
-                preds.add(logits)
-                labels.add(label)
+                for name, store in kept.items():
+                    store.add(step[name])
             self._event("on_prediction_step")
         model.train(was_training)
-        predictions, label_ids = preds.result(), labels.result()
+        results = {name: store.result() for name, store in kept.items()}
+        predictions, label_ids = results["predictions"], results["label_ids"]
         if not loss_only and not streaming and self.compute_metrics is not None and predictions is not None \
                 and label_ids is not None:
-            metrics = self.compute_metrics(EvalPrediction(predictions, label_ids))
+            metrics = self.compute_metrics(EvalPrediction(**results))
         metrics = dict(metrics or {})
-        if loss_count:
-            metrics["loss"] = loss_sum / loss_count
+        if mean_loss.result() is not None:
+            metrics["loss"] = mean_loss.result()
         metrics = {k if k.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{k}": _scalar(v)
                    for k, v in metrics.items()}
         return EvalLoopOutput(predictions, label_ids, metrics, num_samples)
@@ -96,9 +107,17 @@ class EvaluationMixin:
         if has_labels:
             found = tuple(inputs[k] for k in self.label_names)
             labels = found[0] if len(found) == 1 else found
+        forward = self._forward_model if model is self.model else model
+        smoothed = has_labels and bool(self.args.label_smoothing_factor)
         with torch.no_grad(), self.autocast():
-            outputs = self._forward_model(**inputs) if model is self.model else model(**inputs)
-        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+            if smoothed:  # the eval loss is the (label-smoothed) training loss, as the reference computes it
+                loss, outputs = self.compute_loss(forward, inputs, return_outputs=True)
+            else:
+                outputs = forward(**inputs)
+        # a model returning a tuple puts the loss first when it is given labels (the reference's convention)
+        loss_first = has_labels and not smoothed and not isinstance(outputs, dict)
+        if not smoothed:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs[0] if loss_first else None
         loss = loss.detach().mean() if loss is not None else None
         if prediction_loss_only:
             return loss, None, None
@@ -106,7 +125,7 @@ class EvaluationMixin:
         if isinstance(outputs, dict):
             values = tuple(v for k, v in outputs.items() if k not in ignore)
         else:
-            values = tuple(outputs[1:] if has_labels else outputs)
+            values = tuple(outputs[1:] if loss_first else outputs)
         logits = values[0] if len(values) == 1 else values
         return loss, logits, labels
 

@@ -48,16 +48,16 @@ def test_warmup_resolution():
 class ModelArgs:
     model_name: str = field(metadata={"help": "which model"})
     layers: list[int] = field(default_factory=lambda: [1])
-    use_cache: bool = True
+    use_fast: bool = True
     dropout: float | None = None
 
 
 def test_parser_reads_flags():
     parser = HfArgumentParser((ModelArgs, TrainingArguments))
     model_args, train_args = parser.parse_args_into_dataclasses(
-        ["--model_name", "m", "--layers", "2", "3", "--no_use_cache", "--output_dir", "o", "--learning-rate", "0.1",
+        ["--model_name", "m", "--layers", "2", "3", "--no_use_fast", "--output_dir", "o", "--learning-rate", "0.1",
          "--bf16", "--num_train_epochs", "2", "--dropout", "0.5", "--report_to", "jsonl", "--fp16", "false"])
-    assert model_args == ModelArgs(model_name="m", layers=[2, 3], use_cache=False, dropout=0.5)
+    assert model_args == ModelArgs(model_name="m", layers=[2, 3], use_fast=False, dropout=0.5)
     assert train_args.learning_rate == 0.1 and train_args.bf16 is True and train_args.fp16 is False
     assert train_args.num_train_epochs == 2.0 and train_args.report_to == ["jsonl"]
 
@@ -74,11 +74,11 @@ def test_parser_errors_name_the_problem():
 
 def test_parser_reads_json_and_yaml(tmp_path):
     parser = HfArgumentParser((ModelArgs, TrainingArguments))
-    config = {"model_name": "m", "output_dir": "o", "gradient_accumulation_steps": 4, "use_cache": False}
+    config = {"model_name": "m", "output_dir": "o", "gradient_accumulation_steps": 4, "use_fast": False}
     (tmp_path / "a.json").write_text(json.dumps(config))
     (tmp_path / "a.yaml").write_text("\n".join(f"{k}: {json.dumps(v)}" for k, v in config.items()))
     for name in ("a.json", "a.yaml"):
         model_args, train_args = parser.parse_args_into_dataclasses([str(tmp_path / name)])
-        assert model_args.use_cache is False and train_args.gradient_accumulation_steps == 4
+        assert model_args.use_fast is False and train_args.gradient_accumulation_steps == 4
     with pytest.raises(ValueError, match="per_device_train_batch_size must be a positive integer"):
         parser.parse_dict({"model_name": "m", "per_device_train_batch_size": 0})

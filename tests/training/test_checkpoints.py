@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from loom.training import Trainer
+from loom.training import Trainer, TrainerCallback
 from loom.training.checkpoints import latest_checkpoint, list_checkpoints, write_checkpoint
 from tests.training.conftest import cls_rows, lm_rows, PadCollator, resume_args, tiny_bert, tiny_llama
 
@@ -182,11 +182,19 @@ def test_rotation_keeps_best_and_best_is_loaded_at_end(args_for):
 
     args = args_for(max_steps=8, eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                     save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="score")
-    trainer = Trainer(tiny_bert(), args, train_dataset=cls_rows(16), eval_dataset=cls_rows(4),
-                      compute_metrics=falling_metric)
-    trainer.train()
     out = Path(args.output_dir)
-    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2", "checkpoint-8"]
+    kept = []
+
+    class Saved(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            kept.append([p.name for p in list_checkpoints(out)])
+
+    trainer = Trainer(tiny_bert(), args, train_dataset=cls_rows(16), eval_dataset=cls_rows(4),
+                      compute_metrics=falling_metric, callbacks=[Saved()])
+    trainer.train()
+    # the latest stays beside the best while training (for resuming); at the end only the best is left (reference)
+    assert kept[-1] == ["checkpoint-2", "checkpoint-8"]
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-2"]
     assert trainer.state.best_model_checkpoint == str(out / "checkpoint-2") and trainer.state.best_global_step == 2
     best = type(trainer.model).from_pretrained(out / "checkpoint-2")
     for (name, a), b in zip(trainer.model.state_dict().items(), best.state_dict().values()):
