@@ -393,10 +393,10 @@ def test_ignore_data_skip_restarts_the_epochs_order(args_for, tmp_path):
 def test_parallel_runs_refuse_what_they_cannot_shard(args_for, monkeypatch):
     from types import SimpleNamespace
 
-    from loom.training.trainer import ParallelTrainer
-
-    with pytest.raises(ValueError, match="train_sampling_strategy='sequential' is not supported by the ParallelTrainer"):
-        ParallelTrainer._train_sampler(SimpleNamespace(args=args_for(train_sampling_strategy="sequential")), None)
+    parallel = SimpleNamespace(enabled=True)
+    with pytest.raises(ValueError, match="train_sampling_strategy='sequential' is not supported under torchrun"):
+        Trainer._train_sampler(SimpleNamespace(args=args_for(train_sampling_strategy="sequential"), parallel=parallel),
+                               None)
     trainer = Trainer(tiny_llama(), args_for(max_steps=2), train_dataset=Stream(lm_rows(4)),
                       data_collator=PadCollator())
     monkeypatch.setattr(trainer, "_parallel_sizes", lambda: (2, 2))
