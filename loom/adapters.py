@@ -127,7 +127,6 @@ class AdapterMixin:
         if not is_trainable:
             for layer in self._tuner_layers():
                 layer.requires_grad_(False)
-        self.set_adapter(adapter_name)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters the active ones (the others stay loaded, unused)."""
