@@ -82,6 +82,14 @@ class AdapterMixin:
             raise ValueError(f"{type(self).__name__} has no adapter; add one with add_adapter(config) or "
                              "load_adapter(path) first")
 
+    def _loaded_names(self, adapter_names: str | list[str]) -> list[str]:
+        self._check_adapters_loaded()
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        missing = [n for n in names if n not in self.peft_config]
+        if missing:
+            raise ValueError(f"no adapter named {missing}; the loaded ones are {sorted(self.peft_config)}")
+        return names
+
     def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
         """Inject a fresh (trainable) adapter described by a peft config and make it the active one."""
         peft = import_peft()
@@ -97,8 +105,7 @@ class AdapterMixin:
         self.set_adapter(adapter_name)
 
     def load_adapter(self, peft_model_id: str | os.PathLike | None = None, adapter_name: str | None = None,
-                     peft_config=None, adapter_state_dict: dict | None = None, is_trainable: bool = False,
-                     **kwargs) -> None:
+                     peft_config=None, adapter_state_dict: dict | None = None, is_trainable: bool = False) -> None:
         """Attach an adapter saved by peft (a directory with adapter_config.json and adapter_model.safetensors), or
         one given as `peft_config` + `adapter_state_dict`. The adapter is frozen unless `is_trainable`."""
         peft = import_peft()
@@ -122,19 +129,30 @@ class AdapterMixin:
                              f"the adapter was trained on ({peft_config.base_model_name_or_path})") from None
         self._hf_peft_config_loaded = True
         state = {k.removeprefix(SAVED_PREFIX): v for k, v in adapter_state_dict.items()}
-        _check_adapter_shapes(self, state, adapter_name, where)
+        try:
+            _check_adapter_shapes(self, state, adapter_name, where)
+        except ValueError:
+            self.delete_adapter(adapter_name)  # the model is left as it was
+            raise
         peft.set_peft_model_state_dict(self, state, adapter_name)
         if not is_trainable:
             for layer in self._tuner_layers():
                 layer.requires_grad_(False)
 
+    def delete_adapter(self, adapter_names: str | list[str]) -> None:
+        """Remove adapters from the model (their layers and their config)."""
+        from peft.functional import delete_adapter
+
+        for name in self._loaded_names(adapter_names):
+            delete_adapter(self, adapter_name=name, prefix=f"{self.peft_config[name].peft_type.value.lower()}_")
+            self.peft_config.pop(name)
+        if not self.peft_config:
+            del self.peft_config
+            self._hf_peft_config_loaded = False
+
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters the active ones (the others stay loaded, unused)."""
-        self._check_adapters_loaded()
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        missing = [n for n in names if n not in self.peft_config]
-        if missing:
-            raise ValueError(f"no adapter named {missing}; the loaded ones are {sorted(self.peft_config)}")
+        self._loaded_names(adapter_name)
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils import ModulesToSaveWrapper
 

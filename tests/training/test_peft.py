@@ -193,6 +193,8 @@ def test_adapter_methods_on_the_model_match_the_reference(llama_dir, tmp_path):
     torch.testing.assert_close(_logits(ours, ids), base)  # a fresh LoRA starts as the identity (B = 0)
     ours.set_adapter("default")
     torch.testing.assert_close(_logits(ours, ids), _logits(ref, ids), atol=1e-5, rtol=1e-5)
+    ours.delete_adapter("fresh")
+    assert list(ours.peft_config) == ["default"] and not any(".fresh." in n for n, _ in ours.named_parameters())
     # a model holding adapters saves its active adapter only, in peft's format
     ours.save_pretrained(tmp_path / "resaved")
     assert sorted(p.name for p in (tmp_path / "resaved").iterdir()) == ["adapter_config.json",
@@ -224,7 +226,11 @@ def test_adapters_that_do_not_fit_are_named(llama_dir, tmp_path_factory, tmp_pat
     wider = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM", hidden_size=64)[0]
     with pytest.raises(ValueError, match=r"does not match LlamaForCausalLM: model\.layers\.0\.self_attn\.\w_proj\.lora_A\."
                                          r"weight \(4, 32\) vs the model's \(4, 64\).*base model it was trained on"):
-        loom.AutoModelForCausalLM.from_pretrained(wider).load_adapter(tmp_path / "adapter")
+        wide = loom.AutoModelForCausalLM.from_pretrained(wider)
+        wide.load_adapter(tmp_path / "adapter")
+    assert not any("lora_" in n for n, _ in wide.named_parameters())  # the failed load left no adapter behind
+    with pytest.raises(ValueError, match="has no adapter"):
+        wide.active_adapters()
     bert = loom.AutoModel.from_pretrained(reference_checkpoint(tmp_path_factory, "bert", "BertModel")[0])
     with pytest.raises(ValueError, match=r"does not fit BertModel: .*q_proj.*Load the base model"):
         bert.load_adapter(tmp_path / "adapter")
@@ -303,3 +309,15 @@ def test_qlora_on_bitsandbytes_4bit_equals_the_reference(tmp_path_factory, tmp_p
     loom_losses, ref_losses = _train_both(tmp_path, ours, ref, lm_rows(40, seed=7), PadCollator(), max_steps=5)
     assert loom_losses == pytest.approx(ref_losses, abs=1e-4)
     assert loom_losses[-1] < loom_losses[0]
+
+
+def test_all_linear_with_lm_head_excluded_targets_what_the_reference_targets(llama_dir):
+    """peft leaves the output layer out of "all-linear" only for the reference's classes; the guide's
+    exclude_modules=["lm_head"] gives a loom model the same adapters."""
+    import transformers
+
+    config = dict(task_type="CAUSAL_LM", r=2, target_modules="all-linear")
+    ours = peft.get_peft_model(loom.AutoModelForCausalLM.from_pretrained(llama_dir),
+                               peft.LoraConfig(**config, exclude_modules=["lm_head"]))
+    ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), peft.LoraConfig(**config))
+    assert peft.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(ref).keys()
