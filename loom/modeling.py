@@ -275,6 +275,7 @@ class PreTrainedModel(AdapterMixin, nn.Module):
 
         `attn_implementation`: "sdpa" (the default) or "eager" (needed for output_attentions=True)."""
         from loom import loading
+
         hub = pop_hub_kwargs(kwargs)
         for legacy in ("low_cpu_mem_usage", "_fast_init", "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)

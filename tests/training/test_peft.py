@@ -321,3 +321,19 @@ def test_all_linear_with_lm_head_excluded_targets_what_the_reference_targets(lla
                                peft.LoraConfig(**config, exclude_modules=["lm_head"]))
     ref = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(llama_dir), peft.LoraConfig(**config))
     assert peft.get_peft_model_state_dict(ours).keys() == peft.get_peft_model_state_dict(ref).keys()
+
+
+def test_prepare_inputs_for_generation_gives_the_tokens_the_cache_has_not_seen(llama_dir):
+    """peft's generation wrappers read the next step's inputs from the model (prompt learning feeds them)."""
+    from loom.models.cache import DynamicCache
+
+    model = loom.AutoModelForCausalLM.from_pretrained(llama_dir)
+    ids = torch.randint(3, 99, (2, 5), generator=torch.Generator().manual_seed(5))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(input_ids=ids[:, :3], past_key_values=cache, use_cache=True)
+    step = model.prepare_inputs_for_generation(ids, past_key_values=cache, use_cache=True)
+    assert step["input_ids"].tolist() == ids[:, 3:].tolist() and step["cache_position"].tolist() == [3, 4]
+    with torch.no_grad():
+        logits = model(**step).logits
+    torch.testing.assert_close(logits, _logits(model, ids)[:, 3:], atol=1e-5, rtol=1e-5)
