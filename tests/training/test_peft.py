@@ -300,10 +300,12 @@ def test_qlora_on_bitsandbytes_4bit_equals_the_reference(tmp_path_factory, tmp_p
     path = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM", hidden_size=64,
                                 intermediate_size=128)[0]
     bnb = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    # peft's k-bit preparation: base frozen, gradient checkpointing on, input embeddings' output requiring grad
     ours = peft.prepare_model_for_kbit_training(loom.AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=loom.BitsAndBytesConfig(**bnb)), use_gradient_checkpointing=False)
+        path, quantization_config=loom.BitsAndBytesConfig(**bnb)))
     ref = peft.prepare_model_for_kbit_training(transformers.AutoModelForCausalLM.from_pretrained(
-        path, quantization_config=transformers.BitsAndBytesConfig(**bnb)), use_gradient_checkpointing=False)
+        path, quantization_config=transformers.BitsAndBytesConfig(**bnb)))
+    assert ours.is_gradient_checkpointing and not any(p.requires_grad for p in ours.parameters())
     ours, ref = _peft_pair(ours, ref, task_type="CAUSAL_LM", **LORA)
     assert "Linear4bit" in type(ours.get_base_model().model.layers[0].self_attn.q_proj).__name__
     loom_losses, ref_losses = _train_both(tmp_path, ours, ref, lm_rows(40, seed=7), PadCollator(), max_steps=5)
