@@ -67,6 +67,23 @@ def adapter_base_model(path) -> str | None:
     return base
 
 
+def load_adapter_checkpoint_(model: nn.Module, path: Path) -> None:
+    """Copy the adapter weights a Trainer checkpoint holds (a PeftModel, or a model holding adapters, saves only
+    those) into the live model's adapters, in place, so an optimizer keeps its parameters."""
+    peft = import_peft()
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    state = {k.removeprefix(SAVED_PREFIX): v for k, v in tensors.items()}  # keyed as in the unwrapped model
+    wrapped = isinstance(model, peft.PeftModel)
+    name = model.active_adapter if wrapped else model.active_adapters()[0]
+    _check_adapter_shapes(unwrap_peft(model), state, name, str(path))
+    result = peft.set_peft_model_state_dict(model, tensors if wrapped else state, adapter_name=name)
+    if result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} holds adapter weights this model has no place for "
+                         f"({result.unexpected_keys[:5]}); resume with the same LoraConfig")
+
+
 class AdapterMixin:
     """The reference's adapter API on a loom model (its PeftAdapterMixin): adapters live inside the model."""
 

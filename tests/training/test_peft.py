@@ -339,3 +339,32 @@ def test_prepare_inputs_for_generation_gives_the_tokens_the_cache_has_not_seen(l
     with torch.no_grad():
         logits = model(**step).logits
     torch.testing.assert_close(logits, _logits(model, ids)[:, 3:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_run_resumes_from_its_checkpoint_exactly(llama_dir, tmp_path):
+    """A PeftModel's checkpoints hold its adapters only; resuming loads them (and the optimizer) back."""
+    import transformers
+
+    def run(output_dir, resume=None, max_steps=6):
+        model = peft.get_peft_model(loom.AutoModelForCausalLM.from_pretrained(llama_dir),
+                                    peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+        args = loom.TrainingArguments(output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4,
+                                      learning_rate=1e-2, logging_steps=1, save_steps=3, report_to="none",
+                                      disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=lm_rows(24, seed=8), data_collator=PadCollator())
+        trainer.train(resume_from_checkpoint=resume)
+        return model, [log["loss"] for log in trainer.state.log_history if "loss" in log]
+
+    whole, losses = run(tmp_path / "whole")
+    assert sorted(p.name for p in (tmp_path / "whole" / "checkpoint-3").glob("adapter_*")) == [
+        "adapter_config.json", "adapter_model.safetensors"]
+    resumed, tail = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-3"))
+    assert tail == pytest.approx(losses, abs=1e-6)  # the first three restored from the checkpoint's history
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        if a.requires_grad:
+            torch.testing.assert_close(a, b, msg=name)
+    # the reference's peft loads the checkpoint's adapter
+    ref = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(llama_dir),
+                                         tmp_path / "whole" / "checkpoint-6")
+    ids = torch.randint(3, 99, (2, 6))
+    torch.testing.assert_close(_logits(ref, ids), _logits(whole, ids), atol=1e-5, rtol=1e-5)
