@@ -70,18 +70,25 @@ def adapter_base_model(path) -> str | None:
 def load_adapter_checkpoint_(model: nn.Module, path: Path) -> None:
     """Copy the adapter weights a Trainer checkpoint holds (a PeftModel, or a model holding adapters, saves only
     those) into the live model's adapters, in place, so an optimizer keeps its parameters."""
-    peft = import_peft()
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    peft = import_peft()
+    name = model.active_adapter if isinstance(model, peft.PeftModel) else model.active_adapters()[0]
+    load_adapter_weights_(model, load_file(str(path / ADAPTER_WEIGHTS)), name, f"checkpoint {path}")
+
+
+def load_adapter_weights_(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
+    """Load adapter tensors as peft saves them into `model`'s adapter `adapter_name` (a PeftModel or a model holding
+    adapters); anything that does not fit is an error naming the tensors, before any is copied."""
+    peft = import_peft()
     state = {k.removeprefix(SAVED_PREFIX): v for k, v in tensors.items()}  # keyed as in the unwrapped model
-    wrapped = isinstance(model, peft.PeftModel)
-    name = model.active_adapter if wrapped else model.active_adapters()[0]
-    _check_adapter_shapes(unwrap_peft(model), state, name, str(path))
-    result = peft.set_peft_model_state_dict(model, tensors if wrapped else state, adapter_name=name)
+    base = unwrap_peft(model)
+    _check_adapter_shapes(base, state, adapter_name, where)
+    result = peft.set_peft_model_state_dict(model, tensors if model is not base else state, adapter_name)
     if result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} holds adapter weights this model has no place for "
-                         f"({result.unexpected_keys[:5]}); resume with the same LoraConfig")
+        raise ValueError(f"the adapter in {where} holds weights {type(base).__name__} has no place for "
+                         f"({', '.join(result.unexpected_keys[:4])}); load it onto the base model it was trained on, "
+                         "with its own adapter_config.json")
 
 
 class AdapterMixin:
@@ -145,13 +152,11 @@ class AdapterMixin:
             raise ValueError(f"the adapter in {where} does not fit {type(self).__name__}: {e}. Load the base model "
                              f"the adapter was trained on ({peft_config.base_model_name_or_path})") from None
         self._hf_peft_config_loaded = True
-        state = {k.removeprefix(SAVED_PREFIX): v for k, v in adapter_state_dict.items()}
         try:
-            _check_adapter_shapes(self, state, adapter_name, where)
+            load_adapter_weights_(self, adapter_state_dict, adapter_name, where)
         except ValueError:
             self.delete_adapter(adapter_name)  # the model is left as it was
             raise
-        peft.set_peft_model_state_dict(self, state, adapter_name)
         if not is_trainable:
             for layer in self._tuner_layers():
                 layer.requires_grad_(False)
@@ -244,14 +249,13 @@ def _adapter_dir(path: str | os.PathLike) -> Path:
 
 
 def _check_adapter_shapes(model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
-    """Every adapter tensor must have a slot of its shape in the model (peft would fail deep in load_state_dict)."""
+    """Each adapter tensor must fit the slot peft will copy it into (peft would fail deep in load_state_dict, with
+    the adapter name spliced into the keys); tensors without a slot are reported by the load itself."""
     own = model.state_dict()
     bad = []
     for key, tensor in state.items():
         slot = _slot_for(own, key, adapter_name)
-        if slot is None:
-            bad.append(f"{key} (no such module in the model)")
-        elif own[slot].shape != tensor.shape:
+        if slot is not None and own[slot].shape != tensor.shape:
             bad.append(f"{key} {tuple(tensor.shape)} vs the model's {tuple(own[slot].shape)}")
     if bad:
         raise ValueError(f"the adapter in {where} does not match {type(model).__name__}: {'; '.join(bad[:4])}"
@@ -260,7 +264,8 @@ def _check_adapter_shapes(model: nn.Module, state: dict[str, torch.Tensor], adap
 
 def _slot_for(own: dict, key: str, adapter_name: str) -> str | None:
     module, _, leaf = key.rpartition(".")
-    for candidate in (f"{module}.{adapter_name}.{leaf}", key, f"{key}.{adapter_name}"):
+    for candidate in (f"{module}.{adapter_name}.{leaf}", f"{module}.modules_to_save.{adapter_name}.{leaf}", key,
+                      f"{key}.{adapter_name}"):
         if candidate in own:
             return candidate
     return None

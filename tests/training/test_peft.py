@@ -101,6 +101,15 @@ def test_bert_sequence_classification_lora_equals_the_reference(tmp_path_factory
     assert any("classifier.modules_to_save" in n for n, p in ours.named_parameters() if p.requires_grad)
     loom_losses, ref_losses = _train_both(tmp_path, ours, ref, cls_rows(40))
     assert loom_losses == pytest.approx(ref_losses, abs=1e-5)
+    # the trained adapter and classifier (modules_to_save) load into the reference and through loom's Auto class
+    ours.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(6))
+    trained = _logits(ours.eval(), ids)
+    in_ref = peft.PeftModel.from_pretrained(transformers.AutoModelForSequenceClassification.from_pretrained(path),
+                                            tmp_path / "adapter")
+    torch.testing.assert_close(_logits(in_ref, ids), trained, atol=1e-5, rtol=1e-5)
+    in_loom = loom.AutoModelForSequenceClassification.from_pretrained(tmp_path / "adapter")
+    torch.testing.assert_close(_logits(in_loom, ids), trained, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("task_type, model_type, head, target", [
@@ -234,6 +243,13 @@ def test_adapters_that_do_not_fit_are_named(llama_dir, tmp_path_factory, tmp_pat
     bert = loom.AutoModel.from_pretrained(reference_checkpoint(tmp_path_factory, "bert", "BertModel")[0])
     with pytest.raises(ValueError, match=r"does not fit BertModel: .*q_proj.*Load the base model"):
         bert.load_adapter(tmp_path / "adapter")
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"holds weights LlamaForCausalLM has no place for \(.*v_proj\.lora_A"):
+        model.load_adapter(peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]), adapter_state_dict=saved,
+                           adapter_name="partial")
+    assert list(model.peft_config) == ["default"]
     with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
         model.load_adapter(tmp_path, adapter_name="other")
     with pytest.raises(ValueError, match="Target modules .*not found"):  # peft's own check, before any training
