@@ -79,7 +79,8 @@ def load_adapter_checkpoint_(model: nn.Module, path: Path) -> None:
 
 def load_adapter_weights_(model: nn.Module, tensors: dict[str, torch.Tensor], adapter_name: str, where: str) -> None:
     """Load adapter tensors as peft saves them into `model`'s adapter `adapter_name` (a PeftModel or a model holding
-    adapters); anything that does not fit is an error naming the tensors, before any is copied."""
+    adapters); a tensor of the wrong shape (checked before any is copied) or without a place in the model is an
+    error naming it."""
     peft = import_peft()
     state = {k.removeprefix(SAVED_PREFIX): v for k, v in tensors.items()}  # keyed as in the unwrapped model
     base = unwrap_peft(model)
