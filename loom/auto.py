@@ -99,6 +99,11 @@ class _AutoModel:
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, *args: Any, **kwargs: Any):
+        from loom.adapters import load_with_adapter
+
+        with_adapter = load_with_adapter(cls.from_pretrained, path_or_id, *args, **kwargs)
+        if with_adapter is not None:
+            return with_adapter
         config = kwargs.pop("config", None)
         if not isinstance(config, PretrainedConfig):
             from loom.hub import HUB_KWARGS

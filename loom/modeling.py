@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from loom.adapters import AdapterMixin
 from loom.configuration import PretrainedConfig
 from loom.hub import pop_hub_kwargs, push_settings, upload_files
 from loom.hub_push import PushToHubMixin
@@ -27,7 +28,7 @@ logger = logging.getLogger("loom")
 
 
 
-class PreTrainedModel(nn.Module, PushToHubMixin):
+class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
     """Base class of every loom model."""
 
     config_class: ClassVar[type[PretrainedConfig]] = PretrainedConfig
@@ -71,7 +72,7 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear) and module.weight.is_floating_point():  # quantized Linears hold integers
             module.weight.data.normal_(0.0, std)
             if module.bias is not None:
                 module.bias.data.zero_()
@@ -263,6 +264,16 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
             name = name.get("", self.config._attn_implementation)
         self.config._attn_implementation = checked_attn_implementation(self.config, name)
 
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, past_key_values=None, attention_mask=None,
+                                      cache_position: torch.Tensor | None = None, **kwargs) -> dict:
+        """The forward inputs of one generation step: the tokens the cache has not seen yet (peft's generation
+        wrappers call this; loom's own loop prepares its steps in loom/generation/decoder.py)."""
+        if cache_position is None:
+            seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+            cache_position = torch.arange(seen, input_ids.shape[1], device=input_ids.device)
+        return {"input_ids": input_ids[:, cache_position], "attention_mask": attention_mask,
+                "past_key_values": past_key_values, "cache_position": cache_position, **kwargs}
+
     # -- construction --------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, config: PretrainedConfig, dtype=None, attn_implementation: str | None = None,
@@ -385,6 +396,8 @@ class PreTrainedModel(nn.Module, PushToHubMixin):
                              "atomic file writes; drop the argument")
         if not is_main_process:
             return
+        if self._hf_peft_config_loaded:  # as the reference: a model holding adapters saves the active adapter only
+            return self.save_adapter(save_directory)
         quantizer = getattr(self, "_loom_quantizer", None)
         if quantizer is not None and not quantizer.is_serializable():
             raise ValueError(f"{type(quantizer).__name__} models cannot be saved: {quantizer.why_not_serializable()}")

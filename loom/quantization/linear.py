@@ -87,12 +87,16 @@ def _int4_asymmetric_rows(weight: torch.Tensor, group_size: int) -> tuple[torch.
     return kernels.pack_int4(q.view(out, inp)), best_scale.squeeze(2), best_zero.squeeze(2)
 
 
-class _QuantLinear(nn.Module):
+class _QuantLinear(nn.Linear):
+    """An `nn.Linear` to the libraries that look for one (peft wraps it in its LoRA `Linear` as it does a plain
+    Linear, so adapters train on top of it), whose `weight` is a buffer of integers. Merging an adapter into it
+    (`merge_and_unload`) is not supported: dequantize the model first."""
+
     _loom_quantized = True
     bits = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None, dtype=None) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate a float weight
         self.in_features, self.out_features = in_features, out_features
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.kernel = "dequantize"

@@ -24,7 +24,7 @@ from loom.utils import fsync_dir
 PREFIX = "checkpoint"
 TMP_PREFIX = "tmp-checkpoint"
 REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth", "data_state.json",
-                  "training_args.json", "config.json")
+                  "training_args.json")
 _NUMBERED = re.compile(rf"^{PREFIX}-(\d+)$")
 _SWAPPING = re.compile(rf"^{TMP_PREFIX}-(\d+)-(new|old)$")
 
@@ -54,9 +54,13 @@ def check_complete(path: Path) -> None:
     state_file = path / "data_state.json"
     plain = state_file.is_file() and json.loads(state_file.read_text(encoding="utf-8")).get("model_format") == \
         "state_dict"  # a plain nn.Module has no config.json
-    missing = [f for f in REQUIRED_FILES if not (path / f).is_file() and not (plain and f == "config.json")]
-    if not any(path.glob("model*.safetensors")):
-        missing.append("model.safetensors")
+    missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+    # the model's weights, or only the adapters where a PeftModel was trained
+    adapters = (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file()
+    if not adapters:
+        missing += [] if (path / "config.json").is_file() or plain else ["config.json"]
+        if not any(path.glob("model*.safetensors")):
+            missing.append("model.safetensors")
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); it cannot resume the "
                                 "run exactly. Pass another checkpoint folder or start a fresh run")

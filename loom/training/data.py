@@ -62,9 +62,12 @@ def prepare_hf_dataset(dataset, keep: set[str] | None, name: str):
 
 
 def model_input_names(model: torch.nn.Module) -> set[str] | None:
-    """Named parameters of the model's forward (a **kwargs catch-all is not a name), or None if unknowable."""
+    """Named parameters of the model's forward (a **kwargs catch-all is not a name), or None if unknowable. A peft
+    wrapper forwards **kwargs to the model it wraps, so the wrapped model's forward names the inputs."""
+    from loom.adapters import unwrap_peft
+
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(unwrap_peft(model).forward).parameters
     except (TypeError, ValueError):
         return None
     return {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}

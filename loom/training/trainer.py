@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from loom.adapters import unwrap_peft
 from loom.distributed.context import ParallelContext, setup_parallel
 from loom.distributed.mesh import ParallelDims
 from loom.distributed.trainer import checkpoint_strategy
@@ -96,6 +97,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         self.label_names = self.args.label_names if self.args.label_names is not None else \
             _default_label_names(self.model)
         self._accepts_num_items = "num_items_in_batch" in (model_input_names(self.model) or set())
+        self._shifts_labels = self._accepts_num_items or features.is_causal_lm(self.model)
         self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
         self.state = TrainerState()
         self.control = TrainerControl()
@@ -247,12 +249,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         labels = [b.get("labels") for b in batches]
         if any(lab is None for lab in labels):
             return None
-        if self._accepts_num_items:
-            local = sum(lab[..., 1:].ne(-100).sum() for lab in labels)
-        elif _token_level(labels[0]):
-            local = sum(lab.ne(-100).sum() for lab in labels)
-        else:
-            local = sum(lab.shape[0] for lab in labels)
+        local = sum(_loss_items(lab, self._shifts_labels) for lab in labels)
         return self.parallel._sum(local, "dp") if self.parallel.enabled else local
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
@@ -277,17 +274,14 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         elif self._accepts_num_items:
             outputs = model(**inputs, num_items_in_batch=num_items_in_batch)
             loss = _loss_of(outputs)
-        elif _token_level(labels):
-            from loom.models.common import token_loss
-
-            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
-            loss = token_loss(outputs["logits"], labels, num_items_in_batch)
         else:
-            # a mean over this batch's examples, re-weighted to a mean over the accumulated batch's examples
+            # the model's own loss (a mean over this batch's items, shifted or not as the model defines it),
+            # re-weighted to a mean over the accumulated batch's items
             outputs = model(**inputs)
             loss = _loss_of(outputs)
-            if labels.shape[0] != num_items_in_batch:
-                loss = loss * (labels.shape[0] / num_items_in_batch)
+            here = _loss_items(labels, self._shifts_labels)
+            if bool(here != num_items_in_batch):
+                loss = loss * (here / num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model: nn.Module, inputs: dict, num_items_in_batch=None,
@@ -643,6 +637,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
 
 # -- helpers -----------------------------------------------------------------------------------------------------------
 def _default_label_names(model: nn.Module) -> list[str]:
+    model = unwrap_peft(model)
     names = model_input_names(model) or set()
     if "QuestionAnswering" in type(model).__name__:
         return ["start_positions", "end_positions"]
@@ -651,6 +646,14 @@ def _default_label_names(model: nn.Module) -> list[str]:
 
 def _token_level(labels: torch.Tensor) -> bool:
     return labels.dim() >= 2 and not labels.is_floating_point()
+
+
+def _loss_items(labels: torch.Tensor, shifted: bool):
+    """Items one batch's loss averages over: target tokens (after the causal shift when the model shifts) for
+    token-level labels, examples otherwise."""
+    if not _token_level(labels):
+        return labels.shape[0]
+    return (labels[..., 1:] if shifted else labels).ne(-100).sum()
 
 
 def _loss_of(outputs) -> torch.Tensor:

@@ -167,6 +167,10 @@ class CheckpointMixin:
         """Copy the checkpoint's weights into the live model (same parameter objects, so the optimizer keeps them)."""
         from safetensors.torch import load_file
 
+        from loom.adapters import ADAPTER_WEIGHTS, load_adapter_checkpoint_
+
+        if (path / ADAPTER_WEIGHTS).is_file() and not any(path.glob("model*.safetensors")):
+            return load_adapter_checkpoint_(self.model, path)  # a PeftModel's checkpoint holds its adapters only
         tensors: dict[str, torch.Tensor] = {}
         for f in sorted(path.glob("model*.safetensors")):
             tensors.update(load_file(f))

@@ -29,9 +29,12 @@ def label_smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, epsilon: flo
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """Whether the labels are shifted inside the model (the reference shifts them for label smoothing then)."""
-    model = getattr(model, "_orig_mod", model)
-    return type(model).__name__.endswith("ForCausalLM")
+    """Whether the model's loss predicts the next token, so it drops the first label of each row (a compiled or
+    PEFT-wrapped model answers for the model inside)."""
+    from loom.adapters import unwrap_peft
+
+    model = unwrap_peft(getattr(model, "_orig_mod", model))
+    return bool(getattr(model, "can_generate", None) and model.can_generate())
 
 
 def _neftune_hook(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
