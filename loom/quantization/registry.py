@@ -6,7 +6,8 @@ from torch import nn
 
 from loom.quantization.base import Quantizer, quantized_modules, replace_module
 from loom.quantization.bnb import BnbQuantizer
-from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
+from loom.quantization.config import BitsAndBytesConfig, CompressedTensorsConfig, WeightOnlyConfig, config_from_dict
 from loom.quantization.weight_only import WeightOnlyQuantizer
 
 
@@ -35,7 +36,9 @@ def quantizer_class(config) -> type[Quantizer]:
         return BnbQuantizer
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
-    raise TypeError("quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, "
+    if isinstance(config, CompressedTensorsConfig):
+        return CompressedTensorsQuantizer
+    raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig or CompressedTensorsConfig, "
                     f"got {type(config).__name__}")
 
 
