@@ -15,9 +15,10 @@ from torch import nn
 
 from loom.kernels import is_plain_linear
 from loom.quantization import ct_layout, kernels
-from loom.quantization.base import Quantizer, replace_module
+from loom.quantization.base import replace_module
 from loom.quantization.ct_config import CompressedTensorsConfig, WeightScheme
 from loom.quantization.linear import Int4Linear, Int8Linear
+from loom.quantization.prequantized import CollectingQuantizer, mismatch
 
 CT_TENSORS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx")
 
@@ -47,23 +48,16 @@ def required_tensors(scheme: WeightScheme) -> tuple[str, ...]:
     return names
 
 
-def _fail(name: str, message: str) -> ValueError:
-    return ValueError(f"{name}: {message}; the checkpoint does not match its compressed-tensors quantization_config")
-
-
-class CompressedTensorsQuantizer(Quantizer):
+class CompressedTensorsQuantizer(CollectingQuantizer):
     method = "compressed-tensors"
+    format_name = "compressed-tensors"
+    tensor_names = CT_TENSORS
     config: CompressedTensorsConfig
 
     def __init__(self, config, pre_quantized: bool) -> None:
-        if not pre_quantized:
-            raise ValueError("CompressedTensorsConfig describes a checkpoint that is already compressed; loom does "
-                             "not quantize into it while loading. Use WeightOnlyConfig(bits=8 or 4, symmetric=True), "
-                             "which save_pretrained writes as compressed-tensors pack-quantized")
         super().__init__(config, pre_quantized)
         self.schemes: dict[str, WeightScheme] = {}
         self.dequantized: list[str] = []
-        self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self._scale_dtypes: dict[str, torch.dtype] = {}
 
     # -- targeting -----------------------------------------------------------------------------------------------
@@ -99,32 +93,11 @@ class CompressedTensorsQuantizer(Quantizer):
         model._transposed_checkpoint_weights = self._transposed
 
     # -- loader hook ---------------------------------------------------------------------------------------------
-    def _owned(self, name: str) -> tuple[str, str] | None:
-        module, _, attr = name.rpartition(".")
-        return (module, attr) if module in self.schemes and attr in CT_TENSORS else None
+    def required(self, module: str) -> tuple[str, ...]:
+        return required_tensors(self.schemes[module])
 
-    def accepts_shape_change(self, name: str) -> bool:
-        return self._owned(name) is not None
-
-    def load_tensor(self, model, name, source, dtype, device):
-        owned = self._owned(name)
-        if owned is None:
-            return None
-        self._stash(model, *owned, source)
-        return getattr(model.get_submodule(owned[0]), owned[1])
-
-    def load_extra_tensor(self, model, name, source) -> bool:
-        owned = self._owned(name)
-        if owned is not None:
-            self._stash(model, *owned, source)
-        return owned is not None
-
-    def _stash(self, model, module_name: str, attr: str, source) -> None:
-        pending = self._pending.setdefault(module_name, {})
-        pending[attr] = source.get()
-        scheme = self.schemes[module_name]
-        if all(k in pending for k in required_tensors(scheme)):
-            self._assemble(model, module_name, scheme, self._pending.pop(module_name))
+    def assemble(self, model, name: str, t: dict[str, torch.Tensor]) -> None:
+        self._assemble(model, name, self.schemes[name], t)
 
     def _assemble(self, model, name: str, scheme: WeightScheme, t: dict[str, torch.Tensor]) -> None:
         module = model.get_submodule(name)
@@ -154,11 +127,11 @@ class CompressedTensorsQuantizer(Quantizer):
         if scheme.packed:
             shape = tuple(int(v) for v in t["weight_shape"].tolist())
             if shape != (out, inp):
-                raise _fail(f"{name}.weight_shape", f"holds {shape}, the model's Linear is ({out}, {inp})")
+                raise mismatch(f"{name}.weight_shape", f"holds {shape}, the model's Linear is ({out}, {inp})")
             return ct_layout.unpack_signed(t["weight_packed"], scheme.num_bits, inp, f"{name}.weight_packed")
         q = t["weight"]
         if tuple(q.shape) != (out, inp) or q.dtype != torch.int8:
-            raise _fail(f"{name}.weight", f"holds {q.dtype} {tuple(q.shape)}, expected int8 ({out}, {inp})")
+            raise mismatch(f"{name}.weight", f"holds {q.dtype} {tuple(q.shape)}, expected int8 ({out}, {inp})")
         return q.to(torch.int16)
 
     def _zero_point(self, name, scheme, t, out, inp) -> torch.Tensor:
@@ -172,17 +145,17 @@ class CompressedTensorsQuantizer(Quantizer):
         expected = {"tensor": (1,), "channel": (out, 1), "group": (out, -(-inp // (scheme.group_size or 1)))}
         shape = expected.get(scheme.strategy)
         if shape is not None and t.numel() != torch.Size(shape).numel():
-            raise _fail(name, f"a {scheme.strategy} scale or zero point has shape {tuple(t.shape)}, expected {shape}")
+            raise mismatch(name, f"a {scheme.strategy} scale or zero point has shape {tuple(t.shape)}, expected {shape}")
         return t.reshape(-1, 1).expand(want) if scheme.strategy == "tensor" else t.reshape(want)
 
     def _dequantize(self, name, scheme, t, q, out, inp) -> torch.Tensor:
         scale = t["weight_scale"]
         g_idx = t.get("weight_g_idx")
         if g_idx is not None and (tuple(g_idx.shape) != (inp,) or int(g_idx.max()) >= scale.shape[-1]):
-            raise _fail(f"{name}.weight_g_idx", f"holds {tuple(g_idx.shape)} group indices up to "
+            raise mismatch(f"{name}.weight_g_idx", f"holds {tuple(g_idx.shape)} group indices up to "
                         f"{int(g_idx.max())} for {inp} inputs and {scale.shape[-1]} groups")
         if scheme.strategy == "group" and g_idx is None and scale.shape[-1] * scheme.group_size < inp:
-            raise _fail(f"{name}.weight_scale", f"{scale.shape[-1]} groups of {scheme.group_size} do not cover "
+            raise mismatch(f"{name}.weight_scale", f"{scale.shape[-1]} groups of {scheme.group_size} do not cover "
                         f"{inp} inputs")
         w = q.to(scale.dtype)
         expand = lambda v: ct_layout.expand_per_input(v, out, inp, scheme.strategy, scheme.group_size,
@@ -190,21 +163,6 @@ class CompressedTensorsQuantizer(Quantizer):
         if "weight_zero_point" in t:
             w = w - expand(self._zero_point(name, scheme, t, out, inp).to(scale.dtype))
         return (w * expand(scale)).contiguous()
-
-    def finish(self, model: nn.Module) -> None:
-        incomplete = {m: sorted(set(required_tensors(self.schemes[m])) - set(t)) for m, t in self._pending.items()}
-        unseen = [m for m in self.converted if m not in self._scale_dtypes and m not in incomplete]
-        if incomplete or unseen:
-            missing = [f"{m}.{k}" for m, ks in incomplete.items() for k in ks]
-            missing += [f"{m}.{required_tensors(self.schemes[m])[0]}" for m in unseen]
-            raise ValueError(f"the compressed-tensors checkpoint lacks {', '.join(missing[:6])}"
-                             f"{', ...' if len(missing) > 6 else ''}, which its quantization_config requires; "
-                             "re-download or re-export the checkpoint")
-        super().finish(model)
-        for name in self.converted:
-            module = model.get_submodule(name)
-            if hasattr(module, "choose_kernel"):
-                module.choose_kernel()
 
     # -- saving --------------------------------------------------------------------------------------------------
     def _not_saved(self) -> list[str]:

@@ -91,6 +91,18 @@ def test_asymmetric_int4_keeps_loom_format_which_the_reference_refuses(llama, tm
     assert torch.equal(_logits(loom.LlamaForCausalLM.from_pretrained(tmp_path)), _logits(model))
 
 
+def test_gpt2_int8_keeps_loom_format_which_the_reference_refuses(tmp_path_factory, tmp_path):
+    import transformers
+
+    path, _ = reference_checkpoint(tmp_path_factory, "gpt2", "GPT2LMHeadModel")
+    model = loom.GPT2LMHeadModel.from_pretrained(path, quantization_config=WeightOnlyConfig(bits=8))
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "loom_weight_only"
+    with pytest.raises(Exception, match="mismatch"):  # Conv1D stores (in, out): c_attn and c_fc cannot fit
+        transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+
+
 def _write_old_int8_layout(model, path) -> None:
     """loom's int8 layout before compressed-tensors saving: int8 `weight`, float32 (out,) `weight_scale`, and
     quant_method loom_weight_only in config.json."""
@@ -259,5 +271,5 @@ def test_dequantized_model_refuses_to_save_and_config_cannot_quantize(llama, tmp
         model.save_pretrained(tmp_path / "out")
     config = loom.CompressedTensorsConfig(**json.loads((tmp_path / "fp8" / "config.json").read_text())[
         "quantization_config"])
-    with pytest.raises(ValueError, match="already compressed; loom does not quantize into it"):
+    with pytest.raises(ValueError, match="already quantized; loom does not quantize into it"):
         loom.LlamaForCausalLM.from_pretrained(llama[0], quantization_config=config)

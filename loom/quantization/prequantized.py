@@ -1,0 +1,83 @@
+"""The shared loader hook of pre-quantized formats (compressed-tensors, GPTQ, AWQ): each targeted Linear's stored
+tensors (packed integers, scales, zero points, group indices) are collected as they stream in, and the module is
+built from them as soon as the last one arrives, so the model never holds a format's tensors and loom's at once."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loom.quantization.base import Quantizer
+
+
+def mismatch(name: str, message: str) -> ValueError:
+    """The error for a stored tensor that contradicts the checkpoint's quantization_config."""
+    return ValueError(f"{name}: {message}; the checkpoint does not match its quantization_config")
+
+
+class CollectingQuantizer(Quantizer):
+    """Subclasses set `tensor_names` (the attributes a format stores per Linear) and define `required(module)` and
+    `assemble(model, module, tensors)`."""
+
+    tensor_names: tuple[str, ...] = ()
+    format_name = ""
+
+    def __init__(self, config, pre_quantized: bool) -> None:
+        if not pre_quantized:
+            raise ValueError(f"{type(config).__name__} describes a checkpoint that is already quantized; loom does not "
+                             "quantize into it while loading. Use WeightOnlyConfig to quantize a full-precision model")
+        super().__init__(config, pre_quantized)
+        self._pending: dict[str, dict[str, torch.Tensor]] = {}
+        self.assembled: set[str] = set()
+
+    def required(self, module: str) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def assemble(self, model: nn.Module, module: str, tensors: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def _owned(self, name: str) -> tuple[str, str] | None:
+        module, _, attr = name.rpartition(".")
+        return (module, attr) if attr in self.tensor_names and module in self._converted_set() else None
+
+    def accepts_shape_change(self, name: str) -> bool:
+        return self._owned(name) is not None
+
+    def load_tensor(self, model, name, source, dtype, device):
+        owned = self._owned(name)
+        if owned is None:
+            return None
+        self._collect(model, *owned, source)
+        return getattr(model.get_submodule(owned[0]), owned[1])
+
+    def load_extra_tensor(self, model, name, source) -> bool:
+        owned = self._owned(name)
+        if owned is not None:
+            self._collect(model, *owned, source)
+        return owned is not None
+
+    def _collect(self, model, module: str, attr: str, source) -> None:
+        if module in self.assembled:
+            self.late_tensor(model, module, attr, source.get())
+            return
+        pending = self._pending.setdefault(module, {})
+        pending[attr] = source.get()
+        if all(k in pending for k in self.required(module)):
+            self.assemble(model, module, self._pending.pop(module))
+            self.assembled.add(module)
+
+    def late_tensor(self, model, module: str, attr: str, tensor: torch.Tensor) -> None:
+        raise ValueError(f"{module}.{attr} appears twice in the checkpoint")
+
+    def finish(self, model: nn.Module) -> None:
+        missing = [f"{m}.{k}" for m, t in self._pending.items() for k in self.required(m) if k not in t]
+        missing += [f"{m}.{self.required(m)[0]}" for m in self.converted
+                    if m not in self.assembled and m not in self._pending]
+        if missing:
+            raise ValueError(f"the {self.format_name} checkpoint lacks {', '.join(missing[:6])}"
+                             f"{', ...' if len(missing) > 6 else ''}, which its quantization_config requires; "
+                             "re-download or re-export the checkpoint")
+        super().finish(model)
+        for name in self.converted:
+            module = model.get_submodule(name)
+            if hasattr(module, "choose_kernel"):
+                module.choose_kernel()
