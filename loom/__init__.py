@@ -41,7 +41,8 @@ _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProce
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
-_export("loom.quantization", "BitsAndBytesConfig", "CompressedTensorsConfig", "WeightOnlyConfig", "quantize_")
+_export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "GPTQConfig",
+        "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:
     """Config and model classes come from the model files' MODEL_TYPES tables (imports torch and the families)."""

@@ -145,7 +145,8 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
         expected = {"tensor": (1,), "channel": (out, 1), "group": (out, -(-inp // (scheme.group_size or 1)))}
         shape = expected.get(scheme.strategy)
         if shape is not None and t.numel() != torch.Size(shape).numel():
-            raise mismatch(name, f"a {scheme.strategy} scale or zero point has shape {tuple(t.shape)}, expected {shape}")
+            raise mismatch(name, f"a {scheme.strategy} scale or zero point has shape {tuple(t.shape)}, "
+                           f"expected {shape}")
         return t.reshape(-1, 1).expand(want) if scheme.strategy == "tensor" else t.reshape(want)
 
     def _dequantize(self, name, scheme, t, q, out, inp) -> torch.Tensor:

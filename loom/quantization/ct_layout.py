@@ -20,13 +20,15 @@ import sys
 
 import torch
 
+from loom.quantization import kernels
+
 
 def _bytes(packed: torch.Tensor, what: str) -> torch.Tensor:
     if packed.dtype != torch.int32:
-        raise ValueError(f"{what}: compressed-tensors packs into int32, found {packed.dtype}; the checkpoint's "
+        raise ValueError(f"{what}: packed integers are stored as int32, found {packed.dtype}; the checkpoint's "
                          "tensors do not match its quantization_config")
     if sys.byteorder != "little":
-        raise RuntimeError("reading compressed-tensors' packed weights needs a little-endian CPU")
+        raise RuntimeError("reading int32-packed quantized weights needs a little-endian CPU")
     return packed.contiguous().view(torch.uint8)
 
 
@@ -60,20 +62,26 @@ def pack_bytes(data: torch.Tensor) -> torch.Tensor:
     pad = (-data.shape[1]) % 4
     if pad:
         data = torch.cat([data, data.new_zeros(data.shape[0], pad)], dim=1)
-    return data.contiguous().view(torch.int32)
+    return data.contiguous().reshape(-1).view(torch.int32).reshape(data.shape[0], -1)  # rows of one: any stride
+
+
+def pack_unsigned(u: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """(rows, cols) uint8 stored values of 4 or 8 bits -> (rows, ceil(cols * bits / 32)) int32 words."""
+    if num_bits == 4:
+        if u.shape[1] % 2:
+            u = torch.cat([u, u.new_zeros(u.shape[0], 1)], dim=1)
+        u = kernels.pack_int4(u)
+    return pack_bytes(u.to(torch.uint8))
 
 
 def pack_int8(q: torch.Tensor) -> torch.Tensor:
     """(out, in) int8 -> pack-quantized 8-bit int32 words."""
-    return pack_bytes((q.to(torch.int16) + 128).to(torch.uint8))
+    return pack_unsigned((q.to(torch.int16) + 128).to(torch.uint8), 8)
 
 
 def pack_zero_point_int4(zero: torch.Tensor) -> torch.Tensor:
     """(out, groups) signed 4-bit zero points -> (ceil(out / 8), groups) int32, packed along the output dim."""
-    u = (zero.to(torch.int16) + 8).to(torch.uint8).t()  # (groups, out)
-    if u.shape[1] % 2:
-        u = torch.cat([u, u.new_zeros(u.shape[0], 1)], dim=1)
-    return pack_bytes(u[:, 0::2] | (u[:, 1::2] << 4)).t().contiguous()
+    return pack_unsigned((zero.to(torch.int16) + 8).to(torch.uint8).t(), 4).t().contiguous()
 
 
 def expand_per_input(t: torch.Tensor, out_features: int, in_features: int, strategy: str, group_size: int | None,

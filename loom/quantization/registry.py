@@ -8,6 +8,8 @@ from loom.quantization.base import Quantizer, quantized_modules, replace_module
 from loom.quantization.bnb import BnbQuantizer
 from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
 from loom.quantization.config import BitsAndBytesConfig, CompressedTensorsConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.gptq_awq import AwqQuantizer, GPTQQuantizer
+from loom.quantization.gptq_awq_config import AwqConfig, GPTQConfig
 from loom.quantization.weight_only import WeightOnlyQuantizer
 
 
@@ -36,9 +38,12 @@ def quantizer_class(config) -> type[Quantizer]:
         return BnbQuantizer
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
-    if isinstance(config, CompressedTensorsConfig):
-        return CompressedTensorsQuantizer
-    raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig or CompressedTensorsConfig, "
+    for config_class, quantizer in ((CompressedTensorsConfig, CompressedTensorsQuantizer), (GPTQConfig, GPTQQuantizer),
+                                    (AwqConfig, AwqQuantizer)):
+        if isinstance(config, config_class):
+            return quantizer
+    raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig, CompressedTensorsConfig, "
+                    "GPTQConfig or AwqConfig, "
                     f"got {type(config).__name__}")
 
 
