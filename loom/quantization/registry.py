@@ -13,6 +13,23 @@ from loom.quantization.gptq_awq_config import AwqConfig, GPTQConfig
 from loom.quantization.weight_only import WeightOnlyQuantizer
 
 
+# what `loom env` and the quantization guide list: format -> (what loads, how it runs, what saves)
+CHECKPOINT_FORMATS = {
+    "loom int8 / int4 (WeightOnlyConfig)": (
+        "quantize while loading or quantize_()", "int8/int4 kernels",
+        "compressed-tensors pack-quantized (int8, symmetric int4); loom_weight_only (asymmetric int4, Conv1D models)"),
+    "loom_weight_only (older loom saves)": ("int8, int4", "int8/int4 kernels", "as loaded"),
+    "compressed-tensors": (
+        "pack-quantized and int-quantized 1-8 bit, float-quantized FP8",
+        "kernels: int8 symmetric per channel/tensor, int4 per group/channel/tensor; dequantized: the rest",
+        "pack-quantized group/channel layers that run on the kernels"),
+    "GPTQ": ("4-bit and 8-bit, v1/v2 zero points, act-order, sym/asym", "kernels (8-bit with groups: dequantized)",
+             "GPTQ, the same tensors"),
+    "AWQ": ("4-bit GEMM", "int4 kernel", "AWQ, the same tensors"),
+    "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
+}
+
+
 def get_quantizer(model_config, quantization_config=None) -> Quantizer:
     """The quantizer for a from_pretrained call: the checkpoint's own `quantization_config` (pre-quantized) or the
     one passed by the caller (quantize while loading)."""
