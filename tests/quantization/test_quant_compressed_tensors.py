@@ -78,6 +78,21 @@ def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bi
     assert json.loads((tmp_path / "twice" / "config.json").read_text())["quantization_config"] == stored
 
 
+def test_skipped_and_quantized_head_layers_are_the_ignore_list(llama, tmp_path):
+    import transformers
+
+    path, _ = llama
+    config = WeightOnlyConfig(bits=8, modules_to_not_convert=["mlp.down_proj"], skip_output_embeddings=False)
+    model = loom.LlamaForCausalLM.from_pretrained(path, quantization_config=config)
+    assert isinstance(model.lm_head, Int8Linear)
+    model.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert stored["ignore"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    # loom's native int8 kernel rounds activations to int16 steps (kernels.py): ~1e-5 on the quantized head's logits
+    torch.testing.assert_close(_logits(ref), _logits(model), atol=1e-4, rtol=1e-4)
+
+
 def test_asymmetric_int4_keeps_loom_format_which_the_reference_refuses(llama, tmp_path):
     import transformers
 
@@ -215,6 +230,39 @@ def test_compressed_tensors_checkpoint_loads_with_the_writers_numbers(llama, tmp
     if reference_loads:
         loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
         torch.testing.assert_close(ours, _logits(loaded), atol=1e-5, rtol=1e-5)
+
+
+def test_act_order_g_idx_is_dequantized_by_its_groups(llama, tmp_path):
+    """compressed-tensors 0.20 no longer writes actorder='group' (weight_g_idx), so the tensors are made here: random
+    int4 values and scales packed with compressed-tensors' own pack_to_int32, columns assigned to groups along a
+    random order; loom must hold w[:, j] = q[:, j] * scale[:, g_idx[j]]."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from safetensors.torch import load_file, save_file
+
+    path, ref = llama
+    _ct_checkpoint(ref, tmp_path, CASES["pack4-group-sym"][0], "pack-quantized")
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(1)
+    expected = {}
+    for key in [k for k in tensors if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        out, inp = tensors[f"{name}.weight_shape"].tolist()
+        q = torch.randint(-8, 8, (out, inp), generator=generator, dtype=torch.int8)
+        scale = torch.rand(out, inp // 16, generator=generator) / 50
+        order = torch.randperm(inp, generator=generator)
+        g_idx = torch.empty_like(order).index_copy_(0, order, torch.arange(inp) // 16)
+        tensors.update({key: pack_to_int32(q, 4), f"{name}.weight_scale": scale,
+                        f"{name}.weight_g_idx": g_idx.to(torch.int32)})
+        expected[name] = q.float() * scale[:, g_idx]
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    model = loom.LlamaForCausalLM.from_pretrained(tmp_path)
+    for name, w in expected.items():
+        assert is_plain_linear(model.get_submodule(name))
+        torch.testing.assert_close(model.get_submodule(name).weight, w, atol=0, rtol=0, msg=name)
+    torch.testing.assert_close(_logits(model), _logits(_model_with_weights(ref, expected)), atol=1e-5, rtol=1e-5)
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------
