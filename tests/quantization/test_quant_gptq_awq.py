@@ -13,7 +13,7 @@ import loom
 from loom.kernels import is_plain_linear
 from loom.quantization.gptq_awq import ActOrderInt4Linear
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
-from loomtest import reference_checkpoint
+from loomtest import quantized_tolerance, reference_checkpoint
 
 IDS = torch.tensor([[5, 17, 33, 2, 64, 8, 91, 40], [7, 7, 12, 80, 3, 55, 21, 9]])
 AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]
@@ -143,7 +143,7 @@ def _check_loads(ref, path, weights, module_cls):
     with torch.no_grad():
         for name, w in weights.items():
             expected.get_submodule(name).weight.copy_(w)
-        torch.testing.assert_close(model(IDS).logits, expected(IDS).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(IDS).logits, expected(IDS).logits, **quantized_tolerance(model))
     return model
 
 
