@@ -9,6 +9,15 @@ from torch import nn
 from loom.quantization.base import Quantizer
 
 
+def _move_loaded_(module: nn.Module, device) -> None:
+    """Move a module's loaded tensors to `device`, leaving those still to stream in (on meta) alone."""
+    for slots in (module._parameters, module._buffers):
+        for key, t in slots.items():
+            if t is not None and not t.is_meta and t.device != torch.device(device):
+                moved = t.data.to(device)
+                slots[key] = nn.Parameter(moved, t.requires_grad) if isinstance(t, nn.Parameter) else moved
+
+
 def mismatch(name: str, message: str) -> ValueError:
     """The error for a stored tensor that contradicts the checkpoint's quantization_config."""
     return ValueError(f"{name}: {message}; the checkpoint does not match its quantization_config")
@@ -28,12 +37,16 @@ class CollectingQuantizer(Quantizer):
         super().__init__(config, pre_quantized)
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self.assembled: set[str] = set()
+        self._device_for = None
 
     def required(self, module: str) -> tuple[str, ...]:
         raise NotImplementedError
 
     def assemble(self, model: nn.Module, module: str, tensors: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
+
+    def place_with(self, device_for) -> None:
+        self._device_for = device_for
 
     def _owned(self, name: str) -> tuple[str, str] | None:
         module, _, attr = name.rpartition(".")
@@ -64,6 +77,8 @@ class CollectingQuantizer(Quantizer):
         if all(k in pending for k in self.required(module)):
             self.assemble(model, module, self._pending.pop(module))
             self.assembled.add(module)
+            if self._device_for is not None:  # built from CPU reads: to where the loader puts this module
+                _move_loaded_(model.get_submodule(module), self._device_for(f"{module}.weight"))
 
     def late_tensor(self, model, module: str, attr: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{module}.{attr} appears twice in the checkpoint")

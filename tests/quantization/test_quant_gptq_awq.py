@@ -134,7 +134,7 @@ def _held_weight(module) -> torch.Tensor:
 def _check_loads(ref, path, weights, module_cls):
     import copy
 
-    model = loom.LlamaForCausalLM.from_pretrained(path)
+    model = loom.AutoModelForCausalLM.from_pretrained(path)
     assert isinstance(model.model.layers[0].mlp.down_proj, module_cls)
     assert is_plain_linear(model.lm_head)
     for name, w in weights.items():
@@ -173,6 +173,14 @@ def test_gptq_int4_runs_on_loom_kernel_with_the_packings_weights(llama, tmp_path
     cls = ActOrderInt4Linear if kwargs.get("desc_act") else Int4Linear
     model = _check_loads(ref, tmp_path / "gptq", weights, cls)
     assert model.model.layers[0].mlp.down_proj.asymmetric == (not kwargs.get("sym", False))
+    _check_saves_back(model, tmp_path / "gptq", tmp_path)
+
+
+def test_gptq_linears_with_bias(tmp_path_factory, tmp_path):
+    path, ref = reference_checkpoint(tmp_path_factory, "qwen2", "Qwen2ForCausalLM")  # q/k/v carry a bias
+    weights = gptq_checkpoint(ref, tmp_path / "gptq", desc_act=True)
+    model = _check_loads(ref, tmp_path / "gptq", weights, ActOrderInt4Linear)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
     _check_saves_back(model, tmp_path / "gptq", tmp_path)
 
 
