@@ -97,9 +97,7 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
         return required_tensors(self.schemes[module])
 
     def assemble(self, model, name: str, t: dict[str, torch.Tensor]) -> None:
-        self._assemble(model, name, self.schemes[name], t)
-
-    def _assemble(self, model, name: str, scheme: WeightScheme, t: dict[str, torch.Tensor]) -> None:
+        scheme = self.schemes[name]
         module = model.get_submodule(name)
         out, inp = module.out_features, module.in_features
         q = self._integers(name, scheme, t, out, inp)
@@ -110,14 +108,12 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
             module.weight_scale = self._expanded(name, scheme, scale, out, inp, (out, 1)).float().reshape(out).clone()
         elif isinstance(module, Int4Linear):
             groups = (out, inp // module.group_size)
-            packed = (t["weight_packed"].view(torch.uint8)[:, :inp // 2].contiguous() if scheme.packed
-                      else kernels.pack_int4(q + 8))
             zero = None
             if module.asymmetric:
                 zero = (self._zero_point(name, scheme, t, out, inp).float() + 8)
                 zero = self._expanded(name, scheme, zero, out, inp, groups).contiguous()
-            module.set_quantized(packed, self._expanded(name, scheme, scale, out, inp, groups).float().contiguous(),
-                                 zero)
+            scale = self._expanded(name, scheme, scale, out, inp, groups).float().contiguous()
+            module.set_quantized(kernels.pack_int4(q + 8), scale, zero)
         else:
             module.weight = nn.Parameter(self._dequantize(name, scheme, t, q, out, inp), requires_grad=False)
 
@@ -154,13 +150,15 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
         g_idx = t.get("weight_g_idx")
         if g_idx is not None and (tuple(g_idx.shape) != (inp,) or int(g_idx.max()) >= scale.shape[-1]):
             raise mismatch(f"{name}.weight_g_idx", f"holds {tuple(g_idx.shape)} group indices up to "
-                        f"{int(g_idx.max())} for {inp} inputs and {scale.shape[-1]} groups")
+                           f"{int(g_idx.max())} for {inp} inputs and {scale.shape[-1]} groups")
         if scheme.strategy == "group" and g_idx is None and scale.shape[-1] * scheme.group_size < inp:
             raise mismatch(f"{name}.weight_scale", f"{scale.shape[-1]} groups of {scheme.group_size} do not cover "
-                        f"{inp} inputs")
+                           f"{inp} inputs")
         w = q.to(scale.dtype)
-        expand = lambda v: ct_layout.expand_per_input(v, out, inp, scheme.strategy, scheme.group_size,
-                                                      scheme.block, g_idx)
+
+        def expand(v):
+            return ct_layout.expand_per_input(v, out, inp, scheme.strategy, scheme.group_size, scheme.block, g_idx)
+
         if "weight_zero_point" in t:
             w = w - expand(self._zero_point(name, scheme, t, out, inp).to(scale.dtype))
         return (w * expand(scale)).contiguous()
