@@ -196,6 +196,22 @@ def test_gptq_int8(llama, tmp_path, group_size, cls):
             model.save_pretrained(tmp_path / "saved")
 
 
+@pytest.mark.parametrize("kwargs", [dict(desc_act=True), dict(bits=8, group_size=16)], ids=["int4-act-order",
+                                                                                         "int8-dequantized"])
+def test_bf16_compute_dtype(llama, tmp_path, kwargs):
+    path, ref = llama
+    gptq_checkpoint(ref, tmp_path / "gptq", **kwargs)
+    full = loom.LlamaForCausalLM.from_pretrained(tmp_path / "gptq")
+    half = loom.LlamaForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.bfloat16)
+    assert half.model.norm.weight.dtype == torch.bfloat16
+    if kwargs.get("bits") == 8:  # dequantized at load in float32, then cast like any weight
+        assert half.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        a, b = full(IDS).logits, half(IDS).logits
+    assert b.dtype == torch.bfloat16
+    torch.testing.assert_close(b.float(), a, atol=2e-2, rtol=2e-2)  # bf16 activations: ~3 significant digits
+
+
 def test_awq_gemm_runs_on_loom_kernel_with_the_packings_weights(llama, tmp_path):
     path, ref = llama
     weights = awq_checkpoint(ref, tmp_path / "awq")
