@@ -57,7 +57,6 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
     def __init__(self, config, pre_quantized: bool) -> None:
         super().__init__(config, pre_quantized)
         self.schemes: dict[str, WeightScheme] = {}
-        self.dequantized: list[str] = []
         self._scale_dtypes: dict[str, torch.dtype] = {}
 
     # -- targeting -----------------------------------------------------------------------------------------------
@@ -164,18 +163,9 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
         return (w * expand(scale)).contiguous()
 
     # -- saving --------------------------------------------------------------------------------------------------
-    def _not_saved(self) -> list[str]:
+    def not_saved(self) -> list[str]:
         return [n for n in self.converted if n in self.dequantized or not (
             self.schemes[n].packed and self.schemes[n].strategy in ("group", "channel"))]
-
-    def is_serializable(self) -> bool:
-        return not self._not_saved()
-
-    def why_not_serializable(self) -> str:
-        names = self._not_saved()
-        return (f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''}: loom saves compressed-tensors layers "
-                "that it runs on its kernels from a pack-quantized group or channel scheme; these were dequantized "
-                "at load or stored another way. Keep the original checkpoint files instead")
 
     def checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return ct_layout.to_compressed_tensors(model, self.converted, tensors, self._scale_dtypes)

@@ -55,7 +55,6 @@ class PackedInt4Quantizer(CollectingQuantizer):
 
     def __init__(self, config, pre_quantized: bool) -> None:
         super().__init__(config, pre_quantized)
-        self.dequantized: list[str] = []
         self._scale_dtypes: dict[str, torch.dtype] = {}
 
     def group_size(self, in_features: int) -> int:
@@ -126,14 +125,6 @@ class PackedInt4Quantizer(CollectingQuantizer):
             raise mismatch(f"{name}.g_idx", f"must give each of the {groups} groups exactly {group} of the "
                            f"{group * groups} inputs")
         return torch.argsort(g_idx, stable=True)
-
-    def is_serializable(self) -> bool:
-        return not self.dequantized
-
-    def why_not_serializable(self) -> str:
-        return (f"{', '.join(self.dequantized[:3])} {'were' if len(self.dequantized) > 1 else 'was'} dequantized at "
-                "load (no loom kernel runs that layout), so the stored integers are gone; keep the original "
-                "checkpoint files instead")
 
     def checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tensors = dict(tensors)

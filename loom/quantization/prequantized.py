@@ -38,6 +38,7 @@ class CollectingQuantizer(Quantizer):
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
         self.assembled: set[str] = set()
         self._device_for = None
+        self.dequantized: list[str] = []  # Linears left in float, their weights expanded at load
 
     def required(self, module: str) -> tuple[str, ...]:
         raise NotImplementedError
@@ -82,6 +83,19 @@ class CollectingQuantizer(Quantizer):
 
     def late_tensor(self, model, module: str, attr: str, tensor: torch.Tensor) -> None:
         raise ValueError(f"{module}.{attr} appears twice in the checkpoint")
+
+    def not_saved(self) -> list[str]:
+        """Layers save_pretrained cannot write back in the checkpoint's format."""
+        return self.dequantized
+
+    def is_serializable(self) -> bool:
+        return not self.not_saved()
+
+    def why_not_serializable(self) -> str:
+        names = self.not_saved()
+        return (f"{', '.join(names[:3])}{', ...' if len(names) > 3 else ''} "
+                f"{'were' if len(names) > 1 else 'was'} dequantized at load or stored in a layout loom does not "
+                f"write, so the {self.format_name} integers cannot be saved back; keep the original checkpoint files")
 
     def finish(self, model: nn.Module) -> None:
         missing = [f"{m}.{k}" for m, t in self._pending.items() for k in self.required(m) if k not in t]
