@@ -219,6 +219,22 @@ def test_awq_gemm_runs_on_loom_kernel_with_the_packings_weights(llama, tmp_path)
     _check_saves_back(model, tmp_path / "awq", tmp_path)
 
 
+def test_a_layers_tensors_split_across_shards(llama, tmp_path):
+    path, ref = llama
+    weights = awq_checkpoint(ref, tmp_path / "awq")
+    tensors = load_file(str(tmp_path / "awq" / "model.safetensors"))
+    # each quantized layer's qweight in one shard, its qzeros and scales in the other
+    first = {k: v for k, v in tensors.items() if not k.endswith(("qzeros", "scales"))}
+    second = {k: v for k, v in tensors.items() if k not in first}
+    (tmp_path / "awq" / "model.safetensors").unlink()
+    save_file(second, str(tmp_path / "awq" / "model-00001-of-00002.safetensors"))
+    save_file(first, str(tmp_path / "awq" / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in second}
+    weight_map.update({k: "model-00002-of-00002.safetensors" for k in first})
+    (tmp_path / "awq" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    _check_loads(ref, tmp_path / "awq", weights, Int4Linear)
+
+
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"].update(changes)
