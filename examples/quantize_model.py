@@ -52,7 +52,7 @@ def main() -> None:
     model = AutoModel.from_pretrained(MODEL)
     quantize_(model, WeightOnlyConfig(bits=8))
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)  # int8 weights + scales, quantization_config in config.json
+        model.save_pretrained(tmp)  # compressed-tensors pack-quantized int8: the reference reads it too
         reloaded = AutoModel.from_pretrained(tmp)  # comes back quantized, no config needed
         assert torch.allclose(embed(reloaded, tok), embed(model, tok), atol=1e-6)
         print("saved and reloaded the int8 checkpoint")

@@ -42,7 +42,8 @@ _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "Tra
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed",
         "enable_full_determinism")
-_export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
+_export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "GPTQConfig",
+        "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:
     """Config and model classes come from the model files' MODEL_TYPES tables (imports torch and the families)."""

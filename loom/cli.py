@@ -347,6 +347,10 @@ def environment(check_backends: bool = True) -> dict[str, Any]:
     from loom.kernels import build
 
     info["loom kernels"] = build.describe()
+    from loom.quantization.registry import CHECKPOINT_FORMATS
+
+    info["quantized checkpoints"] = {name: f"loads: {loads}. runs: {runs}. saves: {saves}"
+                                     for name, (loads, runs, saves) in CHECKPOINT_FORMATS.items()}
     info["optional backends"] = {name: {**_backend_status(dist, check, check_backends), "used for": used_for}
                                  for name, (dist, used_for, check) in OPTIONAL_BACKENDS.items()}
     return info

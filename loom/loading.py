@@ -9,6 +9,8 @@ dtype/device/shard/quantized form. A hook is any object with some of these metho
     load_extra_tensor(model, name, source) -> bool   a checkpoint key the model has no slot for (a quantizer's
                                                   scales, quant states): True when the hook keeps it
     finish(model)                                 after every tensor is in place and weights are tied
+    place_with(device_for)                        before streaming: where each tensor goes (for hooks that build
+                                                  modules from stored tensors the model has no slot for)
     converts_tensors = True                       (attribute) read tensors with plain reads, not a file mapping
 
 `source` is a TensorSource: `.shape`, `.dtype`, `.get()` (whole tensor) and `.slice(dim, start, stop)` (reads only
@@ -303,6 +305,9 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
     transposed = getattr(model, "_transposed_checkpoint_weights", ())
     info = LoadingInfo()
     loaded: set[str] = set()
+    for hook in hooks:
+        if hasattr(hook, "place_with"):
+            hook.place_with(device_for)
     fix = None
     for file in ckpt.files:
         handle = open_checkpoint(file, eager=any(getattr(h, "converts_tensors", False) for h in hooks))

@@ -403,6 +403,8 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
             raise ValueError(f"{type(quantizer).__name__} models cannot be saved: {quantizer.why_not_serializable()}")
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = self.checkpoint_state_dict() if state_dict is None else dict(state_dict)
+        if quantizer is not None:
+            tensors = quantizer.checkpoint_tensors(self, tensors)
         texts = {}
         if self.generation_config is not None and self.can_generate():
             texts["generation_config.json"] = self.generation_config.to_json_string()
@@ -410,8 +412,10 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         config.architectures = [type(self).__name__]
         config.dtype = str(self.dtype).removeprefix("torch.")
         if quantizer is not None:
-            config.quantization_config = quantizer.config
+            config.quantization_config = quantizer.saved_config(self)
         texts["config.json"] = config.to_json_string()  # renamed into place last
+        if quantizer is not None:
+            config.quantization_config = quantizer.config
         written = write_model_dir(save_directory, tensors, texts, max_shard_size=max_shard_size, variant=variant)
         if push is not None:
             upload_files(save_directory, written, push, "Upload model")

@@ -83,6 +83,8 @@ def test_env_lists_versions_devices_and_backends(capsys, monkeypatch):
     info = json.loads(out)
     assert code == 0 and info["torch"] and "cpu" in info["devices"]
     assert set(info["optional backends"]) >= {"accelerate", "bitsandbytes", "pillow"}
+    assert {"compressed-tensors", "GPTQ", "AWQ"} <= set(info["quantized checkpoints"])
+    assert "dequantized" in info["quantized checkpoints"]["compressed-tensors"]
 
 
 def test_help_names_every_command(capsys):

@@ -135,6 +135,14 @@ class Quantizer:
     def why_not_serializable(self) -> str:
         return ""
 
+    def checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tensors save_pretrained writes (a backend may store another layout than it runs)."""
+        return tensors
+
+    def saved_config(self, model: nn.Module):
+        """The quantization_config save_pretrained writes next to `checkpoint_tensors`."""
+        return self.config
+
     # -- backend API -------------------------------------------------------------------------------------------
     def make_module(self, linear: nn.Linear) -> nn.Module:
         raise NotImplementedError

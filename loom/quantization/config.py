@@ -7,6 +7,9 @@ from typing import Any
 
 import torch
 
+from loom.quantization.ct_config import CT_METHOD, CompressedTensorsConfig
+from loom.quantization.gptq_awq_config import AWQ_METHOD, GPTQ_METHOD, AwqConfig, GPTQConfig
+
 BNB_METHOD = "bitsandbytes"
 WEIGHT_ONLY_METHOD = "loom_weight_only"
 _STORAGE_DTYPES = ("float16", "float32", "int8", "uint8", "float64", "bfloat16")
@@ -193,16 +196,18 @@ class WeightOnlyConfig:
         return f"WeightOnlyConfig({self.to_dict()})"
 
 
-QuantizationConfig = BitsAndBytesConfig | WeightOnlyConfig
-_BY_METHOD = {BNB_METHOD: BitsAndBytesConfig, WEIGHT_ONLY_METHOD: WeightOnlyConfig}
+QuantizationConfig = BitsAndBytesConfig | WeightOnlyConfig | CompressedTensorsConfig | GPTQConfig | AwqConfig
+_BY_METHOD = {BNB_METHOD: BitsAndBytesConfig, WEIGHT_ONLY_METHOD: WeightOnlyConfig, CT_METHOD: CompressedTensorsConfig,
+              GPTQ_METHOD: GPTQConfig, AWQ_METHOD: AwqConfig}
 
 
 def config_from_dict(config: dict[str, Any] | QuantizationConfig, argument: str = "quantization_config"):
     """A config object from a config object or a dict with a `quant_method` (as read from config.json)."""
-    if isinstance(config, (BitsAndBytesConfig, WeightOnlyConfig)):
+    if isinstance(config, tuple(_BY_METHOD.values())):
         return config
     if not isinstance(config, dict):
-        raise TypeError(f"{argument} must be a BitsAndBytesConfig, a WeightOnlyConfig or a dict, got "
+        raise TypeError(f"{argument} must be one of {', '.join(c.__name__ for c in _BY_METHOD.values())} or a dict, "
+                        f"got "
                         f"{type(config).__name__}")
     method = config.get("quant_method")
     if method is None and ("load_in_8bit" in config or "load_in_4bit" in config):

@@ -6,8 +6,28 @@ from torch import nn
 
 from loom.quantization.base import Quantizer, quantized_modules, replace_module
 from loom.quantization.bnb import BnbQuantizer
-from loom.quantization.config import BitsAndBytesConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
+from loom.quantization.config import BitsAndBytesConfig, CompressedTensorsConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.gptq_awq import AwqQuantizer, GPTQQuantizer
+from loom.quantization.gptq_awq_config import AwqConfig, GPTQConfig
 from loom.quantization.weight_only import WeightOnlyQuantizer
+
+
+# what `loom env` and the quantization guide list: format -> (what loads, how it runs, what saves)
+CHECKPOINT_FORMATS = {
+    "loom int8 / int4 (WeightOnlyConfig)": (
+        "quantize while loading or quantize_()", "int8/int4 kernels",
+        "compressed-tensors pack-quantized (int8, symmetric int4); loom_weight_only (asymmetric int4, Conv1D models)"),
+    "loom_weight_only (older loom saves)": ("int8, int4", "int8/int4 kernels", "as loaded"),
+    "compressed-tensors": (
+        "pack-quantized and int-quantized 1-8 bit, float-quantized FP8",
+        "kernels: int8 symmetric per channel/tensor, int4 per group/channel/tensor; dequantized: the rest",
+        "pack-quantized group/channel layers that run on the kernels"),
+    "GPTQ": ("4-bit and 8-bit, v1/v2 zero points, act-order, sym/asym", "kernels (8-bit with groups: dequantized)",
+             "GPTQ, the same tensors"),
+    "AWQ": ("4-bit GEMM", "int4 kernel", "AWQ, the same tensors"),
+    "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
+}
 
 
 def get_quantizer(model_config, quantization_config=None) -> Quantizer:
@@ -35,7 +55,12 @@ def quantizer_class(config) -> type[Quantizer]:
         return BnbQuantizer
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
-    raise TypeError("quantization_config must be a BitsAndBytesConfig or WeightOnlyConfig, "
+    for config_class, quantizer in ((CompressedTensorsConfig, CompressedTensorsQuantizer), (GPTQConfig, GPTQQuantizer),
+                                    (AwqConfig, AwqQuantizer)):
+        if isinstance(config, config_class):
+            return quantizer
+    raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig, CompressedTensorsConfig, "
+                    "GPTQConfig or AwqConfig, "
                     f"got {type(config).__name__}")
 
 

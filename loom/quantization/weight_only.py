@@ -1,12 +1,21 @@
 """The built-in weight-only quantizer (`WeightOnlyConfig`): int8 per-channel or int4 group-wise Linears, quantized
-as each weight streams in, saved and reloaded as stored (quant_method "loom_weight_only")."""
+as each weight streams in.
+
+Saving writes compressed-tensors `pack-quantized` (int8 per channel, symmetric int4 per group), which the reference
+and vLLM-style loaders read. loom's asymmetric int4 has fractional zero points, which compressed-tensors cannot
+hold, and models whose checkpoints store transposed weights (GPT-2's Conv1D) have no compressed-tensors form the
+reference reads: those save in loom's own layout (quant_method "loom_weight_only"), which loom keeps loading.
+"""
 from __future__ import annotations
 
 from torch import nn
 
 from loom.kernels.memory import release_freed_memory
+from loom.kernels import is_plain_linear
+from loom.quantization import ct_layout
 from loom.quantization.base import Quantizer, default_skips
 from loom.quantization.config import WeightOnlyConfig
+from loom.quantization.ct_config import CompressedTensorsConfig, weight_only_dict
 from loom.quantization.linear import Int4Linear, Int8Linear, quantize_int8
 
 _QUANT_TENSORS = ("weight", "weight_scale", "weight_zero")
@@ -82,3 +91,23 @@ class WeightOnlyQuantizer(Quantizer):
                 module.packed_weight()  # pack now: the model is at its final size before the first forward
         release_freed_memory()
 
+
+    # -- saving --------------------------------------------------------------------------------------------------
+    def _saves_compressed_tensors(self, model: nn.Module) -> bool:
+        return (self.config.bits == 8 or self.config.symmetric) and \
+            not getattr(type(model), "_transposed_checkpoint_weights", ())
+
+    def checkpoint_tensors(self, model, tensors):
+        if not self._saves_compressed_tensors(model):
+            return tensors
+        return ct_layout.to_compressed_tensors(model, self.converted, tensors, {})
+
+    def saved_config(self, model: nn.Module):
+        if not self._saves_compressed_tensors(model):
+            return self.config
+        channel = self.config.bits == 8 or self.config.group_size == -1
+        weights = {"dynamic": False, "group_size": None if channel else self.config.group_size,
+                   "num_bits": self.config.bits, "strategy": "channel" if channel else "group", "symmetric": True,
+                   "type": "int"}
+        ignore = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in self._converted_set()]
+        return CompressedTensorsConfig.from_dict(weight_only_dict(weights, ignore))

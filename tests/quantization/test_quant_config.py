@@ -90,9 +90,10 @@ def test_weight_only_config_bad_input(kwargs, match):
 
 
 def test_unknown_method_and_type_are_named():
-    with pytest.raises(ValueError, match="quant_method='gptq'.*'bitsandbytes', 'loom_weight_only'"):
-        config_from_dict({"quant_method": "gptq", "bits": 4})
-    with pytest.raises(TypeError, match="quantization_config must be a BitsAndBytesConfig"):
+    with pytest.raises(ValueError, match="quant_method='hqq'.*'bitsandbytes', 'loom_weight_only', 'compressed-tensors', "
+                                         "'gptq', 'awq'"):
+        config_from_dict({"quant_method": "hqq", "nbits": 4})
+    with pytest.raises(TypeError, match="quantization_config must be one of BitsAndBytesConfig"):
         get_quantizer(None, "int8")
     with pytest.raises(ValueError, match="set load_in_8bit=True or load_in_4bit=True"):
         get_quantizer(None, BitsAndBytesConfig())
