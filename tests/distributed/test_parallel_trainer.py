@@ -38,6 +38,25 @@ def test_train_script_gives_the_same_losses_with_python_and_two_tp_ranks(tmp_pat
     H.load_model(saved)  # the gathered weights load in one process
 
 
+def test_lora_run_under_two_data_parallel_ranks_equals_one_process(tmp_path):
+    """peft's LoRA through the same Trainer: a PeftModel replicated over 2 ranks (each half of the batch, adapter
+    gradients synchronised) gives the one-process losses, and both resume from their checkpoint-2 to the same curve."""
+    pytest.importorskip("peft")
+    ckpt = H.make_checkpoint(tmp_path / "ckpt")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(H.ROOT), str(H.HERE)])}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(var, None)
+    single = subprocess.run([sys.executable, str(H.HERE / "train_script.py"), "lora1", str(tmp_path), str(ckpt),
+                             "lora"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=150)
+    assert single.returncode == 0, single.stdout[-2000:] + single.stderr[-3000:]
+    H.launch(2, tmp_path, "lora2", str(ckpt), "lora", script="train_script.py", timeout=200)
+    one = json.loads((tmp_path / "lora1.json").read_text())
+    two = json.loads((tmp_path / "lora2.json").read_text())
+    assert len(one["losses"]) == 4 and one["losses"][-1] != one["losses"][0]
+    assert two["losses"] == pytest.approx(one["losses"], rel=1e-5, abs=1e-5)
+    assert two["resumed"] == pytest.approx(two["losses"], rel=1e-5)
+
+
 def _run_resume_script(world: int, out, *args: str) -> dict:
     H.launch(world, out, *args, script="parallel_resume_script.py", timeout=200)
     return json.loads((out / f"{args[0]}_w{world}.json").read_text())

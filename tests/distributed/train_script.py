@@ -1,6 +1,6 @@
 """A user's training script: the same file runs with `python` and under torchrun (see test_trainer.py).
 
-    python train_script.py NAME OUT_DIR CKPT [fsdp|tp]
+    python train_script.py NAME OUT_DIR CKPT [fsdp|tp|lora]
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 import dist_helpers as H
@@ -19,6 +20,12 @@ def run(out: Path, ckpt: str, mode: str, resume: str | None = None, seed_model: 
     tp = 2 if mode == "tp" else 1
     dp = int(os.environ.get("WORLD_SIZE", "1")) // tp
     model = H.load_model(ckpt)
+    if mode == "lora":  # peft's LoRA on q/v: only the adapters train, the same way in one process and on every rank
+        import peft
+
+        torch.manual_seed(3)
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+        model = peft.get_peft_model(model, config)
     args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4 // dp, max_steps=4,
                              learning_rate=5e-3, adam_epsilon=1e-3, logging_steps=1, save_steps=2,
                              lr_scheduler_type="constant", optim="adamw_torch", report_to="none", disable_tqdm=True,
