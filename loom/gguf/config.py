@@ -32,7 +32,7 @@ def architecture_of(meta: dict[str, Any], path) -> str:
 
 
 def config_dict(meta: dict[str, Any], tensor_names: list[str], path) -> dict[str, Any]:
-    """The config dict (with model_type) that `meta` (read with arrays=False) describes; `tensor_names` tells
+    """The config dict (with model_type) that `meta` (read with arrays=False: arrays as their lengths) describes; `tensor_names` tells
     whether the head is tied."""
     arch = architecture_of(meta, path)
     out: dict[str, Any] = {"model_type": arch}
@@ -44,7 +44,7 @@ def config_dict(meta: dict[str, Any], tensor_names: list[str], path) -> dict[str
     for key, field in _TOKEN_IDS.items():
         if key in meta:
             out[field] = meta[key]
-    if "vocab_size" not in out and "tokenizer.ggml.tokens" in meta:  # the vocabulary's length (see reader.metadata)
+    if "vocab_size" not in out and "tokenizer.ggml.tokens" in meta:  # the vocabulary's length (arrays=False)
         out["vocab_size"] = meta["tokenizer.ggml.tokens"]
     for field in ("rope_theta", "rms_norm_eps"):
         if field in out:
@@ -55,10 +55,10 @@ def config_dict(meta: dict[str, Any], tensor_names: list[str], path) -> dict[str
 
 def read_config_dict(path) -> dict[str, Any]:
     """The config dict of the GGUF file at `path`."""
-    from loom.gguf.reader import metadata, open_gguf
+    from loom.gguf.reader import open_gguf
 
-    reader = open_gguf(path)
-    return config_dict(metadata(reader, arrays=False), [t.name for t in reader.tensors], path)
+    gguf = open_gguf(path, arrays=False)
+    return config_dict(gguf.fields, [t.name for t in gguf.tensors], path)
 
 
 def gguf_config_source(path_or_id, gguf_file, hub_kwargs: dict):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from loom.gguf.config import architecture_of
-from loom.gguf.reader import gguf_package, metadata, open_gguf
+from loom.gguf.reader import gguf_package, open_gguf
 
 logger = logging.getLogger("loom")
 
@@ -26,7 +26,7 @@ _LAYER = {"attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k"
           "attn_k_norm": "self_attn.k_norm", "ffn_norm": "post_attention_layernorm", "ffn_gate": "mlp.gate_proj",
           "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
 _BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
-_STORED = {"F32": np.float32, "F16": np.float16, "BF16": None}  # BF16 arrives as raw bytes
+_STORED = ("F32", "F16", "BF16")  # BF16 arrives as raw bytes
 _QK = 32  # values per Q4_0 / Q8_0 block
 
 
@@ -75,11 +75,11 @@ class GgufCheckpoint:
 
     def __init__(self, file: Path) -> None:
         self.file = Path(file)
-        reader = open_gguf(self.file)
-        meta = metadata(reader, arrays=False)
+        gguf = open_gguf(self.file, arrays=False)
+        meta = gguf.fields
         arch = architecture_of(meta, self.file)
-        _refuse_rope_scaling(meta, arch, reader, self.file)
-        self.tensors = {model_name(t.name): t for t in reader.tensors}
+        _refuse_rope_scaling(meta, arch, gguf.tensors, self.file)
+        self.tensors = {model_name(t.name): t for t in gguf.tensors}
         # llama.cpp permutes q/k rows for its Llama graph only (Qwen's converters leave them as they are)
         self.heads = {}
         if arch == "llama":
@@ -92,23 +92,22 @@ class GgufCheckpoint:
         return self.tensors.keys()
 
     def type_name(self, key: str) -> str:
-        return self.tensors[key].tensor_type.name
+        return self.tensors[key].type_name
 
     def get_tensor(self, key: str) -> torch.Tensor:
         tensor = self.tensors[key]
-        kind = tensor.tensor_type.name
-        data = np.asarray(tensor.data)
+        kind = tensor.type_name
         if kind in _STORED:
-            t = torch.from_numpy(data.copy())
+            t = torch.from_numpy(tensor.data.copy())
             t = t.view(torch.bfloat16) if kind == "BF16" else t
         else:
-            t = self._dequantize(key, kind, data)
-        return self._unpermute(key, t.reshape(_shape(tensor)))
+            t = self._dequantize(key, kind, tensor.data)
+        return self._unpermute(key, t.reshape(tensor.shape))
 
     def q4_0_blocks(self, key: str) -> torch.Tensor:
         """The raw Q4_0 blocks of a 2-D weight, (rows, in / 32, 18) uint8, rows in the reference's order."""
-        rows, cols = _shape(self.tensors[key])
-        blocks = torch.from_numpy(np.asarray(self.tensors[key].data).copy()).reshape(rows, cols // _QK, 18)
+        rows, cols = self.tensors[key].shape
+        blocks = torch.from_numpy(self.tensors[key].data.copy()).reshape(rows, cols // _QK, 18)
         return self._unpermute(key, blocks)
 
     def get_slice(self, key: str):
@@ -127,21 +126,17 @@ class GgufCheckpoint:
             return fn(torch.from_numpy(data.copy()).reshape(-1, size))
         gguf = gguf_package()
         try:
-            return torch.from_numpy(gguf.quants.dequantize(data, self.tensors[key].tensor_type).copy())
+            return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).copy())
         except NotImplementedError:
             raise ValueError(f"{self.file}: tensor {self.tensors[key].name} is stored as {kind}, which neither loom "
                              "nor the installed gguf package can expand; re-quantize the model to Q8_0, Q4_0 or a "
                              "K-quant, or upgrade gguf") from None
 
 
-def _shape(tensor) -> tuple[int, ...]:
-    return tuple(int(n) for n in reversed(tensor.shape.tolist()))  # GGUF lists dimensions innermost first
-
-
-def _refuse_rope_scaling(meta: dict, arch: str, reader, file: Path) -> None:
+def _refuse_rope_scaling(meta: dict, arch: str, tensors, file: Path) -> None:
     # Llama 3.1-style rotary scaling travels as a `rope_freqs` tensor that loom's rotary tables would ignore
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if scaling != "none" or any(t.name == "rope_freqs.weight" for t in tensors):
         raise ValueError(f"{file}: this GGUF uses rotary scaling ({arch}.rope.scaling.type={scaling!r}"
                          f"{', a rope_freqs tensor' if scaling == 'none' else ''}), which loom cannot read from GGUF; "
                          "its logits would differ from llama.cpp's. Load the original Hugging Face checkpoint")
@@ -154,7 +149,7 @@ class _Slice:
         self.handle, self.key = handle, key
 
     def get_shape(self) -> list[int]:
-        return list(_shape(self.handle.tensors[self.key]))
+        return list(self.handle.tensors[self.key].shape)
 
     def get_dtype(self) -> str:
         kind = self.handle.type_name(self.key)
