@@ -91,6 +91,21 @@ def _add_value(w, key: str, value) -> None:
         w.add_array(key, list(value))
 
 
+def truncated_bpe(tokenizer_json: Path, keep: int, out: Path) -> Path:
+    """A byte-level BPE tokenizer.json cut to its first `keep` tokens (and the merges among them), its added tokens
+    renumbered after them: the same pipeline on a vocabulary small enough for the reference's slow GGUF reader."""
+    data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    vocab = {t: i for t, i in data["model"]["vocab"].items() if i < keep}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    data["model"]["vocab"] = vocab
+    data["model"]["merges"] = [m for m in merges if all(p in vocab for p in (*m.split(" "), m.replace(" ", "")))]
+    for offset, token in enumerate(sorted(data["added_tokens"], key=lambda t: t["id"])):
+        token["id"] = keep + offset
+    data["post_processor"] = None
+    out.write_text(json.dumps(data), encoding="utf-8")
+    return out
+
+
 def llama3_tokenizer_metadata(tokenizer_json: Path) -> dict:
     """A byte-level BPE tokenizer.json (Llama 3's) as llama.cpp's `gpt2` vocabulary: tokens by id, merges, types."""
     data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
