@@ -71,10 +71,15 @@ def write_gguf(path: Path, model, arch: str, tensor_type: str = "F32", tokenizer
             w.add_tensor(target, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(target, data)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    return save(w, path)
+
+
+def save(writer, path: Path) -> Path:
+    """Write a filled `gguf.GGUFWriter` out (header, metadata, tensors) and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 

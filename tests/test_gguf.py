@@ -12,8 +12,8 @@ import torch
 
 pytest.importorskip("gguf", reason="the GGUF tests write their files with the gguf package (pip install gguf)")
 
-from ggufwrite import write_gguf  # noqa: E402
-from loomtest import TINY, reference_checkpoint  # noqa: E402
+from ggufwrite import save, write_gguf  # noqa: E402
+from loomtest import reference_checkpoint  # noqa: E402
 
 import loom  # noqa: E402
 
@@ -163,11 +163,7 @@ def _rewritten(src, dst, **changes):
         w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
     for name, array in extra.items():
         w.add_tensor(name, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return dst
+    return save(w, dst)
 
 
 def test_unsupported_architecture_is_named(llama):

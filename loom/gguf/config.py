@@ -32,8 +32,8 @@ def architecture_of(meta: dict[str, Any], path) -> str:
 
 
 def config_dict(meta: dict[str, Any], tensor_names: list[str], path) -> dict[str, Any]:
-    """The config dict (with model_type) that `meta` (read with arrays=False: arrays as their lengths) describes; `tensor_names` tells
-    whether the head is tied."""
+    """The config dict (with model_type) that `meta` (read with arrays=False: arrays as their lengths) describes;
+    `tensor_names` tells whether the head is tied."""
     arch = architecture_of(meta, path)
     out: dict[str, Any] = {"model_type": arch}
     if arch == "llama" and meta.get("general.name") == "mistral":
@@ -53,7 +53,7 @@ def config_dict(meta: dict[str, Any], tensor_names: list[str], path) -> dict[str
     return out
 
 
-def read_config_dict(path) -> dict[str, Any]:
+def read_gguf_config(path) -> dict[str, Any]:
     """The config dict of the GGUF file at `path`."""
     from loom.gguf.reader import open_gguf
 
@@ -66,4 +66,4 @@ def gguf_config_source(path_or_id, gguf_file, hub_kwargs: dict):
     from loom.gguf.reader import find_gguf
 
     path = find_gguf(path_or_id, gguf_file, **hub_kwargs)
-    return path, read_config_dict(path)
+    return path, read_gguf_config(path)

@@ -7,7 +7,6 @@ loader (loom/loading.py) reads it like any other checkpoint. Q4_0 Linear weights
 """
 from __future__ import annotations
 
-import logging
 import re
 from pathlib import Path
 
@@ -16,8 +15,6 @@ import torch
 
 from loom.gguf.config import architecture_of
 from loom.gguf.reader import gguf_package, open_gguf
-
-logger = logging.getLogger("loom")
 
 # llama.cpp's tensor names -> the reference's
 _TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -86,7 +83,6 @@ class GgufCheckpoint:
             self.heads = {"q_proj": meta.get(f"{arch}.attention.head_count"),
                           "k_proj": meta.get(f"{arch}.attention.head_count_kv",
                                              meta.get(f"{arch}.attention.head_count"))}
-        self.expanded: dict[str, list[str]] = {}
 
     def keys(self):
         return self.tensors.keys()
@@ -120,7 +116,6 @@ class GgufCheckpoint:
         return t
 
     def _dequantize(self, key: str, kind: str, data: np.ndarray) -> torch.Tensor:
-        self.expanded.setdefault(kind, []).append(key)
         if kind in _TORCH_DEQUANT:
             size, fn = _TORCH_DEQUANT[kind]
             return fn(torch.from_numpy(data.copy()).reshape(-1, size))

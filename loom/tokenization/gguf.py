@@ -49,9 +49,10 @@ def _byte_level_engine(meta: dict, file) -> Tokenizer:
               for t in meta["tokenizer.ggml.tokens"]]
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_SPLITS:
-        raise ValueError(f"{file}: tokenizer.ggml.pre={pre!r} names a text-splitting rule loom does not know (it knows "
-                         f"{', '.join(sorted(PRE_SPLITS))}); without it the ids would differ from llama.cpp's. Load "
-                         "the model's tokenizer.json instead (AutoTokenizer.from_pretrained on the original repository)")
+        raise ValueError(f"{file}: tokenizer.ggml.pre={pre!r} names a text-splitting rule loom does not know (it "
+                         f"knows {', '.join(sorted(PRE_SPLITS))}); without it the ids would differ from llama.cpp's. "
+                         "Load the model's tokenizer.json instead (AutoTokenizer.from_pretrained on the original "
+                         "repository)")
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
     engine = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, continuing_subword_prefix="",
                            end_of_word_suffix="", fuse_unk=False, dropout=None))
