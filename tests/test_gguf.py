@@ -25,7 +25,7 @@ BLOCKS = dict(intermediate_size=64, tie_word_embeddings=False)
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     path, model = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM", **BLOCKS)
-    for kind in ("F32", "F16", "BF16", "Q8_0", "Q4_0"):
+    for kind in ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"):
         write_gguf(path / f"tiny-{kind}.gguf", model, "llama", kind)
     write_gguf(path / "mistral.gguf", model, "llama", name="mistral")
     return path, model
@@ -42,7 +42,7 @@ def _logits(model, ids=IDS):
         return model(ids).logits
 
 
-@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0"])
+@pytest.mark.parametrize("kind", ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0"])
 def test_llama_logits_equal_the_reference_on_the_same_file(llama, kind):
     folder, original = llama
     ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"tiny-{kind}.gguf")
@@ -145,7 +145,8 @@ def test_tied_head_when_the_file_has_no_output_tensor(tmp_path_factory):
 
 # -- errors -----------------------------------------------------------------------------------------------------
 def _rewritten(src, dst, **changes):
-    """A copy of GGUF `src` with some metadata values changed (strings) and extra tensors ({name: array})."""
+    """A copy of GGUF `src` with some metadata values changed (strings) and tensors added or replaced
+    ({name: array or (bytes array, raw GGML type)})."""
     import gguf
 
     reader = gguf.GGUFReader(str(src))
@@ -160,9 +161,11 @@ def _rewritten(src, dst, **changes):
     for key, value in changes.items():
         w.add_string(key, value)
     for t in reader.tensors:
-        w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
+        if t.name not in extra:
+            w.add_tensor(t.name, t.data.copy(), raw_dtype=t.tensor_type)
     for name, array in extra.items():
-        w.add_tensor(name, array)
+        array, raw_dtype = array if isinstance(array, tuple) else (array, None)
+        w.add_tensor(name, array, raw_dtype=raw_dtype)
     return save(w, dst)
 
 
@@ -182,6 +185,18 @@ def test_rotary_scaling_the_loader_cannot_apply_is_refused(llama):
     _rewritten(folder / "tiny-F32.gguf", folder / "rope.gguf", tensors={"rope_freqs.weight": np.ones(4, np.float32)})
     with pytest.raises(ValueError, match=r"rope\.gguf.*rotary scaling.*rope_freqs"):
         loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="rope.gguf")
+
+
+def test_a_type_nothing_can_expand_is_named(llama):
+    import gguf
+    import numpy as np
+
+    folder, _ = llama
+    q8_1 = np.zeros((64, 40), np.uint8)  # (out, in/32 blocks x 40 bytes): a 64 x 32 weight in Q8_1
+    _rewritten(folder / "tiny-F32.gguf", folder / "q8_1.gguf",
+               tensors={"blk.0.ffn_up.weight": (q8_1, gguf.GGMLQuantizationType.Q8_1)})
+    with pytest.raises(ValueError, match=r"q8_1\.gguf: tensor blk\.0\.ffn_up\.weight is stored as Q8_1.*re-quantize"):
+        loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="q8_1.gguf")
 
 
 def test_missing_file_and_not_a_gguf_are_named(llama):

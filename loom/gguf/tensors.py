@@ -77,6 +77,7 @@ class GgufCheckpoint:
         arch = architecture_of(meta, self.file)
         _refuse_rope_scaling(meta, arch, gguf.tensors, self.file)
         self.tensors = {model_name(t.name): t for t in gguf.tensors}
+        _check_expandable(gguf.tensors, self.file)
         # llama.cpp permutes q/k rows for its Llama graph only (Qwen's converters leave them as they are)
         self.heads = {}
         if arch == "llama":
@@ -120,12 +121,24 @@ class GgufCheckpoint:
             size, fn = _TORCH_DEQUANT[kind]
             return fn(torch.from_numpy(data.copy()).reshape(-1, size))
         gguf = gguf_package()
+        return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).copy())
+
+
+def _check_expandable(tensors, file: Path) -> None:
+    """Refuse, before anything is loaded, a type that neither loom nor the gguf package can expand (tried on one row
+    of the first tensor of each type)."""
+    gguf = gguf_package()
+    seen = set(_STORED) | set(_TORCH_DEQUANT)
+    for t in tensors:
+        if t.type_name in seen:
+            continue
+        seen.add(t.type_name)
         try:
-            return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).copy())
+            gguf.quants.dequantize(t.data[:1], gguf.GGMLQuantizationType[t.type_name])
         except NotImplementedError:
-            raise ValueError(f"{self.file}: tensor {self.tensors[key].name} is stored as {kind}, which neither loom "
-                             "nor the installed gguf package can expand; re-quantize the model to Q8_0, Q4_0 or a "
-                             "K-quant, or upgrade gguf") from None
+            raise ValueError(f"{file}: tensor {t.name} is stored as {t.type_name}, which neither loom nor the "
+                             "installed gguf package can expand; re-quantize the model to Q8_0, Q4_0 or a K-quant, "
+                             "or upgrade gguf") from None
 
 
 def _refuse_rope_scaling(meta: dict, arch: str, tensors, file: Path) -> None:
