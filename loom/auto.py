@@ -62,7 +62,8 @@ def model_class_by_name(name: str):
 
 
 class AutoConfig:
-    """Reads config.json and returns the config class of its model_type."""
+    """Reads config.json (or a GGUF file's metadata, with `gguf_file=`) and returns the config class of its
+    model_type."""
 
     def __init__(self) -> None:
         raise EnvironmentError("use AutoConfig.from_pretrained(path) or AutoConfig.for_model(model_type)")
