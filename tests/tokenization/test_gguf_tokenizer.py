@@ -65,6 +65,18 @@ def test_llama3_ids_equal_the_source_tokenizer_and_the_reference(llama3_gguf):
     assert ours("<|eot_id|>", add_special_tokens=False)["input_ids"] == [source.token_to_id("<|eot_id|>")]
 
 
+def test_full_llama3_vocabulary_ids_equal_its_tokenizer_json(assets, tmp_path):
+    """All 128k tokens and 280k merges of the real file (the reference is too slow to read this one in a test)."""
+    from tokenizers import Tokenizer
+
+    source_file = assets["llama3"] / "tokenizer.json"
+    _gguf_with_tokenizer(tmp_path, llama3_tokenizer_metadata(source_file))
+    ours, source = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf"), Tokenizer.from_file(str(source_file))
+    assert len(ours) == source.get_vocab_size() == 128256
+    for text in CORPUS:
+        assert ours(text, add_special_tokens=False)["input_ids"] == source.encode(text).ids, text
+
+
 def test_sentencepiece_ids_equal_the_llama_tokenizer_and_the_reference(spm_gguf, assets):
     """The source is the reference's LlamaTokenizer over the same tokenizer.model: Llama's recipe, which (like
     llama.cpp) skips the model's NFKC normaliser, so SentencePiece itself differs on combining marks."""
