@@ -64,7 +64,7 @@ def test_q4_0_linears_stay_4bit_and_other_types_are_expanded_with_a_warning(llam
     assert "Q8_0" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="loom"):
         q8 = loom.LlamaForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
-    assert "Q8_0" in caplog.text and "dequantized" in caplog.text
+    assert "15 Q8_0 tensors are dequantized" in caplog.text and "(0 kept 4-bit)" in caplog.text
     assert not any(type(m).__name__.startswith("Int") for m in q8.modules())
 
 
@@ -141,6 +141,20 @@ def test_tied_head_when_the_file_has_no_output_tensor(tmp_path_factory):
     ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="tied.gguf")
     assert ours.config.tie_word_embeddings and ours.lm_head.weight is ours.model.embed_tokens.weight
     torch.testing.assert_close(_logits(ours), _logits(original), atol=1e-5, rtol=1e-5)
+
+
+def test_q4_0_embeddings_are_expanded_and_a_tied_head_shares_them(tmp_path_factory, caplog):
+    """As in llama.cpp's own Q4_0 files, the token embeddings are Q4_0 too: loom has no quantized lookup, so they are
+    expanded (and said so), and the tied head uses that float table."""
+    folder, original = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM",
+                                            **{**BLOCKS, "tie_word_embeddings": True})
+    write_gguf(folder / "q4.gguf", original, "llama", "Q4_0", skip_quant=("norm",))
+    with caplog.at_level(logging.WARNING, logger="loom"):
+        ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="q4.gguf")
+    assert "1 Q4_0 tensors are dequantized" in caplog.text  # the embedding table; the 14 Linears stay 4-bit
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight and ours.lm_head.weight.dtype == torch.float32
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    torch.testing.assert_close(_logits(ours), _logits(_reference(folder, "q4.gguf")), atol=1e-4, rtol=1e-4)
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ not fit the per-row int8 `Int8Linear`), and the load says so once. The model the
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 from torch import nn
@@ -43,12 +44,12 @@ class GgufQ4Loader(WeightOnlyQuantizer):
     def prepare_model(self, model: nn.Module) -> None:
         super().prepare_model(model)
         owned = {f"{n}.weight" for n in self.converted}
-        expanded = sorted({kind for name, kind in self.types.items() if kind not in _FLOAT_TYPES
-                           and name not in owned})
+        expanded = Counter(kind for name, kind in self.types.items() if kind not in _FLOAT_TYPES and name not in owned)
         if expanded:
-            logger.warning(f"{self.file}: loom has no kernel for GGUF {', '.join(expanded)} tensors, so they are "
-                           "dequantized to the model's dtype (more memory, same values as the file); "
-                           f"{len(owned)} Q4_0 Linear weights stay 4-bit on loom's int4 kernels")
+            listed = ", ".join(f"{n} {kind}" for kind, n in sorted(expanded.items()))
+            logger.warning(f"{self.file}: {listed} tensors are dequantized to the model's dtype (the file's values, "
+                           "more memory): loom's kernels run only Q4_0 Linear weights as they are stored "
+                           f"({len(owned)} kept 4-bit)")
 
     def _attach(self, model: nn.Module) -> None:
         if self.converted:  # nothing kept quantized: the model is a plain float model
