@@ -65,6 +65,17 @@ def test_llama3_ids_equal_the_source_tokenizer_and_the_reference(llama3_gguf):
     assert ours("<|eot_id|>", add_special_tokens=False)["input_ids"] == [source.token_to_id("<|eot_id|>")]
 
 
+@pytest.mark.parametrize("pre", ["qwen2", "gpt-2"])
+def test_other_split_rules_equal_the_reference(llama3_gguf, tmp_path, pre):
+    """The same vocabulary under Qwen 2's split rule (digits one by one) and GPT-2's own."""
+    _, source_file = llama3_gguf
+    _gguf_with_tokenizer(tmp_path, {**llama3_tokenizer_metadata(source_file), "tokenizer.ggml.pre": pre})
+    ours, ref = AutoTokenizer.from_pretrained(tmp_path, gguf_file="tok.gguf"), _reference(tmp_path)
+    for text in CORPUS:
+        if "<|endoftext|>" not in text:  # see the test above
+            assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+
+
 def test_full_llama3_vocabulary_ids_equal_its_tokenizer_json(assets, tmp_path):
     """All 128k tokens and 280k merges of the real file (the reference is too slow to read this one in a test)."""
     from tokenizers import Tokenizer
