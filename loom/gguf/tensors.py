@@ -98,7 +98,7 @@ class GgufCheckpoint:
             t = torch.from_numpy(tensor.data.copy())
             t = t.view(torch.bfloat16) if kind == "BF16" else t
         else:
-            t = self._dequantize(key, kind, tensor.data)
+            t = _dequantize(kind, tensor.data)
         return self._unpermute(key, t.reshape(tensor.shape))
 
     def q4_0_blocks(self, key: str) -> torch.Tensor:
@@ -116,12 +116,14 @@ class GgufCheckpoint:
                 return unpermute_rows(t, n_head)
         return t
 
-    def _dequantize(self, key: str, kind: str, data: np.ndarray) -> torch.Tensor:
-        if kind in _TORCH_DEQUANT:
-            size, fn = _TORCH_DEQUANT[kind]
-            return fn(torch.from_numpy(data.copy()).reshape(-1, size))
-        gguf = gguf_package()
-        return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).copy())
+
+def _dequantize(kind: str, data: np.ndarray) -> torch.Tensor:
+    """float32 values of a quantized tensor's bytes: Q8_0 and Q4_0 here, other types by the gguf package."""
+    if kind in _TORCH_DEQUANT:
+        size, fn = _TORCH_DEQUANT[kind]
+        return fn(torch.from_numpy(data.copy()).reshape(-1, size))
+    gguf = gguf_package()
+    return torch.from_numpy(gguf.quants.dequantize(data, gguf.GGMLQuantizationType[kind]).copy())
 
 
 def _check_expandable(tensors, file: Path) -> None:
