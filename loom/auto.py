@@ -7,7 +7,7 @@ import os
 import pkgutil
 from typing import Any
 
-from loom.configuration import CONFIG_NAME, PretrainedConfig, config_from_file, read_config_dict
+from loom.configuration import PretrainedConfig, config_from_file, read_config_source
 
 
 def _family_modules() -> list[str]:
@@ -62,17 +62,15 @@ def model_class_by_name(name: str):
 
 
 class AutoConfig:
-    """Reads config.json and returns the config class of its model_type."""
+    """Reads config.json (or a GGUF file's metadata, with `gguf_file=`) and returns the config class of its
+    model_type."""
 
     def __init__(self) -> None:
         raise EnvironmentError("use AutoConfig.from_pretrained(path) or AutoConfig.for_model(model_type)")
 
     @staticmethod
     def from_pretrained(path_or_id: str | os.PathLike, **kwargs: Any) -> PretrainedConfig:
-        from loom.hub import pop_hub_kwargs, resolve_file
-
-        path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
-        data = read_config_dict(path)
+        path, data = read_config_source(path_or_id, kwargs)
         cls = config_class_for(data.get("model_type"), path)
         config = config_from_file(cls, path, data, **kwargs)
         config._name_or_path = str(path_or_id)
@@ -108,7 +106,7 @@ class _AutoModel:
         if not isinstance(config, PretrainedConfig):
             from loom.hub import HUB_KWARGS
 
-            hub = {k: kwargs[k] for k in kwargs if k in HUB_KWARGS}
+            hub = {k: kwargs[k] for k in kwargs if k in HUB_KWARGS or k == "gguf_file"}
             config_overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in ("num_labels", "id2label",
                                                                                "label2id", "problem_type")}
             config = AutoConfig.from_pretrained(config or path_or_id, **hub, **config_overrides)

@@ -218,11 +218,10 @@ class PretrainedConfig(PushToHubMixin):
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, **kwargs: Any) -> "PretrainedConfig":
-        """Read `config.json` from a directory, the HF cache or the hub; keyword arguments override its values."""
-        from loom.hub import pop_hub_kwargs, resolve_file
-
-        path = resolve_file(path_or_id, CONFIG_NAME, **pop_hub_kwargs(kwargs))
-        config = config_from_file(cls, path, read_config_dict(path), **kwargs)
+        """Read `config.json` from a directory, the HF cache or the hub (or a GGUF file's metadata, with
+        `gguf_file=`); keyword arguments override its values."""
+        path, data = read_config_source(path_or_id, kwargs)
+        config = config_from_file(cls, path, data, **kwargs)
         config._name_or_path = str(path_or_id)
         return config
 
@@ -277,6 +276,21 @@ def config_from_file(cls: type[PretrainedConfig], path: Path, data: dict[str, An
         if e.field in kwargs or e.field not in {cls.attribute_map.get(k, k) for k in data}:
             raise
         raise ConfigFieldError(f"{path}: {e}", e.field) from None
+
+
+def read_config_source(path_or_id, kwargs: dict) -> tuple[Path, dict[str, Any]]:
+    """(file, config dict) of a model: its config.json, or with `gguf_file` in kwargs that GGUF file's metadata;
+    the hub keywords and `gguf_file` are taken out of kwargs."""
+    from loom.hub import pop_hub_kwargs, resolve_file
+
+    hub = pop_hub_kwargs(kwargs)
+    gguf_file = kwargs.pop("gguf_file", None)
+    if gguf_file is not None:
+        from loom.gguf.config import gguf_config_source
+
+        return gguf_config_source(path_or_id, gguf_file, hub)
+    path = resolve_file(path_or_id, CONFIG_NAME, **hub)
+    return path, read_config_dict(path)
 
 
 def read_config_dict(path: Path) -> dict[str, Any]:

@@ -161,6 +161,10 @@ def open_checkpoint(file: Path, eager: bool = False):
     """A handle for one file: safetensors through a private mmap (zero-copy, pages read on first touch) or, with
     `eager`, through plain reads (for loads that convert every tensor: a quantizer's fp32 pages must not stay
     resident); .bin files through torch.load(weights_only=True), mmap'd unless in the legacy format."""
+    if file.suffix == ".gguf":
+        from loom.gguf.tensors import GgufCheckpoint
+
+        return GgufCheckpoint(file)
     if file.suffix == ".safetensors":
         if eager:
             return SafetensorsReader(file)

@@ -305,8 +305,9 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         for legacy in ("low_cpu_mem_usage", "_fast_init", "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)
         path = pretrained_model_name_or_path
+        gguf_file = kwargs.pop("gguf_file", None)
         if not isinstance(config, PretrainedConfig):
-            config = cls.config_class.from_pretrained(config or path, **hub, **kwargs)
+            config = cls.config_class.from_pretrained(config or path, **hub, **kwargs, gguf_file=gguf_file)
         else:
             for k, v in kwargs.items():
                 setattr(config, k, v)
@@ -319,9 +320,14 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         dtype = parse_dtype(dtype)
         if dtype == "auto":
             dtype = parse_dtype(getattr(config, "dtype", None))  # None -> the checkpoint's own dtypes
-        ckpt = loading.find_checkpoint_files(path, variant=variant, use_safetensors=use_safetensors, **hub)
-
         hooks = []
+        if gguf_file is not None:  # llama.cpp's one-file format: loom/gguf
+            from loom.gguf.load import gguf_checkpoint
+
+            ckpt, gguf_hook, dtype = gguf_checkpoint(path, gguf_file, dtype, quantization_config, hub)
+            hooks.append(gguf_hook)
+        else:
+            ckpt = loading.find_checkpoint_files(path, variant=variant, use_safetensors=use_safetensors, **hub)
         quantizer = _quantizer_for(config, quantization_config)
         if quantizer is not None:
             hooks.append(quantizer)

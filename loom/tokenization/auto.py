@@ -18,6 +18,8 @@ class AutoTokenizer:
         """Load tokenizer.json (or convert vocab.txt, vocab.json + merges.txt, or a SentencePiece model) with
         tokenizer_config.json, special_tokens_map.json, added_tokens.json and chat_template.jinja.
 
+        With `gguf_file=` the tokenizer is built from that GGUF file's metadata instead (loom/tokenization/gguf.py).
+
         Hub options (revision, cache_dir, local_files_only, token, subfolder) pick the files; any other keyword
         overrides the matching tokenizer_config.json setting (e.g. padding_side="left", model_max_length=512).
         """

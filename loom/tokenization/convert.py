@@ -226,7 +226,13 @@ def _llama_tokenizer(model: SpmModel) -> Tokenizer:
     vocab = {}
     for i, p in enumerate(model.pieces):
         vocab.setdefault(p.piece, i)
-    tok = Tokenizer(BPE(vocab=vocab, merges=_llama_merges(vocab), fuse_unk=True, byte_fallback=True, dropout=None))
+    return llama_bpe_tokenizer(vocab, _llama_merges(vocab))
+
+
+def llama_bpe_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
+    """Llama's SentencePiece BPE recipe over a vocabulary and its merges (byte fallback, "▁" for spaces, a prefix
+    space on the first piece only)."""
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     tok.normalizer = None
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),

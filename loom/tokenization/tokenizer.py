@@ -166,7 +166,13 @@ class PreTrainedTokenizerFast(PushToHubMixin):
         """Load a tokenizer from a model directory or hub id (tokenizer.json, or legacy files converted)."""
         from .loading import load_pretrained
 
-        engine, init = load_pretrained(pretrained_model_name_or_path, **kwargs)
+        if kwargs.get("gguf_file") is not None:  # a GGUF's metadata (loom/tokenization/gguf.py)
+            from .gguf import load_gguf_tokenizer
+
+            engine, init = load_gguf_tokenizer(pretrained_model_name_or_path, **kwargs)
+        else:
+            kwargs.pop("gguf_file", None)
+            engine, init = load_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls(_engine=engine, **init)
 
     def save_pretrained(self, save_directory: str | os.PathLike, legacy_format: bool | None = None,
