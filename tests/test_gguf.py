@@ -4,6 +4,8 @@ everything to float32), for Llama (q/k permuted by llama.cpp's converter), Mistr
 that name the file, the architecture or the package."""
 from __future__ import annotations
 
+import json
+
 import logging
 import sys
 
@@ -86,6 +88,9 @@ def test_q4_0_model_saves_and_reloads_as_loom_int4(llama, tmp_path):
     again = loom.AutoModelForCausalLM.from_pretrained(tmp_path)
     assert type(again.lm_head).__name__ == "Int4Linear"
     torch.testing.assert_close(_logits(again), _logits(ours), atol=0, rtol=0)
+    # symmetric int4 in groups of 32 saves as compressed-tensors, which other tools read
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "compressed-tensors"
 
 
 def test_float16_file_loads_in_the_requested_dtype(llama):

@@ -27,6 +27,9 @@ CHECKPOINT_FORMATS = {
              "GPTQ, the same tensors"),
     "AWQ": ("4-bit GEMM", "int4 kernel", "AWQ, the same tensors"),
     "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
+    "GGUF (gguf_file=)": ("llama, mistral, qwen2, qwen3: F32/F16/BF16 and the types the gguf package expands",
+                          "Q4_0 Linears on the int4 kernel; dequantized: Q8_0, K-quants, Q4_1, Q5_*",
+                          "compressed-tensors pack-quantized int4 group 32 (the Q4_0 layers)"),
 }
 
 
