@@ -86,6 +86,10 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
     """y = x @ dequant(W).T (bias not included) with the module's chosen kernel."""
     kernel = module.kernel
     shape = x.shape[:-1]
+    if kernel != "native" and x.requires_grad and torch.is_grad_enabled():
+        # fbgemm's and int8pack's products give x no gradient: a backward through them (adapters below a
+        # quantized layer) takes the differentiable dequantized product instead
+        kernel = "dequantize"
     if kernel == "native" and policy.quantized_applies(x):
         return ops.int8_linear(x, module.weight, module.weight_scale)
     if kernel == "fbgemm_int8" and x.device.type == "cpu":

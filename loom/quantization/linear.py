@@ -131,9 +131,17 @@ class _QuantLinear(nn.Linear):
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
+def _stamp(t: torch.Tensor) -> tuple:
+    """Which tensor, at which in-place version (inference-mode tensors keep no version: their identity only)."""
+    try:
+        return id(t), t._version
+    except RuntimeError:
+        return id(t), None
+
+
 class Int8Linear(_QuantLinear):
-    """y = x @ (int8 W * per-row scale).T + b. With the fbgemm kernel (CPUs without loom's native kernels) the weight
-    lives in fbgemm's packed form once first used."""
+    """y = x @ (int8 W * per-row scale).T + b. With the fbgemm kernel (CPUs without loom's native kernels) a packed
+    copy of the weight is made on first use; `weight` stays the int8 tensor."""
 
     bits = 8
 
@@ -157,34 +165,29 @@ class Int8Linear(_QuantLinear):
         return kernels.int8_matmul(x, self)
 
     def packed_weight(self):
-        """fbgemm's packed weight; packing frees the plain int8 copy so the weight is held once."""
-        if self._packed is None:
+        """fbgemm's packed weight. The plain int8 `weight` stays beside it (one more byte per weight, on CPUs where
+        loom's kernels do not run): code that reads `module.weight` (peft's layer wrapping, a user's inspection)
+        must find the tensor, not None."""
+        # repacked when the weight or scale tensors were replaced or changed in place since they were packed
+        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
+        if self._packed is None or self._packed_stamp != stamp:
             self.row_sums = self.weight.float().sum(1) * self.weight_scale
             self._packed = kernels.pack_fbgemm(self.weight, self.weight_scale)
-            self._buffers["weight"] = None
+            self._packed_stamp = stamp
         return self._packed
 
     def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._packed is not None:
-            return kernels.unpack_fbgemm(self._packed)[0], self.weight_scale
         return self.weight, self.weight_scale
 
-    def _unpack(self) -> None:
-        if self._packed is not None:
-            self._buffers["weight"] = kernels.unpack_fbgemm(self._packed)[0]
-            self._packed = None
+    def _drop_packed(self) -> None:
+        self._packed = None  # repacked from `weight` on next use
 
     def _apply(self, fn, recurse=True):
-        self._unpack()
+        self._drop_packed()
         return super()._apply(fn, recurse)
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self._packed is not None:
-            destination[prefix + "weight"] = kernels.unpack_fbgemm(self._packed)[0]
-
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        self._unpack()
+        self._drop_packed()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -228,3 +228,44 @@ def test_minilm_embeddings_close_to_fp32(minilm_dir):
             q = loom.AutoModel.from_pretrained(minilm_dir, quantization_config=cfg)
             cos = nn.functional.cosine_similarity(q(ids).last_hidden_state.mean(1), ref)
             assert cos.min() > floor, (cfg, cos)
+
+
+def test_int8_weight_stays_readable_and_packing_follows_changes(monkeypatch):
+    """On CPUs without loom's kernels the int8 Linear runs on fbgemm's packed copy; its `weight` stays the int8 tensor
+    (peft reads it when wrapping) and an in-place change to it is seen by the next forward."""
+    from loomtest import kernels_off_for
+
+    from loom.quantization.linear import Int8Linear
+
+    kernels_off_for(monkeypatch)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32)).eval()
+    layer.choose_kernel()
+    x = torch.randn(3, 64)
+    before = layer(x)
+    assert layer.weight is not None and layer.weight.dtype == torch.int8
+    with torch.no_grad():
+        layer.weight.mul_(-1)
+    assert torch.allclose(layer(x) - layer.bias, -(before - layer.bias), atol=1e-2)
+
+
+@pytest.mark.parametrize("kernels", ["on", "off"])
+def test_int8_linear_passes_the_input_gradient(monkeypatch, kernels):
+    """Adapters below a quantized layer learn only if the layer passes its input gradient on: it equals the gradient
+    through the dequantized weight on every kernel path (fbgemm's product has no backward of its own)."""
+    from loomtest import kernels_off_for
+
+    from loom.quantization.linear import Int8Linear
+
+    if kernels == "off":
+        kernels_off_for(monkeypatch)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 32))
+    layer.choose_kernel()
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    x2 = x.detach().requires_grad_()
+    torch.nn.functional.linear(x2, layer.weight.float() * layer.weight_scale[:, None], layer.bias).square().sum() \
+        .backward()
+    assert x.grad.abs().sum() > 0
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-3, rtol=1e-3)
