@@ -33,6 +33,10 @@ _export("loom.generation.logits_process", "LogitsProcessor", "LogitsProcessorLis
         "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
         "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
         "MinPLogitsWarper", "TypicalLogitsWarper")
+_export("loom.generation.warpers", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper")
+_export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixConstrainedLogitsProcessor",
+        "EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor",
+        "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
 _export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer")

@@ -1,0 +1,250 @@
+"""Conformance with the reference's own unit tests: run its test files on `transformers`, then on loom.
+
+    python bench/conformance.py --reference PATH [--sdist PATH | --sdist-version 5.25.0] [--cache DIR] [FILE ...]
+
+PATH is a checkout of the reference's public repository (a directory holding tests/), or a bare git directory
+(e.g. a snapshot fetched to /work/.mirror/<owner>+<name>/repo), whose HEAD's tests/ is exported. The shared test
+helpers (tests/*_common.py ...) come from the PyPI source distribution: `--sdist` names the .tar.gz, otherwise
+`pip download --no-binary :all: --no-deps transformers==<version>` fetches it into a temporary directory. Nothing
+is copied into this repository: the run directory is a temporary directory (kept with --keep).
+
+Each FILE (default: the issue's list) runs in its own pytest subprocess twice: on the installed `transformers`,
+then with `transformers` aliased to loom (bench/conformance_alias.py says how submodule imports resolve). Output:
+per file, collected / passing on the reference / passing on loom / the share of the reference-passing tests that
+pass on loom, and loom's failures among those grouped by cause. `--cache DIR` keeps the junit XML of each run and
+reuses the reference's on the next run (`--rerun-reference` refreshes it).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+LOOM_ROOT = Path(__file__).resolve().parent.parent
+
+DEFAULT_FILES = [
+    "tests/generation/test_logits_process.py", "tests/generation/test_stopping_criteria.py",
+    "tests/generation/test_streamers.py", "tests/generation/test_configuration_utils.py",
+    "tests/trainer/test_data_collator.py", "tests/trainer/test_training_args.py",
+    "tests/trainer/test_trainer_callback.py", "tests/optimization/test_optimization.py",
+    "tests/tokenization/test_tokenization_utils.py", "tests/tokenization/test_tokenization_fast.py",
+    "tests/utils/test_hf_argparser.py", "tests/utils/test_model_output.py", "tests/utils/test_configuration_utils.py",
+    "tests/utils/test_cache_utils.py", "tests/utils/test_chat_template_utils.py",
+    "tests/models/bert/test_modeling_bert.py", "tests/models/gpt2/test_modeling_gpt2.py",
+    "tests/models/llama/test_modeling_llama.py",
+]
+
+# test id (file::class::name, a prefix matches) -> why loom deliberately behaves differently
+KNOWN_DIFFERENCES: dict[str, str] = {}
+
+CONFTEST = '''\
+import os, sys
+if os.environ.get("CONFORMANCE_TARGET") == "loom":
+    sys.path.insert(0, {bench!r})
+    import conformance_alias
+    conformance_alias.install()
+
+
+def pytest_configure(config):
+    for marker in ("generate", "is_training_test", "is_tensor_parallel_test", "is_fsdp_test", "flash_attn_test",
+                   "flash_attn_3_test", "flash_attn_4_test", "all_flash_attn_test", "bitsandbytes"):
+        config.addinivalue_line("markers", marker)
+'''
+
+
+def export_reference(reference: Path, dest: Path) -> Path:
+    """A directory holding the reference's tests/: the checkout itself, or HEAD of a bare git directory."""
+    if (reference / "tests").is_dir():
+        return reference
+    if not (reference / "HEAD").is_file():
+        sys.exit(f"--reference {reference}: neither a checkout with tests/ nor a bare git directory")
+    dest.mkdir(parents=True)
+    archive = subprocess.run(["git", f"--git-dir={reference}", "archive", "HEAD", "tests"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def sdist_archive(args, tmp: Path) -> Path:
+    if args.sdist:
+        return Path(args.sdist)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+                    f"transformers=={args.sdist_version}", "-d", str(tmp / "sdist")], check=True)
+    return next((tmp / "sdist").glob("transformers-*.tar.gz"))
+
+
+def build_run_dir(checkout: Path, sdist: Path, files: list[str], run: Path) -> None:
+    """The reference's tests/ minus other model families' folders, the listed files, the sdist's helpers."""
+    shutil.copytree(checkout / "tests", run / "tests", ignore=shutil.ignore_patterns("models"))
+    (run / "tests" / "models").mkdir()
+    shutil.copy2(checkout / "tests" / "models" / "__init__.py", run / "tests" / "models" / "__init__.py")
+    for name in files:
+        source = checkout / name
+        if not source.exists():
+            sys.exit(f"{name}: not in the reference checkout {checkout}")
+        for parent in source.relative_to(checkout).parents:
+            init = checkout / parent / "__init__.py"
+            if init.exists() and not (run / parent / "__init__.py").exists():
+                (run / parent).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(init, run / parent / "__init__.py")
+        shutil.copy2(source, run / name)
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) == 3 and parts[1] == "tests" and member.isfile() and parts[2].endswith(".py"):
+                (run / "tests" / parts[2]).write_bytes(archive.extractfile(member).read())
+    (run / "conftest.py").write_text(CONFTEST.format(bench=str(LOOM_ROOT / "bench")))
+    (run / "pytest.ini").write_text("[pytest]\n")
+
+
+def run_file(run: Path, name: str, target: str, junit: Path, timeout: int) -> str:
+    env = dict(os.environ, CONFORMANCE_TARGET=target, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(run), str(LOOM_ROOT), os.environ.get("PYTHONPATH")])), TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
+               "-o", "junit_family=xunit1", "--rootdir", str(run)]
+    try:
+        result = subprocess.run(command, cwd=run, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout}s"
+    return result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
+    """test id -> (outcome, cause) from a junit file; a collection error is one entry for the whole file."""
+    if not junit.exists():
+        return {}
+    results = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
+        outcome, cause = "passed", ""
+        for tag in ("failure", "error", "skipped"):
+            node = case.find(tag)
+            if node is not None:
+                outcome = "skipped" if tag == "skipped" else "failed"
+                cause = cause_of(node.get("message") or "", node.text or "")
+                break
+        results[test_id] = (outcome, cause)
+    return results
+
+
+def cause_of(message: str, text: str) -> str:
+    """A short failure cause: exception type plus the missing name where there is one."""
+    for line in (message, *reversed(text.splitlines())):
+        found = re.search(r"(ImportError|ModuleNotFoundError): (cannot import name '[^']+'|No module named '[^']+')",
+                          line)
+        if found:
+            return f"{found.group(1)}: {found.group(2)}"
+        found = re.search(r"AttributeError: .*?(has no attribute '[^']+'|object has no attribute '[^']+')", line)
+        if found:
+            return f"AttributeError: {found.group(1)}"
+    first = (message or text).strip().splitlines()[0] if (message or text).strip() else "unknown"
+    found = re.match(r"(?:E\s+)?([A-Za-z_.]*(?:Error|Exception|Failed|Interrupt)\b)", first)
+    if found:
+        return found.group(1).rsplit(".", 1)[-1]
+    return first[:80]
+
+
+def compare(name: str, reference: dict, loom: dict) -> dict:
+    ref_pass = {t for t, (o, _) in reference.items() if o == "passed"}
+    loom_pass = {t for t, (o, _) in loom.items() if o == "passed"}
+    collection_error = next((c for t, (o, c) in loom.items() if o == "failed" and t.startswith("::")), None)
+    causes = collections.Counter()
+    known = {}
+    for test in sorted(ref_pass - loom_pass):
+        reason = next((r for prefix, r in KNOWN_DIFFERENCES.items() if f"{name}::{test}".startswith(prefix)), None)
+        if reason:
+            known[test] = reason
+            continue
+        outcome, cause = loom.get(test, ("failed", collection_error or "not collected"))
+        causes["skipped on loom" if outcome == "skipped" else cause] += 1
+    return {"collected": len(reference), "ref_pass": len(ref_pass), "loom_pass": len(ref_pass & loom_pass),
+            "causes": causes, "known": known}
+
+
+def check_test_dependencies() -> None:
+    """The shared helpers import these; say so before every file fails on collection."""
+    import importlib.util
+
+    missing = [name for name in ("parameterized", "pytest") if importlib.util.find_spec(name) is None]
+    if missing:
+        sys.exit(f"the reference's test helpers need {', '.join(missing)}: pip install {' '.join(missing)} "
+                 "(or put them on PYTHONPATH)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="*", default=DEFAULT_FILES)
+    parser.add_argument("--reference", required=True, type=Path)
+    parser.add_argument("--sdist", help="the transformers source distribution (.tar.gz)")
+    parser.add_argument("--sdist-version", default="5.25.0")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per file and run")
+    parser.add_argument("--cache", type=Path, help="keep junit XML here; reuse the reference's")
+    parser.add_argument("--rerun-reference", action="store_true")
+    parser.add_argument("--causes", type=int, default=6, help="causes listed per file")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    args = parser.parse_args()
+    check_test_dependencies()
+
+    tmp = Path(tempfile.mkdtemp(prefix="loom-conformance-"))
+    checkout = export_reference(args.reference.resolve(), tmp / "reference")
+    build_run_dir(checkout, sdist_archive(args, tmp), args.files, tmp / "run")
+    junits = args.cache or tmp / "junit"
+    junits.mkdir(parents=True, exist_ok=True)
+
+    rows = []
+    for name in args.files:
+        stem = name.removeprefix("tests/").removesuffix(".py").replace("/", "__")
+        results = {}
+        for target in ("reference", "loom"):
+            junit = junits / f"{stem}.{target}.xml"
+            if target == "loom" or args.rerun_reference or not junit.exists():
+                junit.unlink(missing_ok=True)
+                log = run_file(tmp / "run", name, target, junit, args.timeout)
+                if not junit.exists():
+                    print(f"{name} [{target}]: no junit output\n{log}", file=sys.stderr)
+            results[target] = outcomes(junit)
+        row = compare(name, results["reference"], results["loom"])
+        rows.append((name, row))
+        print_row(name, row, args.causes)
+    print_table(rows)
+    if args.keep:
+        print(f"run directory: {tmp / 'run'}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def share(row: dict) -> str:
+    return f"{100 * row['loom_pass'] / row['ref_pass']:.0f}%" if row["ref_pass"] else "-"
+
+
+def print_row(name: str, row: dict, limit: int) -> None:
+    print(f"\n{name}: collected {row['collected']}, reference passes {row['ref_pass']}, loom passes "
+          f"{row['loom_pass']} ({share(row)})", flush=True)
+    for cause, count in row["causes"].most_common(limit):
+        print(f"    {count:4d}  {cause}")
+    for test, reason in row["known"].items():
+        print(f"    known difference: {test}: {reason}")
+
+
+def print_table(rows: list) -> None:
+    print("\n| file | collected | pass (reference) | pass (loom) | loom / reference |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in rows:
+        print(f"| {name.removeprefix('tests/')} | {row['collected']} | {row['ref_pass']} | {row['loom_pass']} | "
+              f"{share(row)} |")
+    ref = sum(r["ref_pass"] for _, r in rows)
+    ok = sum(r["loom_pass"] for _, r in rows)
+    total = sum(r["collected"] for _, r in rows)
+    print(f"| **all** | {total} | {ref} | {ok} | {100 * ok / max(ref, 1):.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
