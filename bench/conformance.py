@@ -11,13 +11,16 @@ is copied into this repository: the run directory is a temporary directory (kept
 Each FILE (default: the issue's list) runs in its own pytest subprocess twice: on the installed `transformers`,
 then with `transformers` aliased to loom (bench/conformance_alias.py says how submodule imports resolve). Output:
 per file, collected / passing on the reference / passing on loom / the share of the reference-passing tests that
-pass on loom, and loom's failures among those grouped by cause. `--cache DIR` keeps the junit XML of each run and
-reuses the reference's on the next run (`--rerun-reference` refreshes it).
+pass on loom, and loom's failures among those grouped by cause. Results are recorded test by test (a file that runs
+past --timeout keeps what it finished; pytest-timeout, when installed, stops a single test after
+--per-test-timeout). `--cache DIR` keeps them and reuses the reference's on the next run (`--rerun-reference`).
 """
 from __future__ import annotations
 
 import argparse
 import collections
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -25,7 +28,6 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 LOOM_ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +48,7 @@ DEFAULT_FILES = [
 KNOWN_DIFFERENCES: dict[str, str] = {}
 
 CONFTEST = '''\
-import os, sys
+import json, os, sys
 if os.environ.get("CONFORMANCE_TARGET") == "loom":
     sys.path.insert(0, {bench!r})
     import conformance_alias
@@ -57,6 +59,25 @@ def pytest_configure(config):
     for marker in ("generate", "is_training_test", "is_tensor_parallel_test", "is_fsdp_test", "flash_attn_test",
                    "flash_attn_3_test", "flash_attn_4_test", "all_flash_attn_test", "bitsandbytes"):
         config.addinivalue_line("markers", marker)
+
+
+def _record(nodeid, outcome, report):
+    # one line per result as it happens, so a file killed by the timeout keeps what it had done
+    text = str(report.longrepr) if report.longrepr else ""
+    with open(os.environ["CONFORMANCE_RESULTS"], "a", encoding="utf-8") as out:
+        out.write(json.dumps({{"id": nodeid, "outcome": outcome, "text": text[-4000:]}}) + "\\n")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        if report.when == "teardown" and report.outcome == "passed":
+            return
+        _record(report.nodeid, "skipped" if report.skipped else report.outcome, report)
+
+
+def pytest_collectreport(report):
+    if report.failed:
+        _record(report.nodeid + "::", "failed", report)
 '''
 
 
@@ -105,39 +126,37 @@ def build_run_dir(checkout: Path, sdist: Path, files: list[str], run: Path) -> N
     (run / "pytest.ini").write_text("[pytest]\n")
 
 
-def run_file(run: Path, name: str, target: str, junit: Path, timeout: int) -> str:
-    env = dict(os.environ, CONFORMANCE_TARGET=target, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(run), str(LOOM_ROOT), os.environ.get("PYTHONPATH")])), TOKENIZERS_PARALLELISM="false")
-    command = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", f"--junitxml={junit}",
-               "-o", "junit_family=xunit1", "--rootdir", str(run)]
+def run_file(run: Path, name: str, target: str, results: Path, timeout: int, per_test: int) -> str:
+    env = dict(os.environ, CONFORMANCE_TARGET=target, CONFORMANCE_RESULTS=str(results), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(run), str(LOOM_ROOT), os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, "-m", "pytest", name, "-q", "-p", "no:cacheprovider", "--rootdir", str(run)]
+    if per_test and importlib.util.find_spec("pytest_timeout") is not None:
+        command.append(f"--timeout={per_test}")  # pytest-timeout registers itself when installed
     try:
         result = subprocess.run(command, cwd=run, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        return f"timed out after {timeout}s"
+        return f"timed out after {timeout}s (the results so far are kept)"
     return result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def outcomes(junit: Path) -> dict[str, tuple[str, str]]:
-    """test id -> (outcome, cause) from a junit file; a collection error is one entry for the whole file."""
-    if not junit.exists():
+def outcomes(results: Path) -> dict[str, tuple[str, str]]:
+    """test id -> (outcome, cause); a collection error is one entry, `<file>::`, for the whole file."""
+    if not results.exists():
         return {}
-    results = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        test_id = f"{case.get('classname', '')}::{case.get('name', '')}"
-        outcome, cause = "passed", ""
-        for tag in ("failure", "error", "skipped"):
-            node = case.find(tag)
-            if node is not None:
-                outcome = "skipped" if tag == "skipped" else "failed"
-                cause = cause_of(node.get("message") or "", node.text or "")
-                break
-        results[test_id] = (outcome, cause)
-    return results
+    out = {}
+    for line in results.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        outcome, text = record["outcome"], record["text"]
+        if out.get(record["id"], ("passed",))[0] != "passed":
+            continue  # a failed call then a failed teardown: keep the first cause
+        out[record["id"]] = (outcome, cause_of(text) if outcome == "failed" else "")
+    return out
 
 
-def cause_of(message: str, text: str) -> str:
+def cause_of(text: str) -> str:
     """A short failure cause: exception type plus the missing name where there is one."""
-    for line in (message, *reversed(text.splitlines())):
+    for line in reversed(text.splitlines()):
         found = re.search(r"(ImportError|ModuleNotFoundError): (cannot import name '[^']+'|No module named '[^']+')",
                           line)
         if found:
@@ -145,17 +164,17 @@ def cause_of(message: str, text: str) -> str:
         found = re.search(r"AttributeError: .*?(has no attribute '[^']+'|object has no attribute '[^']+')", line)
         if found:
             return f"AttributeError: {found.group(1)}"
-    first = (message or text).strip().splitlines()[0] if (message or text).strip() else "unknown"
-    found = re.match(r"(?:E\s+)?([A-Za-z_.]*(?:Error|Exception|Failed|Interrupt)\b)", first)
-    if found:
-        return found.group(1).rsplit(".", 1)[-1]
-    return first[:80]
+    for line in reversed(text.splitlines()):
+        found = re.match(r"E\s+([A-Za-z_.]*(?:Error|Exception|Failed|Timeout|Warning)\b)", line)
+        if found:
+            return found.group(1).rsplit(".", 1)[-1]
+    return "Timeout" if "Timeout" in text else (text.strip().splitlines() or ["unknown"])[-1][:80]
 
 
 def compare(name: str, reference: dict, loom: dict) -> dict:
     ref_pass = {t for t, (o, _) in reference.items() if o == "passed"}
     loom_pass = {t for t, (o, _) in loom.items() if o == "passed"}
-    collection_error = next((c for t, (o, c) in loom.items() if o == "failed" and t.startswith("::")), None)
+    collection_error = next((c for t, (o, c) in loom.items() if o == "failed" and t.endswith("::")), None)
     causes = collections.Counter()
     known = {}
     for test in sorted(ref_pass - loom_pass):
@@ -185,8 +204,9 @@ def main() -> None:
     parser.add_argument("--reference", required=True, type=Path)
     parser.add_argument("--sdist", help="the transformers source distribution (.tar.gz)")
     parser.add_argument("--sdist-version", default="5.25.0")
-    parser.add_argument("--timeout", type=int, default=900, help="seconds per file and run")
-    parser.add_argument("--cache", type=Path, help="keep junit XML here; reuse the reference's")
+    parser.add_argument("--timeout", type=int, default=1200, help="seconds per file and run")
+    parser.add_argument("--per-test-timeout", type=int, default=120, help="seconds per test (pytest-timeout)")
+    parser.add_argument("--cache", type=Path, help="keep the per-test results here; reuse the reference's")
     parser.add_argument("--rerun-reference", action="store_true")
     parser.add_argument("--causes", type=int, default=6, help="causes listed per file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directory")
@@ -196,21 +216,22 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loom-conformance-"))
     checkout = export_reference(args.reference.resolve(), tmp / "reference")
     build_run_dir(checkout, sdist_archive(args, tmp), args.files, tmp / "run")
-    junits = args.cache or tmp / "junit"
-    junits.mkdir(parents=True, exist_ok=True)
+    records = args.cache or tmp / "results"
+    records.mkdir(parents=True, exist_ok=True)
 
     rows = []
     for name in args.files:
         stem = name.removeprefix("tests/").removesuffix(".py").replace("/", "__")
         results = {}
         for target in ("reference", "loom"):
-            junit = junits / f"{stem}.{target}.xml"
-            if target == "loom" or args.rerun_reference or not junit.exists():
-                junit.unlink(missing_ok=True)
-                log = run_file(tmp / "run", name, target, junit, args.timeout)
-                if not junit.exists():
-                    print(f"{name} [{target}]: no junit output\n{log}", file=sys.stderr)
-            results[target] = outcomes(junit)
+            record = records / f"{stem}.{target}.jsonl"
+            if target == "loom" or args.rerun_reference or not record.exists():
+                record.unlink(missing_ok=True)
+                log = run_file(tmp / "run", name, target, record, args.timeout, args.per_test_timeout)
+                if "timed out" in log or not record.exists():
+                    print(f"{name} [{target}]: {log.strip().splitlines()[-1][:300] if log.strip() else 'no output'}",
+                          file=sys.stderr)
+            results[target] = outcomes(record)
         row = compare(name, results["reference"], results["loom"])
         rows.append((name, row))
         print_row(name, row, args.causes)

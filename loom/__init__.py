@@ -39,12 +39,14 @@ _export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixCon
         "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
-_export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer")
+_export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")
 _export("loom.pipelines", "pipeline", "Pipeline")
 _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
+_export("loom.availability", "is_torch_available", "is_tokenizers_available", "is_sentencepiece_available",
+        "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
 _export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:

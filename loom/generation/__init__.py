@@ -9,7 +9,8 @@ import importlib
 from loom.generation.config import GenerationConfig
 
 _LAZY = {
-    **dict.fromkeys(("TextStreamer", "TextIteratorStreamer", "BaseStreamer"), "loom.generation.streamers"),
+    **dict.fromkeys(("TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer", "BaseStreamer"),
+                    "loom.generation.streamers"),
     **dict.fromkeys(("LogitsProcessor", "LogitsProcessorList", "MinLengthLogitsProcessor",
                      "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor",
                      "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor",

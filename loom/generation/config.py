@@ -20,7 +20,9 @@ FIELDS = (
     "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "num_return_sequences", "output_scores",
     "output_logits", "output_hidden_states", "return_dict_in_generate", "pad_token_id", "bos_token_id",
-    "eos_token_id", "decoder_start_token_id", "compile",
+    "eos_token_id", "decoder_start_token_id", "compile", "sequence_bias", "encoder_repetition_penalty",
+    "encoder_no_repeat_ngram_size", "remove_invalid_values", "exponential_decay_length_penalty", "top_h",
+    "epsilon_cutoff", "eta_cutoff", "renormalize_logits",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
@@ -57,8 +59,10 @@ class GenerationConfig:
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> "GenerationConfig":
+        """Read generation_config.json (or `config_file_name`, also spelled `config_name`); kwargs override."""
         from loom.hub import pop_hub_kwargs, resolve_file
 
+        config_file_name = config_file_name or kwargs.pop("config_name", None)
         path = resolve_file(path_or_id, config_file_name or GENERATION_CONFIG_NAME, **pop_hub_kwargs(kwargs))
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -82,6 +86,7 @@ class GenerationConfig:
         from loom.hub import push_settings, upload_files
         from loom.utils import atomic_write_text
 
+        config_file_name = config_file_name or kwargs.pop("config_name", None)
         push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
