@@ -27,6 +27,9 @@ _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
 _export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
+_export("loom.tokenization.classes", *(f"{family}Tokenizer{fast}" for family in (
+    "Bert", "Electra", "DistilBert", "GPT2", "Llama", "CodeLlama", "Roberta", "XLMRoberta", "Camembert", "T5",
+    "DebertaV2", "MPNet") for fast in ("", "Fast")))
 _export("loom.generation.config", "GenerationConfig")
 _export("loom.generation.logits_process", "LogitsProcessor", "LogitsProcessorList", "MinLengthLogitsProcessor",
         "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
