@@ -50,6 +50,8 @@ _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "Tra
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed")
 _export("loom.availability", "is_torch_available", "is_tokenizers_available", "is_sentencepiece_available",
         "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
+_export("loom.training.collators", "DefaultDataCollator")
+_export("loom.training.seq_collators", "DataCollatorForSeq2Seq", "DataCollatorWithFlattening")
 _export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:
