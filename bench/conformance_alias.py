@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.util
+import os
 import sys
 import types
 
@@ -43,7 +44,7 @@ SUBMODULES = {
     "hf_argparser": "loom.training.argparser",
     "optimization": "loom.training.optimization",
     "models.auto": "loom.auto",
-    "utils": ("loom.utils", "loom.availability"),
+    "utils": ("loom.utils", "loom.availability", "loom.tokenization"),
     "pipelines": "loom.pipelines",
 }
 INFRASTRUCTURE = ("transformers.testing_utils",)
@@ -54,14 +55,20 @@ def _loom_modules(path: str) -> list[str]:
     if not path:
         return ["loom"]
     targets = SUBMODULES.get(path, "loom." + path)
-    found = []
-    for target in (targets,) if isinstance(targets, str) else targets:
-        try:
-            if importlib.util.find_spec(target) is not None:
-                found.append(target)
-        except ModuleNotFoundError:
-            pass
-    return found + ["loom"]
+    return [t for t in ((targets,) if isinstance(targets, str) else targets) if _in_loom(t)] + ["loom"]
+
+
+def _in_loom(module: str) -> bool:
+    """Whether `module` exists in the loom being measured (an editable install's finder could otherwise supply
+    a module of another checkout that this tree lacks)."""
+    import loom
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except ModuleNotFoundError:
+        return False
+    root = os.path.dirname(loom.__file__)
+    return spec is not None and spec.origin is not None and os.path.abspath(spec.origin).startswith(root + os.sep)
 
 
 class AliasModule(types.ModuleType):

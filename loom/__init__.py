@@ -26,7 +26,7 @@ _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoMod
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
-_export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
+_export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding", "TensorType")
 _export("loom.tokenization.classes", *(f"{family}Tokenizer{fast}" for family in (
     "Bert", "Electra", "DistilBert", "GPT2", "Llama", "CodeLlama", "Roberta", "XLMRoberta", "Camembert", "T5",
     "DebertaV2", "MPNet") for fast in ("", "Fast")))

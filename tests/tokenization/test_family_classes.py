@@ -62,3 +62,19 @@ def test_missing_files_are_a_value_error(bpe_files):
         loom.BertTokenizer()
     with pytest.raises(ValueError, match="merges_file="):
         loom.GPT2Tokenizer(bpe_files[0])
+
+
+def test_strategy_enums_match_reference(vocab_txt):
+    from transformers.utils import PaddingStrategy as RefPadding, TensorType as RefTensorType
+
+    from loom.tokenization import PaddingStrategy, TruncationStrategy
+
+    assert loom.TensorType("pt") is loom.TensorType.PYTORCH and loom.TensorType("np") is loom.TensorType.NUMPY
+    assert {m.name: m.value for m in PaddingStrategy} == {m.name: m.value for m in RefPadding}
+    assert [m.value for m in loom.TensorType] == [RefTensorType.PYTORCH.value, RefTensorType.NUMPY.value]
+    with pytest.raises(ValueError):
+        loom.TensorType("tf")  # loom returns PyTorch tensors or NumPy arrays only
+    tok = loom.BertTokenizer(vocab_txt)
+    batch = tok(["hello", "hello world"], padding=PaddingStrategy.LONGEST, truncation=TruncationStrategy.LONGEST_FIRST,
+                max_length=3, return_tensors=loom.TensorType.NUMPY)
+    assert batch["input_ids"].shape == (2, 3)
