@@ -100,12 +100,24 @@ class Missing:
     def _fail(self, *args, **kwargs):
         raise ImportError(f"cannot import name {self._name!r} from {self._module!r} (loom has no such name)")
 
-    __call__ = __mro_entries__ = __iter__ = __bool__ = __enter__ = _fail
+    __call__ = __iter__ = __bool__ = __enter__ = _fail
+
+    def __mro_entries__(self, bases):
+        # a test helper may subclass a missing name at import time: the class still defines, its use fails
+        def refuse(cls, *args, **kwargs):
+            self._fail()
+
+        return (type(self._name, (), {"__new__": refuse, "__init_subclass__": classmethod(lambda cls, **kw: None)}),)
 
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
-        self._fail()
+        return Missing(f"{self._name}.{attr}", self._module)  # module-level constants read from it stay lazy
+
+    def __getitem__(self, key):
+        return Missing(f"{self._name}[{key!r}]", self._module)
+
+    __lt__ = __le__ = __gt__ = __ge__ = __len__ = __contains__ = _fail
 
 
 class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
