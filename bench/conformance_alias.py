@@ -135,6 +135,25 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+def lenient_reference() -> None:
+    """The reference run gets the same leniency: a name the installed `transformers` lacks (the test files are
+    from a slightly different version) imports as a Missing placeholder instead of failing the whole file."""
+    import transformers
+
+    lazy = type(transformers)
+
+    class Lenient(lazy):
+        def __getattr__(self, name: str):
+            try:
+                return lazy.__getattr__(self, name)
+            except AttributeError:
+                if name.startswith("__"):
+                    raise
+                return Missing(name, self.__name__)
+
+    transformers.__class__ = Lenient
+
+
 def install() -> None:
     kept = {}
     for name in INFRASTRUCTURE:

@@ -64,15 +64,15 @@ class PrefixConstrainedLogitsProcessor(LogitsProcessor):
     """Allow only the tokens `prefix_allowed_tokens_fn(batch_id, tokens_so_far)` returns, row by row."""
 
     def __init__(self, prefix_allowed_tokens_fn: Callable[[int, torch.Tensor], list[int]], num_beams: int) -> None:
-        self.prefix_allowed_tokens_fn, self.num_beams = prefix_allowed_tokens_fn, num_beams
+        self._prefix_allowed_tokens_fn, self._num_beams = prefix_allowed_tokens_fn, num_beams
 
     def __call__(self, input_ids, scores):
         mask = torch.full_like(scores, -math.inf)
         for row, tokens in enumerate(input_ids):
-            allowed = self.prefix_allowed_tokens_fn(row // self.num_beams, tokens)
+            allowed = self._prefix_allowed_tokens_fn(row // self._num_beams, tokens)
             if len(allowed) == 0:
                 raise ValueError(f"prefix_allowed_tokens_fn returned no allowed token for batch id "
-                                 f"{row // self.num_beams} (row {row}): the constraint cannot be met; make it "
+                                 f"{row // self._num_beams} (row {row}): the constraint cannot be met; make it "
                                  "return at least one token id")
             mask[row, allowed] = 0
         return scores + mask

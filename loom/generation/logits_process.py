@@ -109,14 +109,14 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
     def __init__(self, ngram_size: int) -> None:
         if not isinstance(ngram_size, int) or ngram_size <= 0:
             raise ValueError(f"no_repeat_ngram_size must be a positive int, got {ngram_size}")
-        self.n = ngram_size
+        self.ngram_size = ngram_size
 
     def __call__(self, input_ids, scores):
-        T = input_ids.shape[-1]
-        if T < self.n:
+        T, n = input_ids.shape[-1], self.ngram_size
+        if T < n:
             return scores
-        prefix = input_ids[:, T + 1 - self.n:]  # the n-1 last tokens
-        windows = input_ids.unfold(1, self.n, 1)  # (B, T-n+1, n)
+        prefix = input_ids[:, T + 1 - n:]  # the n-1 last tokens
+        windows = input_ids.unfold(1, n, 1)  # (B, T-n+1, n)
         hits = (windows[..., :-1] == prefix[:, None]).all(-1)
         vocab = scores.shape[-1]
         banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
@@ -136,6 +136,7 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
                              f"{bad_words_ids!r}")
         eos = [] if eos_token_id is None else torch.as_tensor(eos_token_id).view(-1).tolist()
         words = [w for w in bad_words_ids if not (len(w) == 1 and w[0] in eos)]
+        self.bad_word_ids = bad_words_ids
         self.single = sorted({w[0] for w in words if len(w) == 1})
         by_len: dict[int, list[list[int]]] = {}
         for w in words:
@@ -195,10 +196,10 @@ class SuppressTokensLogitsProcessor(LogitsProcessor):
     """Never generate the given tokens."""
 
     def __init__(self, suppress_tokens, device: str = "cpu") -> None:
-        self.ids = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=device)
+        self.suppress_tokens = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=device)
 
     def __call__(self, input_ids, scores):
-        return scores.masked_fill(_vocab_mask(self.ids, scores.shape[-1], scores.device), -math.inf)
+        return scores.masked_fill(_vocab_mask(self.suppress_tokens, scores.shape[-1], scores.device), -math.inf)
 
 
 # -- warpers: only used when sampling --------------------------------------------------------------------------------

@@ -106,3 +106,14 @@ def test_call_time_errors():
         loom.SequenceBiasLogitsProcessor({(12,): 1.0})(input_ids, scores)
     with pytest.raises(ValueError, match="no allowed token"):
         loom.PrefixConstrainedLogitsProcessor(lambda batch_id, tokens: [], 1)(input_ids, scores)
+
+
+def test_public_attributes_match_reference():
+    """The attributes the reference's own tests read back after a GenerationConfig round trip."""
+    for module in (loom, transformers):
+        assert module.NoRepeatNGramLogitsProcessor(3).ngram_size == 3
+        assert module.EncoderNoRepeatNGramLogitsProcessor(2, ENCODER_IDS).ngram_size == 2
+        assert list(module.NoBadWordsLogitsProcessor([[1, 2], [4]], eos_token_id=4).bad_word_ids) == [[1, 2], [4]]
+        assert list(module.SuppressTokensLogitsProcessor([1, 7]).suppress_tokens) == [1, 7]
+        assert module.PrefixConstrainedLogitsProcessor(allowed_tokens, 3)._num_beams == 3
+        assert module.SequenceBiasLogitsProcessor([[[5, 6], -3.0]]).sequence_bias == {(5, 6): -3.0}
