@@ -147,8 +147,8 @@ def lenient_reference() -> None:
             try:
                 return lazy.__getattr__(self, name)
             except AttributeError:
-                if name.startswith("__"):
-                    raise
+                if name.startswith("__") or importlib.util.find_spec(f"{self.__name__}.{name}") is not None:
+                    raise  # a submodule not imported yet: `from . import x` must go on to import it
                 return Missing(name, self.__name__)
 
     transformers.__class__ = Lenient
