@@ -52,6 +52,7 @@ _export("loom.availability", "is_torch_available", "is_tokenizers_available", "i
         "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
 _export("loom.training.collators", "DefaultDataCollator")
 _export("loom.training.seq_collators", "DataCollatorForSeq2Seq", "DataCollatorWithFlattening")
+_export("loom.training.plm_collator", "DataCollatorForPermutationLanguageModeling")
 _export("loom.quantization", "BitsAndBytesConfig", "WeightOnlyConfig", "quantize_")
 
 def _model_names() -> dict:

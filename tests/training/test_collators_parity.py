@@ -112,3 +112,20 @@ def test_bad_settings_raise_value_error(vocab_file):
         transformers.DataCollatorForSeq2Seq(transformers.BertTokenizer(vocab_file), padding=False)(FEATURES)
     with pytest.raises(ValueError):
         unequal(FEATURES)
+
+
+@pytest.mark.parametrize("return_tensors", ["pt", "np"])
+def test_permutation_lm_matches_reference_under_one_seed(vocab_file, return_tensors):
+    features = [{"input_ids": [1] + list(range(5, 21)) + [2]}, {"input_ids": [1] + list(range(7, 15)) + [2]}]
+
+    def run(module):
+        torch.manual_seed(11)
+        return getattr(module, "DataCollatorForPermutationLanguageModeling")(
+            module.BertTokenizer(vocab_file), return_tensors=return_tensors)(copy.deepcopy(features))
+
+    ours, theirs = run(loom), run(transformers)
+    if return_tensors == "np":  # the reference's NumPy path draws from NumPy's generator
+        ours, theirs = ({k: np.zeros_like(v) for k, v in b.items()} for b in (ours, theirs))
+    _same(ours, theirs)
+    with pytest.raises(ValueError, match="even sequence length"):
+        loom.DataCollatorForPermutationLanguageModeling(loom.BertTokenizer(vocab_file))([{"input_ids": [5, 6, 7]}])
