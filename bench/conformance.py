@@ -51,6 +51,9 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     "token-embedding tables; the reference's private _stop_string_* helpers have no counterpart",
     _STOP_STRINGS[:-len("test_stop_string_")] + "test_stop_string_embedding_vecs": "same: private embedding tables",
     _STOP_STRINGS + "matching_mode_helpers": "same: private matching-mode helpers",
+    **dict.fromkeys([f"tests/generation/test_logits_process.py::LogitsProcessorTest::{name}" for name in (
+        "test_early_stop_processor", "test_dia_classifier_free_guidance", "test_dia_channel_filter",
+        "test_dia_delay_pattern")], "a processor of an audio family loom does not ship (Bark, Dia)"),
 }
 
 # The shared test helpers the listed files import (mixins, ids_tensor, model testers). They are the harness, not the
@@ -263,8 +266,9 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def share(row: dict) -> str:
-    return f"{100 * row['loom_pass'] / row['ref_pass']:.0f}%" if row["ref_pass"] else "-"
+def share(row: dict, excluding_known: bool = False) -> str:
+    base = row["ref_pass"] - (len(row["known"]) if excluding_known else 0)
+    return f"{100 * row['loom_pass'] / base:.0f}%" if base else "-"
 
 
 def print_row(name: str, row: dict, limit: int) -> None:
@@ -277,15 +281,16 @@ def print_row(name: str, row: dict, limit: int) -> None:
 
 
 def print_table(rows: list) -> None:
-    print("\n| file | collected | pass (reference) | pass (loom) | loom / reference |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    print("\n| file | collected | pass (reference) | pass (loom) | loom / reference | excluding known differences |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, row in rows:
         print(f"| {name.removeprefix('tests/')} | {row['collected']} | {row['ref_pass']} | {row['loom_pass']} | "
-              f"{share(row)} |")
+              f"{share(row)} | {share(row, excluding_known=True)} |")
     ref = sum(r["ref_pass"] for _, r in rows)
     ok = sum(r["loom_pass"] for _, r in rows)
     total = sum(r["collected"] for _, r in rows)
-    print(f"| **all** | {total} | {ref} | {ok} | {100 * ok / max(ref, 1):.0f}% |")
+    known = sum(len(r["known"]) for _, r in rows)
+    print(f"| **all** | {total} | {ref} | {ok} | {100 * ok / max(ref, 1):.0f}% | {100 * ok / max(ref - known, 1):.0f}% |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from typing import Any
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
+# the cache_implementation values loom's generate accepts (the reference also has offloaded, quantized, ... ones)
+ALL_CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "max_time", "stop_strings",
     "do_sample", "num_beams", "use_cache", "cache_implementation", "temperature", "top_k", "top_p", "min_p",
@@ -140,7 +143,7 @@ class GenerationConfig:
                 raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.cache_implementation not in (None, "dynamic", "static"):
+        if self.cache_implementation not in (None, *ALL_CACHE_IMPLEMENTATIONS):
             raise ValueError(f"cache_implementation={self.cache_implementation!r} is not supported; use 'dynamic' "
                              "or 'static'")
 

@@ -46,3 +46,15 @@ def test_generation_config_round_trip_with_new_fields(tmp_path, file_name):
     for key, value in settings.items():
         assert getattr(theirs, key) == value and getattr(back, key) == value, key
     assert ours.GenerationConfig().top_h is None and ours.GenerationConfig().sequence_bias is None
+
+
+def test_cache_implementations_are_a_subset_of_the_reference():
+    from transformers.generation.configuration_utils import ALL_CACHE_IMPLEMENTATIONS as reference
+
+    from loom.generation.config import ALL_CACHE_IMPLEMENTATIONS
+
+    assert set(ALL_CACHE_IMPLEMENTATIONS) <= set(reference)
+    for name in ALL_CACHE_IMPLEMENTATIONS:
+        ours.GenerationConfig(cache_implementation=name).validate()
+    with pytest.raises(ValueError, match="offloaded"):
+        ours.GenerationConfig(cache_implementation="offloaded").validate()
