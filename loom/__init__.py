@@ -39,7 +39,8 @@ _export("loom.generation.logits_process", "LogitsProcessor", "LogitsProcessorLis
 _export("loom.generation.warpers", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper")
 _export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixConstrainedLogitsProcessor",
         "EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor",
-        "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization")
+        "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization",
+        "SuppressTokensAtBeginLogitsProcessor")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
 _export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")

@@ -25,7 +25,7 @@ FIELDS = (
     "output_logits", "output_hidden_states", "return_dict_in_generate", "pad_token_id", "bos_token_id",
     "eos_token_id", "decoder_start_token_id", "compile", "sequence_bias", "encoder_repetition_penalty",
     "encoder_no_repeat_ngram_size", "remove_invalid_values", "exponential_decay_length_penalty", "top_h",
-    "epsilon_cutoff", "eta_cutoff", "renormalize_logits",
+    "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "begin_suppress_tokens",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).

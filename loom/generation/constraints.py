@@ -158,3 +158,21 @@ class LogitNormalization(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         return scores.log_softmax(-1)
+
+
+class SuppressTokensAtBeginLogitsProcessor(LogitsProcessor):
+    """Forbid `begin_suppress_tokens` at the first generated step (when the sequence has `begin_index` tokens)."""
+
+    def __init__(self, begin_suppress_tokens, begin_index: int, device: str = "cpu") -> None:
+        self.begin_suppress_tokens = torch.as_tensor(list(begin_suppress_tokens), dtype=torch.long, device=device)
+        self.begin_index = begin_index
+
+    def set_begin_index(self, begin_index: int) -> None:
+        self.begin_index = begin_index
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[-1] != self.begin_index:
+            return scores
+        banned = torch.isin(torch.arange(scores.shape[-1], device=scores.device),
+                            self.begin_suppress_tokens.to(scores.device))
+        return scores.masked_fill(banned, -math.inf)

@@ -43,6 +43,8 @@ def _length_rules(cfg, prompt_length: int) -> list:
         out.append(C.ExponentialDecayLengthPenalty(cfg.exponential_decay_length_penalty, eos, prompt_length))
     if cfg.suppress_tokens is not None:
         out.append(P.SuppressTokensLogitsProcessor(cfg.suppress_tokens))
+    if cfg.begin_suppress_tokens is not None:
+        out.append(C.SuppressTokensAtBeginLogitsProcessor(cfg.begin_suppress_tokens, prompt_length))
     return out
 
 

@@ -48,7 +48,8 @@ def test_greedy_matches_reference(pairs, model_type):
 @pytest.mark.parametrize("name", ["repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_new_tokens",
                                   "suppress_tokens", "forced_eos_token_id", "several_eos", "max_length",
                                   "max_length_and_max_new_tokens", "sequence_bias", "exponential_decay_length_penalty",
-                                  "encoder_repetition_penalty", "encoder_no_repeat_ngram_size"])
+                                  "encoder_repetition_penalty", "encoder_no_repeat_ngram_size",
+                                  "begin_suppress_tokens"])
 def test_greedy_processors_match_reference(pairs, name):
     """Each setting must change the plain greedy output (so it is exercised) and match the reference."""
     pair = pairs("llama")
@@ -70,6 +71,7 @@ def test_greedy_processors_match_reference(pairs, name):
         "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(2, 4.0), eos_token_id=early_eos),
         "encoder_repetition_penalty": dict(encoder_repetition_penalty=5.0),
         "encoder_no_repeat_ngram_size": dict(encoder_no_repeat_ngram_size=1),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=new[:, 0].tolist()),
     }[name]
     kwargs = {"attention_mask": mask, "max_new_tokens": 12, "eos_token_id": 2, **settings}
     a, b = _both(pair, ids, **{k: v for k, v in kwargs.items() if v is not None})

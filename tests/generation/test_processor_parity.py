@@ -47,6 +47,8 @@ CASES = [
     ("ExponentialDecayLengthPenalty", ((2, 1.3), [4, 0], 3), {}),
     ("InfNanRemoveLogitsProcessor", (), {}),
     ("LogitNormalization", (), {}),
+    ("SuppressTokensAtBeginLogitsProcessor", ([2, 5], 7), {"device": "cpu"}),
+    ("SuppressTokensAtBeginLogitsProcessor", ([2, 5], 2), {}),
 ]
 
 
