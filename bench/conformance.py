@@ -54,6 +54,14 @@ KNOWN_DIFFERENCES: dict[str, str] = {
     **dict.fromkeys([f"tests/generation/test_logits_process.py::LogitsProcessorTest::{name}" for name in (
         "test_early_stop_processor", "test_dia_classifier_free_guidance", "test_dia_channel_filter",
         "test_dia_delay_pattern")], "a processor of an audio family loom does not ship (Bark, Dia)"),
+    **dict.fromkeys([f"tests/tokenization/test_tokenization_utils.py::TokenizerUtilsTest::{name}" for name in (
+        "test_batch_encoding_word_to_tokens", "test_padding_accepts_tensors", "test_padding_accepts_tensors_pt",
+        "test_extra_special_tokens_multimodal")], "offline, the hub tokenizer is absent: loom raises OSError naming "
+        "the files it looked for; the reference builds an empty placeholder vocabulary and passes vacuously"),
+    **dict.fromkeys([f"tests/tokenization/test_tokenization_fast.py::{name}" for name in (
+        "PatchMistralRegexHubCallTests::test_hub_error_does_not_break_init",
+        "PatchMistralRegexHubCallTests::test_local_files_only_skips_model_info")],
+        "patches the reference's private _patch_mistral_regex hook, which loom does not have"),
 }
 
 # The shared test helpers the listed files import (mixins, ids_tensor, model testers). They are the harness, not the
