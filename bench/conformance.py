@@ -120,8 +120,8 @@ def export_reference(reference: Path, dest: Path) -> Path:
     if not (reference / "HEAD").is_file():
         sys.exit(f"--reference {reference}: neither a checkout with tests/ nor a bare git directory")
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", f"--git-dir={reference}", "archive", "HEAD", "tests"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(["git", f"--git-dir={reference}", "archive", "HEAD", "tests", "utils/test_module"],
+                             check=True, capture_output=True).stdout
     subprocess.run(["tar", "x", "-C", str(dest)], input=archive, check=True)
     return dest
 
@@ -138,6 +138,8 @@ def build_run_dir(checkout: Path, sdist: Path, files: list[str], run: Path) -> N
     """The reference's tests/ minus other model families' folders, the listed files, the sdist's helpers."""
     shutil.copytree(checkout / "tests", run / "tests", ignore=shutil.ignore_patterns("models"))
     (run / "tests" / "models").mkdir()
+    if (checkout / "utils" / "test_module").is_dir():  # custom classes that tests/utils/* import by path
+        shutil.copytree(checkout / "utils" / "test_module", run / "utils" / "test_module")
     shutil.copy2(checkout / "tests" / "models" / "__init__.py", run / "tests" / "models" / "__init__.py")
     for name in files:
         source = checkout / name
@@ -233,7 +235,7 @@ def check_test_dependencies() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("files", nargs="*", default=DEFAULT_FILES)
-    parser.add_argument("--reference", required=True, type=Path)
+    parser.add_argument("--reference", type=Path, help="the reference checkout or bare git directory")
     parser.add_argument("--sdist", help="the transformers source distribution (.tar.gz)")
     parser.add_argument("--sdist-version", default="5.25.0")
     parser.add_argument("--timeout", type=int, default=1200, help="seconds per file and run")
@@ -242,12 +244,19 @@ def main() -> None:
     parser.add_argument("--rerun-reference", action="store_true")
     parser.add_argument("--causes", type=int, default=6, help="causes listed per file")
     parser.add_argument("--keep", action="store_true", help="keep the temporary run directory")
+    parser.add_argument("--report-only", action="store_true", help="print the table from --cache without running")
     args = parser.parse_args()
-    check_test_dependencies()
+    if not args.report_only:
+        if args.reference is None:
+            parser.error("--reference is required (unless --report-only)")
+        check_test_dependencies()
 
     tmp = Path(tempfile.mkdtemp(prefix="loom-conformance-"))
-    checkout = export_reference(args.reference.resolve(), tmp / "reference")
-    build_run_dir(checkout, sdist_archive(args, tmp), args.files, tmp / "run")
+    if args.report_only and not args.cache:
+        sys.exit("--report-only reads the results of an earlier run: pass its --cache DIR")
+    if not args.report_only:
+        checkout = export_reference(args.reference.resolve(), tmp / "reference")
+        build_run_dir(checkout, sdist_archive(args, tmp), args.files, tmp / "run")
     records = args.cache or tmp / "results"
     records.mkdir(parents=True, exist_ok=True)
 
@@ -257,7 +266,7 @@ def main() -> None:
         results = {}
         for target in ("reference", "loom"):
             record = records / f"{stem}.{target}.jsonl"
-            if target == "loom" or args.rerun_reference or not record.exists():
+            if not args.report_only and (target == "loom" or args.rerun_reference or not record.exists()):
                 record.unlink(missing_ok=True)
                 log = run_file(tmp / "run", name, target, record, args.timeout, args.per_test_timeout)
                 if "timed out" in log or not record.exists():
