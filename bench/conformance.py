@@ -156,6 +156,11 @@ def build_run_dir(checkout: Path, sdist: Path, files: list[str], run: Path) -> N
             parts = Path(member.name).parts
             if len(parts) == 3 and parts[1] == "tests" and member.isfile() and parts[2].endswith(".py"):
                 (run / "tests" / parts[2]).write_bytes(archive.extractfile(member).read())
+    # test_pipeline_mixin reads src/transformers/__init__.py of a checkout: point it at the installed package
+    installed = importlib.util.find_spec("transformers")
+    if installed is not None and installed.submodule_search_locations:
+        (run / "src").mkdir()
+        (run / "src" / "transformers").symlink_to(list(installed.submodule_search_locations)[0])
     (run / "conftest.py").write_text(CONFTEST.format(bench=str(LOOM_ROOT / "bench"), helpers=SHARED_HELPERS))
     (run / "pytest.ini").write_text("[pytest]\n")
 
