@@ -2,7 +2,8 @@
 
 How submodule imports are handled:
   * `transformers.testing_utils` is test infrastructure (skip decorators, `torch_device`, temp-dir helpers), not the
-    library under test: it is imported from the real package first and kept; every other `transformers*` module is
+    library under test: it is imported from the real package first and kept (with `utils.generic`, which it imports
+    lazily); every other `transformers*` module is
     then dropped from `sys.modules`.
   * Every other `transformers[.a.b]` becomes a proxy module. An attribute is looked up in the loom module that the
     reference path maps to (`SUBMODULES` below, else `loom.a.b` when that exists), then in `loom` itself. So
@@ -47,7 +48,8 @@ SUBMODULES = {
     "utils": ("loom.utils", "loom.availability", "loom.tokenization"),
     "pipelines": "loom.pipelines",
 }
-INFRASTRUCTURE = ("transformers.testing_utils",)
+# testing_utils imports utils.generic lazily (its retry helper, at class-definition time of the model tests)
+INFRASTRUCTURE = ("transformers.testing_utils", "transformers.utils.generic")
 
 
 def _loom_modules(path: str) -> list[str]:
@@ -164,4 +166,5 @@ def install() -> None:
     sys.modules.update(kept)
     package = importlib.import_module("transformers")
     for name, module in kept.items():
-        setattr(package, name.rpartition(".")[2], module)
+        if name.count(".") == 1:  # a direct child: reachable as an attribute too
+            setattr(package, name.rpartition(".")[2], module)
