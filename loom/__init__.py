@@ -26,24 +26,38 @@ _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoMod
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
-_export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding")
+_export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding", "TensorType")
+_export("loom.tokenization.classes", *(f"{family}Tokenizer{fast}" for family in (
+    "Bert", "Electra", "DistilBert", "GPT2", "Llama", "CodeLlama", "Roberta", "XLMRoberta", "Camembert", "T5",
+    "DebertaV2", "MPNet") for fast in ("", "Fast")))
 _export("loom.generation.config", "GenerationConfig")
 _export("loom.generation.logits_process", "LogitsProcessor", "LogitsProcessorList", "MinLengthLogitsProcessor",
         "MinNewTokensLengthLogitsProcessor", "RepetitionPenaltyLogitsProcessor", "NoRepeatNGramLogitsProcessor",
         "NoBadWordsLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
         "SuppressTokensLogitsProcessor", "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper",
         "MinPLogitsWarper", "TypicalLogitsWarper")
+_export("loom.generation.warpers", "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper")
+_export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixConstrainedLogitsProcessor",
+        "EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor",
+        "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization",
+        "SuppressTokensAtBeginLogitsProcessor")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
-_export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer")
+_export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")
 _export("loom.pipelines", "pipeline", "Pipeline")
 _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed",
         "enable_full_determinism")
+_export("loom.availability", "is_torch_available", "is_tokenizers_available", "is_sentencepiece_available",
+        "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
+_export("loom.training.collators", "DefaultDataCollator")
+_export("loom.training.seq_collators", "DataCollatorForSeq2Seq", "DataCollatorWithFlattening")
+_export("loom.training.plm_collator", "DataCollatorForPermutationLanguageModeling")
 _export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "GPTQConfig",
         "WeightOnlyConfig", "quantize_")
+
 
 def _model_names() -> dict:
     """Config and model classes come from the model files' MODEL_TYPES tables (imports torch and the families)."""

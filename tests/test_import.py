@@ -66,20 +66,17 @@ def test_every_family_class_is_a_top_level_name():
 # The reference's top-level generation names that loom does not implement (yet): a name that loom gains must leave
 # this list, and one the reference adds must join it, so the gap stays visible.
 GENERATION_NOT_IN_LOOM = {
-    "AlternatingCodebooksLogitsProcessor", "AsyncTextIteratorStreamer", "BayesianDetectorConfig",
-    "BayesianDetectorModel", "CacheLayerMixin", "ClassifierFreeGuidanceLogitsProcessor", "CompileConfig",
-    "ContinuousBatchingConfig", "ContinuousBatchingManager", "ContinuousMixin", "DynamicIndexedLayer", "DynamicLayer",
-    "EncoderDecoderCache", "EncoderNoRepeatNGramLogitsProcessor", "EncoderRepetitionPenaltyLogitsProcessor",
-    "EpsilonLogitsWarper", "EtaLogitsWarper", "ExponentialDecayLengthPenalty", "Fp8QuantizedLayer",
-    "GenerationMixin", "HQQQuantizedLayer", "InfNanRemoveLogitsProcessor", "LogitNormalization",
-    "PrefixConstrainedLogitsProcessor", "QuantizedCache", "QuantoQuantizedLayer", "SequenceBiasLogitsProcessor",
-    "StaticIndexedLayer", "StaticLayer", "StaticSlidingWindowLayer", "SuppressTokensAtBeginLogitsProcessor",
-    "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor", "SynthIDTextWatermarkingConfig",
-    "TextDiffusionStreamer", "TopHLogitsWarper", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "AlternatingCodebooksLogitsProcessor", "BayesianDetectorConfig", "BayesianDetectorModel", "CacheLayerMixin",
+    "ClassifierFreeGuidanceLogitsProcessor", "CompileConfig", "ContinuousBatchingConfig", "ContinuousBatchingManager",
+    "ContinuousMixin", "DynamicIndexedLayer", "DynamicLayer", "EncoderDecoderCache", "Fp8QuantizedLayer",
+    "GenerationMixin", "HQQQuantizedLayer", "QuantizedCache", "QuantoQuantizedLayer", "StaticIndexedLayer",
+    "StaticLayer", "StaticSlidingWindowLayer", "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor",
+    "SynthIDTextWatermarkingConfig", "TextDiffusionStreamer", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
     "WatermarkDetector", "WatermarkLogitsProcessor", "WatermarkingConfig", "WhisperTimeStampLogitsProcessor",
 }
-LOOM_GENERATION_MODULES = ("loom.generation.config", "loom.generation.logits_process",
-                           "loom.generation.stopping_criteria", "loom.generation.streamers", "loom.models.cache")
+LOOM_GENERATION_MODULES = ("loom.generation.config", "loom.generation.logits_process", "loom.generation.warpers",
+                           "loom.generation.constraints", "loom.generation.stopping_criteria",
+                           "loom.generation.streamers", "loom.models.cache")
 
 
 def test_reference_top_level_generation_names_import_from_loom():
@@ -107,3 +104,17 @@ def test_reference_top_level_generation_names_import_from_loom():
     namespace = {}
     exec("from loom import LogitsProcessor, TopPLogitsWarper, StopStringCriteria, StaticCache", namespace)
     assert namespace["LogitsProcessor"] is implemented["LogitsProcessor"]
+
+
+def test_package_availability_checks_match_reference():
+    """`is_<package>_available()` answers as the reference's does (top level and transformers.utils spellings)."""
+    import transformers.utils
+
+    from loom import availability
+
+    for name in availability.PACKAGES:
+        reference = getattr(transformers.utils, name, None) or getattr(transformers, name)
+        assert getattr(availability, name)() == reference(), name
+        if hasattr(transformers, name):
+            assert getattr(loom, name) is getattr(availability, name)
+    assert not availability.package_available("no_such_package_xyz")

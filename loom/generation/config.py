@@ -16,13 +16,18 @@ from loom.hub_push import PushToHubMixin
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
+# the cache_implementation values loom's generate accepts (the reference also has offloaded, quantized, ... ones)
+ALL_CACHE_IMPLEMENTATIONS = ("static", "dynamic")
+
 FIELDS = (
     "max_length", "max_new_tokens", "min_length", "min_new_tokens", "early_stopping", "max_time", "stop_strings",
     "do_sample", "num_beams", "use_cache", "cache_implementation", "temperature", "top_k", "top_p", "min_p",
     "typical_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "bad_words_ids",
     "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "num_return_sequences", "output_scores",
     "output_logits", "output_hidden_states", "output_attentions", "return_dict_in_generate", "pad_token_id",
-    "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile",
+    "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile", "sequence_bias", "encoder_repetition_penalty",
+    "encoder_no_repeat_ngram_size", "remove_invalid_values", "exponential_decay_length_penalty", "top_h",
+    "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "begin_suppress_tokens",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
@@ -59,8 +64,10 @@ class GenerationConfig(PushToHubMixin):
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, config_file_name: str | None = None,
                         **kwargs: Any) -> "GenerationConfig":
+        """Read generation_config.json (or `config_file_name`, also spelled `config_name`); kwargs override."""
         from loom.hub import pop_hub_kwargs, resolve_file
 
+        config_file_name = config_file_name or kwargs.pop("config_name", None)
         path = resolve_file(path_or_id, config_file_name or GENERATION_CONFIG_NAME, **pop_hub_kwargs(kwargs))
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -84,6 +91,7 @@ class GenerationConfig(PushToHubMixin):
         from loom.hub import push_settings, upload_files
         from loom.utils import atomic_write_text
 
+        config_file_name = config_file_name or kwargs.pop("config_name", None)
         push = push_settings(kwargs, push_to_hub, save_directory, "save_pretrained")
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
@@ -137,7 +145,7 @@ class GenerationConfig(PushToHubMixin):
                 raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.cache_implementation not in (None, "dynamic", "static"):
+        if self.cache_implementation not in (None, *ALL_CACHE_IMPLEMENTATIONS):
             raise ValueError(f"cache_implementation={self.cache_implementation!r} is not supported; use 'dynamic' "
                              "or 'static'")
 

@@ -27,6 +27,19 @@ class LogitsProcessorList(list):
         return scores
 
 
+def _token_ids(ids, device) -> torch.Tensor:
+    """EOS-style ids (an int, a list or a tensor) as a 1-D long tensor; negative ids are a ValueError."""
+    ids = torch.as_tensor(ids, device=device).view(-1)
+    if ids.is_floating_point() or (ids < 0).any():
+        raise ValueError(f"token ids must be non-negative integers, got {ids.tolist()}")
+    return ids.long()
+
+
+def _check_min_tokens(min_tokens_to_keep) -> None:
+    if not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+        raise ValueError(f"min_tokens_to_keep must be a positive int, got {min_tokens_to_keep!r}")
+
+
 def _vocab_mask(ids: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
     mask = torch.zeros(vocab_size, dtype=torch.bool, device=device)
     ids = ids.to(device)
@@ -37,8 +50,10 @@ def _vocab_mask(ids: torch.Tensor, vocab_size: int, device) -> torch.Tensor:
 class MinLengthLogitsProcessor(LogitsProcessor):
     """Forbid EOS while the whole sequence (prompt included) is shorter than `min_length`."""
 
-    def __init__(self, min_length: int, eos_token_id) -> None:
-        self.min_length, self.eos_token_id = min_length, torch.as_tensor(eos_token_id).view(-1)
+    def __init__(self, min_length: int, eos_token_id, device: str = "cpu") -> None:
+        if not isinstance(min_length, int) or min_length < 0:
+            raise ValueError(f"min_length must be a non-negative int, got {min_length!r}")
+        self.min_length, self.eos_token_id = min_length, _token_ids(eos_token_id, device)
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] >= self.min_length:
@@ -49,9 +64,12 @@ class MinLengthLogitsProcessor(LogitsProcessor):
 class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
     """Forbid EOS until `min_new_tokens` tokens follow the prompt."""
 
-    def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id) -> None:
+    def __init__(self, prompt_length_to_skip: int, min_new_tokens: int, eos_token_id, device: str = "cpu") -> None:
+        for name, value in (("prompt_length_to_skip", prompt_length_to_skip), ("min_new_tokens", min_new_tokens)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
         self.prompt_length_to_skip, self.min_new_tokens = prompt_length_to_skip, min_new_tokens
-        self.eos_token_id = torch.as_tensor(eos_token_id).view(-1)
+        self.eos_token_id = _token_ids(eos_token_id, device)
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] - self.prompt_length_to_skip >= self.min_new_tokens:
@@ -62,19 +80,22 @@ class MinNewTokensLengthLogitsProcessor(LogitsProcessor):
 class RepetitionPenaltyLogitsProcessor(LogitsProcessor):
     """Divide positive (multiply negative) scores of tokens already present by `penalty` (CTRL's rule).
 
-    `prompt_ignore_length` (B,) skips each row's first tokens (the left padding), as the reference does."""
+    `prompt_ignore_length` (an int, or (B,) per row) skips each row's first tokens (the prompt, or its left
+    padding)."""
 
-    def __init__(self, penalty: float, prompt_ignore_length: torch.Tensor | None = None) -> None:
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+    def __init__(self, penalty: float, prompt_ignore_length: int | torch.Tensor | None = None) -> None:
+        if not isinstance(penalty, (int, float)) or not penalty > 0:
+            raise ValueError(f"repetition_penalty must be a float > 0, got {penalty!r}")
+        if isinstance(prompt_ignore_length, int) and prompt_ignore_length < 0:
+            raise ValueError(f"prompt_ignore_length must be a non-negative int, got {prompt_ignore_length}")
         self.penalty, self.prompt_ignore_length = float(penalty), prompt_ignore_length
 
     def __call__(self, input_ids, scores):
         vocab = scores.shape[-1]
         if self.prompt_ignore_length is not None:
-            skip = self.prompt_ignore_length.to(input_ids.device)
+            skip = torch.as_tensor(self.prompt_ignore_length, device=input_ids.device).view(-1, 1)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            input_ids = input_ids.masked_fill(positions[None, :] < skip[:, None], vocab)
+            input_ids = input_ids.masked_fill(positions[None, :] < skip, vocab)
         ids = input_ids.clamp(max=vocab)
         padded = F.pad(scores, (0, 1))  # column `vocab` absorbs the ignored positions
         picked = padded.gather(1, ids)
@@ -88,14 +109,14 @@ class NoRepeatNGramLogitsProcessor(LogitsProcessor):
     def __init__(self, ngram_size: int) -> None:
         if not isinstance(ngram_size, int) or ngram_size <= 0:
             raise ValueError(f"no_repeat_ngram_size must be a positive int, got {ngram_size}")
-        self.n = ngram_size
+        self.ngram_size = ngram_size
 
     def __call__(self, input_ids, scores):
-        T = input_ids.shape[-1]
-        if T < self.n:
+        T, n = input_ids.shape[-1], self.ngram_size
+        if T < n:
             return scores
-        prefix = input_ids[:, T + 1 - self.n:]  # the n-1 last tokens
-        windows = input_ids.unfold(1, self.n, 1)  # (B, T-n+1, n)
+        prefix = input_ids[:, T + 1 - n:]  # the n-1 last tokens
+        windows = input_ids.unfold(1, n, 1)  # (B, T-n+1, n)
         hits = (windows[..., :-1] == prefix[:, None]).all(-1)
         vocab = scores.shape[-1]
         banned = torch.zeros(scores.shape[0], vocab + 1, dtype=torch.bool, device=scores.device)
@@ -115,6 +136,7 @@ class NoBadWordsLogitsProcessor(LogitsProcessor):
                              f"{bad_words_ids!r}")
         eos = [] if eos_token_id is None else torch.as_tensor(eos_token_id).view(-1).tolist()
         words = [w for w in bad_words_ids if not (len(w) == 1 and w[0] in eos)]
+        self.bad_word_ids = bad_words_ids
         self.single = sorted({w[0] for w in words if len(w) == 1})
         by_len: dict[int, list[list[int]]] = {}
         for w in words:
@@ -159,8 +181,8 @@ class ForcedBOSTokenLogitsProcessor(LogitsProcessor):
 class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
     """Force an EOS token as the last token when `max_length` is about to be reached."""
 
-    def __init__(self, max_length: int, eos_token_id) -> None:
-        self.max_length, self.eos_token_id = max_length, torch.as_tensor(eos_token_id).view(-1)
+    def __init__(self, max_length: int, eos_token_id, device: str = "cpu") -> None:
+        self.max_length, self.eos_token_id = max_length, _token_ids(eos_token_id, device)
 
     def __call__(self, input_ids, scores):
         if input_ids.shape[-1] != self.max_length - 1:
@@ -173,11 +195,11 @@ class ForcedEOSTokenLogitsProcessor(LogitsProcessor):
 class SuppressTokensLogitsProcessor(LogitsProcessor):
     """Never generate the given tokens."""
 
-    def __init__(self, suppress_tokens) -> None:
-        self.ids = torch.as_tensor(list(suppress_tokens), dtype=torch.long)
+    def __init__(self, suppress_tokens, device: str = "cpu") -> None:
+        self.suppress_tokens = torch.as_tensor(list(suppress_tokens), dtype=torch.long, device=device)
 
     def __call__(self, input_ids, scores):
-        return scores.masked_fill(_vocab_mask(self.ids, scores.shape[-1], scores.device), -math.inf)
+        return scores.masked_fill(_vocab_mask(self.suppress_tokens, scores.shape[-1], scores.device), -math.inf)
 
 
 # -- warpers: only used when sampling --------------------------------------------------------------------------------
@@ -194,7 +216,7 @@ class TemperatureLogitsWarper(LogitsProcessor):
 class TopKLogitsWarper(LogitsProcessor):
     """Keep the k highest scores (ties with the k-th included)."""
 
-    def __init__(self, top_k: int, min_tokens_to_keep: int = 1, filter_value: float = -math.inf) -> None:
+    def __init__(self, top_k: int, filter_value: float = -math.inf, min_tokens_to_keep: int = 1) -> None:
         if not isinstance(top_k, int) or top_k <= 0:
             raise ValueError(f"top_k must be a positive int, got {top_k}")
         self.top_k, self.filter_value = max(top_k, min_tokens_to_keep), filter_value
@@ -208,9 +230,10 @@ class TopKLogitsWarper(LogitsProcessor):
 class TopPLogitsWarper(LogitsProcessor):
     """Nucleus: keep the smallest set of top tokens whose probability mass exceeds `top_p`."""
 
-    def __init__(self, top_p: float, min_tokens_to_keep: int = 1, filter_value: float = -math.inf) -> None:
-        if not 0 < float(top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    def __init__(self, top_p: float, filter_value: float = -math.inf, min_tokens_to_keep: int = 1) -> None:
+        if not 0 <= float(top_p) <= 1:
+            raise ValueError(f"top_p must be in [0, 1], got {top_p}")
+        _check_min_tokens(min_tokens_to_keep)
         self.top_p, self.min_keep, self.filter_value = float(top_p), min_tokens_to_keep, filter_value
 
     def __call__(self, input_ids, scores):
@@ -224,9 +247,10 @@ class TopPLogitsWarper(LogitsProcessor):
 class MinPLogitsWarper(LogitsProcessor):
     """Drop tokens whose probability is below `min_p` times the top token's probability."""
 
-    def __init__(self, min_p: float, min_tokens_to_keep: int = 1, filter_value: float = -math.inf) -> None:
+    def __init__(self, min_p: float, filter_value: float = -math.inf, min_tokens_to_keep: int = 1) -> None:
         if not 0 <= min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {min_p}")
+        _check_min_tokens(min_tokens_to_keep)
         self.min_p, self.min_keep, self.filter_value = min_p, min_tokens_to_keep, filter_value
 
     def __call__(self, input_ids, scores):
@@ -240,9 +264,10 @@ class MinPLogitsWarper(LogitsProcessor):
 class TypicalLogitsWarper(LogitsProcessor):
     """Locally typical sampling: keep tokens whose surprise is closest to the entropy, up to mass `typical_p`."""
 
-    def __init__(self, mass: float = 0.9, min_tokens_to_keep: int = 1, filter_value: float = -math.inf) -> None:
+    def __init__(self, mass: float = 0.9, filter_value: float = -math.inf, min_tokens_to_keep: int = 1) -> None:
         if not 0 < float(mass) < 1:
             raise ValueError(f"typical_p must be in (0, 1), got {mass}")
+        _check_min_tokens(min_tokens_to_keep)
         self.mass, self.min_keep, self.filter_value = float(mass), min_tokens_to_keep, filter_value
 
     def __call__(self, input_ids, scores):
@@ -255,46 +280,3 @@ class TypicalLogitsWarper(LogitsProcessor):
         drop = sorted_distance > sorted_distance.gather(1, last.view(-1, 1))
         drop[..., :self.min_keep] = False
         return scores.masked_fill(drop.scatter(1, order, drop), self.filter_value)
-
-
-def build_logits_processors(cfg, prompt_length: int, attention_mask: torch.Tensor | None,
-                            custom: LogitsProcessorList | None = None) -> LogitsProcessorList:
-    """The processors a generation config asks for, in the reference's order; `custom` ones replace built-ins of the
-    same type and the rest are appended before the sampling warpers."""
-    eos = cfg._eos_tensor
-    out = LogitsProcessorList()
-    if cfg.repetition_penalty is not None and cfg.repetition_penalty != 1.0:
-        skip = (attention_mask != 0).int().argmax(1) if attention_mask is not None else None
-        out.append(RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty, skip))
-    if cfg.no_repeat_ngram_size:
-        out.append(NoRepeatNGramLogitsProcessor(cfg.no_repeat_ngram_size))
-    if cfg.bad_words_ids is not None:
-        out.append(NoBadWordsLogitsProcessor(cfg.bad_words_ids, eos))
-    if eos is not None and cfg.min_length and cfg.min_length > 0:
-        out.append(MinLengthLogitsProcessor(cfg.min_length, eos))
-    if eos is not None and cfg.min_new_tokens and cfg.min_new_tokens > 0:
-        out.append(MinNewTokensLengthLogitsProcessor(prompt_length, cfg.min_new_tokens, eos))
-    if cfg.forced_bos_token_id is not None:
-        out.append(ForcedBOSTokenLogitsProcessor(cfg.forced_bos_token_id))
-    if cfg.forced_eos_token_id is not None:
-        out.append(ForcedEOSTokenLogitsProcessor(cfg.max_length, cfg.forced_eos_token_id))
-    if cfg.suppress_tokens is not None:
-        out.append(SuppressTokensLogitsProcessor(cfg.suppress_tokens))
-    if custom:
-        merged = LogitsProcessorList(next((c for c in custom if type(c) is type(p)), p) for p in out)
-        merged.extend(c for c in custom if c not in merged)
-        out = merged
-    if cfg.do_sample:
-        # beam sampling must keep a non-EOS continuation for every beam
-        keep = (len(eos) + 1 if eos is not None else 2) if cfg.num_beams > 1 else 1
-        if cfg.temperature is not None and cfg.temperature != 1.0:
-            out.append(TemperatureLogitsWarper(cfg.temperature))
-        if cfg.top_k:
-            out.append(TopKLogitsWarper(cfg.top_k, keep))
-        if cfg.top_p is not None and cfg.top_p < 1.0:
-            out.append(TopPLogitsWarper(cfg.top_p, keep))
-        if cfg.min_p is not None:
-            out.append(MinPLogitsWarper(cfg.min_p, keep))
-        if cfg.typical_p is not None and cfg.typical_p < 1.0:
-            out.append(TypicalLogitsWarper(cfg.typical_p, keep))
-    return out

@@ -1,7 +1,9 @@
 """Stopping criteria: `(tokens so far (B, T), scores) -> (B,) bool`, True where a row is done."""
 from __future__ import annotations
 
+import copy
 import time
+import warnings
 
 import torch
 
@@ -88,6 +90,31 @@ class StopStringCriteria(StoppingCriteria):
     def __call__(self, input_ids, scores=None, **kwargs):
         rows = input_ids[:, -self.tail:].tolist()
         return torch.tensor([self._hit(r) for r in rows], dtype=torch.bool, device=input_ids.device)
+
+
+class ConfidenceCriteria(StoppingCriteria):
+    """Stop (assisted decoding's draft model) when the probability of the newest token, under the last step's
+    scores, falls below `assistant_confidence_threshold`. Batch size 1, as in the reference."""
+
+    def __init__(self, assistant_confidence_threshold: float) -> None:
+        self.assistant_confidence_threshold = assistant_confidence_threshold
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        probability = scores[-1].softmax(-1)[0, input_ids[0, -1]].item()
+        return probability < self.assistant_confidence_threshold
+
+
+def validate_stopping_criteria(stopping_criteria: StoppingCriteriaList, max_length: int) -> StoppingCriteriaList:
+    """A copy of `stopping_criteria` that stops at `max_length`: a MaxLengthCriteria is added when there is none,
+    and a UserWarning says when the list's own max_length differs."""
+    own = stopping_criteria.max_length
+    out = copy.deepcopy(stopping_criteria)
+    if own is None:
+        out.append(MaxLengthCriteria(max_length))
+    elif own != max_length:
+        warnings.warn(f"the stopping criteria stop at max_length={own} but max_length={max_length} was given; the "
+                      "criteria's value applies", UserWarning)
+    return out
 
 
 def build_stopping_criteria(cfg, tokenizer=None, custom: StoppingCriteriaList | None = None) -> StoppingCriteriaList:

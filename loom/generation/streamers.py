@@ -89,3 +89,41 @@ class TextIteratorStreamer(TextStreamer):
         if value is self.stop_signal:
             raise StopIteration
         return value
+
+
+class AsyncTextIteratorStreamer(TextStreamer):
+    """The asyncio form of TextIteratorStreamer: create it inside a running event loop, run `generate` in a thread,
+    and `async for piece in streamer`. A `timeout` (seconds per piece) raises TimeoutError.
+    """
+
+    def __init__(self, tokenizer, skip_prompt: bool = False, timeout: float | None = None,
+                 **decode_kwargs: Any) -> None:
+        import asyncio
+
+        super().__init__(tokenizer, skip_prompt, **decode_kwargs)
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise RuntimeError("AsyncTextIteratorStreamer must be created inside a running asyncio event loop "
+                               "(e.g. in an `async def`); use TextIteratorStreamer from plain threads") from None
+        self.text_queue = asyncio.Queue()
+        self.stop_signal = None
+        self.timeout = timeout
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        # called from the generating thread: hand over to the loop's thread
+        self.loop.call_soon_threadsafe(self.text_queue.put_nowait, text)
+        if stream_end:
+            self.loop.call_soon_threadsafe(self.text_queue.put_nowait, self.stop_signal)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> str:
+        import asyncio
+
+        async with asyncio.timeout(self.timeout):
+            value = await self.text_queue.get()
+        if value is self.stop_signal:
+            raise StopAsyncIteration
+        return value

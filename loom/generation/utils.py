@@ -11,7 +11,8 @@ import torch
 from loom.generation.beam_search import beam_search
 from loom.generation.config import GenerationConfig
 from loom.generation.decoder import FIRST_CAPACITY, Decoder, grown
-from loom.generation.logits_process import LogitsProcessorList, build_logits_processors
+from loom.generation.logits_process import LogitsProcessorList
+from loom.generation.processor_setup import build_logits_processors
 # both output classes stay importable from here, where the reference defines them
 from loom.generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput  # noqa: F401
 from loom.generation.stopping_criteria import MaxLengthCriteria, EosTokenCriteria, StoppingCriteriaList, \
@@ -90,7 +91,7 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
     prompt_len = input_ids.shape[1]
     _resolve_lengths(cfg, model.config, prompt_len, prompt_positions, explicit_max_length, inputs_embeds is not None)
     new_tokens = cfg.max_length - prompt_len
-    processors = build_logits_processors(cfg, prompt_len, attention_mask, logits_processor)
+    processors = build_logits_processors(cfg, input_ids, attention_mask, logits_processor)
     criteria = build_stopping_criteria(cfg, tokenizer, stopping_criteria)
     if new_tokens <= 0:
         return _finish(cfg, input_ids, None, None, None, streamer)

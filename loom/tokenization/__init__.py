@@ -16,10 +16,16 @@ Differences from the reference, on purpose: a max_length too short for the speci
 (the reference silently skips truncation); unknown keyword arguments to a call raise a TypeError; tokenizer.json is
 used as written (the reference rebuilds some classes' pipelines from their vocabulary).
 """
+from .arguments import PaddingStrategy, TensorType, TruncationStrategy
 from .auto import AutoTokenizer
 from .batch_encoding import BatchEncoding, CharSpan, TokenSpan
+from .classes import TOKENIZER_CLASSES
 from .tokenizer import PreTrainedTokenizerFast
 from .tool_schema import DocstringParsingException, TypeHintParsingException, get_json_schema
 
-__all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "DocstringParsingException", "PreTrainedTokenizerFast",
-           "TokenSpan", "TypeHintParsingException", "get_json_schema"]
+__all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "DocstringParsingException", "PaddingStrategy",
+           "PreTrainedTokenizerFast", "TensorType", "TruncationStrategy",
+           "TokenSpan", "TypeHintParsingException", "get_json_schema",
+           *TOKENIZER_CLASSES, *(name + "Fast" for name in TOKENIZER_CLASSES)]
+globals().update(TOKENIZER_CLASSES)
+globals().update({name + "Fast": cls for name, cls in TOKENIZER_CLASSES.items()})

@@ -5,6 +5,7 @@ Every bad input ends here in a TypeError/ValueError that names the argument, bef
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 LARGE_INTEGER = int(1e20)
 VERY_LARGE_INTEGER = int(1e30)  # the reference's "no limit known" sentinel for model_max_length
@@ -145,3 +146,27 @@ def _check_pair_batch(text, text_pair, pair_name: str, ok, what: str) -> None:
     for i, item in enumerate(text_pair):
         if not ok(item):
             raise TypeError(f"{pair_name}[{i}] must be {what}, got {_describe(item)}")
+
+
+class PaddingStrategy(str, Enum):
+    """The reference's names for `padding=` values (a plain string works everywhere too)."""
+
+    LONGEST = "longest"
+    MAX_LENGTH = "max_length"
+    DO_NOT_PAD = "do_not_pad"
+
+
+class TruncationStrategy(str, Enum):
+    """The reference's names for `truncation=` values."""
+
+    ONLY_FIRST = "only_first"
+    ONLY_SECOND = "only_second"
+    LONGEST_FIRST = "longest_first"
+    DO_NOT_TRUNCATE = "do_not_truncate"
+
+
+class TensorType(str, Enum):
+    """`return_tensors=` values loom supports: PyTorch tensors and NumPy arrays."""
+
+    PYTORCH = "pt"
+    NUMPY = "np"

@@ -175,6 +175,16 @@ class PreTrainedTokenizerFast(PushToHubMixin):
             engine, init = load_pretrained(pretrained_model_name_or_path, **kwargs)
         return cls(_engine=engine, **init)
 
+    def train_new_from_iterator(self, text_iterator, vocab_size: int, length: int | None = None,
+                                new_special_tokens: list | None = None, special_tokens_map: dict | None = None,
+                                **kwargs) -> "PreTrainedTokenizerFast":
+        """A tokenizer with this one's pipeline and settings and a vocabulary trained on `text_iterator`."""
+        from .training import train_new_from_iterator
+
+        return train_new_from_iterator(self, text_iterator, vocab_size, length=length,
+                                       new_special_tokens=new_special_tokens, special_tokens_map=special_tokens_map,
+                                       **kwargs)
+
     def save_pretrained(self, save_directory: str | os.PathLike, legacy_format: bool | None = None,
                         filename_prefix: str | None = None, push_to_hub: bool = False, **kwargs) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json and chat_template.jinja (when there is a template);

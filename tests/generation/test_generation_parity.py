@@ -47,7 +47,9 @@ def test_greedy_matches_reference(pairs, model_type):
 
 @pytest.mark.parametrize("name", ["repetition_penalty", "no_repeat_ngram_size", "bad_words_ids", "min_new_tokens",
                                   "suppress_tokens", "forced_eos_token_id", "several_eos", "max_length",
-                                  "max_length_and_max_new_tokens"])
+                                  "max_length_and_max_new_tokens", "sequence_bias", "exponential_decay_length_penalty",
+                                  "encoder_repetition_penalty", "encoder_no_repeat_ngram_size",
+                                  "begin_suppress_tokens"])
 def test_greedy_processors_match_reference(pairs, name):
     """Each setting must change the plain greedy output (so it is exercised) and match the reference."""
     pair = pairs("llama")
@@ -65,6 +67,11 @@ def test_greedy_processors_match_reference(pairs, name):
         "several_eos": dict(eos_token_id=[2, early_eos, int(new[1, 5])]),
         "max_length": dict(max_length=15, max_new_tokens=None),
         "max_length_and_max_new_tokens": dict(max_length=30, max_new_tokens=5),
+        "sequence_bias": dict(sequence_bias={(int(new[0, 1]),): -20.0, tuple(new[1, 2:4].tolist()): -20.0}),
+        "exponential_decay_length_penalty": dict(exponential_decay_length_penalty=(2, 4.0), eos_token_id=early_eos),
+        "encoder_repetition_penalty": dict(encoder_repetition_penalty=5.0),
+        "encoder_no_repeat_ngram_size": dict(encoder_no_repeat_ngram_size=1),
+        "begin_suppress_tokens": dict(begin_suppress_tokens=new[:, 0].tolist()),
     }[name]
     kwargs = {"attention_mask": mask, "max_new_tokens": 12, "eos_token_id": 2, **settings}
     a, b = _both(pair, ids, **{k: v for k, v in kwargs.items() if v is not None})
@@ -99,7 +106,8 @@ def test_beam_search_matches_reference(pairs, model_type, settings):
 
 @pytest.mark.parametrize("settings", [
     dict(top_k=10), dict(top_p=0.8, temperature=0.7), dict(min_p=0.05, top_k=0), dict(typical_p=0.9),
-    dict(top_k=20, top_p=0.9, repetition_penalty=1.3),
+    dict(top_k=20, top_p=0.9, repetition_penalty=1.3), dict(epsilon_cutoff=0.02, top_k=0),
+    dict(eta_cutoff=0.01, top_k=0), dict(top_h=0.5, top_k=0, renormalize_logits=True),
 ], ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
 def test_seeded_sampling_matches_reference(pairs, settings):
     ids, mask = prompts([6, 3], seed=5)
