@@ -18,14 +18,14 @@ def _export(module: str, *names: str) -> None:
         _EXPORTS[name] = module
 
 
-_export("loom.configuration", "PretrainedConfig")
+_export("loom.configuration", "PretrainedConfig", "PreTrainedConfig")
 _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
         "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering",
         "AutoModelForImageClassification", "AutoModelForMultipleChoice", "AutoModelForNextSentencePrediction",
         "AutoModelForPreTraining")
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
-_export("loom.models.cache", "Cache", "DynamicCache", "StaticCache")
+_export("loom.models.cache", "Cache", "DynamicCache", "StaticCache", "DynamicLayer", "StaticLayer")
 _export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding", "TensorType")
 _export("loom.tokenization.classes", *(f"{family}Tokenizer{fast}" for family in (
     "Bert", "Electra", "DistilBert", "GPT2", "Llama", "CodeLlama", "Roberta", "XLMRoberta", "Camembert", "T5",

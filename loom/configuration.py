@@ -232,6 +232,10 @@ class PretrainedConfig(PushToHubMixin):
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
+# The reference's 5.x spelling of the same class (4.x wrote PretrainedConfig; both names stay importable there).
+PreTrainedConfig = PretrainedConfig
+
+
 def check_field_types(cls: type[PretrainedConfig], values: dict[str, Any]) -> None:
     """Raise ConfigFieldError for the first known field of `cls` whose value has the wrong type. ints are not bools,
     floats take ints; a field with a None default and no `field_types` entry takes anything."""

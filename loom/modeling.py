@@ -47,6 +47,18 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
     _tp_plan: ClassVar[dict[str, str]] = {}
     supports_gradient_checkpointing: ClassVar[bool] = True
     main_input_name: ClassVar[str] = "input_ids"
+    # What the reference's model tests read as the model's contract: loom's attention runs through torch's SDPA (or
+    # the eager formula); it has no flash-attention or flex-attention kernels and no pluggable attention backends.
+    _supports_sdpa: ClassVar[bool] = True
+    _supports_flash_attn: ClassVar[bool] = False
+    _supports_flex_attn: ClassVar[bool] = False
+    _supports_attention_backend: ClassVar[bool] = False
+    _compatible_flash_implementations: ClassVar[list[str] | None] = None
+    _can_compile_fullgraph: ClassVar[bool] = False
+    _keep_in_fp32_modules: ClassVar[list[str] | None] = None
+    _keep_in_fp32_modules_strict: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_load_missing: ClassVar[list[str] | None] = None
+    _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()

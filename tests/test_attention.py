@@ -239,3 +239,23 @@ def test_recording_is_per_thread_and_from_config_picks_eager(checkpoints, monkey
     assert len(recorded.attentions) == 2 and seen["other"].get("attentions") is None
     assert sdpa_threads == ["other", "other"]
     torch.testing.assert_close(seen["other"].logits, recorded.logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,cls", FAMILIES)
+def test_declared_attention_support_is_what_the_model_accepts(checkpoints, model_type, cls):
+    """The reference's model tests read `_supports_sdpa` / `_supports_flash_attn` / `_supports_flex_attn` as the
+    contract; each flag says whether `set_attn_implementation` takes that name."""
+    import transformers
+
+    path, _ = checkpoints(model_type, cls)
+    model = getattr(loom, cls).from_pretrained(path, attn_implementation="eager")
+    for flag, name in (("_supports_sdpa", "sdpa"), ("_supports_flash_attn", "flash_attention_2"),
+                       ("_supports_flex_attn", "flex_attention")):
+        assert hasattr(transformers.PreTrainedModel, flag)  # the reference's name for it
+        if getattr(type(model), flag):
+            model.set_attn_implementation(name)
+            assert model.config._attn_implementation == name
+        else:
+            with pytest.raises(ValueError, match=re.escape(f"attn_implementation={name!r}")):
+                model.set_attn_implementation(name)
+    assert type(model)._supports_attention_backend is False and type(model)._no_split_modules is not None

@@ -269,3 +269,11 @@ def test_get_text_config_and_sub_configs_as_the_reference(model_type, case):
                                                                                       "num_attention_heads")}
             assert {k: got.to_dict().get(k) for k in picked} == picked, end
             assert not any(k.startswith(("decoder_" if end.get("decoder") else "encoder_")) for k in got.to_dict())
+
+
+def test_pretrained_config_has_the_5x_spelling_too():
+    import transformers
+
+    assert loom.PreTrainedConfig is loom.PretrainedConfig is PretrainedConfig
+    assert transformers.PreTrainedConfig is transformers.PretrainedConfig  # the reference keeps both names as one
+    assert isinstance(loom.BertConfig(), loom.PreTrainedConfig)

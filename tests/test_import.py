@@ -68,9 +68,9 @@ def test_every_family_class_is_a_top_level_name():
 GENERATION_NOT_IN_LOOM = {
     "AlternatingCodebooksLogitsProcessor", "BayesianDetectorConfig", "BayesianDetectorModel", "CacheLayerMixin",
     "ClassifierFreeGuidanceLogitsProcessor", "CompileConfig", "ContinuousBatchingConfig", "ContinuousBatchingManager",
-    "ContinuousMixin", "DynamicIndexedLayer", "DynamicLayer", "EncoderDecoderCache", "Fp8QuantizedLayer",
+    "ContinuousMixin", "DynamicIndexedLayer", "EncoderDecoderCache", "Fp8QuantizedLayer",
     "GenerationMixin", "HQQQuantizedLayer", "QuantizedCache", "QuantoQuantizedLayer", "StaticIndexedLayer",
-    "StaticLayer", "StaticSlidingWindowLayer", "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor",
+    "StaticSlidingWindowLayer", "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor",
     "SynthIDTextWatermarkingConfig", "TextDiffusionStreamer", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
     "WatermarkDetector", "WatermarkLogitsProcessor", "WatermarkingConfig", "WhisperTimeStampLogitsProcessor",
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from loom.generation.config import GenerationConfig
+from loom.generation.config import GenerationConfig, GenerationMode
 
 _LAZY = {
     **dict.fromkeys(("TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer", "BaseStreamer"),
@@ -31,7 +31,7 @@ _LAZY = {
     "GenerateBeamDecoderOnlyOutput": "loom.generation.outputs",
 }
 
-__all__ = ["GenerationConfig", *_LAZY]
+__all__ = ["GenerationConfig", "GenerationMode", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ are written to disk, so a file stays small and lossless; unknown keys are kept.
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ FIELDS = (
     "output_logits", "output_hidden_states", "output_attentions", "return_dict_in_generate", "pad_token_id",
     "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile", "sequence_bias", "encoder_repetition_penalty",
     "encoder_no_repeat_ngram_size", "remove_invalid_values", "exponential_decay_length_penalty", "top_h",
-    "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "begin_suppress_tokens",
+    "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "begin_suppress_tokens", "cache_config",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
@@ -37,6 +38,23 @@ GLOBAL_DEFAULTS: dict[str, Any] = dict(
     no_repeat_ngram_size=0, num_return_sequences=1, output_scores=False, output_logits=False,
     output_hidden_states=False, output_attentions=False, return_dict_in_generate=False, compile=False,
 )
+
+
+
+class GenerationMode(str, enum.Enum):
+    """The decoding method a config asks for (the reference's names; loom's generate runs greedy, sample, beam
+    search and beam sample, and refuses the others by their arguments)."""
+
+    CONTRASTIVE_SEARCH = "contrastive_search"
+    GREEDY_SEARCH = "greedy_search"
+    SAMPLE = "sample"
+    ASSISTED_GENERATION = "assisted_generation"
+    DOLA_GENERATION = "dola_generation"
+    BEAM_SEARCH = "beam_search"
+    BEAM_SAMPLE = "beam_sample"
+    CONSTRAINED_BEAM_SEARCH = "constrained_beam_search"
+    GROUP_BEAM_SEARCH = "group_beam_search"
+
 
 _MODEL_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
@@ -120,6 +138,27 @@ class GenerationConfig(PushToHubMixin):
                 if getattr(out, k, None) is None:
                     setattr(out, k, copy.deepcopy(v))
         return out, out.update(**kwargs)
+
+    def get_generation_mode(self, assistant_model=None) -> GenerationMode:
+        """The decoding method these settings select, decided as the reference decides it (unset fields count as
+        their defaults; the arguments of methods loom lacks are read from the kept unknown keys)."""
+        extra = self.__dict__.get
+        if extra("constraints") is not None or extra("force_words_ids") is not None:
+            return GenerationMode.CONSTRAINED_BEAM_SEARCH
+        if (self.num_beams or 1) > 1:
+            if (extra("num_beam_groups") or 1) > 1:
+                return GenerationMode.GROUP_BEAM_SEARCH
+            return GenerationMode.BEAM_SAMPLE if self.do_sample is True else GenerationMode.BEAM_SEARCH
+        if self.do_sample is True:
+            mode = GenerationMode.SAMPLE
+        elif (self.top_k or 0) > 1 and (extra("penalty_alpha") or 0) > 0:
+            return GenerationMode.CONTRASTIVE_SEARCH
+        else:
+            mode = GenerationMode.GREEDY_SEARCH
+        if (assistant_model is not None or extra("prompt_lookup_num_tokens") is not None or extra("use_mtp")
+                or extra("assistant_early_exit") is not None):
+            return GenerationMode.ASSISTED_GENERATION
+        return GenerationMode.DOLA_GENERATION if extra("dola_layers") is not None else mode
 
     def validate(self) -> None:
         """Raise ValueError for settings that cannot work, naming the argument."""

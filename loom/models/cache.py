@@ -3,6 +3,10 @@
 `DynamicCache` grows its buffers geometrically (amortised O(1) appends instead of a torch.cat per step), and
 `StaticCache` preallocates `max_cache_len` so the decode step has fixed shapes (torch.compile friendly). Both hand the
 attention the keys/values for positions [0, seq_length) of every row.
+
+`cache.layers` shows the reference's per-layer objects (`DynamicLayer`, `StaticLayer`: `.keys`, `.values`,
+`get_seq_length()`, ...) as views over these buffers, built when read; the decode path never builds them, so it pays
+nothing for them.
 """
 from __future__ import annotations
 
@@ -12,14 +16,75 @@ import os
 import torch
 
 
+class CacheOverflowError(ValueError, IndexError):
+    """A token position past a static cache's end. An IndexError too, which is what the reference raises there."""
+
+
+class CacheLayer:
+    """One layer of a cache, the reference's layer object, as a view: `keys`/`values` read the cache's buffers."""
+
+    is_sliding = False
+    is_initialized = True
+
+    def __init__(self, cache: "Cache", layer_idx: int) -> None:
+        self.cache, self.layer_idx = cache, layer_idx
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.cache.keys[self.layer_idx]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.cache.values[self.layer_idx]
+
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length(self.layer_idx)
+
+    def get_max_length(self) -> int:
+        """The most positions this layer holds; -1 when it grows without bound."""
+        return self.cache.get_max_length(self.layer_idx)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(kv_length, kv_offset) of the keys a query of `query_length` new tokens attends to."""
+        max_length = self.get_max_length()
+        return (max_length if max_length >= 0 else self.get_seq_length() + query_length), 0
+
+
+class DynamicLayer(CacheLayer):
+    """A layer of a `DynamicCache`: `keys`/`values` are the positions stored so far (B, Hkv, T, D)."""
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return super().keys[..., :self.get_seq_length(), :]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return super().values[..., :self.get_seq_length(), :]
+
+
+class StaticLayer(CacheLayer):
+    """A layer of a `StaticCache`: `keys`/`values` are the whole preallocated buffers (B, Hkv, max_cache_len, D)."""
+
+    @property
+    def max_cache_len(self) -> int:
+        return self.cache.max_cache_len
+
+
 class Cache:
     """Per-layer key/value store. `update` appends and returns the keys/values to attend to."""
 
-    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int,
+    layer_class = CacheLayer
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store (B, Hkv, T, D) keys/values of `layer_idx` (at `cache_position`, where the cache places tokens by
         position) and return the keys/values to attend to. One signature for every cache."""
         raise NotImplementedError
+
+    @property
+    def layers(self) -> list[CacheLayer]:
+        """The reference's per-layer objects, as views over this cache's buffers."""
+        return [self.layer_class(self, i) for i in range(len(self))]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         raise NotImplementedError
@@ -27,8 +92,29 @@ class Cache:
     def get_max_cache_shape(self) -> int | None:
         return None
 
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        """The most positions the cache holds (-1: no bound), as the reference's `Cache.get_max_length`."""
+        max_shape = self.get_max_cache_shape()
+        return -1 if max_shape is None else max_shape
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if layer_idx >= len(self):
+            return query_length, 0
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i].repeat_interleave(repeats, dim=0)
+            self.values[i] = self.values[i].repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices) -> None:
+        """Keep only the batch rows `indices` (a sequence or tensor of row numbers)."""
+        for i in range(len(self.keys)):
+            self.keys[i] = self.keys[i][indices, ...]
+            self.values[i] = self.values[i][indices, ...]
 
     def __len__(self) -> int:
         return len(getattr(self, "keys", []))
@@ -37,12 +123,15 @@ class Cache:
 class DynamicCache(Cache):
     """Cache whose length grows with each forward; buffers double in capacity to avoid a copy per step."""
 
+    layer_class = DynamicLayer
+
     def __init__(self, *args, **kwargs) -> None:
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.length: list[int] = []
 
-    def update(self, key, value, layer_idx, cache_position=None):  # appends: positions follow the tokens seen
+    def update(self, key_states, value_states, layer_idx, cache_position=None):  # appends after the tokens seen
+        key, value = key_states, value_states
         new = key.shape[-2]
         if layer_idx == len(self.keys):  # first call for this layer
             cap = max(new, 16)
@@ -76,12 +165,9 @@ class DynamicCache(Cache):
             self.values[i] = self.values[i].index_select(0, beam_idx.to(self.values[i].device))
 
     def crop(self, max_length: int) -> None:
-        self.length = [min(n, max_length) for n in self.length]
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        for i in range(len(self.keys)):
-            self.keys[i] = self.keys[i].repeat_interleave(repeats, dim=0)
-            self.values[i] = self.values[i].repeat_interleave(repeats, dim=0)
+        """Keep the first `max_length` positions; a negative value removes that many from the end (the reference's
+        5.x meaning; a positive one is its earlier one)."""
+        self.length = [max(n + max_length, 0) if max_length < 0 else min(n, max_length) for n in self.length]
 
     def to_legacy_cache(self) -> tuple:
         return tuple((self.keys[i][..., :n, :], self.values[i][..., :n, :]) for i, n in enumerate(self.length))
@@ -89,6 +175,8 @@ class DynamicCache(Cache):
 
 class StaticCache(Cache):
     """Preallocated cache of `max_cache_len` positions; attention always sees the whole buffer (masked)."""
+
+    layer_class = StaticLayer
 
     def __init__(self, config=None, max_batch_size: int = 1, max_cache_len: int = 0, device=None, dtype=None,
                  num_layers: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
@@ -109,19 +197,21 @@ class StaticCache(Cache):
         # be read back from the device and, read inside the compiled region, recompile the step for every value.
         self.seen = torch.zeros((), dtype=torch.long, device=device)
 
-    def update(self, key, value, layer_idx, cache_position: torch.Tensor | None = None):
+    def update(self, key_states, value_states, layer_idx, cache_position: torch.Tensor | None = None):
         """Write `key`/`value` (B, Hkv, T, D) at `cache_position` (T positions, a tensor) and return the whole buffers.
 
         Without `cache_position` the tokens follow the ones seen so far (a host read of `seen`; the models always pass
         positions)."""
+        key, value = key_states, value_states
         if cache_position is None:
             start = int(self.seen) - (key.shape[-2] if layer_idx else 0)  # layer 0 already counted these tokens
             cache_position = torch.arange(start, start + key.shape[-2], device=key.device)
         # The bounds check reads a position back to the host: fine eagerly, but inside torch.compile it would break
         # the graph (and the caller, the Decoder, sizes the cache so that it never overflows).
         if not torch.compiler.is_compiling() and int(cache_position[-1]) >= self.max_cache_len:
-            raise ValueError(f"StaticCache is full: position {int(cache_position[-1])} does not fit in max_cache_len="
-                             f"{self.max_cache_len}; create the cache with a larger max_cache_len")
+            raise CacheOverflowError(f"StaticCache is full: position {int(cache_position[-1])} does not fit in "
+                                     f"max_cache_len={self.max_cache_len}; create the cache with a larger "
+                                     "max_cache_len")
         self.keys[layer_idx].index_copy_(2, cache_position, key.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, cache_position, value.to(self.values[layer_idx].dtype))
         if layer_idx == 0:

@@ -58,3 +58,19 @@ def test_cache_implementations_are_a_subset_of_the_reference():
         ours.GenerationConfig(cache_implementation=name).validate()
     with pytest.raises(ValueError, match="offloaded"):
         ours.GenerationConfig(cache_implementation="offloaded").validate()
+
+
+@pytest.mark.parametrize("kwargs,assistant", [
+    ({}, None), ({"do_sample": True}, None), ({"num_beams": 2}, None), ({"num_beams": 3, "do_sample": True}, None),
+    ({"top_k": 10, "penalty_alpha": 0.6}, None), ({"top_k": 10, "penalty_alpha": 0.6, "do_sample": True}, None),
+    ({"num_beams": 4, "num_beam_groups": 2}, None), ({"num_beams": 2, "force_words_ids": [[1]]}, None),
+    ({}, "an assistant"), ({"do_sample": True}, "an assistant"), ({"num_beams": 2}, "an assistant"),
+    ({"prompt_lookup_num_tokens": 3}, None), ({"dola_layers": "low"}, None), ({"dola_layers": "low"}, "x"),
+])
+def test_generation_mode_matches_reference(kwargs, assistant):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = reference.GenerationConfig(**kwargs).get_generation_mode(assistant_model=assistant)
+    got = ours.GenerationConfig(**kwargs).get_generation_mode(assistant_model=assistant)
+    assert isinstance(got, ours.GenerationMode) and got.value == want.value
+    assert ours.GenerationConfig(cache_implementation="static").cache_config is None
