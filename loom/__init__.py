@@ -41,6 +41,8 @@ _export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixCon
         "EncoderRepetitionPenaltyLogitsProcessor", "EncoderNoRepeatNGramLogitsProcessor",
         "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization",
         "SuppressTokensAtBeginLogitsProcessor")
+_export("loom.generation.guidance", "ClassifierFreeGuidanceLogitsProcessor",
+        "UnbatchedClassifierFreeGuidanceLogitsProcessor")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
 _export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")

@@ -67,16 +67,16 @@ def test_every_family_class_is_a_top_level_name():
 # this list, and one the reference adds must join it, so the gap stays visible.
 GENERATION_NOT_IN_LOOM = {
     "AlternatingCodebooksLogitsProcessor", "BayesianDetectorConfig", "BayesianDetectorModel", "CacheLayerMixin",
-    "ClassifierFreeGuidanceLogitsProcessor", "CompileConfig", "ContinuousBatchingConfig", "ContinuousBatchingManager",
+    "CompileConfig", "ContinuousBatchingConfig", "ContinuousBatchingManager",
     "ContinuousMixin", "DynamicIndexedLayer", "EncoderDecoderCache", "Fp8QuantizedLayer",
     "GenerationMixin", "HQQQuantizedLayer", "QuantizedCache", "QuantoQuantizedLayer", "StaticIndexedLayer",
     "StaticSlidingWindowLayer", "SynthIDTextWatermarkDetector", "SynthIDTextWatermarkLogitsProcessor",
-    "SynthIDTextWatermarkingConfig", "TextDiffusionStreamer", "UnbatchedClassifierFreeGuidanceLogitsProcessor",
+    "SynthIDTextWatermarkingConfig", "TextDiffusionStreamer",
     "WatermarkDetector", "WatermarkLogitsProcessor", "WatermarkingConfig", "WhisperTimeStampLogitsProcessor",
 }
 LOOM_GENERATION_MODULES = ("loom.generation.config", "loom.generation.logits_process", "loom.generation.warpers",
                            "loom.generation.constraints", "loom.generation.stopping_criteria",
-                           "loom.generation.streamers", "loom.models.cache")
+                           "loom.generation.streamers", "loom.generation.guidance", "loom.models.cache")
 
 
 def test_reference_top_level_generation_names_import_from_loom():

@@ -26,6 +26,8 @@ _LAZY = {
     **dict.fromkeys(("StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria", "MaxTimeCriteria",
                      "EosTokenCriteria", "StopStringCriteria", "ConfidenceCriteria", "validate_stopping_criteria"),
                     "loom.generation.stopping_criteria"),
+    **dict.fromkeys(("ClassifierFreeGuidanceLogitsProcessor", "UnbatchedClassifierFreeGuidanceLogitsProcessor"),
+                    "loom.generation.guidance"),
     "generate": "loom.generation.utils",
     "GenerateDecoderOnlyOutput": "loom.generation.outputs",
     "GenerateBeamDecoderOnlyOutput": "loom.generation.outputs",
