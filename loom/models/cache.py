@@ -131,12 +131,11 @@ class DynamicCache(Cache):
         self.length: list[int] = []
 
     def update(self, key_states, value_states, layer_idx, cache_position=None):  # appends after the tokens seen
-        key, value = key_states, value_states
-        new = key.shape[-2]
+        new = key_states.shape[-2]
         if layer_idx == len(self.keys):  # first call for this layer
             cap = max(new, 16)
-            k = key.new_empty(*key.shape[:-2], cap, key.shape[-1])
-            v = value.new_empty(*value.shape[:-2], cap, value.shape[-1])
+            k = key_states.new_empty(*key_states.shape[:-2], cap, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:-2], cap, value_states.shape[-1])
             self.keys.append(k)
             self.values.append(v)
             self.length.append(0)
@@ -151,8 +150,8 @@ class DynamicCache(Cache):
             v2[..., :start, :] = v[..., :start, :]
             self.keys[layer_idx], self.values[layer_idx] = k2, v2
             k, v = k2, v2
-        k[..., start:end, :] = key
-        v[..., start:end, :] = value
+        k[..., start:end, :] = key_states
+        v[..., start:end, :] = value_states
         self.length[layer_idx] = end
         return k[..., :end, :], v[..., :end, :]
 
