@@ -12,6 +12,7 @@ import torch
 import loom
 from loom.kernels import is_plain_linear
 from loom.quantization import WeightOnlyConfig
+from loom.quantization.ct_config import CT_VERSION
 from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
 from loomtest import quantized_tolerance, reference_checkpoint
 
@@ -61,7 +62,10 @@ def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bi
     args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel" if channel else "group",
                             group_size=None if channel else group)
     (tmp_path / "ct").mkdir()
-    assert stored == _ct_written_config(args, ["lm_head"], tmp_path / "ct")
+    written = _ct_written_config(args, ["lm_head"], tmp_path / "ct")
+    # "version" is the writer's own release (loom states the layout it follows; the installed package its version)
+    assert stored["version"] == CT_VERSION and written.pop("version")
+    assert {k: v for k, v in stored.items() if k != "version"} == written
 
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(ref), ours, **quantized_tolerance(model))
