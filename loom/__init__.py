@@ -51,7 +51,11 @@ _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProce
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",
         "EarlyStoppingCallback", "HfArgumentParser", "DataCollatorWithPadding", "DataCollatorForLanguageModeling",
         "DataCollatorForTokenClassification", "default_data_collator", "get_scheduler", "set_seed",
-        "enable_full_determinism")
+        "enable_full_determinism", "DefaultFlowCallback", "PrinterCallback", "ProgressCallback")
+_export("loom.training.optimization", "get_constant_schedule", "get_constant_schedule_with_warmup",
+        "get_linear_schedule_with_warmup", "get_cosine_schedule_with_warmup",
+        "get_cosine_with_hard_restarts_schedule_with_warmup", "get_polynomial_decay_schedule_with_warmup",
+        "get_inverse_sqrt_schedule")
 _export("loom.availability", "is_torch_available", "is_tokenizers_available", "is_sentencepiece_available",
         "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
 _export("loom.training.collators", "DefaultDataCollator")

@@ -259,13 +259,18 @@ class EarlyStoppingCallback(TrainerCallback, ExportableState):
         if value is None:
             raise KeyError(f"EarlyStoppingCallback: metric {key!r} is not in the evaluation metrics "
                            f"{sorted(metrics or {})}")
-        best = state.best_metric
-        better = best is None or math.isnan(best) or (
-            value - best > self.early_stopping_threshold if args.greater_is_better
-            else best - value > self.early_stopping_threshold)
-        self.early_stopping_patience_counter = 0 if better else self.early_stopping_patience_counter + 1
+        self.check_metric_value(args, state, control, value)
         if self.early_stopping_patience_counter >= self.early_stopping_patience:
             control.should_training_stop = True
+
+    def check_metric_value(self, args, state, control, metric_value) -> None:
+        """Reset the patience counter when `metric_value` beats state.best_metric by more than the threshold (in
+        the direction args.greater_is_better says), else count one more evaluation without improvement."""
+        best = state.best_metric
+        better = best is None or math.isnan(best) or (
+            metric_value - best > self.early_stopping_threshold if args.greater_is_better
+            else best - metric_value > self.early_stopping_threshold)
+        self.early_stopping_patience_counter = 0 if better else self.early_stopping_patience_counter + 1
 
     def state(self) -> dict:
         return {"args": {"early_stopping_patience": self.early_stopping_patience,

@@ -230,6 +230,47 @@ def get_scheduler(name: str, optimizer: torch.optim.Optimizer, num_warmup_steps:
     return LambdaLR(optimizer, partial(_NEEDS_TOTAL[name], warmup=warmup, total=num_training_steps, **kw))
 
 
+# -- the reference's named schedule functions (each a LambdaLR with the formula get_scheduler uses) ---------------------
+def get_constant_schedule(optimizer, last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, _constant, last_epoch)
+
+
+def get_constant_schedule_with_warmup(optimizer, num_warmup_steps: int, last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, partial(_constant_with_warmup, warmup=num_warmup_steps), last_epoch)
+
+
+def get_linear_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                    last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, partial(_linear, warmup=num_warmup_steps, total=num_training_steps), last_epoch)
+
+
+def get_cosine_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                    num_cycles: float = 0.5, last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, partial(_cosine, warmup=num_warmup_steps, total=num_training_steps,
+                                       num_cycles=num_cycles), last_epoch)
+
+
+def get_cosine_with_hard_restarts_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                                       num_cycles: int = 1, last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, partial(_cosine_with_restarts, warmup=num_warmup_steps, total=num_training_steps,
+                                       num_cycles=num_cycles), last_epoch)
+
+
+def get_polynomial_decay_schedule_with_warmup(optimizer, num_warmup_steps: int, num_training_steps: int,
+                                              lr_end: float = 1e-7, power: float = 1.0,
+                                              last_epoch: int = -1) -> LambdaLR:
+    scheduler = get_scheduler("polynomial", optimizer, num_warmup_steps, num_training_steps,
+                              {"lr_end": lr_end, "power": power})
+    if last_epoch != -1:
+        scheduler = LambdaLR(optimizer, scheduler.lr_lambdas[0], last_epoch)
+    return scheduler
+
+
+def get_inverse_sqrt_schedule(optimizer, num_warmup_steps: int, timescale: int | None = None,
+                              last_epoch: int = -1) -> LambdaLR:
+    return LambdaLR(optimizer, partial(_inverse_sqrt, warmup=num_warmup_steps, timescale=timescale), last_epoch)
+
+
 def steps_on_metrics(scheduler) -> bool:
     """Whether the Trainer steps this schedule with the evaluation metric instead of after every optimizer step."""
     return isinstance(scheduler, (torch.optim.lr_scheduler.ReduceLROnPlateau, GreedyLR))

@@ -150,3 +150,18 @@ def test_non_dict_dataset_and_empty_dataset(args_for):
         Trainer(tiny_bert(), args_for(), train_dataset=[1, 2, 3])
     _fails_before_training(args_for(max_steps=1, dataloader_drop_last=True, per_device_train_batch_size=8),
                            cls_rows(4), ValueError, "yields no batches")
+
+
+@pytest.mark.parametrize("greater", [True, False])
+def test_early_stopping_check_metric_value_counts_as_the_reference(greater):
+    import types
+
+    import transformers
+
+    args = types.SimpleNamespace(greater_is_better=greater)
+    ours, ref = EarlyStoppingCallback(3, 0.1), transformers.EarlyStoppingCallback(3, 0.1)
+    for best, value in [(None, 1.0), (1.0, 1.05), (1.0, 1.2), (1.0, 0.8), (1.0, 1.0)]:
+        state = types.SimpleNamespace(best_metric=best)
+        ours.check_metric_value(args, state, None, value)
+        ref.check_metric_value(args, state, None, value)
+        assert ours.early_stopping_patience_counter == ref.early_stopping_patience_counter, (best, value)
