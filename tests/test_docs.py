@@ -59,6 +59,9 @@ def test_distributed_example_under_torchrun(tmp_path):
     lines = [line for line in proc.stdout.splitlines() if line.startswith("rank ")]
     assert len(lines) == 2 and all("mesh world=2" in line and "cp=2" in line for line in lines)
     assert lines[0].split(": ", 1)[1] == lines[1].split(": ", 1)[1]  # every rank reports the same global losses
+    # the Trainer's own log lines come from the first process only (two losses and the run summary), as in the
+    # reference; before, every rank printed them and the ranks' lines could interleave
+    assert sum("'loss'" in line or "'train_runtime'" in line for line in proc.stdout.splitlines()) == 3
 
 
 # -- heuristics ----------------------------------------------------------------------------------------------------

@@ -156,6 +156,8 @@ class ProgressCallback(TrainerCallback):
         self.bar = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:  # one bar per run, on its first process
+            return
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=state.max_steps, initial=state.global_step, dynamic_ncols=True, desc="train")
@@ -183,7 +185,7 @@ class PrinterCallback(TrainerCallback):
     """Prints each log dict (used when the progress bar is disabled)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and state.is_local_process_zero:  # once per machine under torchrun, as the reference
             print({k: _short(v) for k, v in logs.items()})
 
 

@@ -99,7 +99,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         self._accepts_num_items = "num_items_in_batch" in (model_input_names(self.model) or set())
         self._shifts_labels = self._accepts_num_items or features.is_causal_lm(self.model)
         self.scaler = torch.amp.GradScaler(self.args.device.type) if self.args.fp16 else None
-        self.state = TrainerState()
+        self.state = self._new_state()
         self.control = TrainerControl()
         self.callback_handler = CallbackHandler(self._default_callbacks() + list(callbacks or []), self.model,
                                                 processing_class, self.optimizer, self.lr_scheduler)
@@ -122,6 +122,15 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
                              "sharding the model; pass optimizers=(None, scheduler) or override create_optimizer")
         # before the optimizer exists: FSDP and tensor parallel replace the parameters
         self.model = self.callback_handler.model = self.parallel.wrap_model(self.model)
+
+    def _new_state(self, **fields) -> TrainerState:
+        """A TrainerState that knows whether this process is the first of its machine and of the run (printing and
+        file-writing callbacks act only there, as in the reference)."""
+        import os
+
+        local = int(os.environ.get("LOCAL_RANK", "0")) if self.args.world_size > 1 else 0
+        return TrainerState(**fields, is_local_process_zero=local == 0,
+                            is_world_process_zero=self.args.process_index == 0)
 
     def _default_callbacks(self) -> list:
         cbs: list = [DefaultFlowCallback(), PrinterCallback() if self.args.disable_tqdm else ProgressCallback()]
@@ -374,7 +383,7 @@ class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
         max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
         self._preflight(loader.dataset)
         self.create_optimizer_and_scheduler(max_steps)
-        self.state = TrainerState(
+        self.state = self._new_state(
             max_steps=max_steps, train_batch_size=args.train_batch_size,
             num_train_epochs=math.ceil(max_steps / steps_per_epoch),
             logging_steps=steps_from(args.logging_steps, max_steps),
