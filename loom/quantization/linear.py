@@ -131,12 +131,12 @@ class _QuantLinear(nn.Linear):
                 f"bias={self.bias is not None}, kernel={self.kernel}")
 
 
-def _stamp(t: torch.Tensor) -> tuple:
-    """Which tensor, at which in-place version (inference-mode tensors keep no version: their identity only)."""
+def _version(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version (inference-mode tensors keep none)."""
     try:
-        return id(t), t._version
+        return t._version
     except RuntimeError:
-        return id(t), None
+        return None
 
 
 class Int8Linear(_QuantLinear):
@@ -149,7 +149,7 @@ class Int8Linear(_QuantLinear):
         super().__init__(in_features, out_features, bias, device, dtype)
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
-        self._packed = None
+        self._packed = self._packed_stamp = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
@@ -169,8 +169,10 @@ class Int8Linear(_QuantLinear):
         loom's kernels do not run): code that reads `module.weight` (peft's layer wrapping, a user's inspection)
         must find the tensor, not None."""
         # repacked when the weight or scale tensors were replaced or changed in place since they were packed
-        stamp = (_stamp(self.weight), _stamp(self.weight_scale))
-        if self._packed is None or self._packed_stamp != stamp:
+        # the stamp holds the tensors themselves, so a replaced one cannot come back under a freed one's id
+        stamp = (self.weight, _version(self.weight), self.weight_scale, _version(self.weight_scale))
+        old = self._packed_stamp
+        if old is None or not all(a is b if torch.is_tensor(a) else a == b for a, b in zip(old, stamp)):
             self.row_sums = self.weight.float().sum(1) * self.weight_scale
             self._packed = kernels.pack_fbgemm(self.weight, self.weight_scale)
             self._packed_stamp = stamp
@@ -180,7 +182,7 @@ class Int8Linear(_QuantLinear):
         return self.weight, self.weight_scale
 
     def _drop_packed(self) -> None:
-        self._packed = None  # repacked from `weight` on next use
+        self._packed = self._packed_stamp = None  # repacked from `weight` on next use
 
     def _apply(self, fn, recurse=True):
         self._drop_packed()

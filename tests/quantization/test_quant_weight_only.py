@@ -247,6 +247,8 @@ def test_int8_weight_stays_readable_and_packing_follows_changes(monkeypatch):
     with torch.no_grad():
         layer.weight.mul_(-1)
     assert torch.allclose(layer(x) - layer.bias, -(before - layer.bias), atol=1e-2)
+    layer.weight = -layer.weight  # a replaced tensor (not an in-place change) is repacked too
+    assert torch.allclose(layer(x), before, atol=1e-2)
 
 
 @pytest.mark.parametrize("kernels", ["on", "off"])
