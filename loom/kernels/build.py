@@ -9,9 +9,11 @@ temporary directory and are moved into place with `os.replace`, so processes bui
 half-written file. Anything missing (not Linux x86-64, a CPU below the level, no compiler, a failed build) leaves
 `library()` None after one warning where the user asked for kernels, and callers take the torch path.
 
-`LOOM_KERNELS` picks the level: `auto` (default), `off`, `x86-64-v3` (AVX2/FMA/F16C) or `x86-64-v4` (adds
-AVX-512F/BW/CD/DQ/VL). `auto` is v3 on every CPU that has it: the kernels have no AVX-512 code yet, so a v4 build
-only differs in instruction encodings (the AVX-512 variants are issue 22's work).
+`LOOM_KERNELS` picks the level: `auto` (default: the highest level the CPU has), `off`, `x86-64-v3` (AVX2/FMA/F16C),
+`x86-64-v4` (adds AVX-512F/BW/CD/DQ/VL) or `x86-64-v4-vnni` (adds AVX-512 VNNI, BF16 and VBMI: Sapphire Rapids,
+Zen 4 and later). The C sources pick their code paths from the compiler's macros (`__AVX512F__`,
+`__AVX512VNNI__`, `__AVX512BF16__`, `__AVX512VBMI__`), so one source tree serves every level, and forcing a lower
+level on a newer CPU runs (and tests) the older paths.
 """
 from __future__ import annotations
 
@@ -35,8 +37,15 @@ LEVELS = {
     "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave"),
     "x86-64-v4": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave",
                   "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"),
+    "x86-64-v4-vnni": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "movbe", "abm", "xsave",
+                       "avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx512_vnni", "avx512_bf16",
+                       "avx512vbmi"),
 }
-_ALIASES = {"v3": "x86-64-v3", "v4": "x86-64-v4", "avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+# the compiler flags of each level (gcc and clang name no -march for the VNNI level, so it extends v4)
+MARCH = {"x86-64-v3": ("-march=x86-64-v3",), "x86-64-v4": ("-march=x86-64-v4",),
+         "x86-64-v4-vnni": ("-march=x86-64-v4", "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi")}
+_ALIASES = {"v3": "x86-64-v3", "v4": "x86-64-v4", "avx2": "x86-64-v3", "avx512": "x86-64-v4",
+            "v4-vnni": "x86-64-v4-vnni", "vnni": "x86-64-v4-vnni"}
 _OFF = ("off", "0", "none", "false", "no")
 # no FMA contraction: the int4 quantizer must round exactly like the torch version
 FLAGS = ("-O3", "-ffp-contract=off", "-fPIC", "-shared", "-pthread", "-fvisibility=hidden")
@@ -72,8 +81,8 @@ def chosen_level() -> tuple[str | None, str]:
         return None, f"{ENV}={asked}"
     supported = supported_levels()
     if asked == "auto":
-        if "x86-64-v3" in supported:
-            return "x86-64-v3", "auto"
+        if supported:
+            return supported[-1], "auto"  # LEVELS is ordered lowest first
         return None, "this CPU lacks x86-64-v3 (AVX2/FMA/F16C) or is not Linux x86-64"
     level = _ALIASES.get(asked, asked)
     if level not in LEVELS:
@@ -119,7 +128,7 @@ def _valid(target: Path, key: str) -> bool:
 
 
 def _compile(cc: str, level: str, key: str, out: Path) -> None:
-    cmd = [cc, *FLAGS, f"-march={level}", f'-DLOOM_BUILD_ID="{key}"', f"-I{CSRC}",
+    cmd = [cc, *FLAGS, *MARCH[level], f'-DLOOM_BUILD_ID="{key}"', f"-I{CSRC}",
            *(str(p) for p in sources() if p.suffix == ".c"), "-o", str(out), "-lm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:

@@ -31,12 +31,13 @@ def _libs(root):
 
 
 @needs_v3
-def test_auto_builds_v3_named_by_level_and_reuses_it(fresh):
-    assert build.library() is not None and build.describe() == "on (x86-64-v3)"
+def test_auto_builds_the_highest_level_named_by_level_and_reuses_it(fresh):
+    top = build.supported_levels()[-1]
+    assert build.library() is not None and build.describe() == f"on ({top})"
     (lib,) = _libs(fresh)
-    assert lib.name.startswith("loom_kernels_x86-64-v3_")
+    assert lib.name.startswith(f"loom_kernels_{top}_")
     record = json.loads(lib.with_suffix(".json").read_text())
-    assert record["level"] == "x86-64-v3" and record["size"] == lib.stat().st_size
+    assert record["level"] == top and record["size"] == lib.stat().st_size
     assert not [p for p in lib.parent.iterdir() if p.is_dir()]  # the private build directory is gone
     stamp = lib.stat().st_mtime_ns
     build.reset()
@@ -69,6 +70,13 @@ def test_levels_follow_the_cpu_flags(monkeypatch):
     monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(build.LEVELS["x86-64-v3"]))  # Haswell-class
     level, why = build.chosen_level()
     assert level is None and "avx512f" in why
+    monkeypatch.delenv(build.ENV)
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(build.LEVELS["x86-64-v4"]))  # Skylake-X class
+    assert build.chosen_level()[0] == "x86-64-v4"  # auto: the highest level the CPU has
+    monkeypatch.setattr(build, "cpu_flags", lambda: frozenset(build.LEVELS["x86-64-v4-vnni"]) | {"amx_tile"})
+    assert build.chosen_level()[0] == "x86-64-v4-vnni"
+    monkeypatch.setenv(build.ENV, "v3")  # a lower level on a newer CPU: its older paths run
+    assert build.chosen_level()[0] == "x86-64-v3"
     monkeypatch.setenv(build.ENV, "avx9000")
     with pytest.raises(ValueError, match="LOOM_KERNELS='avx9000' is not a kernel level"):
         build.chosen_level()
