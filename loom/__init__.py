@@ -61,8 +61,8 @@ _export("loom.availability", "is_torch_available", "is_tokenizers_available", "i
 _export("loom.training.collators", "DefaultDataCollator")
 _export("loom.training.seq_collators", "DataCollatorForSeq2Seq", "DataCollatorWithFlattening")
 _export("loom.training.plm_collator", "DataCollatorForPermutationLanguageModeling")
-_export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "GPTQConfig",
-        "WeightOnlyConfig", "quantize_")
+_export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "FineGrainedFP8Config",
+        "GPTQConfig", "WeightOnlyConfig", "quantize_")
 
 
 def _model_names() -> dict:

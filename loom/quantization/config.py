@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from loom.quantization.ct_config import CT_METHOD, CompressedTensorsConfig
+from loom.quantization.fp8 import FP8_METHOD, FineGrainedFP8Config
 from loom.quantization.gptq_awq_config import AWQ_METHOD, GPTQ_METHOD, AwqConfig, GPTQConfig
 
 BNB_METHOD = "bitsandbytes"
@@ -196,9 +197,10 @@ class WeightOnlyConfig:
         return f"WeightOnlyConfig({self.to_dict()})"
 
 
-QuantizationConfig = BitsAndBytesConfig | WeightOnlyConfig | CompressedTensorsConfig | GPTQConfig | AwqConfig
+QuantizationConfig = (BitsAndBytesConfig | WeightOnlyConfig | CompressedTensorsConfig | GPTQConfig | AwqConfig |
+                      FineGrainedFP8Config)
 _BY_METHOD = {BNB_METHOD: BitsAndBytesConfig, WEIGHT_ONLY_METHOD: WeightOnlyConfig, CT_METHOD: CompressedTensorsConfig,
-              GPTQ_METHOD: GPTQConfig, AWQ_METHOD: AwqConfig}
+              GPTQ_METHOD: GPTQConfig, AWQ_METHOD: AwqConfig, FP8_METHOD: FineGrainedFP8Config}
 
 
 def config_from_dict(config: dict[str, Any] | QuantizationConfig, argument: str = "quantization_config"):

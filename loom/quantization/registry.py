@@ -8,6 +8,7 @@ from loom.quantization.base import Quantizer, quantized_modules, replace_module
 from loom.quantization.bnb import BnbQuantizer
 from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
 from loom.quantization.config import BitsAndBytesConfig, CompressedTensorsConfig, WeightOnlyConfig, config_from_dict
+from loom.quantization.fp8 import FineGrainedFP8Config, FP8Quantizer
 from loom.quantization.gptq_awq import AwqQuantizer, GPTQQuantizer
 from loom.quantization.gptq_awq_config import AwqConfig, GPTQConfig
 from loom.quantization.weight_only import WeightOnlyQuantizer
@@ -26,6 +27,10 @@ CHECKPOINT_FORMATS = {
     "GPTQ": ("4-bit and 8-bit, v1/v2 zero points, act-order, sym/asym", "kernels (8-bit with groups: dequantized)",
              "GPTQ, the same tensors"),
     "AWQ": ("4-bit GEMM", "int4 kernel", "AWQ, the same tensors"),
+    "FP8 (quant_method fp8)": (
+        "float8_e4m3fn with weight_scale_inv per block or tensor, dynamic activations",
+        "dequantized at load (or into int8/int4 kernels with a WeightOnlyConfig)",
+        "the float weights, no quantization_config (or the WeightOnlyConfig's format)"),
     "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
     "GGUF (gguf_file=)": ("llama, mistral, qwen2, qwen3: F32/F16/BF16 and the types the gguf package expands",
                           "Q4_0 Linears on the int4 kernel; dequantized: Q8_0, K-quants, Q4_1, Q5_*",
@@ -41,10 +46,17 @@ def get_quantizer(model_config, quantization_config=None) -> Quantizer:
         stored = config_from_dict(stored, "quantization_config in config.json")
         if quantization_config is not None:
             wanted = config_from_dict(quantization_config)
+            fp8_on = (WeightOnlyConfig, FineGrainedFP8Config)
+            if isinstance(stored, FineGrainedFP8Config) and isinstance(wanted, fp8_on):
+                # FP8 weights are dequantized at load anyway (the reference's dequantize=True): a WeightOnlyConfig
+                # quantizes them on into loom's int8/int4 Linears
+                then = WeightOnlyQuantizer(wanted, False) if isinstance(wanted, WeightOnlyConfig) else None
+                return FP8Quantizer(stored, pre_quantized=True, then=then)
             if wanted.to_dict() != stored.to_dict():
                 raise ValueError(f"quantization_config: this checkpoint is already quantized ({stored!r}); loom "
                                  "cannot quantize it again. Drop quantization_config= to load it as stored, or "
-                                 "load the full-precision checkpoint instead")
+                                 "load the full-precision checkpoint instead (an FP8 checkpoint takes a "
+                                 "WeightOnlyConfig)")
         return quantizer_class(stored)(stored, pre_quantized=True)
     config = config_from_dict(quantization_config)
     return quantizer_class(config)(config, pre_quantized=False)
@@ -59,11 +71,11 @@ def quantizer_class(config) -> type[Quantizer]:
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
     for config_class, quantizer in ((CompressedTensorsConfig, CompressedTensorsQuantizer), (GPTQConfig, GPTQQuantizer),
-                                    (AwqConfig, AwqQuantizer)):
+                                    (AwqConfig, AwqQuantizer), (FineGrainedFP8Config, FP8Quantizer)):
         if isinstance(config, config_class):
             return quantizer
     raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig, CompressedTensorsConfig, "
-                    "GPTQConfig or AwqConfig, "
+                    "GPTQConfig, AwqConfig or FineGrainedFP8Config, "
                     f"got {type(config).__name__}")
 
 
