@@ -62,7 +62,7 @@ _export("loom.training.collators", "DefaultDataCollator")
 _export("loom.training.seq_collators", "DataCollatorForSeq2Seq", "DataCollatorWithFlattening")
 _export("loom.training.plm_collator", "DataCollatorForPermutationLanguageModeling")
 _export("loom.quantization", "AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "FineGrainedFP8Config",
-        "GPTQConfig", "WeightOnlyConfig", "quantize_")
+        "GPTQConfig", "TorchAoConfig", "WeightOnlyConfig", "quantize_")
 
 
 def _model_names() -> dict:

@@ -83,7 +83,8 @@ def test_env_lists_versions_devices_and_backends(capsys, monkeypatch):
     info = json.loads(out)
     assert code == 0 and info["torch"] and "cpu" in info["devices"]
     assert set(info["optional backends"]) >= {"accelerate", "bitsandbytes", "pillow"}
-    assert {"compressed-tensors", "GPTQ", "AWQ", "FP8 (quant_method fp8)"} <= set(info["quantized checkpoints"])
+    assert {"compressed-tensors", "GPTQ", "AWQ", "FP8 (quant_method fp8)", "torchao (safetensors)"} <= set(
+        info["quantized checkpoints"])
     assert "dequantized" in info["quantized checkpoints"]["compressed-tensors"]
 
 

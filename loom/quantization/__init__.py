@@ -1,5 +1,5 @@
 """Quantization: bitsandbytes 8-bit/4-bit, loom's built-in int8/int4 weight-only Linears, and pre-quantized
-compressed-tensors, GPTQ, AWQ and FP8 block-scale checkpoints.
+compressed-tensors, GPTQ, AWQ, FP8 block-scale and torchao int8 checkpoints.
 
 Use `from_pretrained(..., quantization_config=BitsAndBytesConfig(...) | WeightOnlyConfig(...))` to quantize while
 loading, `quantize_(model, config)` for a model in memory; `save_pretrained` writes the quantized weights and
@@ -7,8 +7,10 @@ loading, `quantize_(model, config)` for a model in memory; `save_pretrained` wri
 """
 from loom.quantization.base import Quantizer
 from loom.quantization.config import (AwqConfig, BitsAndBytesConfig, CompressedTensorsConfig, FineGrainedFP8Config,
-                                      GPTQConfig, WeightOnlyConfig, config_from_dict, config_from_flag)
+                                      GPTQConfig, TorchAoConfig, WeightOnlyConfig, config_from_dict,
+                                      config_from_flag)
 from loom.quantization.registry import get_quantizer, quantize_
 
 __all__ = ["AwqConfig", "BitsAndBytesConfig", "CompressedTensorsConfig", "FineGrainedFP8Config", "GPTQConfig",
-           "WeightOnlyConfig", "Quantizer", "config_from_dict", "config_from_flag", "get_quantizer", "quantize_"]
+           "TorchAoConfig", "WeightOnlyConfig", "Quantizer", "config_from_dict", "config_from_flag", "get_quantizer",
+           "quantize_"]

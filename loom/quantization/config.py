@@ -10,6 +10,7 @@ import torch
 from loom.quantization.ct_config import CT_METHOD, CompressedTensorsConfig
 from loom.quantization.fp8 import FP8_METHOD, FineGrainedFP8Config
 from loom.quantization.gptq_awq_config import AWQ_METHOD, GPTQ_METHOD, AwqConfig, GPTQConfig
+from loom.quantization.torchao_config import TORCHAO_METHOD, TorchAoConfig
 
 BNB_METHOD = "bitsandbytes"
 WEIGHT_ONLY_METHOD = "loom_weight_only"
@@ -198,9 +199,10 @@ class WeightOnlyConfig:
 
 
 QuantizationConfig = (BitsAndBytesConfig | WeightOnlyConfig | CompressedTensorsConfig | GPTQConfig | AwqConfig |
-                      FineGrainedFP8Config)
+                      FineGrainedFP8Config | TorchAoConfig)
 _BY_METHOD = {BNB_METHOD: BitsAndBytesConfig, WEIGHT_ONLY_METHOD: WeightOnlyConfig, CT_METHOD: CompressedTensorsConfig,
-              GPTQ_METHOD: GPTQConfig, AWQ_METHOD: AwqConfig, FP8_METHOD: FineGrainedFP8Config}
+              GPTQ_METHOD: GPTQConfig, AWQ_METHOD: AwqConfig, FP8_METHOD: FineGrainedFP8Config,
+              TORCHAO_METHOD: TorchAoConfig}
 
 
 def config_from_dict(config: dict[str, Any] | QuantizationConfig, argument: str = "quantization_config"):

@@ -9,6 +9,8 @@ from loom.quantization.bnb import BnbQuantizer
 from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
 from loom.quantization.config import BitsAndBytesConfig, CompressedTensorsConfig, WeightOnlyConfig, config_from_dict
 from loom.quantization.fp8 import FineGrainedFP8Config, FP8Quantizer
+from loom.quantization.torchao_config import TorchAoConfig
+from loom.quantization.torchao_format import TorchAoQuantizer
 from loom.quantization.gptq_awq import AwqQuantizer, GPTQQuantizer
 from loom.quantization.gptq_awq_config import AwqConfig, GPTQConfig
 from loom.quantization.weight_only import WeightOnlyQuantizer
@@ -31,6 +33,8 @@ CHECKPOINT_FORMATS = {
         "float8_e4m3fn with weight_scale_inv per block or tensor, dynamic activations",
         "dequantized at load (or into int8/int4 kernels with a WeightOnlyConfig)",
         "the float weights, no quantization_config (or the WeightOnlyConfig's format)"),
+    "torchao (safetensors)": ("Int8WeightOnlyConfig, per row or per tensor; other torchao configs refused by name",
+                              "int8 kernel", "compressed-tensors pack-quantized int8 per channel"),
     "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
     "GGUF (gguf_file=)": ("llama, mistral, qwen2, qwen3: F32/F16/BF16 and the types the gguf package expands",
                           "Q4_0 Linears on the int4 kernel; dequantized: Q8_0, K-quants, Q4_1, Q5_*",
@@ -71,11 +75,12 @@ def quantizer_class(config) -> type[Quantizer]:
     if isinstance(config, WeightOnlyConfig):
         return WeightOnlyQuantizer
     for config_class, quantizer in ((CompressedTensorsConfig, CompressedTensorsQuantizer), (GPTQConfig, GPTQQuantizer),
-                                    (AwqConfig, AwqQuantizer), (FineGrainedFP8Config, FP8Quantizer)):
+                                    (AwqConfig, AwqQuantizer), (FineGrainedFP8Config, FP8Quantizer),
+                                    (TorchAoConfig, TorchAoQuantizer)):
         if isinstance(config, config_class):
             return quantizer
     raise TypeError("quantization_config must be a BitsAndBytesConfig, WeightOnlyConfig, CompressedTensorsConfig, "
-                    "GPTQConfig, AwqConfig or FineGrainedFP8Config, "
+                    "GPTQConfig, AwqConfig, FineGrainedFP8Config or TorchAoConfig, "
                     f"got {type(config).__name__}")
 
 

@@ -91,7 +91,7 @@ def test_weight_only_config_bad_input(kwargs, match):
 
 def test_unknown_method_and_type_are_named():
     with pytest.raises(ValueError, match="quant_method='hqq'.*'bitsandbytes', 'loom_weight_only', 'compressed-tensors', "
-                                         "'gptq', 'awq', 'fp8'"):
+                                         "'gptq', 'awq', 'fp8', 'torchao'"):
         config_from_dict({"quant_method": "hqq", "nbits": 4})
     with pytest.raises(TypeError, match="quantization_config must be one of BitsAndBytesConfig"):
         get_quantizer(None, "int8")
