@@ -284,3 +284,22 @@ def test_default_dtype_is_the_checkpoints(tmp_path):
     for name, t in ref.state_dict().items():
         assert t.dtype == torch.bfloat16 and torch.equal(model.state_dict()[name], t), name
     torch.testing.assert_close(_logits(model), _logits(ref), atol=2e-2, rtol=2e-2)  # bfloat16 math
+
+
+def test_streams_one_weight_at_a_time(fp8_dir, monkeypatch):
+    # safetensors lays tensors out by dtype alignment, so the float32 scales come before the fp8 weights: each
+    # weight finds its scale waiting and is dequantized as it is read; no fp8 weight waits for anything. No mapping
+    # of the file outlives the load either, so the fp8 pages are not kept resident beside the float model.
+    from loom.quantization.fp8 import FP8Quantizer
+
+    waiting = []
+    collect = FP8Quantizer._collect
+
+    def counting(self, *args):
+        collect(self, *args)
+        waiting.append(sum("weight" in t for t in self._pending.values()))
+
+    monkeypatch.setattr(FP8Quantizer, "_collect", counting)
+    loom.AutoModelForCausalLM.from_pretrained(fp8_dir)
+    assert len(waiting) == 28 and max(waiting) == 0
+    assert not any(str(fp8_dir) in line for line in open("/proc/self/maps"))
