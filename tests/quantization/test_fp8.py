@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import loom
-from loom.quantization.linear import Int8Linear
+from loom.quantization.linear import Int4Linear, Int8Linear
 from loomtest import reference_checkpoint
 
 IDS = torch.tensor([[5, 17, 33, 2, 64, 8, 91, 40], [7, 7, 12, 80, 3, 55, 21, 9]])
@@ -180,19 +180,21 @@ def test_modules_to_not_convert_load_as_stored(llama_src, tmp_path, key):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_weight_only_config_quantizes_the_dequantized_weights(llama_src, tmp_path):
+@pytest.mark.parametrize("config", [loom.WeightOnlyConfig(), loom.WeightOnlyConfig(bits=4, group_size=16,
+                                                                                  symmetric=True)])
+def test_weight_only_config_quantizes_the_dequantized_weights(llama_src, tmp_path, config):
     write_fp8(llama_src, tmp_path / "fp8")
-    model = loom.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=loom.WeightOnlyConfig())
-    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear)
-    assert model.config.quantization_config == loom.WeightOnlyConfig()
+    model = loom.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=config)
+    assert isinstance(model.model.layers[0].mlp.down_proj, Int8Linear if config.bits == 8 else Int4Linear)
+    assert model.config.quantization_config == config
     # the same as quantizing the float model the FP8 checkpoint dequantizes to
     loom.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8").save_pretrained(tmp_path / "float")
-    want = loom.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=loom.WeightOnlyConfig())
+    want = loom.AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config)
     for name, t in want.state_dict().items():
         assert torch.equal(model.state_dict()[name], t), name
     assert torch.equal(_logits(model), _logits(want))
-    model.save_pretrained(tmp_path / "int8")
-    assert json.loads((tmp_path / "int8" / "config.json").read_text())["quantization_config"]["quant_method"] == \
+    model.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]["quant_method"] == \
         "compressed-tensors"
 
 
