@@ -161,8 +161,11 @@ class FP8Quantizer(CollectingQuantizer):
                            "in config.json to the block size the checkpoint was written with")
         if scale.dtype == torch.uint8:  # ue8m0 exponent bytes: 2 ** (byte - 127)
             scale = torch.ldexp(torch.ones(scale.shape), scale.to(torch.int32) - 127)
-        scale = scale.float().reshape(grid)
-        return q.float() * scale.repeat_interleave(rows, 0)[:out].repeat_interleave(cols, 1)[:, :inp]
+        scale, w = scale.float().reshape(grid), q.float()
+        if out % rows or inp % cols:  # partial last blocks
+            return w.mul_(scale.repeat_interleave(rows, 0)[:out].repeat_interleave(cols, 1)[:, :inp])
+        w.view(grid[0], rows, grid[1], cols).mul_(scale[:, None, :, None])  # in place: one float32 copy at a time
+        return w
 
     # -- after loading: a float model (or the WeightOnly quantizer's) --------------------------------------------
     def finish(self, model: nn.Module) -> None:
