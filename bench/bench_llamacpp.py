@@ -407,9 +407,10 @@ def report(res: dict, args, info: dict, meta: dict) -> str:
              f"when other processes used <= {q:.0%} of the machine; cells are medians of the quiet samples "
              f"(* = none was quiet: median of all)."]
     bw = {t: res["bandwidth"][t]["gbs"] for t in args.threads}
+    marks = {t: "" if res["bandwidth"][t].get("quiet") else "*" for t in args.threads}
     lines.append("Measured read bandwidth (torch.sum over 1 GB): " +
-                 ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s{'' if res['bandwidth'][t].get('quiet') else '*'}"
-                           for t in args.threads) + " (best quiet measurement; * = none was quiet).")
+                 ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s{marks[t]}" for t in args.threads) +
+                 " (best quiet measurement; * = none was quiet).")
     lines.append("")
     lines.append("| format (loom / llama.cpp) | threads | loom tok/s | llama.cpp tok/s | loom / llama.cpp | "
                  "loom / reference | MB per token loom / llama.cpp | share of bandwidth loom / llama.cpp | "
