@@ -14,7 +14,8 @@ What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a 
 3. Rounds of interleaved measurements with the same thread counts: llama-bench (`-p 0 -n N` decode, `-p P -n 0`
    prompt, `-r 1`, JSON) in a fresh process each, and loom on the matching format in one long-lived worker process
    per format (fp32, bf16, int8 per channel with fp32 head / incl. head, int4 symmetric group 32 with fp32 head /
-   incl. head: Q4_0's layout, which loom stores with float32 instead of float16 scales). loom decodes greedily at
+   incl. head: Q4_0's layout, which loom stores with float32 instead of float16 scales; `--formats int4-asym,
+   int4-asym+head` adds loom's default asymmetric int4 against the same files). loom decodes greedily at
    batch 1 from a 1-token prompt (as llama-bench's decode test starts from an empty context); its rate excludes that
    first step. Time to first token: loom's `generate(max_new_tokens=1)` of a P-token prompt, llama.cpp's prompt
    test (one batch of P tokens).
@@ -61,10 +62,16 @@ FORMATS = {
     "int8+head": ("q8_0", ("quantize", "Q8_0", []), dict(bits=8, head=True)),
     "int4": ("q4_0-out-f32", ("quantize", "Q4_0", ["--output-tensor-type", "f32"]), dict(bits=4)),
     "int4+head": ("q4_0-pure", ("quantize", "Q4_0", ["--pure"]), dict(bits=4, head=True)),
+    # loom's default int4 (asymmetric: float16 scale and zero point per group of 32) against the same Q4_0 files;
+    # not in "all", name them in --formats
+    "int4-asym": ("q4_0-out-f32", ("quantize", "Q4_0", ["--output-tensor-type", "f32"]), dict(bits=4, asym=True)),
+    "int4-asym+head": ("q4_0-pure", ("quantize", "Q4_0", ["--pure"]), dict(bits=4, head=True, asym=True)),
 }
+PAIRS = ["fp32", "bf16", "int8", "int8+head", "int4", "int4+head"]  # --formats all
 LABELS = {"fp32": "fp32 / F32", "bf16": "bf16 / BF16", "int8": "int8, fp32 head / Q8_0 out f32",
           "int8+head": "int8 incl. head / Q8_0", "int4": "int4 g32 sym, fp32 head / Q4_0 out f32",
-          "int4+head": "int4 g32 sym incl. head / Q4_0 pure"}
+          "int4+head": "int4 g32 sym incl. head / Q4_0 pure", "int4-asym": "int4 g32 asym, fp32 head / Q4_0 out f32",
+          "int4-asym+head": "int4 g32 asym incl. head / Q4_0 pure"}
 
 
 def log(msg: str) -> None:
@@ -301,7 +308,7 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
     if "bits" in opts:
         cfg = dict(bits=opts["bits"], skip_output_embeddings=not opts.get("head", False))
         if opts["bits"] == 4:
-            cfg.update(group_size=32, symmetric=True)
+            cfg.update(group_size=32, symmetric=not opts.get("asym", False))
         kwargs["quantization_config"] = lib_mod.WeightOnlyConfig(**cfg)
     t = time.perf_counter()
     model = lib_mod.AutoModelForCausalLM.from_pretrained(hf, **kwargs).eval()
@@ -456,7 +463,8 @@ def main() -> None:
                                                                       Path.home() / ".cache/loom/bench-llamacpp")))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
-    ap.add_argument("--formats", default=None, help=f"comma-separated from {','.join(FORMATS)}, or all")
+    ap.add_argument("--formats", default=None, help=f"comma-separated from {','.join(FORMATS)}, or all (the six "
+                    "pairs; default, --quick: fp32,int8,int4)")
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens (default 128)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens for time to first token (default 512)")
     ap.add_argument("--quiet", type=float, default=0.10, help="max share of the machine others may use")
@@ -472,7 +480,7 @@ def main() -> None:
     args.tokens = args.tokens or (32 if args.quick else 128)
     args.prompt = args.prompt or (128 if args.quick else 512)
     formats = args.formats or ("fp32,int8,int4" if args.quick else "all")
-    args.formats = list(FORMATS) if formats == "all" else formats.split(",")
+    args.formats = PAIRS if formats == "all" else formats.split(",")
     for f in args.formats:
         if f not in FORMATS:
             sys.exit(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
