@@ -94,7 +94,10 @@ def cpu_flags() -> list[str]:
 
 def native_march() -> str:
     """What -march=native means to this compiler on this CPU (the flags llama.cpp's CPU backend was built with)."""
-    out = subprocess.run(["cc", "-march=native", "-Q", "--help=target"], capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["cc", "-march=native", "-Q", "--help=target"], capture_output=True, text=True).stdout
+    except OSError:
+        return "-march=native (no `cc` to expand it)"
     march = re.search(r"-march=\s+(\S+)", out)
     isa = sorted(m for m in re.findall(r"-m(avx\w*|fma|f16c|amx\w*)\s+\[enabled\]", out))
     return f"-march={march.group(1) if march else '?'} ({' '.join(isa)})"
