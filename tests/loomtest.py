@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import torch
 
+
+def is_decoder_family(heads: dict) -> bool:
+    """Whether a family's table of heads is a decoder's: a causal-LM head and no masked-LM head. BERT has both (an
+    encoder that also runs as a decoder with is_decoder=True): the family tables test it as an encoder, and
+    test_bert_decoder.py as a decoder."""
+    return "causal-lm" in heads and "masked-lm" not in heads
+
+
 TINY = {
     "bert": dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
                  max_position_embeddings=64, type_vocab_size=2),

@@ -9,7 +9,7 @@ import torch
 
 import loom
 from loom.auto import model_table
-from loomtest import TINY, reference_checkpoint
+from loomtest import TINY, is_decoder_family, reference_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is many times faster on shared cores
 FAMILIES = sorted(model_table())
@@ -18,7 +18,7 @@ T = 12  # past every TINY sliding window (4, 5; ModernBERT's +-4), so the window
 
 def _head(model_type: str) -> str:
     heads = model_table()[model_type][1]
-    return (heads.get("causal-lm") or heads["base"]).__name__
+    return (heads["causal-lm"] if is_decoder_family(heads) else heads["base"]).__name__
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -38,7 +38,7 @@ def _inputs(model_type: str) -> dict:
         return {"pixel_values": torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))}
     ids = torch.randint(3, 99, (2, T), generator=torch.Generator().manual_seed(5))
     mask = torch.ones_like(ids)
-    if "causal-lm" in model_table()[model_type][1]:
+    if is_decoder_family(model_table()[model_type][1]):
         mask[0, :3] = 0
     else:
         mask[0, -3:] = 0

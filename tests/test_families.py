@@ -12,12 +12,12 @@ import torch
 import loom
 from loom.auto import model_table
 from loom.quantization import WeightOnlyConfig
-from loomtest import TINY, reference_checkpoint
+from loomtest import TINY, is_decoder_family, reference_checkpoint
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "distributed"))
 import dist_helpers as H  # noqa: E402
 
-FAMILIES = sorted(t for t, (_, heads) in model_table().items() if "causal-lm" in heads and t in TINY)
+FAMILIES = sorted(t for t, (_, heads) in model_table().items() if is_decoder_family(heads) and t in TINY)
 
 
 def _ids(B=2, T=9, seed=1):

@@ -6,12 +6,12 @@ import torch
 
 import loom
 from loom.auto import model_table
-from loomtest import TINY, check_padded_and_generate, reference_checkpoint
+from loomtest import TINY, check_padded_and_generate, is_decoder_family, reference_checkpoint
 
 def _heads(head: str, causal: bool = True) -> list[tuple[str, str]]:
     """(model_type, class name) of every family with `head`, from the model files' MODEL_TYPES tables."""
     return [(t, heads[head].__name__) for t, (_, heads) in sorted(model_table().items())
-            if head in heads and ("causal-lm" in heads) == causal]
+            if head in heads and is_decoder_family(heads) == causal]
 
 
 DECODERS = _heads("causal-lm")

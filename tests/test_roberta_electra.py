@@ -381,13 +381,11 @@ def test_multiple_choice_refuses_unstacked_inputs(tmp_path_factory):
         ours(_ids())
 
 
-@pytest.mark.parametrize("model_type,cls,key", [("roberta", "RobertaForCausalLM", "is_decoder"),
-                                                ("bert", "BertLMHeadModel", "is_decoder")])
-def test_decoder_configs_are_refused_by_name(tmp_path_factory, model_type, cls, key):
-    path, _ = reference_checkpoint(tmp_path_factory, model_type, cls, **{key: True})
-    base = loom.RobertaModel if model_type == "roberta" else loom.BertModel
-    with pytest.raises(ValueError, match=f"{key}=true asks for this encoder as a decoder.*set it to false"):
-        base.from_pretrained(path)
+def test_roberta_decoder_configs_are_refused_by_name(tmp_path_factory):
+    """(BERT runs as a decoder: test_bert_decoder.py; RoBERTa's decoder positions are not implemented.)"""
+    path, _ = reference_checkpoint(tmp_path_factory, "roberta", "RobertaForCausalLM", is_decoder=True)
+    with pytest.raises(ValueError, match="is_decoder=true asks for this encoder as a decoder.*set it to false"):
+        loom.RobertaModel.from_pretrained(path)
 
 
 @pytest.mark.parametrize("cls", ["RobertaModel", "XLMRobertaForSequenceClassification", "ElectraForPreTraining",

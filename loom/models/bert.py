@@ -7,8 +7,9 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, attention, attention_mask_for, check_inputs, classification_loss, \
-    maybe_checkpoint, recording_attentions, span_outputs, token_loss
+from loom.models.cache import DynamicCache
+from loom.models.common import activation, attention, attention_mask_for, causal_inputs, causal_lm_loss, \
+    check_inputs, classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -18,7 +19,7 @@ class BertConfig(PretrainedConfig):
                     intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
                     attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
                     initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, classifier_dropout=None,
-                    tie_word_embeddings=True, use_cache=False)
+                    tie_word_embeddings=True, use_cache=True, add_cross_attention=False)
     field_types = {**TOKEN_ID_TYPES, "classifier_dropout": (float, None)}
 
 
@@ -102,11 +103,12 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    """Bidirectional multi-head attention (also ViT's: its configs add `qkv_bias`)."""
+    """Multi-head attention: bidirectional (also ViT's: its configs add `qkv_bias`), causal with a key/value cache
+    (config.is_decoder), or over an encoder's states (the cross-attention of a decoder with add_cross_attention)."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, layer_idx: int | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.layer_idx = config, layer_idx
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads="
                              f"{config.num_attention_heads}")
@@ -118,20 +120,27 @@ class BertSelfAttention(nn.Module):
         self.value = nn.Linear(config.hidden_size, config.hidden_size, bias=bias)
         self.dropout = config.attention_probs_dropout_prob
 
-    def forward(self, x, mask=None, queries: slice | None = None):
-        """`queries`: the positions that ask (default all); keys and values always come from every position."""
+    def forward(self, x, mask=None, queries: slice | None = None, is_causal: bool = False, cache=None,
+                cache_position=None, source=None):
+        """`queries`: the positions that ask (default all); keys and values always come from every position of x,
+        or of `source` (an encoder's states, for cross-attention). `cache` takes this layer's new keys and values
+        and returns all of them (a decoder's self-attention)."""
         B, T, C = x.shape
         xq = x if queries is None else x[:, queries]
         if mask is not None and queries is not None:
             mask = mask[:, :, queries]
-        q, k, v = self.query(xq), self.key(x), self.value(x)
+        source = x if source is None else source
+        q, k, v = self.query(xq), self.key(source), self.value(source)
         # -1 heads: under tensor parallelism each rank holds only its share of the heads
         q, k, v = (t.view(B, t.shape[1], -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, cache_position)
         implementation = self.config._attn_implementation
-        if self.training and self.dropout > 0.0 and x.device.type == "cpu" and implementation == "sdpa":
+        if self.training and self.dropout > 0.0 and x.device.type == "cpu" and implementation == "sdpa" and \
+                not is_causal:
             out = _cpu_attention_with_dropout(q, k, v, mask, self.dropout)
         else:
-            out = attention(q, k, v, mask, False, implementation=implementation,
+            out = attention(q, k, v, mask, is_causal, implementation=implementation,
                             dropout=self.dropout if self.training else 0.0)
         return out.transpose(1, 2).reshape(B, q.shape[2], -1)
 
@@ -148,13 +157,14 @@ class BertSelfOutput(nn.Module):
 
 
 class BertAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, layer_idx: int | None = None) -> None:
         super().__init__()
-        self.self = BertSelfAttention(config)
+        self.self = BertSelfAttention(config, layer_idx)
         self.output = BertSelfOutput(config)
 
-    def forward(self, x, mask, queries=None):
-        return self.output(self.self(x, mask, queries), x if queries is None else x[:, queries])
+    def forward(self, x, mask, queries=None, *args):
+        """`args`: BertSelfAttention's is_causal, cache, cache_position, source."""
+        return self.output(self.self(x, mask, queries, *args), x if queries is None else x[:, queries])
 
 
 class BertIntermediate(nn.Module):
@@ -179,15 +189,26 @@ class BertOutput(nn.Module):
 
 
 class BertLayer(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, layer_idx: int | None = None) -> None:
         super().__init__()
-        self.attention = BertAttention(config)
+        self.attention = BertAttention(config, layer_idx)
+        if config.add_cross_attention:  # a decoder's attention over an encoder's states, after its own
+            if not config.is_decoder:
+                raise ValueError("add_cross_attention=True needs is_decoder=True: cross-attention belongs to a "
+                                 "decoder (set both, or neither to use the model as an encoder)")
+            self.crossattention = BertAttention(config, layer_idx)
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, x, mask, queries=None):
+    def forward(self, x, mask, queries=None, is_causal=False, cache=None, cache_position=None, encoder_states=None,
+                encoder_mask=None):
         """`queries`: compute the output at these positions only (default all)."""
-        a = self.attention(x, mask, queries)
+        a = self.attention(x, mask, queries, is_causal, cache, cache_position)
+        if encoder_states is not None:
+            if not hasattr(self, "crossattention"):
+                raise ValueError("encoder_hidden_states were given but this model has no cross-attention layers: "
+                                 "build it with config.add_cross_attention=True (and is_decoder=True)")
+            a = self.crossattention(a, encoder_mask, None, False, None, None, encoder_states)
         return self.output(self.intermediate(a), a)
 
 
@@ -195,19 +216,21 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.config = config
-        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.layer = nn.ModuleList(BertLayer(config, i) for i in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, mask, output_hidden_states=False, keep_first: int | None = None, output_attentions=None):
+    def forward(self, x, mask, output_hidden_states=False, keep_first: int | None = None, output_attentions=None,
+                decoding: tuple = ()):
         """`keep_first`: how many leading positions of the output the caller reads (default all). The last layer then
         computes its output at these positions only: its keys and values still see every position, so the rows
-        kept are exact, and a head that reads one token of T saves most of a layer, forward and backward."""
+        kept are exact, and a head that reads one token of T saves most of a layer, forward and backward.
+        `decoding`: a decoder's (is_causal, cache, cache_position, encoder_states, encoder_mask), as BertLayer takes."""
         hidden = [x] if output_hidden_states else None
         last = len(self.layer) - 1
         with recording_attentions(self.config, output_attentions) as attentions:
             for i, layer in enumerate(self.layer):
                 queries = slice(0, keep_first) if i == last and keep_first is not None else None
-                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask, queries)
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, mask, queries, *decoding)
                 if hidden is not None:
                     hidden.append(x)
         return x, hidden, attentions
@@ -240,11 +263,15 @@ class BertPreTrainedModel(PreTrainedModel):
 
 
 class BertModel(BertPreTrainedModel):
+    """The encoder; with config.is_decoder a causal decoder (key/value cache, and cross-attention over
+    encoder_hidden_states when config.add_cross_attention), as the reference's BertModel."""
+
     embeddings_class = BertEmbeddings
+    runs_as_decoder = True  # False for a variant whose decoder positions differ (RoBERTa's)
 
     def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__(config)
-        for key in ("is_decoder", "add_cross_attention"):
+        for key in ("is_decoder", "add_cross_attention") if not self.runs_as_decoder else ():
             if getattr(config, key, False):
                 raise ValueError(f"{config._name_or_path or 'config'}: {key}=true asks for this encoder as a decoder "
                                  "(a causal-LM or encoder-decoder checkpoint); loom runs it bidirectionally only: set "
@@ -269,21 +296,59 @@ class BertModel(BertPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, output_hidden_states=None, return_dict=None, *,
-                keep_first: int | None = None, output_attentions=None, **_):
+                keep_first: int | None = None, output_attentions=None, encoder_hidden_states=None,
+                encoder_attention_mask=None, past_key_values=None, use_cache=None, cache_position=None, **_):
         """`keep_first` (internal, for heads, like causal LMs' `logits_to_keep`): how many leading positions of
         last_hidden_state the caller reads; only these are computed and returned (the pooler reads position 0). Ignored
-        when hidden states or attentions are requested, so that every output keeps its full length."""
+        when hidden states or attentions are requested, so that every output keeps its full length, and in a
+        decoder."""
         check_inputs(input_ids, inputs_embeds)
+        T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if encoder_hidden_states is not None and not self.config.is_decoder:
+            raise ValueError("encoder_hidden_states are a decoder's input (its cross-attention); this model is an "
+                             "encoder: build it with config.is_decoder=True and add_cross_attention=True")
+        decoding, cache = (), None
+        if self.config.is_decoder or past_key_values is not None:
+            cache, position_ids, mask, decoding = self.decoder_inputs(
+                T, device, attention_mask, position_ids, encoder_hidden_states, encoder_attention_mask,
+                past_key_values, use_cache, cache_position)
+            keep_first = None
+        else:
+            mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=device)
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
-        T = x.shape[1]
-        mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
         if output_hidden_states or output_attentions:
             keep_first = None
-        x, hidden, attentions = self.encoder(x, mask, output_hidden_states, keep_first, output_attentions)
+        x, hidden, attentions = self.encoder(x, mask, output_hidden_states, keep_first, output_attentions, decoding)
+        cross = None
+        if attentions is not None and encoder_hidden_states is not None:  # each layer recorded itself, then cross
+            attentions, cross = attentions[0::2], attentions[1::2]
         pooled = self.pooler(x) if self.pooler is not None else None
-        return ModelOutput(last_hidden_state=x, pooler_output=pooled,
+        return ModelOutput(last_hidden_state=x, pooler_output=pooled, past_key_values=cache,
                            hidden_states=tuple(hidden) if hidden is not None else None,
-                           attentions=tuple(attentions) if attentions is not None else None)
+                           attentions=tuple(attentions) if attentions is not None else None,
+                           cross_attentions=tuple(cross) if cross is not None else None)
+
+    def decoder_inputs(self, T, device, attention_mask, position_ids, encoder_states, encoder_mask, cache, use_cache,
+                       cache_position):
+        """A decoder's (cache to return, position_ids, causal mask, the layers' decoding inputs) for T new tokens.
+        An encoder handed a cache (generate's, for an LM head without is_decoder) writes into it and attends both ways,
+        but returns none, as the reference."""
+        use_cache = (self.config.use_cache if use_cache is None else use_cache) and self.config.is_decoder
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, T, device,
+                                                              causal=self.config.is_decoder)
+        if past is not None and past + T > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + T} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}; truncate the input or generate fewer tokens")
+        if position_ids is None:
+            position_ids = cache_position[None]
+        if encoder_states is not None and encoder_mask is not None:
+            encoder_mask, _ = attention_mask_for(encoder_mask, T, 0, encoder_states.shape[1], causal=False,
+                                                 device=device)
+        decoding = (is_causal, cache, cache_position, encoder_states, encoder_mask)
+        return (cache if use_cache else None), position_ids, mask, decoding
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -354,6 +419,40 @@ class BertForMaskedLM(_BertHeadModel):
         loss = token_loss(logits, labels) if labels is not None else None
         return ModelOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                            attentions=out.attentions)
+
+
+class BertLMHeadModel(_BertHeadModel):
+    """BERT as a left-to-right language model (config.is_decoder=True): causal self-attention with a key/value cache,
+    cross-attention over `encoder_hidden_states` when config.add_cross_attention, and the masked-LM head predicting
+    the next token. Without is_decoder it attends both ways, as in the reference (which warns about it)."""
+
+    _tied_weights_keys = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight"}
+    _can_generate = True
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__(config)
+        self.add_encoder(config)
+        self.cls = BertOnlyMLMHead(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.cls.predictions.decoder
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
+                past_key_values=None, use_cache=None, output_hidden_states=None, cache_position=None,
+                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None, **_):
+        out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
+                          output_hidden_states, output_attentions=output_attentions,
+                          encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
+                          past_key_values=past_key_values, use_cache=False if labels is not None else use_cache,
+                          cache_position=cache_position)
+        h = out.last_hidden_state
+        logits = self.cls(h[:, -logits_to_keep:] if logits_to_keep else h)
+        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions,
+                           cross_attentions=out.cross_attentions)
 
 
 class _BertWithHead(_BertHeadModel):
@@ -516,7 +615,7 @@ class BertForPreTraining(_BertHeadModel):
 
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"bert": (BertConfig, {
-    "base": BertModel, "masked-lm": BertForMaskedLM, "sequence-classification": BertForSequenceClassification,
+    "base": BertModel, "causal-lm": BertLMHeadModel, "masked-lm": BertForMaskedLM, "sequence-classification": BertForSequenceClassification,
     "token-classification": BertForTokenClassification, "question-answering": BertForQuestionAnswering,
     "multiple-choice": BertForMultipleChoice, "next-sentence-prediction": BertForNextSentencePrediction,
     "pretraining": BertForPreTraining})}

@@ -53,6 +53,7 @@ class RobertaPreTrainedModel(BertPreTrainedModel):
 
 class RobertaModel(RobertaPreTrainedModel, BertModel):
     embeddings_class = RobertaEmbeddings
+    runs_as_decoder = False  # a decoder's positions would continue from the cache's length
 
 
 class RobertaLMHead(nn.Module):
