@@ -22,7 +22,11 @@ _export("loom.configuration", "PretrainedConfig", "PreTrainedConfig")
 _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForMaskedLM",
         "AutoModelForSequenceClassification", "AutoModelForTokenClassification", "AutoModelForQuestionAnswering",
         "AutoModelForImageClassification", "AutoModelForMultipleChoice", "AutoModelForNextSentencePrediction",
-        "AutoModelForPreTraining")
+        "AutoModelForPreTraining", "get_values",
+        *(f"{task}_MAPPING{names}" for task in ("MODEL", *(f"MODEL_FOR_{t}" for t in (
+            "CAUSAL_LM", "MASKED_LM", "SEQUENCE_CLASSIFICATION", "TOKEN_CLASSIFICATION", "QUESTION_ANSWERING",
+            "MULTIPLE_CHOICE", "NEXT_SENTENCE_PREDICTION", "PRETRAINING", "IMAGE_CLASSIFICATION")))
+          for names in ("", "_NAMES")))
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
 _export("loom.models.cache", "Cache", "DynamicCache", "StaticCache", "DynamicLayer", "StaticLayer")
@@ -55,7 +59,8 @@ _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "Tra
 _export("loom.training.optimization", "get_constant_schedule", "get_constant_schedule_with_warmup",
         "get_linear_schedule_with_warmup", "get_cosine_schedule_with_warmup",
         "get_cosine_with_hard_restarts_schedule_with_warmup", "get_polynomial_decay_schedule_with_warmup",
-        "get_inverse_sqrt_schedule")
+        "get_inverse_sqrt_schedule", "get_wsd_schedule")
+_export("loom.training.adafactor", "Adafactor", "AdafactorSchedule")
 _export("loom.availability", "is_torch_available", "is_tokenizers_available", "is_sentencepiece_available",
         "is_datasets_available", "is_bitsandbytes_available", "is_vision_available", "is_tensorboard_available")
 _export("loom.training.collators", "DefaultDataCollator")

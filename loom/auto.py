@@ -151,3 +151,32 @@ class AutoModelForPreTraining(_AutoModel):
 
 class AutoModelForImageClassification(_AutoModel):
     head = "image-classification"
+
+
+# The reference's MODEL_FOR_<TASK>_MAPPING tables (config class -> model class) and their *_NAMES twins (model_type ->
+# class name), derived from the registry on first access.
+_MAPPING_HEADS = {"MODEL": "base", "MODEL_FOR_CAUSAL_LM": "causal-lm", "MODEL_FOR_MASKED_LM": "masked-lm",
+                  "MODEL_FOR_SEQUENCE_CLASSIFICATION": "sequence-classification",
+                  "MODEL_FOR_TOKEN_CLASSIFICATION": "token-classification",
+                  "MODEL_FOR_QUESTION_ANSWERING": "question-answering", "MODEL_FOR_MULTIPLE_CHOICE": "multiple-choice",
+                  "MODEL_FOR_NEXT_SENTENCE_PREDICTION": "next-sentence-prediction",
+                  "MODEL_FOR_PRETRAINING": "pretraining", "MODEL_FOR_IMAGE_CLASSIFICATION": "image-classification"}
+
+
+def __getattr__(name: str):
+    head = _MAPPING_HEADS.get(name.removesuffix("_NAMES").removesuffix("_MAPPING")) if name.endswith(
+        ("_MAPPING", "_MAPPING_NAMES")) else None
+    if head is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    rows = [(t, config, heads[head]) for t, (config, heads) in model_table().items() if head in heads]
+    if name.endswith("_NAMES"):
+        return {t: cls.__name__ for t, _, cls in rows}
+    return {config: cls for _, config, cls in rows}
+
+
+def get_values(mapping: dict) -> list:
+    """The values of a MODEL_FOR_*_MAPPING table, a value that is a list or tuple of classes counted one by one."""
+    out = []
+    for value in mapping.values():
+        out.extend(value if isinstance(value, (list, tuple)) else [value])
+    return out

@@ -185,6 +185,11 @@ class PretrainedConfig(PushToHubMixin):
             out["quantization_config"] = qc.to_dict()
         return out
 
+    def to_diff_dict(self) -> dict[str, Any]:
+        """to_dict without the keys whose value is every config's default (model_type is kept)."""
+        common = PretrainedConfig().to_dict()
+        return {k: v for k, v in self.to_dict().items() if k == "model_type" or k not in common or v != common[k]}
+
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 

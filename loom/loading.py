@@ -288,8 +288,10 @@ class LoadingInfo:
     error_msgs: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"missing_keys": self.missing_keys, "unexpected_keys": self.unexpected_keys,
-                "mismatched_keys": self.mismatched_keys, "error_msgs": self.error_msgs}
+        """output_loading_info's dict: sets of keys, as the reference's."""
+        return {"missing_keys": set(self.missing_keys), "unexpected_keys": set(self.unexpected_keys),
+                "mismatched_keys": {(k, tuple(a), tuple(b)) for k, a, b in self.mismatched_keys},
+                "error_msgs": self.error_msgs}
 
 
 def _target_dtype(tensor_dtype, dtype):

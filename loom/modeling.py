@@ -76,11 +76,18 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         if not _on_meta(self):
             self.apply(self._init_weights)
         self.tie_weights()
+        if getattr(self.config, "gradient_checkpointing", False):  # a config of the 4.x era asks for it this way
+            self.gradient_checkpointing_enable()
         use_kernels_(self)  # loom's fast path for plain Linears, applied here so no model file holds kernel code
         if self.can_generate() and self.generation_config is None:
             from loom.generation.config import GenerationConfig
 
             self.generation_config = GenerationConfig.from_model_config(self.config)
+
+    def init_weights(self) -> None:
+        """Initialise every weight afresh and tie them (what post_init does on a model built off the meta device)."""
+        self.apply(self._init_weights)
+        self.tie_weights()
 
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config, "initializer_range", 0.02)
@@ -194,7 +201,7 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
                 holder.bias = nn.Parameter(_resized_bias(bias, new_num_tokens))
         if head is not None and hasattr(head, "out_features"):
             head.out_features = new_num_tokens
-        self.config.vocab_size = new_num_tokens
+        self.config.vocab_size = self.vocab_size = new_num_tokens
         self.tie_weights()
         return self.get_input_embeddings()
 
@@ -223,6 +230,25 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    # the reference's 5.x names
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing_disable()
+
+    @property
+    def tp_plan(self) -> dict[str, str]:
+        """The tensor-parallel plan: module-name pattern -> style."""
+        return dict(self._tp_plan)
+
+    @property
+    def base_model(self) -> nn.Module:
+        """The model under a head (at `base_model_prefix`), or the model itself when it has no head."""
+        return getattr(self, self.base_model_prefix, self) if self.base_model_prefix else self
 
     # -- properties ----------------------------------------------------------------------------------------------
     @property
@@ -263,6 +289,11 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
 
         return generate(self, *args, **kwargs)
 
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """Whether set_attn_implementation can switch this class (every loom model can)."""
+        return True
+
     def set_attn_implementation(self, attn_implementation: str | dict) -> None:
         """Switch the attention every layer runs to "sdpa" or "eager" (as the reference's method). The name is checked
         first, so a refused one leaves the model as it was. A dict names it under "" (loom's models have no
@@ -298,6 +329,8 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         if dtype not in (None, "auto"):
             model.to(dtype)
         return model
+
+    _from_config = from_config  # the reference's name for it, which its model tests call
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args,

@@ -303,6 +303,8 @@ class BertModel(BertPreTrainedModel):
         when hidden states or attentions are requested, so that every output keeps its full length, and in a
         decoder."""
         check_inputs(input_ids, inputs_embeds)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         T = (input_ids if input_ids is not None else inputs_embeds).shape[1]
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if encoder_hidden_states is not None and not self.config.is_decoder:
@@ -441,7 +443,10 @@ class BertLMHeadModel(_BertHeadModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, encoder_hidden_states=None, encoder_attention_mask=None, labels=None,
                 past_key_values=None, use_cache=None, output_hidden_states=None, cache_position=None,
-                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None, **_):
+                logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None,
+                shift_labels=None, **_):
+        """`shift_labels`: targets already shifted (position t predicts shift_labels[t]), as under sequence
+        parallelism; the loss then reads them instead of shifting `labels`."""
         out = self.encode(input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds,
                           output_hidden_states, output_attentions=output_attentions,
                           encoder_hidden_states=encoder_hidden_states, encoder_attention_mask=encoder_attention_mask,
@@ -449,7 +454,10 @@ class BertLMHeadModel(_BertHeadModel):
                           cache_position=cache_position)
         h = out.last_hidden_state
         logits = self.cls(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, num_items_in_batch) if shift_labels is None else \
+                token_loss(logits, shift_labels, num_items_in_batch)
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions,
                            cross_attentions=out.cross_attentions)

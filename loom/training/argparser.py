@@ -9,16 +9,26 @@ import types
 import typing
 from enum import Enum
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 
-def _bool(text: str) -> bool:
+def string_to_bool(text) -> bool:
+    """A command-line boolean: yes/no, true/false, t/f, y/n, 1/0 in any case (a bool passes through)."""
+    if isinstance(text, bool):
+        return text
     lowered = str(text).lower()
     if lowered in ("yes", "true", "t", "y", "1"):
         return True
     if lowered in ("no", "false", "f", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false, yes/no, 1/0), got {text!r}")
+
+
+def make_choice_type_function(choices: list) -> Callable[[str], Any]:
+    """The `type` of a flag whose choices mix types (Literal["a", 42]): the text of a choice maps back to that choice,
+    anything else stays text (and argparse then names it as not among the choices)."""
+    by_text = {str(choice): choice for choice in choices}
+    return lambda text: by_text.get(text, text)
 
 
 def _unwrap_optional(tp):
@@ -51,41 +61,54 @@ class HfArgumentParser(argparse.ArgumentParser):
                     self._add_field(f, hints[f.name])
 
     def _add_field(self, f: dataclasses.Field, tp) -> None:
-        names = [f"--{f.name}"]
-        if "_" in f.name:
-            names.append(f"--{f.name.replace('_', '-')}")
-        kwargs: dict[str, Any] = {"help": f.metadata.get("help")}
-        base = _unwrap_optional(tp)
+        """One flag per field, built as the reference builds it (its tests compare the argparse actions): the field's
+        metadata are add_argument's keywords (`aliases` adds option strings), `X | None` parses as X."""
+        kwargs = dict(f.metadata)
+        aliases = kwargs.pop("aliases", [])
+        names = [f"--{f.name}", *([f"--{f.name.replace('_', '-')}"] if "_" in f.name else []),
+                 *([aliases] if isinstance(aliases, str) else aliases)]
+        members = set(typing.get_args(tp)) if typing.get_origin(tp) in (typing.Union, types.UnionType) else set()
+        optional_bool = members == {bool, type(None)}
+        base = bool if optional_bool else _unwrap_optional(tp)
         origin = typing.get_origin(base)
-        if f.default is not dataclasses.MISSING:
-            kwargs["default"] = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            kwargs["default"] = f.default_factory()
-        else:
-            kwargs["required"] = True
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        off_switch = dict(kwargs)
         if origin is Literal or (isinstance(base, type) and issubclass(base, Enum)):
-            choices = list(typing.get_args(base)) if origin is Literal else [e.value for e in base]
-            kwargs.update(choices=choices, type=type(choices[0]) if choices else str)
+            choices = typing.get_args(base) if origin is Literal else [e.value for e in base]
+            kwargs.update(choices=choices, type=make_choice_type_function(choices))
         elif base is bool:
-            kwargs.update(type=_bool, nargs="?", const=True)
-            if kwargs.get("default") is True:
-                self.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
-                                  help=f"turn off {f.name}")
+            kwargs["type"] = string_to_bool
+            if not optional_bool or f.default not in (None, dataclasses.MISSING):
+                # `--flag` alone means true; no flag means the default (false when there is none)
+                default = False if f.default is dataclasses.MISSING else f.default
+                kwargs.update(nargs="?", const=True)
         elif origin in (list, typing.List) or base is list:  # noqa: UP006
             args = typing.get_args(base)
             kwargs.update(type=args[0] if args else str, nargs="+")
-        elif origin is dict or base is dict:
-            kwargs.update(type=json.loads)
+        elif origin is dict or base is dict or dict in members:
+            kwargs["type"] = json.loads  # a JSON object on the command line
         else:
-            kwargs["type"] = base if base in (int, float, str) else str
-        self.add_argument(*names, dest=f.name, **kwargs)
+            kwargs["type"] = base if isinstance(base, type) else str
+        if default is dataclasses.MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        self.add_argument(*names, **kwargs)
+        if f.default is True and base is bool:  # after the flag itself, whose default then wins
+            self.add_argument(f"--no_{f.name}", f"--no-{f.name.replace('_', '-')}", action="store_false",
+                              dest=f.name, **{**off_switch, "default": False})
 
     def parse_args_into_dataclasses(self, args: Iterable[str] | None = None, return_remaining_strings: bool = False,
-                                    args_filename: str | None = None) -> tuple:
-        """Parse flags (default sys.argv[1:]) into one instance per dataclass; optionally the unparsed rest."""
+                                    look_for_args_file: bool = True, args_filename: str | None = None) -> tuple:
+        """Parse flags (default sys.argv[1:]) into one instance per dataclass; optionally the unparsed rest. Flags
+        in `args_filename`, else (look_for_args_file) in a `<script>.args` file beside the running script, come
+        first, so the command line overrides them."""
         args = list(sys.argv[1:] if args is None else args)
         if args_filename is None and len(args) == 1 and Path(args[0]).suffix in (".json", ".yaml", ".yml"):
             return self._parse_file(args[0])
+        beside_script = Path(sys.argv[0]).with_suffix(".args") if sys.argv and sys.argv[0] else None
+        if args_filename is None and look_for_args_file and beside_script is not None and beside_script.is_file():
+            args_filename = beside_script
         if args_filename is not None:
             args = _file_as_flags(args_filename) + args
         namespace, remaining = self.parse_known_args(args=args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from loom.training import argument_checks as checks
 from loom.training.integrations import normalise_report_to
@@ -18,6 +18,11 @@ class TrainingArguments:
     Field names and defaults follow the reference. Interval fields (logging_steps, eval_steps, save_steps) below 1
     are ratios of the total number of optimizer steps, as in the reference.
     """
+
+    # the fields that take a dict (or its JSON text), which the reference's argument parser tests list
+    _VALID_DICT_FIELDS: ClassVar[list[str]] = ["accelerator_config", "fsdp_config", "deepspeed",
+                                               "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs",
+                                               "lr_scheduler_kwargs"]
 
     output_dir: str | None = field(default=None, metadata={"help": "Where checkpoints and logs are written."})
     num_train_epochs: float = field(default=3.0, metadata={"help": "Epochs to train (fractions allowed)."})

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from loom.training.adafactor import Adafactor, AdafactorSchedule  # noqa: F401 (AdafactorSchedule: exported here)
 from loom.training.greedy_lr import GreedyLR
 from loom.training.optim_options import check_optim_options, is_true, parse_optim_args
 
@@ -62,10 +63,8 @@ def build_optimizer(name: str, groups: list[dict], args, model: nn.Module) -> to
     if name in ("adamw_torch", "adamw_torch_fused", "adamw"):
         fused = name == "adamw_torch_fused" and _fused_supported(groups[0]["params"][0])
         return torch.optim.AdamW(groups, **adam, fused=fused or None)
-    if name == "adafactor":
-        # torch's Adafactor with a fixed learning rate; the reference's Trainer also runs Adafactor with
-        # relative_step=False and scale_parameter=False, i.e. the schedule drives the learning rate
-        return torch.optim.Adafactor(groups, lr=args.learning_rate)
+    if name == "adafactor":  # as the reference's Trainer: the schedule drives the learning rate
+        return Adafactor(groups, lr=args.learning_rate, relative_step=False, scale_parameter=False)
     if name in _TORCH_OPTIONS:
         floats, flags = _TORCH_OPTIONS[name]
         check_optim_options(options, floats + flags, name)
@@ -269,6 +268,19 @@ def get_polynomial_decay_schedule_with_warmup(optimizer, num_warmup_steps: int, 
 def get_inverse_sqrt_schedule(optimizer, num_warmup_steps: int, timescale: int | None = None,
                               last_epoch: int = -1) -> LambdaLR:
     return LambdaLR(optimizer, partial(_inverse_sqrt, warmup=num_warmup_steps, timescale=timescale), last_epoch)
+
+
+def get_wsd_schedule(optimizer, num_warmup_steps: int, num_decay_steps: int, num_training_steps: int | None = None,
+                     num_stable_steps: int | None = None, warmup_type: str = "linear", decay_type: str = "cosine",
+                     min_lr_ratio: float = 0, num_cycles: float = 0.5, last_epoch: int = -1) -> LambdaLR:
+    """Warmup (from min_lr_ratio of the peak), a stable peak, then decay back to min_lr_ratio; the stable phase lasts
+    num_stable_steps, else what num_training_steps leaves after warmup and decay."""
+    if num_training_steps is None and num_stable_steps is None:
+        raise ValueError("get_wsd_schedule needs num_training_steps or num_stable_steps")
+    kw = dict(num_decay_steps=num_decay_steps, num_stable_steps=num_stable_steps, warmup_type=warmup_type,
+              decay_type=decay_type, min_lr_ratio=min_lr_ratio, num_cycles=num_cycles)
+    return LambdaLR(optimizer, partial(_warmup_stable_decay, warmup=num_warmup_steps,
+                                       **_wsd_kwargs(kw, num_warmup_steps, num_training_steps)), last_epoch)
 
 
 def steps_on_metrics(scheduler) -> bool:

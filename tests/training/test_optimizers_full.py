@@ -11,7 +11,7 @@ from loom.training.optimization import create_optimizer
 
 TORCH_CASES = [("adamw_torch", None), ("adamw_torch_fused", None), ("sgd", "momentum=0.9, nesterov=True"),
                ("sgd", None), ("adagrad", "lr_decay=0.01,eps=1e-9"), ("rmsprop", "momentum=0.5,alpha=0.9,centered=1"),
-]  # adafactor: loom uses torch.optim.Adafactor, the reference its own class
+]  # adafactor: tests/training/test_adafactor.py (loom has its own class, as the reference)
 BNB_CASES = [(name, None) for name in BNB_OPTIMIZERS] + [("ademamix", "beta3=0.999,alpha=4.0,t_alpha=10")]
 
 
