@@ -128,6 +128,13 @@ class AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
             return None
         if fullname in INFRASTRUCTURE:
             return None
+        parent, _, last = fullname.rpartition(".")
+        if isinstance(sys.modules.get(parent), AliasModule) and not last.startswith("__"):
+            # an attribute that is no module (mock.patch("transformers.x.logger.warning") tries to import
+            # `transformers.x.logger` first): not a module here, so the caller falls back to getattr
+            found = getattr(sys.modules[parent], last)
+            if not isinstance(found, (Missing, types.ModuleType)):
+                return None
         return importlib.util.spec_from_loader(fullname, self, is_package=True)
 
     def create_module(self, spec):

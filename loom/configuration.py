@@ -230,6 +230,10 @@ class PretrainedConfig(PushToHubMixin):
         config._name_or_path = str(path_or_id)
         return config
 
+    def __iter__(self):
+        """The names of the attributes set on this config (the reference's configs iterate so)."""
+        yield from list(self.__dict__)
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, PretrainedConfig) and self.to_dict() == other.to_dict()
 

@@ -179,6 +179,10 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         old = self.get_input_embeddings()
         if new_num_tokens is None:
             new_num_tokens = old.num_embeddings
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or
+                                               not isinstance(pad_to_multiple_of, int)):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of!r}: pass an integer (e.g. 64), the multiple the "
+                             "new vocabulary size is rounded up to")
         if pad_to_multiple_of:
             new_num_tokens = ((new_num_tokens + pad_to_multiple_of - 1) // pad_to_multiple_of) * pad_to_multiple_of
         if new_num_tokens <= 0:

@@ -96,3 +96,10 @@ def test_causal_lm_loss_reads_pre_shifted_labels(tmp_path_factory):
         other = ours(ids, labels=ids, shift_labels=shifted.roll(1, 1)).loss
         torch.testing.assert_close(other, ref(ids, labels=ids, shift_labels=shifted.roll(1, 1)).loss)
     assert not torch.isclose(other, plain)
+
+
+def test_config_iterates_its_keys_and_resize_refuses_a_fractional_multiple():
+    config = _config(classifier_dropout=0.2)
+    assert {"vocab_size", "classifier_dropout", "is_decoder"} <= set(config)
+    with pytest.raises(ValueError, match=r"pad_to_multiple_of=1.3: pass an integer"):
+        loom.BertModel(config).resize_token_embeddings(120, pad_to_multiple_of=1.3)

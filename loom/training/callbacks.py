@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+logger = logging.getLogger("loom")
 
 @dataclass
 class TrainerState:
@@ -41,6 +44,15 @@ class TrainerState:
         from loom.utils import atomic_write_text
 
         atomic_write_text(Path(json_path), self.to_json_string())
+
+    def compute_steps(self, args, max_steps: int) -> None:
+        """logging/eval/save_steps from args; an interval below 1 is that share of max_steps."""
+        from loom.training.arguments import steps_from
+
+        for kind in ("logging", "eval", "save"):
+            steps = steps_from(getattr(args, f"{kind}_steps"), max_steps)
+            if steps is not None:
+                setattr(self, f"{kind}_steps", steps)
 
     @classmethod
     def load_from_json(cls, json_path: str | Path) -> "TrainerState":
@@ -82,6 +94,12 @@ class TrainerControl(ExportableState):
     def _new_step(self) -> None:
         self.should_save = self.should_evaluate = self.should_log = False
 
+    def _new_epoch(self) -> None:
+        self.should_epoch_stop = False
+
+    def _new_training(self) -> None:
+        self.should_training_stop = False
+
     def state(self) -> dict:
         return {"args": dataclasses.asdict(self), "attributes": {}}
 
@@ -121,12 +139,29 @@ class CallbackHandler:
         self.model, self.processing_class = model, processing_class
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.train_dataloader = self.eval_dataloader = None
+        if not any(isinstance(cb, DefaultFlowCallback) for cb in self.callbacks):
+            logger.warning("these callbacks have no DefaultFlowCallback, so nothing will decide when to log, evaluate, "
+                           f"save or stop: add one (trainer.add_callback(DefaultFlowCallback)). Callbacks:\n"
+                           f"{self.callback_list}")
 
     def add_callback(self, callback) -> None:
         cb = callback() if isinstance(callback, type) else callback
         if not isinstance(cb, TrainerCallback):
             raise TypeError(f"callbacks must be TrainerCallback instances or classes, got {type(cb).__name__}")
+        if any(type(other) is type(cb) for other in self.callbacks):
+            logger.warning(f"adding a second {type(cb).__name__} to the callbacks (each event reaches both). "
+                           f"Callbacks:\n{self.callback_list}")
         self.callbacks.append(cb)
+
+    @property
+    def callback_list(self) -> str:
+        return "\n".join(type(cb).__name__ for cb in self.callbacks)
+
+    def __getattr__(self, name: str):
+        """`handler.on_log(args, state, control, ...)`: each event as a method, as the reference's handler has."""
+        if name.startswith("on_") and hasattr(TrainerCallback, name):
+            return functools.partial(self.call, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
     def pop_callback(self, callback):
         for cb in self.callbacks:
@@ -147,6 +182,8 @@ class CallbackHandler:
             if result is not None:
                 control = result
         return control
+
+    call_event = call  # the reference's name
 
 
 class ProgressCallback(TrainerCallback):

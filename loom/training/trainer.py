@@ -52,6 +52,9 @@ class TrainOutput(NamedTuple):
     metrics: dict[str, float]
 
 
+DEFAULT_CALLBACKS = [DefaultFlowCallback]  # installed first in every Trainer, then the progress bar or printer
+TRAINER_STATE_NAME = "trainer_state.json"
+
 class Trainer(HubMixin, EvaluationMixin, CheckpointMixin):
     """Train, evaluate and predict with a model; the reference's constructor arguments and methods.
 

@@ -106,6 +106,12 @@ class CheckpointMixin:
                           "it is ignored", stacklevel=3)
         self.control._new_step()
 
+    def _load_callback_state(self) -> None:
+        """With args.restore_callback_states_from_checkpoint, restore the callbacks' states from self.state (as
+        read from a checkpoint's trainer_state.json; the reference's name)."""
+        if self.args.restore_callback_states_from_checkpoint:
+            self._restore_callback_states(self.state.stateful_callbacks, Path("trainer_state.json"))
+
     def _load_checkpoint(self, path: Path) -> dict:
         """Restore model, optimizer, scheduler, state and data position; returns the RNG states to set later."""
         position = json.loads((path / "data_state.json").read_text(encoding="utf-8"))
