@@ -164,3 +164,22 @@ def test_bad_decoder_inputs_are_named(decoder):
         past = ours(_ids(T=60), use_cache=True).past_key_values
         with pytest.raises(ValueError, match="65 tokens is longer than max_position_embeddings=64"):
             ours(_ids(T=5), past_key_values=past)
+
+
+def test_generate_with_token_type_ids_matches_reference(decoder):
+    """The prompt's segment ids reach the model; generated tokens take each row's last one (the reference's rule),
+    under greedy, beam search and a padded batch."""
+    _, ref, ours = decoder
+    ids, mask = _left_padded()
+    types = torch.zeros_like(ids)
+    types[0, 7:] = 1
+    for kw in (dict(), dict(num_beams=2), dict(attention_mask=mask)):
+        kw.update(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None, token_type_ids=types)
+        with torch.no_grad():
+            assert ours.generate(ids, **kw).tolist() == ref.generate(ids, **kw).tolist(), kw
+        assert ours.generate(ids, **kw).tolist() != ours.generate(ids, **{**kw, "token_type_ids": None}).tolist()
+    with pytest.raises(ValueError, match=r"token_type_ids must have shape \(2, 10\)"):
+        ours.generate(ids, token_type_ids=types[:, :4], max_new_tokens=2)
+    llama = loom.LlamaForCausalLM(loom.LlamaConfig(**TINY["llama"]))
+    with pytest.raises(TypeError, match="got token_type_ids, which LlamaForCausalLM does not take"):
+        llama.generate(ids, token_type_ids=types, max_new_tokens=2)

@@ -33,7 +33,7 @@ class Decoder:
 
     def __init__(self, model, *, rows: int, prompt_positions: int, total_positions: int, attention_mask,
                  position_ids, use_cache: bool, cache_implementation: str | None, output_hidden_states: bool,
-                 output_attentions: bool = False, compile: bool = False) -> None:
+                 output_attentions: bool = False, compile: bool = False, token_type_ids=None) -> None:
         device = model.device
         self.model = model
         self.use_cache = use_cache
@@ -59,6 +59,7 @@ class Decoder:
         self.mask = None if attention_mask is None else attention_mask.to(device)
         self.position_ids = None if attention_mask is None else position_ids.to(device)
         self.positions = torch.arange(0, device=device)
+        self.types = None if token_type_ids is None else token_type_ids.to(device)  # (rows, prompt) segment ids
         self._reserve(total_positions if self.whole_mask else prompt_positions + FIRST_CAPACITY)
         self.forward = model
         if compile:
@@ -79,6 +80,8 @@ class Decoder:
             steps = torch.arange(width, cap, device=self.mask.device) - self.prompt_positions + 1
             last_prompt = self.position_ids[:, self.prompt_positions - 1:self.prompt_positions]
             self.position_ids = torch.cat((self.position_ids, last_prompt + steps), 1)
+        if self.types is not None:  # generated tokens keep the prompt's last segment id, as in the reference
+            self.types = torch.cat((self.types, self.types[:, -1:].expand(-1, cap - self.types.shape[1])), 1)
 
     def stepping(self):
         """Context for the decode loop: where loom's C kernels carry every matmul of a step, torch's own small ops
@@ -94,9 +97,12 @@ class Decoder:
             position_ids=None if self.position_ids is None else self.position_ids[:, start:end],
             past_key_values=self.cache, use_cache=self.use_cache, cache_position=self.positions[start:end],
             output_hidden_states=self.output_hidden_states or None, output_attentions=self.output_attentions or None,
-            logits_to_keep=1, **inputs)
+            logits_to_keep=1, **inputs, **self._types(start, end))
         self.last_hidden_states, self.last_attentions = out.hidden_states, out.attentions
         return out.logits[:, -1]
+
+    def _types(self, start: int, end: int) -> dict:
+        return {} if self.types is None else {"token_type_ids": self.types[:, start:end]}
 
     def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, V) for the token after the prompt."""

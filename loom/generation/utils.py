@@ -6,6 +6,8 @@ With neither, 20 new tokens are generated (capped at the model's max_position_em
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from loom.generation.beam_search import beam_search
@@ -18,7 +20,7 @@ from loom.generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecod
 from loom.generation.stopping_criteria import MaxLengthCriteria, EosTokenCriteria, StoppingCriteriaList, \
     build_stopping_criteria
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids")
 
 
 def generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
@@ -80,11 +82,17 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
         else:
             position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
 
+    token_type_ids = model_kwargs.get("token_type_ids")
+    if token_type_ids is not None and "token_type_ids" not in inspect.signature(model.forward).parameters:
+        raise TypeError(f"generate() got token_type_ids, which {type(model).__name__} does not take")
+    if token_type_ids is not None and token_type_ids.shape != (batch, prompt_positions):
+        raise ValueError(f"token_type_ids must have shape {(batch, prompt_positions)} (batch, prompt length), got "
+                         f"{tuple(token_type_ids.shape)}")
     expand = max(cfg.num_beams, cfg.num_return_sequences)
     if expand > 1:
-        input_ids, attention_mask, position_ids, inputs_embeds = (
+        input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids = (
             None if t is None else t.repeat_interleave(expand, dim=0)
-            for t in (input_ids, attention_mask, position_ids, inputs_embeds))
+            for t in (input_ids, attention_mask, position_ids, inputs_embeds, token_type_ids))
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
@@ -98,7 +106,7 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
 
     decoder = Decoder(model, rows=input_ids.shape[0], prompt_positions=prompt_positions,
                       total_positions=prompt_positions + new_tokens, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=cfg.use_cache,
+                      position_ids=position_ids, token_type_ids=token_type_ids, use_cache=cfg.use_cache,
                       cache_implementation=cfg.cache_implementation, output_hidden_states=cfg.output_hidden_states,
                       output_attentions=cfg.return_dict_in_generate and cfg.output_attentions,
                       compile=bool(cfg.compile))
