@@ -46,13 +46,11 @@ class TrainerState:
         atomic_write_text(Path(json_path), self.to_json_string())
 
     def compute_steps(self, args, max_steps: int) -> None:
-        """logging/eval/save_steps from args; an interval below 1 is that share of max_steps."""
-        from loom.training.arguments import steps_from
-
+        """logging/eval/save_steps from args; an interval below 1 is that share of max_steps, rounded up."""
         for kind in ("logging", "eval", "save"):
-            steps = steps_from(getattr(args, f"{kind}_steps"), max_steps)
+            steps = getattr(args, f"{kind}_steps")
             if steps is not None:
-                setattr(self, f"{kind}_steps", steps)
+                setattr(self, f"{kind}_steps", math.ceil(max_steps * steps) if steps < 1 else int(steps))
 
     @classmethod
     def load_from_json(cls, json_path: str | Path) -> "TrainerState":
