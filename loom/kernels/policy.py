@@ -3,7 +3,8 @@ reach the C kernels. Models, generation and quantization ask here instead of kee
 
 Measured on the project's AVX2 machine (bench/bench_generate.py prints the floors):
 - up to MAX_ROWS activation rows (decode), loom's kernels stream each weight once at close to memory bandwidth:
-  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins;
+  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins, except for int8 weights, whose
+  own blocked integer GEMM beats dequantizing (int8_applies);
 - bf16 beyond one row only where torch emulates bf16 (AVX2 or less): with AMX, torch's own bf16 matmul was faster
   at 8 rows on an Intel machine.
 """
