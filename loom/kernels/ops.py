@@ -16,6 +16,8 @@ FakeTensorMode or a FLOP counter, a functorch transform, autograd) it calls the 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -321,9 +323,9 @@ def _int8_cpu(x, weight, scale):
     lib = build.library()
     if lib is None:
         return F.linear(x, int8_dequantize(weight, scale, x.dtype))
-    xf = x.reshape(-1, x.shape[-1]).to(_F32).contiguous()
     w, s = weight.contiguous(), scale.contiguous()
-    m, n, k = xf.shape[0], w.shape[0], w.shape[1]
+    m, n, k = math.prod(x.shape[:-1]), w.shape[0], w.shape[1]  # m from the shape: x.reshape(-1, 0) is ambiguous
+    xf = x.reshape(m, k).to(_F32).contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=_F32)
     if m:
         if lib.loom_int8_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), y.data_ptr(), m, n, k, pool_threads()):

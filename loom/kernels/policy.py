@@ -3,7 +3,8 @@ reach the C kernels. Models, generation and quantization ask here instead of kee
 
 Measured on the project's AVX2 machine (bench/bench_generate.py prints the floors):
 - up to MAX_ROWS activation rows (decode), loom's kernels stream each weight once at close to memory bandwidth:
-  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins;
+  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins, except for int8 weights, whose
+  own blocked integer GEMM beats dequantizing (int8_applies);
 - bf16 beyond one row only where torch emulates bf16 (AVX2 or less): with AMX, torch's own bf16 matmul was faster
   at 8 rows on an Intel machine.
 """
@@ -69,8 +70,14 @@ def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
 
 
 def quantized_applies(x: torch.Tensor) -> bool:
-    """Whether a loom int8/int4 Linear's product on `x` goes to its C kernel (any grad mode: the ops have autograd)."""
+    """Whether a loom int4 Linear's product on `x` goes to its C kernel (any grad mode: the ops have autograd)."""
     return plain(x) and x.is_floating_point() and rows_of(x) <= MAX_ROWS and enabled()
+
+
+def int8_applies(x: torch.Tensor) -> bool:
+    """Whether a loom int8 Linear's product on `x` goes to loom::int8_linear: at any row count, since above MAX_ROWS
+    its blocked GEMM (csrc/int8.c) beat dequantizing to fp32 + F.linear 1.6-3x at 128-512 rows, at every level."""
+    return plain(x) and x.is_floating_point() and enabled()
 
 
 def decode_on_kernels(model: nn.Module, rows: int) -> bool:
