@@ -218,12 +218,13 @@ static void int4_tiles(const void *p, long begin, long end) {
     }
 }
 
-/* The decode-size kernel: each weight tile streamed once against all M rows. Each activation row is rounded to
+/* The decode-size kernel (AVX2; AVX-512 builds take int4_decode512 below for the int16 path and this one for the
+   rest): each weight tile streamed once against all M rows. Each activation row is rounded to
    int16 once (quantize_row) and takes the int16 path when G % 32 == 0 and G <= INT4_MAX_G, other group sizes use
    the fp32 path, and rows holding inf/NaN int4_dot_exact. xs[m] says which: the int16 scale, NAN for the fp32
    path, INFINITY for the exact one. Returns 0, or -1 when out of memory. */
-static int int4_decode(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
-                       long M, long N, long K, long G, int threads) {
+static int int4_decode_rows(const float *x, const uint8_t *w, const void *scale, const void *zero, int half,
+                            float *y, long M, long N, long K, long G, int threads) {
     if (M <= 0) return 0;
     long ng = K / G;
     int int16_path = G % 32 == 0 && G <= INT4_MAX_G;
@@ -251,6 +252,160 @@ static int int4_decode(const float *x, const uint8_t *w, const void *scale, cons
     parallel_run(int4_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     free(buf);
     return 0;
+}
+
+/* ---- the decode kernel with AVX-512 ----------------------------------------------------------------------------
+   The same int16 math at twice the width, with no shuffles in the inner loop: each 64-byte load of a weight row
+   (128 columns) is read as 16-bit lanes of 4 nibbles, split into 4 vectors of one nibble per lane by shifts and
+   masks (columns 4j + i of the block in lane j of vector i, so each activation block is reordered to match once
+   per call), and multiplied into int32 with vpdpwssd (VNNI) or vpmaddwd. An int32 lane then holds 8 columns of one
+   32-column sub-block; after 4 blocks a reduction tree gives the 16 sub-block sums of 512 columns, which get scale
+   and zero per lane: acc += scale * (float(isum) - zero * float(qsum)) with exact integer sums of at most 32
+   columns (< 2^24, so exact in fp32 too). Weight rows are streamed one after another against up to 4 activation
+   rows. */
+#if defined(__AVX512F__)
+#if defined(__AVX512VNNI__)
+/* inline asm: with the intrinsic, gcc copies every accumulator to another register and back on each step */
+static inline __m512i vnni_dpwssd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+    return acc;
+}
+#define dpwssd512 vnni_dpwssd
+#else
+#define dpwssd512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#define D_MB 4 /* activation rows per pass over a weight row */
+
+typedef struct {
+    const int16_t *xr; const float *qs, *xs; const long *rows; const int32_t *idx; const long *first;
+    const uint8_t *w; const void *scale, *zero; int half; float *y; long Mq, N, K, G, Kp, Sp;
+} dec512_job;
+
+/* lane s of the sum of 4 blocks' int32 vectors v[0..3] = sum of sub-block s (block s / 4, 128-bit lane s % 4) */
+static inline __m512i sum_subblocks(const __m512i *v) {
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+    /* u lane 4L + i = 128-bit lane L of v[i] = sub-block 4i + L */
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), u);
+}
+
+/* the 16 sub-blocks' scale or zero of chunk c of weight row n: groups first[c].. loaded, spread by idx */
+static inline __m512 chunk_params(const dec512_job *j, const void *p, long n, long c, long ng) {
+    long first = j->first[c], left = ng - first;
+    __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 v = j->half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + n * ng + first))
+                       : _mm512_maskz_loadu_ps(mask, (const float *)p + n * ng + first);
+    return j->G == 32 ? v : _mm512_permutexvar_ps(_mm512_loadu_si512(j->idx + c * 16), v);
+}
+
+/* weight row n against activation rows i0..i0+MB-1 */
+static inline __attribute__((always_inline)) void row512(const dec512_job *j, long n, long i0, int MB) {
+    long P = j->K / 2, Kp = j->Kp, Sp = j->Sp, nblk = Kp / 128, ng = j->K / j->G;
+    const uint8_t *wr = j->w + n * P;
+    const int16_t *xr = j->xr + i0 * Kp;
+    const float *qs = j->qs + i0 * Sp;
+    const __m512i m4 = _mm512_set1_epi16(15);
+    __m512 f[D_MB];
+    for (int m = 0; m < D_MB; m++) f[m] = _mm512_setzero_ps();
+    for (long c = 0; c * 4 < nblk; c++) {
+        __m512i v[D_MB][4];
+        /* unrolled, so that v stays in registers: spilled, the tree's 64-byte reloads of 64-byte stores stall */
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; b++) {
+            long blk = 4 * c + b, off = blk * 64;
+            if (blk >= nblk) {
+                for (int m = 0; m < MB; m++) v[m][b] = _mm512_setzero_si512();
+                continue;
+            }
+            __m512i raw = P - off >= 64 ? _mm512_loadu_si512((const void *)(wr + off))
+                                        : _mm512_maskz_loadu_epi8((1ULL << (P - off)) - 1, wr + off);
+            __m512i n0 = _mm512_and_si512(raw, m4), n1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            __m512i n2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m4), n3 = _mm512_srli_epi16(raw, 12);
+            for (int m = 0; m < MB; m++) {
+                const __m512i *xb = (const __m512i *)(xr + m * Kp + blk * 128);
+                __m512i a = dpwssd512(_mm512_setzero_si512(), n0, _mm512_loadu_si512(xb));
+                a = dpwssd512(a, n1, _mm512_loadu_si512(xb + 1));
+                a = dpwssd512(a, n2, _mm512_loadu_si512(xb + 2));
+                v[m][b] = dpwssd512(a, n3, _mm512_loadu_si512(xb + 3));
+            }
+        }
+        __m512 s = chunk_params(j, j->scale, n, c, ng);
+        __m512 z = j->zero ? chunk_params(j, j->zero, n, c, ng) : _mm512_set1_ps(8.0f);
+        for (int m = 0; m < MB; m++) {
+            __m512 isum = _mm512_cvtepi32_ps(sum_subblocks(v[m]));
+            f[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_loadu_ps(qs + m * Sp + 16 * c), isum), f[m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) j->y[j->rows[i0 + m] * j->N + n] = _mm512_reduce_add_ps(f[m]) * j->xs[i0 + m];
+}
+
+static void dec512_tiles(const void *p, long begin, long end) {
+    const dec512_job *j = p;
+    for (long n = begin * TILE; n < end * TILE && n < j->N; n++) {
+        for (long i = 0; i < j->Mq; i += D_MB) {
+            switch (j->Mq - i < D_MB ? j->Mq - i : D_MB) {
+            case 1: row512(j, n, i, 1); break;
+            case 2: row512(j, n, i, 2); break;
+            case 3: row512(j, n, i, 3); break;
+            default: row512(j, n, i, 4); break;
+            }
+        }
+    }
+}
+
+/* int16 rows through row512, rows holding inf/NaN through int4_decode_rows one by one. Scratch: (M + 1) * K * 2
+   bytes of int16 activations (padded to 128 columns) and M * K / 32 * 4 of sub-block sums. */
+static int int4_decode512(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                          long M, long N, long K, long G, int threads) {
+    long Kp = (K + 127) / 128 * 128, nch = (Kp + 511) / 512, Sp = nch * 16, gs = G / 32, Mq = 0;
+    char *buf = malloc(sizeof(long) * (M + nch) + sizeof(float) * M * (Sp + 1) + sizeof(int32_t) * nch * 16 +
+                       sizeof(int16_t) * (M * Kp + K));
+    if (!buf) return -1;
+    long *rows = (long *)buf, *first = rows + M;
+    float *xs = (float *)(first + nch), *qs = xs + M;
+    int32_t *idx = (int32_t *)(qs + M * Sp);
+    int16_t *xr = (int16_t *)(idx + nch * 16), *q = xr + M * Kp;
+    for (long c = 0; c < nch; c++) {
+        first[c] = 16 * c / gs;
+        for (int s = 0; s < 16; s++) idx[c * 16 + s] = (int32_t)((16 * c + s) / gs - first[c]);
+    }
+    for (long m = 0; m < M; m++) {
+        float sc = quantize_row(x + m * K, q, K);
+        if (isnan(sc)) continue;
+        int16_t *xm = xr + Mq * Kp;
+        float *qm = qs + Mq * Sp;
+        memset(xm + K / 128 * 128, 0, sizeof(int16_t) * (Kp - K / 128 * 128));
+        memset(qm, 0, sizeof(float) * Sp);
+        for (long c = 0; c < K; c++) xm[c / 128 * 128 + c % 4 * 32 + c % 128 / 4] = q[c];
+        for (long b = 0; b < K / 32; b++) {
+            int32_t sum = 0;
+            for (int c = 0; c < 32; c++) sum += q[b * 32 + c];
+            qm[b] = (float)sum;
+        }
+        xs[Mq] = sc;
+        rows[Mq++] = m;
+    }
+    dec512_job job = {xr, qs, xs, rows, idx, first, w, scale, zero, half, y, Mq, N, K, G, Kp, Sp};
+    long tiles = (N + TILE - 1) / TILE;
+    if (Mq) parallel_run(dec512_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    int failed = 0;
+    for (long m = 0, i = 0; m < M && !failed; m++) {
+        if (i < Mq && rows[i] == m) i++;
+        else failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+    }
+    free(buf);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* the decode-size kernel for this build */
+static int int4_decode(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                       long M, long N, long K, long G, int threads) {
+#if defined(__AVX512F__)
+    if (G % 32 == 0 && G <= INT4_MAX_G) return int4_decode512(x, w, scale, zero, half, y, M, N, K, G, threads);
+#endif
+    return int4_decode_rows(x, w, scale, zero, half, y, M, N, K, G, threads);
 }
 
 /* ---- the blocked GEMM for many rows (prefill) ----------------------------------------------------------------
@@ -281,16 +436,7 @@ typedef __m512 fvec;
 #define fvmadd _mm512_fmadd_ps
 #define fvnmadd _mm512_fnmadd_ps
 #define fvcvt _mm512_cvtepi32_ps
-#if defined(__AVX512VNNI__)
-/* inline asm: with the intrinsic, gcc copies every accumulator to another register and back on each step */
-static inline __m512i vnni_dpwssd(__m512i acc, __m512i a, __m512i b) {
-    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
-    return acc;
-}
-#define dpwssd vnni_dpwssd
-#else
-#define dpwssd(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
-#endif
+#define dpwssd dpwssd512
 
 /* 16 bytes of a weight row -> 16 int32 lanes (low nibble) | (high nibble << 16) */
 static inline ivec pair_lanes(const uint8_t *p) {
@@ -482,7 +628,7 @@ static int int4_gemm_blocked(const float *x, const uint8_t *w, const void *scale
     if (Mq) parallel_run(gemm_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     for (long m = 0, i = 0; m < M && !failed; m++) {
         if (i < Mq && rows[i] == m) i++;
-        else failed = int4_decode(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+        else failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
     }
     free(buf);
     return failed ? -1 : 0;
