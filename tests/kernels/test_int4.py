@@ -81,11 +81,12 @@ def test_inf_and_nan_rows_inside_a_large_batch_stay_float(group):
 
 
 @needs_native
-@pytest.mark.parametrize("rows", [2, 20])  # decode kernel, blocked GEMM
-def test_largest_group_of_the_blocked_gemm_does_not_overflow(rows):
+# decode kernel, blocked GEMM at its largest group, and a larger group: the decode kernel for any row count
+@pytest.mark.parametrize("rows,group", [(2, policy.INT4_GEMM_MAX_GROUP), (20, policy.INT4_GEMM_MAX_GROUP), (20, 8192)])
+def test_long_groups_do_not_overflow(rows, group):
     # every nibble 15 against x rounding to 32767: one int32 lane of the blocked GEMM sums a whole group of 4096
     # columns, 2048 pairs * 2 * 15 * 32767 = 2,013,204,480, just below 2^31
-    k, group = 8192, policy.INT4_GEMM_MAX_GROUP
+    k = 8192
     packed = torch.full((35, k // 2), 0xFF, dtype=torch.uint8)
     packed[1] = 0x0F
     scale = (torch.rand(35, 1) * 1e-3 + 1e-4).expand(35, k // group).contiguous()
@@ -140,3 +141,10 @@ def test_state_dict_bytes_unchanged_by_running_and_round_trip(symmetric):
     buf = io.BytesIO()
     torch.save(fresh.state_dict(), buf)
     assert set(torch.load(io.BytesIO(buf.getvalue()))) == set(before)
+
+
+def test_python_group_limit_matches_the_c_kernel():
+    from loom.kernels.build import CSRC
+
+    source = (CSRC / "int4.c").read_text()
+    assert f"#define INT4_GEMM_MAX_G {policy.INT4_GEMM_MAX_GROUP}\n" in source

@@ -88,10 +88,11 @@ static float int4_dot_exact(const float *x, const uint8_t *w, const void *scale,
     return acc;
 }
 
-/* The int16 path's int32 group sums are flushed to fp32 once per group. Per 32 columns a lane adds four products
-   of a nibble <= 15 and |q| <= 32767, at most 1,966,020, so after G / 32 <= 1024 steps it holds at most
-   2,013,204,480 < 2^31 - 1: no overflow for groups up to INT4_MAX_G columns (larger ones take the fp32 path). */
-#define INT4_MAX_G 32768
+/* The int16 path's int32 group sums are flushed to fp32 once per group, after the 8 lanes of a group are added in
+   int32 (sum8x8): a group sums at most G products of a nibble <= 15 and |q| <= 32767, G * 491,505, below 2^31 - 1
+   for G <= 4096 = INT4_MAX_G (4369 would not be). Larger groups take the fp32 path here (the AVX-512 kernel sums
+   32-column sub-blocks, which cannot overflow). */
+#define INT4_MAX_G 4096
 
 /* lane i of the result = the sum of the 8 int32 lanes of v[i] */
 static inline __m256i sum8x8(const __m256i *v) {
@@ -354,6 +355,20 @@ static void dec512_tiles(const void *p, long begin, long end) {
     }
 }
 
+/* 128 int16 columns -> 4 vectors, lane j of vector i = column 4j + i (the nibble order of row512's unpack) */
+static inline void reorder_block(const int16_t *q, int16_t *out) {
+    __m512i in[4];
+    for (int v = 0; v < 4; v++) in[v] = _mm512_loadu_si512((const void *)(q + 32 * v));
+    for (int i = 0; i < 4; i++) {
+        /* lanes j < 16 come from in[0..1], j >= 16 from in[2..3]: index 4 (j % 16) + i into the pair */
+        static const int16_t base[32] = {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60,
+                                         0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60};
+        __m512i idx = _mm512_add_epi16(_mm512_loadu_si512((const void *)base), _mm512_set1_epi16((short)i));
+        __m512i lo = _mm512_permutex2var_epi16(in[0], idx, in[1]), hi = _mm512_permutex2var_epi16(in[2], idx, in[3]);
+        _mm512_storeu_si512((void *)(out + 32 * i), _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
+    }
+}
+
 /* int16 rows through row512, rows holding inf/NaN through int4_decode_rows one by one. Scratch: (M + 1) * K * 2
    bytes of int16 activations (padded to 128 columns) and M * K / 32 * 4 of sub-block sums. */
 static int int4_decode512(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
@@ -368,7 +383,7 @@ static int int4_decode512(const float *x, const uint8_t *w, const void *scale, c
     int16_t *xr = (int16_t *)(idx + nch * 16), *q = xr + M * Kp;
     for (long c = 0; c < nch; c++) {
         first[c] = 16 * c / gs;
-        for (int s = 0; s < 16; s++) idx[c * 16 + s] = (int32_t)((16 * c + s) / gs - first[c]);
+        for (int s = 0; s < 16 && gs > 1; s++) idx[c * 16 + s] = (int32_t)((16 * c + s) / gs - first[c]);
     }
     for (long m = 0; m < M; m++) {
         float sc = quantize_row(x + m * K, q, K);
@@ -377,7 +392,9 @@ static int int4_decode512(const float *x, const uint8_t *w, const void *scale, c
         float *qm = qs + Mq * Sp;
         memset(xm + K / 128 * 128, 0, sizeof(int16_t) * (Kp - K / 128 * 128));
         memset(qm, 0, sizeof(float) * Sp);
-        for (long c = 0; c < K; c++) xm[c / 128 * 128 + c % 4 * 32 + c % 128 / 4] = q[c];
+        long c = 0;
+        for (; c + 128 <= K; c += 128) reorder_block(q + c, xm + c);
+        for (; c < K; c++) xm[c / 128 * 128 + c % 4 * 32 + c % 128 / 4] = q[c];
         for (long b = 0; b < K / 32; b++) {
             int32_t sum = 0;
             for (int c = 0; c < 32; c++) sum += q[b * 32 + c];
@@ -403,7 +420,7 @@ static int int4_decode512(const float *x, const uint8_t *w, const void *scale, c
 static int int4_decode(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
                        long M, long N, long K, long G, int threads) {
 #if defined(__AVX512F__)
-    if (G % 32 == 0 && G <= INT4_MAX_G) return int4_decode512(x, w, scale, zero, half, y, M, N, K, G, threads);
+    if (G % 32 == 0) return int4_decode512(x, w, scale, zero, half, y, M, N, K, G, threads);
 #endif
     return int4_decode_rows(x, w, scale, zero, half, y, M, N, K, G, threads);
 }
