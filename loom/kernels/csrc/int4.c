@@ -276,6 +276,7 @@ static inline __m512i vnni_dpwssd(__m512i acc, __m512i a, __m512i b) {
 #define dpwssd512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
 #endif
 #define D_MB 4 /* activation rows per pass over a weight row */
+#define D_PF 4 /* prefetch distance in weight rows */
 
 typedef struct {
     const int16_t *xr; const float *qs, *xs; const long *rows; const int32_t *idx; const long *first;
@@ -319,6 +320,8 @@ static inline __attribute__((always_inline)) void row512(const dec512_job *j, lo
                 for (int m = 0; m < MB; m++) v[m][b] = _mm512_setzero_si512();
                 continue;
             }
+            /* the rows ahead are fetched by hand: the hardware prefetcher alone was slower on a busy machine */
+            _mm_prefetch((const char *)(wr + D_PF * P + off), _MM_HINT_T0);
             __m512i raw = P - off >= 64 ? _mm512_loadu_si512((const void *)(wr + off))
                                         : _mm512_maskz_loadu_epi8((1ULL << (P - off)) - 1, wr + off);
             __m512i n0 = _mm512_and_si512(raw, m4), n1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
