@@ -3,8 +3,8 @@ reach the C kernels. Models, generation and quantization ask here instead of kee
 
 Measured on the project's AVX2 machine (bench/bench_generate.py prints the floors):
 - up to MAX_ROWS activation rows (decode), loom's kernels stream each weight once at close to memory bandwidth:
-  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins, except for int8 weights, whose
-  own blocked integer GEMM beats dequantizing (int8_applies);
+  1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins, except for int8 and int4 weights,
+  whose own blocked integer GEMMs beat dequantizing (int8_applies, int4_applies; any grad mode: the ops have autograd);
 - bf16 beyond one row only where torch emulates bf16 (AVX2 or less): with AMX, torch's own bf16 matmul was faster
   at 8 rows on an Intel machine.
 """
@@ -69,15 +69,23 @@ def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
                             and mask.shape[3] == ks[2])
 
 
-def quantized_applies(x: torch.Tensor) -> bool:
-    """Whether a loom int4 Linear's product on `x` goes to its C kernel (any grad mode: the ops have autograd)."""
-    return plain(x) and x.is_floating_point() and rows_of(x) <= MAX_ROWS and enabled()
-
-
 def int8_applies(x: torch.Tensor) -> bool:
     """Whether a loom int8 Linear's product on `x` goes to loom::int8_linear: at any row count, since above MAX_ROWS
     its blocked GEMM (csrc/int8.c) beat dequantizing to fp32 + F.linear 1.6-3x at 128-512 rows, at every level."""
     return plain(x) and x.is_floating_point() and enabled()
+
+
+INT4_GEMM_MAX_GROUP = 4096  # csrc/int4.c INT4_GEMM_MAX_G: the blocked int4 GEMM's int32 group sums fit up to here
+
+
+def int4_applies(x: torch.Tensor, group_size: int) -> bool:
+    """Whether a loom int4 Linear's product on `x` goes to loom::int4_linear: at decode sizes as int8's does, and
+    for more rows (prefill) where its blocked GEMM takes the group size (a multiple of 32, at most
+    INT4_GEMM_MAX_GROUP). That GEMM never dequantizes the whole weight: 1.3-3x faster than dequantizing it to fp32
+    and calling torch's GEMM (the path larger rows took before, and still take for other group sizes)."""
+    if not (plain(x) and x.is_floating_point() and enabled()):
+        return False
+    return rows_of(x) <= MAX_ROWS or (group_size % 32 == 0 and group_size <= INT4_GEMM_MAX_GROUP)
 
 
 def decode_on_kernels(model: nn.Module, rows: int) -> bool:

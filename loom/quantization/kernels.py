@@ -5,9 +5,9 @@ On x86-64 Linux CPUs with AVX2/FMA the 'native' kernels (the operators loom::int
 `loom.kernels`) read the int8 or packed int4 weights directly: exact weight-only math up to the int16 rounding of
 the activations, memory-bound at decode batch sizes, with autograd to the input. Measured on the project's AMD AVX2
 machine they beat fbgemm's dynamic int8 Linear (which also quantizes the activations, so it needs a second residual
-pass to stay accurate) and fp32 F.linear at small batches. For large batches (prefill, encoders) int8 has a blocked
-integer GEMM that never expands the whole weight (1.6-3x faster than dequantizing + F.linear); int4 rows above
-`loom.kernels.policy.MAX_ROWS` take a float GEMM on the dequantized weight. Elsewhere the torch paths
+pass to stay accurate) and fp32 F.linear at small batches. For large batches (prefill, encoders) int8 and int4
+each have a blocked integer GEMM that never expands the whole weight (1.6-3x faster than dequantizing + F.linear;
+int4 for group sizes `loom.kernels.policy.int4_applies` takes). Elsewhere the torch paths
 below are used: fbgemm for int8 on CPU, PyTorch's int8 kernel on CUDA, dequantize-then-matmul everywhere else.
 `LOOM_QUANT_KERNEL=<name>` forces one (debugging, tests).
 """
@@ -126,7 +126,7 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     zero = module.zero_point
     if module.kernel == "native" and policy.plain(x):
-        if policy.quantized_applies(x):
+        if policy.int4_applies(x, module.group_size):
             return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
         weight = ops.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))

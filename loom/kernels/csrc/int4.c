@@ -1,4 +1,5 @@
-/* int4 group-wise weight-only GEMM (decode sizes), dequantization and the asymmetric quantizer. */
+/* int4 group-wise weight-only GEMM (a decode kernel and a blocked GEMM for many rows), dequantization and the
+   asymmetric quantizer. */
 #include "common.h"
 
 #define PF_TILES 2 /* prefetch distance in tiles, as in int8.c */
@@ -87,10 +88,11 @@ static float int4_dot_exact(const float *x, const uint8_t *w, const void *scale,
     return acc;
 }
 
-/* The int16 path's int32 group sums are flushed to fp32 once per group. Per 32 columns a lane adds four products
-   of a nibble <= 15 and |q| <= 32767, at most 1,966,020, so after G / 32 <= 1024 steps it holds at most
-   2,013,204,480 < 2^31 - 1: no overflow for groups up to INT4_MAX_G columns (larger ones take the fp32 path). */
-#define INT4_MAX_G 32768
+/* The int16 path's int32 group sums are flushed to fp32 once per group, after the 8 lanes of a group are added in
+   int32 (sum8x8): a group sums at most G products of a nibble <= 15 and |q| <= 32767, G * 491,505, below 2^31 - 1
+   for G <= 4096 = INT4_MAX_G (4369 would not be). Larger groups take the fp32 path here (the AVX-512 kernel sums
+   32-column sub-blocks, which cannot overflow). */
+#define INT4_MAX_G 4096
 
 /* lane i of the result = the sum of the 8 int32 lanes of v[i] */
 static inline __m256i sum8x8(const __m256i *v) {
@@ -217,13 +219,13 @@ static void int4_tiles(const void *p, long begin, long end) {
     }
 }
 
-/* scale/zero: (N, K/G) float32 (half=0) or float16 (half=1); zero NULL means the symmetric layout (zero 8).
-   Needs K % G == 0 and G % 16 == 0. Each activation row is rounded to int16 once (quantize_row) and takes the
-   int16 path when G % 32 == 0 and G <= INT4_MAX_G, other group sizes use the fp32 path, and rows holding inf/NaN
-   int4_dot_exact. xs[m] says which: the int16 scale, NAN for the fp32 path, INFINITY for the exact one.
-   Returns 0, or -1 when out of memory. */
-int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
-                   long M, long N, long K, long G, int threads) {
+/* The decode-size kernel (AVX2; AVX-512 builds take int4_decode512 below for the int16 path and this one for the
+   rest): each weight tile streamed once against all M rows. Each activation row is rounded to
+   int16 once (quantize_row) and takes the int16 path when G % 32 == 0 and G <= INT4_MAX_G, other group sizes use
+   the fp32 path, and rows holding inf/NaN int4_dot_exact. xs[m] says which: the int16 scale, NAN for the fp32
+   path, INFINITY for the exact one. Returns 0, or -1 when out of memory. */
+static int int4_decode_rows(const float *x, const uint8_t *w, const void *scale, const void *zero, int half,
+                            float *y, long M, long N, long K, long G, int threads) {
     if (M <= 0) return 0;
     long ng = K / G;
     int int16_path = G % 32 == 0 && G <= INT4_MAX_G;
@@ -251,6 +253,415 @@ int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const vo
     parallel_run(int4_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     free(buf);
     return 0;
+}
+
+/* ---- the decode kernel with AVX-512 ----------------------------------------------------------------------------
+   The same int16 math at twice the width, with no shuffles in the inner loop: each 64-byte load of a weight row
+   (128 columns) is read as 16-bit lanes of 4 nibbles, split into 4 vectors of one nibble per lane by shifts and
+   masks (columns 4j + i of the block in lane j of vector i, so each activation block is reordered to match once
+   per call), and multiplied into int32 with vpdpwssd (VNNI) or vpmaddwd. An int32 lane then holds 8 columns of one
+   32-column sub-block; after 4 blocks a reduction tree gives the 16 sub-block sums of 512 columns, which get scale
+   and zero per lane: acc += scale * (float(isum) - zero * float(qsum)) with exact integer sums of at most 32
+   columns (< 2^24, so exact in fp32 too). Weight rows are streamed one after another against up to 4 activation
+   rows. */
+#if defined(__AVX512F__)
+#if defined(__AVX512VNNI__)
+/* inline asm: with the intrinsic, gcc copies every accumulator to another register and back on each step */
+static inline __m512i vnni_dpwssd(__m512i acc, __m512i a, __m512i b) {
+    __asm__("vpdpwssd %2, %1, %0" : "+v"(acc) : "v"(a), "vm"(b));
+    return acc;
+}
+#define dpwssd512 vnni_dpwssd
+#else
+#define dpwssd512(acc, a, b) _mm512_add_epi32(acc, _mm512_madd_epi16(a, b))
+#endif
+#define D_MB 4 /* activation rows per pass over a weight row */
+#define D_PF 4 /* prefetch distance in weight rows */
+
+typedef struct {
+    const int16_t *xr; const float *qs, *xs; const long *rows; const int32_t *idx; const long *first;
+    const uint8_t *w; const void *scale, *zero; int half; float *y; long Mq, N, K, G, Kp, Sp;
+} dec512_job;
+
+/* lane s of the sum of 4 blocks' int32 vectors v[0..3] = sum of sub-block s (block s / 4, 128-bit lane s % 4) */
+static inline __m512i sum_subblocks(const __m512i *v) {
+    __m512i t01 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+    __m512i t23 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+    __m512i u = _mm512_add_epi32(_mm512_unpacklo_epi64(t01, t23), _mm512_unpackhi_epi64(t01, t23));
+    /* u lane 4L + i = 128-bit lane L of v[i] = sub-block 4i + L */
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), u);
+}
+
+/* the 16 sub-blocks' scale or zero of chunk c of weight row n: groups first[c].. loaded, spread by idx */
+static inline __m512 chunk_params(const dec512_job *j, const void *p, long n, long c, long ng) {
+    long first = j->first[c], left = ng - first;
+    __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    __m512 v = j->half ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, (const uint16_t *)p + n * ng + first))
+                       : _mm512_maskz_loadu_ps(mask, (const float *)p + n * ng + first);
+    return j->G == 32 ? v : _mm512_permutexvar_ps(_mm512_loadu_si512(j->idx + c * 16), v);
+}
+
+/* weight row n against activation rows i0..i0+MB-1 */
+static inline __attribute__((always_inline)) void row512(const dec512_job *j, long n, long i0, int MB) {
+    long P = j->K / 2, Kp = j->Kp, Sp = j->Sp, nblk = Kp / 128, ng = j->K / j->G;
+    const uint8_t *wr = j->w + n * P;
+    const int16_t *xr = j->xr + i0 * Kp;
+    const float *qs = j->qs + i0 * Sp;
+    const __m512i m4 = _mm512_set1_epi16(15);
+    __m512 f[D_MB];
+    for (int m = 0; m < D_MB; m++) f[m] = _mm512_setzero_ps();
+    for (long c = 0; c * 4 < nblk; c++) {
+        __m512i v[D_MB][4];
+        /* unrolled, so that v stays in registers: spilled, the tree's 64-byte reloads of 64-byte stores stall */
+#pragma GCC unroll 4
+        for (int b = 0; b < 4; b++) {
+            long blk = 4 * c + b, off = blk * 64;
+            if (blk >= nblk) {
+                for (int m = 0; m < MB; m++) v[m][b] = _mm512_setzero_si512();
+                continue;
+            }
+            /* the rows ahead are fetched by hand: the hardware prefetcher alone was slower on a busy machine */
+            _mm_prefetch((const char *)(wr + D_PF * P + off), _MM_HINT_T0);
+            __m512i raw = P - off >= 64 ? _mm512_loadu_si512((const void *)(wr + off))
+                                        : _mm512_maskz_loadu_epi8((1ULL << (P - off)) - 1, wr + off);
+            __m512i n0 = _mm512_and_si512(raw, m4), n1 = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            __m512i n2 = _mm512_and_si512(_mm512_srli_epi16(raw, 8), m4), n3 = _mm512_srli_epi16(raw, 12);
+            for (int m = 0; m < MB; m++) {
+                const __m512i *xb = (const __m512i *)(xr + m * Kp + blk * 128);
+                __m512i a = dpwssd512(_mm512_setzero_si512(), n0, _mm512_loadu_si512(xb));
+                a = dpwssd512(a, n1, _mm512_loadu_si512(xb + 1));
+                a = dpwssd512(a, n2, _mm512_loadu_si512(xb + 2));
+                v[m][b] = dpwssd512(a, n3, _mm512_loadu_si512(xb + 3));
+            }
+        }
+        __m512 s = chunk_params(j, j->scale, n, c, ng);
+        __m512 z = j->zero ? chunk_params(j, j->zero, n, c, ng) : _mm512_set1_ps(8.0f);
+        for (int m = 0; m < MB; m++) {
+            __m512 isum = _mm512_cvtepi32_ps(sum_subblocks(v[m]));
+            f[m] = _mm512_fmadd_ps(s, _mm512_fnmadd_ps(z, _mm512_loadu_ps(qs + m * Sp + 16 * c), isum), f[m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) j->y[j->rows[i0 + m] * j->N + n] = _mm512_reduce_add_ps(f[m]) * j->xs[i0 + m];
+}
+
+static void dec512_tiles(const void *p, long begin, long end) {
+    const dec512_job *j = p;
+    for (long n = begin * TILE; n < end * TILE && n < j->N; n++) {
+        for (long i = 0; i < j->Mq; i += D_MB) {
+            switch (j->Mq - i < D_MB ? j->Mq - i : D_MB) {
+            case 1: row512(j, n, i, 1); break;
+            case 2: row512(j, n, i, 2); break;
+            case 3: row512(j, n, i, 3); break;
+            default: row512(j, n, i, 4); break;
+            }
+        }
+    }
+}
+
+/* 128 int16 columns -> 4 vectors, lane j of vector i = column 4j + i (the nibble order of row512's unpack) */
+static inline void reorder_block(const int16_t *q, int16_t *out) {
+    __m512i in[4];
+    for (int v = 0; v < 4; v++) in[v] = _mm512_loadu_si512((const void *)(q + 32 * v));
+    for (int i = 0; i < 4; i++) {
+        /* lanes j < 16 come from in[0..1], j >= 16 from in[2..3]: index 4 (j % 16) + i into the pair */
+        static const int16_t base[32] = {0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60,
+                                         0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40, 44, 48, 52, 56, 60};
+        __m512i idx = _mm512_add_epi16(_mm512_loadu_si512((const void *)base), _mm512_set1_epi16((short)i));
+        __m512i lo = _mm512_permutex2var_epi16(in[0], idx, in[1]), hi = _mm512_permutex2var_epi16(in[2], idx, in[3]);
+        _mm512_storeu_si512((void *)(out + 32 * i), _mm512_mask_blend_epi16(0xFFFF0000u, lo, hi));
+    }
+}
+
+/* int16 rows through row512, rows holding inf/NaN through int4_decode_rows one by one. Scratch: (M + 1) * K * 2
+   bytes of int16 activations (padded to 128 columns) and M * K / 32 * 4 of sub-block sums. */
+static int int4_decode512(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                          long M, long N, long K, long G, int threads) {
+    long Kp = (K + 127) / 128 * 128, nch = (Kp + 511) / 512, Sp = nch * 16, gs = G / 32, Mq = 0;
+    char *buf = malloc(sizeof(long) * (M + nch) + sizeof(float) * M * (Sp + 1) + sizeof(int32_t) * nch * 16 +
+                       sizeof(int16_t) * (M * Kp + K));
+    if (!buf) return -1;
+    long *rows = (long *)buf, *first = rows + M;
+    float *xs = (float *)(first + nch), *qs = xs + M;
+    int32_t *idx = (int32_t *)(qs + M * Sp);
+    int16_t *xr = (int16_t *)(idx + nch * 16), *q = xr + M * Kp;
+    for (long c = 0; c < nch; c++) {
+        first[c] = 16 * c / gs;
+        for (int s = 0; s < 16 && gs > 1; s++) idx[c * 16 + s] = (int32_t)((16 * c + s) / gs - first[c]);
+    }
+    for (long m = 0; m < M; m++) {
+        float sc = quantize_row(x + m * K, q, K);
+        if (isnan(sc)) continue;
+        int16_t *xm = xr + Mq * Kp;
+        float *qm = qs + Mq * Sp;
+        memset(xm + K / 128 * 128, 0, sizeof(int16_t) * (Kp - K / 128 * 128));
+        memset(qm, 0, sizeof(float) * Sp);
+        long c = 0;
+        for (; c + 128 <= K; c += 128) reorder_block(q + c, xm + c);
+        for (; c < K; c++) xm[c / 128 * 128 + c % 4 * 32 + c % 128 / 4] = q[c];
+        for (long b = 0; b < K / 32; b++) {
+            int32_t sum = 0;
+            for (int c = 0; c < 32; c++) sum += q[b * 32 + c];
+            qm[b] = (float)sum;
+        }
+        xs[Mq] = sc;
+        rows[Mq++] = m;
+    }
+    dec512_job job = {xr, qs, xs, rows, idx, first, w, scale, zero, half, y, Mq, N, K, G, Kp, Sp};
+    long tiles = (N + TILE - 1) / TILE;
+    if (Mq) parallel_run(dec512_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    int failed = 0;
+    for (long m = 0, i = 0; m < M && !failed; m++) {
+        if (i < Mq && rows[i] == m) i++;
+        else failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+    }
+    free(buf);
+    return failed ? -1 : 0;
+}
+#endif
+
+/* the decode-size kernel for this build */
+static int int4_decode(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                       long M, long N, long K, long G, int threads) {
+#if defined(__AVX512F__)
+    if (G % 32 == 0) return int4_decode512(x, w, scale, zero, half, y, M, N, K, G, threads);
+#endif
+    return int4_decode_rows(x, w, scale, zero, half, y, M, N, K, G, threads);
+}
+
+/* ---- the blocked GEMM for many rows (prefill) ----------------------------------------------------------------
+   Same math as the decode kernel (int16 activations, exact int32 group sums, scale and zero per group), laid out
+   for reuse instead of streaming: vector lanes are output columns. A tile of NB weight rows is unpacked once per
+   call into int32 pairs (lane n of pair p = nibble (n, 2p) | nibble (n, 2p + 1) << 16, K * NB * 2 bytes, L2-sized
+   for K up to ~8k), then every activation row reuses it: per column pair one broadcast activation pair and one
+   vpmaddwd / vpdpwssd per NB/VL output columns, MR rows at a time. The unpack (a byte transpose) costs ~0.5
+   instructions per pair, the products M/VL, so it pays from a few dozen rows on. One lane sums a whole group,
+   G / 2 pairs of products <= 2 * 15 * 32767: below 2^31 for G <= INT4_GEMM_MAX_G. */
+#define INT4_GEMM_MAX_G 4096
+#define INT4_GEMM_MIN_ROWS 17 /* below, the decode kernel (one pass over the weights) is faster */
+
+#if defined(__AVX512F__)
+#define VL 16
+#define MR 4
+typedef __m512i ivec;
+typedef __m512 fvec;
+#define ivload(p) _mm512_loadu_si512((const void *)(p))
+#define ivstore(p, v) _mm512_storeu_si512((void *)(p), v)
+#define ivset1 _mm512_set1_epi32
+#define ivzero _mm512_setzero_si512
+#define fvload _mm512_loadu_ps
+#define fvstore _mm512_storeu_ps
+#define fvset1 _mm512_set1_ps
+#define fvzero _mm512_setzero_ps
+#define fvmul _mm512_mul_ps
+#define fvmadd _mm512_fmadd_ps
+#define fvnmadd _mm512_fnmadd_ps
+#define fvcvt _mm512_cvtepi32_ps
+#define dpwssd dpwssd512
+
+/* 16 bytes of a weight row -> 16 int32 lanes (low nibble) | (high nibble << 16) */
+static inline ivec pair_lanes(const uint8_t *p) {
+    __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi32(b, 12)), _mm512_set1_epi32(0x000F000F));
+}
+
+/* r[i] lane j -> r[j] lane i */
+static inline void transpose_lanes(ivec r[VL]) {
+    ivec t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    /* u[4q + j], 128-bit lane L: rows 4q..4q+3 at column 4L + j */
+    for (int q = 0; q < 16; q += 4) {
+        u[q] = _mm512_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm512_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm512_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm512_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int j = 0; j < 4; j++) { /* a 4x4 transpose of 128-bit lanes */
+        ivec s0 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x44), s1 = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xEE);
+        ivec s2 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x44), s3 = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_i32x4(s0, s2, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(s0, s2, 0xDD);
+        r[8 + j] = _mm512_shuffle_i32x4(s1, s3, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(s1, s3, 0xDD);
+    }
+}
+#else
+#define VL 8
+#define MR 3 /* 16 ymm registers: 2 * MR int32 and 2 * MR fp32 accumulators, 2 weight vectors */
+typedef __m256i ivec;
+typedef __m256 fvec;
+#define ivload(p) _mm256_loadu_si256((const __m256i *)(p))
+#define ivstore(p, v) _mm256_storeu_si256((__m256i *)(p), v)
+#define ivset1 _mm256_set1_epi32
+#define ivzero _mm256_setzero_si256
+#define fvload _mm256_loadu_ps
+#define fvstore _mm256_storeu_ps
+#define fvset1 _mm256_set1_ps
+#define fvzero _mm256_setzero_ps
+#define fvmul _mm256_mul_ps
+#define fvmadd _mm256_fmadd_ps
+#define fvnmadd _mm256_fnmadd_ps
+#define fvcvt _mm256_cvtepi32_ps
+#define dpwssd(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+
+static inline ivec pair_lanes(const uint8_t *p) {
+    __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_and_si256(_mm256_or_si256(b, _mm256_slli_epi32(b, 12)), _mm256_set1_epi32(0x000F000F));
+}
+
+static inline void transpose_lanes(ivec r[VL]) {
+    ivec t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 8; q += 4) {
+        u[q] = _mm256_unpacklo_epi64(t[q], t[q + 2]);
+        u[q + 1] = _mm256_unpackhi_epi64(t[q], t[q + 2]);
+        u[q + 2] = _mm256_unpacklo_epi64(t[q + 1], t[q + 3]);
+        u[q + 3] = _mm256_unpackhi_epi64(t[q + 1], t[q + 3]);
+    }
+    for (int j = 0; j < 4; j++) {
+        r[j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x20);
+        r[4 + j] = _mm256_permute2x128_si256(u[j], u[4 + j], 0x31);
+    }
+}
+#endif
+#define NB (2 * VL) /* weight rows per tile: two vectors of output columns */
+
+/* xq: activation rows in blocks of MR (zero rows pad the last block), pair-interleaved: block b holds
+   (K/2 pairs x MR rows) int32, each the int16 pair (q[2p], q[2p+1]) of a row; qsum (ng x MR) and xs (MR) per block
+   likewise. rows: the y row of each activation row. */
+typedef struct {
+    const int32_t *xq; const float *qsum, *xs; const long *rows; const uint8_t *w; const void *scale, *zero;
+    int half; float *y; long Mq, N, K, G; int *failed;
+} gemm_job;
+
+/* weight rows n0.. (at most NB, the rest zero) -> wt (K/2 pairs x NB lanes), scales and zeros -> sc, zc (ng x NB) */
+static void unpack_tile(const gemm_job *j, long n0, int32_t *wt, float *sc, float *zc) {
+    long P = j->K / 2, ng = j->K / j->G, rows = j->N - n0 < NB ? j->N - n0 : NB;
+    for (int v = 0; v < NB / VL; v++) {
+        long rv = rows - v * VL;
+        for (long p0 = 0; p0 < P; p0 += VL) {
+            ivec r[VL];
+            for (int n = 0; n < VL; n++)
+                r[n] = n < rv ? pair_lanes(j->w + (n0 + v * VL + n) * P + p0) : ivzero();
+            transpose_lanes(r);
+            for (int c = 0; c < VL; c++) ivstore(wt + (p0 + c) * NB + v * VL, r[c]);
+        }
+    }
+    for (long n = 0; n < NB; n++)
+        for (long g = 0; g < ng; g++) {
+            long i = (n0 + n) * ng + g;
+            sc[g * NB + n] = n < rows ? load_param(j->scale, i, j->half) : 0.0f;
+            zc[g * NB + n] = n >= rows ? 0.0f : j->zero ? load_param(j->zero, i, j->half) : 8.0f;
+        }
+}
+
+/* one block of MR activation rows against one unpacked tile; y rows of the first mr, columns n0..n0+nv-1 */
+static void gemm_block(const gemm_job *j, const int32_t *wt, const float *sc, const float *zc, long blk, int mr,
+                       long n0, long nv) {
+    long P = j->K / 2, GP = j->G / 2, ng = j->K / j->G;
+    const int32_t *xb = j->xq + blk * P * MR;
+    const float *qsum = j->qsum + blk * ng * MR, *xs = j->xs + blk * MR;
+    fvec f[MR][2];
+    for (int m = 0; m < MR; m++) f[m][0] = f[m][1] = fvzero();
+    for (long g = 0; g < ng; g++) {
+        ivec a[MR][2];
+        for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = ivzero();
+        const int32_t *wp = wt + g * GP * NB, *xp = xb + g * GP * MR;
+        const int32_t *wend = wp + GP * NB;
+        do { /* GP >= 16 */
+            ivec w0 = ivload(wp), w1 = ivload(wp + VL);
+#pragma GCC unroll 8
+            for (int m = 0; m < MR; m++) {
+                ivec x = ivset1(xp[m]);
+                a[m][0] = dpwssd(a[m][0], w0, x);
+                a[m][1] = dpwssd(a[m][1], w1, x);
+            }
+            wp += NB, xp += MR;
+        } while (wp < wend);
+        fvec s0 = fvload(sc + g * NB), s1 = fvload(sc + g * NB + VL);
+        fvec z0 = fvload(zc + g * NB), z1 = fvload(zc + g * NB + VL);
+#pragma GCC unroll 8
+        for (int m = 0; m < MR; m++) {
+            fvec q = fvset1(qsum[g * MR + m]);
+            f[m][0] = fvmadd(s0, fvnmadd(z0, q, fvcvt(a[m][0])), f[m][0]);
+            f[m][1] = fvmadd(s1, fvnmadd(z1, q, fvcvt(a[m][1])), f[m][1]);
+        }
+    }
+    for (int m = 0; m < mr; m++) {
+        float out[NB];
+        fvstore(out, fvmul(f[m][0], fvset1(xs[m])));
+        fvstore(out + VL, fvmul(f[m][1], fvset1(xs[m])));
+        memcpy(j->y + j->rows[blk * MR + m] * j->N + n0, out, sizeof(float) * nv);
+    }
+}
+
+static void gemm_tiles(const void *p, long begin, long end) {
+    const gemm_job *j = p;
+    long K = j->K, ng = K / j->G;
+    int32_t *wt = malloc(sizeof(int32_t) * (K / 2) * NB + 2 * sizeof(float) * ng * NB);
+    if (!wt) { __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED); return; }
+    float *sc = (float *)(wt + (K / 2) * NB), *zc = sc + ng * NB;
+    for (long t = begin; t < end; t++) {
+        long n0 = t * NB, nv = j->N - n0 < NB ? j->N - n0 : NB;
+        unpack_tile(j, n0, wt, sc, zc);
+        for (long b = 0; b * MR < j->Mq; b++)
+            gemm_block(j, wt, sc, zc, b, j->Mq - b * MR < MR ? (int)(j->Mq - b * MR) : MR, n0, nv);
+    }
+    free(wt);
+}
+
+/* Rows holding inf/NaN go to the decode kernel one by one (its exact path). Scratch: (M + MR) * K * 2 bytes of
+   int16 activations and (M + MR) * (K / G + 3) * 4 of sums, scales and row numbers, plus K * NB * 2 + K / G * NB *
+   8 bytes per thread for the unpacked tile. Returns 0, or -1 when out of memory. */
+static int int4_gemm_blocked(const float *x, const uint8_t *w, const void *scale, const void *zero, int half,
+                             float *y, long M, long N, long K, long G, int threads) {
+    long ng = K / G, P = K / 2, Mp = (M + MR - 1) / MR * MR, Mq = 0;
+    char *buf = calloc(1, sizeof(int32_t) * Mp * P + sizeof(float) * Mp * (ng + 1) + sizeof(long) * Mp +
+                              sizeof(int16_t) * K);
+    if (!buf) return -1;
+    long *rows = (long *)buf;
+    float *xs = (float *)(rows + Mp), *qsum = xs + Mp;
+    int32_t *xq = (int32_t *)(qsum + Mp * ng);
+    int16_t *q = (int16_t *)(xq + Mp * P);
+    for (long m = 0; m < M; m++) {
+        float s = quantize_row(x + m * K, q, K);
+        if (isnan(s)) continue;
+        long blk = Mq / MR, r = Mq % MR;
+        int32_t *xb = xq + blk * P * MR + r;
+        for (long p = 0; p < P; p++) memcpy(xb + p * MR, q + 2 * p, 4);
+        for (long g = 0; g < ng; g++) {
+            int32_t sum = 0;
+            for (long c = g * G; c < (g + 1) * G; c++) sum += q[c];
+            qsum[blk * ng * MR + g * MR + r] = (float)sum;
+        }
+        xs[Mq] = s;
+        rows[Mq++] = m;
+    }
+    int failed = 0;
+    gemm_job job = {xq, qsum, xs, rows, w, scale, zero, half, y, Mq, N, K, G, &failed};
+    long tiles = (N + NB - 1) / NB;
+    if (Mq) parallel_run(gemm_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    for (long m = 0, i = 0; m < M && !failed; m++) {
+        if (i < Mq && rows[i] == m) i++;
+        else failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+    }
+    free(buf);
+    return failed ? -1 : 0;
+}
+
+/* scale/zero: (N, K/G) float32 (half=0) or float16 (half=1); zero NULL means the symmetric layout (zero 8).
+   Needs K % G == 0 and G % 16 == 0. Returns 0, or -1 when out of memory. */
+int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y,
+                   long M, long N, long K, long G, int threads) {
+    if (M <= 0) return 0;
+    if (M >= INT4_GEMM_MIN_ROWS && G % 32 == 0 && G <= INT4_GEMM_MAX_G)
+        return int4_gemm_blocked(x, w, scale, zero, half, y, M, N, K, G, threads);
+    return int4_decode(x, w, scale, zero, half, y, M, N, K, G, threads);
 }
 
 typedef struct { const uint8_t *w; const void *scale, *zero; int half; float *out; long K, G; } dequant_job;
