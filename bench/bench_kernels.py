@@ -5,10 +5,9 @@ machine's measured read bandwidth (issue 22: decode kernels at >= 80% of the ban
 
 The shapes are the bench checkpoint's Linears (bench/bench_generate.py: hidden 768, intermediate 2048, vocab 50257).
 Each kernel runs on weights larger than the caches (several copies, cycled), so every call reads its weight from
-memory. Times are medians; with --threads 1 the CPU time of this process is reported too (robust to a busy machine).
-The bandwidth is the faster of two plain streaming reads of 512 MB on the same thread count: torch.sum, and a small C
-loop compiled here (AVX2 loads into four independent sums; torch.sum under-reported by 10-30% at one thread on a
-Zen 4 machine). Dense rows also time torch's F.linear on the same weight (the `torch` column: loom's speed-up).
+memory. Times are medians; at one thread GB/s, shares and the torch column come from this process's CPU time (robust
+to a busy machine), at more threads from wall time. The bandwidth is the faster of two plain streaming reads of 512 MB on the same thread count: torch.sum, and a small C
+loop compiled here (AVX2 loads into four independent sums: nothing but the read, whatever torch's reduction costs). Dense rows also time torch's F.linear on the same weight (the `torch` column: loom's speed-up).
 """
 from __future__ import annotations
 
@@ -67,14 +66,15 @@ def _c_reader():
 def read_bandwidth(threads: int, reps: int = 5) -> tuple[float, str]:
     """(GB/s, how) of the faster plain streaming read of 512 MB: torch.sum, or the C loop with one slice per thread
     (ctypes releases the GIL, so the slices are read at once)."""
+    clock = time.process_time if threads == 1 else time.perf_counter  # see timed()
     big = torch.ones(128 << 20)
     big.sum()
     best = {"torch.sum": 0.0}
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = clock()
         big.sum()
-        times.append(time.perf_counter() - t)
+        times.append(clock() - t)
     best["torch.sum"] = big.numel() * 4 / min(times) / 1e9
     read = _c_reader()
     if read is not None:
@@ -83,12 +83,12 @@ def read_bandwidth(threads: int, reps: int = 5) -> tuple[float, str]:
         times = []
         for _ in range(reps + 1):
             workers = [threading.Thread(target=read, args=part) for part in parts]
-            t = time.perf_counter()
+            t = clock()
             for w in workers:
                 w.start()
             for w in workers:
                 w.join()
-            times.append(time.perf_counter() - t)
+            times.append(clock() - t)
         best["C read"] = step * threads * 4 / min(times[1:]) / 1e9
     how = max(best, key=best.get)
     return best[how], ", ".join(f"{k} {v:.1f}" for k, v in best.items())
@@ -118,8 +118,8 @@ def dense_cases(n: int, k: int, rows: int):
         nbytes = n * k * dtype.itemsize
         weights = [torch.randn(n, k).to(dtype) for _ in range(max(1, COPIES_BYTES // nbytes))]
         x = torch.randn(rows, k).to(dtype)
-        out.append((f"dense {name}", nbytes, [lambda w=w: ops.dense_linear(x, w, None) for w in weights],
-                    [lambda w=w: F.linear(x, w) for w in weights]))
+        out.append((f"dense {name}", nbytes, [lambda w=w, x=x: ops.dense_linear(x, w, None) for w in weights],
+                    [lambda w=w, x=x: F.linear(x, w) for w in weights]))
     return out
 def int8_cases(n: int, k: int, rows: int):
     from loom.kernels import ops
@@ -167,10 +167,12 @@ def main() -> None:
                     for rows in (int(r) for r in args.rows.split(",")):
                         for label, nbytes, calls, *torch_calls in FAMILIES[family](n, k, rows):
                             wall, cpu = timed(calls, args.reps)
-                            # torch's product right after loom's, under about the same machine load
-                            ref = f"{timed(torch_calls[0], args.reps)[0] * 1e6:.0f}" if torch_calls else "-"
-                            print(f"| {label} | {shape} | {rows} | {wall * 1e6:.0f} | {nbytes / wall / 1e9:.1f} | "
-                                  f"{nbytes / wall / 1e9 / bw:.0%} | {cpu * 1e6:.0f} | {ref} |", flush=True)
+                            per = cpu if threads == 1 else wall
+                            ref = "-"
+                            if torch_calls:  # torch's product right after loom's, under about the same machine load
+                                ref = f"{timed(torch_calls[0], args.reps)[threads == 1] * 1e6:.0f}"
+                            print(f"| {label} | {shape} | {rows} | {wall * 1e6:.0f} | {nbytes / per / 1e9:.1f} | "
+                                  f"{nbytes / per / 1e9 / bw:.0%} | {cpu * 1e6:.0f} | {ref} |", flush=True)
 
 
 if __name__ == "__main__":
