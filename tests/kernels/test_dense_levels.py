@@ -176,3 +176,14 @@ def test_every_supported_level_gives_the_same_results():
             # fp32 sums in different orders; a bf16 output may round to the neighbouring value
             tol = dict(rtol=2 ** -7, atol=1e-4 * k) if xt == "bfloat16" else dict(rtol=1e-5, atol=2e-6 * k)
             torch.testing.assert_close(got, want, **tol, msg=lambda s: f"{level} {(m, k, n, xt, wt)}: {s}")
+
+
+def test_batched_bf16_goes_to_the_kernel_where_it_beats_torch():
+    from loom.kernels import policy
+
+    x, w = torch.randn(8, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    with torch.no_grad():
+        assert policy.dense_applies(x[:1], w, None) == kernels_on()
+        assert policy.dense_applies(x.float(), w.float(), None) == kernels_on()
+        fast = policy.EMULATED_BF16 or build.level() == "x86-64-v4-vnni"  # vdpbf16ps, measured in policy.py
+        assert policy.dense_applies(x, w, None) == (kernels_on() and fast)
