@@ -212,6 +212,12 @@ def available() -> bool:
     return _state["on"]
 
 
+def level() -> str | None:
+    """The instruction-set level of the loaded library, or None where the kernels are off."""
+    library()
+    return _state["level"]
+
+
 def describe() -> str:
     """One line for `loom env`: the level in use, or why the kernels are off."""
     lib = library()

@@ -5,8 +5,11 @@ Measured on the project's AVX2 machine (bench/bench_generate.py prints the floor
 - up to MAX_ROWS activation rows (decode), loom's kernels stream each weight once at close to memory bandwidth:
   1.5x F.linear at 1 row, 2-4x at 2-16 rows; above that a blocked float GEMM wins, except for int8 and int4 weights,
   whose own blocked integer GEMMs beat dequantizing (int8_applies, int4_applies; any grad mode: the ops have autograd);
-- bf16 beyond one row only where torch emulates bf16 (AVX2 or less): with AMX, torch's own bf16 matmul was faster
-  at 8 rows on an Intel machine.
+- bf16 beyond one row where torch emulates bf16 (AVX2 or less), or where the kernel has AVX-512 BF16 (the
+  x86-64-v4-vnni level): on a Zen 4 machine (1 thread, CPU time, bench shapes, interleaved with F.linear on other
+  weight copies) 8 bf16 rows took 94/320/252/6175 us for the 768x768/2048x768/768x2048/50257x768 weights against
+  torch's 197/512/412/11258 us (1.6-2.1x). With AMX, torch's own bf16 matmul was faster at 8 rows on an Intel
+  machine; AMX CPUs have AVX-512 BF16 too, so this is worth re-measuring there.
 """
 from __future__ import annotations
 
@@ -21,6 +24,12 @@ DTYPES = (torch.float32, torch.bfloat16)
 EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
 
 enabled = build.available
+BATCHED_BF16_LEVELS = ("x86-64-v4-vnni",)  # kernel levels whose bf16 product beats torch's at 2-16 rows
+
+
+def batched_bf16() -> bool:
+    """Whether bf16 products of 2-16 rows go to loom's kernel (see the module docstring)."""
+    return EMULATED_BF16 or build.level() in BATCHED_BF16_LEVELS
 
 
 _PLAIN = (torch.Tensor, nn.Parameter)
@@ -46,7 +55,7 @@ def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if weight.dtype is not dtype or dtype not in DTYPES or (bias is not None and bias.dtype is not dtype):
         return False
     rows = rows_of(x)
-    return 0 < rows <= MAX_ROWS and (rows == 1 or dtype is torch.float32 or EMULATED_BF16)
+    return 0 < rows <= MAX_ROWS and (rows == 1 or dtype is torch.float32 or batched_bf16())
 
 
 def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -96,7 +105,7 @@ def decode_on_kernels(model: nn.Module, rows: int) -> bool:
     int8/int4 Linears do); any other Linear (a bitsandbytes layer, a PEFT adapter's own Linears) means no."""
     dtype = getattr(model, "dtype", None)
     if (model.device.type != "cpu" or rows > MAX_ROWS or dtype not in DTYPES or not enabled()
-            or (dtype is torch.bfloat16 and rows > 1 and not EMULATED_BF16)):
+            or (dtype is torch.bfloat16 and rows > 1 and not batched_bf16())):
         return False
     for m in model.modules():
         uses = getattr(m, "uses_kernels", None)

@@ -2,60 +2,131 @@
 
 /* Dense small-M GEMM: y (M, N) = x (M, K) @ W (N, K).T + bias, W fp32 or bf16.
    For decode-sized inputs (M <= 16 rows): the weight is streamed once from memory and each loaded (and, for bf16,
-   widened) weight vector is used for up to 4 activation rows. Activations are converted to fp32 once per call
-   (bf16 weights: each 16-block reordered to columns 0-3, 8-11, 4-7, 12-15, the order in which unpacking 16 bf16
-   with zeros below yields two fp32 vectors); sums are fp32, and bf16 outputs are rounded to nearest even. */
-#define DENSE_MB 4
-#define DENSE_PF 2 /* prefetch the same columns this many tiles ahead */
+   widened) weight vector is used for up to 4 activation rows. Sums are fp32, bf16 outputs rounded to nearest even.
+   Vectors are 8 lanes wide (AVX2) or 16 (AVX-512); the weight is read in blocks of two vectors (DENSE_BLK columns).
+   bf16 weights are widened by interleaving with zeros, which yields each block's columns in the order 0-3, 8-11,
+   16-19, ... then 4-7, 12-15, ...; the activations (converted to fp32 once per call) are reordered to match.
+   With AVX-512 BF16, bf16 weights times bf16 activations use vdpbf16ps instead: bf16 products are exact in fp32,
+   so this sums the same products, pairwise, with bf16 denormal inputs read as zero. */
+#if defined(__AVX512F__)
+#define VW 16
+typedef __m512 vec;
+#define vzero _mm512_setzero_ps
+#define vload _mm512_loadu_ps
+#define vfma _mm512_fmadd_ps
+#define vsum _mm512_reduce_add_ps
+#define DENSE_MB 4 /* 4 weight rows x 4 activation rows: 16 of the 32 vector registers (8 rows spilled) */
+static inline void widen(const uint16_t *p, vec *lo, vec *hi) {
+    __m512i v = _mm512_loadu_si512(p);
+    *lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
+    *hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
+}
+#else
+#define VW 8
+typedef __m256 vec;
+#define vzero _mm256_setzero_ps
+#define vload _mm256_loadu_ps
+#define vfma _mm256_fmadd_ps
+#define vsum hsum
+#define DENSE_MB 4 /* 3-4 activation rows run against 2 weight rows at a time (16 registers) */
+static inline void widen(const uint16_t *p, vec *lo, vec *hi) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
+#endif
+#define DENSE_BLK (2 * VW)
+#define DENSE_TILE 4
+/* Prefetch the same columns this many tiles ahead, into L2: with several weight rows interleaved, the hardware
+   prefetcher alone reached about half the read bandwidth (Zen 4), and prefetching into L1 evicted the tile. A single
+   weight row (one activation row) streams fastest without software prefetch. */
+#define DENSE_PF 2
+
+enum { W_F32, W_BF16, W_BF16_DOT }; /* how a block's weights meet the activations */
 
 typedef struct {
-    const float *x; const void *w; const void *bias; void *y; long M, N, K; int wbf16, bbf16, ybf16;
+    const void *x; const void *w; const void *bias; void *y; long M, N, K; int mode, bbf16, ybf16;
 } dense_job;
 
-/* weights n0..n0+T-1 (T <= TILE, R of them real) against activation rows m0..m0+MB-1 (MB <= DENSE_MB) */
+#if defined(__AVX512F__)
+/* columns k.. of a row (fewer than 16 left: the rest masked to zero) as fp32, in natural order */
+static inline __m512 load16_tail(const void *p, long off, long left, int bf16) {
+    __mmask16 mk = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    if (!bf16) return _mm512_maskz_loadu_ps(mk, (const float *)p + off);
+    __m256i h = _mm256_maskz_loadu_epi16(mk, (const uint16_t *)p + off);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
+/* weights n0..n0+T-1 (T <= DENSE_TILE, R of them real) against activation rows m0..m0+MB-1 (MB <= DENSE_MB) */
 static inline __attribute__((always_inline)) void dense_block(const dense_job *j, long n0, int R, int T, long m0,
-                                                              int MB) {
-    const long K = j->K, K16 = K / 16 * 16;
-    const float *x = j->x + m0 * K;
-    __m256 acc[TILE][DENSE_MB];
-    for (int r = 0; r < TILE; r++)
-        for (int m = 0; m < DENSE_MB; m++) acc[r][m] = _mm256_setzero_ps();
-    for (long k = 0; k < K16; k += 16) {
+                                                              int MB, int mode) {
+    const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
+    const int xbf16 = mode == W_BF16_DOT; /* the dot path reads the caller's bf16 activations as they are */
+    const char *x = (const char *)j->x + m0 * K * (xbf16 ? 2 : 4);
+    vec acc[DENSE_TILE][DENSE_MB];
+    for (int r = 0; r < DENSE_TILE; r++)
+        for (int m = 0; m < DENSE_MB; m++) acc[r][m] = vzero();
+    const int pf = T > 1 || MB > 1; /* one row streams fastest on the hardware prefetcher alone */
+    for (long k = 0; k < KB; k += DENSE_BLK) {
 #pragma GCC unroll 4
-        for (int r = 0; r < TILE; r++) {
+        for (int r = 0; r < DENSE_TILE; r++) {
             if (r < T && r < R) {
-                __m256 w0, w1;
-                if (j->wbf16) {
-                    const uint16_t *wr = (const uint16_t *)j->w + (n0 + r) * K + k;
-                    _mm_prefetch((const char *)(wr + DENSE_PF * TILE * K), _MM_HINT_T0);
-                    __m256i v = _mm256_loadu_si256((const __m256i *)wr);
-                    w0 = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
-                    w1 = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
-                } else {
-                    const float *wr = (const float *)j->w + (n0 + r) * K + k;
-                    _mm_prefetch((const char *)(wr + DENSE_PF * TILE * K), _MM_HINT_T0);
-                    w0 = _mm256_loadu_ps(wr);
-                    w1 = _mm256_loadu_ps(wr + 8);
+                long off = (n0 + r) * K + k;
+#if defined(__AVX512BF16__)
+                if (mode == W_BF16_DOT) {
+                    const uint16_t *wr = (const uint16_t *)j->w + off;
+                    if (pf) _mm_prefetch((const char *)(wr + DENSE_PF * DENSE_TILE * K), _MM_HINT_T1);
+                    __m512bh wv = (__m512bh)_mm512_loadu_si512(wr);
+#pragma GCC unroll 4
+                    for (int m = 0; m < DENSE_MB; m++)
+                        if (m < MB)
+                            acc[r][m] = _mm512_dpbf16_ps(
+                                acc[r][m], wv, (__m512bh)_mm512_loadu_si512((const uint16_t *)x + m * K + k));
+                    continue;
                 }
+#endif
+                vec w0, w1;
+                if (mode == W_BF16) {
+                    const uint16_t *wr = (const uint16_t *)j->w + off;
+                    if (pf) _mm_prefetch((const char *)(wr + DENSE_PF * DENSE_TILE * K), _MM_HINT_T1);
+                    widen(wr, &w0, &w1);
+                } else {
+                    const float *wr = (const float *)j->w + off;
+                    if (pf) _mm_prefetch((const char *)(wr + DENSE_PF * DENSE_TILE * K), _MM_HINT_T1);
+                    if (pf && VW == 16) /* a block is two cache lines */
+                        _mm_prefetch((const char *)(wr + DENSE_PF * DENSE_TILE * K + 16), _MM_HINT_T1);
+                    w0 = vload(wr);
+                    w1 = vload(wr + VW);
+                }
+                const float *xf = (const float *)x + k;
 #pragma GCC unroll 4
                 for (int m = 0; m < DENSE_MB; m++) {
                     if (m < MB) {
-                        acc[r][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), acc[r][m]);
-                        acc[r][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), acc[r][m]);
+                        acc[r][m] = vfma(w0, vload(xf + m * K), acc[r][m]);
+                        acc[r][m] = vfma(w1, vload(xf + m * K + VW), acc[r][m]);
                     }
                 }
             }
         }
     }
+#if defined(__AVX512F__)
+    /* columns past the last whole block, in natural order, 16 at a time with the rest masked off */
+    for (long k = KB; k < K; k += 16)
+        for (int r = 0; r < T && r < R; r++) {
+            __m512 w = load16_tail(j->w, (n0 + r) * K + k, K - k, mode != W_F32);
+            for (int m = 0; m < MB; m++) acc[r][m] = vfma(w, load16_tail(x, m * K + k, K - k, xbf16), acc[r][m]);
+        }
+#endif
     for (int r = 0; r < T && r < R; r++) {
         long n = n0 + r;
-        float b = 0;
-        if (j->bias) b = j->bbf16 ? bf16_to_f32(((const uint16_t *)j->bias)[n]) : ((const float *)j->bias)[n];
+        float b = j->bias ? load_f(j->bias, n, j->bbf16) : 0.0f;
         for (int m = 0; m < MB; m++) {
-            float s = hsum(acc[r][m]);
-            for (long c = K16; c < K; c++) /* columns past the last whole 16-block keep their natural order */
-                s += x[m * K + c] * (j->wbf16 ? bf16_to_f32(((const uint16_t *)j->w)[n * K + c])
-                                              : ((const float *)j->w)[n * K + c]);
+            float s = vsum(acc[r][m]);
+#if !defined(__AVX512F__)
+            for (long c = KB; c < K; c++) /* columns past the last whole block keep their natural order */
+                s += ((const float *)x)[m * K + c] * load_f(j->w, n * K + c, mode != W_F32);
+#endif
             s += b;
             long at = (m0 + m) * j->N + n;
             if (j->ybf16) ((uint16_t *)j->y)[at] = f32_to_bf16(s);
@@ -64,24 +135,34 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
     }
 }
 
+/* one weight tile against every activation row, specialised on the weight format and the rows left */
+static inline __attribute__((always_inline)) void dense_tile(const dense_job *j, long n0, int R, int mode) {
+    for (long m0 = 0; m0 < j->M; m0 += DENSE_MB) {
+        long left = j->M - m0;
+        if (left == 1) for (int r = 0; r < R; r++) dense_block(j, n0 + r, 1, 1, m0, 1, mode);
+        else if (left == 2) dense_block(j, n0, R, DENSE_TILE, m0, 2, mode);
+#if defined(__AVX512F__)
+        else if (left == 3) dense_block(j, n0, R, DENSE_TILE, m0, 3, mode);
+        else dense_block(j, n0, R, DENSE_TILE, m0, 4, mode);
+#else
+        else { /* 16 accumulators would spill: two halves of 2 weight rows */
+            for (int h = 0; h < DENSE_TILE; h += 2) {
+                if (left >= 4) dense_block(j, n0 + h, R - h, 2, m0, 4, mode);
+                else dense_block(j, n0 + h, R - h, 2, m0, 3, mode);
+            }
+        }
+#endif
+    }
+}
+
 static void dense_tiles(const void *p, long begin, long end) {
     const dense_job *j = p;
     for (long t = begin; t < end; t++) {
-        long n0 = t * TILE;
-        int R = j->N - n0 < TILE ? (int)(j->N - n0) : TILE;
-        for (long m0 = 0; m0 < j->M; m0 += DENSE_MB) {
-            long left = j->M - m0;
-            /* 1-2 rows: 4 weight rows at a time; 3-4 rows: two halves of 2 (16 accumulators would spill) */
-            if (left == 1) dense_block(j, n0, R, TILE, m0, 1);
-            else if (left == 2) dense_block(j, n0, R, TILE, m0, 2);
-            else {
-                int mb = left >= DENSE_MB ? DENSE_MB : 3;
-                for (int h = 0; h < TILE; h += 2) {
-                    if (mb == 4) dense_block(j, n0 + h, R - h, 2, m0, 4);
-                    else dense_block(j, n0 + h, R - h, 2, m0, 3);
-                }
-            }
-        }
+        long n0 = t * DENSE_TILE;
+        int R = j->N - n0 < DENSE_TILE ? (int)(j->N - n0) : DENSE_TILE;
+        if (j->mode == W_F32) dense_tile(j, n0, R, W_F32);
+        else if (j->mode == W_BF16) dense_tile(j, n0, R, W_BF16);
+        else dense_tile(j, n0, R, W_BF16_DOT);
     }
 }
 
@@ -89,22 +170,28 @@ static void dense_tiles(const void *p, long begin, long end) {
 int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const void *bias, int bbf16, void *y,
                     int ybf16, long M, long N, long K, int threads) {
     if (M <= 0 || N <= 0) return 0;
+    int mode = !wbf16 ? W_F32 : W_BF16;
+#if defined(__AVX512BF16__)
+    if (wbf16 && xbf16) mode = W_BF16_DOT;
+#endif
     float *xf = NULL;
-    if (xbf16 || wbf16) {
+    if (mode != W_BF16_DOT && (xbf16 || wbf16)) {
         xf = malloc(sizeof(float) * M * K);
         if (!xf) return -1;
-        static const int order[16] = {0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15}; /* see top */
-        long whole = wbf16 ? K / 16 * 16 : 0; /* columns past the last whole 16-block keep their natural order */
+        long whole = wbf16 ? K / DENSE_BLK * DENSE_BLK : 0; /* the columns of whole blocks are reordered (see top) */
         for (long m = 0; m < M; m++) {
-            float *dst = xf + m * K;
             for (long c = 0; c < K; c++) {
-                long src = m * K + (c < whole ? c - c % 16 + order[c % 16] : c);
-                dst[c] = xbf16 ? bf16_to_f32(((const uint16_t *)x)[src]) : ((const float *)x)[src];
+                long src = c;
+                if (c < whole) {
+                    long p = c % DENSE_BLK, q = p % VW; /* position in the block, in its half */
+                    src = c - p + q / 4 * 8 + q % 4 + (p >= VW ? 4 : 0);
+                }
+                xf[m * K + c] = load_f(x, m * K + src, xbf16);
             }
         }
     }
-    dense_job job = {xf ? xf : (const float *)x, w, bias, y, M, N, K, wbf16, bbf16, ybf16};
-    long tiles = (N + TILE - 1) / TILE;
+    dense_job job = {xf ? xf : x, w, bias, y, M, N, K, mode, bbf16, ybf16};
+    long tiles = (N + DENSE_TILE - 1) / DENSE_TILE;
     parallel_run(dense_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     free(xf);
     return 0;

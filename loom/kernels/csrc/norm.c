@@ -5,6 +5,16 @@
    attention (attention.c) replace the largest. */
 typedef struct { const void *x, *w; void *y; long n; float eps; int bf16; } norm_job;
 
+/* 8 fp32 rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays a quiet NaN), in each lane's low 16 bits */
+static inline __m256i round_bf16_8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
+    __m256i even = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, even), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+}
+
 static void rms_norm_rows(const void *p, long begin, long end) {
     const norm_job *j = p;
     const long n = j->n;
@@ -23,7 +33,19 @@ static void rms_norm_rows(const void *p, long begin, long end) {
             s += v * v;
         }
         float inv = 1.0f / sqrtf(s / (float)n + j->eps);
-        for (i = 0; i < n; i++) {
+        __m256 inv8 = _mm256_set1_ps(inv);
+        for (i = 0; i + 8 <= n; i += 8) { /* the scalar loop below, 8 at a time */
+            __m256 h = _mm256_mul_ps(load8(j->x, base + i, bf16), inv8);
+            if (bf16) {
+                __m256 hr = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(h), 16));
+                __m256i o = round_bf16_8(_mm256_mul_ps(load8(j->w, i, 1), hr));
+                _mm_storeu_si128((__m128i *)((uint16_t *)j->y + base + i),
+                                 _mm_packus_epi32(_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)));
+            } else {
+                _mm256_storeu_ps((float *)j->y + base + i, _mm256_mul_ps(_mm256_loadu_ps((const float *)j->w + i), h));
+            }
+        }
+        for (; i < n; i++) {
             float h = load_f(j->x, base + i, bf16) * inv;
             if (bf16) ((uint16_t *)j->y)[base + i] = f32_to_bf16(load_f(j->w, i, 1) * bf16_to_f32(f32_to_bf16(h)));
             else ((float *)j->y)[base + i] = ((const float *)j->w)[i] * h;

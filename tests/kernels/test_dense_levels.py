@@ -1,0 +1,189 @@
+"""loom::dense_linear on every code path of csrc/dense.c: 1-16 activation rows (and beyond), weight counts that leave
+a partial tile, K off the 16/32-column blocks and tiny K, with and without bias, every fp32/bf16 mix of activation,
+weight and bias, NaN/inf, strided inputs, several threads, and each instruction-set level the CPU has built in its
+own process (AVX2, AVX-512, AVX-512 BF16's vdpbf16ps) giving the same results within rounding."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from loomtest import kernels_on
+
+from loom.kernels import build
+
+ops_ = torch.ops.loom
+F32, BF16 = torch.float32, torch.bfloat16
+
+
+def _args(m, k, n, xt=F32, wt=F32, bt=F32, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed * 1009 + m * 97 + k * 13 + n)
+    x = torch.randn(m, k, generator=g).to(xt)
+    w = torch.randn(n, k, generator=g).to(wt)
+    b = torch.randn(n, generator=g).to(bt) if bias else None
+    return x, w, b
+
+
+def _check_exact_within_rounding(got, x, w, b):
+    """Against the product in float64 of the same (rounded) inputs: fp32 sums stay within 1e-5 of the size of the
+    terms, and a bf16 output is additionally one rounding (half a bf16 ulp) from the exact value. With the kernels
+    off, F.linear rounds the weight and bias to x's dtype and a bf16 matmul may round partial sums: bf16 tolerance."""
+    if not kernels_on():
+        w, b = w.to(x.dtype), None if b is None else b.to(x.dtype)
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    terms = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    bound = 1e-5 * terms + 1e-30
+    if got.dtype is BF16:
+        bound = bound + (exact.abs() * 2.0 ** -8 if kernels_on() else terms * 2.0 ** -7)
+    err = (got.double() - exact).abs()
+    assert got.dtype == x.dtype and got.shape == exact.shape
+    assert (err <= bound).all(), f"max error {(err - bound).max().item():.3g} over the bound"
+
+
+ROWS = list(range(1, 17)) + [19]
+SHAPES = [(1, 5), (5, 3), (31, 7), (33, 6), (47, 13), (64, 4), (770, 9)]  # (K, N): off the blocks, partial tiles
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_rows_and_odd_shapes_match_float64(rows, k, n, dtype):
+    x, w, b = _args(rows, k, n, dtype, dtype, dtype, bias=rows % 2 == 0)
+    _check_exact_within_rounding(ops_.dense_linear(x, w, b), x, w, b)
+
+
+MIXES = [(xt, wt, bt) for xt in (F32, BF16) for wt in (F32, BF16) for bt in (F32, BF16, None)]
+
+
+@pytest.mark.parametrize("xt,wt,bt", MIXES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("rows", [1, 3, 8, 16])
+def test_dtype_mixes_match_float64(xt, wt, bt, rows):
+    x, w, b = _args(rows, 83, 11, xt, wt, bt or F32, bias=bt is not None)
+    _check_exact_within_rounding(ops_.dense_linear(x, w, b), x, w, b)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 16])
+def test_bf16_within_the_tolerance_of_torchs_bf16_matmul(rows):
+    x, w, b = _args(rows, 768, 37, BF16, BF16, BF16)
+    torch.testing.assert_close(ops_.dense_linear(x, w, b), F.linear(x, w, b), rtol=1e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+@pytest.mark.parametrize("column", [0, 5, 15, 16, 17, 31, 32, 40, 44])  # in blocks of 16 and 32, and the tail
+@pytest.mark.parametrize("rows", [1, 4, 7])
+def test_nan_and_inf_propagate_as_in_torch(dtype, column, rows):
+    x, w, b = _args(rows, 45, 6, dtype, dtype, dtype)
+    x[rows - 1, column] = float("nan")  # the last row's outputs all NaN
+    w[2, column] = float("inf")  # weight row 2 gives +-inf, or NaN where the activation is 0 or NaN
+    x[0, column] = 0.0 if rows > 1 else x[0, column]
+    got = ops_.dense_linear(x, w, b)
+    want = F.linear(x.double(), w.double(), b.double())
+    assert got.isnan().any() and (got.isinf().any() or rows == 1)
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+    finite = want.isfinite()
+    torch.testing.assert_close(got.double()[finite], want[finite], rtol=1e-2 if dtype is BF16 else 1e-5,
+                               atol=5e-2 if dtype is BF16 else 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16])
+def test_strided_inputs_give_the_contiguous_result(dtype):
+    x, w, b = _args(5, 70, 9, dtype, dtype, dtype)
+    xs = x.t().contiguous().t()  # (5, 70) with strides (1, 5)
+    ws = w.t().contiguous().t()
+    bs = torch.stack([b, b], 1)[:, 0]  # stride 2
+    xe = torch.stack([x, x], -1)[..., 0]  # unit stride missing along K
+    want = ops_.dense_linear(x, w, b)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is F32 else dict(rtol=1e-2, atol=5e-2)
+    same = torch.equal if kernels_on() else lambda a, b: torch.allclose(a, b, **tol)  # BLAS picks paths by layout
+    for args in ((xs, w, b), (x, ws, b), (x, w, bs), (xe, ws, bs)):
+        assert same(ops_.dense_linear(*args), want)
+    assert same(ops_.dense_linear(x.view(1, 5, 70).expand(2, 5, 70), w, b)[1], want)
+
+
+@pytest.mark.parametrize("wt", [F32, BF16])
+@pytest.mark.parametrize("xt", [F32, BF16])
+def test_a_rows_result_does_not_depend_on_the_other_rows(xt, wt):
+    """Each output sums its products in the same order whatever the row count (1 row runs weight row by weight row,
+    more rows in tiles of 4 x 4): a sequence decodes to the same tokens alone and in a batch."""
+    if not kernels_on():
+        pytest.skip("F.linear's blocking depends on the row count")
+    x, w, b = _args(16, 100, 23, xt, wt, wt)
+    full = ops_.dense_linear(x, w, b)
+    for m in range(1, 17):
+        assert torch.equal(ops_.dense_linear(x[:m], w, b), full[:m]), m
+        assert torch.equal(ops_.dense_linear(x[m - 1:m], w, b), full[m - 1:m]), m
+
+
+@pytest.mark.parametrize("rows", [1, 6, 16])
+def test_several_threads_give_the_one_thread_result(rows):
+    if not kernels_on():
+        pytest.skip("F.linear's blocking depends on the thread count")
+    x, w, b = _args(rows, 200, 1037, F32, BF16, F32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops_.dense_linear(x, w, b)
+        torch.set_num_threads(2)
+        two = ops_.dense_linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+
+
+# -- every level this CPU supports, each in its own process, against each other -----------------------------------
+_CHILD = textwrap.dedent("""
+    import json, sys, torch
+    from loom.kernels import build
+    torch.set_num_threads(1)
+    out = {"describe": build.describe(), "cases": []}
+    for seed, (m, k, n, xt, wt) in enumerate(json.loads(sys.argv[1])):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(m, k, generator=g).to(getattr(torch, xt))
+        w = torch.randn(n, k, generator=g).to(getattr(torch, wt))
+        b = torch.randn(n, generator=g).to(x.dtype)
+        out["cases"].append(torch.ops.loom.dense_linear(x, w, b).double().flatten().tolist())
+    print(json.dumps(out))
+""")
+LEVEL_CASES = [(m, k, n, xt, wt) for m in (1, 2, 3, 4, 5, 8, 16) for (k, n) in ((37, 5), (768, 10))
+               for xt, wt in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16"))]
+
+
+def _run_level(level: str) -> dict:
+    env = {**os.environ, build.ENV: level}
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(LEVEL_CASES)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_every_supported_level_gives_the_same_results():
+    levels = build.supported_levels()
+    if not levels:
+        pytest.skip("no kernel level builds on this machine (needs Linux x86-64 with AVX2)")
+    runs = {level: _run_level(level) for level in [*levels, "off"]}
+    for level in levels:
+        assert runs[level]["describe"] == f"on ({level})", runs[level]["describe"]
+    assert runs["off"]["describe"].startswith("off")
+    base = runs["off"]["cases"]  # torch's F.linear
+    for level in levels:
+        for (m, k, n, xt, wt), got, want in zip(LEVEL_CASES, runs[level]["cases"], base):
+            got, want = torch.tensor(got), torch.tensor(want)
+            # fp32 sums in different orders; a bf16 output may round to the neighbouring value
+            tol = dict(rtol=2 ** -7, atol=1e-4 * k) if xt == "bfloat16" else dict(rtol=1e-5, atol=2e-6 * k)
+            torch.testing.assert_close(got, want, **tol, msg=lambda s: f"{level} {(m, k, n, xt, wt)}: {s}")
+
+
+def test_batched_bf16_goes_to_the_kernel_where_it_beats_torch():
+    from loom.kernels import policy
+
+    x, w = torch.randn(8, 64).bfloat16(), torch.randn(16, 64).bfloat16()
+    with torch.no_grad():
+        assert policy.dense_applies(x[:1], w, None) == kernels_on()
+        assert policy.dense_applies(x.float(), w.float(), None) == kernels_on()
+        fast = policy.EMULATED_BF16 or build.level() == "x86-64-v4-vnni"  # vdpbf16ps, measured in policy.py
+        assert policy.dense_applies(x, w, None) == (kernels_on() and fast)
