@@ -8,7 +8,9 @@ other processes take the core. Per decode step:
   config (EOS set, greedy), so the generate loop and its EOS check are counted;
 - kernel floor: the model's own Linears (loom's kernel) called alone on decode-sized inputs, nothing around them;
 - overhead = step - kernel floor, and the torch ops per step (torch.profiler, the same difference of two runs).
-With --cprofile the Python functions of the steps are printed too. A benchmark to read, not a test.
+With --no-matmul the kernel's products are replaced by zeros (tokens then mean nothing), in the steps and the floor
+alike: the overhead without the ~20-40 ms of memory-bound matmuls whose noise otherwise drowns it. With --cprofile
+the Python functions of the steps are printed too. A benchmark to read, not a test.
 """
 from __future__ import annotations
 
@@ -76,7 +78,12 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=40)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--no-matmul", action="store_true")
     args = parser.parse_args()
+    if args.no_matmul:
+        from loom.kernels import ops
+
+        ops.dense_linear = lambda x, w, b: x.new_zeros(*x.shape[:-1], w.shape[0])
     torch.set_num_threads(1)
     ids = torch.randint(3, CONFIG["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     print(f"load average {os.getloadavg()[0]:.1f}; 1 thread, CPU time, medians of {args.reps}; batch {args.batch}, "

@@ -14,7 +14,7 @@ from torch import nn
 
 from loom.configuration import ConfigFieldError
 from loom.kernels import ops, policy
-from loom.models.cache import Cache, DynamicCache
+from loom.models.cache import Cache, DynamicCache, StaticCache
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -181,6 +181,31 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
+
+
+def fused_decode_attention(q, k, v, cos, sin, mask, cache, layer_idx: int, cache_position, *, implementation: str,
+                           scale: float | None) -> torch.Tensor | None:
+    """A decode step's RoPE, cache write and attention over (B, 1, heads, D) projections as one kernel call
+    (loom::rope_cache_attention): (B, 1, H * D), bitwise what `apply_rotary`, `cache.update` and `attention` give
+    for them. None, having changed nothing, wherever that path would not end in loom::decode_attention (eager or
+    recorded attention, a cache subclass, autograd, kernels off, ...): the caller then runs those ops. Eager only:
+    it reads the position back to the host, which a compiled or traced step must not bake in."""
+    if (implementation != "sdpa" or type(cache) not in (DynamicCache, StaticCache) or layer_idx >= len(cache.keys)
+            or (_recording_open and _recorded_attentions.get() is not None)
+            or not policy.rope_attention_applies(q, k, v, cos, sin, mask) or not ops.eager_now()):
+        return None
+    kc, vc = cache.keys[layer_idx], cache.values[layer_idx]
+    B, _, Hkv, D = k.shape
+    if not (kc.dtype is q.dtype and policy.plain(kc) and policy.plain(vc) and kc.shape == vc.shape
+            and kc.stride() == vc.stride() and kc.shape[0] == B and kc.shape[1] == Hkv and kc.stride(-2) == D
+            and kc.stride(-1) == 1):
+        return None
+    slot = cache.decode_slot(layer_idx, cache_position)
+    if slot is None or (mask is not None and mask.shape[-1] != slot[3]):
+        return None
+    kc, vc, position, length = slot
+    return ops.rope_cache_attention(q, k, v, cos, sin, kc, vc, position, length, mask,
+                                    scale if scale is not None else D ** -0.5)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,

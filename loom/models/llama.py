@@ -8,7 +8,7 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache
 from loom.models.common import (RMSNorm, activation, attention, causal_lm_loss, classification_loss, decoder_inputs,
-                                maybe_checkpoint, recording_attentions)
+                                fused_decode_attention, maybe_checkpoint, recording_attentions)
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
@@ -78,14 +78,21 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache: Cache | None, cache_position=None):
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, heads, T, D)
-        if self.use_rope:
-            q, k = apply_rotary(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, cache_position)
-        out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
-                        dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
-        return getattr(self, self.o_name)(out.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = self.project(x)  # (B, T, heads, D)
+        out = None
+        if T == 1 and self.use_rope and self.softcap is None and not self.training and not is_causal:
+            out = fused_decode_attention(q, k, v, cos, sin, mask, cache, self.layer_idx, cache_position,
+                                         implementation=self.config._attn_implementation, scale=self.scaling)
+        if out is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+            if self.use_rope:
+                q, k = apply_rotary(q, k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, cache_position)
+            out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
+                            dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
+            out = out.transpose(1, 2).reshape(B, T, -1)
+        return getattr(self, self.o_name)(out)
 
 
 class LlamaMLP(nn.Module):

@@ -13,6 +13,8 @@ LOOM_API int loom_pool_helpers(void);
 LOOM_API int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const void *bias, int bbf16, void *y, int ybf16, long M, long N, long K, int threads);
 LOOM_API void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads);
 LOOM_API int loom_decode_attention(const void *q, long q_sb, long q_sh, const void *k, long k_sb, long k_sh, long k_sl, const void *v, long v_sb, long v_sh, long v_sl, const uint8_t *mask, long m_sb, void *out, int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads);
+LOOM_API int loom_rope_cache_attention(const void *q, long q_sb, const void *k, long k_sb, const void *v, long v_sb, const void *cos, const void *sin, long cs_sb, void *kc, void *vc, long c_sb, long c_sh, long pos, const uint8_t *mask, long m_sb, void *out, int bf16, long B, long H, long Hkv, long L, long D, float scale, int threads);
+LOOM_API void loom_argmax_rows(const float *x, long rows, long n, int64_t *out);
 LOOM_API int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K, int threads);
 LOOM_API int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
 LOOM_API void loom_int4_dequantize(const uint8_t *w, const void *scale, const void *zero, int half, float *out, long N, long K, long G, int threads);
