@@ -391,6 +391,105 @@ rope_cache_attention = _define(
     _rope_attn_cpu, _rope_attn_fake)
 
 
+# -- a decode step's attention half of a pre-norm layer, plus the MLP's input projections -------------------------
+_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "wg", "wu")
+
+
+def _layer_checks(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask) -> None:
+    op = "decode_layer_attention"
+    _check(x.dim() == 3 and x.shape[1] == 1 and x.is_contiguous(), op,
+           f"x must be a contiguous (B, 1, hidden) tensor, got {tuple(x.shape)}")
+    _check(k_cache.dim() == 4, op, f"caches must be (B, Hkv, capacity, D), got {tuple(k_cache.shape)}")
+    hidden, D, Hkv = x.shape[2], k_cache.shape[3], k_cache.shape[1]
+    qn = weights[0].shape[0] if weights[0].dim() == 2 else -1
+    inter = weights[4].shape[0] if weights[4].dim() == 2 else -1
+    shapes = ((qn, hidden), (Hkv * D, hidden), (Hkv * D, hidden), (hidden, qn), (inter, hidden), (inter, hidden))
+    for name, w, b, shape in zip(_LAYER_WEIGHTS, weights, biases, shapes):
+        _check(w.dtype == x.dtype and tuple(w.shape) == shape and w.is_contiguous() and w.layout == _STRIDED, op,
+               f"{name} must be a contiguous {x.dtype} {shape} tensor, got {w.dtype} {tuple(w.shape)}")
+        _check(b is None or (b.dtype == x.dtype and tuple(b.shape) == shape[:1] and b.is_contiguous()), op,
+               f"the bias of {name} must be a contiguous {x.dtype} ({shape[0]},) tensor")
+    for name, w in (("ln1", ln1), ("ln2", ln2)):
+        _check(w.dtype == x.dtype and tuple(w.shape) == (hidden,) and w.is_contiguous(), op,
+               f"{name} must be a contiguous {x.dtype} ({hidden},) tensor, got {w.dtype} {tuple(w.shape)}")
+    _check(qn % D == 0 and qn // D % Hkv == 0, op, f"wq's {qn} outputs are not a multiple of {Hkv} heads of {D}")
+    q = x.new_empty(x.shape[0], 1, qn // D, D)
+    kv = x.new_empty(x.shape[0], 1, Hkv, D)
+    _rope_attn_checks(q, kv, kv, cos, sin, k_cache, v_cache, pos, length, mask)
+
+
+def _layer_fits(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask) -> bool:
+    """`_layer_checks` as an expression that raises nothing and allocates nothing."""
+    dtype, xs = x.dtype, x.shape
+    if not (len(xs) == 3 and xs[1] == 1 and x.is_contiguous() and dtype in _FLOATS and x.layout is _STRIDED
+            and k_cache.dim() == 4 and all(w.dim() == 2 for w in weights)):
+        return False
+    B, hidden, Hkv, D = xs[0], xs[2], k_cache.shape[1], k_cache.shape[3]
+    qn, inter, kn = weights[0].shape[0], weights[4].shape[0], Hkv * D
+    if not (qn % D == 0 and (qn // D) % Hkv == 0 and D % 2 == 0 and D <= ATTENTION_MAX_HEAD_DIM):
+        return False
+    shapes = ((qn, hidden), (kn, hidden), (kn, hidden), (hidden, qn), (inter, hidden), (inter, hidden))
+    for w, b, shape in zip(weights, biases, shapes):
+        if not (w.dtype is dtype and w.shape == shape and w.is_contiguous() and w.layout is _STRIDED
+                and (b is None or (b.dtype is dtype and b.shape == shape[:1] and b.is_contiguous()
+                                   and b.layout is _STRIDED))):
+            return False
+    cs, kcs = cos.shape, k_cache.shape
+    return (ln1.dtype is dtype and ln2.dtype is dtype and ln1.shape == (hidden,) and ln2.shape == (hidden,)
+            and ln1.is_contiguous() and ln2.is_contiguous() and ln1.layout is _STRIDED and ln2.layout is _STRIDED
+            and cos.dtype is dtype and sin.dtype is dtype and len(cs) == 4 and sin.shape == cs and cs[0] in (1, B)
+            and cs[1] == 1 and cs[2] == 1 and cs[3] == D and cos.stride() == sin.stride() and cos.stride(3) == 1
+            and cos.layout is _STRIDED and sin.layout is _STRIDED
+            and k_cache.dtype is dtype and v_cache.dtype is dtype and v_cache.shape == kcs and kcs[0] == B
+            and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.stride(2) == D
+            and k_cache.layout is _STRIDED and v_cache.layout is _STRIDED and 0 <= pos < length <= kcs[2]
+            and (mask is None or (mask.dtype is torch.bool and mask.layout is _STRIDED and mask.dim() == 4
+                                  and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[2] == 1
+                                  and mask.shape[3] == length and mask.stride(3) == 1)))
+
+
+def _layer_cpu(x, ln1, ln2, eps, wq, wk, wv, wo, wg, wu, bq, bk, bv, bo, bg, bu, cos, sin, k_cache, v_cache, pos,
+               length, mask, scale):
+    weights, biases = (wq, wk, wv, wo, wg, wu), (bq, bk, bv, bo, bg, bu)
+    if not _layer_fits(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask):
+        _layer_checks(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask)
+    B, _, hidden = x.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    lib = build.library()
+    if lib is None:  # the operators this one chains, each on its torch path
+        h = _norm_cpu(x, ln1, eps)
+        q, k, v = (_dense_cpu(h, w, b).view(B, 1, -1, D) for w, b in zip(weights[:3], biases[:3]))
+        x_out = x + _dense_cpu(_rope_attn_cpu(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask, scale), wo, bo)
+        h = _norm_cpu(x_out, ln2, eps)
+        return x_out, _dense_cpu(h, wg, bg), _dense_cpu(h, wu, bu)
+    x_out = torch.empty_like(x)
+    g = torch.empty(B, 1, wg.shape[0], dtype=x.dtype)
+    u = torch.empty(B, 1, wg.shape[0], dtype=x.dtype)
+    ptr = [None if t is None else t.data_ptr() for t in (*weights, *biases)]
+    if lib.loom_decode_layer_attention(
+            x.data_ptr(), x_out.data_ptr(), g.data_ptr(), u.data_ptr(), x.dtype is torch.bfloat16, B, hidden,
+            wq.shape[0] // D, Hkv, D, wg.shape[0], ln1.data_ptr(), ln2.data_ptr(), eps, *ptr, cos.data_ptr(),
+            sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.stride(0), k_cache.stride(1), pos, None if mask is None else mask.data_ptr(),
+            0 if mask is None or mask.shape[0] == 1 else mask.stride(0), length, scale, pool_threads()):
+        raise MemoryError("loom::decode_layer_attention: could not allocate its scratch memory")
+    return x_out, g, u
+
+
+def _layer_fake(x, ln1, ln2, eps, wq, wk, wv, wo, wg, wu, bq, bk, bv, bo, bg, bu, cos, sin, k_cache, v_cache, pos,
+                length, mask, scale):
+    _layer_checks(x, ln1, ln2, (wq, wk, wv, wo, wg, wu), (bq, bk, bv, bo, bg, bu), cos, sin, k_cache, v_cache, pos,
+                  length, mask)
+    return torch.empty_like(x), x.new_empty(x.shape[0], 1, wg.shape[0]), x.new_empty(x.shape[0], 1, wg.shape[0])
+
+
+decode_layer_attention = _define(
+    "decode_layer_attention(Tensor x, Tensor ln1, Tensor ln2, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
+    "Tensor wg, Tensor wu, Tensor? bq, Tensor? bk, Tensor? bv, Tensor? bo, Tensor? bg, Tensor? bu, Tensor cos, "
+    "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int length, Tensor? mask, float scale) "
+    "-> (Tensor, Tensor, Tensor)", _layer_cpu, _layer_fake)
+
+
 # -- greedy pick: each row's argmax over the vocabulary -------------------------------------------------------------
 def _argmax_cpu(x):
     if not (x.dtype is _F32 and x.dim() == 2 and x.shape[1] > 0 and x.layout is _STRIDED and x.is_contiguous()):

@@ -152,6 +152,10 @@ class DynamicCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length[layer_idx] if layer_idx < len(self.length) else 0
 
+    def next_length(self, layer_idx: int) -> int:
+        """How many positions a fused decode step of `layer_idx` attends to (its mask's length)."""
+        return self.length[layer_idx] + 1
+
     def decode_slot(self, layer_idx: int, cache_position):
         """For a fused decode step that writes one token itself: (keys, values, position, length) of `layer_idx`,
         the buffers grown to hold one more token and the token counted. The caller checked `layer_idx < len(self)`
@@ -234,6 +238,9 @@ class StaticCache(Cache):
             raise CacheOverflowError(f"StaticCache is full: position {position} does not fit in "
                                      f"max_cache_len={self.max_cache_len}; create the cache with a larger "
                                      "max_cache_len")
+
+    def next_length(self, layer_idx: int) -> int:
+        return self.max_cache_len
 
     def decode_slot(self, layer_idx: int, cache_position):
         """For a fused decode step that writes one token itself (eager only: reads the position back to the host):

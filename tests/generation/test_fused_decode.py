@@ -12,6 +12,7 @@ import torch
 import loom
 from loom.auto import model_table
 from loom.kernels import build, ops, policy
+from loom.models import llama
 from loom.models.common import sdpa
 from loom.models.rope import apply_rotary
 from loomtest import TINY
@@ -83,17 +84,21 @@ def _model(model_type, dtype, **overrides):
 
 
 def _generate_both(model, monkeypatch, **kw):
-    """(fused, unfused) greedy generations with scores, and how many fused calls the first made."""
-    calls = []
-    fused = ops.rope_cache_attention
-    monkeypatch.setattr(ops, "rope_cache_attention", lambda *a: calls.append(1) or fused(*a))
+    """(fused, unfused) greedy generations with scores, and the fused calls the first made: {operator: count}."""
+    calls = {"rope_cache_attention": 0, "decode_layer_attention": 0}
+    for name in calls:
+        def counted(*args, _name=name, _op=getattr(ops, name)):
+            calls[_name] += 1
+            return _op(*args)
+        monkeypatch.setattr(ops, name, counted)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
               **kw)
     a = model.generate(**kw)
     monkeypatch.setattr(policy, "rope_attention_applies", lambda *args: False)
+    monkeypatch.setattr(llama, "fused_decode_layer", lambda *args, **kwargs: None)
     b = model.generate(**kw)
     monkeypatch.undo()
-    return a, b, len(calls)
+    return a, b, calls
 
 
 def _assert_same(a, b):
@@ -116,10 +121,15 @@ def test_generation_fused_equals_unfused(model_type, cache, dtype, monkeypatch):
         a, b, calls = _generate_both(model, monkeypatch, input_ids=ids[:rows], attention_mask=mask[:rows],
                                      max_new_tokens=12, cache_implementation=cache)
         _assert_same(a, b)
-        # the fused path ran at every decode step of every layer where it applies (soft-capped attention and
-        # partial rotary take the torch ops; kernels off, the policy says no)
+        # a fused path ran at every decode step of every layer where one applies (soft-capped attention and partial
+        # rotary take the torch ops; kernels off, the policy says no): the whole layer for Llama's own layers where
+        # its Linears take the kernel, else the attention alone
         takes_fused = build.available() and model_type not in ("gemma2", "phi3")
-        assert calls == (11 * n_layers if takes_fused else 0)
+        assert sum(calls.values()) == (11 * n_layers if takes_fused else 0)
+        # Llama-shaped layers: all of Llama's and Mistral's, Qwen2-MoE's dense layer (1 of 3)
+        llama_layers = {"llama": n_layers, "mistral": n_layers, "qwen2_moe": 1}.get(model_type, 0)
+        whole_layer = takes_fused and (rows == 1 or dtype is torch.float32 or policy.EMULATED_BF16)
+        assert calls["decode_layer_attention"] == (11 * llama_layers if whole_layer else 0)
 
 
 def test_hooked_projection_is_honoured(monkeypatch):
@@ -135,7 +145,26 @@ def test_hooked_projection_is_honoured(monkeypatch):
     _assert_same(a, b)
     assert a.sequences.tolist() != plain.sequences.tolist() or any(
         not torch.equal(x, y) for x, y in zip(a.scores, plain.scores))
-    assert calls == (9 * 2 if build.available() else 0)
+    # the hooked layer cannot skip q_proj's call: it takes the fused attention alone, the other layer the whole step
+    want = {"rope_cache_attention": 9, "decode_layer_attention": 9} if build.available() else {
+        "rope_cache_attention": 0, "decode_layer_attention": 0}
+    assert calls == want
+
+
+def test_hook_on_a_called_module_keeps_the_fused_layer(monkeypatch):
+    """The fused layer still calls the activation and down_proj modules: their hooks run, and see the same tensors."""
+    model = _model("llama", torch.float32)
+    ids = torch.randint(3, 99, (1, 7), generator=torch.Generator().manual_seed(6))
+    seen = []
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: seen.append(out.clone()))
+    try:
+        a, b, calls = _generate_both(model, monkeypatch, input_ids=ids, max_new_tokens=6)
+    finally:
+        handle.remove()
+    _assert_same(a, b)
+    assert len(seen) == 2 * 6  # prefill + 5 steps, in each of the two generations
+    assert all(torch.equal(x, y) for x, y in zip(seen[:6], seen[6:]))
+    assert calls["decode_layer_attention"] == (5 * 2 if build.available() else 0)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 50257])

@@ -82,3 +82,43 @@ static long argmax_row(const float *x, long n) {
 void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
     for (long r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
 }
+
+/* The attention half of a pre-norm decoder layer's decode step, and the MLP's input projections, in one call:
+     h = rms_norm(x); attn = rope_cache_attention(h Wq + bq, h Wk + bk, h Wv + bv); x_out = x + (attn Wo + bo);
+     h2 = rms_norm(x_out); g = h2 Wgate + bgate; u = h2 Wup + bup
+   each step through the same kernel its torch operator calls (loom_rms_norm, loom_dense_gemm,
+   loom_rope_cache_attention), so every intermediate is bitwise the operator's; the residual add rounds as torch's.
+   Weights and biases come in the order q, k, v, o, gate, up (a NULL bias: none). The caller runs the activation and
+   the down projection (torch's own ops). Returns -1 when scratch memory could not be allocated. */
+int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, int bf16, long B, long hidden, long H,
+                                long Hkv, long D, long I, const void *ln1, const void *ln2, float eps,
+                                const void *wq, const void *wk, const void *wv, const void *wo, const void *wg,
+                                const void *wu, const void *bq, const void *bk, const void *bv, const void *bo,
+                                const void *bg, const void *bu, const void *cos, const void *sin, long cs_sb, void *kc,
+                                void *vc, long c_sb, long c_sh, long pos, const uint8_t *mask, long m_sb, long L,
+                                float scale, int threads) {
+    long es = bf16 ? 2 : 4, qn = H * D, kn = Hkv * D;
+    char *h = malloc((size_t)(B * (2 * hidden + 2 * qn + 2 * kn) * es));
+    if (!h) return -1;
+    char *q = h + B * hidden * es, *k = q + B * qn * es, *v = k + B * kn * es, *attn = v + B * kn * es;
+    char *o = attn + B * qn * es;
+    int status = 0;
+    loom_rms_norm(x, ln1, h, bf16, B, hidden, eps, threads);
+    status |= loom_dense_gemm(h, bf16, wq, bf16, bq, bf16, q, bf16, B, qn, hidden, threads);
+    status |= loom_dense_gemm(h, bf16, wk, bf16, bk, bf16, k, bf16, B, kn, hidden, threads);
+    status |= loom_dense_gemm(h, bf16, wv, bf16, bv, bf16, v, bf16, B, kn, hidden, threads);
+    status |= loom_rope_cache_attention(q, qn, k, kn, v, kn, cos, sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb,
+                                        attn, bf16, B, H, Hkv, L, D, scale, threads);
+    status |= loom_dense_gemm(attn, bf16, wo, bf16, bo, bf16, o, bf16, B, hidden, qn, threads);
+    for (long i = 0; i < B * hidden; i++) {
+        if (bf16)
+            ((uint16_t *)x_out)[i] = f32_to_bf16(load_f(x, i, 1) + load_f(o, i, 1));
+        else
+            ((float *)x_out)[i] = ((const float *)x)[i] + ((const float *)o)[i];
+    }
+    loom_rms_norm(x_out, ln2, h, bf16, B, hidden, eps, threads);
+    status |= loom_dense_gemm(h, bf16, wg, bf16, bg, bf16, g, bf16, B, I, hidden, threads);
+    status |= loom_dense_gemm(h, bf16, wu, bf16, bu, bf16, u, bf16, B, I, hidden, threads);
+    free(h);
+    return status ? -1 : 0;
+}
