@@ -9,7 +9,9 @@ other processes take the core. Per decode step:
 - kernel floor: the model's own Linears (loom's kernel) called alone on decode-sized inputs, nothing around them;
 - overhead = step - kernel floor, and the torch ops per step (torch.profiler, the same difference of two runs).
 With --no-matmul the kernel's products are replaced by zeros (tokens then mean nothing), in the steps and the floor
-alike: the overhead without the ~20-40 ms of memory-bound matmuls whose noise otherwise drowns it. With --cprofile
+alike: the overhead without the ~20-40 ms of memory-bound matmuls whose noise otherwise drowns it; the layers then
+take their module path (the whole-layer kernel, loom::decode_layer_attention, holds its products), so this measures
+the path of layers it does not apply to (hooked, PEFT-wrapped, variant layers). With --cprofile
 the Python functions of the steps are printed too. A benchmark to read, not a test.
 """
 from __future__ import annotations
@@ -81,9 +83,12 @@ def main() -> None:
     parser.add_argument("--no-matmul", action="store_true")
     args = parser.parse_args()
     if args.no_matmul:
+        import loom.models.llama
         from loom.kernels import ops
 
         ops.dense_linear = lambda x, w, b: x.new_zeros(*x.shape[:-1], w.shape[0])
+        # the fused layer's products cannot be taken out of its one C call: the layers take the module path
+        loom.models.llama.fused_decode_layer = lambda *args, **kwargs: None
     torch.set_num_threads(1)
     ids = torch.randint(3, CONFIG["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     print(f"load average {os.getloadavg()[0]:.1f}; 1 thread, CPU time, medians of {args.reps}; batch {args.batch}, "

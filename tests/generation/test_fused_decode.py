@@ -74,6 +74,39 @@ def test_operator_names_bad_inputs():
         ops.rope_cache_attention(q, k, k, cos, sin, cache.bfloat16(), cache.bfloat16(), 0, 1, None, 1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("biases", [False, True])
+def test_layer_operator_matches_the_modules(dtype, biases):
+    """loom::decode_layer_attention against the module path it replaces, on a Llama layer (Qwen2's biases too)."""
+    model = _model("llama", dtype, attention_bias=biases, mlp_bias=biases)
+    layer, B, D = model.model.layers[0], 1, model.config.head_dim
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(B, 1, model.config.hidden_size, generator=g).to(dtype)
+    cos, sin = _rope_tables(B, D, dtype, g)
+    caches = [(torch.randn(B, 2, 9, D, generator=g).to(dtype), torch.randn(B, 2, 9, D, generator=g).to(dtype))]
+    caches.append(tuple(t.clone() for t in caches[0]))
+    attn, mlp = layer.self_attn, layer.mlp
+    with torch.inference_mode():
+        h = layer.input_layernorm(x)
+        q, k, v = attn.project(h)
+        a = ops.rope_cache_attention(q, k, v, cos, sin, *caches[0], 5, 6, None, D ** -0.5)
+        want_x = x + attn.o_proj(a)
+        h = layer.post_attention_layernorm(want_x)
+        weights = [m.weight for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)]
+        biases_ = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)]
+        got = ops.decode_layer_attention(x, layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                         layer.input_layernorm.eps, *weights, *biases_, cos, sin, *caches[1], 5, 6,
+                                         None, D ** -0.5)
+        want = (want_x, mlp.gate_proj(h), mlp.up_proj(h))
+    for w, t in zip(want, got):
+        assert torch.equal(w, t)
+    assert all(torch.equal(a, b) for a, b in zip(caches[0], caches[1]))
+    with pytest.raises(ValueError, match=r"decode_layer_attention: wo must be a contiguous"):
+        ops.decode_layer_attention(x, layer.input_layernorm.weight, layer.post_attention_layernorm.weight, 1e-6,
+                                   *weights[:3], weights[3].t(), *weights[4:], *biases_, cos, sin, *caches[1], 5, 6,
+                                   None, 1.0)
+
+
 def _model(model_type, dtype, **overrides):
     config_class, heads = model_table()[model_type]
     torch.manual_seed(0)
