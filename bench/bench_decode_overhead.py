@@ -9,9 +9,10 @@ other processes take the core. Per decode step:
 - kernel floor: the model's own Linears (loom's kernel) called alone on decode-sized inputs, nothing around them;
 - overhead = step - kernel floor, and the torch ops per step (torch.profiler, the same difference of two runs).
 With --no-matmul the kernel's products are replaced by zeros (tokens then mean nothing), in the steps and the floor
-alike: the overhead without the ~20-40 ms of memory-bound matmuls whose noise otherwise drowns it; the layers then
-take their module path (the whole-layer kernel, loom::decode_layer_attention, holds its products), so this measures
-the path of layers it does not apply to (hooked, PEFT-wrapped, variant layers). With --cprofile
+alike: the overhead without the ~20-40 ms of memory-bound matmuls whose noise otherwise drowns it. The whole-layer
+kernel (loom::decode_layer_attention) then runs without its products (its checks, norms, RoPE, cache write and
+attention, on zero projections; a little more than the real call: a few extra allocations), or with --module-path
+not at all: the path of layers it does not apply to (hooked, PEFT-wrapped, variant layers). With --cprofile
 the Python functions of the steps are printed too. A benchmark to read, not a test.
 """
 from __future__ import annotations
@@ -62,6 +63,31 @@ def linears_step(model, batch, dtype):
     return step
 
 
+def layer_without_products(x, ln1, ln2, eps, wq, wk, wv, wo, wg, wu, bq, bk, bv, bo, bg, bu, cos, sin, kc, vc, pos,
+                           length, mask, scale):
+    """loom::decode_layer_attention with its six products taken out (--no-matmul): the operator's checks and outputs,
+    its norms, RoPE, cache write and attention through the same C functions, on zero projections."""
+    from loom.kernels import build, ops
+    from loom.kernels.threads import pool_threads
+
+    lib = build.library()
+    assert ops._layer_fits(x, ln1, ln2, (wq, wk, wv, wo, wg, wu), (bq, bk, bv, bo, bg, bu), cos, sin, kc, vc, pos,
+                           length, mask)
+    B, _, hidden = x.shape
+    Hkv, D, bf16 = kc.shape[1], kc.shape[3], x.dtype is torch.bfloat16
+    x_out, h = torch.empty_like(x), torch.empty_like(x)
+    g, u = x.new_zeros(B, 1, wg.shape[0]), x.new_zeros(B, 1, wg.shape[0])
+    q, kv, attn = x.new_zeros(B, 1, wq.shape[0]), x.new_zeros(B, 1, Hkv * D), x.new_empty(B, 1, wq.shape[0])
+    lib.loom_rms_norm(x.data_ptr(), ln1.data_ptr(), h.data_ptr(), bf16, B, hidden, eps, pool_threads())
+    lib.loom_rope_cache_attention(q.data_ptr(), q.shape[-1], kv.data_ptr(), kv.shape[-1], kv.data_ptr(),
+                                  kv.shape[-1], cos.data_ptr(), sin.data_ptr(), 0, kc.data_ptr(), vc.data_ptr(),
+                                  kc.stride(0), kc.stride(1), pos, None, 0, attn.data_ptr(), bf16, B,
+                                  wq.shape[0] // D, Hkv, length, D, scale, pool_threads())
+    x_out.copy_(x)
+    lib.loom_rms_norm(x_out.data_ptr(), ln2.data_ptr(), h.data_ptr(), bf16, B, hidden, eps, pool_threads())
+    return x_out, g, u
+
+
 def op_counts(model, ids, short, long) -> Counter:
     def ops(n):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -81,14 +107,18 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--no-matmul", action="store_true")
+    parser.add_argument("--module-path", action="store_true", help="with --no-matmul: no whole-layer kernel")
     args = parser.parse_args()
     if args.no_matmul:
-        import loom.models.llama
         from loom.kernels import ops
 
         ops.dense_linear = lambda x, w, b: x.new_zeros(*x.shape[:-1], w.shape[0])
-        # the fused layer's products cannot be taken out of its one C call: the layers take the module path
-        loom.models.llama.fused_decode_layer = lambda *args, **kwargs: None
+        if args.module_path:
+            import loom.models.llama
+
+            loom.models.llama.fused_decode_layer = lambda *args, **kwargs: None
+        else:
+            ops.decode_layer_attention = layer_without_products
     torch.set_num_threads(1)
     ids = torch.randint(3, CONFIG["vocab_size"], (args.batch, args.prompt), generator=torch.Generator().manual_seed(1))
     print(f"load average {os.getloadavg()[0]:.1f}; 1 thread, CPU time, medians of {args.reps}; batch {args.batch}, "

@@ -216,3 +216,26 @@ def test_argmax_rows_picks_as_torch(n):
     assert torch.equal(ops.argmax_rows(x.t().contiguous().t()), x.argmax(-1))  # a strided view is made contiguous
     with pytest.raises(ValueError, match="argmax_rows: expects dense float32"):
         ops.argmax_rows(x.double())
+
+
+def test_opcheck():
+    """Schema (the caches are declared mutated), fake implementations and AOT dispatch of the fused operators."""
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 1, 4, 8, generator=g), torch.randn(2, 1, 2, 8, generator=g)
+    cos, sin = _rope_tables(2, 8, torch.float32, g)
+    cache = torch.randn(2, 2, 6, 8, generator=g)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    torch.library.opcheck(torch.ops.loom.rope_cache_attention.default,
+                          (q, k, k.clone(), cos, sin, cache, cache.clone(), 3, 6, mask, 0.3))
+    model = _model("llama", torch.float32)
+    layer = model.model.layers[0]
+    mods = (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+            layer.mlp.gate_proj, layer.mlp.up_proj)
+    x = torch.randn(2, 1, model.config.hidden_size, generator=g)
+    cos, sin = _rope_tables(2, model.config.head_dim, torch.float32, g)
+    cache = torch.randn(2, 2, 6, model.config.head_dim, generator=g)
+    torch.library.opcheck(torch.ops.loom.decode_layer_attention.default,
+                          (x, layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach(),
+                           1e-6, *(m.weight.detach() for m in mods), *(None,) * 6, cos, sin, cache, cache.clone(), 2,
+                           3, None, 0.25))
+    torch.library.opcheck(torch.ops.loom.argmax_rows.default, (torch.randn(3, 100, generator=g),))
