@@ -74,6 +74,12 @@ def _eager(args: tuple, grad_args: tuple[int, ...]) -> bool:
                                                     for i in grad_args)))
 
 
+def eager_now() -> bool:
+    """Nothing records or transforms ops now (no torch.compile, jit.trace, dispatch mode or functorch transform): a
+    fast path that reads values back to the host or keeps Python state may run."""
+    return _eager((), ())
+
+
 # -- dense linear: x (..., K) @ weight (N, K).T + bias ------------------------------------------------------------
 def _dense_checks(x, weight, bias) -> None:
     _check_strided("dense_linear", x=x, weight=weight, bias=bias)
@@ -295,6 +301,217 @@ def _attn_backward(ctx, grad):
 
 decode_attention = _define("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor",
                            _attn_cpu, _attn_fake, _attn_backward, _attn_setup, grad_args=(0, 1, 2))
+
+
+# -- a decode step's RoPE + KV-cache write + single-query attention, one layer in one call ---------------------------
+def _rope_attn_checks(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask) -> None:
+    op = "rope_cache_attention"
+    _check_strided(op, q=q, k=k, v=v, cos=cos, sin=sin, k_cache=k_cache, v_cache=v_cache, mask=mask)
+    _check_float(op, "q", q)
+    _check(all(t.dtype == q.dtype for t in (k, v, cos, sin, k_cache, v_cache)), op,
+           "q, k, v, cos, sin and the caches must share a dtype")
+    _check(q.dim() == 4 and q.shape[1] == 1 and k.dim() == 4 and k.shape == v.shape and k.shape[:2] == q.shape[:2]
+           and k.shape[3] == q.shape[3] and q.shape[3] % 2 == 0 and k.shape[2] > 0 and q.shape[2] % k.shape[2] == 0,
+           op, f"expects q (B, 1, H, D) and k, v (B, 1, Hkv, D) with even D, got {tuple(q.shape)}, "
+           f"{tuple(k.shape)}, {tuple(v.shape)}")
+    B, _, H, D = q.shape
+    _check(all(t.stride(-1) == 1 and t.stride(-2) == D for t in (q, k, v)), op,
+           "q, k and v must have contiguous heads (stride D between heads, 1 within)")
+    _check(cos.shape == sin.shape and cos.dim() == 4 and cos.shape[0] in (1, B) and cos.shape[1:] == (1, 1, D)
+           and cos.stride() == sin.stride() and cos.stride(-1) == 1, op,
+           f"cos and sin must be (B or 1, 1, 1, D={D}) with unit last stride, got {tuple(cos.shape)}")
+    _check(k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride() and k_cache.dim() == 4
+           and k_cache.shape[:2] == (B, k.shape[2]) and k_cache.shape[3] == D and k_cache.stride(3) == 1
+           and k_cache.stride(2) == D, op, f"caches must be (B, Hkv, capacity, D) with contiguous positions, got "
+           f"{tuple(k_cache.shape)}")
+    _check(0 <= pos < length <= k_cache.shape[2], op,
+           f"needs 0 <= pos < length <= capacity, got pos {pos}, length {length}, capacity {k_cache.shape[2]}")
+    _check(D <= ATTENTION_MAX_HEAD_DIM, op, f"head dim {D} exceeds {ATTENTION_MAX_HEAD_DIM}")
+    if mask is not None:
+        _check(mask.dtype == torch.bool and mask.dim() == 4 and tuple(mask.shape[1:]) == (1, 1, length)
+               and mask.shape[0] in (1, B) and mask.stride(-1) == 1, op,
+               f"mask must be bool (B or 1, 1, 1, length={length}), got {mask.dtype} {tuple(mask.shape)}")
+
+
+def rope_reference(x, cos, sin):
+    """RoPE as loom's models apply it (rotate-half's sign is in sin): x * cos + swap_halves(x) * sin, in x's dtype."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((x[..., half:], x[..., :half]), -1) * sin
+
+
+def _rope_attn_fits(q, k, v, cos, sin, kc, vc, pos, length, mask) -> bool:
+    """`_rope_attn_checks` as one expression that raises nothing (it runs once per layer and decode step)."""
+    qs, ks, cs, kcs, dtype = q.shape, k.shape, cos.shape, kc.shape, q.dtype
+    if not (len(qs) == 4 and len(ks) == 4 and len(cs) == 4 and len(kcs) == 4 and dtype in _FLOATS):
+        return False
+    B, D = qs[0], qs[3]
+    return (k.dtype is dtype and v.dtype is dtype and cos.dtype is dtype and sin.dtype is dtype and kc.dtype is dtype
+            and vc.dtype is dtype and qs[1] == 1 and ks[0] == B and ks[1] == 1 and ks[3] == D and v.shape == ks
+            and D % 2 == 0 and D <= ATTENTION_MAX_HEAD_DIM and ks[2] > 0 and qs[2] % ks[2] == 0
+            and q.stride(3) == 1 and q.stride(2) == D and k.stride(3) == 1 and k.stride(2) == D
+            and v.stride(3) == 1 and v.stride(2) == D and sin.shape == cs and cs[0] in (1, B) and cs[1] == 1
+            and cs[2] == 1 and cs[3] == D and cos.stride() == sin.stride() and cos.stride(3) == 1
+            and vc.shape == kcs and kcs[0] == B and kcs[1] == ks[2] and kcs[3] == D and kc.stride() == vc.stride()
+            and kc.stride(3) == 1 and kc.stride(2) == D and 0 <= pos < length <= kcs[2]
+            and q.layout is _STRIDED and k.layout is _STRIDED and v.layout is _STRIDED and cos.layout is _STRIDED
+            and sin.layout is _STRIDED and kc.layout is _STRIDED and vc.layout is _STRIDED
+            and (mask is None or (mask.dtype is torch.bool and mask.layout is _STRIDED and mask.dim() == 4
+                                  and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[2] == 1
+                                  and mask.shape[3] == length and mask.stride(3) == 1)))
+
+
+def _rope_attn_cpu(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask, scale):
+    if not _rope_attn_fits(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask):
+        _rope_attn_checks(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask)  # raises, naming what is wrong
+    B, _, H, D = q.shape
+    lib = build.library()
+    if lib is None:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, 1, D)
+        k_cache[:, :, pos:pos + 1] = rope_reference(k, cos, sin)
+        v_cache[:, :, pos:pos + 1] = v
+        out = _attn_cpu(rope_reference(q, cos, sin), k_cache[:, :, :length], v_cache[:, :, :length], mask, scale)
+        return out.transpose(1, 2).reshape(B, 1, H * D)
+    out = torch.empty(B, 1, H * D, dtype=q.dtype)
+    if B and lib.loom_rope_cache_attention(
+            q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), cos.data_ptr(),
+            sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.stride(0), k_cache.stride(1), pos, None if mask is None else mask.data_ptr(),
+            0 if mask is None or mask.shape[0] == 1 else mask.stride(0), out.data_ptr(), q.dtype is torch.bfloat16,
+            B, H, k.shape[2], length, D, scale, pool_threads()):
+        raise MemoryError(f"loom::rope_cache_attention: could not allocate scores for {length} keys")
+    return out
+
+
+def _rope_attn_fake(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask, scale):
+    _rope_attn_checks(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask)
+    return q.new_empty(q.shape[0], 1, q.shape[2] * q.shape[3])
+
+
+rope_cache_attention = _define(
+    "rope_cache_attention(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_cache, "
+    "Tensor(b!) v_cache, int pos, int length, Tensor? mask, float scale) -> Tensor",
+    _rope_attn_cpu, _rope_attn_fake)
+
+
+# -- a decode step's attention half of a pre-norm layer, plus the MLP's input projections -------------------------
+_LAYER_WEIGHTS = ("wq", "wk", "wv", "wo", "wg", "wu")
+
+
+def _layer_checks(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask) -> None:
+    op = "decode_layer_attention"
+    _check(x.dim() == 3 and x.shape[1] == 1 and x.is_contiguous(), op,
+           f"x must be a contiguous (B, 1, hidden) tensor, got {tuple(x.shape)}")
+    _check(k_cache.dim() == 4, op, f"caches must be (B, Hkv, capacity, D), got {tuple(k_cache.shape)}")
+    hidden, D, Hkv = x.shape[2], k_cache.shape[3], k_cache.shape[1]
+    qn = weights[0].shape[0] if weights[0].dim() == 2 else -1
+    inter = weights[4].shape[0] if weights[4].dim() == 2 else -1
+    shapes = ((qn, hidden), (Hkv * D, hidden), (Hkv * D, hidden), (hidden, qn), (inter, hidden), (inter, hidden))
+    for name, w, b, shape in zip(_LAYER_WEIGHTS, weights, biases, shapes):
+        _check(w.dtype == x.dtype and tuple(w.shape) == shape and w.is_contiguous() and w.layout == _STRIDED, op,
+               f"{name} must be a contiguous {x.dtype} {shape} tensor, got {w.dtype} {tuple(w.shape)}")
+        _check(b is None or (b.dtype == x.dtype and tuple(b.shape) == shape[:1] and b.is_contiguous()), op,
+               f"the bias of {name} must be a contiguous {x.dtype} ({shape[0]},) tensor")
+    for name, w in (("ln1", ln1), ("ln2", ln2)):
+        _check(w.dtype == x.dtype and tuple(w.shape) == (hidden,) and w.is_contiguous(), op,
+               f"{name} must be a contiguous {x.dtype} ({hidden},) tensor, got {w.dtype} {tuple(w.shape)}")
+    _check(qn % D == 0 and qn // D % Hkv == 0, op, f"wq's {qn} outputs are not a multiple of {Hkv} heads of {D}")
+    q = x.new_empty(x.shape[0], 1, qn // D, D)
+    kv = x.new_empty(x.shape[0], 1, Hkv, D)
+    _rope_attn_checks(q, kv, kv, cos, sin, k_cache, v_cache, pos, length, mask)
+
+
+def _layer_fits(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask) -> bool:
+    """`_layer_checks` as an expression that raises nothing and allocates nothing."""
+    dtype, xs = x.dtype, x.shape
+    if not (len(xs) == 3 and xs[1] == 1 and x.is_contiguous() and dtype in _FLOATS and x.layout is _STRIDED
+            and k_cache.dim() == 4 and all(w.dim() == 2 for w in weights)):
+        return False
+    B, hidden, Hkv, D = xs[0], xs[2], k_cache.shape[1], k_cache.shape[3]
+    qn, inter, kn = weights[0].shape[0], weights[4].shape[0], Hkv * D
+    if not (qn % D == 0 and (qn // D) % Hkv == 0 and D % 2 == 0 and D <= ATTENTION_MAX_HEAD_DIM):
+        return False
+    shapes = ((qn, hidden), (kn, hidden), (kn, hidden), (hidden, qn), (inter, hidden), (inter, hidden))
+    for w, b, shape in zip(weights, biases, shapes):
+        if not (w.dtype is dtype and w.shape == shape and w.is_contiguous() and w.layout is _STRIDED
+                and (b is None or (b.dtype is dtype and b.shape == shape[:1] and b.is_contiguous()
+                                   and b.layout is _STRIDED))):
+            return False
+    cs, kcs = cos.shape, k_cache.shape
+    return (ln1.dtype is dtype and ln2.dtype is dtype and ln1.shape == (hidden,) and ln2.shape == (hidden,)
+            and ln1.is_contiguous() and ln2.is_contiguous() and ln1.layout is _STRIDED and ln2.layout is _STRIDED
+            and cos.dtype is dtype and sin.dtype is dtype and len(cs) == 4 and sin.shape == cs and cs[0] in (1, B)
+            and cs[1] == 1 and cs[2] == 1 and cs[3] == D and cos.stride() == sin.stride() and cos.stride(3) == 1
+            and cos.layout is _STRIDED and sin.layout is _STRIDED
+            and k_cache.dtype is dtype and v_cache.dtype is dtype and v_cache.shape == kcs and kcs[0] == B
+            and k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and k_cache.stride(2) == D
+            and k_cache.layout is _STRIDED and v_cache.layout is _STRIDED and 0 <= pos < length <= kcs[2]
+            and (mask is None or (mask.dtype is torch.bool and mask.layout is _STRIDED and mask.dim() == 4
+                                  and mask.shape[0] in (1, B) and mask.shape[1] == 1 and mask.shape[2] == 1
+                                  and mask.shape[3] == length and mask.stride(3) == 1)))
+
+
+def _layer_cpu(x, ln1, ln2, eps, wq, wk, wv, wo, wg, wu, bq, bk, bv, bo, bg, bu, cos, sin, k_cache, v_cache, pos,
+               length, mask, scale):
+    weights, biases = (wq, wk, wv, wo, wg, wu), (bq, bk, bv, bo, bg, bu)
+    if not _layer_fits(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask):
+        _layer_checks(x, ln1, ln2, weights, biases, cos, sin, k_cache, v_cache, pos, length, mask)
+    B, _, hidden = x.shape
+    Hkv, D = k_cache.shape[1], k_cache.shape[3]
+    lib = build.library()
+    if lib is None:  # the operators this one chains, each on its torch path
+        h = _norm_cpu(x, ln1, eps)
+        q, k, v = (_dense_cpu(h, w, b).view(B, 1, -1, D) for w, b in zip(weights[:3], biases[:3]))
+        x_out = x + _dense_cpu(_rope_attn_cpu(q, k, v, cos, sin, k_cache, v_cache, pos, length, mask, scale), wo, bo)
+        h = _norm_cpu(x_out, ln2, eps)
+        return x_out, _dense_cpu(h, wg, bg), _dense_cpu(h, wu, bu)
+    x_out = torch.empty_like(x)
+    g = torch.empty(B, 1, wg.shape[0], dtype=x.dtype)
+    u = torch.empty(B, 1, wg.shape[0], dtype=x.dtype)
+    ptr = [None if t is None else t.data_ptr() for t in (*weights, *biases)]
+    if lib.loom_decode_layer_attention(
+            x.data_ptr(), x_out.data_ptr(), g.data_ptr(), u.data_ptr(), x.dtype is torch.bfloat16, B, hidden,
+            wq.shape[0] // D, Hkv, D, wg.shape[0], ln1.data_ptr(), ln2.data_ptr(), eps, *ptr, cos.data_ptr(),
+            sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0, k_cache.data_ptr(), v_cache.data_ptr(),
+            k_cache.stride(0), k_cache.stride(1), pos, None if mask is None else mask.data_ptr(),
+            0 if mask is None or mask.shape[0] == 1 else mask.stride(0), length, scale, pool_threads()):
+        raise MemoryError("loom::decode_layer_attention: could not allocate its scratch memory")
+    return x_out, g, u
+
+
+def _layer_fake(x, ln1, ln2, eps, wq, wk, wv, wo, wg, wu, bq, bk, bv, bo, bg, bu, cos, sin, k_cache, v_cache, pos,
+                length, mask, scale):
+    _layer_checks(x, ln1, ln2, (wq, wk, wv, wo, wg, wu), (bq, bk, bv, bo, bg, bu), cos, sin, k_cache, v_cache, pos,
+                  length, mask)
+    return torch.empty_like(x), x.new_empty(x.shape[0], 1, wg.shape[0]), x.new_empty(x.shape[0], 1, wg.shape[0])
+
+
+decode_layer_attention = _define(
+    "decode_layer_attention(Tensor x, Tensor ln1, Tensor ln2, float eps, Tensor wq, Tensor wk, Tensor wv, Tensor wo, "
+    "Tensor wg, Tensor wu, Tensor? bq, Tensor? bk, Tensor? bv, Tensor? bo, Tensor? bg, Tensor? bu, Tensor cos, "
+    "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int length, Tensor? mask, float scale) "
+    "-> (Tensor, Tensor, Tensor)", _layer_cpu, _layer_fake)
+
+
+# -- greedy pick: each row's argmax over the vocabulary -------------------------------------------------------------
+def _argmax_cpu(x):
+    if not (x.dtype is _F32 and x.dim() == 2 and x.shape[1] > 0 and x.layout is _STRIDED and x.is_contiguous()):
+        _check(x.dtype is _F32 and x.layout is _STRIDED, "argmax_rows", f"expects dense float32, got {x.dtype}")
+        _check(x.dim() == 2 and x.shape[1] > 0, "argmax_rows", f"expects (rows, n > 0), got {tuple(x.shape)}")
+        x = x.contiguous()
+    lib = build.library()
+    if lib is None:
+        return x.argmax(-1)
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib.loom_argmax_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
+
+
+def _argmax_fake(x):
+    _check(x.dim() == 2, "argmax_rows", f"expects (rows, n > 0), got {tuple(x.shape)}")
+    return x.new_empty(x.shape[0], dtype=torch.long)
+
+
+argmax_rows = _define("argmax_rows(Tensor x) -> Tensor", _argmax_cpu, _argmax_fake)
 
 
 # -- int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N,)).T ------------------------------------

@@ -97,6 +97,33 @@ def int4_applies(x: torch.Tensor, group_size: int) -> bool:
     return rows_of(x) <= MAX_ROWS or (group_size % 32 == 0 and group_size <= INT4_GEMM_MAX_GROUP)
 
 
+def rope_attention_applies(q, k, v, cos, sin, mask) -> bool:
+    """A decode step's RoPE + cache write + attention in one kernel (loom::rope_cache_attention): one new token,
+    (B, 1, heads, D) projections with contiguous heads, full-width (B|1, 1, 1, D) cos/sin in their dtype, and a mask
+    `attention_applies` would take (its length is checked against the cache by the operator)."""
+    qs, ks = q.shape, k.shape
+    if len(qs) != 4 or qs[1] != 1 or torch.is_grad_enabled() or not enabled():
+        return False
+    dtype, D = q.dtype, qs[3]
+    if not (dtype in DTYPES and k.dtype is dtype and v.dtype is dtype and cos.dtype is dtype and sin.dtype is dtype
+            and plain(q) and plain(k) and plain(v) and plain(cos) and plain(sin)):
+        return False
+    if not (len(ks) == 4 and v.shape == ks and ks[0] == qs[0] and ks[1] == 1 and ks[3] == D and D % 2 == 0
+            and D <= 512 and ks[2] and qs[2] % ks[2] == 0 and cos.shape == sin.shape and len(cos.shape) == 4
+            and cos.shape[1:] == (1, 1, D) and cos.shape[0] in (1, qs[0]) and cos.stride() == sin.stride()
+            and cos.stride(-1) == 1):
+        return False
+    if not all(t.stride(-1) == 1 and t.stride(-2) == D for t in (q, k, v)):
+        return False
+    return mask is None or (plain(mask) and mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+                            and mask.shape[2] == 1 and mask.shape[0] in (1, qs[0]) and mask.stride(-1) == 1)
+
+
+def argmax_applies(x: torch.Tensor) -> bool:
+    """Whether greedy decoding's argmax over (rows, vocabulary) float32 scores goes to loom::argmax_rows."""
+    return x.dtype is torch.float32 and x.dim() == 2 and x.shape[1] > 0 and plain(x) and enabled()
+
+
 def decode_on_kernels(model: nn.Module, rows: int) -> bool:
     """Whether every matmul of a `rows`-row decode step of `model` runs in loom's kernels, so torch's remaining small
     ops may run on one thread meanwhile (`loom.kernels.threads.kernels_own_threads`).

@@ -141,15 +141,9 @@ class DynamicCache(Cache):
             self.length.append(0)
         start = self.length[layer_idx]
         end = start + new
+        if end > self.keys[layer_idx].shape[-2]:
+            self._grow(layer_idx, end)
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        if end > k.shape[-2]:
-            cap = max(end, 2 * k.shape[-2])
-            k2 = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
-            v2 = v.new_empty(*v.shape[:-2], cap, v.shape[-1])
-            k2[..., :start, :] = k[..., :start, :]
-            v2[..., :start, :] = v[..., :start, :]
-            self.keys[layer_idx], self.values[layer_idx] = k2, v2
-            k, v = k2, v2
         k[..., start:end, :] = key_states
         v[..., start:end, :] = value_states
         self.length[layer_idx] = end
@@ -157,6 +151,30 @@ class DynamicCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length[layer_idx] if layer_idx < len(self.length) else 0
+
+    def next_length(self, layer_idx: int) -> int:
+        """How many positions a fused decode step of `layer_idx` attends to (its mask's length)."""
+        return self.length[layer_idx] + 1
+
+    def decode_slot(self, layer_idx: int, cache_position):
+        """For a fused decode step that writes one token itself: (keys, values, position, length) of `layer_idx`,
+        the buffers grown to hold one more token and the token counted. The caller checked `layer_idx < len(self)`
+        and the buffers' dtype and shape."""
+        start = self.length[layer_idx]
+        if start == self.keys[layer_idx].shape[-2]:
+            self._grow(layer_idx, start + 1)
+        self.length[layer_idx] = start + 1
+        return self.keys[layer_idx], self.values[layer_idx], start, start + 1
+
+    def _grow(self, layer_idx: int, end: int) -> None:
+        """Reallocate a layer's buffers for at least `end` positions (and at least double), keeping what they hold."""
+        k, v, start = self.keys[layer_idx], self.values[layer_idx], self.length[layer_idx]
+        cap = max(end, 2 * k.shape[-2])
+        k2 = k.new_empty(*k.shape[:-2], cap, k.shape[-1])
+        v2 = v.new_empty(*v.shape[:-2], cap, v.shape[-1])
+        k2[..., :start, :] = k[..., :start, :]
+        v2[..., :start, :] = v[..., :start, :]
+        self.keys[layer_idx], self.values[layer_idx] = k2, v2
 
     def reorder_cache(self, beam_idx):
         for i in range(len(self.keys)):
@@ -207,15 +225,34 @@ class StaticCache(Cache):
             cache_position = torch.arange(start, start + key.shape[-2], device=key.device)
         # The bounds check reads a position back to the host: fine eagerly, but inside torch.compile it would break
         # the graph (and the caller, the Decoder, sizes the cache so that it never overflows).
-        if not torch.compiler.is_compiling() and int(cache_position[-1]) >= self.max_cache_len:
-            raise CacheOverflowError(f"StaticCache is full: position {int(cache_position[-1])} does not fit in "
-                                     f"max_cache_len={self.max_cache_len}; create the cache with a larger "
-                                     "max_cache_len")
+        if not torch.compiler.is_compiling():
+            self._check_fits(int(cache_position[-1]))
         self.keys[layer_idx].index_copy_(2, cache_position, key.to(self.keys[layer_idx].dtype))
         self.values[layer_idx].index_copy_(2, cache_position, value.to(self.values[layer_idx].dtype))
         if layer_idx == 0:
             self.seen.copy_(cache_position[-1] + 1)
         return self.keys[layer_idx], self.values[layer_idx]
+
+    def _check_fits(self, position: int) -> None:
+        if position >= self.max_cache_len:
+            raise CacheOverflowError(f"StaticCache is full: position {position} does not fit in "
+                                     f"max_cache_len={self.max_cache_len}; create the cache with a larger "
+                                     "max_cache_len")
+
+    def next_length(self, layer_idx: int) -> int:
+        return self.max_cache_len
+
+    def decode_slot(self, layer_idx: int, cache_position):
+        """For a fused decode step that writes one token itself (eager only: reads the position back to the host):
+        (keys, values, position, length); the attention reads the whole buffer, masked. None where no single
+        position is given, so the caller takes `update`."""
+        if cache_position is None or cache_position.numel() != 1:
+            return None
+        position = int(cache_position)
+        self._check_fits(position)
+        if layer_idx == 0:
+            self.seen.fill_(position + 1)
+        return self.keys[layer_idx], self.values[layer_idx], position, self.max_cache_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.seen)

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.configuration import ConfigFieldError
-from loom.kernels import ops, policy
-from loom.models.cache import Cache, DynamicCache
+from loom.kernels import KernelLinear, ops, policy
+from loom.models.cache import Cache, DynamicCache, StaticCache
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -181,6 +181,87 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
                                           scale=scale, enable_gqa=gqa)
+
+
+def fused_decode_attention(q, k, v, cos, sin, mask, cache, layer_idx: int, cache_position, *, implementation: str,
+                           scale: float | None) -> torch.Tensor | None:
+    """A decode step's RoPE, cache write and attention over (B, 1, heads, D) projections as one kernel call
+    (loom::rope_cache_attention): (B, 1, H * D), bitwise what `apply_rotary`, `cache.update` and `attention` give
+    for them. None, having changed nothing, wherever that path would not end in loom::decode_attention (eager or
+    recorded attention, a cache subclass, autograd, kernels off, ...): the caller then runs those ops. Eager only:
+    it reads the position back to the host, which a compiled or traced step must not bake in."""
+    if (implementation != "sdpa" or type(cache) not in (DynamicCache, StaticCache) or layer_idx >= len(cache.keys)
+            or (_recording_open and _recorded_attentions.get() is not None)
+            or not policy.rope_attention_applies(q, k, v, cos, sin, mask) or not ops.eager_now()):
+        return None
+    kc, vc = cache.keys[layer_idx], cache.values[layer_idx]
+    B, _, Hkv, D = k.shape
+    if not (kc.dtype is q.dtype and policy.plain(kc) and policy.plain(vc) and kc.shape == vc.shape
+            and kc.stride() == vc.stride() and kc.shape[0] == B and kc.shape[1] == Hkv and kc.stride(-2) == D
+            and kc.stride(-1) == 1):
+        return None
+    if mask is not None and mask.shape[-1] != cache.next_length(layer_idx):
+        return None
+    slot = cache.decode_slot(layer_idx, cache_position)
+    if slot is None:
+        return None
+    kc, vc, position, length = slot
+    return ops.rope_cache_attention(q, k, v, cos, sin, kc, vc, position, length, mask,
+                                    scale if scale is not None else D ** -0.5)
+
+
+_LAYER_LINEARS = (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj"))
+
+
+def _unhooked(*modules) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in modules)
+
+
+def fused_decode_layer(x, cos, sin, mask, cache, layer_idx: int, cache_position, *, attn, mlp, norms,
+                       implementation: str, scale: float | None):
+    """A Llama-shaped layer's decode step up to the MLP's activation in one kernel call
+    (loom::decode_layer_attention): (x + attention, gate projection, up projection), each bitwise what the modules
+    give, since the call chains the kernels those modules' forwards reach. The caller checked that the layer's
+    classes are Llama's own (their forwards are the ones this replaces); this checks what may change at any time:
+    hooks or a replaced forward on a module it skips, a Linear that is not loom's plain kernel Linear, tensors or
+    settings where a module would not reach its kernel. None, having changed nothing, where any of that fails."""
+    B, T, _ = x.shape
+    dtype, ln1, ln2 = x.dtype, norms[0], norms[1]
+    if (T != 1 or implementation != "sdpa" or type(cache) not in (DynamicCache, StaticCache)
+            or layer_idx >= len(cache.keys) or torch.is_grad_enabled() or not policy.enabled()
+            or (_recording_open and _recorded_attentions.get() is not None) or not ops.eager_now()
+            or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+            or B > policy.MAX_ROWS or (B > 1 and dtype is torch.bfloat16 and not policy.EMULATED_BF16)
+            or ln1.eps != ln2.eps or type(ln1) is not RMSNorm or type(ln2) is not RMSNorm):
+        return None
+    linears = [attn._modules.get(n) for n in _LAYER_LINEARS[0]] + [mlp._modules.get(n) for n in _LAYER_LINEARS[1]]
+    if not all(type(m) is KernelLinear for m in linears) or not _unhooked(attn, mlp, ln1, ln2, *linears):
+        return None
+    params = [m._parameters for m in linears]
+    weights = [p.get("weight") for p in params]
+    biases = [p.get("bias") for p in params]
+    ln1_w, ln2_w = ln1._parameters.get("weight"), ln2._parameters.get("weight")
+    tensors = (x, ln1_w, ln2_w, *weights, *(b for b in biases if b is not None))
+    if (dtype not in policy.DTYPES
+            or not all(t is not None and policy.plain(t) and t.dtype is dtype and t.is_contiguous() for t in tensors)):
+        return None
+    kc, vc = cache.keys[layer_idx], cache.values[layer_idx]
+    D, cs = kc.shape[-1], cos.shape
+    if not (policy.plain(kc) and policy.plain(vc) and kc.dtype is dtype and vc.dtype is dtype and kc.dim() == 4
+            and kc.shape[0] == B and kc.stride(-1) == 1 and kc.stride(-2) == D and kc.stride() == vc.stride()
+            and kc.shape == vc.shape and policy.plain(cos) and policy.plain(sin) and cos.dtype is dtype
+            and sin.dtype is dtype and len(cs) == 4 and cs[0] in (1, B) and cs[1] == cs[2] == 1 and cs[3] == D
+            and sin.shape == cs and cos.stride() == sin.stride() and cos.stride(-1) == 1
+            and (mask is None or (policy.plain(mask) and mask.dtype is torch.bool and mask.dim() == 4
+                                  and mask.shape[0] in (1, B) and mask.shape[1] == mask.shape[2] == 1
+                                  and mask.stride(-1) == 1 and mask.shape[-1] == cache.next_length(layer_idx)))):
+        return None
+    slot = cache.decode_slot(layer_idx, cache_position)
+    if slot is None:
+        return None
+    kc, vc, position, length = slot
+    return ops.decode_layer_attention(x, ln1_w, ln2_w, ln1.eps, *weights, *biases, cos, sin, kc, vc, position, length,
+                                      mask, scale if scale is not None else D ** -0.5)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, *,

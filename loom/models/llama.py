@@ -8,7 +8,8 @@ from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache
 from loom.models.common import (RMSNorm, activation, attention, causal_lm_loss, classification_loss, decoder_inputs,
-                                maybe_checkpoint, recording_attentions)
+                                fused_decode_attention, fused_decode_layer, maybe_checkpoint,
+                                recording_attentions)
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
@@ -78,14 +79,21 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x, cos, sin, mask, is_causal, cache: Cache | None, cache_position=None):
         B, T, _ = x.shape
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, heads, T, D)
-        if self.use_rope:
-            q, k = apply_rotary(q, k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx, cache_position)
-        out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
-                        dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
-        return getattr(self, self.o_name)(out.transpose(1, 2).reshape(B, T, -1))
+        q, k, v = self.project(x)  # (B, T, heads, D)
+        out = None
+        if T == 1 and self.use_rope and self.softcap is None and not self.training and not is_causal:
+            out = fused_decode_attention(q, k, v, cos, sin, mask, cache, self.layer_idx, cache_position,
+                                         implementation=self.config._attn_implementation, scale=self.scaling)
+        if out is None:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, D)
+            if self.use_rope:
+                q, k = apply_rotary(q, k, cos, sin)
+            if cache is not None:
+                k, v = cache.update(k, v, self.layer_idx, cache_position)
+            out = attention(q, k, v, mask, is_causal, implementation=self.config._attn_implementation,
+                            dropout=self.dropout if self.training else 0.0, scale=self.scaling, softcap=self.softcap)
+            out = out.transpose(1, 2).reshape(B, T, -1)
+        return getattr(self, self.o_name)(out)
 
 
 class LlamaMLP(nn.Module):
@@ -119,8 +127,26 @@ class LlamaDecoderLayer(nn.Module):
         return LlamaMLP(config)
 
     def forward(self, x, cos, sin, mask, is_causal, cache=None, cache_position=None):
+        mlp = getattr(self, self.mlp_name)
+        if x.shape[1] == 1 and cache is not None and not is_causal and not self.training and self._llama_shaped(mlp):
+            attn = self.self_attn
+            fused = fused_decode_layer(x, cos, sin, mask, cache, attn.layer_idx, cache_position, attn=attn, mlp=mlp,
+                                       norms=(self.input_layernorm, self.post_attention_layernorm),
+                                       implementation=attn.config._attn_implementation, scale=attn.scaling)
+            if fused is not None:  # a decode step, in one kernel call up to the MLP's activation
+                x, gate, up = fused
+                return x + mlp.down_proj(mlp.act_fn(gate) * up)
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, is_causal, cache, cache_position)
-        return x + getattr(self, self.mlp_name)(self.post_attention_layernorm(x))
+        return x + mlp(self.post_attention_layernorm(x))
+
+    def _llama_shaped(self, mlp) -> bool:
+        """Whether this layer computes Llama's own step (no variant changed a forward, the projections, the norms
+        or RoPE), which is what `fused_decode_layer` replaces."""
+        attn = self.self_attn
+        return (type(self).forward is LlamaDecoderLayer.forward and type(attn).forward is LlamaAttention.forward
+                and type(attn).project is LlamaAttention.project and type(mlp).forward is LlamaMLP.forward
+                and attn.qkv_name is None and attn.o_name == "o_proj" and attn.use_rope and attn.q_norm is None
+                and attn.softcap is None)
 
 
 class LlamaPreTrainedModel(PreTrainedModel):

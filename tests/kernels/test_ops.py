@@ -299,7 +299,7 @@ def test_inf_in_attention_and_rms_norm_as_torch():
 # -- the C header and the ctypes declarations -----------------------------------------------------------------------
 _C_TYPES = {"const void *": "c_void_p", "void *": "c_void_p", "const uint8_t *": "c_void_p",
             "const float *": "c_void_p", "float *": "c_void_p", "const int8_t *": "c_void_p",
-            "uint8_t *": "c_void_p", "uint16_t *": "c_void_p", "long": "c_long", "int": "c_int", "float": "c_float",
+            "uint8_t *": "c_void_p", "uint16_t *": "c_void_p", "int64_t *": "c_void_p", "long": "c_long", "int": "c_int", "float": "c_float",
             "const char *": "c_char_p", "void": None}
 
 
