@@ -5,8 +5,8 @@ defaults here do nothing, so a new format is one subclass, registered with `regi
 
     stage                   hook method                                         built-in users
     select                  for_load(request) -> hook | None   (classmethod)    every format
-    files                   checkpoint_files(request) -> CheckpointFiles | None  GGUF (one .gguf file)
     config / dtype          configure(config, dtype) -> dtype                   GGUF (float32 unless asked)
+    files                   checkpoint_files(request) -> CheckpointFiles | None  GGUF (one .gguf file)
     before weights          prepare_model(model), place_with(device_for)        quantizers swap Linears on the meta
                                                                                 model; tensor parallel plans shards
     streaming, per tensor   load_tensor(model, name, source, dtype, device)     quantize / repack / slice a tensor
@@ -67,16 +67,16 @@ class LoadHook:
         None."""
         return None
 
-    # -- files, config, dtype ----------------------------------------------------------------------------------
-    def checkpoint_files(self, request: LoadRequest):
-        """The files to stream (a loom.loading.CheckpointFiles) when this format stores its weights somewhere other
-        than model.safetensors / pytorch_model.bin; None to let the loader find them."""
-        return None
-
+    # -- config, dtype, files ----------------------------------------------------------------------------------
     def configure(self, config, dtype: torch.dtype | None) -> torch.dtype | None:
         """Adjust the config in place before the model is built; return the dtype to load in (None: the
         checkpoint's own dtypes)."""
         return dtype
+
+    def checkpoint_files(self, request: LoadRequest):
+        """The files to stream (a loom.loading.CheckpointFiles) when this format stores its weights somewhere other
+        than model.safetensors / pytorch_model.bin; None to let the loader find them."""
+        return None
 
     # -- before weights ----------------------------------------------------------------------------------------
     def place_with(self, device_for: Callable[[str], torch.device]) -> None:
