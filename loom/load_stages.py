@@ -57,9 +57,9 @@ def resolve_config(cls, request: LoadRequest, overrides: dict):
     return config
 
 
-def builtin_hook_classes(request: LoadRequest) -> list:
-    """The `for_load` of each built-in format this request may involve, imported only then (`import loom` and
-    plain loads stay cheap). Order matters: the first hook that takes a tensor wins."""
+def builtin_selectors(request: LoadRequest) -> list:
+    """The selector (request -> hook or None) of each built-in format this request may involve, imported only then
+    (`import loom` and plain loads stay cheap). Order matters: the first hook that takes a tensor wins."""
     selectors = []
     if request.gguf_file is not None:
         from loom.gguf.load import GgufLoadHook
@@ -78,7 +78,7 @@ def builtin_hook_classes(request: LoadRequest) -> list:
 
 def select_hooks(request: LoadRequest) -> list[LoadHook]:
     """The hooks taking part in this load: the built-in formats', then the registered ones', in that order."""
-    selectors = builtin_hook_classes(request) + [cls.for_load for cls in registered_load_hooks()]
+    selectors = builtin_selectors(request) + [cls.for_load for cls in registered_load_hooks()]
     return checked_hooks(hook for hook in (select(request) for select in selectors) if hook is not None)
 
 

@@ -20,6 +20,7 @@ from loom.configuration import PretrainedConfig, checked_attn_implementation
 from loom.hub import pop_hub_kwargs, push_settings, upload_files
 from loom.hub_push import PushToHubMixin
 from loom.kernels import use_kernels_
+from loom.load_hooks import LoadRequest, save_hooks
 from loom.saving import write_model_dir
 from loom.utils import parse_dtype
 
@@ -347,7 +348,6 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
         `attn_implementation`: "sdpa" (the default) or "eager" (the math written out; a forward asked for
         output_attentions=True computes them eagerly under either)."""
         from loom import load_stages
-        from loom.load_hooks import LoadRequest
 
         hub = pop_hub_kwargs(kwargs)
         for legacy in ("low_cpu_mem_usage", "_fast_init", "use_auth_token", "resume_download", "mirror"):
@@ -388,8 +388,6 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
             return
         if self._hf_peft_config_loaded:  # as the reference: a model holding adapters saves the active adapter only
             return self.save_adapter(save_directory)
-        from loom.load_hooks import save_hooks
-
         formats = save_hooks(self)  # the formats this model saves in (a quantizer's, a registered hook's)
         for hook in formats:
             if not hook.is_serializable():
