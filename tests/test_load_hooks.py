@@ -204,3 +204,27 @@ def test_a_for_load_that_returns_something_else_is_refused(plain_and_scaled):
             loom.AutoModelForCausalLM.from_pretrained(plain_and_scaled[1])
     finally:
         unregister_load_hook(Broken)
+
+
+def test_a_format_that_cannot_save_makes_save_pretrained_refuse_by_name(plain_and_scaled, tmp_path):
+    class ReadOnlyFormat(LoadHook):
+        transforms_saves = True
+
+        @classmethod
+        def for_load(cls, request):
+            return cls()
+
+        def is_serializable(self):
+            return False
+
+        def why_not_serializable(self):
+            return "its tensors were expanded at load; keep the original files"
+
+    register_load_hook(ReadOnlyFormat)
+    try:
+        model = loom.AutoModelForCausalLM.from_pretrained(plain_and_scaled[1])
+    finally:
+        unregister_load_hook(ReadOnlyFormat)
+    with pytest.raises(ValueError, match="ReadOnlyFormat models cannot be saved: its tensors were expanded"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
