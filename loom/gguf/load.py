@@ -38,9 +38,9 @@ class GgufLoadHook(WeightOnlyQuantizer):
         if request.gguf_file is None:
             return None
         if request.quantization_config is not None:
-            raise ValueError(f"gguf_file={str(request.gguf_file)!r} is already quantized by llama.cpp; loom loads it as "
-                             "stored (Q4_0 stays 4-bit, other types are expanded) and cannot quantize it again. Drop "
-                             "quantization_config=, or load the original checkpoint to quantize it with loom")
+            raise ValueError(f"gguf_file={str(request.gguf_file)!r} is already quantized by llama.cpp; loom loads it "
+                             "as stored (Q4_0 stays 4-bit, other types are expanded) and cannot quantize it again. "
+                             "Drop quantization_config=, or load the original checkpoint to quantize it with loom")
         return cls(find_gguf(request.path, request.gguf_file, **request.hub))
 
     def checkpoint_files(self, request) -> CheckpointFiles:
