@@ -319,3 +319,39 @@ def read_config_dict(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise OSError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def checked_attn_implementation(config: PretrainedConfig, name: str | None = None) -> str:
+    """The attention a config asks for (`attn_implementation`, or `name` when given), checked: loom runs "sdpa" (the
+    default; "eager" when config.output_attentions is set, as the reference chooses) and "eager"; any other name is an
+    error, never ignored. A forward asked for output_attentions=True computes them eagerly under either."""
+    if name is None:
+        name = getattr(config, "_attn_implementation", None)
+    wants_probs = bool(getattr(config, "output_attentions", False))
+    if name is None:
+        return "eager" if wants_probs else "sdpa"
+    if name in ATTN_IMPLEMENTATIONS:
+        if wants_probs and name != "eager":
+            # the reference refuses this pair too: a config that always returns attentions never runs "sdpa"
+            raise ValueError(f'config output_attentions=True asks every forward for the attention probabilities, which '
+                             f'attn_implementation="{name}" never forms; use attn_implementation="eager"')
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if name == "sdpa" and softcap is not None:  # the reference refuses "sdpa" for Gemma 2 too
+            raise ValueError(f"attn_implementation='sdpa' cannot soft-cap the attention scores (config "
+                             f"attn_logit_softcapping={softcap}); only 'eager' does: use attn_implementation='eager'")
+        return name
+    text = str(name)
+    if "flash_attention" in text:
+        why = ("FlashAttention needs a CUDA GPU and the flash-attn package, which loom does not support (on CUDA, "
+               "'sdpa' runs PyTorch's own flash kernel where it applies)")
+    elif "flex_attention" in text:
+        why = "loom has no path through torch's flex_attention"
+    elif "paged" in text:
+        why = "paged attention (continuous batching) is not part of loom"
+    else:
+        why = "loom implements 'sdpa' (the default) and 'eager' (the math written out, for output_attentions=True)"
+    raise ValueError(f"attn_implementation={name!r} is not supported: {why}; pass attn_implementation='sdpa' or "
+                     "'eager'")

@@ -1,20 +1,12 @@
 """Streaming a checkpoint into a model built on the meta device.
 
-One path for every load: discover the checkpoint files, let hooks prepare the meta model (a quantizer swaps its
-Linears, tensor parallel marks shards), then read tensor by tensor from safetensors straight into the final
-dtype/device/shard/quantized form. A hook is any object with some of these methods:
+One path for every load: discover the checkpoint files, then read tensor by tensor from safetensors straight into
+the final dtype/device/shard/quantized form. Formats take part through their `LoadHook`s (loom/load_hooks.py): each
+tensor goes to the first hook whose `load_tensor` takes it, else it is read as stored; a key the model has no slot
+for goes to `load_extra_tensor`. The stages around this one are in loom/load_stages.py.
 
-    prepare_model(model)                          before streaming, on the meta model
-    load_tensor(model, name, source, dtype, device) -> tensor | nn.Parameter | None   (None: not mine)
-    load_extra_tensor(model, name, source) -> bool   a checkpoint key the model has no slot for (a quantizer's
-                                                  scales, quant states): True when the hook keeps it
-    finish(model)                                 after every tensor is in place and weights are tied
-    place_with(device_for)                        before streaming: where each tensor goes (for hooks that build
-                                                  modules from stored tensors the model has no slot for)
-    converts_tensors = True                       (attribute) read tensors with plain reads, not a file mapping
-
-`source` is a TensorSource: `.shape`, `.dtype`, `.get()` (whole tensor) and `.slice(dim, start, stop)` (reads only
-that part of the file, for tensor-parallel shards).
+A hook's `source` is a TensorSource: `.shape`, `.dtype`, `.get()` (whole tensor) and `.slice(dim, start, stop)` (reads
+only that part of the file, for tensor-parallel shards).
 """
 from __future__ import annotations
 
@@ -30,6 +22,7 @@ import torch
 from torch import nn
 
 from loom.hub import resolve_file, safe_join
+from loom.load_hooks import LoadHook, checked_hooks
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -302,21 +295,21 @@ def _target_dtype(tensor_dtype, dtype):
 
 def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_for, hooks=(),
                       ignore_mismatched_sizes: bool = False) -> LoadingInfo:
-    """Load every tensor of `ckpt` into `model` (built on meta); returns what was missing/unexpected/mismatched.
+    """Load every tensor of `ckpt` into `model` (built on meta, already prepared by `hooks`: LoadHooks, each told
+    `place_with(device_for)`); returns what was missing/unexpected/mismatched.
 
     `device_for(name)` gives each parameter's device; `dtype` None keeps the checkpoint's dtype.
     """
+    hooks = checked_hooks(hooks)
     expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
     expected = set(expected_shapes)
     transposed = getattr(model, "_transposed_checkpoint_weights", ())
     info = LoadingInfo()
     loaded: set[str] = set()
-    for hook in hooks:
-        if hasattr(hook, "place_with"):
-            hook.place_with(device_for)
+    eager = any(h.converts_tensors for h in hooks)
     fix = None
     for file in ckpt.files:
-        handle = open_checkpoint(file, eager=any(getattr(h, "converts_tensors", False) for h in hooks))
+        handle = open_checkpoint(file, eager=eager)
         keys = list(handle.keys())
         if fix is None:
             fix = prefix_fixer(model, [rename_key(k) for k in keys], expected)
@@ -334,13 +327,7 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
                 continue
             device = device_for(name)
             target = _target_dtype(source.dtype, dtype)
-            value = None
-            for hook in hooks:
-                fn = getattr(hook, "load_tensor", None)
-                if fn is not None:
-                    value = fn(model, name, source, target, device)
-                    if value is not None:
-                        break
+            value = _hook_value(hooks, model, name, source, target, device)
             if value is None:
                 value = source.get().to(device=device, dtype=target)
             set_tensor(model, name, value)
@@ -370,12 +357,21 @@ def _config_hints(model: nn.Module, mismatched) -> list[str]:
     return hints
 
 
-def _hook_keeps_extra(hooks, model: nn.Module, name: str, source: TensorSource) -> bool:
-    return any(getattr(h, "load_extra_tensor", lambda *a: False)(model, name, source) for h in hooks)
+def _hook_value(hooks: list[LoadHook], model: nn.Module, name: str, source: TensorSource, dtype, device):
+    """The first hook's value for this tensor, or None when no hook takes it."""
+    for hook in hooks:
+        value = hook.load_tensor(model, name, source, dtype, device)
+        if value is not None:
+            return value
+    return None
 
 
-def _hook_reshapes(hooks, name: str) -> bool:
-    return any(getattr(h, "accepts_shape_change", lambda n: False)(name) for h in hooks)
+def _hook_keeps_extra(hooks: list[LoadHook], model: nn.Module, name: str, source: TensorSource) -> bool:
+    return any(h.load_extra_tensor(model, name, source) for h in hooks)
+
+
+def _hook_reshapes(hooks: list[LoadHook], name: str) -> bool:
+    return any(h.accepts_shape_change(name) for h in hooks)
 
 
 def report(info: LoadingInfo, model_name: str, ignore_unexpected=()) -> str | None:

@@ -1,15 +1,14 @@
 """PreTrainedModel: from_pretrained / save_pretrained, weight tying, embedding resizing, gradient checkpointing.
 
-Loading order (one path for everything): config -> checkpoint files -> quantizer hook (swaps Linears on the meta
-model) -> tensor-parallel hook -> build on the meta device -> stream tensors into their final dtype/device/form ->
-tie weights, initialise only what is truly missing -> eval(). The full-precision model is never built twice.
+from_pretrained runs the named stages of loom/load_stages.py (config -> hooks -> dtype -> files -> build on the meta
+device -> hooks prepare the model -> stream tensors into their final dtype/device/form -> tie, initialise only what
+is truly missing -> finish, report, eval()); formats take part as LoadHooks (loom/load_hooks.py), and save_pretrained
+writes a model in the formats of the hooks it keeps. The full-precision model is never built twice.
 """
 from __future__ import annotations
 
 import copy
-import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,15 +16,15 @@ import torch
 from torch import nn
 
 from loom.adapters import AdapterMixin
-from loom.configuration import PretrainedConfig
+from loom.configuration import PretrainedConfig, checked_attn_implementation
 from loom.hub import pop_hub_kwargs, push_settings, upload_files
 from loom.hub_push import PushToHubMixin
 from loom.kernels import use_kernels_
+from loom.load_hooks import LoadRequest, save_hooks
 from loom.saving import write_model_dir
 from loom.utils import parse_dtype
 
-logger = logging.getLogger("loom")
-
+_ABSENT = object()
 
 
 class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
@@ -348,82 +347,18 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
 
         `attn_implementation`: "sdpa" (the default) or "eager" (the math written out; a forward asked for
         output_attentions=True computes them eagerly under either)."""
-        from loom import loading
+        from loom import load_stages
 
         hub = pop_hub_kwargs(kwargs)
         for legacy in ("low_cpu_mem_usage", "_fast_init", "use_auth_token", "resume_download", "mirror"):
             kwargs.pop(legacy, None)
-        path = pretrained_model_name_or_path
-        gguf_file = kwargs.pop("gguf_file", None)
-        if not isinstance(config, PretrainedConfig):
-            config = cls.config_class.from_pretrained(config or path, **hub, **kwargs, gguf_file=gguf_file)
-        else:
-            for k, v in kwargs.items():
-                setattr(config, k, v)
-        if attn_implementation is not None:
-            config._attn_implementation = attn_implementation
-        config._attn_implementation = checked_attn_implementation(config)  # before the weights are read
-        config._name_or_path = str(path)
-        if torch_dtype is not None and dtype is None:
-            dtype = torch_dtype
-        dtype = parse_dtype(dtype)
-        if dtype == "auto":
-            dtype = parse_dtype(getattr(config, "dtype", None))  # None -> the checkpoint's own dtypes
-        hooks = []
-        if gguf_file is not None:  # llama.cpp's one-file format: loom/gguf
-            from loom.gguf.load import gguf_checkpoint
-
-            ckpt, gguf_hook, dtype = gguf_checkpoint(path, gguf_file, dtype, quantization_config, hub)
-            hooks.append(gguf_hook)
-        else:
-            ckpt = loading.find_checkpoint_files(path, variant=variant, use_safetensors=use_safetensors, **hub)
-        quantizer = _quantizer_for(config, quantization_config)
-        if quantizer is not None:
-            hooks.append(quantizer)
-        if tp_plan is not None:
-            from loom.distributed.tensor_parallel import TensorParallelLoadHook
-
-            hooks.append(TensorParallelLoadHook(tp_plan, device_mesh))
-
-        device_for, dispatch = _placement(cls, config, device_map, max_memory, offload_folder, dtype)
-        with loading.empty_init():
-            try:
-                model = cls(config, *model_args)
-            except ValueError as e:  # a config value the model cannot build (rope_type, hidden_act, experts, ...)
-                if str(path) in str(e) or type(e) is not ValueError:
-                    raise
-                raise type(e)(f"{path}: {e}") from None
-        for hook in hooks:
-            if hasattr(hook, "prepare_model"):
-                hook.prepare_model(model)
-        info = loading.stream_checkpoint(model, ckpt, dtype=dtype, device_for=device_for, hooks=hooks,
-                                         ignore_mismatched_sizes=ignore_mismatched_sizes)
-        model.tie_weights()
-        tied = model.tied_parameter_names()
-        info.missing_keys = [k for k in info.missing_keys if k not in tied]
-        truly_missing = info.missing_keys + [k for k, _, _ in info.mismatched_keys]
-        if truly_missing:
-            model._init_missing_(truly_missing, device_for)
-            model.tie_weights()  # a tied copy of a parameter just created (a head's bias) must follow it
-        if dtype is not None:
-            _cast_remaining_(model, dtype)
-        model._init_buffers_(device_for)
-        for hook in hooks:
-            if hasattr(hook, "finish"):
-                hook.finish(model)
-        message = loading.report(info, f"{cls.__name__} from {path}", model._keys_to_ignore_on_load_unexpected)
-        if message:
-            logger.warning(message)
-            if info.missing_keys or info.mismatched_keys:
-                warnings.warn(message, stacklevel=2)
-        model.eval()
-        if model.can_generate():
-            model.generation_config = _load_generation_config(path, config, hub)
-        if dispatch is not None:
-            model = dispatch(model)
-        if output_loading_info:
-            return model, info.as_dict()
-        return model
+        request = LoadRequest(
+            pretrained_model_name_or_path, config=config, dtype=torch_dtype if dtype is None else dtype,
+            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
+            quantization_config=quantization_config, tp_plan=tp_plan, device_mesh=device_mesh,
+            gguf_file=kwargs.pop("gguf_file", None), variant=variant, use_safetensors=use_safetensors,
+            ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation, hub=hub)
+        return load_stages.load_pretrained(cls, request, model_args, kwargs, output_loading_info)
 
     def _init_buffers_(self, device_for) -> None:
         """Recompute non-persistent buffers (rotary tables) on the device of their module."""
@@ -453,24 +388,30 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
             return
         if self._hf_peft_config_loaded:  # as the reference: a model holding adapters saves the active adapter only
             return self.save_adapter(save_directory)
-        quantizer = getattr(self, "_loom_quantizer", None)
-        if quantizer is not None and not quantizer.is_serializable():
-            raise ValueError(f"{type(quantizer).__name__} models cannot be saved: {quantizer.why_not_serializable()}")
+        formats = save_hooks(self)  # the formats this model saves in (a quantizer's, a registered hook's)
+        for hook in formats:
+            if not hook.is_serializable():
+                raise ValueError(f"{type(hook).__name__} models cannot be saved: {hook.why_not_serializable()}")
         save_directory.mkdir(parents=True, exist_ok=True)
         tensors = self.checkpoint_state_dict() if state_dict is None else dict(state_dict)
-        if quantizer is not None:
-            tensors = quantizer.checkpoint_tensors(self, tensors)
+        for hook in formats:
+            tensors = hook.checkpoint_tensors(self, tensors)
         texts = {}
         if self.generation_config is not None and self.can_generate():
             texts["generation_config.json"] = self.generation_config.to_json_string()
         config = self.config
         config.architectures = [type(self).__name__]
         config.dtype = str(self.dtype).removeprefix("torch.")
-        if quantizer is not None:
-            config.quantization_config = quantizer.saved_config(self)
+        fields = {k: v for hook in formats for k, v in hook.saved_config_fields(self).items()}
+        live = {k: getattr(config, k, _ABSENT) for k in fields}
+        for k, v in fields.items():
+            setattr(config, k, v)
         texts["config.json"] = config.to_json_string()  # renamed into place last
-        if quantizer is not None:
-            config.quantization_config = quantizer.config
+        for k, v in live.items():  # the fields are the saved form's; the live config keeps its own
+            if v is _ABSENT:
+                delattr(config, k)
+            else:
+                setattr(config, k, v)
         written = write_model_dir(save_directory, tensors, texts, max_shard_size=max_shard_size, variant=variant)
         if push is not None:
             upload_files(save_directory, written, push, "Upload model")
@@ -486,42 +427,6 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
                 tensor = tensor.t()
             out[name] = tensor
         return out
-
-
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-
-
-def checked_attn_implementation(config: PretrainedConfig, name: str | None = None) -> str:
-    """The attention a config asks for (`attn_implementation`, or `name` when given), checked: loom runs "sdpa" (the
-    default; "eager" when config.output_attentions is set, as the reference chooses) and "eager"; any other name is an
-    error, never ignored. A forward asked for output_attentions=True computes them eagerly under either."""
-    if name is None:
-        name = getattr(config, "_attn_implementation", None)
-    wants_probs = bool(getattr(config, "output_attentions", False))
-    if name is None:
-        return "eager" if wants_probs else "sdpa"
-    if name in ATTN_IMPLEMENTATIONS:
-        if wants_probs and name != "eager":
-            # the reference refuses this pair too: a config that always returns attentions never runs "sdpa"
-            raise ValueError(f'config output_attentions=True asks every forward for the attention probabilities, which '
-                             f'attn_implementation="{name}" never forms; use attn_implementation="eager"')
-        softcap = getattr(config, "attn_logit_softcapping", None)
-        if name == "sdpa" and softcap is not None:  # the reference refuses "sdpa" for Gemma 2 too
-            raise ValueError(f"attn_implementation='sdpa' cannot soft-cap the attention scores (config "
-                             f"attn_logit_softcapping={softcap}); only 'eager' does: use attn_implementation='eager'")
-        return name
-    text = str(name)
-    if "flash_attention" in text:
-        why = ("FlashAttention needs a CUDA GPU and the flash-attn package, which loom does not support (on CUDA, "
-               "'sdpa' runs PyTorch's own flash kernel where it applies)")
-    elif "flex_attention" in text:
-        why = "loom has no path through torch's flex_attention"
-    elif "paged" in text:
-        why = "paged attention (continuous batching) is not part of loom"
-    else:
-        why = "loom implements 'sdpa' (the default) and 'eager' (the math written out, for output_attentions=True)"
-    raise ValueError(f"attn_implementation={name!r} is not supported: {why}; pass attn_implementation='sdpa' or "
-                     "'eager'")
 
 
 def _on_meta(model: nn.Module) -> bool:
@@ -550,45 +455,3 @@ def _resized_rows(weight: torch.Tensor, n: int, mean_resizing: bool) -> torch.Te
             else:
                 new[old_n:].normal_(0.0, 0.02)
     return new
-
-
-def _cast_remaining_(model: nn.Module, dtype: torch.dtype) -> None:
-    for module in model.modules():
-        for name, p in module._parameters.items():
-            if p is not None and p.is_floating_point() and p.dtype != dtype and not p.is_meta and \
-                    not getattr(module, "_loom_keep_dtype", False):
-                module._parameters[name] = nn.Parameter(p.data.to(dtype), requires_grad=p.requires_grad)
-    model.tie_weights()
-
-
-def _quantizer_for(config, quantization_config):
-    existing = getattr(config, "quantization_config", None)
-    if quantization_config is None and existing is None:
-        return None
-    from loom.quantization import get_quantizer
-
-    return get_quantizer(config, quantization_config)
-
-
-def _placement(cls, config, device_map, max_memory, offload_folder, dtype):
-    """(device_for(name), dispatch) for a device_map; "auto"/offload go through accelerate's big-model dispatch."""
-    if device_map is None or isinstance(device_map, (str, torch.device, int)) and device_map not in (
-            "auto", "balanced", "balanced_low_0", "sequential"):
-        try:
-            device = torch.device("cpu" if device_map is None else device_map)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device_map={device_map!r} is not a device; pass 'cpu', 'cuda:0', 'auto' or a dict of "
-                             "module name -> device") from None
-        return (lambda name: device), None
-    from loom.dispatch import plan_device_map
-
-    return plan_device_map(cls, config, device_map, max_memory, offload_folder, dtype)
-
-
-def _load_generation_config(path, config, hub):
-    from loom.generation.config import GenerationConfig
-
-    try:
-        return GenerationConfig.from_pretrained(path, **hub)
-    except OSError:
-        return GenerationConfig.from_model_config(config)

@@ -187,7 +187,7 @@ def test_walker_sees_every_import_form_in_loom():
     # One edge of loom's per import form, so a walker that misses a form fails here and not silently
     assert ("loom.models.bert", "loom.models.common") in edges  # module level, absolute
     assert ("loom.tokenization.tokenizer", "loom.tokenization.chat") in edges  # `from . import chat`
-    assert ("loom.modeling", "loom.loading") in edges  # `from loom import loading` inside from_pretrained
+    assert ("loom.modeling", "loom.load_stages") in edges  # `from loom import load_stages` inside from_pretrained
     assert ("loom.utils", "loom.tokenization.tool_schema") in edges  # importlib.import_module("...")
 
 

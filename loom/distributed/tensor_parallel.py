@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from loom.load_hooks import LoadHook
+
 STYLES = ("colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding", "sequence_parallel")
 
 # style -> (shard dim of weight, shard dim of bias); None = replicated
@@ -160,8 +162,13 @@ def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
     return start, min(start + chunk, size)
 
 
-class TensorParallelLoadHook:
-    """Loader hook (see loom/loading.py) that reads each rank's shard of planned weights straight from the file."""
+class TensorParallelLoadHook(LoadHook):
+    """The load hook behind from_pretrained(tp_plan=...): each rank reads its shard of planned weights straight from
+    the file, and the model is sharded by its plan once loaded."""
+
+    @classmethod
+    def for_load(cls, request) -> "TensorParallelLoadHook | None":
+        return None if request.tp_plan is None else cls(request.tp_plan, request.device_mesh)
 
     def __init__(self, tp_plan: str | dict[str, str] | None, device_mesh=None) -> None:
         self.tp_plan = tp_plan

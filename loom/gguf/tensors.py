@@ -3,7 +3,7 @@ Llama's q/k rows undone, float types as stored and quantized types expanded to f
 
 The handle quacks like safetensors' `safe_open` (`keys`, `get_tensor`, `get_slice`), so loom's one streaming
 loader (loom/loading.py) reads it like any other checkpoint. Q4_0 Linear weights can instead be taken as raw blocks
-(`q4_0_blocks`) by quant.py, which keeps them quantized.
+(`q4_0_blocks`) by load.py, which keeps them quantized.
 """
 from __future__ import annotations
 

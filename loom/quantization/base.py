@@ -1,10 +1,11 @@
 """The quantizer protocol shared by every backend: module targeting and the loader hook. Which backend serves a
 config is decided in registry.py, so this file imports no backend and every backend can import it.
 
-A quantizer is a loader hook (see loom/loading.py): `prepare_model` swaps the targeted `nn.Linear`s of the meta
+A quantizer is a `LoadHook` (loom/load_hooks.py): `prepare_model` swaps the targeted `nn.Linear`s of the meta
 model for quantized modules, `load_tensor` quantizes each weight as it streams in (or takes a pre-quantized one as
 stored), `load_extra_tensor` keeps companion tensors (scales, quant states) that have no slot in the meta model,
-and `finish` assembles whatever needed several tensors. `quantize_linear` converts one loaded Linear, for
+and `finish` assembles whatever needed several tensors. Once attached to a model (`_attach`), save_pretrained writes
+the model through its `checkpoint_tensors` and `saved_config`. `quantize_linear` converts one loaded Linear, for
 `quantize_` (registry.py) on a model already in memory.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from loom.kernels import is_plain_linear
+from loom.load_hooks import LoadHook, attach_save_hook
 
 
 def default_skips(model: nn.Module) -> list[str]:
@@ -63,7 +65,7 @@ def quantized_modules(model: nn.Module) -> list[str]:
             or type(m).__name__ in ("Linear8bitLt", "Linear4bit", "LinearNF4", "LinearFP4")]
 
 
-class Quantizer:
+class Quantizer(LoadHook):
     """Base of every backend; subclasses define `make_module`, `load_tensor`, `quantize_linear`."""
 
     method: str = ""
@@ -107,6 +109,7 @@ class Quantizer:
         self._transposed = tuple(k for k in model.state_dict(keep_vars=True)
                                  if k not in owned and any(k.endswith(s) for s in cls_transposed))
         model._loom_quantizer = self
+        attach_save_hook(model, self)
         if getattr(model, "config", None) is not None:
             model.config.quantization_config = self.config
 
@@ -142,6 +145,9 @@ class Quantizer:
     def saved_config(self, model: nn.Module):
         """The quantization_config save_pretrained writes next to `checkpoint_tensors`."""
         return self.config
+
+    def saved_config_fields(self, model: nn.Module) -> dict:
+        return {"quantization_config": self.saved_config(model)}
 
     # -- backend API -------------------------------------------------------------------------------------------
     def make_module(self, linear: nn.Linear) -> nn.Module:

@@ -66,6 +66,14 @@ def get_quantizer(model_config, quantization_config=None) -> Quantizer:
     return quantizer_class(config)(config, pre_quantized=False)
 
 
+def quantizer_for_load(request) -> Quantizer | None:
+    """The quantization stage of from_pretrained (loom/load_stages.py): the quantizer for a checkpoint that stores a
+    quantization_config or a call that passes one, else None."""
+    if request.quantization_config is None and getattr(request.config, "quantization_config", None) is None:
+        return None
+    return get_quantizer(request.config, request.quantization_config)
+
+
 def quantizer_class(config) -> type[Quantizer]:
     """The backend that serves a quantization config."""
     if isinstance(config, BitsAndBytesConfig):
