@@ -176,6 +176,8 @@ class TensorParallelLoadHook:
         for module_name, style in plan.items():
             module = model.get_submodule(module_name)
             weight_dim, bias_dim = _SHARD_DIMS[style]
+            if style == "colwise" and isinstance(module, nn.Embedding):
+                weight_dim = 1  # an Embedding's output features are its weight's columns (MPNet's per-head bias)
             for attr, dim in (("weight", weight_dim), ("bias", bias_dim)):
                 param = getattr(module, attr, None)
                 if dim is not None and isinstance(param, torch.Tensor):
