@@ -1,6 +1,8 @@
 """tp_plan="auto" on the encoders whose attention has per-head position terms: MPNet (a relative position bias
 table with one column per head) and DeBERTa-v2/v3 (position projections of shared relative embeddings, in both the
-shared-key and the separate-projection layouts). Two gloo processes must give one process's hidden states."""
+shared-key and the separate-projection layouts), and on ModernBERT, whose fused q|k|v and input|gate projections
+are split block by block. Two gloo processes must give one process's hidden states, and their sharded parameters
+must gather back to the checkpoint's tensors."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +12,7 @@ import torch
 
 import loom
 from loom.distributed.tensor_parallel import resolve_plan
+from loomtest import TINY
 from test_distilbert_mpnet import reference_checkpoint
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent / "distributed"))
@@ -22,6 +25,7 @@ CHECKPOINTS = {  # name -> (model_type, reference class, config overrides)
     "deberta-separate": ("deberta-v2", "DebertaV2Model",
                          dict(EVEN, share_att_key=False, position_buckets=-1, max_relative_positions=6,
                               pos_att_type=["c2p", "p2c"], norm_rel_ebd="none")),
+    "modernbert": ("modernbert", "ModernBertModel", {}),
 }
 
 
@@ -42,6 +46,9 @@ def test_plan_splits_every_projection_and_the_per_head_tables(tmp_path_factory, 
     if model_type == "mpnet":
         assert plan.pop("encoder.relative_attention_bias") == "colwise"
         assert len(plan) == 6 * layers
+    elif model_type == "modernbert":
+        assert sorted(set(plan.values())) == ["packed_colwise:2", "packed_colwise:3", "rowwise"]
+        assert len(plan) == 4 * layers
     else:
         separate = 2 if not model.config.share_att_key else 0
         assert len(plan) == (6 + separate) * layers
@@ -58,7 +65,19 @@ def test_tp_auto_on_two_processes_equals_one(tmp_path_factory):
     H.launch(2, root, "encoders", *paths.values(), script="tp_encoders_script.py", timeout=240)
     got = torch.load(root / "tp_encoders.pt", weights_only=True)
     for name, path in paths.items():
+        one = loom.AutoModel.from_pretrained(path)
         with torch.no_grad():
-            want = loom.AutoModel.from_pretrained(path)(**batch).last_hidden_state
+            want = one(**batch).last_hidden_state
         keep = batch["attention_mask"].bool()
-        torch.testing.assert_close(got[path][keep], want[keep], atol=1e-5, rtol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(got[path]["hidden"][keep], want[keep], atol=1e-5, rtol=1e-5,
+                                   msg=lambda m: f"{name}: {m}")
+        full = one.state_dict()
+        assert got[path]["gathered"], name
+        for key, value in got[path]["gathered"].items():
+            assert torch.equal(value, full[key]), f"{name}: {key} gathers to a different tensor"
+
+
+def test_packed_style_needs_its_block_count():
+    model = loom.AutoModel.from_config(loom.AutoConfig.for_model("modernbert", **TINY["modernbert"]))
+    with pytest.raises(ValueError, match="packed_colwise:N"):
+        resolve_plan(model, {"layers.*.attn.Wqkv": "packed_colwise"})

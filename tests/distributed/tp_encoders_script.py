@@ -1,5 +1,6 @@
 """`tp_plan="auto"` on encoder families whose attention carries per-head position terms (MPNet's relative bias,
-DeBERTa's disentangled c2p/p2c), on 2 ranks: rank 0 saves each checkpoint's last hidden states on a padded batch to
+DeBERTa's disentangled c2p/p2c) or packed projections (ModernBERT), on 2 ranks: rank 0 saves each checkpoint's last
+hidden states on a padded batch, and its sharded parameters gathered back to full tensors, to
 OUT_DIR/tp_encoders.pt for tests/test_encoder_tp.py. `python tp_encoders_script.py X OUT CKPT...`."""
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from loom import AutoModel
 
@@ -18,7 +20,9 @@ def main() -> None:
     for path in sys.argv[3:]:
         model = AutoModel.from_pretrained(path, tp_plan="auto").eval()
         with torch.no_grad():
-            results[path] = model(**batch).last_hidden_state
+            hidden = model(**batch).last_hidden_state
+        gathered = {k: v.full_tensor() for k, v in model.state_dict().items() if isinstance(v, DTensor)}
+        results[path] = {"hidden": hidden, "gathered": gathered}
     if dist.get_rank() == 0:
         torch.save(results, out / "tp_encoders.pt")
     dist.barrier()
