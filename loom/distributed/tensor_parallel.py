@@ -219,10 +219,10 @@ class TensorParallelLoadHook:
         self.tp_plan = tp_plan
         self.device_mesh = device_mesh
         self.mesh = None
-        # param name -> (dim, global shape, packed blocks or None)
-        self.shards: dict[str, tuple[int, tuple[int, ...], int | None]] = {}
+        self.shards: dict[str, tuple[int, tuple[int, ...]]] = {}  # param name -> (dim, global shape)
 
     def prepare_model(self, model: nn.Module) -> None:
+        self.packed: dict[str, int] = {}  # param name -> blocks, for packed_colwise weights
         self.mesh = _tp_mesh(self.device_mesh)
         check_divisible(model, self.mesh.size())
         plan = resolve_plan(model, self.tp_plan)
@@ -235,12 +235,15 @@ class TensorParallelLoadHook:
             for attr, dim in (("weight", weight_dim), ("bias", bias_dim)):
                 param = getattr(module, attr, None)
                 if dim is not None and isinstance(param, torch.Tensor):
-                    self.shards[f"{module_name}.{attr}"] = (dim, tuple(param.shape), blocks)
+                    self.shards[f"{module_name}.{attr}"] = (dim, tuple(param.shape))
+                    if blocks:
+                        self.packed[f"{module_name}.{attr}"] = blocks
 
     def load_tensor(self, model: nn.Module, name: str, source, dtype, device) -> Any:
         if name not in self.shards:
             return None
-        dim, shape, blocks = self.shards[name]
+        dim, shape = self.shards[name]
+        blocks = self.packed.get(name)
         rank, world = self.mesh.get_local_rank(), self.mesh.size()
         if blocks:
             size = shape[dim] // blocks
@@ -257,7 +260,8 @@ class TensorParallelLoadHook:
 
         from loom.loading import set_tensor
 
-        for name, (dim, shape, blocks) in self.shards.items():
+        for name, (dim, shape) in self.shards.items():
+            blocks = self.packed.get(name)
             local = model.get_parameter(name)
             if isinstance(local, DTensor) or tuple(local.shape) == shape and self.mesh.size() > 1:
                 continue  # initialised in full (missing from the checkpoint): parallelize_module will split it
