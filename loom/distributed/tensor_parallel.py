@@ -7,7 +7,10 @@ safetensors, so no rank ever materialises a full copy.
 
 Styles: "colwise" (output features split), "rowwise" (input features split, outputs summed), "colwise_rep" (colwise
 with the output gathered: an LM head whose logits every rank needs), "rowwise_rep" (rowwise taking a replicated
-input), "embedding" (vocabulary-parallel embedding), "sequence_parallel" (norms over a sequence-sharded activation).
+input), "embedding" (vocabulary-parallel embedding), "sequence_parallel" (norms over a sequence-sharded activation),
+"packed_colwise:N" (a fused projection whose output rows are N equal blocks, e.g. ModernBERT's q|k|v and input|gate:
+each block is split colwise, so a rank holds its share of every block, in block order; the parameter is a DTensor
+placed `_StridedShard(0, split_factor=N)`, so gathering it gives the checkpoint's layout back).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from torch import nn
 
 from loom.load_hooks import LoadHook
 
-STYLES = ("colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding", "sequence_parallel")
+STYLES = ("colwise", "rowwise", "colwise_rep", "rowwise_rep", "embedding", "sequence_parallel", "packed_colwise")
 
 # style -> (shard dim of weight, shard dim of bias); None = replicated
 _SHARD_DIMS = {
@@ -29,7 +32,53 @@ _SHARD_DIMS = {
     "rowwise_rep": (1, None),
     "embedding": (0, None),
     "sequence_parallel": (None, None),
+    "packed_colwise": (0, 0),
 }
+
+
+def _split_style(style: str) -> tuple[str, int | None]:
+    """'packed_colwise:3' -> ('packed_colwise', 3); any other style -> (style, None)."""
+    name, _, blocks = style.partition(":") if isinstance(style, str) else (style, "", "")
+    if name == "packed_colwise":
+        if not blocks.isdigit() or int(blocks) < 2:
+            raise ValueError(f"tensor-parallel style {style!r}: write packed_colwise:N with N >= 2 the number of "
+                             "blocks packed in the weight's output rows (e.g. packed_colwise:3 for a fused q|k|v)")
+        return name, int(blocks)
+    return style, None
+
+
+def packed_shard(t: torch.Tensor, dim: int, blocks: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's share of each of the `blocks` equal blocks of `t` along `dim`, concatenated in block order."""
+    size = t.shape[dim] // blocks
+    if t.shape[dim] % blocks or size % world:
+        raise ValueError(f"a packed_colwise weight of {t.shape[dim]} rows in {blocks} blocks cannot be split evenly "
+                         f"over {world} ranks; choose a tensor-parallel size that divides {t.shape[dim] // blocks}")
+    start, stop = shard_bounds(size, rank, world)
+    return torch.cat([t.narrow(dim, b * size + start, stop - start) for b in range(blocks)], dim)
+
+
+def _packed_colwise(blocks: int):
+    """ColwiseParallel for a weight of `blocks` packed blocks: the parameter keeps each rank's rows of every block
+    (a `_StridedShard`), and the output stays the local product, whose last dim the model splits into the blocks."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import ColwiseParallel
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    class PackedColwiseParallel(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, mesh):
+            for pname, param in list(module.named_parameters(recurse=False)):
+                if isinstance(param, DTensor):  # loaded shard by shard
+                    continue
+                local = packed_shard(param.detach(), 0, blocks, mesh.get_local_rank(), mesh.size())
+                dt = DTensor.from_local(local, mesh, [_StridedShard(0, split_factor=blocks)], run_check=False,
+                                        shape=param.shape, stride=param.stride())
+                module.register_parameter(pname, nn.Parameter(dt, requires_grad=param.requires_grad))
+
+        @staticmethod
+        def _prepare_output_fn(output_layouts, use_local_output, mod, outputs, device_mesh):
+            return outputs.to_local()  # a Shard(-1) redistribution would mix the blocks
+
+    return PackedColwiseParallel()
 
 
 def parallel_style(style: str):
@@ -37,6 +86,9 @@ def parallel_style(style: str):
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel
 
+    name, blocks = _split_style(style)
+    if name == "packed_colwise":
+        return _packed_colwise(blocks)
     factories = {
         "colwise": lambda: ColwiseParallel(),
         "rowwise": lambda: RowwiseParallel(),
@@ -71,7 +123,7 @@ def resolve_plan(model: nn.Module, tp_plan: str | dict[str, str] | None = "auto"
     else:
         raise ValueError(f"tp_plan must be 'auto' or a dict of module pattern -> style, got {tp_plan!r}")
     for pattern, style in plan.items():
-        if style not in STYLES:
+        if _split_style(style)[0] not in STYLES:
             raise ValueError(f"tp_plan[{pattern!r}] = {style!r} is not a known style; use one of {', '.join(STYLES)}")
     prefix = getattr(model, "base_model_prefix", "")
     regexes = [(_pattern_regex(p, prefix), s) for p, s in plan.items()]
@@ -95,7 +147,7 @@ def _drop_inconsistent_ties(model: nn.Module, plan: dict[str, str]) -> None:
         return
     for target, source in getattr(model, "_tied_weights_keys", {}).items():
         mods = [name.rpartition(".")[0] for name in (target, source)]
-        dims = [_SHARD_DIMS[plan[m]][0] if m in plan else None for m in mods]
+        dims = [_SHARD_DIMS[_split_style(plan[m])[0]][0] if m in plan else None for m in mods]
         if dims[0] != dims[1]:
             for m in mods:
                 plan.pop(m, None)
@@ -177,34 +229,51 @@ class TensorParallelLoadHook(LoadHook):
         self.shards: dict[str, tuple[int, tuple[int, ...]]] = {}  # param name -> (dim, global shape)
 
     def prepare_model(self, model: nn.Module) -> None:
+        self.packed: dict[str, int] = {}  # param name -> blocks, for packed_colwise weights
         self.mesh = _tp_mesh(self.device_mesh)
         check_divisible(model, self.mesh.size())
         plan = resolve_plan(model, self.tp_plan)
         for module_name, style in plan.items():
             module = model.get_submodule(module_name)
+            style, blocks = _split_style(style)
             weight_dim, bias_dim = _SHARD_DIMS[style]
+            if style == "colwise" and isinstance(module, nn.Embedding):
+                weight_dim = 1  # an Embedding's output features are its weight's columns (MPNet's per-head bias)
             for attr, dim in (("weight", weight_dim), ("bias", bias_dim)):
                 param = getattr(module, attr, None)
                 if dim is not None and isinstance(param, torch.Tensor):
                     self.shards[f"{module_name}.{attr}"] = (dim, tuple(param.shape))
+                    if blocks:
+                        self.packed[f"{module_name}.{attr}"] = blocks
 
     def load_tensor(self, model: nn.Module, name: str, source, dtype, device) -> Any:
         if name not in self.shards:
             return None
         dim, shape = self.shards[name]
-        start, stop = shard_bounds(shape[dim], self.mesh.get_local_rank(), self.mesh.size())
+        blocks = self.packed.get(name)
+        rank, world = self.mesh.get_local_rank(), self.mesh.size()
+        if blocks:
+            size = shape[dim] // blocks
+            packed_shard(torch.empty(shape[dim], device="meta"), 0, blocks, rank, world)  # the divisibility check
+            start, stop = shard_bounds(size, rank, world)
+            pieces = [source.slice(dim, b * size + start, b * size + stop) for b in range(blocks)]
+            return torch.cat(pieces, dim).to(device=device, dtype=dtype).contiguous()
+        start, stop = shard_bounds(shape[dim], rank, world)
         return source.slice(dim, start, stop).to(device=device, dtype=dtype).contiguous()
 
     def finish(self, model: nn.Module) -> None:
         from torch.distributed.tensor import DTensor, Shard
+        from torch.distributed.tensor.placement_types import _StridedShard
 
         from loom.loading import set_tensor
 
         for name, (dim, shape) in self.shards.items():
+            blocks = self.packed.get(name)
             local = model.get_parameter(name)
             if isinstance(local, DTensor) or tuple(local.shape) == shape and self.mesh.size() > 1:
                 continue  # initialised in full (missing from the checkpoint): parallelize_module will split it
             stride = torch.empty(shape, device="meta").stride()
-            dt = DTensor.from_local(local.detach(), self.mesh, [Shard(dim)], shape=torch.Size(shape), stride=stride)
+            placement = _StridedShard(dim, split_factor=blocks) if blocks else Shard(dim)
+            dt = DTensor.from_local(local.detach(), self.mesh, [placement], shape=torch.Size(shape), stride=stride)
             set_tensor(model, name, nn.Parameter(dt, requires_grad=local.requires_grad))
         apply_tp(model, self.mesh, self.tp_plan)

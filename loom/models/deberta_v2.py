@@ -138,8 +138,8 @@ class DisentangledSelfAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(self.head_dim * (1 + len(self.types)))
         self.dropout = config.attention_probs_dropout_prob
 
-    def _heads(self, x):  # (..., T, H*D) -> (..., H, T, D)
-        return x.unflatten(-1, (self.num_heads, self.head_dim)).transpose(-3, -2)
+    def _heads(self, x):  # (..., T, H*D) -> (..., H, T, D); -1: a tensor-parallel rank holds only its heads
+        return x.unflatten(-1, (-1, self.head_dim)).transpose(-3, -2)
 
     def position_bias(self, q, k, rel_pos, rel_embeddings):
         """(B, H, T, T) c2p + p2c terms, already scaled."""
@@ -273,6 +273,18 @@ class DebertaV2PreTrainedModel(PreTrainedModel):
     _no_split_modules = ["DebertaV2Layer"]
     # v3 checkpoints carry absolute position embeddings that position_biased_input=false leaves unused
     _keys_to_ignore_on_load_unexpected = (r"position_embeddings", r"position_ids$", r"^mask_predictions\.")
+    # the position projections (or, with share_att_key, the key/query projections) map the shared relative
+    # embeddings to each rank's own heads, so c2p and p2c stay per head
+    _tp_plan = {
+        "deberta.encoder.layer.*.attention.self.query_proj": "colwise",
+        "deberta.encoder.layer.*.attention.self.key_proj": "colwise",
+        "deberta.encoder.layer.*.attention.self.value_proj": "colwise",
+        "deberta.encoder.layer.*.attention.self.pos_key_proj": "colwise",
+        "deberta.encoder.layer.*.attention.self.pos_query_proj": "colwise",
+        "deberta.encoder.layer.*.attention.output.dense": "rowwise",
+        "deberta.encoder.layer.*.intermediate.dense": "colwise",
+        "deberta.encoder.layer.*.output.dense": "rowwise",
+    }
 
 
 class DebertaV2Model(DebertaV2PreTrainedModel):

@@ -161,6 +161,13 @@ class ModernBertPreTrainedModel(PreTrainedModel):
     config_class = ModernBertConfig
     base_model_prefix = "model"
     _no_split_modules = ["ModernBertEmbeddings", "ModernBertEncoderLayer"]
+    # Wqkv packs q|k|v and Wi input|gate in their output rows: each rank takes its share of every block
+    _tp_plan = {
+        "model.layers.*.attn.Wqkv": "packed_colwise:3",
+        "model.layers.*.attn.Wo": "rowwise",
+        "model.layers.*.mlp.Wi": "packed_colwise:2",
+        "model.layers.*.mlp.Wo": "rowwise",
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         role = getattr(module, "init_role", None)

@@ -154,7 +154,16 @@ class MPNetPreTrainedModel(PreTrainedModel):
     base_model_prefix = "mpnet"
     _no_split_modules = ["MPNetLayer"]
     _keys_to_ignore_on_load_unexpected = (r"position_ids$", r"pooler\.", r"lm_head\.decoder\.bias$")
-    # no tensor-parallel plan: the relative position bias holds every head, a rank only its share
+    # the relative position bias table is (buckets, heads): split by columns, each rank looks up its own heads
+    _tp_plan = {
+        "mpnet.encoder.layer.*.attention.attn.q": "colwise",
+        "mpnet.encoder.layer.*.attention.attn.k": "colwise",
+        "mpnet.encoder.layer.*.attention.attn.v": "colwise",
+        "mpnet.encoder.layer.*.attention.attn.o": "rowwise",
+        "mpnet.encoder.layer.*.intermediate.dense": "colwise",
+        "mpnet.encoder.layer.*.output.dense": "rowwise",
+        "mpnet.encoder.relative_attention_bias": "colwise",
+    }
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
