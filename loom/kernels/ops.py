@@ -150,11 +150,11 @@ dense_linear = _define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> T
 
 
 # -- RMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim ------------------------------------------------
-def _norm_checks(x, weight) -> None:
-    _check_strided("rms_norm", x=x, weight=weight)
-    _check_float("rms_norm", "x", x)
-    _check(weight.dtype == x.dtype, "rms_norm", f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    _check(x.dim() >= 1 and tuple(weight.shape) == (x.shape[-1],), "rms_norm",
+def _norm_checks(x, weight, op: str = "rms_norm") -> None:
+    _check_strided(op, x=x, weight=weight)
+    _check_float(op, "x", x)
+    _check(weight.dtype == x.dtype, op, f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    _check(x.dim() >= 1 and tuple(weight.shape) == (x.shape[-1],), op,
            f"weight has shape {tuple(weight.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)")
 
 
@@ -204,6 +204,47 @@ def _norm_backward(ctx, grad):
 
 rms_norm = _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_cpu, _norm_fake,
                    _norm_backward, _norm_setup, grad_args=(0, 1))
+
+
+# -- Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + weight), in fp32, rounded once --------------------------------
+def gemma_rms_norm_reference(x, weight, eps: float):
+    """The torch computation the kernel reproduces (the reference's Gemma norm)."""
+    return (torch.rms_norm(x.float(), (x.shape[-1],), None, eps) * (1.0 + weight.float())).to(x.dtype)
+
+
+def _norm_1p_cpu(x, weight, eps):
+    if not (x.dtype in _FLOATS and weight.dtype == x.dtype and weight.dim() == 1 and x.dim() >= 1
+            and weight.shape[0] == x.shape[-1] and x.layout == _STRIDED and weight.layout == _STRIDED):
+        _norm_checks(x, weight, "gemma_rms_norm")
+    lib = build.library()
+    if lib is None:
+        return gemma_rms_norm_reference(x, weight, eps)
+    x = x.contiguous()
+    w = weight.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.loom_rms_norm_1p(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16, rows_of(x),
+                         x.shape[-1], eps, pool_threads())
+    return y
+
+
+def _norm_1p_fake(x, weight, eps):
+    _norm_checks(x, weight, "gemma_rms_norm")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _norm_1p_backward(ctx, grad):
+    # y = (1 + w) * rms_norm(x) without a weight: the plain norm's formula with the weight 1 + w
+    x, weight = ctx.saved_tensors
+    xf, gf, wf = x.float(), grad.float(), 1.0 + weight.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    gw_x = gf * wf
+    gx = r * gw_x - xf * r.pow(3) * (gw_x * xf).mean(-1, keepdim=True) if ctx.needs_input_grad[0] else None
+    gw = (gf * xf * r).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+    return (None if gx is None else gx.to(x.dtype)), (None if gw is None else gw.to(weight.dtype)), None
+
+
+gemma_rms_norm = _define("gemma_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_1p_cpu,
+                         _norm_1p_fake, _norm_1p_backward, _norm_setup, grad_args=(0, 1))
 
 
 # -- single-query attention: softmax(q k^T * scale, mask) v, one query per head ------------------------------------

@@ -90,6 +90,47 @@ def test_rms_norm_matches_torch(dtype, rows, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n", [16, 37, 4096])
+def test_gemma_rms_norm_matches_the_reference_norm(dtype, rows, n):
+    """loom::gemma_rms_norm against the reference's GemmaRMSNorm math (fp32 x / rms * (1 + w), rounded once): within
+    1e-6 in fp32 (the sum of squares is added in another order), and bf16 within one rounding of it."""
+    g = torch.Generator().manual_seed(n + 7)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    w = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    got = ops_.gemma_rms_norm(x, w, 1e-6)
+    want = ops.gemma_rms_norm_reference(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype is torch.float32 else dict(rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    if dtype is torch.bfloat16 and rows:  # one bf16 rounding of the fp32 result: nearly all the same bits
+        assert (got != want).float().mean() < 0.01
+
+
+def test_gemma_rms_norm_bits_where_the_sum_is_exact():
+    """Where the mean of squares is exact (small integers, width a power of two), every step is one correctly
+    rounded fp32 operation, so the kernel gives torch's bits, in the 8-wide body and the scalar tail."""
+    if not kernels_on():
+        pytest.skip("the torch path is the reference itself")
+    g = torch.Generator().manual_seed(3)
+    for n in (16, 64):
+        x = torch.randint(-3, 4, (3, n), generator=g).float()
+        x[:, 0] = 1.0
+        w = torch.randn(n, generator=g)
+        inv = (1.0 / ((x.double().pow(2).sum(-1, keepdim=True) / n).float().double().sqrt().float().double())).float()
+        for dtype in (torch.float32, torch.bfloat16):
+            want = ((x * inv) * (1.0 + w.to(dtype).float())).to(dtype)
+            assert torch.equal(ops_.gemma_rms_norm(x.to(dtype), w.to(dtype), 0.0), want)
+            # 7 columns more: the same first n values come out of the body and a 7-wide scalar tail
+            xt = torch.cat([x, torch.zeros(3, 7)], 1).to(dtype)
+            wt = torch.cat([w, torch.zeros(7)]).to(dtype)
+            inv_t = (1.0 / ((x.double().pow(2).sum(-1, keepdim=True) / (n + 7)).float().double().sqrt().float()
+                            .double())).float()
+            assert torch.equal(ops_.gemma_rms_norm(xt, wt, 0.0)[:, :n],
+                               ((x * inv_t) * (1.0 + w.to(dtype).float())).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Hkv,L,D,masked", [(0, 4, 2, 3, 16, False), (1, 4, 4, 1, 16, False),
                                                 (2, 6, 2, 13, 37, True), (1, 8, 2, 2000, 64, True)])
 def test_decode_attention_matches_sdpa(dtype, B, H, Hkv, L, D, masked):
@@ -146,6 +187,8 @@ def _opcheck_cases():
     x, w, _ = _dense_args(2, 16, 8, torch.float32, grad=True)
     yield "rms_norm", (x, torch.rand(16).requires_grad_(True), 1e-6)
     yield "rms_norm", (x.detach().bfloat16(), torch.rand(16).bfloat16(), 1e-5)
+    yield "gemma_rms_norm", (x, torch.randn(16).requires_grad_(True), 1e-6)
+    yield "gemma_rms_norm", (x.detach().bfloat16(), torch.randn(16).bfloat16(), 1e-5)
     yield "decode_attention", _attn_args(2, 4, 2, 9, 16, torch.float32, masked=True, grad=True)
     yield "decode_attention", _attn_args(1, 4, 4, 5, 8, torch.bfloat16)
     yield "int8_linear", _int8_args(3, 40, 6, grad=True)
@@ -180,6 +223,9 @@ BAD = [
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6), "x has dtype float16"),
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8), torch.ones(9), 1e-6), r"weight has shape \(9,\)"),
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8), torch.ones(8).bfloat16(), 1e-6), "must match"),
+    ("gemma_rms_norm", lambda: ops_.gemma_rms_norm(torch.randn(2, 8), torch.ones(9), 1e-6), r"weight has shape \(9,\)"),
+    ("gemma_rms_norm", lambda: ops_.gemma_rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6),
+     "loom::gemma_rms_norm: x has dtype float16"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8), torch.randn(4, 9), None), "8 features"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "bias"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8).to_sparse(), torch.randn(4, 8), None),
