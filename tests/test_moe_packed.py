@@ -137,7 +137,9 @@ def test_weights_changed_after_packing_are_used(family):
         w = getattr(expert, gate).weight
         w.data = w.data * 0.5
     packed, modules = both()
-    assert torch.equal(packed, modules) and torch.equal(packed, before)
+    assert torch.equal(packed, modules)
+    # x 2 x 0.5 is exact; torch's BLAS (kernels off) may round differently for weights at another address
+    torch.testing.assert_close(packed, before, rtol=1e-6, atol=1e-8)
     ours.to(torch.bfloat16)  # a new dtype drops the packed copy and packs the bf16 weights on next use
     assert block._packed is None
     with torch.no_grad():
