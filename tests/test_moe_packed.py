@@ -149,6 +149,18 @@ def test_weights_changed_after_packing_are_used(family):
         assert block._packed[0].dtype == torch.bfloat16
 
 
+def test_share_memory_keeps_the_parameters_shared(family):
+    """share_memory() moves the storage the parameters share with the packed tensors: they stay its views (a later
+    repack would take them out of shared memory)."""
+    _, path, _ = family
+    ours = loom.AutoModelForCausalLM.from_pretrained(path)
+    want = _decode_once(ours)
+    ours.share_memory()
+    assert torch.equal(_decode_once(ours), want)
+    assert all(p.is_shared() for p in ours.parameters())
+    assert all((b._packed is not None) == kernels_on() for b in _blocks(ours))
+
+
 def test_hooks_quantized_experts_and_training_keep_the_module_path(family):
     _, path, _ = family
     ours = loom.AutoModelForCausalLM.from_pretrained(path)

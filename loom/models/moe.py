@@ -82,8 +82,18 @@ class SparseMoE(nn.Module):
         self._packed: tuple | None = None  # (gate_up, down, data pointers of the experts' weights), see _packed_experts
 
     def _apply(self, fn, recurse=True):
-        self._packed = None  # .to() / .float() / ... give the parameters new tensors: pack again on next use
-        return super()._apply(fn, recurse)
+        out = super()._apply(fn, recurse)
+        packed = self._packed
+        if packed is not None:
+            # .to() / .float() / ... give the parameters new tensors: drop the packed copy (packed again on next use)
+            # unless they are still its views (share_memory() moves the storage they share with it)
+            gate_up, down = packed[0], packed[1]
+            inter = down.shape[2]
+            views = [t.data_ptr() for e in range(len(gate_up))
+                     for t in (gate_up[e, :inter], gate_up[e, inter:], down[e])]
+            weights = [getattr(expert, name).weight for expert in self.experts for name in self.linear_names]
+            self._packed = (gate_up, down, views) if [w.data_ptr() for w in weights] == views else None
+        return out
 
     def _expert_weights(self, dtype) -> list[torch.Tensor] | None:
         """Each expert's gate, up and down weights in order, where every expert is the module the kernels replace
