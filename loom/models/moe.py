@@ -7,8 +7,10 @@ weights are packed on first use into two stacked tensors, each expert's gate and
 the experts' own parameters become views of them (same names, same state dict, nothing copied twice); a step then
 runs every routed expert in two kernel calls (loom::moe_gate_up, loom::moe_down) with the activation between,
 bitwise what the modules compute. Anything the kernels would bypass (hooks, adapters, quantized or sharded Linears,
-biases, a changed expert forward) keeps the module path. The router is the reference's: softmax in float32 over the router logits,
-top-k, renormalised when the family says so, and each expert's output weighted and summed in expert order.
+biases, a changed expert forward) keeps the module path.
+
+The router is the reference's: softmax in float32 over the router logits, top-k, renormalised when the family says
+so, and each expert's output weighted and summed in expert order.
 
 The families build on Llama through `make_mlp` and add two mixins: `RouterLogitsModel` (the base model returns the
 router logits) and `AuxLossCausalLM` (the head adds the load-balancing loss), both driven by `output_router_logits`.

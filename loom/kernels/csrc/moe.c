@@ -6,7 +6,7 @@
    The caller applies the activation between the two calls (torch's own op, so its rounding is torch's). */
 #include "common.h"
 
-/* slot order grouped by expert; start[e] .. start[e + 1] are expert e's. Returns -2 for an expert index out of range. */
+/* slot order grouped by expert; start[e] .. start[e + 1] are expert e's. -2: an expert index out of range */
 static int group_slots(const int64_t *chosen, long S, long E, long *order, long *start) {
     for (long e = 0; e <= E; e++) start[e] = 0;
     for (long s = 0; s < S; s++) {
