@@ -159,7 +159,7 @@ def test_share_memory_keeps_the_parameters_shared(family):
     if kernels_on():
         assert torch.equal(_decode_once(ours), want)
     else:  # torch's BLAS may round differently for weights at another address
-        torch.testing.assert_close(_decode_once(ours), want, rtol=1e-6, atol=1e-8)
+        torch.testing.assert_close(_decode_once(ours), want, rtol=1e-5, atol=1e-6)
     assert all(p.is_shared() for p in ours.parameters())
     assert all((b._packed is not None) == kernels_on() for b in _blocks(ours))
 
