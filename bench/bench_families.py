@@ -1,7 +1,7 @@
 """Decode speed of the newer decoder families, loom vs the reference, side by side in one process.
 
     .venv/bin/python bench/bench_families.py [--families qwen3,gemma3_text,mixtral] [--new-tokens 48] [--reps 3]
-                                             [--dtypes fp32,bf16] [--batches 1,8] [--threads 2]
+                                             [--dtypes fp32,bf16] [--batches 1,8] [--threads 2] [--cpu-time]
 
 One random checkpoint per family, shaped like a ~100-150M-parameter release of it (Qwen3: q/k norms, head_dim 64;
 Gemma 3: sliding/global layers, (1 + w) norms, GeLU; Mixtral-style MoE: 8 experts, top 2). For each dtype and batch
@@ -9,6 +9,8 @@ size: decode tokens/s of both libraries (the prefill excluded: tokens after the 
 token), best of --reps runs taken alternately. For MoE families it also prints the bandwidth floor of a batch-1
 step: the bytes a step must read (every weight outside the experts, plus top_k / num_experts of the expert weights)
 over the memory bandwidth measured here by summing a 1 GiB tensor, and loom's step time / that floor.
+`--cpu-time` times with the process's CPU time instead of the wall clock: with `--threads 1` that is the work
+itself, unaffected by other processes on a busy machine (the ratios then compare one core's worth of each library).
 """
 from __future__ import annotations
 
@@ -45,14 +47,14 @@ def build(model_type: str, directory: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def decode_rate(model, ids, tokens: int) -> float:
+def decode_rate(model, ids, tokens: int, clock=time.perf_counter) -> float:
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
 
     def run(n):
-        t = time.perf_counter()
+        t = clock()
         with torch.inference_mode():
             model.generate(ids, max_new_tokens=n, **kw)
-        return time.perf_counter() - t
+        return clock() - t
 
     return ids.shape[0] * (tokens - 1) / (run(tokens) - run(1))
 
@@ -97,10 +99,13 @@ def main() -> None:
     p.add_argument("--dtypes", default="fp32,bf16")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cpu-time", action="store_true", help="time with process CPU time (use with --threads 1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     bw = bandwidth()
-    print(f"memory bandwidth (1 GiB sum): {bw / 1e9:.1f} GB/s, {args.threads} threads\n")
+    print(f"memory bandwidth (1 GiB sum): {bw / 1e9:.1f} GB/s, {args.threads} threads, "
+          f"{'CPU' if args.cpu_time else 'wall'} time\n")
     print("| family | params | dtype | batch | loom tok/s | ref tok/s | loom/ref | loom step / MoE floor |")
     print("|---|---|---|---|---|---|---|---|")
     for family in args.families.split(","):
@@ -114,8 +119,8 @@ def main() -> None:
                     ids = torch.randint(3, 32000, (batch, 32), generator=torch.Generator().manual_seed(0))
                     a = b = 0.0
                     for _ in range(args.reps):  # alternate, keep each side's best
-                        a = max(a, decode_rate(ours, ids, args.new_tokens))
-                        b = max(b, decode_rate(ref, ids, args.new_tokens))
+                        a = max(a, decode_rate(ours, ids, args.new_tokens, clock))
+                        b = max(b, decode_rate(ref, ids, args.new_tokens, clock))
                     floor = ""
                     if batch == 1 and any(".experts." in name for name, _ in ours.named_parameters()):
                         step = 1 / a

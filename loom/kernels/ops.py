@@ -150,11 +150,11 @@ dense_linear = _define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> T
 
 
 # -- RMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim ------------------------------------------------
-def _norm_checks(x, weight) -> None:
-    _check_strided("rms_norm", x=x, weight=weight)
-    _check_float("rms_norm", "x", x)
-    _check(weight.dtype == x.dtype, "rms_norm", f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
-    _check(x.dim() >= 1 and tuple(weight.shape) == (x.shape[-1],), "rms_norm",
+def _norm_checks(x, weight, op: str = "rms_norm") -> None:
+    _check_strided(op, x=x, weight=weight)
+    _check_float(op, "x", x)
+    _check(weight.dtype == x.dtype, op, f"weight has dtype {weight.dtype} but x has {x.dtype}; they must match")
+    _check(x.dim() >= 1 and tuple(weight.shape) == (x.shape[-1],), op,
            f"weight has shape {tuple(weight.shape)}, expected ({x.shape[-1] if x.dim() else '?'},)")
 
 
@@ -204,6 +204,47 @@ def _norm_backward(ctx, grad):
 
 rms_norm = _define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_cpu, _norm_fake,
                    _norm_backward, _norm_setup, grad_args=(0, 1))
+
+
+# -- Gemma's RMSNorm: x / sqrt(mean(x^2) + eps) * (1 + weight), in fp32, rounded once --------------------------------
+def gemma_rms_norm_reference(x, weight, eps: float):
+    """The torch computation the kernel reproduces (the reference's Gemma norm)."""
+    return (torch.rms_norm(x.float(), (x.shape[-1],), None, eps) * (1.0 + weight.float())).to(x.dtype)
+
+
+def _norm_1p_cpu(x, weight, eps):
+    if not (x.dtype in _FLOATS and weight.dtype == x.dtype and weight.dim() == 1 and x.dim() >= 1
+            and weight.shape[0] == x.shape[-1] and x.layout == _STRIDED and weight.layout == _STRIDED):
+        _norm_checks(x, weight, "gemma_rms_norm")
+    lib = build.library()
+    if lib is None:
+        return gemma_rms_norm_reference(x, weight, eps)
+    x = x.contiguous()
+    w = weight.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    lib.loom_rms_norm_1p(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.dtype is torch.bfloat16, rows_of(x),
+                         x.shape[-1], eps, pool_threads())
+    return y
+
+
+def _norm_1p_fake(x, weight, eps):
+    _norm_checks(x, weight, "gemma_rms_norm")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _norm_1p_backward(ctx, grad):
+    # y = (1 + w) * rms_norm(x) without a weight: the plain norm's formula with the weight 1 + w
+    x, weight = ctx.saved_tensors
+    xf, gf, wf = x.float(), grad.float(), 1.0 + weight.float()
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)
+    gw_x = gf * wf
+    gx = r * gw_x - xf * r.pow(3) * (gw_x * xf).mean(-1, keepdim=True) if ctx.needs_input_grad[0] else None
+    gw = (gf * xf * r).reshape(-1, x.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+    return (None if gx is None else gx.to(x.dtype)), (None if gw is None else gw.to(weight.dtype)), None
+
+
+gemma_rms_norm = _define("gemma_rms_norm(Tensor x, Tensor weight, float eps) -> Tensor", _norm_1p_cpu,
+                         _norm_1p_fake, _norm_1p_backward, _norm_setup, grad_args=(0, 1))
 
 
 # -- single-query attention: softmax(q k^T * scale, mask) v, one query per head ------------------------------------
@@ -490,6 +531,114 @@ decode_layer_attention = _define(
     "Tensor wg, Tensor wu, Tensor? bq, Tensor? bk, Tensor? bv, Tensor? bo, Tensor? bg, Tensor? bu, Tensor cos, "
     "Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, int pos, int length, Tensor? mask, float scale) "
     "-> (Tensor, Tensor, Tensor)", _layer_cpu, _layer_fake)
+
+
+# -- mixture of experts: a decode step's routed expert products, slots grouped by expert ---------------------------
+def _moe_checks(op, x, w, chosen, rows_name="x", rows=None) -> None:
+    _check_strided(op, **{rows_name: x}, w=w, chosen=chosen)
+    _check_float(op, rows_name, x)
+    _check(w.dtype == x.dtype, op, f"w has dtype {w.dtype} but {rows_name} has {x.dtype}; they must match")
+    _check(chosen.dtype is torch.int64 and chosen.dim() == 2, op,
+           f"chosen must be int64 (tokens, k), got {chosen.dtype} {tuple(chosen.shape)}")
+    _check(x.dim() == 2 and w.dim() == 3 and x.shape[1] == w.shape[2], op,
+           f"expects {rows_name} (rows, K) and w (experts, N, K), got {tuple(x.shape)} and {tuple(w.shape)}")
+    want = chosen.shape[0] if rows is None else rows
+    _check(x.shape[0] == want, op, f"{rows_name} has {x.shape[0]} rows, expected {want}")
+
+
+def _moe_order(chosen):
+    """Slots (token t's j-th choice is t * k + j) grouped by expert, stably: the kernels' order."""
+    return chosen.reshape(-1).argsort(stable=True)
+
+
+def _moe_gate_up_cpu(x, w, chosen):
+    if not (x.dtype in _FLOATS and w.dtype is x.dtype and chosen.dtype is torch.int64 and x.dim() == 2
+            and w.dim() == 3 and chosen.dim() == 2 and x.shape[1] == w.shape[2] and x.shape[0] == chosen.shape[0]
+            and x.layout is _STRIDED and w.layout is _STRIDED and chosen.layout is _STRIDED):
+        _moe_checks("moe_gate_up", x, w, chosen)
+    T, k = chosen.shape
+    E, N, K = w.shape
+    lib = build.library()
+    if lib is None:
+        _check(chosen.numel() == 0 or 0 <= int(chosen.min()) and int(chosen.max()) < E, "moe_gate_up",
+               f"chosen holds an expert index outside 0..{E - 1}")
+        order = _moe_order(chosen)
+        experts = chosen.reshape(-1)[order]
+        y = x.new_empty(T * k, N)
+        for e in experts.unique().tolist():
+            at = (experts == e).nonzero().reshape(-1)
+            y[at] = _dense_cpu(x[order[at] // k], w[e], None)
+        return y
+    x, w, chosen = x.contiguous(), w.contiguous(), chosen.contiguous()
+    y = torch.empty(T * k, N, dtype=x.dtype)
+    status = lib.loom_moe_gate_up(x.data_ptr(), w.data_ptr(), chosen.data_ptr(), y.data_ptr(),
+                                  x.dtype is torch.bfloat16, T, k, E, N, K, pool_threads())
+    _check(status != -2, "moe_gate_up", f"chosen holds an expert index outside 0..{E - 1}")
+    if status:
+        raise MemoryError("loom::moe_gate_up: could not allocate its scratch memory")
+    return y
+
+
+def _moe_gate_up_fake(x, w, chosen):
+    _moe_checks("moe_gate_up", x, w, chosen)
+    return x.new_empty(chosen.numel(), w.shape[1])
+
+
+moe_gate_up = _define("moe_gate_up(Tensor x, Tensor w, Tensor chosen) -> Tensor", _moe_gate_up_cpu,
+                      _moe_gate_up_fake)
+
+
+def _moe_down_fits(h, w, chosen, weights) -> bool:
+    return (h.dtype in _FLOATS and w.dtype is h.dtype and chosen.dtype is torch.int64 and h.dim() == 2
+            and w.dim() == 3 and chosen.dim() == 2 and h.shape[1] == w.shape[2] and h.shape[0] == chosen.numel()
+            and weights.dtype in _FLOATS and weights.shape == chosen.shape and h.layout is _STRIDED
+            and w.layout is _STRIDED and chosen.layout is _STRIDED and weights.layout is _STRIDED)
+
+
+def _moe_down_checks(h, w, chosen, weights) -> None:
+    _moe_checks("moe_down", h, w, chosen, "h", chosen.numel() if chosen.dim() == 2 else None)
+    _check_strided("moe_down", weights=weights)
+    _check_float("moe_down", "weights", weights)
+    _check(weights.shape == chosen.shape, "moe_down",
+           f"weights has shape {tuple(weights.shape)}, expected chosen's {tuple(chosen.shape)}")
+
+
+def _moe_down_cpu(h, w, chosen, weights):
+    if not _moe_down_fits(h, w, chosen, weights):
+        _moe_down_checks(h, w, chosen, weights)
+    T, k = chosen.shape
+    E, N, K = w.shape
+    lib = build.library()
+    if lib is None:
+        _check(chosen.numel() == 0 or 0 <= int(chosen.min()) and int(chosen.max()) < E, "moe_down",
+               f"chosen holds an expert index outside 0..{E - 1}")
+        order = _moe_order(chosen)
+        experts = chosen.reshape(-1)[order]
+        out = h.new_zeros(T, N)
+        for e in experts.unique().tolist():
+            at = (experts == e).nonzero().reshape(-1)
+            slots = order[at]
+            part = _dense_cpu(h[at], w[e], None) * weights.reshape(-1)[slots, None]
+            out.index_add_(0, slots // k, part.to(h.dtype))
+        return out
+    h, w, chosen, weights = h.contiguous(), w.contiguous(), chosen.contiguous(), weights.contiguous()
+    out = torch.empty(T, N, dtype=h.dtype)
+    status = lib.loom_moe_down(h.data_ptr(), w.data_ptr(), chosen.data_ptr(), weights.data_ptr(),
+                               weights.dtype is torch.bfloat16, out.data_ptr(), h.dtype is torch.bfloat16, T, k, E,
+                               N, K, pool_threads())
+    _check(status != -2, "moe_down", f"chosen holds an expert index outside 0..{E - 1}")
+    if status:
+        raise MemoryError("loom::moe_down: could not allocate its scratch memory")
+    return out
+
+
+def _moe_down_fake(h, w, chosen, weights):
+    _moe_down_checks(h, w, chosen, weights)
+    return h.new_empty(chosen.shape[0], w.shape[1])
+
+
+moe_down = _define("moe_down(Tensor h, Tensor w, Tensor chosen, Tensor weights) -> Tensor", _moe_down_cpu,
+                   _moe_down_fake)
 
 
 # -- greedy pick: each row's argmax over the vocabulary -------------------------------------------------------------

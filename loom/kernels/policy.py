@@ -58,6 +58,16 @@ def dense_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return 0 < rows <= MAX_ROWS and (rows == 1 or dtype is torch.float32 or batched_bf16())
 
 
+def moe_applies(x: torch.Tensor) -> bool:
+    """Whether a mixture-of-experts block's routed products on (tokens, hidden) `x` go to loom::moe_gate_up and
+    loom::moe_down: where every expert's product would go to loom::dense_linear (`dense_applies`), so the result is
+    the modules' own, bitwise."""
+    if torch.is_grad_enabled() or not enabled() or not plain(x):
+        return False
+    rows, dtype = rows_of(x), x.dtype
+    return dtype in DTYPES and 0 < rows <= MAX_ROWS and (rows == 1 or dtype is torch.float32 or batched_bf16())
+
+
 def norm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (not torch.is_grad_enabled() and x.dtype in DTYPES and weight.dtype is x.dtype and plain(x)
             and plain(weight) and enabled())

@@ -43,7 +43,8 @@ class MixtralDecoderLayer(LlamaDecoderLayer):
         check_top_k(config, "num_local_experts")
         experts = [MixtralExpert(config) for _ in range(config.num_local_experts)]
         return SparseMoE(config.hidden_size, experts, config.num_experts_per_tok, normalize=True,
-                         weights_in_logits_dtype=False, jitter_noise=config.router_jitter_noise)
+                         weights_in_logits_dtype=False, jitter_noise=config.router_jitter_noise,
+                         linear_names=("w1", "w3", "w2"))
 
 
 class MixtralPreTrainedModel(LlamaPreTrainedModel):

@@ -2,8 +2,15 @@
 checkpoint keys match one to one and quantization, tensor parallelism, kernels and adapters see plain Linears.
 
 Tokens are grouped per expert: each expert that received tokens runs once on exactly those rows, so a decode step
-reads only the active experts' weights. The router is the reference's: softmax in float32 over the router logits,
-top-k, renormalised when the family says so, and each expert's output weighted and summed in expert order.
+reads only the active experts' weights. At decode sizes (inference, up to 16 tokens, loom's kernels on) the experts'
+weights are packed on first use into two stacked tensors, each expert's gate and up projections one product, and
+the experts' own parameters become views of them (same names, same state dict, nothing copied twice); a step then
+runs every routed expert in two kernel calls (loom::moe_gate_up, loom::moe_down) with the activation between,
+bitwise what the modules compute. Anything the kernels would bypass (hooks, adapters, quantized or sharded Linears,
+biases, a changed expert forward) keeps the module path.
+
+The router is the reference's: softmax in float32 over the router logits, top-k, renormalised when the family says
+so, and each expert's output weighted and summed in expert order.
 
 The families build on Llama through `make_mlp` and add two mixins: `RouterLogitsModel` (the base model returns the
 router logits) and `AuxLossCausalLM` (the head adds the load-balancing loss), both driven by `output_router_logits`.
@@ -17,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loom.kernels import ops, policy
 from loom.kernels.linear import KernelLinear
 from loom.models.common import collecting
 from loom.outputs import ModelOutput
@@ -53,13 +61,16 @@ class Router(KernelLinear):
 
 class SparseMoE(nn.Module):
     """`gate` (the router) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden)). In training,
-    `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter)."""
+    `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter).
+    `linear_names` names each expert's (gate, up, down) Linears where the expert computes
+    down(act_fn(gate(x)) * up(x)) (None: the experts always run as modules)."""
     # bitsandbytes leaves the experts in full precision, as in the reference (whose experts are 3-D parameters, not
     # Linears): a bnb checkpoint then moves between the libraries
     bnb_keeps_experts_full_precision = True
 
     def __init__(self, hidden_size: int, experts: list[nn.Module], top_k: int, normalize: bool,
-                 weights_in_logits_dtype: bool, jitter_noise: float = 0.0) -> None:
+                 weights_in_logits_dtype: bool, jitter_noise: float = 0.0,
+                 linear_names: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")) -> None:
         super().__init__()
         if not 0 < top_k <= len(experts):
             raise ValueError(f"num_experts_per_tok={top_k} must be between 1 and the number of experts "
@@ -68,6 +79,89 @@ class SparseMoE(nn.Module):
         self.experts = nn.ModuleList(experts)
         self.top_k, self.normalize, self.weights_in_logits_dtype = top_k, normalize, weights_in_logits_dtype
         self.jitter_noise = jitter_noise
+        self.linear_names = linear_names
+        self._expert_forward = type(experts[0]).forward
+        self._packed: tuple | None = None  # (gate_up, down, data pointers of the experts' weights), see _packed_experts
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        packed = self._packed
+        if packed is not None:
+            # .to() / .float() / ... give the parameters new tensors: drop the packed copy (packed again on next use)
+            # unless they are still its views (share_memory() moves the storage they share with it)
+            gate_up, down = packed[0], packed[1]
+            inter = down.shape[2]
+            views = [t.data_ptr() for e in range(len(gate_up))
+                     for t in (gate_up[e, :inter], gate_up[e, inter:], down[e])]
+            weights = [getattr(expert, name).weight for expert in self.experts for name in self.linear_names]
+            self._packed = (gate_up, down, views) if [w.data_ptr() for w in weights] == views else None
+        return out
+
+    def _expert_weights(self, dtype) -> list[torch.Tensor] | None:
+        """Each expert's gate, up and down weights in order, where every expert is the module the kernels replace
+        (its class's forward, no hooks, loom's plain Linears without biases, contiguous CPU weights in `dtype`)."""
+        names, fwd, out = self.linear_names, self._expert_forward, []
+        if names is None:
+            return None
+        act = None
+        for expert in self.experts._modules.values():
+            if (type(expert).forward is not fwd or expert._forward_hooks or expert._forward_pre_hooks
+                    or "forward" in expert.__dict__):
+                return None
+            mods = expert._modules
+            a = mods.get("act_fn")
+            if act is None:
+                act = a
+            elif type(a) is not type(act) or a.__dict__.get("approximate") != act.__dict__.get("approximate"):
+                return None
+            for name in names:
+                m = mods.get(name)
+                if type(m) is not KernelLinear or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__:
+                    return None
+                params = m._parameters
+                w = params.get("weight")
+                if (params.get("bias") is not None or w is None or w.dtype is not dtype or not policy.plain(w)
+                        or not w.is_contiguous()):
+                    return None
+                out.append(w)
+        return out
+
+    def _packed_experts(self, x: torch.Tensor):
+        """(gate_up (E, 2I, H), down (E, H, I)) holding the experts' weights, packed on first use: each expert's gate
+        and up weights become the two halves of gate_up[e], its down weight down[e] (the parameters keep their
+        objects and names; their data becomes those views). None where the kernels do not apply."""
+        if not (policy.moe_applies(x) and ops.eager_now()) or nn.modules.module._global_forward_hooks \
+                or nn.modules.module._global_forward_pre_hooks:
+            return None
+        weights = self._expert_weights(x.dtype)
+        if weights is None:
+            return None
+        packed = self._packed
+        if packed is not None and packed[0].dtype is x.dtype and packed[2] == [w.data_ptr() for w in weights]:
+            return packed[0], packed[1]
+        self._packed = None
+        gate, down = weights[0], weights[2]
+        if gate.shape[1] != x.shape[-1] or any(w.shape != gate.shape for w in weights[1::3]) \
+                or any(w.shape != down.shape for w in weights[2::3]) or down.shape != gate.shape[::-1]:
+            return None
+        E, (inter, hidden) = len(self.experts), gate.shape
+        with torch.inference_mode(False), torch.no_grad():
+            gate_up = torch.empty(E, 2 * inter, hidden, dtype=x.dtype)
+            downs = torch.empty(E, hidden, inter, dtype=x.dtype)
+            for e in range(E):
+                g, u, d = weights[3 * e:3 * e + 3]
+                for dst, w in ((gate_up[e, :inter], g), (gate_up[e, inter:], u), (downs[e], d)):
+                    dst.copy_(w)
+                    w.data = dst
+        self._packed = (gate_up, downs, [w.data_ptr() for w in weights])
+        return gate_up, downs
+
+    def _run_packed(self, flat, weights, chosen, packed) -> torch.Tensor:
+        gate_up, down = packed
+        inter = down.shape[2]
+        gu = ops.moe_gate_up(flat, gate_up, chosen)  # (tokens * k, 2I), slots grouped by expert
+        h = self.experts[0].act_fn(gu[:, :inter]) * gu[:, inter:]
+        return ops.moe_down(h, down, chosen, weights)
 
     def route(self, x: torch.Tensor):
         """(router logits, top-k weights, top-k expert indices) for (n, hidden) tokens."""
@@ -88,6 +182,10 @@ class SparseMoE(nn.Module):
         recorded = _recorded.get()
         if recorded is not None:
             recorded.append(logits)
+        if flat.shape[0] <= policy.MAX_ROWS:
+            packed = self._packed_experts(flat)
+            if packed is not None:  # a decode step: every routed expert in two kernel calls
+                return self._run_packed(flat, weights.contiguous(), chosen, packed).reshape(shape)
         if flat.shape[0] == 1:  # a decode step: run its k experts directly, summed in expert order as below
             out = torch.zeros_like(flat)
             for expert, j in sorted(zip(chosen[0].tolist(), range(self.top_k))):

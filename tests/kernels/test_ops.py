@@ -90,6 +90,83 @@ def test_rms_norm_matches_torch(dtype, rows, n):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("n", [16, 37, 4096])
+def test_gemma_rms_norm_matches_the_reference_norm(dtype, rows, n):
+    """loom::gemma_rms_norm against the reference's GemmaRMSNorm math (fp32 x / rms * (1 + w), rounded once): within
+    1e-6 in fp32 (the sum of squares is added in another order), and bf16 within one rounding of it."""
+    g = torch.Generator().manual_seed(n + 7)
+    x = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    w = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    got = ops_.gemma_rms_norm(x, w, 1e-6)
+    want = ops.gemma_rms_norm_reference(x, w, 1e-6)
+    assert got.shape == x.shape and got.dtype == dtype
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype is torch.float32 else dict(rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    if dtype is torch.bfloat16 and rows:  # one bf16 rounding of the fp32 result: nearly all the same bits
+        assert (got != want).float().mean() < 0.01
+
+
+def test_gemma_rms_norm_bits_where_the_sum_is_exact():
+    """Where the mean of squares is exact (small integers, width a power of two), every step is one correctly
+    rounded fp32 operation, so the kernel gives torch's bits, in the 8-wide body and the scalar tail."""
+    if not kernels_on():
+        pytest.skip("the torch path is the reference itself")
+    g = torch.Generator().manual_seed(3)
+    for n in (16, 64):
+        x = torch.randint(-3, 4, (3, n), generator=g).float()
+        x[:, 0] = 1.0
+        w = torch.randn(n, generator=g)
+        inv = (1.0 / ((x.double().pow(2).sum(-1, keepdim=True) / n).float().double().sqrt().float().double())).float()
+        for dtype in (torch.float32, torch.bfloat16):
+            want = ((x * inv) * (1.0 + w.to(dtype).float())).to(dtype)
+            assert torch.equal(ops_.gemma_rms_norm(x.to(dtype), w.to(dtype), 0.0), want)
+            # 7 columns more: the same first n values come out of the body and a 7-wide scalar tail
+            xt = torch.cat([x, torch.zeros(3, 7)], 1).to(dtype)
+            wt = torch.cat([w, torch.zeros(7)]).to(dtype)
+            inv_t = (1.0 / ((x.double().pow(2).sum(-1, keepdim=True) / (n + 7)).float().double().sqrt().float()
+                            .double())).float()
+            assert torch.equal(ops_.gemma_rms_norm(xt, wt, 0.0)[:, :n],
+                               ((x * inv_t) * (1.0 + w.to(dtype).float())).to(dtype))
+
+
+def _moe_args(T, k, E, N, K, dtype, weights_dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, K, generator=g).to(dtype)
+    w = torch.randn(E, N, K, generator=g).to(dtype)
+    chosen = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]) if T else torch.zeros(0, k).long()
+    weights = torch.rand(T, k, generator=g).to(weights_dtype)
+    return x, w, chosen, weights
+
+
+@pytest.mark.parametrize("dtype,weights_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("T,k,E,K", [(1, 2, 8, 64), (3, 2, 4, 37), (16, 4, 6, 32), (0, 2, 4, 16)])
+def test_moe_ops_are_the_per_expert_products(dtype, weights_dtype, T, k, E, K):
+    """loom::moe_gate_up gives each slot's product with its expert in expert-grouped order, loom::moe_down the
+    weighted sum over each token's experts in expert order, each bitwise loom::dense_linear's products rounded as
+    the module path's torch ops round them."""
+    x, w, chosen, weights = _moe_args(T, k, E, 24, K, dtype, weights_dtype, seed=T + K)
+    flat = chosen.reshape(-1)
+    order = flat.argsort(stable=True)
+    y = ops_.moe_gate_up(x, w, chosen)
+    assert y.shape == (T * k, 24) and y.dtype == dtype
+    wd = torch.randn(E, 40, 24, generator=torch.Generator().manual_seed(9)).to(dtype)
+    out = ops_.moe_down(y, wd, chosen, weights)
+    want, parts = torch.zeros(T, 40, dtype=dtype), {}
+    for e in range(E):  # each expert's product over exactly its rows, as the module path runs it
+        at = (flat[order] == e).nonzero().reshape(-1)
+        if len(at):
+            slots = order[at]
+            assert torch.equal(y[at], ops_.dense_linear(x[slots // k], w[e], None))
+            parts.update(zip(slots.tolist(), ops_.dense_linear(y[at], wd[e], None)))
+    for t in range(T):
+        for j in sorted(range(k), key=lambda j: int(chosen[t, j])):
+            want[t] = want[t] + (parts[t * k + j] * weights[t, j]).to(dtype)
+    assert out.shape == (T, 40) and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,H,Hkv,L,D,masked", [(0, 4, 2, 3, 16, False), (1, 4, 4, 1, 16, False),
                                                 (2, 6, 2, 13, 37, True), (1, 8, 2, 2000, 64, True)])
 def test_decode_attention_matches_sdpa(dtype, B, H, Hkv, L, D, masked):
@@ -146,7 +223,12 @@ def _opcheck_cases():
     x, w, _ = _dense_args(2, 16, 8, torch.float32, grad=True)
     yield "rms_norm", (x, torch.rand(16).requires_grad_(True), 1e-6)
     yield "rms_norm", (x.detach().bfloat16(), torch.rand(16).bfloat16(), 1e-5)
+    yield "gemma_rms_norm", (x, torch.randn(16).requires_grad_(True), 1e-6)
+    yield "gemma_rms_norm", (x.detach().bfloat16(), torch.randn(16).bfloat16(), 1e-5)
     yield "decode_attention", _attn_args(2, 4, 2, 9, 16, torch.float32, masked=True, grad=True)
+    x, w, chosen, weights = _moe_args(3, 2, 4, 8, 16, torch.float32)
+    yield "moe_gate_up", (x, w, chosen)
+    yield "moe_down", (torch.randn(6, 16), w, chosen, weights)
     yield "decode_attention", _attn_args(1, 4, 4, 5, 8, torch.bfloat16)
     yield "int8_linear", _int8_args(3, 40, 6, grad=True)
     yield "int4_linear", _int4_args(2, 64, 6, 32, grad=True)
@@ -180,7 +262,22 @@ BAD = [
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6), "x has dtype float16"),
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8), torch.ones(9), 1e-6), r"weight has shape \(9,\)"),
     ("rms_norm", lambda: ops_.rms_norm(torch.randn(2, 8), torch.ones(8).bfloat16(), 1e-6), "must match"),
+    ("gemma_rms_norm", lambda: ops_.gemma_rms_norm(torch.randn(2, 8), torch.ones(9), 1e-6), r"weight has shape \(9,\)"),
+    ("gemma_rms_norm", lambda: ops_.gemma_rms_norm(torch.randn(2, 8).half(), torch.ones(8).half(), 1e-6),
+     "loom::gemma_rms_norm: x has dtype float16"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8), torch.randn(4, 9), None), "8 features"),
+    ("moe_gate_up", lambda: ops_.moe_gate_up(torch.randn(2, 8), torch.randn(3, 4, 8), torch.tensor([[0, 3], [1, 2]])),
+     "expert index outside 0..2"),
+    ("moe_gate_up", lambda: ops_.moe_gate_up(torch.randn(2, 8), torch.randn(3, 4, 8).bfloat16(),
+                                             torch.tensor([[0, 1], [1, 2]])), "must match"),
+    ("moe_gate_up", lambda: ops_.moe_gate_up(torch.randn(2, 8), torch.randn(3, 4, 8), torch.tensor([[0, 1]])),
+     "x has 2 rows, expected 1"),
+    ("moe_down", lambda: ops_.moe_down(torch.randn(4, 8), torch.randn(3, 4, 8), torch.tensor([[0, 1], [1, 2]]),
+                                       torch.rand(2, 3)), r"weights has shape \(2, 3\)"),
+    ("moe_down", lambda: ops_.moe_down(torch.randn(3, 8), torch.randn(3, 4, 8), torch.tensor([[0, 1], [1, 2]]),
+                                       torch.rand(2, 2)), "h has 3 rows, expected 4"),
+    ("moe_down", lambda: ops_.moe_down(torch.randn(4, 8), torch.randn(3, 4, 8), torch.tensor([[0, 1], [1, 5]]),
+                                       torch.rand(2, 2)), "expert index outside 0..2"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8), torch.randn(4, 8), torch.randn(5)), "bias"),
     ("dense_linear", lambda: ops_.dense_linear(torch.randn(2, 8).to_sparse(), torch.randn(4, 8), None),
      "dense|sparse|Sparse"),
@@ -299,7 +396,8 @@ def test_inf_in_attention_and_rms_norm_as_torch():
 # -- the C header and the ctypes declarations -----------------------------------------------------------------------
 _C_TYPES = {"const void *": "c_void_p", "void *": "c_void_p", "const uint8_t *": "c_void_p",
             "const float *": "c_void_p", "float *": "c_void_p", "const int8_t *": "c_void_p",
-            "uint8_t *": "c_void_p", "uint16_t *": "c_void_p", "int64_t *": "c_void_p", "long": "c_long", "int": "c_int", "float": "c_float",
+            "uint8_t *": "c_void_p", "uint16_t *": "c_void_p", "int64_t *": "c_void_p", "const int64_t *": "c_void_p",
+            "long": "c_long", "int": "c_int", "float": "c_float",
             "const char *": "c_char_p", "void": None}
 
 

@@ -3,7 +3,7 @@
 /* RMSNorm. A decode step is mostly matrix-vector products; what is left around them is many tiny ops, each costing
    torch tens of microseconds of dispatch and (with several threads) a parallel region. This and single-query
    attention (attention.c) replace the largest. */
-typedef struct { const void *x, *w; void *y; long n; float eps; int bf16; } norm_job;
+typedef struct { const void *x, *w; void *y; long n; float eps; int bf16, plus_one; } norm_job;
 
 /* 8 fp32 rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays a quiet NaN), in each lane's low 16 bits */
 static inline __m256i round_bf16_8(__m256 f) {
@@ -34,6 +34,26 @@ static void rms_norm_rows(const void *p, long begin, long end) {
         }
         float inv = 1.0f / sqrtf(s / (float)n + j->eps);
         __m256 inv8 = _mm256_set1_ps(inv);
+        if (j->plus_one) { /* Gemma: fp32 x / rms * (1 + w), rounded once */
+            __m256 one = _mm256_set1_ps(1.0f);
+            for (i = 0; i + 8 <= n; i += 8) {
+                __m256 y = _mm256_mul_ps(_mm256_mul_ps(load8(j->x, base + i, bf16), inv8),
+                                         _mm256_add_ps(one, load8(j->w, i, bf16)));
+                if (bf16) {
+                    __m256i o = round_bf16_8(y);
+                    _mm_storeu_si128((__m128i *)((uint16_t *)j->y + base + i),
+                                     _mm_packus_epi32(_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)));
+                } else {
+                    _mm256_storeu_ps((float *)j->y + base + i, y);
+                }
+            }
+            for (; i < n; i++) {
+                float y = load_f(j->x, base + i, bf16) * inv * (1.0f + load_f(j->w, i, bf16));
+                if (bf16) ((uint16_t *)j->y)[base + i] = f32_to_bf16(y);
+                else ((float *)j->y)[base + i] = y;
+            }
+            continue;
+        }
         for (i = 0; i + 8 <= n; i += 8) { /* the scalar loop below, 8 at a time */
             __m256 h = _mm256_mul_ps(load8(j->x, base + i, bf16), inv8);
             if (bf16) {
@@ -56,8 +76,19 @@ static void rms_norm_rows(const void *p, long begin, long end) {
 /* y = w * (x / sqrt(mean(x^2) + eps)) over `rows` rows of n, computed as the reference does: in fp32, and for bf16
    the normalised row is rounded to bf16 before the bf16 weight multiplies it (the product rounded again). Rows are
    split over the pool in blocks of about 128K values; a decode step's few rows run on the caller alone. */
+static void run_norm(norm_job *job, long rows, int threads) {
+    long chunk = job->n > 0 ? (131072 + job->n - 1) / job->n : rows;
+    parallel_run(rms_norm_rows, job, rows, chunk > 0 ? chunk : 1, threads);
+}
+
 void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads) {
-    norm_job job = {x, w, y, n, eps, bf16};
-    long chunk = n > 0 ? (131072 + n - 1) / n : rows;
-    parallel_run(rms_norm_rows, &job, rows, chunk > 0 ? chunk : 1, threads);
+    norm_job job = {x, w, y, n, eps, bf16, 0};
+    run_norm(&job, rows, threads);
+}
+
+/* Gemma's RMSNorm: (x / sqrt(mean(x^2) + eps)) * (1 + w), all in fp32 and rounded to x's dtype once at the end, as
+   the reference computes it (x and w fp32, or both bf16). */
+void loom_rms_norm_1p(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads) {
+    norm_job job = {x, w, y, n, eps, bf16, 1};
+    run_norm(&job, rows, threads);
 }
