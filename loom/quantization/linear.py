@@ -4,7 +4,8 @@
 State dict: `weight` (int8 (out, in), or uint8 (out, in/2) for int4 with the even column in the low nibble),
 `weight_scale` (float32 (out,) for int8; (out, in/group_size) float16 for asymmetric int4, float32 for symmetric),
 `weight_zero` (asymmetric int4 only: float16 (out, in/group_size), in nibble units: integers in [0, 15] when loom
-quantizes; older loom_weight_only files hold fractional ones, which the kernels take as well) and an optional float `bias`.
+quantizes; older loom_weight_only files hold fractional ones, which the kernels take as well) and an optional float
+`bias`.
 Moving with `.to(device)` works; casting (`.to(torch.bfloat16)`, `.half()`) raises, since the stored integers
 cannot change dtype.
 """
