@@ -147,7 +147,8 @@ class TensorSource:
 _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
-              "F8_E5M2": getattr(torch, "float8_e5m2", None)}
+              "F8_E5M2": getattr(torch, "float8_e5m2", None),
+              "F8_E8M0": getattr(torch, "float8_e8m0fnu", None)}  # power-of-two scales (ue8m0, MX formats)
 
 
 def open_checkpoint(file: Path, eager: bool = False):

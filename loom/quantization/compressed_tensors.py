@@ -2,8 +2,9 @@
 
 Layouts that loom's kernels run are repacked at load, bit-exact: int8 symmetric per channel (or per tensor) into
 `Int8Linear`, int4 per group / channel / tensor, symmetric or with integer zero points, into `Int4Linear` (float32
-scales and zero points, so nothing is rounded). Everything else (other bit widths, int8 with zero points or
-groups, act-order `weight_g_idx`, FP8 `float-quantized`, block scales) is dequantized at load by the format's
+scales and zero points, so nothing is rounded; float16 with zero points when that holds them exactly, as for loom's
+own asymmetric int4 saves). Everything else (other bit widths, int8 with zero points or groups, act-order
+`weight_g_idx`, FP8 `float-quantized`, block scales) is dequantized at load by the format's
 definition, w = (q - zero_point) * scale computed in the scale's dtype as compressed-tensors does, into a plain
 float Linear; `from_pretrained(dtype=...)` then casts it like any other weight. Such a model runs but cannot be
 saved back (the integers are gone); one whose quantized layers all run on the kernels saves in its own layout.
@@ -112,6 +113,8 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
                 zero = (self._zero_point(name, scheme, t, out, inp).float() + 8)
                 zero = self._expanded(name, scheme, zero, out, inp, groups).contiguous()
             scale = self._expanded(name, scheme, scale, out, inp, groups).float().contiguous()
+            if zero is not None and torch.equal(scale.half().float(), scale):
+                scale, zero = scale.half(), zero.half()  # loom's own asymmetric layout, half the bytes, still exact
             module.set_quantized(kernels.pack_int4(q + 8), scale, zero)
         else:
             module.weight = nn.Parameter(self._dequantize(name, scheme, t, q, out, inp), requires_grad=False)

@@ -114,7 +114,7 @@ def compressed_module_tensors(module, scale_dtype: torch.dtype) -> dict[str, tor
     if zero is not None:
         if not torch.equal(zero, zero.round()) or zero.min() < 0 or zero.max() > 15:
             raise ValueError("compressed-tensors stores integer zero points in [0, 15]; this Int4Linear has "
-                             "fractional ones (loom's asymmetric int4)")
+                             "fractional ones (asymmetric int4 from an older loom file)")
         out["weight_zero_point"] = pack_zero_point_int4(zero - 8)
     return out
 

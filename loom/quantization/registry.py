@@ -20,8 +20,11 @@ from loom.quantization.weight_only import WeightOnlyQuantizer
 CHECKPOINT_FORMATS = {
     "loom int8 / int4 (WeightOnlyConfig)": (
         "quantize while loading or quantize_()", "int8/int4 kernels",
-        "compressed-tensors pack-quantized (int8, symmetric int4); loom_weight_only (asymmetric int4, Conv1D models)"),
-    "loom_weight_only (older loom saves)": ("int8, int4", "int8/int4 kernels", "as loaded"),
+        "compressed-tensors pack-quantized (int8, int4 symmetric or with integer zero points); loom_weight_only "
+        "(Conv1D models)"),
+    "loom_weight_only (older loom saves)": (
+        "int8, int4 (fractional zero points included)", "int8/int4 kernels",
+        "compressed-tensors where the layout fits, else loom_weight_only"),
     "compressed-tensors": (
         "pack-quantized and int-quantized 1-8 bit, float-quantized FP8",
         "kernels: int8 symmetric per channel/tensor, int4 per group/channel/tensor; dequantized: the rest",

@@ -1,13 +1,16 @@
 """The built-in weight-only quantizer (`WeightOnlyConfig`): int8 per-channel or int4 group-wise Linears, quantized
 as each weight streams in.
 
-Saving writes compressed-tensors `pack-quantized` (int8 per channel, symmetric int4 per group), which the reference
-and vLLM-style loaders read. loom's asymmetric int4 has fractional zero points, which compressed-tensors cannot
-hold, and models whose checkpoints store transposed weights (GPT-2's Conv1D) have no compressed-tensors form the
-reference reads: those save in loom's own layout (quant_method "loom_weight_only"), which loom keeps loading.
+Saving writes compressed-tensors `pack-quantized` (int8 per channel; int4 per group or channel, symmetric or with
+integer zero points), which the reference and vLLM-style loaders read. Two cases keep loom's own layout
+(quant_method "loom_weight_only"), which loom keeps loading: asymmetric int4 loaded from a loom file written before
+zero points became integers (its fractional zero points have no compressed-tensors form), and models whose
+checkpoints store transposed weights (GPT-2's Conv1D): compressed-tensors quantizes only nn.Linear, and its groups
+and channels run along the stored weight's last dimension, which for a Conv1D is the output, not the input.
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from loom.kernels.memory import release_freed_memory
@@ -94,8 +97,10 @@ class WeightOnlyQuantizer(Quantizer):
 
     # -- saving --------------------------------------------------------------------------------------------------
     def _saves_compressed_tensors(self, model: nn.Module) -> bool:
-        return (self.config.bits == 8 or self.config.symmetric) and \
-            not getattr(type(model), "_transposed_checkpoint_weights", ())
+        if getattr(type(model), "_transposed_checkpoint_weights", ()):
+            return False
+        zeros = (getattr(model.get_submodule(n), "zero_point", None) for n in self.converted)
+        return all(z is None or torch.equal(z, z.round()) for z in zeros)
 
     def checkpoint_tensors(self, model, tensors):
         if not self._saves_compressed_tensors(model):
@@ -107,7 +112,8 @@ class WeightOnlyQuantizer(Quantizer):
             return self.config
         channel = self.config.bits == 8 or self.config.group_size == -1
         weights = {"dynamic": False, "group_size": None if channel else self.config.group_size,
-                   "num_bits": self.config.bits, "strategy": "channel" if channel else "group", "symmetric": True,
+                   "num_bits": self.config.bits, "strategy": "channel" if channel else "group",
+                   "symmetric": self.config.symmetric,
                    "type": "int"}
         ignore = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in self._converted_set()]
         return CompressedTensorsConfig.from_dict(weight_only_dict(weights, ignore))

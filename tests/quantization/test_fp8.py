@@ -170,6 +170,30 @@ def test_one_scale_per_tensor_and_ue8m0_scales(llama_src, tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(getattr(torch, "float8_e8m0fnu", None) is None, reason="this torch has no float8_e8m0fnu")
+def test_ue8m0_scales_stored_as_f8_e8m0(llama_src, tmp_path):
+    """Block scales in safetensors' F8_E8M0 dtype (torch.float8_e8m0fnu, exponent-only: 2 ** (byte - 127)) load
+    as the same power-of-two scales stored as exponent bytes, through both the mapped and the eager reader."""
+    from loom.loading import SafetensorsReader
+
+    stored = write_fp8(llama_src, tmp_path / "fp8", block=(16, 16), extra={"scale_fmt": "ue8m0"})
+    tensors = dict(stored)
+    for key in [k for k in tensors if k.endswith("weight_scale_inv")]:
+        tensors[key] = (torch.log2(tensors[key]).ceil() + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
+    save_file(tensors, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    name = "model.layers.0.mlp.down_proj"
+    reader = SafetensorsReader(tmp_path / "fp8" / "model.safetensors")
+    assert torch.equal(reader.get_tensor(f"{name}.weight_scale_inv").view(torch.uint8),
+                       tensors[f"{name}.weight_scale_inv"].view(torch.uint8))
+    model = loom.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")
+    byte = tensors[f"{name}.weight_scale_inv"].view(torch.uint8)
+    want = dequantize_fp8(stored[f"{name}.weight"], 2.0 ** (byte.float() - 127), (16, 16))
+    assert torch.equal(model.get_submodule(name).weight, want)
+    as_bytes = {k: v.view(torch.uint8) if v.dtype == torch.float8_e8m0fnu else v for k, v in tensors.items()}
+    save_file(as_bytes, tmp_path / "fp8" / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(_logits(model), _logits(loom.AutoModelForCausalLM.from_pretrained(tmp_path / "fp8")))
+
+
 @pytest.mark.parametrize("key", ["modules_to_not_convert", "ignored_layers"])
 def test_modules_to_not_convert_load_as_stored(llama_src, tmp_path, key):
     keep = ["model.layers.1.mlp"]
@@ -305,3 +329,46 @@ def test_streams_one_weight_at_a_time(fp8_dir, monkeypatch):
     loom.AutoModelForCausalLM.from_pretrained(fp8_dir)
     assert len(waiting) == 28 and max(waiting) == 0
     assert not any(str(fp8_dir) in line for line in open("/proc/self/maps"))
+
+
+# -- placement: device_map and tensor parallelism ----------------------------------------------------------------
+_SPLIT_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+              "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+@pytest.mark.parametrize("device_map", ["auto", "cpu", {"": "cpu"}, "split-with-disk"])
+def test_device_map_places_the_dequantized_weights(fp8_dir, tmp_path, device_map):
+    """device_map strings and dicts (one layer offloaded to disk) give the logits of a plain load; the offloaded
+    layer's weights are the dequantized float32 ones, written to offload_folder."""
+    plain = loom.AutoModelForCausalLM.from_pretrained(fp8_dir)
+    kwargs = {"device_map": device_map}
+    if device_map == "split-with-disk":
+        kwargs = {"device_map": _SPLIT_MAP, "offload_folder": str(tmp_path / "offload")}
+    model = loom.AutoModelForCausalLM.from_pretrained(fp8_dir, **kwargs)
+    assert torch.equal(_logits(model), _logits(plain))
+    if device_map == "split-with-disk":
+        assert model.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # on disk until its forward
+        saved = sorted(p.name for p in (tmp_path / "offload").iterdir())
+        assert "model.layers.1.mlp.up_proj.weight.dat" in saved and not any("scale_inv" in p for p in saved)
+    else:
+        assert model.model.layers[1].mlp.up_proj.weight.dtype == torch.float32
+
+
+def test_tp_plan_auto_on_two_processes_dequantizes_each_shard(fp8_dir, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
+    import dist_helpers as H
+
+    H.launch(2, tmp_path, "fp8_tp", str(fp8_dir), script="fp8_tp_script.py", timeout=300)
+    got = torch.load(tmp_path / "fp8_tp.pt", weights_only=False)
+    model = loom.AutoModelForCausalLM.from_pretrained(fp8_dir).eval()
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(ids).logits
+    torch.testing.assert_close(got["logits"], logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got["tokens"], model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    q, o = model.model.layers[0].self_attn.q_proj.weight.shape, model.model.layers[0].self_attn.o_proj.weight.shape
+    # colwise q_proj splits the output rows, rowwise o_proj the input columns: each rank holds half
+    assert got["shapes"] == [{"q_proj": (q[0] // 2, q[1]), "o_proj": (o[0], o[1] // 2)}] * 2

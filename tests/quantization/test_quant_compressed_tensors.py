@@ -46,12 +46,21 @@ def _ct_written_config(args: QuantizationArgs, ignore: list[str], tmp_path) -> d
 
 
 # -- loom -> compressed-tensors -> reference -----------------------------------------------------------------------
-@pytest.mark.parametrize("bits,group", [(8, None), (4, 16), (4, -1)])
-def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bits, group):
+def _reference_load(path, symmetric: bool = True):
+    """The reference's model of a compressed-tensors checkpoint. Asymmetric pack-quantized files (compressed-tensors'
+    own as well as loom's) only load with dequantize=True: the reference's default compressed path allocates the
+    zero points unpacked, (out, groups), and refuses the packed (out / 8, groups) tensors the format stores."""
     import transformers
 
+    kwargs = {} if symmetric else {"quantization_config": transformers.CompressedTensorsConfig(dequantize=True)}
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs).eval()
+
+
+@pytest.mark.parametrize("bits,group,symmetric", [(8, None, True), (4, 16, True), (4, -1, True), (4, 16, False),
+                                                  (4, -1, False)])
+def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bits, group, symmetric):
     path, _ = llama
-    config = WeightOnlyConfig(bits=bits, group_size=group, symmetric=True)
+    config = WeightOnlyConfig(bits=bits, group_size=group, symmetric=symmetric)
     model = loom.LlamaForCausalLM.from_pretrained(path, quantization_config=config)
     ours = _logits(model)
     model.save_pretrained(tmp_path / "saved")
@@ -59,15 +68,15 @@ def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bi
 
     stored = json.loads((tmp_path / "saved" / "config.json").read_text())["quantization_config"]
     channel = bits == 8 or group == -1
-    args = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="channel" if channel else "group",
-                            group_size=None if channel else group)
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
+                            strategy="channel" if channel else "group", group_size=None if channel else group)
     (tmp_path / "ct").mkdir()
     written = _ct_written_config(args, ["lm_head"], tmp_path / "ct")
     # "version" is the writer's own release (loom states the layout it follows; the installed package its version)
     assert stored["version"] == CT_VERSION and written.pop("version")
     assert {k: v for k, v in stored.items() if k != "version"} == written
 
-    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    ref = _reference_load(tmp_path / "saved", symmetric)
     torch.testing.assert_close(_logits(ref), ours, **quantized_tolerance(model))
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"):  # decompressed by the forward
         want = dequantized_weight(model.get_submodule(name))
@@ -75,11 +84,34 @@ def test_loom_save_is_compressed_tensors_the_reference_loads(llama, tmp_path, bi
 
     again = loom.LlamaForCausalLM.from_pretrained(tmp_path / "saved")
     assert isinstance(again.model.layers[1].mlp.up_proj, Int8Linear if bits == 8 else Int4Linear)
-    for name, t in model.state_dict().items():
-        assert torch.equal(again.state_dict()[name], t), name
+    for name, t in model.state_dict().items():  # same layout (float16 scales and zero points when asymmetric)
+        assert again.state_dict()[name].dtype == t.dtype and torch.equal(again.state_dict()[name], t), name
     assert torch.equal(_logits(again), ours)
     again.save_pretrained(tmp_path / "twice")  # a loaded compressed-tensors model saves back the same files
     assert json.loads((tmp_path / "twice" / "config.json").read_text())["quantization_config"] == stored
+
+
+def test_asymmetric_int4_zero_points_are_packed_as_the_format_defines(llama, tmp_path):
+    """weight_zero_point holds the signed zero points (nibble zero point - 8) packed 8 to an int32 along the output
+    dimension, read back here with compressed-tensors' own unpacker; scales are float32 (the reference computes
+    (q - zero_point) * scale in the scale's dtype, so float16 ones would round differently from loom's kernels)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    path, _ = llama
+    model = loom.LlamaForCausalLM.from_pretrained(path, quantization_config=WeightOnlyConfig(bits=4, group_size=16))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.mlp.gate_proj"
+    module = model.get_submodule(name)
+    packed = tensors[f"{name}.weight_zero_point"]
+    out, groups = module.weight_zero.shape
+    assert packed.dtype == torch.int32 and tuple(packed.shape) == (out // 8, groups)
+    signed = unpack_from_int32(packed, 4, torch.Size((out, groups)), packed_dim=0)
+    assert torch.equal(signed.float(), module.weight_zero.float() - 8)
+    assert tensors[f"{name}.weight_scale"].dtype == torch.float32
+    assert torch.equal(tensors[f"{name}.weight_scale"], module.weight_scale.float())
+    assert f"{name}.weight_zero" not in tensors
 
 
 def test_skipped_and_quantized_head_layers_are_the_ignore_list(llama, tmp_path):
@@ -96,17 +128,36 @@ def test_skipped_and_quantized_head_layers_are_the_ignore_list(llama, tmp_path):
     torch.testing.assert_close(_logits(ref), _logits(model), **quantized_tolerance(model))
 
 
-def test_asymmetric_int4_keeps_loom_format_which_the_reference_refuses(llama, tmp_path):
+def test_old_asymmetric_int4_files_with_fractional_zero_points_load_and_save_in_loom_format(llama, tmp_path):
+    """Before zero points became integers, loom's asymmetric int4 saved fractional float16 zero points in its own
+    layout (quant_method loom_weight_only). Such files still load, and save back in that layout, which the
+    reference refuses, rather than rounding the zero points."""
     import transformers
+    from safetensors.torch import save_file
 
     path, _ = llama
     model = loom.LlamaForCausalLM.from_pretrained(path, quantization_config=WeightOnlyConfig(bits=4, group_size=16))
-    model.save_pretrained(tmp_path)
-    stored = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    for module in model.modules():
+        if isinstance(module, Int4Linear):
+            module.weight_zero = (module.weight_zero.float() + 0.375).half()  # fractional, as the old search made
+    (tmp_path / "old").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"))
+    config = model.config.to_dict()
+    config["quantization_config"] = {"quant_method": "loom_weight_only", "bits": 4, "group_size": 16,
+                                     "symmetric": False, "modules_to_not_convert": None,
+                                     "skip_output_embeddings": True}
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+
+    old = loom.LlamaForCausalLM.from_pretrained(tmp_path / "old")
+    zero = old.model.layers[0].self_attn.q_proj.weight_zero
+    assert not torch.equal(zero, zero.round())
+    assert torch.equal(_logits(old), _logits(model))
+    old.save_pretrained(tmp_path / "again")
+    stored = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert stored["quant_method"] == "loom_weight_only" and stored["symmetric"] is False
-    with pytest.raises(Exception, match="size mismatch|mismatch"):
-        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(_logits(loom.LlamaForCausalLM.from_pretrained(tmp_path)), _logits(model))
+    with pytest.raises(Exception, match="mismatch"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again")
+    assert torch.equal(_logits(loom.LlamaForCausalLM.from_pretrained(tmp_path / "again")), _logits(model))
 
 
 def test_gpt2_int8_keeps_loom_format_which_the_reference_refuses(tmp_path_factory, tmp_path):
@@ -191,11 +242,11 @@ def _model_with_weights(ref_model, weights):
 
 
 INT = dict(type="int")
-CASES = {  # id: (args, format, loom module, does the reference load it on CPU)
+CASES = {  # id: (args, format, loom module, does the reference load it on CPU (asymmetric: with dequantize=True))
     "pack4-group-sym": (QuantizationArgs(num_bits=4, strategy="group", group_size=16, **INT), "pack-quantized",
                         Int4Linear, True),
     "pack4-group-asym": (QuantizationArgs(num_bits=4, strategy="group", group_size=16, symmetric=False, **INT),
-                         "pack-quantized", Int4Linear, False),
+                         "pack-quantized", Int4Linear, True),
     "pack4-channel-sym": (QuantizationArgs(num_bits=4, strategy="channel", **INT), "pack-quantized", Int4Linear,
                           True),
     "pack8-channel-sym": (QuantizationArgs(num_bits=8, strategy="channel", **INT), "pack-quantized", Int8Linear,
@@ -203,7 +254,7 @@ CASES = {  # id: (args, format, loom module, does the reference load it on CPU)
     "int8-channel-sym": (QuantizationArgs(num_bits=8, strategy="channel", **INT), "int-quantized", Int8Linear, True),
     "int8-tensor-sym": (QuantizationArgs(num_bits=8, strategy="tensor", **INT), "int-quantized", Int8Linear, True),
     "pack8-channel-asym": (QuantizationArgs(num_bits=8, strategy="channel", symmetric=False, **INT),
-                           "pack-quantized", None, False),
+                           "pack-quantized", None, True),
     "pack3-group-sym": (QuantizationArgs(num_bits=3, strategy="group", group_size=16, **INT), "pack-quantized", None,
                         True),
     "fp8-channel": (QuantizationArgs(num_bits=8, type="float", strategy="channel"), "float-quantized", None, True),
@@ -212,8 +263,6 @@ CASES = {  # id: (args, format, loom module, does the reference load it on CPU)
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_compressed_tensors_checkpoint_loads_with_the_writers_numbers(llama, tmp_path, case):
-    import transformers
-
     args, fmt, module_cls, reference_loads = CASES[case]
     path, ref = llama
     weights = _ct_checkpoint(ref, tmp_path, args, fmt)
@@ -232,8 +281,7 @@ def test_compressed_tensors_checkpoint_loads_with_the_writers_numbers(llama, tmp
     tolerance = quantized_tolerance(model)
     torch.testing.assert_close(ours, _logits(_model_with_weights(ref, weights)), **tolerance)
     if reference_loads:
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-        torch.testing.assert_close(ours, _logits(loaded), **tolerance)
+        torch.testing.assert_close(ours, _logits(_reference_load(tmp_path, args.symmetric)), **tolerance)
 
 
 def test_act_order_g_idx_is_dequantized_by_its_groups(llama, tmp_path):
