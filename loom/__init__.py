@@ -47,6 +47,8 @@ _export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixCon
         "SuppressTokensAtBeginLogitsProcessor")
 _export("loom.generation.guidance", "ClassifierFreeGuidanceLogitsProcessor",
         "UnbatchedClassifierFreeGuidanceLogitsProcessor")
+_export("loom.generation.watermarking", "WatermarkingConfig", "SynthIDTextWatermarkingConfig",
+        "WatermarkLogitsProcessor", "SynthIDTextWatermarkLogitsProcessor")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
 _export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")
