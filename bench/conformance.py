@@ -56,7 +56,7 @@ KNOWN_DIFFERENCES: dict[str, str] = {
         "test_dia_delay_pattern")], "a processor of an audio family loom does not ship (Bark, Dia)"),
     **dict.fromkeys([f"tests/tokenization/test_tokenization_utils.py::TokenizerUtilsTest::{name}" for name in (
         "test_batch_encoding_word_to_tokens", "test_padding_accepts_tensors", "test_padding_accepts_tensors_pt",
-        "test_extra_special_tokens_multimodal")], "offline, the hub tokenizer is absent: loom raises OSError naming "
+        "test_extra_special_tokens_multimodal", "test_len_tokenizer")], "offline, the hub tokenizer is absent: loom raises OSError naming "
         "the files it looked for; the reference builds an empty placeholder vocabulary and passes vacuously"),
     **dict.fromkeys([f"tests/tokenization/test_tokenization_fast.py::{name}" for name in (
         "PatchMistralRegexHubCallTests::test_hub_error_does_not_break_init",
@@ -90,6 +90,10 @@ SHARED_HELPERS = ("tests.test_modeling_common", "tests.test_configuration_common
 
 CONFTEST = '''\
 import importlib, json, os, sys
+import transformers.testing_utils
+for _name, _value in json.loads(open(os.path.join(os.path.dirname(__file__), "snapshot_constants.json")).read()).items():
+    if not hasattr(transformers.testing_utils, _name):  # the snapshot's test data defaults (see build_run_dir)
+        setattr(transformers.testing_utils, _name, _value)
 if os.environ.get("CONFORMANCE_TARGET") == "loom":
     for helper in {helpers!r}:
         try:
@@ -138,8 +142,8 @@ def export_reference(reference: Path, dest: Path) -> Path:
     if not (reference / "HEAD").is_file():
         sys.exit(f"--reference {reference}: neither a checkout with tests/ nor a bare git directory")
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", f"--git-dir={reference}", "archive", "HEAD", "tests", "utils/test_module"],
-                             check=True, capture_output=True).stdout
+    archive = subprocess.run(["git", f"--git-dir={reference}", "archive", "HEAD", "tests", "utils/test_module",
+                              "src/transformers/testing_utils.py"], check=True, capture_output=True).stdout
     subprocess.run(["tar", "x", "-C", str(dest)], input=archive, check=True)
     return dest
 
@@ -179,8 +183,51 @@ def build_run_dir(checkout: Path, sdist: Path, files: list[str], run: Path) -> N
     if installed is not None and installed.submodule_search_locations:
         (run / "src").mkdir()
         (run / "src" / "transformers").symlink_to(list(installed.submodule_search_locations)[0])
+    _bridge_helper_versions(checkout, run)
     (run / "conftest.py").write_text(CONFTEST.format(bench=str(LOOM_ROOT / "bench"), helpers=SHARED_HELPERS))
     (run / "pytest.ini").write_text("[pytest]\n")
+
+
+PLACEHOLDER_MODULE = '''\
+"""Stands for a tests/ module that the source distribution's helpers import but that neither it nor the snapshot
+has: every name is a placeholder whose use fails, so only the tests that need it fail (on both runs)."""
+import sys
+sys.path.insert(0, {bench!r})
+from conformance_alias import Missing
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    return Missing(name, __name__)
+'''
+
+
+def _bridge_helper_versions(checkout: Path, run: Path) -> None:
+    """The test files are the snapshot's and the shared helpers the source distribution's, which can be of different
+    versions. Two bridges keep the pair importable, the same for both runs:
+      * data constants that the snapshot's tests import from `transformers.testing_utils` and the installed package
+        lacks (e.g. `_TEXT_MODEL_TESTER_DEFAULTS`, the tester defaults of causal_lm_tester.py) are taken from the
+        snapshot's own testing_utils.py (literals only) into snapshot_constants.json, set by the conftest;
+      * a `tests/<module>` that a helper imports relatively but that neither source has becomes a placeholder module.
+    """
+    import ast
+
+    constants = {}
+    source = checkout / "src" / "transformers" / "testing_utils.py"
+    if source.exists():
+        for node in ast.parse(source.read_text(encoding="utf-8")).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id.startswith("_") and node.targets[0].id.isupper()):
+                try:
+                    constants[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    (run / "snapshot_constants.json").write_text(json.dumps(constants))
+    for helper in (run / "tests").glob("*.py"):
+        for module in re.findall(r"^from \.(\w+) import", helper.read_text(encoding="utf-8"), flags=re.M):
+            if not (run / "tests" / f"{module}.py").exists() and not (run / "tests" / module).is_dir():
+                (run / "tests" / f"{module}.py").write_text(PLACEHOLDER_MODULE.format(bench=str(LOOM_ROOT / "bench")))
 
 
 def run_file(run: Path, name: str, target: str, results: Path, timeout: int, per_test: int) -> str:
