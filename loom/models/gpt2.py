@@ -127,6 +127,8 @@ class GPT2Model(GPT2PreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
+        if output_hidden_states is None:  # unset: the config's setting, as for output_attentions
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
             for block in self.h:

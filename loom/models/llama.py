@@ -217,6 +217,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position[None].expand(x.shape[0], x.shape[1])
         rope = self.rope_tables(position_ids, x.dtype)
+        if output_hidden_states is None:  # unset: the config's setting, as for output_attentions
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
             for layer, window in zip(self.layers, self.windows):
