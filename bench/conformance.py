@@ -85,6 +85,10 @@ KNOWN_DIFFERENCES: dict[str, str] = {
         "with isinstance against the reference's own GenerateDecoderOnlyOutput / Cache classes"),
     **dict.fromkeys([f"{test}::test_causal_lm_can_accept_training_kwargs" for test in _MODEL_TESTS[1:]],
                     "harness: causal_lm_tester.py builds the model with the reference's own AutoModelForCausalLM"),
+    "tests/trainer/test_training_args.py::TestTrainingArguments::test_debug_option_parsing": "loom has no debug "
+    "features (underflow_overflow, tpu_metrics_debug): TrainingArguments refuses debug= by name",
+    "tests/trainer/test_training_args.py::TestTrainingArguments::test_kubeflow_auto_enable": "report_to='all' "
+    "enabling Kubeflow, a tracking service loom does not ship",
     **dict.fromkeys([f"tests/trainer/test_trainer_callback.py::{name}" for name in (
         "KubeflowCallbackTest::", "SwanLabCallbackTest::", "TrackioCallbackTest::")],
         "an integration callback of a tracking service loom does not ship (Kubeflow, SwanLab, Trackio)"),
