@@ -520,8 +520,9 @@ def checked_attn_implementation(config: PretrainedConfig, name: str | None = Non
         why = "paged attention (continuous batching) is not part of loom"
     else:
         why = "loom implements 'sdpa' (the default) and 'eager' (the math written out, for output_attentions=True)"
-    raise ValueError(f"attn_implementation={name!r} is not supported: {why}; pass attn_implementation='sdpa' or "
-                     "'eager'")
+    # the opening words are the reference's own, which callers match on
+    raise ValueError(f"Specified `attn_implementation=\"{name}\"` is not supported: {why}; pass "
+                     "attn_implementation='sdpa' or 'eager'")
 
 
 def _on_meta(model: nn.Module) -> bool:

@@ -66,3 +66,20 @@ def test_unknown_summary_type_is_named():
     config = loom.GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, summary_type="attn")
     with pytest.raises(ValueError, match="summary_type='attn' is not supported"):
         loom.GPT2DoubleHeadsModel(config)
+
+
+@pytest.mark.parametrize("model_type,cls", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
+def test_shift_labels_are_used_unshifted_like_the_reference(tmp_path_factory, model_type, cls):
+    """Sequence/context parallel training hands the LM head pre-shifted targets; the loss must use them as given."""
+    path, ref = reference_checkpoint(tmp_path_factory, model_type, cls)
+    ours = getattr(loom, cls).from_pretrained(path).eval()
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(3, 99, (2, 6), generator=g)
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    other = torch.randint(3, 99, (2, 6), generator=g)
+    with torch.no_grad():
+        a = ours(ids, labels=ids, shift_labels=other).loss
+        torch.testing.assert_close(a, ref(ids, labels=ids, shift_labels=other).loss, atol=1e-5, rtol=1e-5)
+        # the usual shift of labels gives the same loss as handing over the shifted targets
+        torch.testing.assert_close(ours(ids, labels=ids).loss, ours(ids, labels=other, shift_labels=shifted).loss)
+        assert ours(ids, shift_labels=other).loss is None  # as in the reference: no labels, no loss

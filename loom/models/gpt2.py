@@ -7,10 +7,10 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, attention, causal_lm_loss, classification_loss, decoder_inputs, \
+from loom.models.common import activation, attention, classification_loss, decoder_inputs, \
     maybe_checkpoint, recording_attentions
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
-from loom.models.llama import last_token_pool
+from loom.models.llama import last_token_pool, lm_loss
 from loom.outputs import ModelOutput
 
 
@@ -160,13 +160,13 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None,
-                output_attentions=None, **_):
+                output_attentions=None, shift_labels=None, **_):
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_hidden_states, cache_position,
                                output_attentions=output_attentions)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = lm_loss(logits, labels, shift_labels, num_items_in_batch)
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions)
 
