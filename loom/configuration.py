@@ -102,8 +102,8 @@ class PreTrainedConfig(PushToHubMixin):
             self.num_labels = num_labels
         else:
             self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
-        if label2id is not None:
-            self.label2id = {k: int(v) for k, v in label2id.items()}
+        if label2id is not None:  # kept as given, as the reference keeps it (only id2label's keys become ints)
+            self.label2id = dict(label2id)
         else:
             self.label2id = {v: k for k, v in self.id2label.items()}
         if num_labels is not None and num_labels != len(self.id2label):
