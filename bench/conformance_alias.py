@@ -32,7 +32,8 @@ SUBMODULES = {
     "generation.logits_process": "loom.generation.logits_process",
     "generation.stopping_criteria": "loom.generation.stopping_criteria",
     "generation.streamers": "loom.generation.streamers",
-    "tokenization_utils_base": "loom.tokenization",
+    "tokenization_utils_base": ("loom.tokenization", "loom.tokenization.protobuf"),
+    "convert_slow_tokenizer": ("loom.tokenization.protobuf", "loom.tokenization"),
     "tokenization_utils_fast": "loom.tokenization",
     "tokenization_utils_tokenizers": "loom.tokenization",
     "utils.chat_template_utils": "loom.tokenization.tool_schema",
@@ -91,6 +92,33 @@ class AliasModule(types.ModuleType):
             except AttributeError:
                 continue
         return Missing(attr, self.__name__)
+
+    # mock.patch("transformers.a.b.name", ...) must patch the loom module whose code reads `name`, as patching the
+    # reference's module does there: a plain value set on the proxy is set on the first loom module that defines
+    # the name, and deleting it from the proxy (how mock restores a name the proxy did not hold) puts the original
+    # back. Modules set on it (importlib binding a child package) stay on the proxy.
+    def __setattr__(self, attr: str, value) -> None:
+        owner = None if attr.startswith("_") or isinstance(value, types.ModuleType) else self._owner(attr)
+        if owner is None:
+            super().__setattr__(attr, value)
+            return
+        self.__dict__.setdefault("_patched", {}).setdefault(attr, (owner, vars(owner)[attr]))
+        setattr(owner, attr, value)
+
+    def __delattr__(self, attr: str) -> None:
+        patched = self.__dict__.get("_patched", {})
+        if attr in patched:
+            owner, original = patched.pop(attr)
+            setattr(owner, attr, original)
+            return
+        super().__delattr__(attr)
+
+    def _owner(self, attr: str):
+        for target in self._loom_targets:
+            module = importlib.import_module(target)
+            if attr in vars(module):
+                return module
+        return None
 
 
 class Missing:

@@ -47,9 +47,12 @@ _export("loom.generation.constraints", "SequenceBiasLogitsProcessor", "PrefixCon
         "SuppressTokensAtBeginLogitsProcessor")
 _export("loom.generation.guidance", "ClassifierFreeGuidanceLogitsProcessor",
         "UnbatchedClassifierFreeGuidanceLogitsProcessor")
+_export("loom.generation.watermarking", "WatermarkingConfig", "SynthIDTextWatermarkingConfig",
+        "WatermarkLogitsProcessor", "SynthIDTextWatermarkLogitsProcessor")
 _export("loom.generation.stopping_criteria", "StoppingCriteria", "StoppingCriteriaList", "MaxLengthCriteria",
         "MaxTimeCriteria", "EosTokenCriteria", "StopStringCriteria")
 _export("loom.generation.streamers", "TextStreamer", "TextIteratorStreamer", "AsyncTextIteratorStreamer")
+_export("loom.training.enums", "IntervalStrategy", "SaveStrategy", "HubStrategy", "SchedulerType", "OptimizerNames")
 _export("loom.pipelines", "pipeline", "Pipeline")
 _export("loom.processing", "AutoProcessor", "AutoImageProcessor", "ViTImageProcessor")
 _export("loom.training", "Trainer", "TrainingArguments", "TrainerCallback", "TrainerState", "TrainerControl",

@@ -8,6 +8,7 @@ it where the reference takes more (None, lists), so a config the reference loads
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import os
 from pathlib import Path
@@ -57,7 +58,7 @@ class ConfigFieldError(ValueError):
         self.field = field
 
 
-class PretrainedConfig(PushToHubMixin):
+class PreTrainedConfig(PushToHubMixin):
     """Base class for model configurations (`config.json`)."""
 
     model_type: ClassVar[str] = ""
@@ -70,6 +71,11 @@ class PretrainedConfig(PushToHubMixin):
     derived: ClassVar[tuple[str, ...]] = ()
     # nested configs by attribute name (a composite model's `text_config`); loom's families have none
     sub_configs: ClassVar[dict[str, type]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" not in cls.__dict__ and cls.defaults:
+            cls.__init__ = _init_naming_fields(cls)
 
     def __init__(self, **kwargs: Any) -> None:
         if "torch_dtype" in kwargs:  # the pre-5.x name of `dtype`
@@ -96,8 +102,8 @@ class PretrainedConfig(PushToHubMixin):
             self.num_labels = num_labels
         else:
             self.id2label = {0: "LABEL_0", 1: "LABEL_1"}
-        if label2id is not None:
-            self.label2id = {k: int(v) for k, v in label2id.items()}
+        if label2id is not None:  # kept as given, as the reference keeps it (only id2label's keys become ints)
+            self.label2id = dict(label2id)
         else:
             self.label2id = {v: k for k, v in self.id2label.items()}
         if num_labels is not None and num_labels != len(self.id2label):
@@ -241,8 +247,25 @@ class PretrainedConfig(PushToHubMixin):
         return f"{type(self).__name__} {self.to_json_string()}"
 
 
-# The reference's 5.x spelling of the same class (4.x wrote PretrainedConfig; both names stay importable there).
-PreTrainedConfig = PretrainedConfig
+def _init_naming_fields(cls: type) -> Any:
+    """An __init__ for a family config whose signature names its fields with their defaults, as the reference's
+    configs do (code builds configs from `inspect.signature(Config.__init__)`); it calls the inherited one."""
+    inherited = cls.__init__
+
+    def __init__(self, **kwargs: Any) -> None:
+        inherited(self, **kwargs)
+
+    P = inspect.Parameter
+    __init__.__signature__ = inspect.Signature(
+        [P("self", P.POSITIONAL_OR_KEYWORD)] + [P(k, P.KEYWORD_ONLY, default=v) for k, v in cls.defaults.items()]
+        + [P("kwargs", P.VAR_KEYWORD)])
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    return __init__
+
+
+# The class carries the reference's 5.x name (code that checks a class's MRO by name looks for it); 4.x wrote
+# PretrainedConfig, and both names stay importable there.
+PretrainedConfig = PreTrainedConfig
 
 
 def check_field_types(cls: type[PretrainedConfig], values: dict[str, Any]) -> None:
@@ -353,5 +376,6 @@ def checked_attn_implementation(config: PretrainedConfig, name: str | None = Non
         why = "paged attention (continuous batching) is not part of loom"
     else:
         why = "loom implements 'sdpa' (the default) and 'eager' (the math written out, for output_attentions=True)"
-    raise ValueError(f"attn_implementation={name!r} is not supported: {why}; pass attn_implementation='sdpa' or "
-                     "'eager'")
+    # the opening words are the reference's own, which callers match on
+    raise ValueError(f"Specified `attn_implementation=\"{name}\"` is not supported: {why}; pass "
+                     "attn_implementation='sdpa' or 'eager'")

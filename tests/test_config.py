@@ -277,3 +277,12 @@ def test_pretrained_config_has_the_5x_spelling_too():
     assert loom.PreTrainedConfig is loom.PretrainedConfig is PretrainedConfig
     assert transformers.PreTrainedConfig is transformers.PretrainedConfig  # the reference keeps both names as one
     assert isinstance(loom.BertConfig(), loom.PreTrainedConfig)
+
+
+def test_label2id_values_are_kept_as_given_like_the_reference():
+    import transformers
+
+    ours = loom.BertConfig(id2label={0: "label"}, label2id={"label": "0"})
+    ref = transformers.BertConfig(id2label={0: "label"}, label2id={"label": "0"})
+    assert ours.label2id == ref.label2id == {"label": "0"}
+    assert loom.BertConfig(id2label={"0": "a", "1": "b"}).id2label == {0: "a", 1: "b"}

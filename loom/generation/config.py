@@ -29,6 +29,7 @@ FIELDS = (
     "bos_token_id", "eos_token_id", "decoder_start_token_id", "compile", "sequence_bias", "encoder_repetition_penalty",
     "encoder_no_repeat_ngram_size", "remove_invalid_values", "exponential_decay_length_penalty", "top_h",
     "epsilon_cutoff", "eta_cutoff", "renormalize_logits", "begin_suppress_tokens", "cache_config",
+    "watermarking_config", "assistant_ensemble_weight",
 )
 
 # Values used when neither the call nor the model's generation config sets a field (the reference's defaults).
@@ -56,6 +57,11 @@ class GenerationMode(str, enum.Enum):
     GROUP_BEAM_SEARCH = "group_beam_search"
 
 
+def _plain(value: Any) -> Any:
+    """A field as JSON-ready data: config objects (watermarking_config) become their dicts."""
+    return value.to_dict() if hasattr(value, "to_dict") else copy.deepcopy(value)
+
+
 _MODEL_CONFIG_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
 
 
@@ -68,6 +74,10 @@ class GenerationConfig(PushToHubMixin):
         kwargs.pop("transformers_version", None)
         for key, value in kwargs.items():
             setattr(self, key, copy.deepcopy(value))
+        if isinstance(self.watermarking_config, dict):
+            from loom.generation.watermarking import watermarking_config_from
+
+            self.watermarking_config = watermarking_config_from(self.watermarking_config)
 
     @classmethod
     def from_model_config(cls, config) -> "GenerationConfig":
@@ -94,11 +104,11 @@ class GenerationConfig(PushToHubMixin):
         return cls.from_dict(data, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return copy.deepcopy(self.__dict__)
+        return {k: _plain(v) for k, v in self.__dict__.items()}
 
     def to_diff_dict(self) -> dict[str, Any]:
         """The fields that are set (not None) plus any extra keys."""
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if v is not None}
+        return {k: _plain(v) for k, v in self.__dict__.items() if v is not None}
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_diff_dict() if use_diff else self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -182,6 +192,11 @@ class GenerationConfig(PushToHubMixin):
                 raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
             if self.typical_p is not None and not 0 < self.typical_p <= 1:
                 raise ValueError(f"typical_p must be in (0, 1], got {self.typical_p}")
+        if self.assistant_ensemble_weight is not None and not 0.0 < self.assistant_ensemble_weight < 1.0:
+            raise ValueError(f"assistant_ensemble_weight must be strictly between 0 and 1, got "
+                             f"{self.assistant_ensemble_weight}; leave it None for lossless assisted decoding")
+        if self.watermarking_config is not None:
+            self.watermarking_config.validate()
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.cache_implementation not in (None, *ALL_CACHE_IMPLEMENTATIONS):

@@ -72,9 +72,11 @@ def _warpers(cfg) -> list:
 
 
 def build_logits_processors(cfg, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                            custom: P.LogitsProcessorList | None = None) -> P.LogitsProcessorList:
+                            custom: P.LogitsProcessorList | None = None,
+                            vocab_size: int | None = None) -> P.LogitsProcessorList:
     """The processors a generation config asks for, in the reference's order; `custom` ones replace built-ins of the
-    same type and the rest are appended before the sampling warpers."""
+    same type and the rest are appended before the sampling warpers. A watermark (which needs the model's
+    `vocab_size`) comes after every other processor but the final renormalisation."""
     out = P.LogitsProcessorList(_penalties(cfg, input_ids, attention_mask) + _length_rules(cfg, input_ids.shape[1]))
     if custom:
         merged = P.LogitsProcessorList(next((c for c in custom if type(c) is type(p)), p) for p in out)
@@ -82,6 +84,10 @@ def build_logits_processors(cfg, input_ids: torch.Tensor, attention_mask: torch.
         out = merged
     if cfg.do_sample:
         out.extend(_warpers(cfg))
+    if cfg.watermarking_config is not None:
+        if vocab_size is None:
+            raise ValueError("watermarking_config needs the model's vocab_size to build its processor")
+        out.append(cfg.watermarking_config.construct_processor(vocab_size, input_ids.device))
     if cfg.renormalize_logits is True:
         out.append(C.LogitNormalization())
     return out

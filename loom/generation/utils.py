@@ -100,7 +100,9 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
     prompt_len = input_ids.shape[1]
     _resolve_lengths(cfg, model.config, prompt_len, prompt_positions, explicit_max_length, inputs_embeds is not None)
     new_tokens = cfg.max_length - prompt_len
-    processors = build_logits_processors(cfg, input_ids, attention_mask, logits_processor)
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    processors = build_logits_processors(cfg, input_ids, attention_mask, logits_processor,
+                                         vocab_size=getattr(text_config, "vocab_size", None))
     criteria = build_stopping_criteria(cfg, tokenizer, stopping_criteria)
     if new_tokens <= 0:
         return _finish(cfg, input_ids, None, None, None, streamer)

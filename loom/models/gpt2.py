@@ -7,10 +7,10 @@ from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
 from loom.modeling import PreTrainedModel
-from loom.models.common import activation, attention, causal_lm_loss, classification_loss, decoder_inputs, \
+from loom.models.common import activation, attention, classification_loss, decoder_inputs, \
     maybe_checkpoint, recording_attentions
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
-from loom.models.llama import last_token_pool
+from loom.models.llama import last_token_pool, lm_loss
 from loom.outputs import ModelOutput
 
 
@@ -22,7 +22,9 @@ class GPT2Config(PretrainedConfig):
                     activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
                     layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True, use_cache=True,
                     bos_token_id=50256, eos_token_id=50256, scale_attn_by_inverse_layer_idx=False,
-                    reorder_and_upcast_attn=False, tie_word_embeddings=True)
+                    reorder_and_upcast_attn=False, tie_word_embeddings=True, summary_type="cls_index",
+                    summary_use_proj=True, summary_activation=None, summary_proj_to_labels=True,
+                    summary_first_dropout=0.1)
     field_types = {**TOKEN_ID_TYPES, "n_inner": (int, None)}
 
 
@@ -125,6 +127,8 @@ class GPT2Model(GPT2PreTrainedModel):
         if token_type_ids is not None:
             x = x + self.wte(token_type_ids)
         x = self.drop(x)
+        if output_hidden_states is None:  # unset: the config's setting, as for output_attentions
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
             for block in self.h:
@@ -156,15 +160,92 @@ class GPT2LMHeadModel(GPT2PreTrainedModel):
     def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
                 position_ids=None, inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None,
                 cache_position=None, logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None,
-                output_attentions=None, **_):
+                output_attentions=None, shift_labels=None, **_):
         out = self.transformer(input_ids, past_key_values, attention_mask, token_type_ids, position_ids,
                                inputs_embeds, use_cache, output_hidden_states, cache_position,
                                output_attentions=output_attentions)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = lm_loss(logits, labels, shift_labels, num_items_in_batch)
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+class GPT2SequenceSummary(nn.Module):
+    """One vector per sequence (config.summary_type: the "last", "first" or "mean" position, or "cls_index": the
+    token at `cls_index`, by default the last), then dropout, an optional projection (to num_labels when
+    summary_proj_to_labels) and an optional tanh."""
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__()
+        self.summary_type = config.summary_type
+        if self.summary_type not in ("last", "first", "mean", "cls_index"):
+            raise ValueError(f"summary_type={self.summary_type!r} is not supported; use 'last', 'first', 'mean' or "
+                             "'cls_index'")
+        width = config.num_labels if config.summary_proj_to_labels and config.num_labels > 0 else config.n_embd
+        self.summary = nn.Linear(config.n_embd, width) if config.summary_use_proj else nn.Identity()
+        self.activation = activation(config.summary_activation) if config.summary_activation else nn.Identity()
+        self.first_dropout = nn.Dropout(config.summary_first_dropout) if config.summary_first_dropout else nn.Identity()
+        last = getattr(config, "summary_last_dropout", 0.0)
+        self.last_dropout = nn.Dropout(last) if last else nn.Identity()
+
+    def forward(self, hidden: torch.Tensor, cls_index: torch.LongTensor | None = None) -> torch.Tensor:
+        # "last" / "first" / "mean" read dimension 1, as the reference does (the positions of a (B, T, H) input)
+        if self.summary_type == "last":
+            out = hidden[:, -1]
+        elif self.summary_type == "first":
+            out = hidden[:, 0]
+        elif self.summary_type == "mean":
+            out = hidden.mean(dim=1)
+        else:
+            if cls_index is None:
+                cls_index = torch.full(hidden.shape[:-2], hidden.shape[-2] - 1, dtype=torch.long,
+                                       device=hidden.device)
+            index = cls_index[..., None, None].expand(*cls_index.shape, 1, hidden.shape[-1])  # (..., 1, H)
+            out = hidden.gather(-2, index).squeeze(-2)
+        return self.last_dropout(self.activation(self.summary(self.first_dropout(out))))
+
+
+class GPT2DoubleHeadsModel(GPT2PreTrainedModel):
+    """GPT-2 with the language-model head and a multiple-choice head that scores each choice at its `mc_token_ids`
+    position. Inputs may carry a choices dimension, (batch, num_choices, seq); it is folded into the batch for the
+    transformer and restored in the logits (hidden states and attentions stay per folded row)."""
+
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _can_generate = True
+
+    def __init__(self, config: GPT2Config) -> None:
+        super().__init__(config)
+        config.num_labels = 1  # one score per choice, as the reference sets it
+        self.transformer = GPT2Model(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.multiple_choice_head = GPT2SequenceSummary(config)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, past_key_values=None, attention_mask=None, token_type_ids=None,
+                position_ids=None, inputs_embeds=None, mc_token_ids=None, labels=None, mc_labels=None,
+                use_cache=None, output_hidden_states=None, cache_position=None, return_dict=None,
+                output_attentions=None, **_):
+        shape = (input_ids if input_ids is not None else inputs_embeds[..., 0]).shape  # (..., T)
+        flat = [None if t is None else t.reshape(-1, *t.shape[len(shape) - 1:])
+                for t in (input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds)]
+        out = self.transformer(flat[0], past_key_values, flat[1], flat[2], flat[3], flat[4], use_cache,
+                               output_hidden_states, cache_position, output_attentions=output_attentions)
+        hidden = out.last_hidden_state.reshape(*shape, -1)  # (..., T, H)
+        logits = self.lm_head(hidden)
+        mc_logits = self.multiple_choice_head(hidden, mc_token_ids).squeeze(-1)
+        mc_loss = (nn.functional.cross_entropy(mc_logits.reshape(-1, mc_logits.shape[-1]), mc_labels.reshape(-1))
+                   if mc_labels is not None else None)
+        loss = None
+        if labels is not None:  # next-token loss over every position, -100 ignored
+            shifted = logits[..., :-1, :].reshape(-1, logits.shape[-1])
+            loss = nn.functional.cross_entropy(shifted, labels.to(logits.device)[..., 1:].reshape(-1))
+        return ModelOutput(loss=loss, mc_loss=mc_loss, logits=logits, mc_logits=mc_logits,
+                           past_key_values=out.past_key_values, hidden_states=out.hidden_states,
+                           attentions=out.attentions)
 
 
 class GPT2ForSequenceClassification(GPT2PreTrainedModel):
@@ -199,4 +280,5 @@ class GPT2ForQuestionAnswering(QuestionAnsweringHead, GPT2PreTrainedModel):
 # the registry (loom.auto), the top-level exports and the test tables are derived from this
 MODEL_TYPES = {"gpt2": (GPT2Config, {
     "base": GPT2Model, "causal-lm": GPT2LMHeadModel, "sequence-classification": GPT2ForSequenceClassification,
-    "token-classification": GPT2ForTokenClassification, "question-answering": GPT2ForQuestionAnswering})}
+    "token-classification": GPT2ForTokenClassification, "question-answering": GPT2ForQuestionAnswering,
+    "double-heads": GPT2DoubleHeadsModel})}

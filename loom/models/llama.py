@@ -9,7 +9,7 @@ from loom.modeling import PreTrainedModel
 from loom.models.cache import Cache
 from loom.models.common import (RMSNorm, activation, attention, causal_lm_loss, classification_loss, decoder_inputs,
                                 fused_decode_attention, fused_decode_layer, maybe_checkpoint,
-                                recording_attentions)
+                                recording_attentions, token_loss)
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
 from loom.models.rope import RotaryEmbedding, apply_rotary
 from loom.outputs import ModelOutput
@@ -217,6 +217,8 @@ class LlamaModel(LlamaPreTrainedModel):
         if position_ids is None:
             position_ids = cache_position[None].expand(x.shape[0], x.shape[1])
         rope = self.rope_tables(position_ids, x.dtype)
+        if output_hidden_states is None:  # unset: the config's setting, as for output_attentions
+            output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
             for layer, window in zip(self.layers, self.windows):
@@ -254,14 +256,25 @@ class LlamaForCausalLM(LlamaPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_hidden_states=None, cache_position=None,
                 logits_to_keep: int = 0, return_dict=None, num_items_in_batch=None, output_attentions=None,
-                **kwargs):
+                shift_labels=None, **kwargs):
+        """`shift_labels`: targets already shifted (position t predicts shift_labels[t]), as sequence/context
+        parallel training hands them over; with labels, the loss then uses them unshifted."""
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          output_hidden_states, cache_position, output_attentions=output_attentions)
         h = out.last_hidden_state
         logits = self.finish_logits(self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h))
-        loss = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        loss = lm_loss(logits, labels, shift_labels, num_items_in_batch)
         return ModelOutput(loss=loss, logits=logits, past_key_values=out.past_key_values,
                            hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+def lm_loss(logits: torch.Tensor, labels, shift_labels, num_items_in_batch) -> torch.Tensor | None:
+    """A causal LM head's loss: None without labels; next-token loss on labels, or on pre-shifted shift_labels."""
+    if labels is None:
+        return None
+    if shift_labels is None:
+        return causal_lm_loss(logits, labels, num_items_in_batch)
+    return token_loss(logits, shift_labels, num_items_in_batch)
 
 
 def last_token_pool(logits: torch.Tensor, input_ids, pad_token_id) -> torch.Tensor:

@@ -20,12 +20,14 @@ from .arguments import PaddingStrategy, TensorType, TruncationStrategy
 from .auto import AutoTokenizer
 from .batch_encoding import BatchEncoding, CharSpan, TokenSpan
 from .classes import TOKENIZER_CLASSES
+from .protobuf import import_protobuf, import_protobuf_decode_error
 from .tokenizer import PreTrainedTokenizerFast
 from .tool_schema import DocstringParsingException, TypeHintParsingException, get_json_schema
 
 __all__ = ["AutoTokenizer", "BatchEncoding", "CharSpan", "DocstringParsingException", "PaddingStrategy",
            "PreTrainedTokenizerFast", "TensorType", "TruncationStrategy",
-           "TokenSpan", "TypeHintParsingException", "get_json_schema",
+           "TokenSpan", "TypeHintParsingException", "get_json_schema", "import_protobuf",
+           "import_protobuf_decode_error",
            *TOKENIZER_CLASSES, *(name + "Fast" for name in TOKENIZER_CLASSES)]
 globals().update(TOKENIZER_CLASSES)
 globals().update({name + "Fast": cls for name, cls in TOKENIZER_CLASSES.items()})

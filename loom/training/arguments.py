@@ -233,7 +233,7 @@ class TrainingArguments:
     def to_dict(self) -> dict[str, Any]:
         """The fields as a dict, with secrets (hub_token) replaced by a placeholder, as the reference writes them."""
         return {f.name: f"<{f.name.upper()}>" if f.name.endswith("_token") and getattr(self, f.name) else
-                getattr(self, f.name) for f in fields(self)}
+                _json_ready(getattr(self, f.name)) for f in fields(self)}
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str) + "\n"
@@ -247,6 +247,12 @@ class TrainingArguments:
                 changes = {**changes, **{name: changes[given[0]] for name in pair}}
         data.update(changes)
         return type(self)(**data)
+
+
+def _json_ready(value: Any) -> Any:
+    """A torch.dtype (a field a subclass may add) as its name, "float32", as the reference writes it."""
+    kind = type(value)
+    return str(value).removeprefix("torch.") if kind.__module__ == "torch" and kind.__name__ == "dtype" else value
 
 
 def steps_from(value: float | None, total_steps: int) -> int | None:
