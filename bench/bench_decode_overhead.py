@@ -108,11 +108,23 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--no-matmul", action="store_true")
     parser.add_argument("--module-path", action="store_true", help="with --no-matmul: no whole-layer kernel")
+    parser.add_argument("--no-plan", action="store_true", help="without the decode plan (generation/decode_plan.py)")
+    parser.add_argument("--ab", action="store_true", help="each rep also without the decode plan (interleaved)")
     args = parser.parse_args()
+    from loom.generation import decode_plan
+
+    if args.module_path or args.no_plan:
+        decode_plan.DecodePlan.build = classmethod(lambda cls, *a: None)
     if args.no_matmul:
-        from loom.kernels import ops
+        from loom.kernels import chain, ops
 
         ops.dense_linear = lambda x, w, b: x.new_zeros(*x.shape[:-1], w.shape[0])
+        chain_init = chain.DecodeChain.__init__
+
+        def init_without_products(self, *a, **kw):
+            chain_init(self, *a, **kw)
+            self._step.no_products = 1
+        chain.DecodeChain.__init__ = init_without_products
         if args.module_path:
             import loom.models.llama
 
@@ -128,17 +140,28 @@ def main() -> None:
         model = build(dtype)
         floor_step = linears_step(model, args.batch, dtype)
         generate(model, ids, 2)
-        steps, floors = [], []
+        steps, floors, without = [], [], []
         for _ in range(args.reps):  # interleaved, so load drifting during the run hits both alike
             t_short = cpu_time(lambda: generate(model, ids, args.short))
             t_long = cpu_time(lambda: generate(model, ids, args.long))
             steps.append((t_long - t_short) / (args.long - args.short))
             floors.append(cpu_time(lambda: [floor_step() for _ in range(10)]) / 10)
+            if args.ab:
+                planned = decode_plan.DecodePlan.build
+                decode_plan.DecodePlan.build = classmethod(lambda cls, *a: None)
+                t_short = cpu_time(lambda: generate(model, ids, args.short))
+                t_long = cpu_time(lambda: generate(model, ids, args.long))
+                without.append((t_long - t_short) / (args.long - args.short))
+                decode_plan.DecodePlan.build = planned
         step, floor = statistics.median(steps), statistics.median(floors)
+        if args.ab:
+            w = statistics.median(without)
+            print(f"{name} without the decode plan: step {w * 1e3:.2f} ms (best {min(without) * 1e3:.2f}), overhead "
+                  f"{(w - floor) * 1e3:.2f} ms/token")
         counts = op_counts(model, ids, args.short, args.long)
         aten = {k: v for k, v in counts.items() if k.startswith(("aten::", "loom::"))}
         top = ", ".join(f"{k.split('::')[1]} {v:g}" for k, v in sorted(aten.items(), key=lambda kv: -kv[1])[:12])
-        print(f"{name}: step {step * 1e3:.2f} ms, kernel floor {floor * 1e3:.2f} ms, overhead "
+        print(f"{name}: step {step * 1e3:.2f} ms (best {min(steps) * 1e3:.2f}), kernel floor {floor * 1e3:.2f} ms, overhead "
               f"{(step - floor) * 1e3:.2f} ms/token | torch ops per step {sum(aten.values()):g}: {top}", flush=True)
         if args.cprofile:
             prof = cProfile.Profile()

@@ -19,6 +19,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_decode_layer_attention": (_I, [_P, _P, _P, _P, _I, _L, _L, _L, _L, _L, _L, _P, _P, _F] + [_P] * 14
                                     + [_L, _P, _P, _L, _L, _L, _P, _L, _L, _F, _I]),
     "loom_argmax_rows": (None, [_P, _L, _L, _P]),
+    "loom_decode_chain_step": (_I, [_P, _P, _P]),
     "loom_int8_gemm": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
     "loom_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
     "loom_int4_dequantize": (None, [_P, _P, _P, _I, _P, _L, _L, _L, _I]),
