@@ -60,13 +60,14 @@ class DecodePlan:
         config, dtype = model.config, model.dtype
         windows = set(base.windows)
         if (len(windows) != 1 or config._attn_implementation != "sdpa" or getattr(config, "output_attentions", False)
-                or model.training or dtype not in policy.DTYPES or not policy.enabled() or rows > policy.MAX_ROWS
+                or dtype not in policy.DTYPES or not policy.enabled() or rows > policy.MAX_ROWS
                 or (rows > 1 and dtype is torch.bfloat16 and not policy.batched_bf16())):
             return None
         embed = base.embed_tokens
         if type(embed) is not nn.Embedding or embed.max_norm is not None:
             return None
         layers, tensors, checked = list(base.layers), [], [model, base, base.layers, embed]
+        moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
         if len(layers) == 0 or len(cache.keys) != len(layers) or len(set(cache.length)) != 1:
             return None
         for layer in layers:
@@ -81,6 +82,7 @@ class DecodePlan:
                     or not all(type(n) is RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
                 return None
             checked += [layer, attn, mlp, mlp.act_fn, *norms, *linears]
+            moded += [layer, attn, mlp]
             scale = attn.scaling if attn.scaling is not None else attn.head_dim ** -0.5
             tensors.append(LayerTensors(norms[0]._parameters.get("weight"), norms[1]._parameters.get("weight"),
                                         [m._parameters.get("weight") for m in linears],
@@ -94,14 +96,15 @@ class DecodePlan:
                 chain.set_cache(i, cache.keys[i], cache.values[i])
         except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
             return None
-        return cls(model, base, cache, chain, checked, windows.pop())
+        return cls(model, base, cache, chain, checked, moded, windows.pop())
 
-    def __init__(self, model, base, cache: DynamicCache, chain: DecodeChain, modules: list, window) -> None:
+    def __init__(self, model, base, cache: DynamicCache, chain: DecodeChain, modules: list, moded: list,
+                 window) -> None:
         self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
         self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
         self.embed_weight = base.embed_tokens.weight
         self.norm = getattr(base, base.norm_name)
-        self.modules = tuple(modules)
+        self.modules, self.moded = tuple(modules), tuple(moded)
         self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
         self.instance_dicts = tuple(m.__dict__ for m in modules)
         # what each module holds now: (its _modules or _parameters dict, name, the object), checked for identity
@@ -119,7 +122,7 @@ class DecodePlan:
                 and not _module_hooks._global_forward_hooks and not _module_hooks._global_forward_pre_hooks
                 and self.config._attn_implementation == "sdpa" and policy.enabled() and ops.eager_now()
                 and not any(self.hooks) and not any(map(operator.contains, self.instance_dicts, repeat("forward")))
-                and not any(map(_training, self.modules))
+                and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
                 and all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
                 and len(cache.keys) == self.n and cache.length.count(pos) == self.n

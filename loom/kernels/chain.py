@@ -56,6 +56,7 @@ class DecodeChain:
         _check(dtype in policy.DTYPES, f"dtype {dtype} is not one of float32, bfloat16")
         _check(0 < rows <= policy.MAX_ROWS, f"rows={rows} must be 1..{policy.MAX_ROWS}")
         self._fn = build.library().loom_decode_chain_step
+        name = str(dtype).replace("torch.", "")
         self.rows, self.dtype, self.D, self.n = rows, dtype, head_dim, len(layers)
         self._tensors = layers  # held: the structs point into them
         self._structs = [_Layer() for _ in layers]
@@ -66,7 +67,7 @@ class DecodeChain:
             hidden = wq.shape[1] if hidden is None else hidden
             I = wg.shape[0]
             _check(all(policy.plain(w) and w.dtype is dtype and w.is_contiguous() for w in (*t.weights, t.ln1, t.ln2))
-                   and all(w.dim() == 2 for w in t.weights), f"layer {i}: weights must be contiguous {dtype} CPU "
+                   and all(w.dim() == 2 for w in t.weights), f"layer {i}: weights must be contiguous {name} CPU "
                    "tensors, the projections' 2-D")
             _check(wd.shape == (hidden, I) and wu.shape == wg.shape and wg.shape[1] == hidden
                    and wo.shape[0] == hidden and wq.shape[0] % head_dim == 0 and wk.shape[0] % head_dim == 0
@@ -103,7 +104,8 @@ class DecodeChain:
                and kc.dim() == 4 and kc.shape == vc.shape and kc.stride() == vc.stride()
                and kc.shape[:2] == (self.rows, s.Hkv) and kc.shape[3] == self.D and kc.stride(3) == 1
                and kc.stride(2) == self.D, f"layer {i}: cache buffers {tuple(kc.shape)} / {tuple(vc.shape)} must be "
-               f"({self.rows}, {s.Hkv}, capacity, {self.D}) {self.dtype} with contiguous positions")
+               f"({self.rows}, {s.Hkv}, capacity, {self.D}) {str(self.dtype).replace('torch.', '')} with contiguous "
+               "positions")
         s.kc, s.vc, s.c_sb, s.c_sh = kc.data_ptr(), vc.data_ptr(), kc.stride(0), kc.stride(1)
         self._caches[i] = (kc, vc)
         self._capacity = min(c[0].shape[2] for c in self._caches) if all(self._caches) else 0
