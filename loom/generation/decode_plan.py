@@ -11,7 +11,7 @@ Before each step the plan re-checks, at C speed, what may change between steps (
 skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
 the attention implementation, recorded attentions, the cache's buffers and length). Where anything differs, the
 step returns None, having changed nothing, and the Decoder runs the model's forward as usual; so does every model,
-cache or setting the plan does not cover (padded batches, static caches, hidden states or attentions asked for,
+cache or setting the plan does not cover (static caches, sliding windows in reach, hidden states or attentions asked for,
 quantized or adapter Linears, variant layers).
 """
 from __future__ import annotations
@@ -114,7 +114,7 @@ class DecodePlan:
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
-        self.steps = 0  # decode steps this plan ran (tests read it)
+        self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
 
     def unchanged(self, cache, pos: int) -> bool:
         """Whether everything the plan checked when it was built still holds (see the module docstring)."""
@@ -128,23 +128,29 @@ class DecodePlan:
                 and len(cache.keys) == self.n and cache.length.count(pos) == self.n
                 and (self.window is None or pos < self.window))
 
-    def step(self, input_ids: torch.Tensor, position: torch.Tensor, pos: int) -> torch.Tensor | None:
-        """Logits (rows, V) after feeding `input_ids` (rows, 1) at position `pos` (`position`: the same as a (1,)
-        tensor); None, having changed nothing, where the model's forward must run instead."""
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, pos: int,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits (rows, V) after feeding `input_ids` (rows, 1) as the cache's position `pos`, with the model's
+        `position_ids` (rows, 1) and `attention_mask` (rows, >= pos + 1; 1 = a real token) where the batch is padded;
+        None, having changed nothing, where the model's forward must run instead."""
         cache, chain = self.cache, self.chain
         if not self.unchanged(cache, pos) or input_ids.shape != (self.rows, 1):
             return None
-        cos, sin = self.base.rope_tables(position[None].expand(self.rows, 1), self.dtype)[self.window]
+        mask = None
+        if attention_mask is not None:  # the padded batch's keys, as `position_mask` makes them (all are causal)
+            if attention_mask is not self.mask_source:
+                self.mask_source, self.mask = attention_mask, attention_mask.to(torch.bool)
+            mask = self.mask
+        cos, sin = self.base.rope_tables(position_ids, self.dtype)[self.window]
         if pos >= chain._capacity:
             for i in range(self.n):  # room for this token, as DynamicCache.decode_slot makes it
                 cache._grow(i, pos + 1)
                 chain.set_cache(i, cache.keys[i], cache.values[i])
             self.keys, self.values = tuple(cache.keys), tuple(cache.values)
-        if not chain.fits(cos, sin, pos):
+        if not chain.fits(cos, sin, pos, mask):
             return None
         torch.index_select(self.embed_weight, 0, input_ids.view(-1), out=self.x2d)
-        x = chain.run(cos, sin, pos)
+        x = chain.run(cos, sin, pos, mask)
         cache.length = [pos + 1] * self.n
-        self.steps += 1
         logits = self.model.finish_logits(self.model.lm_head(self.norm(x)))
         return logits[:, -1]

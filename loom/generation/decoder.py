@@ -124,13 +124,14 @@ class Decoder:
                 self.cache = DynamicCache()
             return self._run(self.model, 0, n + 1, input_ids=tokens)
         if self.use_cache:
-            if self.plan is None and self.forward is self.model and self.mask is None and self.position_ids is None \
-                    and self.types is None and not (self.output_hidden_states or self.output_attentions) \
-                    and self.restart_at is None:
+            if self.plan is None and self.forward is self.model and self.types is None and self.restart_at is None \
+                    and not (self.output_hidden_states or self.output_attentions):
                 self.plan = DecodePlan.build(self.model, self.cache, self.rows) or False
             if self.plan:
                 self._reserve(n + 1)
-                logits = self.plan.step(tokens[:, -1:], self.positions[n:n + 1], n)
+                positions = (self.positions[n:n + 1][None].expand(self.rows, 1) if self.position_ids is None
+                             else self.position_ids[:, n:n + 1])
+                logits = self.plan.step(tokens[:, -1:], positions, n, self.mask)
                 if logits is not None:
                     self.last_hidden_states = self.last_attentions = None
                     return logits

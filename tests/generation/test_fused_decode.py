@@ -174,10 +174,9 @@ def test_generation_fused_equals_unfused(model_type, cache, dtype, monkeypatch):
         llama_layers = {"llama": n_layers, "mistral": n_layers, "qwen2_moe": 1}.get(model_type, 0)
         whole_layer = takes_fused and (rows == 1 or dtype is torch.float32 or policy.EMULATED_BF16)
         assert calls["decode_layer_attention"] + calls["chain"] == (11 * llama_layers if whole_layer else 0)
-        # the decode plan runs every step of an unpadded batch of Llama's own layers (rows 1: the mask is all ones)
-        # over a dynamic cache; Mistral's tiny sliding window (4) is behind the prompt, so its steps need the window's
-        # mask, which the plan leaves to the model's forward
-        plan = whole_layer and rows == 1 and model_type == "llama" and cache is None
+        # the decode plan runs every step of Llama's own layers over a dynamic cache; Mistral's tiny sliding window
+        # (4) is behind the prompt, so its steps need the window's mask, which the plan leaves to the model's forward
+        plan = whole_layer and model_type == "llama" and cache is None
         assert calls["chain"] == (11 * n_layers if plan else 0)
 
 
