@@ -33,11 +33,12 @@ from loom.models.llama import LlamaForCausalLM, LlamaModel
 _LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 _is = operator.is_
 _training = operator.attrgetter("training")
+_data_ptr = torch.Tensor.data_ptr
 _module_hooks = nn.modules.module
 
 
-def _silu_(t: torch.Tensor) -> None:
-    F.silu(t, inplace=True)
+# what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
+_silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
 
 
 def _activation(act: nn.Module):
@@ -112,6 +113,10 @@ class DecodePlan:
         slots += [(m._parameters, name, p) for m in modules for name, p in m._parameters.items()]
         slots += [(base._modules, "embed_tokens", base.embed_tokens)]
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
+        # the tensors the chain reads through pointers: a swapped `.data` moves them
+        self.pointed = tuple(t for lt in chain.layers for t in (lt.ln1, lt.ln2, *lt.weights, *lt.biases)
+                             if t is not None)
+        self.addresses = tuple(t.data_ptr() for t in self.pointed)
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
         self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
@@ -124,6 +129,7 @@ class DecodePlan:
                 and not any(self.hooks) and not any(map(operator.contains, self.instance_dicts, repeat("forward")))
                 and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
+                and tuple(map(_data_ptr, self.pointed)) == self.addresses
                 and all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
                 and len(cache.keys) == self.n and cache.length.count(pos) == self.n
                 and (self.window is None or pos < self.window))

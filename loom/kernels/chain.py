@@ -59,7 +59,11 @@ class DecodeChain:
         self._fn = build.library().loom_decode_chain_step
         name = str(dtype).replace("torch.", "")
         self.rows, self.dtype, self.D, self.n = rows, dtype, head_dim, len(layers)
-        self._tensors = layers  # held: the structs point into them
+        # the structs point into these: held as views of their own, so the memory stays valid even where a
+        # parameter's `.data` is swapped (the plan notices that and stops calling the chain)
+        self.layers = layers
+        self._held = [t.detach() for lt in layers for t in (lt.ln1, lt.ln2, *lt.weights, *lt.biases)
+                      if t is not None]
         self._structs = [_Layer() for _ in layers]
         self._acts, self._gates, self._ups = [], [], []
         hidden = None
@@ -108,7 +112,7 @@ class DecodeChain:
                f"({self.rows}, {s.Hkv}, capacity, {self.D}) {str(self.dtype).replace('torch.', '')} with contiguous "
                "positions")
         s.kc, s.vc, s.c_sb, s.c_sh = kc.data_ptr(), vc.data_ptr(), kc.stride(0), kc.stride(1)
-        self._caches[i] = (kc, vc)
+        self._caches[i] = (kc.detach(), vc.detach())
         self._capacity = min(c[0].shape[2] for c in self._caches) if all(self._caches) else 0
 
     def fits(self, cos: torch.Tensor, sin: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> bool:

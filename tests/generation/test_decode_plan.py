@@ -197,3 +197,22 @@ def test_chain_names_bad_inputs():
     assert not ok.fits(cos, cos, 0)  # no cache set yet: no room for position 0
     ok.set_cache(0, torch.zeros(1, 2, 8, D), torch.zeros(1, 2, 8, D))
     assert ok.fits(cos, cos, 7) and not ok.fits(cos, cos, 8) and not ok.fits(cos.double(), cos.double(), 0)
+
+
+def test_swapped_parameter_data_in_the_middle_of_a_generate_falls_back(monkeypatch):
+    """`param.data = ...` keeps the parameter but moves its memory: the chain's pointers would be stale (it holds the
+    old memory, so nothing dangles), and the plan hands the step back to the forward, which reads the new data."""
+    model = _model("llama", torch.float32)
+    weight = model.model.layers[0].self_attn.o_proj.weight
+    original = weight.data
+    results = []
+    for plan in (True, False):
+        def change():
+            weight.data = original * -1
+        try:
+            results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                     streamer=_Changer(4, change)))
+        finally:
+            weight.data = original
+    (a, steps), (b, _) = results
+    assert _same(a, b) and steps == (2 * 2 if build.available() else 0)
