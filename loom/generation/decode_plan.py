@@ -17,6 +17,7 @@ quantized or adapter Linears, variant layers).
 from __future__ import annotations
 
 import operator
+import sys
 from itertools import repeat
 
 import torch
@@ -28,7 +29,6 @@ from loom.kernels.chain import DecodeChain, LayerTensors
 from loom.models import common
 from loom.models.cache import DynamicCache
 from loom.models.common import RMSNorm
-from loom.models.llama import LlamaForCausalLM, LlamaModel
 
 _LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
 _is = operator.is_
@@ -53,6 +53,12 @@ class DecodePlan:
 
     @classmethod
     def build(cls, model, cache, rows: int) -> DecodePlan | None:
+        # Llama's classes from the loaded module (a Llama-shaped model has loaded it): importing it here would close
+        # an import cycle (models -> modeling -> generation)
+        llama = sys.modules.get("loom.models.llama")
+        if llama is None:
+            return None
+        LlamaForCausalLM, LlamaModel = llama.LlamaForCausalLM, llama.LlamaModel
         base = getattr(model, "model", None)
         if not (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
                 and isinstance(base, LlamaModel) and type(base).forward is LlamaModel.forward
