@@ -135,10 +135,19 @@ class DecodePlan:
                 and not any(self.hooks) and not any(map(operator.contains, self.instance_dicts, repeat("forward")))
                 and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
-                and tuple(map(_data_ptr, self.pointed)) == self.addresses
-                and all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
-                and len(cache.keys) == self.n and cache.length.count(pos) == self.n
+                and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(cache.keys) == self.n and cache.length.count(pos) == self.n
                 and (self.window is None or pos < self.window))
+
+    def _rebind(self, cache) -> bool:
+        """Point the chain at the cache's buffers after something replaced them (beam search's reorder)."""
+        self.keys = self.values = ()  # matched again only once every layer is rebound
+        try:
+            for i in range(self.n):
+                self.chain.set_cache(i, cache.keys[i], cache.values[i])
+        except ValueError:
+            return False
+        self.keys, self.values = tuple(cache.keys), tuple(cache.values)
+        return True
 
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, pos: int,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -147,6 +156,9 @@ class DecodePlan:
         None, having changed nothing, where the model's forward must run instead."""
         cache, chain = self.cache, self.chain
         if not self.unchanged(cache, pos) or input_ids.shape != (self.rows, 1):
+            return None
+        if not (all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
+                or self._rebind(cache)):
             return None
         mask = None
         if attention_mask is not None:  # the padded batch's keys, as `position_mask` makes them (all are causal)

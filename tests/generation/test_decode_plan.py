@@ -216,3 +216,21 @@ def test_swapped_parameter_data_in_the_middle_of_a_generate_falls_back(monkeypat
             weight.data = original
     (a, steps), (b, _) = results
     assert _same(a, b) and steps == (2 * 2 if build.available() else 0)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_beam_search_and_sampling_through_the_plan(sample, monkeypatch):
+    """Beam search reorders the cache (new buffers: the plan re-points its chain) and sampling draws from the plan's
+    logits: the same sequences and scores as without the plan."""
+    model = _model("llama", torch.float32)
+    kw = dict(input_ids=_ids(2), max_new_tokens=12, num_beams=1 if sample else 3, do_sample=sample)
+    results = []
+    for plan in (True, False):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            results.append(_generate(model, monkeypatch, plan, **kw))
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    if not sample:
+        assert torch.equal(a.sequences_scores, b.sequences_scores)
+    assert steps == (11 * 2 if build.available() else 0)
