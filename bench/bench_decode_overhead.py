@@ -1,6 +1,7 @@
 """Per-token overhead of loom's decode step outside the matmul kernels, on bench_generate.py's model (batch 1).
 
     .venv/bin/python bench/bench_decode_overhead.py [--dtypes fp32,bf16] [--batch 1] [--reps 7] [--cprofile]
+                                                    [--no-matmul] [--ab | --no-plan | --module-path]
 
 One thread, CPU time (`time.process_time`), medians: the machine is shared, and CPU time does not count the time
 other processes take the core. Per decode step:
@@ -14,6 +15,13 @@ kernel (loom::decode_layer_attention) then runs without its products (its checks
 attention, on zero projections; a little more than the real call: a few extra allocations), or with --module-path
 not at all: the path of layers it does not apply to (hooked, PEFT-wrapped, variant layers). With --cprofile
 the Python functions of the steps are printed too. A benchmark to read, not a test.
+
+The decode plan (loom/generation/decode_plan.py) runs a Llama-shaped model's steps through one C call per layer
+(loom_decode_chain_step; with --no-matmul its products are zeros too). It calls no Linear as a module but the head,
+so the kernel floor, which includes ~85 Linear module calls, is then above the step's own Python: with --no-matmul
+the step itself is the honest bound on the per-token cost outside the matmul kernels (norms, RoPE, cache writes and
+attention included). `--ab` times each rep without the plan as well (the per-layer path, interleaved); `--no-plan`
+takes that path only; `--module-path` neither the plan nor the whole-layer kernel.
 """
 from __future__ import annotations
 
