@@ -135,7 +135,8 @@ class DecodePlan:
                 and not any(self.hooks) and not any(map(operator.contains, self.instance_dicts, repeat("forward")))
                 and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
-                and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(cache.keys) == self.n and cache.length.count(pos) == self.n
+                and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
+                and len(cache.keys) == self.n and cache.length.count(pos) == self.n
                 and (self.window is None or pos < self.window))
 
     def _rebind(self, cache) -> bool:

@@ -115,7 +115,8 @@ class _Changer:
         pass
 
 
-@pytest.mark.parametrize("what", ["hook", "pre-hook", "module", "parameter", "forward", "train", "global hook"])
+@pytest.mark.parametrize("what", ["hook", "pre-hook", "module", "parameter", "forward", "train", "global hook",
+                                  "layer added"])
 def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
     """The plan notices at the next step and the forward takes over: the same tokens and scores as a generate that
     never planned, and plan steps only before the change."""
@@ -136,6 +137,9 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
             layer.mlp.forward = lambda x: torch.zeros_like(x)
         elif what == "train":
             model.train()
+        elif what == "layer added":
+            model.model.layers.append(model.model.layers[0])
+            model.model.windows.append(None)
         else:
             undo.append(nn.modules.module.register_module_forward_hook(lambda m, args, out: None))
 
@@ -152,6 +156,8 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
                 h.remove()
             undo.clear()
             layer.mlp.__dict__.pop("forward", None)
+            del model.model.layers[2:]
+            del model.model.windows[2:]
             layer.mlp.act_fn = act
             layer.mlp.up_proj.weight = nn.Parameter(state["model.layers.1.mlp.up_proj.weight"])
             model.eval()
