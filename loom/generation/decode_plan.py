@@ -11,7 +11,7 @@ Before each step the plan re-checks, at C speed, what may change between steps (
 skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
 the attention implementation, recorded attentions, the cache's buffers and length). Where anything differs, the
 step returns None, having changed nothing, and the Decoder runs the model's forward as usual; so does every model,
-cache or setting the plan does not cover (static caches, sliding windows in reach, hidden states or attentions asked for,
+cache or setting the plan does not cover (sliding windows in reach, hidden states or attentions asked for,
 quantized or adapter Linears, variant layers).
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from loom.kernels import KernelLinear, ops, policy
 from loom.kernels.chain import DecodeChain, LayerTensors
 from loom.models import common
-from loom.models.cache import DynamicCache
+from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
 
 _LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
@@ -62,7 +62,7 @@ class DecodePlan:
         base = getattr(model, "model", None)
         if not (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
                 and isinstance(base, LlamaModel) and type(base).forward is LlamaModel.forward
-                and type(base).embed is LlamaModel.embed and base.causal and type(cache) is DynamicCache):
+                and type(base).embed is LlamaModel.embed and base.causal and type(cache) in (DynamicCache, StaticCache)):
             return None
         config, dtype = model.config, model.dtype
         windows = set(base.windows)
@@ -75,7 +75,8 @@ class DecodePlan:
             return None
         layers, tensors, checked = list(base.layers), [], [model, base, base.layers, embed]
         moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
-        if len(layers) == 0 or len(cache.keys) != len(layers) or len(set(cache.length)) != 1:
+        if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
+                                                                  and len(set(cache.length)) != 1):
             return None
         for layer in layers:
             mlp = getattr(layer, getattr(layer, "mlp_name", "mlp"), None)
@@ -105,7 +106,7 @@ class DecodePlan:
             return None
         return cls(model, base, cache, chain, checked, moded, windows.pop())
 
-    def __init__(self, model, base, cache: DynamicCache, chain: DecodeChain, modules: list, moded: list,
+    def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
                  window) -> None:
         self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
         self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
@@ -126,6 +127,8 @@ class DecodePlan:
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
         self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
+        # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
+        self.static = cache.max_cache_len if type(cache) is StaticCache else None
 
     def unchanged(self, cache, pos: int) -> bool:
         """Whether everything the plan checked when it was built still holds (see the module docstring)."""
@@ -136,7 +139,8 @@ class DecodePlan:
                 and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
-                and len(cache.keys) == self.n and cache.length.count(pos) == self.n
+                and len(cache.keys) == self.n
+                and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
                 and (self.window is None or pos < self.window))
 
     def _rebind(self, cache) -> bool:
@@ -150,32 +154,42 @@ class DecodePlan:
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         return True
 
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, pos: int,
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, pos: int,
              attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Logits (rows, V) after feeding `input_ids` (rows, 1) as the cache's position `pos`, with the model's
-        `position_ids` (rows, 1) and `attention_mask` (rows, >= pos + 1; 1 = a real token) where the batch is padded;
-        None, having changed nothing, where the model's forward must run instead."""
+        """Logits (rows, V) after feeding `input_ids` (rows, 1) as the cache's position `pos` (`cache_position`: the
+        same as a (1,) tensor), with the model's `position_ids` (rows, 1) and `attention_mask` (rows, >= pos + 1;
+        1 = a real token) where the batch is padded; None, having changed nothing, where the model's forward must run
+        instead."""
         cache, chain = self.cache, self.chain
         if not self.unchanged(cache, pos) or input_ids.shape != (self.rows, 1):
             return None
         if not (all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
                 or self._rebind(cache)):
             return None
-        mask = None
-        if attention_mask is not None:  # the padded batch's keys, as `position_mask` makes them (all are causal)
+        mask = length = None
+        if self.static is not None:  # the whole buffer, masked, as the forward gives a static cache
+            length = self.static
+            if pos >= length:
+                return None  # the forward raises the cache's overflow error
+            mask = common.position_mask(attention_mask, cache_position, length)  # (B | 1, 1, 1, length)
+            mask = mask.view(mask.shape[0], length)
+        elif attention_mask is not None:  # the padded batch's keys, as `position_mask` makes them (all are causal)
             if attention_mask is not self.mask_source:
                 self.mask_source, self.mask = attention_mask, attention_mask.to(torch.bool)
             mask = self.mask
         cos, sin = self.base.rope_tables(position_ids, self.dtype)[self.window]
-        if pos >= chain._capacity:
+        if pos >= chain._capacity and self.static is None:
             for i in range(self.n):  # room for this token, as DynamicCache.decode_slot makes it
                 cache._grow(i, pos + 1)
                 chain.set_cache(i, cache.keys[i], cache.values[i])
             self.keys, self.values = tuple(cache.keys), tuple(cache.values)
-        if not chain.fits(cos, sin, pos, mask):
+        if not chain.fits(cos, sin, pos, mask, length):
             return None
         torch.index_select(self.embed_weight, 0, input_ids.view(-1), out=self.x2d)
-        x = chain.run(cos, sin, pos, mask)
-        cache.length = [pos + 1] * self.n
+        x = chain.run(cos, sin, pos, mask, length)
+        if self.static is None:
+            cache.length = [pos + 1] * self.n
+        else:
+            cache.seen.fill_(pos + 1)  # as StaticCache.decode_slot counts the token
         logits = self.model.finish_logits(self.model.lm_head(self.norm(x)))
         return logits[:, -1]

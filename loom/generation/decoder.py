@@ -131,7 +131,7 @@ class Decoder:
                 self._reserve(n + 1)
                 positions = (self.positions[n:n + 1][None].expand(self.rows, 1) if self.position_ids is None
                              else self.position_ids[:, n:n + 1])
-                logits = self.plan.step(tokens[:, -1:], positions, n, self.mask)
+                logits = self.plan.step(tokens[:, -1:], positions, self.positions[n:n + 1], n, self.mask)
                 if logits is not None:
                     self.last_hidden_states = self.last_attentions = None
                     return logits

@@ -27,7 +27,7 @@ class _Layer(ctypes.Structure):  # csrc/decode.c chain_layer
 
 
 class _Step(ctypes.Structure):  # csrc/decode.c chain_step
-    _fields_ = [("x", _P), ("cos", _P), ("sin", _P), ("cs_sb", _L), ("pos", _L), ("B", _L), ("mask", _P),
+    _fields_ = [("x", _P), ("cos", _P), ("sin", _P), ("cs_sb", _L), ("pos", _L), ("B", _L), ("L", _L), ("mask", _P),
                 ("m_sb", _L), ("bf16", ctypes.c_int),
                 ("threads", ctypes.c_int),
                 ("no_products", ctypes.c_int)]
@@ -115,26 +115,30 @@ class DecodeChain:
         self._caches[i] = (kc.detach(), vc.detach())
         self._capacity = min(c[0].shape[2] for c in self._caches) if all(self._caches) else 0
 
-    def fits(self, cos: torch.Tensor, sin: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> bool:
-        """Whether this step's rotary tables ((rows or 1, 1, 1, D) in the chain's dtype), position and mask (None, or
-        (rows, >= pos + 1) bools, True = attend, unit stride along the keys) fit."""
-        cs = cos.shape
+    def fits(self, cos: torch.Tensor, sin: torch.Tensor, pos: int, mask: torch.Tensor | None = None,
+             length: int | None = None) -> bool:
+        """Whether this step's rotary tables ((rows or 1, 1, 1, D) in the chain's dtype), position, attended length
+        (None: pos + 1) and mask (None, or (rows or 1, >= length) bools, True = attend, unit stride along the keys)
+        fit."""
+        cs, length = cos.shape, pos + 1 if length is None else length
         return (policy.plain(cos) and policy.plain(sin) and cos.dtype is self.dtype and sin.dtype is self.dtype
                 and len(cs) == 4 and sin.shape == cs and cs[0] in (1, self.rows) and cs[1] == cs[2] == 1
                 and cs[3] == self.D and cos.stride() == sin.stride() and cos.stride(3) == 1
-                and 0 <= pos < self._capacity
+                and 0 <= pos < length <= self._capacity
                 and (mask is None or (policy.plain(mask) and mask.dtype is torch.bool and mask.dim() == 2
-                                      and mask.shape[0] == self.rows and mask.shape[1] > pos
+                                      and mask.shape[0] in (1, self.rows) and mask.shape[1] >= length
                                       and mask.stride(1) == 1)))
 
-    def run(self, cos: torch.Tensor, sin: torch.Tensor, pos: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, cos: torch.Tensor, sin: torch.Tensor, pos: int, mask: torch.Tensor | None = None,
+            length: int | None = None) -> torch.Tensor:
         """The layers' decode step on `self.x` (the caller wrote the token embeddings there) for the token at `pos`,
-        attending to the keys 0..pos (where `mask` says so), writing its keys and values into the caches; returns
-        `self.x`. The caller checked `fits`."""
+        attending to the keys 0..length-1 (default pos + 1) where `mask` says so, writing its keys and values into
+        the caches; returns `self.x`. The caller checked `fits`."""
         st = self._step
         st.cos, st.sin, st.cs_sb = cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0
-        st.mask, st.m_sb = (None, 0) if mask is None else (mask.data_ptr(), mask.stride(0))
-        st.pos, st.threads = pos, pool_threads()
+        st.mask, st.m_sb = (None, 0) if mask is None else (mask.data_ptr(),
+                                                           mask.stride(0) if mask.shape[0] > 1 else 0)
+        st.pos, st.L, st.threads = pos, pos + 1 if length is None else length, pool_threads()
         fn, sp, done = self._fn, self._step_ptr, None
         for p, act_, gate, up in zip(self._ptrs, self._acts, self._gates, self._ups):
             if fn(done, p, sp):

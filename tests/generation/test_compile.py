@@ -125,9 +125,9 @@ def test_static_mask_is_whole_length_and_dynamic_decode_is_mask_free(models, mon
 
     chain_run = DecodeChain.run
 
-    def chain_spy(self, cos, sin, pos, mask=None):  # the decode plan's layers (loom/generation/decode_plan.py)
-        seen.extend([None if mask is None else tuple(mask.shape)] * self.n)
-        return chain_run(self, cos, sin, pos, mask)
+    def chain_spy(self, cos, sin, pos, mask=None, length=None):  # the decode plan's layers (loom/generation/decode_plan.py)
+        seen.extend([None if mask is None else (mask.shape[0], 1, 1, length or pos + 1)] * self.n)
+        return chain_run(self, cos, sin, pos, mask, length)
     monkeypatch.setattr(DecodeChain, "run", chain_spy)
     model, ids = models["llama"], torch.tensor([[5, 9, 14]])
     layers = model.config.num_hidden_layers

@@ -41,17 +41,19 @@ def _ids(rows=1, n=7, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("model_type,rows,padded", [("llama", 1, False), ("llama", 3, False), ("llama", 3, True),
                                                     ("qwen2", 1, False)])
-def test_plan_equals_the_forward(model_type, rows, padded, dtype, monkeypatch):
-    """Tokens and scores bitwise, past the dynamic cache's first growths (16 positions, then doubling), in a
-    padded batch too (its mask and per-row positions)."""
+def test_plan_equals_the_forward(model_type, rows, padded, dtype, cache, monkeypatch):
+    """Tokens and scores bitwise, past the dynamic cache's first growths (16 positions, then doubling), over a
+    static cache (its whole length, masked), in a padded batch too (its mask and per-row positions)."""
     model = _model(model_type, dtype)
     mask = torch.ones(rows, 7, dtype=torch.long)
     if padded:
         mask[0, :2] = mask[2, :5] = 0
-    a, steps = _generate(model, monkeypatch, True, input_ids=_ids(rows), attention_mask=mask, max_new_tokens=40)
-    b, none = _generate(model, monkeypatch, False, input_ids=_ids(rows), attention_mask=mask, max_new_tokens=40)
+    kw = dict(input_ids=_ids(rows), attention_mask=mask, max_new_tokens=40, cache_implementation=cache)
+    a, steps = _generate(model, monkeypatch, True, **kw)
+    b, none = _generate(model, monkeypatch, False, **kw)
     assert _same(a, b) and none == 0
     planned = build.available() and (rows == 1 or dtype is torch.float32 or policy.batched_bf16())
     assert steps == (39 * model.config.num_hidden_layers if planned else 0)
@@ -167,10 +169,10 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
 
 
 def test_no_plan_where_it_does_not_apply(monkeypatch):
-    """A static cache, hidden states asked for, a variant layer: the forward, as before."""
+    """Hidden states asked for, a variant layer: the forward, as before."""
     model = _model("llama", torch.float32)
     ids = _ids(2)
-    for kw in (dict(cache_implementation="static"), dict(output_hidden_states=True)):
+    for kw in (dict(output_hidden_states=True),):
         a, steps = _generate(model, monkeypatch, True, input_ids=ids, max_new_tokens=6, **kw)
         b, _ = _generate(model, monkeypatch, False, input_ids=ids, max_new_tokens=6, **kw)
         assert _same(a, b) and steps == 0

@@ -139,8 +139,9 @@ typedef struct {
 typedef struct {
     void *x; /* (B, hidden) residual stream, updated in place */
     const void *cos, *sin;
-    long cs_sb, pos, B; /* the new token's position: keys 0..pos are attended to */
-    const uint8_t *mask; /* NULL, or (B, >= pos + 1) bools with row stride m_sb: the keys each row attends to */
+    long cs_sb, pos, B; /* the new token's position, written to the caches */
+    long L;              /* keys 0..L-1 are attended to (pos + 1; a static cache's whole length, masked) */
+    const uint8_t *mask; /* NULL, or (B, >= L) bools with row stride m_sb (0: one row for all): keys to attend to */
     long m_sb;
     int bf16, threads;
     int no_products; /* benchmarks only (bench/bench_decode_overhead.py --no-matmul): products are zeros */
@@ -170,7 +171,7 @@ static int chain_step_without_products(const chain_layer *p, const chain_layer *
     char *o = attn + B * qn * es;
     loom_rms_norm(s->x, n->ln1, h, bf16, B, n->hidden, n->eps, s->threads);
     int status = loom_rope_cache_attention(q, qn, k, kn, v, kn, s->cos, s->sin, s->cs_sb, n->kc, n->vc, n->c_sb,
-                                           n->c_sh, s->pos, s->mask, s->m_sb, attn, bf16, B, n->H, n->Hkv, s->pos + 1, n->D,
+                                           n->c_sh, s->pos, s->mask, s->m_sb, attn, bf16, B, n->H, n->Hkv, s->L, n->D,
                                            n->scale, s->threads);
     for (long i = 0; i < B * n->hidden; i++) {
         if (bf16)
@@ -211,6 +212,6 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
         status |= loom_decode_layer_attention(
             s->x, s->x, n->a, n->u, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->I, n->ln1, n->ln2, n->eps, n->w[0],
             n->w[1], n->w[2], n->w[3], n->w[4], n->w[5], n->b[0], n->b[1], n->b[2], n->b[3], n->b[4], n->b[5], s->cos,
-            s->sin, s->cs_sb, n->kc, n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->pos + 1, n->scale, s->threads);
+            s->sin, s->cs_sb, n->kc, n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
     return status ? -1 : 0;
 }
