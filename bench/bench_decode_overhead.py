@@ -169,8 +169,8 @@ def main() -> None:
         counts = op_counts(model, ids, args.short, args.long)
         aten = {k: v for k, v in counts.items() if k.startswith(("aten::", "loom::"))}
         top = ", ".join(f"{k.split('::')[1]} {v:g}" for k, v in sorted(aten.items(), key=lambda kv: -kv[1])[:12])
-        print(f"{name}: step {step * 1e3:.2f} ms (best {min(steps) * 1e3:.2f}), kernel floor {floor * 1e3:.2f} ms, overhead "
-              f"{(step - floor) * 1e3:.2f} ms/token | torch ops per step {sum(aten.values()):g}: {top}", flush=True)
+        print(f"{name}: step {step * 1e3:.2f} ms (best {min(steps) * 1e3:.2f}), kernel floor {floor * 1e3:.2f} ms, "
+              f"overhead {(step - floor) * 1e3:.2f} ms/token | torch ops per step {sum(aten.values()):g}: {top}", flush=True)
         if args.cprofile:
             prof = cProfile.Profile()
             prof.enable()

@@ -30,7 +30,7 @@ from loom.models import common
 from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
 
-_LINEARS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+_ATTN_LINEARS, _MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
@@ -62,7 +62,8 @@ class DecodePlan:
         base = getattr(model, "model", None)
         if not (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
                 and isinstance(base, LlamaModel) and type(base).forward is LlamaModel.forward
-                and type(base).embed is LlamaModel.embed and base.causal and type(cache) in (DynamicCache, StaticCache)):
+                and type(base).embed is LlamaModel.embed and base.causal
+                and type(cache) in (DynamicCache, StaticCache)):
             return None
         config, dtype = model.config, model.dtype
         windows = set(base.windows)
@@ -84,7 +85,7 @@ class DecodePlan:
             if mlp is None or shaped is None or not shaped(mlp):
                 return None
             attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-            linears = [attn._modules.get(n) for n in _LINEARS[0][1]] + [mlp._modules.get(n) for n in _LINEARS[1][1]]
+            linears = [attn._modules.get(n) for n in _ATTN_LINEARS] + [mlp._modules.get(n) for n in _MLP_LINEARS]
             act_ = _activation(mlp._modules.get("act_fn"))
             if (act_ is None or not all(type(m) is KernelLinear for m in linears)
                     or not all(type(n) is RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
