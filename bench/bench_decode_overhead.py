@@ -1,6 +1,7 @@
 """Per-token overhead of loom's decode step outside the matmul kernels, on bench_generate.py's model (batch 1).
 
     .venv/bin/python bench/bench_decode_overhead.py [--dtypes fp32,bf16] [--batch 1] [--reps 7] [--cprofile]
+                                                    [--no-matmul] [--ab | --no-plan | --module-path]
 
 One thread, CPU time (`time.process_time`), medians: the machine is shared, and CPU time does not count the time
 other processes take the core. Per decode step:
@@ -14,6 +15,13 @@ kernel (loom::decode_layer_attention) then runs without its products (its checks
 attention, on zero projections; a little more than the real call: a few extra allocations), or with --module-path
 not at all: the path of layers it does not apply to (hooked, PEFT-wrapped, variant layers). With --cprofile
 the Python functions of the steps are printed too. A benchmark to read, not a test.
+
+The decode plan (loom/generation/decode_plan.py) runs a Llama-shaped model's steps through one C call per layer
+(loom_decode_chain_step; with --no-matmul its products are zeros too). It calls no Linear as a module but the head,
+so the kernel floor, which includes ~85 Linear module calls, is then above the step's own Python: with --no-matmul
+the step itself is the honest bound on the per-token cost outside the matmul kernels (norms, RoPE, cache writes and
+attention included). `--ab` times each rep without the plan as well (the per-layer path, interleaved); `--no-plan`
+takes that path only; `--module-path` neither the plan nor the whole-layer kernel.
 """
 from __future__ import annotations
 
@@ -108,11 +116,23 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--no-matmul", action="store_true")
     parser.add_argument("--module-path", action="store_true", help="with --no-matmul: no whole-layer kernel")
+    parser.add_argument("--no-plan", action="store_true", help="without the decode plan (generation/decode_plan.py)")
+    parser.add_argument("--ab", action="store_true", help="each rep also without the decode plan (interleaved)")
     args = parser.parse_args()
+    from loom.generation import decode_plan
+
+    if args.module_path or args.no_plan:
+        decode_plan.DecodePlan.build = classmethod(lambda cls, *a: None)
     if args.no_matmul:
-        from loom.kernels import ops
+        from loom.kernels import chain, ops
 
         ops.dense_linear = lambda x, w, b: x.new_zeros(*x.shape[:-1], w.shape[0])
+        chain_init = chain.DecodeChain.__init__
+
+        def init_without_products(self, *a, **kw):
+            chain_init(self, *a, **kw)
+            self._step.no_products = 1
+        chain.DecodeChain.__init__ = init_without_products
         if args.module_path:
             import loom.models.llama
 
@@ -128,18 +148,29 @@ def main() -> None:
         model = build(dtype)
         floor_step = linears_step(model, args.batch, dtype)
         generate(model, ids, 2)
-        steps, floors = [], []
+        steps, floors, without = [], [], []
         for _ in range(args.reps):  # interleaved, so load drifting during the run hits both alike
             t_short = cpu_time(lambda: generate(model, ids, args.short))
             t_long = cpu_time(lambda: generate(model, ids, args.long))
             steps.append((t_long - t_short) / (args.long - args.short))
             floors.append(cpu_time(lambda: [floor_step() for _ in range(10)]) / 10)
+            if args.ab:
+                planned = decode_plan.DecodePlan.build
+                decode_plan.DecodePlan.build = classmethod(lambda cls, *a: None)
+                t_short = cpu_time(lambda: generate(model, ids, args.short))
+                t_long = cpu_time(lambda: generate(model, ids, args.long))
+                without.append((t_long - t_short) / (args.long - args.short))
+                decode_plan.DecodePlan.build = planned
         step, floor = statistics.median(steps), statistics.median(floors)
+        if args.ab:
+            w = statistics.median(without)
+            print(f"{name} without the decode plan: step {w * 1e3:.2f} ms (best {min(without) * 1e3:.2f}), overhead "
+                  f"{(w - floor) * 1e3:.2f} ms/token")
         counts = op_counts(model, ids, args.short, args.long)
         aten = {k: v for k, v in counts.items() if k.startswith(("aten::", "loom::"))}
         top = ", ".join(f"{k.split('::')[1]} {v:g}" for k, v in sorted(aten.items(), key=lambda kv: -kv[1])[:12])
-        print(f"{name}: step {step * 1e3:.2f} ms, kernel floor {floor * 1e3:.2f} ms, overhead "
-              f"{(step - floor) * 1e3:.2f} ms/token | torch ops per step {sum(aten.values()):g}: {top}", flush=True)
+        print(f"{name}: step {step * 1e3:.2f} ms (best {min(steps) * 1e3:.2f}), kernel floor {floor * 1e3:.2f} ms, "
+              f"overhead {(step - floor) * 1e3:.2f} ms/token | torch ops per step {sum(aten.values()):g}: {top}", flush=True)
         if args.cprofile:
             prof = cProfile.Profile()
             prof.enable()

@@ -12,6 +12,7 @@ import contextlib
 
 import torch
 
+from loom.generation.decode_plan import DecodePlan
 from loom.kernels import policy, threads
 from loom.models.cache import DynamicCache, StaticCache
 
@@ -41,6 +42,7 @@ class Decoder:
         self.rows, self.prompt_positions, self.total = rows, prompt_positions, total_positions
         self.output_hidden_states, self.output_attentions = output_hidden_states, output_attentions
         self.cache = None
+        self.plan = None  # the decode plan (decode_plan.py), built at the first decode step; False: none applies
         # a model whose cached keys go stale at some length (Phi-3's longrope) says where; the step that reaches it
         # starts a new cache and re-reads the whole sequence, as the reference's generate does for that model
         self.restart_at = getattr(model, "cache_restart_length", None)
@@ -122,6 +124,17 @@ class Decoder:
                 self.cache = DynamicCache()
             return self._run(self.model, 0, n + 1, input_ids=tokens)
         if self.use_cache:
+            if self.plan is None and self.forward is self.model and self.types is None and self.restart_at is None \
+                    and not (self.output_hidden_states or self.output_attentions):
+                self.plan = DecodePlan.build(self.model, self.cache, self.rows) or False
+            if self.plan:
+                self._reserve(n + 1)
+                positions = (self.positions[n:n + 1][None].expand(self.rows, 1) if self.position_ids is None
+                             else self.position_ids[:, n:n + 1])
+                logits = self.plan.step(tokens[:, -1:], positions, self.positions[n:n + 1], n, self.mask)
+                if logits is not None:
+                    self.last_hidden_states = self.last_attentions = None
+                    return logits
             return self._run(self.forward, n, n + 1, input_ids=tokens[:, -1:])
         # without a cache the whole sequence is recomputed (the reference's use_cache=False behaviour)
         return self._run(self.forward, 0, n + 1, input_ids=tokens)

@@ -121,6 +121,14 @@ def test_static_mask_is_whole_length_and_dynamic_decode_is_mask_free(models, mon
     monkeypatch.setattr(common, "sdpa", spy)
     fused_spy("rope_cache_attention", 9)
     fused_spy("decode_layer_attention", 22)
+    from loom.kernels.chain import DecodeChain
+
+    chain_run = DecodeChain.run
+
+    def chain_spy(self, cos, sin, pos, mask=None, length=None):  # the decode plan's layers (loom/generation/decode_plan.py)
+        seen.extend([None if mask is None else (mask.shape[0], 1, 1, length or pos + 1)] * self.n)
+        return chain_run(self, cos, sin, pos, mask, length)
+    monkeypatch.setattr(DecodeChain, "run", chain_spy)
     model, ids = models["llama"], torch.tensor([[5, 9, 14]])
     layers = model.config.num_hidden_layers
     _generate(model, ids)

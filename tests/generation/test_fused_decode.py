@@ -11,7 +11,9 @@ import torch
 
 import loom
 from loom.auto import model_table
+from loom.generation.decode_plan import DecodePlan
 from loom.kernels import build, ops, policy
+from loom.kernels.chain import DecodeChain
 from loom.models import llama
 from loom.models.common import sdpa
 from loom.models.rope import apply_rotary
@@ -117,18 +119,27 @@ def _model(model_type, dtype, **overrides):
 
 
 def _generate_both(model, monkeypatch, **kw):
-    """(fused, unfused) greedy generations with scores, and the fused calls the first made: {operator: count}."""
+    """(fused, unfused) greedy generations with scores, and the fused calls the first made: {operator: count}, with
+    the layer steps the decode plan's chain ran under "chain" (the unfused generation runs without the plan)."""
     calls = {"rope_cache_attention": 0, "decode_layer_attention": 0}
     for name in calls:
         def counted(*args, _name=name, _op=getattr(ops, name)):
             calls[_name] += 1
             return _op(*args)
         monkeypatch.setattr(ops, name, counted)
+    calls["chain"] = 0
+    run = DecodeChain.run
+
+    def counted_run(self, *args):
+        calls["chain"] += self.n
+        return run(self, *args)
+    monkeypatch.setattr(DecodeChain, "run", counted_run)
     kw = dict(do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True,
               **kw)
     a = model.generate(**kw)
     monkeypatch.setattr(policy, "rope_attention_applies", lambda *args: False)
     monkeypatch.setattr(llama, "fused_decode_layer", lambda *args, **kwargs: None)
+    monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *args: None))
     b = model.generate(**kw)
     monkeypatch.undo()
     return a, b, calls
@@ -162,7 +173,14 @@ def test_generation_fused_equals_unfused(model_type, cache, dtype, monkeypatch):
         # Llama-shaped layers: all of Llama's and Mistral's, Qwen2-MoE's dense layer (1 of 3)
         llama_layers = {"llama": n_layers, "mistral": n_layers, "qwen2_moe": 1}.get(model_type, 0)
         whole_layer = takes_fused and (rows == 1 or dtype is torch.float32 or policy.EMULATED_BF16)
-        assert calls["decode_layer_attention"] == (11 * llama_layers if whole_layer else 0)
+        # the decode plan runs every step of Llama's own layers where their Linears take the kernel
+        # (policy.dense_applies); Mistral's tiny sliding window (4) is behind the prompt, so its steps need the
+        # window's mask, which the plan leaves to the model's forward
+        plan = (takes_fused and model_type == "llama"
+                and (rows == 1 or dtype is torch.float32 or policy.batched_bf16()))
+        assert calls["chain"] == (11 * n_layers if plan else 0)
+        if not plan:
+            assert calls["decode_layer_attention"] == (11 * llama_layers if whole_layer else 0)
 
 
 def test_hooked_projection_is_honoured(monkeypatch):
@@ -179,8 +197,8 @@ def test_hooked_projection_is_honoured(monkeypatch):
     assert a.sequences.tolist() != plain.sequences.tolist() or any(
         not torch.equal(x, y) for x, y in zip(a.scores, plain.scores))
     # the hooked layer cannot skip q_proj's call: it takes the fused attention alone, the other layer the whole step
-    want = {"rope_cache_attention": 9, "decode_layer_attention": 9} if build.available() else {
-        "rope_cache_attention": 0, "decode_layer_attention": 0}
+    want = {"rope_cache_attention": 9, "decode_layer_attention": 9, "chain": 0} if build.available() else {
+        "rope_cache_attention": 0, "decode_layer_attention": 0, "chain": 0}
     assert calls == want
 
 

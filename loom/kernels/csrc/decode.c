@@ -122,3 +122,96 @@ int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, in
     free(h);
     return status ? -1 : 0;
 }
+
+/* A decode chain: the decode steps of consecutive Llama-shaped layers, two C calls per layer fewer than the modules
+   take. loom/kernels/chain.py builds one `chain_layer` per layer (its ctypes Structure mirrors this layout field for
+   field) and one `chain_step` per chain, whose step-varying fields it sets once per token. Between two calls the
+   caller turns the previous layer's `a` into act(a) * u with torch's own ops (their rounding is torch's), so
+   every value is bitwise what the modules compute. */
+typedef struct {
+    const void *ln1, *ln2, *w[7], *b[7]; /* q, k, v, o, gate, up, down; a NULL bias: none */
+    void *kc, *vc;                       /* (B, Hkv, capacity, D) cache buffers */
+    void *a, *u;                         /* (B, I): the gate and up projections this layer writes */
+    long hidden, H, Hkv, D, I, c_sb, c_sh;
+    float eps, scale;
+} chain_layer;
+
+typedef struct {
+    void *x; /* (B, hidden) residual stream, updated in place */
+    const void *cos, *sin;
+    long cs_sb, pos, B; /* the new token's position, written to the caches */
+    long L;              /* keys 0..L-1 are attended to (pos + 1; a static cache's whole length, masked) */
+    const uint8_t *mask; /* NULL, or (B, >= L) bools with row stride m_sb (0: one row for all): keys to attend to */
+    long m_sb;
+    int bf16, threads;
+    int no_products; /* benchmarks only (bench/bench_decode_overhead.py --no-matmul): products are zeros */
+} chain_step;
+
+/* The chain step with every product replaced by zeros: what is left is the step's work outside the matmul kernels
+   (norms, RoPE, cache write, attention, residual adds), for measuring that overhead. Tokens then mean nothing. */
+static int chain_step_without_products(const chain_layer *p, const chain_layer *n, const chain_step *s) {
+    int bf16 = s->bf16;
+    long es = bf16 ? 2 : 4, B = s->B;
+    if (p) {
+        char *d = calloc((size_t)(B * p->hidden), (size_t)es);
+        if (!d) return -1;
+        for (long i = 0; i < B * p->hidden; i++) {
+            if (bf16)
+                ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(d, i, 1));
+            else
+                ((float *)s->x)[i] += ((const float *)d)[i];
+        }
+        free(d);
+    }
+    if (!n) return 0;
+    long qn = n->H * n->D, kn = n->Hkv * n->D;
+    char *h = calloc((size_t)(B * (2 * n->hidden + 2 * qn + 2 * kn)), (size_t)es);
+    if (!h) return -1;
+    char *q = h + B * n->hidden * es, *k = q + B * qn * es, *v = k + B * kn * es, *attn = v + B * kn * es;
+    char *o = attn + B * qn * es;
+    loom_rms_norm(s->x, n->ln1, h, bf16, B, n->hidden, n->eps, s->threads);
+    int status = loom_rope_cache_attention(q, qn, k, kn, v, kn, s->cos, s->sin, s->cs_sb, n->kc, n->vc, n->c_sb,
+                                           n->c_sh, s->pos, s->mask, s->m_sb, attn, bf16, B, n->H, n->Hkv, s->L, n->D,
+                                           n->scale, s->threads);
+    for (long i = 0; i < B * n->hidden; i++) {
+        if (bf16)
+            ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(o, i, 1));
+        else
+            ((float *)s->x)[i] += ((const float *)o)[i];
+    }
+    loom_rms_norm(s->x, n->ln2, h, bf16, B, n->hidden, n->eps, s->threads);
+    memset(n->a, 0, (size_t)(B * n->I * es));
+    memset(n->u, 0, (size_t)(B * n->I * es));
+    free(h);
+    return status;
+}
+
+/* Finish layer `done` (x += a @ Wdown^T + b, rounded as torch's add) and run layer `next` up to its MLP's gate and
+   up projections (loom_decode_layer_attention, in place on x); either may be NULL. Returns -1 when scratch memory
+   could not be allocated. */
+int loom_decode_chain_step(const void *done, const void *next, const void *step) {
+    const chain_layer *p = done, *n = next;
+    const chain_step *s = step;
+    int bf16 = s->bf16, status = 0;
+    if (s->no_products) return chain_step_without_products(p, n, s);
+    if (p) {
+        long count = s->B * p->hidden;
+        char *d = malloc((size_t)(count * (bf16 ? 2 : 4)));
+        if (!d) return -1;
+        status |= loom_dense_gemm(p->a, bf16, p->w[6], bf16, p->b[6], bf16, d, bf16, s->B, p->hidden, p->I,
+                                  s->threads);
+        for (long i = 0; i < count; i++) {
+            if (bf16)
+                ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(d, i, 1));
+            else
+                ((float *)s->x)[i] += ((const float *)d)[i];
+        }
+        free(d);
+    }
+    if (n)
+        status |= loom_decode_layer_attention(
+            s->x, s->x, n->a, n->u, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->I, n->ln1, n->ln2, n->eps, n->w[0],
+            n->w[1], n->w[2], n->w[3], n->w[4], n->w[5], n->b[0], n->b[1], n->b[2], n->b[3], n->b[4], n->b[5], s->cos,
+            s->sin, s->cs_sb, n->kc, n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
+    return status ? -1 : 0;
+}

@@ -1,0 +1,196 @@
+"""A decode plan: one generate call's decode steps of a Llama-shaped model without Python per module.
+
+The plan is built once per generate call, after the prefill, where everything the step depends on is checked
+(model, layer and module classes, hooks, kernel eligibility, dtypes, devices, the cache); each step then runs the
+layers through `loom.kernels.chain.DecodeChain` (one C call per layer, the MLP's activation in torch) and the final
+norm and head as module calls. Every value is bitwise what the model's forward computes (the chain reaches the same
+kernels, and the activation, the embedding lookup and the rotary tables are torch's own ops or the model's own
+methods).
+
+Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
+skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
+the attention implementation, recorded attentions, the cache's buffers and length). Where anything differs, the
+step returns None, having changed nothing, and the Decoder runs the model's forward as usual; so does every model,
+cache or setting the plan does not cover (sliding windows in reach, hidden states or attentions asked for,
+quantized or adapter Linears, variant layers).
+"""
+from __future__ import annotations
+
+import operator
+import sys
+from itertools import repeat
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loom.kernels import KernelLinear, ops, policy
+from loom.kernels.chain import DecodeChain, LayerTensors
+from loom.models import common
+from loom.models.cache import DynamicCache, StaticCache
+from loom.models.common import RMSNorm
+
+_ATTN_LINEARS, _MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
+_is = operator.is_
+_training = operator.attrgetter("training")
+_data_ptr = torch.Tensor.data_ptr
+_module_hooks = nn.modules.module
+
+
+# what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
+_silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
+
+
+def _activation(act: nn.Module):
+    """The in-place torch op for a layer's activation module, where the plan knows one (same kernel, same bits)."""
+    if type(act) is nn.SiLU and not act.inplace:
+        return _silu_
+    return None
+
+
+class DecodePlan:
+    """See the module docstring. `build` returns None where the plan does not apply."""
+
+    @classmethod
+    def build(cls, model, cache, rows: int) -> DecodePlan | None:
+        # Llama's classes from the loaded module (a Llama-shaped model has loaded it): importing it here would close
+        # an import cycle (models -> modeling -> generation)
+        llama = sys.modules.get("loom.models.llama")
+        if llama is None:
+            return None
+        LlamaForCausalLM, LlamaModel = llama.LlamaForCausalLM, llama.LlamaModel
+        base = getattr(model, "model", None)
+        if not (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
+                and isinstance(base, LlamaModel) and type(base).forward is LlamaModel.forward
+                and type(base).embed is LlamaModel.embed and base.causal
+                and type(cache) in (DynamicCache, StaticCache)):
+            return None
+        config, dtype = model.config, model.dtype
+        windows = set(base.windows)
+        if (len(windows) != 1 or config._attn_implementation != "sdpa" or getattr(config, "output_attentions", False)
+                or dtype not in policy.DTYPES or not policy.enabled() or rows > policy.MAX_ROWS
+                or (rows > 1 and dtype is torch.bfloat16 and not policy.batched_bf16())):
+            return None
+        embed = base.embed_tokens
+        if type(embed) is not nn.Embedding or embed.max_norm is not None:
+            return None
+        layers, tensors, checked = list(base.layers), [], [model, base, base.layers, embed]
+        moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
+        if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
+                                                                  and len(set(cache.length)) != 1):
+            return None
+        for layer in layers:
+            mlp = getattr(layer, getattr(layer, "mlp_name", "mlp"), None)
+            shaped = getattr(layer, "_llama_shaped", None)
+            if mlp is None or shaped is None or not shaped(mlp):
+                return None
+            attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
+            linears = [attn._modules.get(n) for n in _ATTN_LINEARS] + [mlp._modules.get(n) for n in _MLP_LINEARS]
+            act_ = _activation(mlp._modules.get("act_fn"))
+            if (act_ is None or not all(type(m) is KernelLinear for m in linears)
+                    or not all(type(n) is RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
+                return None
+            checked += [layer, attn, mlp, mlp.act_fn, *norms, *linears]
+            moded += [layer, attn, mlp]
+            scale = attn.scaling if attn.scaling is not None else attn.head_dim ** -0.5
+            tensors.append(LayerTensors(norms[0]._parameters.get("weight"), norms[1]._parameters.get("weight"),
+                                        [m._parameters.get("weight") for m in linears],
+                                        [m._parameters.get("bias") for m in linears], norms[0].eps, scale, act_))
+        if not all(t is not None and policy.plain(t) and t.dtype is dtype
+                   for lt in tensors for t in (*lt.weights, lt.ln1, lt.ln2)) or embed.weight.dtype is not dtype:
+            return None
+        try:
+            chain = DecodeChain(tensors, rows, dtype, layers[0].self_attn.head_dim)
+            for i in range(len(layers)):
+                chain.set_cache(i, cache.keys[i], cache.values[i])
+        except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
+            return None
+        return cls(model, base, cache, chain, checked, moded, windows.pop())
+
+    def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
+                 window) -> None:
+        self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
+        self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
+        self.embed_weight = base.embed_tokens.weight
+        self.norm = getattr(base, base.norm_name)
+        self.modules, self.moded = tuple(modules), tuple(moded)
+        self.hooks = tuple(d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks))
+        self.instance_dicts = tuple(m.__dict__ for m in modules)
+        # what each module holds now: (its _modules or _parameters dict, name, the object), checked for identity
+        slots = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
+        slots += [(m._parameters, name, p) for m in modules for name, p in m._parameters.items()]
+        slots += [(base._modules, "embed_tokens", base.embed_tokens)]
+        self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
+        # the tensors the chain reads through pointers: a swapped `.data` moves them
+        self.pointed = tuple(t for lt in chain.layers for t in (lt.ln1, lt.ln2, *lt.weights, *lt.biases)
+                             if t is not None)
+        self.addresses = tuple(t.data_ptr() for t in self.pointed)
+        self.keys, self.values = tuple(cache.keys), tuple(cache.values)
+        self.x2d = chain.x.view(self.rows, chain.hidden)
+        self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
+        # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
+        self.static = cache.max_cache_len if type(cache) is StaticCache else None
+
+    def unchanged(self, cache, pos: int) -> bool:
+        """Whether everything the plan checked when it was built still holds (see the module docstring)."""
+        return (cache is self.cache and not torch.is_grad_enabled() and not common._recording_open
+                and not _module_hooks._global_forward_hooks and not _module_hooks._global_forward_pre_hooks
+                and self.config._attn_implementation == "sdpa" and policy.enabled() and ops.eager_now()
+                and not any(self.hooks) and not any(map(operator.contains, self.instance_dicts, repeat("forward")))
+                and not any(map(_training, self.moded))
+                and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
+                and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
+                and len(cache.keys) == self.n
+                and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
+                and (self.window is None or pos < self.window))
+
+    def _rebind(self, cache) -> bool:
+        """Point the chain at the cache's buffers after something replaced them (beam search's reorder)."""
+        self.keys = self.values = ()  # matched again only once every layer is rebound
+        try:
+            for i in range(self.n):
+                self.chain.set_cache(i, cache.keys[i], cache.values[i])
+        except ValueError:
+            return False
+        self.keys, self.values = tuple(cache.keys), tuple(cache.values)
+        return True
+
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, pos: int,
+             attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits (rows, V) after feeding `input_ids` (rows, 1) as the cache's position `pos` (`cache_position`: the
+        same as a (1,) tensor), with the model's `position_ids` (rows, 1) and `attention_mask` (rows, >= pos + 1;
+        1 = a real token) where the batch is padded; None, having changed nothing, where the model's forward must run
+        instead."""
+        cache, chain = self.cache, self.chain
+        if not self.unchanged(cache, pos) or input_ids.shape != (self.rows, 1):
+            return None
+        if not (all(map(_is, cache.keys, self.keys)) and all(map(_is, cache.values, self.values))
+                or self._rebind(cache)):
+            return None
+        mask = length = None
+        if self.static is not None:  # the whole buffer, masked, as the forward gives a static cache
+            length = self.static
+            if pos >= length:
+                return None  # the forward raises the cache's overflow error
+            mask = common.position_mask(attention_mask, cache_position, length)  # (B | 1, 1, 1, length)
+            mask = mask.view(mask.shape[0], length)
+        elif attention_mask is not None:  # the padded batch's keys, as `position_mask` makes them (all are causal)
+            if attention_mask is not self.mask_source:
+                self.mask_source, self.mask = attention_mask, attention_mask.to(torch.bool)
+            mask = self.mask
+        cos, sin = self.base.rope_tables(position_ids, self.dtype)[self.window]
+        if pos >= chain._capacity and self.static is None:
+            for i in range(self.n):  # room for this token, as DynamicCache.decode_slot makes it
+                cache._grow(i, pos + 1)
+                chain.set_cache(i, cache.keys[i], cache.values[i])
+            self.keys, self.values = tuple(cache.keys), tuple(cache.values)
+        if not chain.fits(cos, sin, pos, mask, length):
+            return None
+        torch.index_select(self.embed_weight, 0, input_ids.view(-1), out=self.x2d)
+        x = chain.run(cos, sin, pos, mask, length)
+        if self.static is None:
+            cache.length = [pos + 1] * self.n
+        else:
+            cache.seen.fill_(pos + 1)  # as StaticCache.decode_slot counts the token
+        logits = self.model.finish_logits(self.model.lm_head(self.norm(x)))
+        return logits[:, -1]

@@ -1,0 +1,244 @@
+"""The decode plan (loom/generation/decode_plan.py): generation through it gives bitwise the tokens and scores of the
+model's own forward, and whatever the plan assumed when it was built (hooks, modules, parameters, dtype, train mode)
+is honoured when it changes, between generate calls or in the middle of one (a streamer's callback changing the
+model), by falling back to the forward. Runs with loom's kernels on and off (off: no plan is built)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loom.generation.decode_plan import DecodePlan
+from loom.kernels import KernelLinear, build, policy
+from loom.kernels.chain import DecodeChain, LayerTensors
+from test_fused_decode import _model
+
+KW = dict(do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+
+
+def _generate(model, monkeypatch, plan: bool, **kw):
+    """(output, layer steps the plan's chain ran)."""
+    steps = [0]
+    run = DecodeChain.run
+
+    def counted(self, *args):
+        steps[0] += self.n
+        return run(self, *args)
+    with monkeypatch.context() as m:
+        m.setattr(DecodeChain, "run", counted)
+        if not plan:
+            m.setattr(DecodePlan, "build", classmethod(lambda cls, *args: None))
+        out = model.generate(**{**KW, **kw})
+    return out, steps[0]
+
+
+def _same(a, b) -> bool:
+    return a.sequences.tolist() == b.sequences.tolist() and all(torch.equal(x, y) for x, y in zip(a.scores, b.scores))
+
+
+def _ids(rows=1, n=7, seed=0):
+    return torch.randint(3, 99, (rows, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", [None, "static"])
+@pytest.mark.parametrize("model_type,rows,padded", [("llama", 1, False), ("llama", 3, False), ("llama", 3, True),
+                                                    ("qwen2", 1, False)])
+def test_plan_equals_the_forward(model_type, rows, padded, dtype, cache, monkeypatch):
+    """Tokens and scores bitwise, past the dynamic cache's first growths (16 positions, then doubling), over a
+    static cache (its whole length, masked), in a padded batch too (its mask and per-row positions)."""
+    model = _model(model_type, dtype)
+    mask = torch.ones(rows, 7, dtype=torch.long)
+    if padded:
+        mask[0, :2] = mask[2, :5] = 0
+    kw = dict(input_ids=_ids(rows), attention_mask=mask, max_new_tokens=40, cache_implementation=cache)
+    a, steps = _generate(model, monkeypatch, True, **kw)
+    b, none = _generate(model, monkeypatch, False, **kw)
+    assert _same(a, b) and none == 0
+    planned = build.available() and (rows == 1 or dtype is torch.float32 or policy.batched_bf16())
+    assert steps == (39 * model.config.num_hidden_layers if planned else 0)
+
+
+def _changed_between(model, monkeypatch, change):
+    """Generate, apply `change`, generate again with and without the plan: (planned, unplanned, plan steps)."""
+    _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    change()
+    a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=8)
+    assert _same(a, b)
+    return a, steps
+
+
+def test_a_hook_registered_after_a_generate_is_honoured(monkeypatch):
+    model = _model("llama", torch.float32)
+    before, _ = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    handle = model.model.layers[1].mlp.down_proj.register_forward_hook(lambda m, args, out: out * -2)
+    try:
+        after, steps = _changed_between(model, monkeypatch, lambda: None)
+    finally:
+        handle.remove()
+    assert steps == 0 and not _same(before, after)
+    again, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    assert _same(before, again) and steps == (7 * 2 if build.available() else 0)  # hook gone: the plan again
+
+
+def test_a_replaced_module_and_a_dtype_change_are_honoured(monkeypatch):
+    model = _model("llama", torch.float32)
+    before, _ = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    mlp = model.model.layers[0].mlp
+
+    def replace():
+        new = KernelLinear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+        new.weight.data = mlp.down_proj.weight.data * -1
+        mlp.down_proj = new
+    after, steps = _changed_between(model, monkeypatch, replace)
+    assert not _same(before, after) and steps == (7 * 2 if build.available() else 0)  # the new weights, planned
+    mlp.down_proj = nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)  # not loom's
+    _, steps = _changed_between(model, monkeypatch, lambda: None)
+    assert steps == 0
+    model.to(torch.bfloat16)
+    mlp.down_proj.__class__ = KernelLinear
+    bf16, steps = _changed_between(model, monkeypatch, lambda: None)
+    assert bf16.scores[0].dtype is torch.float32 and steps == (7 * 2 if build.available() else 0)
+
+
+class _Changer:
+    """A streamer whose `put` changes the model after `at` tokens (the prompt counts as one put)."""
+
+    def __init__(self, at: int, change) -> None:
+        self.at, self.change, self.puts = at, change, 0
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == self.at:
+            self.change()
+
+    def end(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("what", ["hook", "pre-hook", "module", "parameter", "forward", "train", "global hook",
+                                  "layer added"])
+def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
+    """The plan notices at the next step and the forward takes over: the same tokens and scores as a generate that
+    never planned, and plan steps only before the change."""
+    model = _model("llama", torch.float32)
+    layer = model.model.layers[1]
+    undo = []
+
+    def change():
+        if what == "hook":
+            undo.append(layer.self_attn.q_proj.register_forward_hook(lambda m, args, out: out * 3))
+        elif what == "pre-hook":
+            undo.append(layer.input_layernorm.register_forward_pre_hook(lambda m, args: (args[0] * 2,)))
+        elif what == "module":
+            layer.mlp.act_fn = nn.GELU()
+        elif what == "parameter":
+            layer.mlp.up_proj.weight = nn.Parameter(layer.mlp.up_proj.weight.detach() * 2)
+        elif what == "forward":
+            layer.mlp.forward = lambda x: torch.zeros_like(x)
+        elif what == "train":
+            model.train()
+        elif what == "layer added":
+            model.model.layers.append(model.model.layers[0])
+            model.model.windows.append(None)
+        else:
+            undo.append(nn.modules.module.register_module_forward_hook(lambda m, args, out: None))
+
+    results = []
+    for plan in (True, False):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        act = layer.mlp.act_fn
+        try:
+            with torch.random.fork_rng():
+                results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                         streamer=_Changer(4, change)))
+        finally:
+            for h in undo:
+                h.remove()
+            undo.clear()
+            layer.mlp.__dict__.pop("forward", None)
+            del model.model.layers[2:]
+            del model.model.windows[2:]
+            layer.mlp.act_fn = act
+            layer.mlp.up_proj.weight = nn.Parameter(state["model.layers.1.mlp.up_proj.weight"])
+            model.eval()
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    assert steps == (2 * 2 if build.available() else 0)  # the steps before the change (tokens 2 and 3)
+
+
+def test_no_plan_where_it_does_not_apply(monkeypatch):
+    """Hidden states asked for, a variant layer: the forward, as before."""
+    model = _model("llama", torch.float32)
+    ids = _ids(2)
+    for kw in (dict(output_hidden_states=True),):
+        a, steps = _generate(model, monkeypatch, True, input_ids=ids, max_new_tokens=6, **kw)
+        b, _ = _generate(model, monkeypatch, False, input_ids=ids, max_new_tokens=6, **kw)
+        assert _same(a, b) and steps == 0
+    qwen3 = _model("qwen3", torch.float32)  # per-head norms: not Llama's own step
+    assert _generate(qwen3, monkeypatch, True, input_ids=_ids(), max_new_tokens=4)[1] == 0
+
+
+@pytest.mark.skipif(not build.available(), reason="the chain needs loom's C kernels (LOOM_KERNELS=off here)")
+def test_chain_names_bad_inputs():
+    model = _model("llama", torch.float32)
+    layer = model.model.layers[0]
+    mods = [getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    mods += [getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+    weights = [m.weight.detach() for m in mods]
+    norms = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+    D = model.config.head_dim
+
+    def chain(ws, rows=1, dtype=torch.float32):
+        return DecodeChain([LayerTensors(*norms, ws, [None] * 7, 1e-6, D ** -0.5, None)], rows, dtype, D)
+    with pytest.raises(ValueError, match="layer 0: weights must be contiguous float32"):
+        chain(weights[:6] + [weights[6].t()])
+    with pytest.raises(ValueError, match="layer 0: projection shapes"):
+        chain(weights[:6] + [weights[5]])
+    with pytest.raises(ValueError, match="rows=17 must be 1..16"):
+        chain(weights, rows=17)
+    ok = chain(weights)
+    with pytest.raises(ValueError, match=r"layer 0: cache buffers \(1, 2, 8, 4\)"):
+        ok.set_cache(0, torch.zeros(1, 2, 8, 4), torch.zeros(1, 2, 8, 4))
+    cos = torch.ones(1, 1, 1, D)
+    assert not ok.fits(cos, cos, 0)  # no cache set yet: no room for position 0
+    ok.set_cache(0, torch.zeros(1, 2, 8, D), torch.zeros(1, 2, 8, D))
+    assert ok.fits(cos, cos, 7) and not ok.fits(cos, cos, 8) and not ok.fits(cos.double(), cos.double(), 0)
+
+
+def test_swapped_parameter_data_in_the_middle_of_a_generate_falls_back(monkeypatch):
+    """`param.data = ...` keeps the parameter but moves its memory: the chain's pointers would be stale (it holds the
+    old memory, so nothing dangles), and the plan hands the step back to the forward, which reads the new data."""
+    model = _model("llama", torch.float32)
+    weight = model.model.layers[0].self_attn.o_proj.weight
+    original = weight.data
+    results = []
+    for plan in (True, False):
+        def change():
+            weight.data = original * -1
+        try:
+            results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                     streamer=_Changer(4, change)))
+        finally:
+            weight.data = original
+    (a, steps), (b, _) = results
+    assert _same(a, b) and steps == (2 * 2 if build.available() else 0)
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_beam_search_and_sampling_through_the_plan(sample, monkeypatch):
+    """Beam search reorders the cache (new buffers: the plan re-points its chain) and sampling draws from the plan's
+    logits: the same sequences and scores as without the plan."""
+    model = _model("llama", torch.float32)
+    kw = dict(input_ids=_ids(2), max_new_tokens=12, num_beams=1 if sample else 3, do_sample=sample)
+    results = []
+    for plan in (True, False):
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            results.append(_generate(model, monkeypatch, plan, **kw))
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    if not sample:
+        assert torch.equal(a.sequences_scores, b.sequences_scores)
+    assert steps == (11 * 2 if build.available() else 0)
