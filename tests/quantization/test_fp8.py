@@ -361,7 +361,7 @@ def test_tp_plan_auto_on_two_processes_dequantizes_each_shard(fp8_dir, tmp_path)
     sys.path.insert(0, str(Path(__file__).parents[1] / "distributed"))
     import dist_helpers as H
 
-    H.launch(2, tmp_path, "fp8_tp", str(fp8_dir), script="fp8_tp_script.py", timeout=300)
+    H.launch(2, tmp_path, "fp8_tp", str(fp8_dir), script="fp8_tp_script.py", timeout=300, dist_timeout=120.0)
     got = torch.load(tmp_path / "fp8_tp.pt", weights_only=False)
     model = loom.AutoModelForCausalLM.from_pretrained(fp8_dir).eval()
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(1))
