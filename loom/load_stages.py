@@ -18,6 +18,7 @@ from torch import nn
 from loom import loading
 from loom.configuration import PretrainedConfig, checked_attn_implementation
 from loom.load_hooks import LoadHook, LoadRequest, attach_save_hook, checked_hooks, registered_load_hooks
+from loom.kernels.memory import back_with_huge_pages
 from loom.utils import parse_dtype
 
 logger = logging.getLogger("loom")
@@ -184,6 +185,8 @@ def finalize(model: nn.Module, info, request: LoadRequest, hooks: list[LoadHook]
     model.eval()
     if model.can_generate():
         model.generation_config = load_generation_config(request)
+    if dispatch is None:  # weights made at load (cast, quantized, copied) read faster from huge pages
+        back_with_huge_pages([*model.parameters(), *model.buffers()])
     return model if dispatch is None else dispatch(model)
 
 

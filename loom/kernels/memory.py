@@ -19,3 +19,77 @@ def release_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         return
     trim(0)
+
+
+_MADV_HUGEPAGE, _MADV_COLLAPSE = 14, 25
+_HUGE = 1 << 21
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "never"
+    return text.split("[", 1)[1].split("]", 1)[0] if "[" in text else "never"
+
+
+def _file_backed_ranges() -> list[tuple[int, int]]:
+    """Address ranges of this process mapped from files (mmap'd checkpoints, shared memory): left as they are."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                if len(fields) >= 5 and fields[4] != "0":
+                    start, end = fields[0].split("-")
+                    ranges.append((int(start, 16), int(end, 16)))
+    except OSError:
+        return []
+    return ranges
+
+
+def back_with_huge_pages(tensors, min_bytes: int = 4 << 20) -> int:
+    """Ask Linux to back the large CPU tensors among `tensors` (model weights made at load: cast, quantized or
+    copied, so anonymous memory) with 2 MiB pages, in place (`MADV_COLLAPSE`; the addresses stay the same).
+
+    Why: with transparent huge pages in "madvise" mode (a common default) such memory gets 4 KiB pages, and a decode
+    step, which streams every weight once, reads it 1.6-1.75x slower than the same bytes in huge pages (measured on
+    the 2-core EPYC VM: a 154 MB fp32 head, torch.sum 8.3 vs 5.0 ms, loom's 1-row product 9.7 vs 5.8 ms). Memory
+    mapped from files (a safetensors checkpoint) is left alone. Best effort: any refusal (another OS, an old kernel,
+    THP "never", `LOOM_HUGE_PAGES=off`) leaves the memory as it was. Returns the bytes advised."""
+    import os
+
+    import torch
+
+    if not sys.platform.startswith("linux") or os.environ.get("LOOM_HUGE_PAGES", "").lower() in ("0", "off", "no"):
+        return 0
+    if _thp_mode() == "never":
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    files = None
+    seen, advised = set(), 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or type(t) not in (torch.Tensor, torch.nn.Parameter) or t.device.type != "cpu":
+            continue
+        storage = t.untyped_storage()
+        start, size = storage.data_ptr(), storage.nbytes()
+        if size < min_bytes or start in seen or start == 0:
+            continue
+        seen.add(start)
+        lo, hi = (start + _HUGE - 1) & ~(_HUGE - 1), (start + size) & ~(_HUGE - 1)
+        if hi <= lo:
+            continue
+        if files is None:
+            files = _file_backed_ranges()
+        if any(a < hi and lo < b for a, b in files):
+            continue
+        if madvise(lo, hi - lo, _MADV_HUGEPAGE) == 0:
+            madvise(lo, hi - lo, _MADV_COLLAPSE)  # may fail (busy, old kernel): the pages fault in as before
+            advised += hi - lo
+    return advised
