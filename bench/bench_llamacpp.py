@@ -439,6 +439,22 @@ def fmt_cell(value: float, n_quiet: int, n: int, spec: str = ".1f") -> str:
     return f"{value:{spec}}{'' if n_quiet else '*'}"
 
 
+def pair_table(res: dict, args, columns: str, kind: str, key: str, scale: float = 1.0, spec: str = ".1f"
+               ) -> list[str]:
+    """A table of loom's and llama.cpp's `kind` samples (medians of `key`) per format and thread count, their ratio
+    (loom / llama.cpp) and the quiet-sample counts."""
+    lines = [f"| format (loom / llama.cpp) | threads | {columns} | quiet samples loom / llama.cpp |",
+             "|---|---|---|---|---|---|"]
+    for name in args.formats:
+        for t in args.threads:
+            cell = res["cells"][name][t]
+            lv, lq, ln = summarize(cell[f"loom_{kind}"], key, args.quiet)
+            cv, cq, cn = summarize(cell[f"llama_{kind}"], key, args.quiet)
+            lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(lv * scale, lq, ln, spec)} | "
+                         f"{fmt_cell(cv * scale, cq, cn, spec)} | {lv / cv:.2f}x | {lq}/{ln} / {cq}/{cn} |")
+    return lines + [""]
+
+
 def report(res: dict, args, info: dict, meta: dict) -> str:
     q = args.quiet
     lines = [f"llama.cpp {info['commit']} ({info['sdist']}), {info['cmake_cpu']}, {info['march']}; "
@@ -478,29 +494,11 @@ def report(res: dict, args, info: dict, meta: dict) -> str:
                          f"{lb * lr / 1e9 / bw[t]:.0%} / {cb * cr / 1e9 / bw[t]:.0%} | {cpu_s} | "
                          f"{lq}/{ln} / {cq}/{cn} |")
     lines.append("")
-    lines.append(f"| format (loom / llama.cpp) | threads | loom TTFT ms ({args.prompt} tokens) | llama.cpp ms | "
-                 f"loom / llama.cpp time | quiet samples loom / llama.cpp |")
-    lines.append("|---|---|---|---|---|---|")
-    for name in args.formats:
-        for t in args.threads:
-            cell = res["cells"][name][t]
-            ls, lq, ln = summarize(cell["loom_prefill"], "seconds", q)
-            cs, cq, cn = summarize(cell["llama_prefill"], "seconds", q)
-            lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(ls * 1e3, lq, ln, '.0f')} | "
-                         f"{fmt_cell(cs * 1e3, cq, cn, '.0f')} | {ls / cs:.2f}x | {lq}/{ln} / {cq}/{cn} |")
-    lines.append("")
+    lines += pair_table(res, args, f"loom TTFT ms ({args.prompt} tokens) | llama.cpp ms | loom / llama.cpp time",
+                        "prefill", "seconds", scale=1e3, spec=".0f")
     if args.batch:
-        lines.append(f"| format (loom / llama.cpp) | threads | batch {args.batch} decode loom tok/s | llama.cpp tok/s | "
-                     f"loom / llama.cpp | quiet samples loom / llama.cpp |")
-        lines.append("|---|---|---|---|---|---|")
-        for name in args.formats:
-            for t in args.threads:
-                cell = res["cells"][name][t]
-                lr, lq, ln = summarize(cell["loom_batched"], "rate", q)
-                cr, cq, cn = summarize(cell["llama_batched"], "rate", q)
-                lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(lr, lq, ln)} | {fmt_cell(cr, cq, cn)} | "
-                             f"{lr / cr:.2f}x | {lq}/{ln} / {cq}/{cn} |")
-        lines.append("")
+        lines += pair_table(res, args, f"batch {args.batch} decode loom tok/s | llama.cpp tok/s | loom / llama.cpp",
+                            "batched", "rate")
     lines.append("llama.cpp tensor types: " + "; ".join(f"{n}: {res['types'][n]}" for n in args.formats) + ".")
     return "\n".join(lines)
 

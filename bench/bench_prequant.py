@@ -36,19 +36,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from bench_quantization import rss_mb  # noqa: E402  (the benches share it)
 FORMATS = ("fp32", "ct-int8", "ct-int4", "ct-int4-sym128", "ct-int8-head", "ct-int4-head", "gptq-int4",
            "gguf-q8_0", "gguf-q4_0")
 LOOM_CONFIGS = {"ct-int8": dict(bits=8), "ct-int4": dict(bits=4), "ct-int4-sym128": dict(bits=4, group_size=128,
                 symmetric=True), "ct-int8-head": dict(bits=8, skip_output_embeddings=False),
                 "ct-int4-head": dict(bits=4, skip_output_embeddings=False)}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # -- making the checkpoints ------------------------------------------------------------------------------------------

@@ -131,17 +131,8 @@ class Quantizer(LoadHook):
     def finish(self, model: nn.Module) -> None:
         model._transposed_checkpoint_weights = self._transposed
 
-    # -- saving ------------------------------------------------------------------------------------------------
-    def is_serializable(self) -> bool:
-        return True
-
-    def why_not_serializable(self) -> str:
-        return ""
-
-    def checkpoint_tensors(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The tensors save_pretrained writes (a backend may store another layout than it runs)."""
-        return tensors
-
+    # -- saving (is_serializable, why_not_serializable, checkpoint_tensors: LoadHook's defaults; a backend that
+    # stores another layout than it runs overrides checkpoint_tensors) ----------------------------------------------
     def saved_config(self, model: nn.Module):
         """The quantization_config save_pretrained writes next to `checkpoint_tensors`."""
         return self.config
