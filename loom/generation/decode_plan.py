@@ -182,8 +182,8 @@ class DecodePlan:
         if pos >= chain._capacity and self.static is None:
             for i in range(self.n):  # room for this token, as DynamicCache.decode_slot makes it
                 cache._grow(i, pos + 1)
-                chain.set_cache(i, cache.keys[i], cache.values[i])
-            self.keys, self.values = tuple(cache.keys), tuple(cache.values)
+            if not self._rebind(cache):
+                return None
         if not chain.fits(cos, sin, pos, mask, length):
             return None
         torch.index_select(self.embed_weight, 0, input_ids.view(-1), out=self.x2d)

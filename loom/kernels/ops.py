@@ -551,6 +551,17 @@ def _moe_order(chosen):
     return chosen.reshape(-1).argsort(stable=True)
 
 
+def _moe_groups(op: str, chosen, experts: int):
+    """Without the C library: (expert, its positions in the kernels' slot order, that order) for each expert used,
+    after checking the indices as the kernels do."""
+    _check(chosen.numel() == 0 or 0 <= int(chosen.min()) and int(chosen.max()) < experts, op,
+           f"chosen holds an expert index outside 0..{experts - 1}")
+    order = _moe_order(chosen)
+    by_slot = chosen.reshape(-1)[order]
+    for e in by_slot.unique().tolist():
+        yield e, (by_slot == e).nonzero().reshape(-1), order
+
+
 def _moe_gate_up_cpu(x, w, chosen):
     if not (x.dtype in _FLOATS and w.dtype is x.dtype and chosen.dtype is torch.int64 and x.dim() == 2
             and w.dim() == 3 and chosen.dim() == 2 and x.shape[1] == w.shape[2] and x.shape[0] == chosen.shape[0]
@@ -560,13 +571,8 @@ def _moe_gate_up_cpu(x, w, chosen):
     E, N, K = w.shape
     lib = build.library()
     if lib is None:
-        _check(chosen.numel() == 0 or 0 <= int(chosen.min()) and int(chosen.max()) < E, "moe_gate_up",
-               f"chosen holds an expert index outside 0..{E - 1}")
-        order = _moe_order(chosen)
-        experts = chosen.reshape(-1)[order]
         y = x.new_empty(T * k, N)
-        for e in experts.unique().tolist():
-            at = (experts == e).nonzero().reshape(-1)
+        for e, at, order in _moe_groups("moe_gate_up", chosen, E):
             y[at] = _dense_cpu(x[order[at] // k], w[e], None)
         return y
     x, w, chosen = x.contiguous(), w.contiguous(), chosen.contiguous()
@@ -610,13 +616,8 @@ def _moe_down_cpu(h, w, chosen, weights):
     E, N, K = w.shape
     lib = build.library()
     if lib is None:
-        _check(chosen.numel() == 0 or 0 <= int(chosen.min()) and int(chosen.max()) < E, "moe_down",
-               f"chosen holds an expert index outside 0..{E - 1}")
-        order = _moe_order(chosen)
-        experts = chosen.reshape(-1)[order]
         out = h.new_zeros(T, N)
-        for e in experts.unique().tolist():
-            at = (experts == e).nonzero().reshape(-1)
+        for e, at, order in _moe_groups("moe_down", chosen, E):
             slots = order[at]
             part = _dense_cpu(h[at], w[e], None) * weights.reshape(-1)[slots, None]
             out.index_add_(0, slots // k, part.to(h.dtype))
