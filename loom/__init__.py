@@ -29,7 +29,8 @@ _export("loom.auto", "AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoMod
           for names in ("", "_NAMES")))
 _export("loom.modeling", "PreTrainedModel")
 _export("loom.outputs", "ModelOutput")
-_export("loom.models.cache", "Cache", "DynamicCache", "StaticCache", "DynamicLayer", "StaticLayer")
+_export("loom.models.cache", "Cache", "DynamicCache", "StaticCache", "CacheLayerMixin", "DynamicLayer", "StaticLayer",
+        "DynamicIndexedLayer", "StaticSlidingWindowLayer")
 _export("loom.tokenization", "AutoTokenizer", "PreTrainedTokenizerFast", "BatchEncoding", "TensorType")
 _export("loom.tokenization.classes", *(f"{family}Tokenizer{fast}" for family in (
     "Bert", "Electra", "DistilBert", "GPT2", "Llama", "CodeLlama", "Roberta", "XLMRoberta", "Camembert", "T5",

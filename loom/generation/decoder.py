@@ -34,7 +34,7 @@ class Decoder:
 
     def __init__(self, model, *, rows: int, prompt_positions: int, total_positions: int, attention_mask,
                  position_ids, use_cache: bool, cache_implementation: str | None, output_hidden_states: bool,
-                 output_attentions: bool = False, compile: bool = False, token_type_ids=None) -> None:
+                 output_attentions: bool = False, compile: bool = False, token_type_ids=None, cache=None) -> None:
         device = model.device
         self.model = model
         self.use_cache = use_cache
@@ -49,12 +49,17 @@ class Decoder:
         self.tokens_known = True  # False after a prefill from inputs_embeds: the prompt cannot be re-read as tokens
         # A static cache attends over its whole buffer, so it takes the whole mask: one shape at every step (a
         # compiled step would otherwise recompile for each length of a sliced mask).
-        self.whole_mask = use_cache and cache_implementation == "static"
-        if use_cache:
+        self.whole_mask = use_cache and cache_implementation == "static" and cache is None
+        # a cache the caller passed: its first `cached` positions are the prompt's, already run
+        self.cached = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            self.cache = cache
+        elif use_cache:
             if self.whole_mask:
                 # the last generated token is never fed back, so total_positions - 1 slots suffice
-                self.cache = StaticCache(model.config, max_batch_size=rows, max_cache_len=max(total_positions - 1, 1),
-                                         device=device, dtype=model.dtype)
+                self.cache = StaticCache.whole_sequence(model.config, max_batch_size=rows,
+                                                        max_cache_len=max(total_positions - 1, 1), device=device,
+                                                        dtype=model.dtype)
             else:
                 self.cache = DynamicCache()
         # padded batch: the prompt's mask and positions, extended as `_reserve` grows them
@@ -108,10 +113,11 @@ class Decoder:
 
     def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, V) for the token after the prompt."""
+        start = self.cached
         if inputs_embeds is not None:
             self.tokens_known = False
-            return self._run(self.model, 0, self.n, inputs_embeds=inputs_embeds)
-        return self._run(self.model, 0, self.n, input_ids=input_ids)
+            return self._run(self.model, start, self.n, inputs_embeds=inputs_embeds[:, start:])
+        return self._run(self.model, start, self.n, input_ids=input_ids[:, start:])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the newest token of `tokens` (rows, T); return logits (rows, V) for the one after it."""

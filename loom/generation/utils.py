@@ -21,7 +21,7 @@ from loom.generation.stopping_criteria import MaxLengthCriteria, EosTokenCriteri
     build_stopping_criteria
 from loom.kernels import ops, policy
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids")
+_MODEL_INPUTS = ("input_ids", "attention_mask", "inputs_embeds", "token_type_ids", "past_key_values", "cache")
 
 
 def generate(model, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
@@ -32,7 +32,9 @@ def generate(model, inputs: torch.Tensor | None = None, generation_config: Gener
     `GenerateDecoderOnlyOutput` with `return_dict_in_generate=True`.
 
     Settings come from kwargs, then `generation_config`, then `model.generation_config`, then the global defaults.
-    Other kwargs are model inputs: `attention_mask` (left padding), `input_ids`, `inputs_embeds`.
+    Other kwargs are model inputs: `attention_mask` (left padding), `input_ids`, `inputs_embeds`, and
+    `past_key_values` (or `cache`, the reference's newer name): a cache to fill (e.g. `StaticCache(config=model.config, max_cache_len=...)`), or one holding
+    the first positions of the prompt already (those are not run again).
     `generator` makes sampling reproducible without touching the global RNG.
     """
     with torch.inference_mode():
@@ -107,12 +109,13 @@ def _generate(model, inputs, generation_config, logits_processor, stopping_crite
     if new_tokens <= 0:
         return _finish(cfg, input_ids, None, None, None, streamer)
 
+    past_key_values = _check_past(cfg, _passed_cache(model_kwargs), prompt_positions)
     decoder = Decoder(model, rows=input_ids.shape[0], prompt_positions=prompt_positions,
                       total_positions=prompt_positions + new_tokens, attention_mask=attention_mask,
                       position_ids=position_ids, token_type_ids=token_type_ids, use_cache=cfg.use_cache,
                       cache_implementation=cfg.cache_implementation, output_hidden_states=cfg.output_hidden_states,
                       output_attentions=cfg.return_dict_in_generate and cfg.output_attentions,
-                      compile=bool(cfg.compile))
+                      compile=bool(cfg.compile), cache=past_key_values)
     if cfg.num_beams > 1:
         return beam_search(decoder, input_ids, inputs_embeds, cfg, processors, criteria, generator)
     return _sample(decoder, input_ids, inputs_embeds, cfg, processors, criteria, streamer, generator)
@@ -234,6 +237,34 @@ def _check_positions(config, prompt_positions: int) -> None:
     if limit is not None and prompt_positions > limit:
         raise ValueError(f"the prompt has {prompt_positions} tokens but the model handles at most "
                          f"max_position_embeddings={limit}; truncate input_ids")
+
+
+def _passed_cache(model_kwargs: dict):
+    """The cache given as `past_key_values=` or as `cache=` (the reference's newer name for it)."""
+    past, cache = model_kwargs.get("past_key_values"), model_kwargs.get("cache")
+    if past is not None and cache is not None:
+        raise ValueError("generate() got both past_key_values and cache, two names for the same cache; pass one")
+    return cache if past is None else past
+
+
+def _check_past(cfg, cache, prompt_positions: int):
+    """A cache passed to generate: used as it is (its first positions are the prompt's, already run)."""
+    if cache is None:
+        return None
+    if not hasattr(cache, "update") or not hasattr(cache, "get_seq_length"):
+        raise TypeError(f"generate(past_key_values=...) takes a cache (DynamicCache, StaticCache, ...), got "
+                        f"{type(cache).__name__}")
+    if cfg.cache_implementation is not None:
+        raise ValueError(f"generate() got both past_key_values and cache_implementation="
+                         f"{cfg.cache_implementation!r}; pass one of them (the cache you pass is the one used)")
+    if not cfg.use_cache:
+        raise ValueError("generate() got past_key_values with use_cache=False; drop one of them")
+    cached = cache.get_seq_length()
+    if cached >= prompt_positions:
+        raise ValueError(f"past_key_values holds {cached} positions but the prompt has {prompt_positions}: the cache "
+                         "must hold fewer positions than the prompt (at least its last token is run again); pass "
+                         "a fresh cache or crop it")
+    return cache
 
 
 def _infer_attention_mask(cfg, input_ids) -> torch.Tensor | None:

@@ -15,15 +15,22 @@ import os
 
 import torch
 
+from loom.models.cache_layers import (STATIC_LAYER_TYPES, CacheLayerMixin, CacheOverflowError, DummyLayer,
+                                      DynamicIndexedLayer, DynamicLayer, DynamicSlidingWindowLayer,
+                                      LinearAttentionAndFullAttentionLayer,
+                                      LinearAttentionAndSlidingWindowAttentionLayer, LinearAttentionLayer, StaticLayer,
+                                      StaticSlidingWindowLayer, layer_types_and_kwargs)
 
-class CacheOverflowError(ValueError, IndexError):
-    """A token position past a static cache's end. An IndexError too, which is what the reference raises there."""
+__all__ = ["Cache", "DynamicCache", "StaticCache", "CacheLayerMixin", "DynamicLayer", "DynamicSlidingWindowLayer",
+           "DynamicIndexedLayer", "StaticLayer", "StaticSlidingWindowLayer", "LinearAttentionLayer",
+           "LinearAttentionAndFullAttentionLayer", "LinearAttentionAndSlidingWindowAttentionLayer", "DummyLayer",
+           "CacheOverflowError"]
 
 
 class CacheLayer:
-    """One layer of a cache, the reference's layer object, as a view: `keys`/`values` read the cache's buffers."""
+    """One layer of loom's buffered caches, as the reference's layer object: a view whose `keys`/`values` read the
+    cache's buffers (mixed into `DynamicLayer`/`StaticLayer`, so isinstance checks hold)."""
 
-    is_sliding = False
     is_initialized = True
 
     def __init__(self, cache: "Cache", layer_idx: int) -> None:
@@ -37,6 +44,9 @@ class CacheLayer:
     def values(self) -> torch.Tensor:
         return self.cache.values[self.layer_idx]
 
+    def update(self, key_states, value_states, *args, **kwargs):
+        return self.cache.update(key_states, value_states, self.layer_idx)
+
     def get_seq_length(self) -> int:
         return self.cache.get_seq_length(self.layer_idx)
 
@@ -49,8 +59,30 @@ class CacheLayer:
         max_length = self.get_max_length()
         return (max_length if max_length >= 0 else self.get_seq_length() + query_length), 0
 
+    def _on_cache(self, method: str, *args):
+        raise NotImplementedError(f"{type(self.cache).__name__}.layers[{self.layer_idx}].{method}: this layer is a "
+                                  f"view of the cache's shared buffers; call cache.{method}(...) on the whole cache")
 
-class DynamicLayer(CacheLayer):
+    def crop(self, tokens_to_remove: int) -> None:
+        self._on_cache("crop")
+
+    def reset(self) -> None:
+        self._on_cache("reset")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self._on_cache("reorder_cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._on_cache("batch_repeat_interleave")
+
+    def batch_select_indices(self, indices) -> None:
+        self._on_cache("batch_select_indices")
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass  # the cache's buffers exist already
+
+
+class _DynamicLayerView(CacheLayer, DynamicLayer):
     """A layer of a `DynamicCache`: `keys`/`values` are the positions stored so far (B, Hkv, T, D)."""
 
     @property
@@ -62,7 +94,7 @@ class DynamicLayer(CacheLayer):
         return super().values[..., :self.get_seq_length(), :]
 
 
-class StaticLayer(CacheLayer):
+class _StaticLayerView(CacheLayer, StaticLayer):
     """A layer of a `StaticCache`: `keys`/`values` are the whole preallocated buffers (B, Hkv, max_cache_len, D)."""
 
     @property
@@ -71,9 +103,15 @@ class StaticLayer(CacheLayer):
 
 
 class Cache:
-    """Per-layer key/value store. `update` appends and returns the keys/values to attend to."""
+    """Per-layer key/value store. `update` appends and returns the keys/values to attend to.
+
+    `Cache(layers=[...])` or `Cache(layer_class_to_replicate=DynamicLayer)`, as in the reference, is a
+    `LayeredCache` of those layer objects."""
 
     layer_class = CacheLayer
+
+    def __new__(cls, *args, **kwargs):
+        return super().__new__(LayeredCache if cls is Cache else cls)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_position: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +161,7 @@ class Cache:
 class DynamicCache(Cache):
     """Cache whose length grows with each forward; buffers double in capacity to avoid a copy per step."""
 
-    layer_class = DynamicLayer
+    layer_class = _DynamicLayerView
 
     def __init__(self, *args, **kwargs) -> None:
         self.keys: list[torch.Tensor] = []
@@ -191,9 +229,27 @@ class DynamicCache(Cache):
 
 
 class StaticCache(Cache):
-    """Preallocated cache of `max_cache_len` positions; attention always sees the whole buffer (masked)."""
+    """Preallocated cache of `max_cache_len` positions; attention always sees the whole buffer (masked).
 
-    layer_class = StaticLayer
+    Built from a config whose `layer_types` name other kinds than full attention (sliding-window or chunked layers,
+    linear attention, ...), it is a `LayeredStaticCache`, as the reference builds it: those layers keep only their
+    window (or their conv/recurrent states). loom's models attend over whole-sequence caches, so `generate` builds
+    its own static cache with `StaticCache.whole_sequence`."""
+
+    layer_class = _StaticLayerView
+
+    def __new__(cls, config=None, *args, **kwargs):
+        if cls is StaticCache and config is not None and _needs_layers(config):
+            return super().__new__(LayeredStaticCache)
+        return super().__new__(cls)
+
+    @classmethod
+    def whole_sequence(cls, config, **kwargs) -> "StaticCache":
+        """A buffered static cache whose every layer keeps all `max_cache_len` positions, whatever the config's
+        `layer_types` (the layout loom's models and the fused decode path read)."""
+        cache = object.__new__(StaticCache)
+        cache.__init__(config, **kwargs)
+        return cache
 
     def __init__(self, config=None, max_batch_size: int = 1, max_cache_len: int = 0, device=None, dtype=None,
                  num_layers: int | None = None, num_kv_heads: int | None = None, head_dim: int | None = None) -> None:
@@ -270,6 +326,191 @@ class StaticCache(Cache):
             k.zero_()
             v.zero_()
         self.seen.zero_()
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get(decoder=True) if callable(get) else config
+
+
+def _needs_layers(config) -> bool:
+    """Whether a config's layers are not all full attention (so a reference-style static cache keeps less)."""
+    config = _text_config(config)
+    types = getattr(config, "layer_types", None)
+    if types is None:  # as layer_types_and_kwargs reads such a config, without needing num_hidden_layers
+        return any(getattr(config, name, None) is not None for name in ("sliding_window", "attention_chunk_size"))
+    types, _ = layer_types_and_kwargs(config)
+    return any(t != "full_attention" for t in types)
+
+
+class LayeredCache(Cache):
+    """A cache made of the reference's standalone layer objects (`cache_layers.py`), one per model layer; every
+    call goes to the layer it names."""
+
+    def __init__(self, layers: list | None = None, layer_class_to_replicate: type | None = None,
+                 offloading: bool = False, offload_only_non_sliding: bool = True) -> None:
+        if (layers is None) == (layer_class_to_replicate is None):
+            raise ValueError("Cache(...) takes exactly one of layers= (the layer objects, one per model layer) or "
+                             "layer_class_to_replicate= (a layer class, instantiated for each layer as it is updated)")
+        if offloading:
+            raise ValueError("Cache(offloading=True): loom does not offload cache layers to the CPU; leave "
+                             "offloading=False")
+        self._layers = list(layers) if layers is not None else []
+        self.layer_class_to_replicate = layer_class_to_replicate
+
+    @property
+    def layers(self) -> list:
+        return self._layers
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layers={self._layers})"
+
+    def _layer(self, layer_idx: int, method: str):
+        if not 0 <= layer_idx < len(self._layers):
+            raise IndexError(f"{type(self).__name__}.{method}: layer_idx={layer_idx} is out of range for a cache of "
+                             f"{len(self._layers)} layers")
+        return self._layers[layer_idx]
+
+    def update(self, key_states, value_states, layer_idx, cache_position=None, *args, **kwargs):
+        """Store (B, H, T, D) keys/values of `layer_idx` after the ones it holds; return what to attend to. The
+        layers count positions themselves, so `cache_position` is not read (as in the reference)."""
+        if self.layer_class_to_replicate is not None:
+            while len(self._layers) <= layer_idx:
+                self._layers.append(self.layer_class_to_replicate())
+        layer = self._layer(layer_idx, "update")
+        if not hasattr(layer, "update"):
+            raise ValueError(f"{type(self).__name__}.update: layer {layer_idx} is a {type(layer).__name__}, which "
+                             "keeps no keys/values; use update_conv_state / update_recurrent_state")
+        return layer.update(key_states, value_states)
+
+    def _linear(self, layer_idx: int, method: str):
+        layer = self._layer(layer_idx, method)
+        if not isinstance(layer, LinearAttentionLayer):
+            raise ValueError(f"{type(self).__name__}.{method}: layer {layer_idx} is a {type(layer).__name__}, not a "
+                             "linear-attention layer")
+        return layer
+
+    def update_conv_state(self, conv_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._linear(layer_idx, "update_conv_state").update_conv_state(conv_states, state_idx, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, state_idx: int = 0, **kwargs):
+        return self._linear(layer_idx, "update_recurrent_state").update_recurrent_state(recurrent_states, state_idx,
+                                                                                        **kwargs)
+
+    def get_conv_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self._linear(layer_idx, "get_conv_state")
+        return layer.conv_states[state_idx] if layer.has_previous_state[state_idx] else None
+
+    def get_recurrent_state(self, layer_idx: int, state_idx: int = 0):
+        layer = self._linear(layer_idx, "get_recurrent_state")
+        return layer.recurrent_states[state_idx] if layer.has_previous_state[state_idx] else None
+
+    def update_indexer(self, indexer_key_states, layer_idx: int):
+        layer = self._layer(layer_idx, "update_indexer")
+        if not hasattr(layer, "update_indexer"):
+            raise ValueError(f"{type(self).__name__}.update_indexer: layer {layer_idx} is a {type(layer).__name__}, "
+                             "which has no indexer key cache")
+        return layer.update_indexer(indexer_key_states)
+
+    def early_initialization(self, batch_size: int, num_heads, head_dim, dtype: torch.dtype, device) -> None:
+        """Allocate every key/value layer now (they otherwise allocate on their first update); `num_heads` and
+        `head_dim` are ints or one value per layer. Linear-attention layers take their shapes on their first update."""
+        n = len(self._layers)
+        per_layer = []
+        for name, value in (("num_heads", num_heads), ("head_dim", head_dim)):
+            value = [value] * n if isinstance(value, int) else list(value)
+            if len(value) != n:
+                raise ValueError(f"early_initialization({name}=...) lists {len(value)} values for a cache of {n} "
+                                 "layers; pass an int or one value per layer")
+            per_layer.append(value)
+        for layer, heads, dim in zip(self._layers, *per_layer):
+            if layer.supports_early_init and not layer.is_initialized:
+                empty = torch.zeros(batch_size, heads, 0, dim, dtype=dtype, device=device)
+                layer.lazy_initialization(empty, empty)
+
+    @property
+    def is_initialized(self) -> bool:
+        layers = [layer for layer in self._layers if layer.supports_early_init]
+        return bool(layers) and all(layer.is_initialized for layer in layers)
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [layer.is_sliding for layer in self._layers]
+
+    @property
+    def is_compileable(self) -> bool:
+        return bool(self._layers) and all(layer.is_compileable for layer in self._layers)
+
+    @property
+    def is_croppable(self) -> bool:
+        return all(layer.is_croppable for layer in self._layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self._layers[layer_idx].get_seq_length()) if layer_idx < len(self._layers) else 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        if layer_idx is None:
+            return max((layer.get_max_length() for layer in self._layers), default=-1)
+        return self._layers[layer_idx].get_max_length() if layer_idx < len(self._layers) else -1
+
+    def get_max_cache_shape(self) -> int | None:
+        length = self.get_max_length()
+        return None if length < 0 else length
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        if layer_idx >= len(self._layers) or not hasattr(self._layers[layer_idx], "get_mask_sizes"):
+            return query_length, 0
+        return self._layers[layer_idx].get_mask_sizes(query_length)
+
+    def activate_past_recording(self, **kwargs) -> None:
+        for layer in self._layers:
+            if hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording(**kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self._layers:
+            layer.crop(tokens_to_remove)
+
+    def reset(self) -> None:
+        for layer in self._layers:
+            layer.reset()
+
+    def reorder_cache(self, beam_idx) -> None:
+        for layer in self._layers:
+            layer.reorder_cache(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self._layers:
+            if hasattr(layer, "batch_repeat_interleave"):
+                layer.batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        for layer in self._layers:
+            if hasattr(layer, "batch_select_indices"):
+                layer.batch_select_indices(indices)
+
+
+class LayeredStaticCache(LayeredCache, StaticCache):
+    """What `StaticCache(config, max_cache_len)` is for a config whose `layer_types` are not all full attention:
+    one reference-style layer per `layer_types` entry (static full layers, static sliding-window layers for sliding
+    and chunked attention, linear-attention layers), each allocated on its first update or by
+    `early_initialization`."""
+
+    def __init__(self, config=None, max_batch_size: int = 1, max_cache_len: int = 0, device=None, dtype=None,
+                 *args, **kwargs) -> None:
+        if not isinstance(max_cache_len, int) or max_cache_len < 1:
+            raise ValueError(f"StaticCache(max_cache_len={max_cache_len!r}) must be a positive int")
+        types, per_layer = layer_types_and_kwargs(_text_config(config))
+        unknown = sorted({t for t in types if t not in STATIC_LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"StaticCache: config layer_types names {unknown}, which loom's static cache does not "
+                             f"build; known kinds: {sorted(STATIC_LAYER_TYPES)}")
+        LayeredCache.__init__(self, [STATIC_LAYER_TYPES[t](max_cache_len=max_cache_len, **kw)
+                                     for t, kw in zip(types, per_layer)])
+        self.max_cache_len = max_cache_len
 
 
 def _check_fits(nbytes: int, max_cache_len: int, device) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 
 from loom.configuration import ConfigFieldError
 from loom.kernels import KernelLinear, ops, policy
-from loom.models.cache import Cache, DynamicCache, StaticCache
+from loom.models.cache import Cache, DynamicCache, LayeredCache, StaticCache
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -75,12 +75,43 @@ def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention
     if use_cache and past_key_values is None and not training:
         past_key_values = DynamicCache()
     cache = past_key_values if use_cache or past_key_values is not None else None
+    if isinstance(cache, LayeredCache):
+        cache_position, past, masks = layered_inputs(cache, attention_mask, cache_position, x.shape[1], x.device,
+                                                     windows)
+        return DecoderInputs(x, cache, use_cache, cache_position, past, masks)
     masks, past = {}, None
     for window in dict.fromkeys(windows):
         cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, x.shape[1],
                                                               x.device, sliding_window=window, causal=causal)
         masks[window] = (mask, is_causal)
     return DecoderInputs(x, cache, use_cache, cache_position, past, masks)
+
+
+def layered_inputs(cache: LayeredCache, attention_mask, cache_position, q_len: int, device, windows):
+    """`decoder_inputs` for a cache of the reference's layer objects (`cache_layers.py`), whose layers may keep only
+    their window: a layer hands the attention the keys of positions kv_offset .. kv_offset + kv_length - 1, as its
+    `get_mask_sizes` says before the update, so each window's mask maps those slots to their positions.
+    `windows` lists each layer's window (or one window for all layers). Returns (cache_position, past, masks)."""
+    past = cache.get_seq_length()
+    if cache_position is None:
+        cache_position = torch.arange(past, past + q_len, device=device)
+    per_layer = list(windows)
+    masks = {}
+    for window in dict.fromkeys(per_layer):
+        sizes = {cache.get_mask_sizes(q_len, i) for i, w in enumerate(per_layer) if w == window}
+        if len(sizes) != 1:
+            raise ValueError(f"past_key_values: the layers with sliding window {window} hold different spans of "
+                             f"positions ({sorted(sizes)} as (kv_length, kv_offset)); build the cache from the "
+                             "model's config (StaticCache(config=model.config, max_cache_len=...)) or use a "
+                             "DynamicCache()")
+        kv_len, offset = sizes.pop()
+        if offset == 0 and kv_len == past + q_len:  # every position so far, as a dynamic cache keeps them
+            masks[window] = attention_mask_for(attention_mask, q_len, past, kv_len, causal=True, device=device,
+                                               sliding_window=window)
+        else:
+            masks[window] = (position_mask(attention_mask, cache_position, kv_len, sliding_window=window,
+                                           kv_offset=offset), False)
+    return cache_position, past, masks
 
 
 def check_layer_types(config, allowed=("full_attention", "sliding_attention")) -> None:
@@ -143,24 +174,26 @@ def attention_mask_for(attention_mask: torch.Tensor | None, q_len: int, past_len
 
 
 def position_mask(attention_mask: torch.Tensor | None, cache_position: torch.Tensor, kv_len: int, *,
-                  sliding_window: int | None = None) -> torch.Tensor:
+                  sliding_window: int | None = None, kv_offset: int = 0) -> torch.Tensor:
     """Causal boolean SDPA mask (B, 1, T, kv_len) for queries at `cache_position` (T positions, a tensor).
 
     Always builds the mask and never reads a position back to the host, so its shape depends only on T and kv_len:
     a static cache's compiled decode step sees the same graph at every position. `attention_mask` (B, L) marks the
     real tokens; L may exceed kv_len (the Decoder hands a static cache its whole-length mask) or fall short of it (the
-    missing keys count as padding)."""
-    k_pos = torch.arange(kv_len, device=cache_position.device)
+    missing keys count as padding). Key slot j holds position `kv_offset` + j (a cache layer that keeps only its
+    window drops the positions before kv_offset)."""
+    k_pos = torch.arange(kv_offset, kv_offset + kv_len, device=cache_position.device)
     q_pos = cache_position[:, None]
     allowed = k_pos[None, :] <= q_pos  # (T, kv)
     if sliding_window is not None:
         allowed = allowed & (k_pos[None, :] > q_pos - sliding_window)
-    return _with_padding(allowed[None, None], attention_mask, kv_len)
+    return _with_padding(allowed[None, None], attention_mask, kv_len, kv_offset)
 
 
-def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
+def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv_len: int,
+                  kv_offset: int = 0) -> torch.Tensor:
     if attention_mask is not None:
-        keep = attention_mask.to(device=allowed.device, dtype=torch.bool)
+        keep = attention_mask.to(device=allowed.device, dtype=torch.bool)[..., kv_offset:]
         if keep.shape[-1] < kv_len:  # a static cache is longer than the tokens seen so far
             keep = F.pad(keep, (0, kv_len - keep.shape[-1]))
         allowed = allowed & keep[:, None, None, :kv_len]
