@@ -33,8 +33,9 @@ def generate(model, inputs: torch.Tensor | None = None, generation_config: Gener
 
     Settings come from kwargs, then `generation_config`, then `model.generation_config`, then the global defaults.
     Other kwargs are model inputs: `attention_mask` (left padding), `input_ids`, `inputs_embeds`, and
-    `past_key_values` (or `cache`, the reference's newer name): a cache to fill (e.g. `StaticCache(config=model.config, max_cache_len=...)`), or one holding
-    the first positions of the prompt already (those are not run again).
+    `past_key_values` (or `cache`, the reference's newer name): a cache to fill (e.g.
+    `StaticCache(config=model.config, max_cache_len=...)`), or one that holds the prompt's first positions already
+    (those are not run again).
     `generator` makes sampling reproducible without touching the global RNG.
     """
     with torch.inference_mode():

@@ -233,8 +233,9 @@ class StaticCache(Cache):
 
     Built from a config whose `layer_types` name other kinds than full attention (sliding-window or chunked layers,
     linear attention, ...), it is a `LayeredStaticCache`, as the reference builds it: those layers keep only their
-    window (or their conv/recurrent states). loom's models attend over whole-sequence caches, so `generate` builds
-    its own static cache with `StaticCache.whole_sequence`."""
+    window (or their conv/recurrent states), and the models' masks map each layer's slots to their positions
+    (`common.layered_inputs`). `generate(cache_implementation="static")` builds the buffered layout instead,
+    `StaticCache.whole_sequence`, which the fused decode paths and torch.compile read."""
 
     layer_class = _StaticLayerView
 

@@ -111,6 +111,24 @@ def test_generate_with_static_caches_matches_the_reference(pair, how, padded):
         assert isinstance(got.past_key_values, LayeredStaticCache)
 
 
+def test_forward_over_dynamic_window_layers_matches_the_reference(pair):
+    """`DynamicSlidingWindowLayer`s (what the reference's DynamicCache(config=) builds) keep window - 1 positions."""
+    import transformers
+    import transformers.cache_utils as ref_layers
+
+    ours, ref = pair
+    ids, mask = _ids(T=14)
+
+    def layers(module):
+        return [module.DynamicSlidingWindowLayer(sliding_window=w) if w else module.DynamicLayer()
+                for w in ours.model.windows]
+
+    got = _stepwise(ours, loom.Cache(layers=layers(cache_layers)), ids, mask, 6)
+    want = _stepwise(ref, transformers.Cache(layers=layers(ref_layers)), ids, mask, 6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0, 3:], want[0, 3:], atol=1e-4, rtol=1e-4)
+
+
 def test_generate_continues_a_cache_that_holds_the_prompts_start(pair):
     """A cache holding the prompt's first positions: generate runs only the rest, as the reference does."""
     import transformers
@@ -167,3 +185,25 @@ def test_generate_cache_arguments_errors():
         model(ids, past_key_values=cache, use_cache=True)
     with pytest.raises(ValueError, match="holds 3 positions but the prompt has 3"):
         model.generate(ids, past_key_values=cache, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_generate_into_loom_caches_matches_its_own_cache(padded):
+    """A DynamicCache or a (buffered) StaticCache passed to generate takes the same fused decode steps as the
+    caches generate builds: same tokens, and bitwise the same logits for the dynamic one."""
+    config = loom.LlamaConfig(**TINY["llama"])
+    torch.manual_seed(0)
+    model = loom.LlamaForCausalLM(config).eval()
+    ids, mask = _ids()
+    if not padded:
+        mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=mask,
+              return_dict_in_generate=True, output_logits=True)
+    own = model.generate(ids, **kw)
+    into_dynamic = model.generate(ids, past_key_values=loom.DynamicCache(), **kw)
+    static = loom.StaticCache(config=config, max_batch_size=2, max_cache_len=PROMPT + NEW)
+    assert type(static) is loom.StaticCache  # full attention only: the buffered layout
+    into_static = model.generate(ids, past_key_values=static, **kw)
+    assert own.sequences.tolist() == into_dynamic.sequences.tolist() == into_static.sequences.tolist()
+    assert all(torch.equal(a, b) for a, b in zip(own.logits, into_dynamic.logits))
+    torch.testing.assert_close(torch.stack(into_static.logits), torch.stack(own.logits), atol=1e-5, rtol=1e-5)
