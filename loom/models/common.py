@@ -51,6 +51,13 @@ class DecoderInputs(NamedTuple):
     cache_position: torch.Tensor  # (T,) positions of the new tokens
     past: int | None  # tokens seen before (None for a static cache, whose positions stay a tensor)
     masks: dict  # sliding window (None = full attention) -> (mask, is_causal), one per window the layers use
+    # layer index -> (mask, is_causal) for the layers whose cache layer keeps another span of positions than the
+    # first layer of their window (a cache of layer objects that mixes kinds within one window); else empty
+    layer_masks: dict = {}
+
+    def mask(self, layer_idx: int, window: int | None) -> tuple:
+        """(mask, is_causal) of layer `layer_idx`, whose sliding window is `window`."""
+        return self.layer_masks.get(layer_idx) or self.masks[window]
 
 
 def check_inputs(input_ids, inputs_embeds) -> None:
@@ -76,9 +83,14 @@ def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention
         past_key_values = DynamicCache()
     cache = past_key_values if use_cache or past_key_values is not None else None
     if isinstance(cache, LayeredCache):
-        cache_position, past, masks = layered_inputs(cache, attention_mask, cache_position, x.shape[1], x.device,
-                                                     windows)
-        return DecoderInputs(x, cache, use_cache, cache_position, past, masks)
+        per_layer = list(windows) if len(windows) > 1 else list(windows) * max(len(cache), 1)
+        cache_position, past, masks, layer_masks = layered_inputs(cache, attention_mask, cache_position, x.shape[1],
+                                                                  x.device, per_layer)
+        if layer_masks and len(windows) == 1:  # a family that reads one mask for every layer
+            raise ValueError("past_key_values: its layers hold different spans of positions (a Cache(layers=...) "
+                             "mixing layer kinds) where this model attends alike in every layer; give every layer "
+                             "the same kind, or use a DynamicCache()")
+        return DecoderInputs(x, cache, use_cache, cache_position, past, masks, layer_masks)
     masks, past = {}, None
     for window in dict.fromkeys(windows):
         cache_position, past, mask, is_causal = causal_inputs(cache, attention_mask, cache_position, x.shape[1],
@@ -90,28 +102,28 @@ def decoder_inputs(config, embed: nn.Module, input_ids, inputs_embeds, attention
 def layered_inputs(cache: LayeredCache, attention_mask, cache_position, q_len: int, device, windows):
     """`decoder_inputs` for a cache of the reference's layer objects (`cache_layers.py`), whose layers may keep only
     their window: a layer hands the attention the keys of positions kv_offset .. kv_offset + kv_length - 1, as its
-    `get_mask_sizes` says before the update, so each window's mask maps those slots to their positions.
-    `windows` lists each layer's window (or one window for all layers). Returns (cache_position, past, masks)."""
+    `get_mask_sizes` says before the update, so each mask maps those slots to their positions. `windows` lists each
+    layer's window (or one window for all layers). Returns (cache_position, past, masks, layer_masks): one mask per
+    window, for the first layer of that window, and one per layer whose span differs from it."""
     past = cache.get_seq_length()
     if cache_position is None:
         cache_position = torch.arange(past, past + q_len, device=device)
-    per_layer = list(windows)
-    masks = {}
-    for window in dict.fromkeys(per_layer):
-        sizes = {cache.get_mask_sizes(q_len, i) for i, w in enumerate(per_layer) if w == window}
-        if len(sizes) != 1:
-            raise ValueError(f"past_key_values: the layers with sliding window {window} hold different spans of "
-                             f"positions ({sorted(sizes)} as (kv_length, kv_offset)); build the cache from the "
-                             "model's config (StaticCache(config=model.config, max_cache_len=...)) or use a "
-                             "DynamicCache()")
-        kv_len, offset = sizes.pop()
-        if offset == 0 and kv_len == past + q_len:  # every position so far, as a dynamic cache keeps them
-            masks[window] = attention_mask_for(attention_mask, q_len, past, kv_len, causal=True, device=device,
-                                               sliding_window=window)
-        else:
-            masks[window] = (position_mask(attention_mask, cache_position, kv_len, sliding_window=window,
-                                           kv_offset=offset), False)
-    return cache_position, past, masks
+    built, masks, layer_masks = {}, {}, {}
+    for i, window in enumerate(windows):
+        key = (window, cache.get_mask_sizes(q_len, i))
+        if key not in built:
+            kv_len, offset = key[1]
+            if offset == 0 and kv_len == past + q_len:  # every position so far, as a dynamic cache keeps them
+                built[key] = attention_mask_for(attention_mask, q_len, past, kv_len, causal=True, device=device,
+                                                sliding_window=window)
+            else:
+                built[key] = (position_mask(attention_mask, cache_position, kv_len, sliding_window=window,
+                                            kv_offset=offset), False)
+        if window not in masks:
+            masks[window] = built[key]
+        elif built[key] is not masks[window]:
+            layer_masks[i] = built[key]
+    return cache_position, past, masks, layer_masks
 
 
 def check_layer_types(config, allowed=("full_attention", "sliding_attention")) -> None:

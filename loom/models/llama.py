@@ -221,8 +221,8 @@ class LlamaModel(LlamaPreTrainedModel):
             output_hidden_states = getattr(self.config, "output_hidden_states", False)
         hidden = [x] if output_hidden_states else None
         with recording_attentions(self.config, output_attentions) as attentions:
-            for layer, window in zip(self.layers, self.windows):
-                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, *rope[window], *inputs.masks[window],
+            for i, (layer, window) in enumerate(zip(self.layers, self.windows)):
+                x = maybe_checkpoint(layer, self.gradient_checkpointing, x, *rope[window], *inputs.mask(i, window),
                                      cache, cache_position)
                 if hidden is not None:
                     hidden.append(x)

@@ -159,12 +159,29 @@ def test_mistral_default_window_is_longer_than_the_cache(tmp_path):
     assert torch.equal(model.generate(ids, past_key_values=cache, **kw), model.generate(ids, **kw))
 
 
-def test_layers_of_one_window_holding_different_spans_are_refused():
-    config = loom.MistralConfig(**TINY["mistral"])
-    model = loom.MistralForCausalLM(config).eval()
-    cache = loom.Cache(layers=[cache_layers.StaticSlidingWindowLayer(max_cache_len=16, sliding_window=4),
+def test_layers_of_one_window_may_hold_different_spans(pair):
+    """A cache whose layers of one window keep different spans (e.g. built from layer_types that disagree with the
+    layers the model slides, as a Qwen3-MoE config may have): each layer gets its own mask, so the logits are the
+    reference's uncached forward's (the reference's own model builds one mask per window and fails here)."""
+    ours, ref = pair
+    ids, mask = _ids(T=14)
+    windows = ours.model.windows
+    layers = [cache_layers.StaticLayer(max_cache_len=20)]  # the first layer keeps everything, whatever its window
+    layers += [cache_layers.StaticSlidingWindowLayer(max_cache_len=20, sliding_window=w) if w
+               else cache_layers.StaticLayer(max_cache_len=20) for w in windows[1:]]
+    got = _stepwise(ours, loom.Cache(layers=layers), ids, mask, 6)
+    with torch.no_grad():
+        want = ref(ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[1], want[1], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got[0, 3:], want[0, 3:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_one_mask_family_refuses_layers_of_different_spans():
+    config = loom.GPT2Config(**TINY["gpt2"])
+    model = loom.GPT2LMHeadModel(config).eval()
+    cache = loom.Cache(layers=[cache_layers.StaticSlidingWindowLayer(max_cache_len=16, sliding_window=2),
                                cache_layers.StaticLayer(max_cache_len=16)])
-    with pytest.raises(ValueError, match=r"the layers with sliding window 4 hold different spans"):
+    with pytest.raises(ValueError, match=r"its layers hold different spans of positions"):
         model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
 
 
