@@ -8,6 +8,8 @@ writes a model in the formats of the hooks it keeps. The full-precision model is
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,6 +27,27 @@ from loom.saving import write_model_dir
 from loom.utils import parse_dtype
 
 _ABSENT = object()
+
+
+def _accepting_cache_kwarg(forward):
+    """`forward` taking the reference 5.x's `cache=` as its `past_key_values` (the name it deprecated).
+
+    Model forwards swallow unknown keywords (`**kwargs`, as the reference's do), so without this a script written for
+    5.x that passes `cache=` would run with no cache, silently. Both names at once raise, as in the reference."""
+    params = inspect.signature(forward).parameters
+    if "past_key_values" not in params or "cache" in params:
+        return forward
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if "cache" in kwargs:
+            if kwargs.get("past_key_values") is not None:
+                raise ValueError(f"{type(self).__name__}.forward got both `cache` and `past_key_values`; pass the "
+                                 "cache once (`cache=` is the reference 5.x's name, `past_key_values=` the older one)")
+            kwargs["past_key_values"] = kwargs.pop("cache")
+        return forward(self, *args, **kwargs)
+
+    return wrapper
 
 
 class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
@@ -58,6 +81,11 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
     _keep_in_fp32_modules_strict: ClassVar[list[str] | None] = None
     _keys_to_ignore_on_load_missing: ClassVar[list[str] | None] = None
     _keys_to_ignore_on_save: ClassVar[list[str] | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:
+            cls.forward = _accepting_cache_kwarg(cls.__dict__["forward"])
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()

@@ -63,6 +63,8 @@ class ModelOutput(OrderedDict):
             return self[name]
         if name in FIELDS:
             return None
+        if name == "cache":  # the reference 5.x's name for past_key_values
+            return self.get("past_key_values")
         raise AttributeError(f"{type(self).__name__} has no field {name!r}; it has {list(self.keys())}")
 
     def __setattr__(self, name: str, value: Any) -> None:
