@@ -920,9 +920,9 @@ def _quantize_cpu(weight, group_size):
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     scale = torch.empty(n, k // group_size, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    if n:
-        lib.loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k,
-                                          group_size, pool_threads())
+    if n and lib.loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                               n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int4_quantize_asymmetric: could not allocate {group_size * 32} bytes of scratch")
     _check_quantized(w, scale, group_size)
     return packed, scale, zero
 
