@@ -66,7 +66,7 @@ def quantize_int4_asymmetric(weight: torch.Tensor, group_size: int) -> tuple[tor
     checkpoint's weights 6.5% more squared error than fractional zero points at group 32).
 
     On CPU the search runs in loom's C kernel (loom::int4_quantize_asymmetric, bit-identical to the torch search,
-    ~4x faster); elsewhere, and with the kernels off, in torch. A group holding NaN or inf, or whose range no
+    ~7x faster); elsewhere, and with the kernels off, in torch. A group holding NaN or inf, or whose range no
     float16 scale covers, raises ValueError."""
     if policy.plain(weight):
         return ops.int4_quantize_asymmetric(weight, group_size)

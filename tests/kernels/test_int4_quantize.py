@@ -62,7 +62,7 @@ def test_matches_the_torch_reference_bit_for_bit(n, k, group, seed):
 def _mirrored(n, k, group, seed=0):
     """Groups of values +-v in shuffled positions. Mirror-image candidates (shrinks (a, b) and (b, a)) then have the
     same squared errors in other positions, so which of them wins depends on the order of the float32 sums: on
-    Gaussian weights a wrong order changes nothing in 4M weights, here it changes ~50% of the groups' nibbles."""
+    Gaussian weights a wrong order changed nothing in 4M weights; here it changes 3-7% of the groups."""
     gen = torch.Generator().manual_seed(seed)
     half = torch.randn(n, k // group, group // 2, generator=gen)
     w = torch.cat([half, -half], 2)
