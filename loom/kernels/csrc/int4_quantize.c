@@ -22,10 +22,60 @@ static const double SHRINKS[3] = {1.0, 0.9, 0.8}; /* converted to float as torch
    in turn, and the sum is 0 + the scalar tail in order + accumulators 0..7 in order. Rows shorter than 8 use the
    same scheme on single floats (accumulator i % 4, the tail into 0, then 0 + 1 + 2 + 3).
 
-   Here the vector lanes are 8 groups searched side by side (torch's lanes are positions within a group), so each
+   Here the vector lanes are groups searched side by side (torch's lanes are positions within a group), so each
    lane does exactly one group's scalar arithmetic, in that group's order. */
 
+/* One vector of lanes: 16 groups on the AVX-512 levels, 8 on AVX2 (the arithmetic per lane is the same) */
+#ifdef __AVX512F__
+#define LANES 16
+typedef __m512 vf;
+typedef __mmask16 vmask;
+typedef __m256i vhalf;
+#define vset(x) _mm512_set1_ps(x)
+#define vload(p) _mm512_loadu_ps(p)
+#define vadd _mm512_add_ps
+#define vsub _mm512_sub_ps
+#define vmul _mm512_mul_ps
+#define vdiv _mm512_div_ps
+#define vmax _mm512_max_ps
+#define vmin _mm512_min_ps
+#define vxor _mm512_xor_ps
+#define vround(x) _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vcmp(a, b, op) _mm512_cmp_ps_mask(a, b, op)
+#define vpick(a, b, m) _mm512_mask_blend_ps(m, a, b)
+#define vto_half(x) _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)
+#define vfrom_half(h) _mm512_cvtph_ps(h)
+#define vpick_half(a, b, m) _mm256_mask_blend_epi16(m, a, b)
+#define vstore_half(p, h) _mm256_storeu_si256((__m256i *)(p), h)
+#define vstore_int(p, x) _mm512_storeu_si512((void *)(p), _mm512_cvtps_epi32(x))
+#else
 #define LANES 8
+typedef __m256 vf;
+typedef __m256 vmask;
+typedef __m128i vhalf;
+#define vset(x) _mm256_set1_ps(x)
+#define vload(p) _mm256_loadu_ps(p)
+#define vadd _mm256_add_ps
+#define vsub _mm256_sub_ps
+#define vmul _mm256_mul_ps
+#define vdiv _mm256_div_ps
+#define vmax _mm256_max_ps
+#define vmin _mm256_min_ps
+#define vxor _mm256_xor_ps
+#define vround(x) _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define vcmp(a, b, op) _mm256_cmp_ps(a, b, op)
+#define vpick(a, b, m) _mm256_blendv_ps(a, b, m)
+#define vto_half(x) _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT)
+#define vfrom_half(h) _mm256_cvtph_ps(h)
+static inline __m128i vpick_half(__m128i a, __m128i b, __m256 m) { /* 32-bit lane mask -> 16-bit lanes */
+    __m256i mi = _mm256_castps_si256(m);
+    return _mm_blendv_epi8(a, b, _mm_packs_epi32(_mm256_castsi256_si128(mi), _mm256_extracti128_si256(mi, 1)));
+}
+#define vstore_half(p, h) _mm_storeu_si128((__m128i *)(p), h)
+#define vstore_int(p, x) _mm256_storeu_si256((__m256i *)(p), _mm256_cvtps_epi32(x))
+#endif
+/* vmax(a, b) is a > b ? a : b and vmin(a, b) a < b ? a : b per lane: with a NaN or two zeros, the second operand;
+   vpick(a, b, m) takes b where m is set */
 
 static inline long ceil_log2(long x) {
     if (x <= 2) return 1;
@@ -34,112 +84,91 @@ static inline long ceil_log2(long x) {
     return bits;
 }
 
-/* per-lane max(a, b) as a > b ? a : b and min as a < b ? a : b: with a NaN or two zeros, the second operand */
-#define VMAX _mm256_max_ps
-#define VMIN _mm256_min_ps
-
 /* torch's clamp(x, 0, 15): NaN stays NaN, -0.0 stays -0.0 */
-static inline __m256 clamp_nibble(__m256 q) {
-    return VMIN(_mm256_set1_ps(15.0f), VMAX(_mm256_setzero_ps(), q));
-}
+static inline vf clamp_nibble(vf q) { return vmin(vset(15.0f), vmax(vset(0.0f), q)); }
 
 /* torch's clamp(min=1e-6) */
-static inline __m256 clamp_step(__m256 s) { return VMAX(_mm256_set1_ps(1e-6f), s); }
+static inline vf clamp_step(vf s) { return vmax(vset(1e-6f), s); }
 
-static inline __m256 nibbles(__m256 w, __m256 s, __m256 z) {
-    return clamp_nibble(_mm256_round_ps(_mm256_add_ps(_mm256_div_ps(w, s), z),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
+static inline vf nibbles(vf w, vf s, vf z) { return clamp_nibble(vround(vadd(vdiv(w, s), z))); }
 
 /* the squared error of element i of each lane's group for the candidate (s, z): ((q - z) * s - w)^2 */
-static inline __m256 sq_err(const float *t, long i, __m256 s, __m256 z) {
-    __m256 w = _mm256_loadu_ps(t + i * LANES);
-    __m256 d = _mm256_sub_ps(_mm256_mul_ps(_mm256_sub_ps(nibbles(w, s, z), z), s), w);
-    return _mm256_mul_ps(d, d);
+static inline vf sq_err(const float *t, long i, vf s, vf z) {
+    vf w = vload(t + i * LANES);
+    vf d = vsub(vmul(vsub(nibbles(w, s, z), z), s), w);
+    return vmul(d, d);
 }
 
 /* each lane's squared error summed in torch's order; t is the block transposed, (G, LANES) */
-static __m256 block_error(const float *t, long G, __m256 s, __m256 z) {
+static vf block_error(const float *t, long G, vf s, vf z) {
     if (G < 8) {
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        vf acc[4] = {vset(0.0f), vset(0.0f), vset(0.0f), vset(0.0f)};
         long full = G / 4 * 4;
-        for (long i = 0; i < full; i++) acc[i % 4] = _mm256_add_ps(acc[i % 4], sq_err(t, i, s, z));
-        for (long i = full; i < G; i++) acc[0] = _mm256_add_ps(acc[0], sq_err(t, i, s, z));
-        return _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), acc[2]), acc[3]);
+        for (long i = 0; i < full; i++) acc[i % 4] = vadd(acc[i % 4], sq_err(t, i, s, z));
+        for (long i = full; i < G; i++) acc[0] = vadd(acc[0], sq_err(t, i, s, z));
+        return vadd(vadd(vadd(acc[0], acc[1]), acc[2]), acc[3]);
     }
     long nv = G / 8, rows = nv / 4, power = ceil_log2(rows) / 4;
     if (power < 4) power = 4;
     long step = 1L << power, mask = step - 1, r = 0;
-    __m256 acc[4][32];
+    vf acc[4][32];
     int levels = rows >= step ? 4 : 1; /* the upper levels stay 0 otherwise, and x + 0 = x for these sums */
     for (int l = 0; l < levels; l++)
-        for (int c = 0; c < 32; c++) acc[l][c] = _mm256_setzero_ps();
+        for (int c = 0; c < 32; c++) acc[l][c] = vset(0.0f);
     while (r + step <= rows) {
         for (long j = 0; j < step; j++, r++)
-            for (int c = 0; c < 32; c++) acc[0][c] = _mm256_add_ps(acc[0][c], sq_err(t, 32 * r + c, s, z));
+            for (int c = 0; c < 32; c++) acc[0][c] = vadd(acc[0][c], sq_err(t, 32 * r + c, s, z));
         for (int l = 1; l < 4; l++) {
             for (int c = 0; c < 32; c++) {
-                acc[l][c] = _mm256_add_ps(acc[l][c], acc[l - 1][c]);
-                acc[l - 1][c] = _mm256_setzero_ps();
+                acc[l][c] = vadd(acc[l][c], acc[l - 1][c]);
+                acc[l - 1][c] = vset(0.0f);
             }
             if (r & (mask << (l * power))) break;
         }
     }
     for (; r < rows; r++)
-        for (int c = 0; c < 32; c++) acc[0][c] = _mm256_add_ps(acc[0][c], sq_err(t, 32 * r + c, s, z));
+        for (int c = 0; c < 32; c++) acc[0][c] = vadd(acc[0][c], sq_err(t, 32 * r + c, s, z));
     for (int l = 1; l < levels; l++)
-        for (int c = 0; c < 32; c++) acc[0][c] = _mm256_add_ps(acc[0][c], acc[l][c]);
-    for (long i = rows * 32; i < nv * 8; i++) acc[0][i % 8] = _mm256_add_ps(acc[0][i % 8], sq_err(t, i, s, z));
-    for (int c = 0; c < 8; c++)
-        acc[0][c] = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc[0][c], acc[0][8 + c]), acc[0][16 + c]),
-                                  acc[0][24 + c]);
-    __m256 total = _mm256_setzero_ps();
-    for (long i = nv * 8; i < G; i++) total = _mm256_add_ps(total, sq_err(t, i, s, z));
-    for (int c = 0; c < 8; c++) total = _mm256_add_ps(total, acc[0][c]);
+        for (int c = 0; c < 32; c++) acc[0][c] = vadd(acc[0][c], acc[l][c]);
+    for (long i = rows * 32; i < nv * 8; i++) acc[0][i % 8] = vadd(acc[0][i % 8], sq_err(t, i, s, z));
+    for (int c = 0; c < 8; c++) acc[0][c] = vadd(vadd(vadd(acc[0][c], acc[0][8 + c]), acc[0][16 + c]), acc[0][24 + c]);
+    vf total = vset(0.0f);
+    for (long i = nv * 8; i < G; i++) total = vadd(total, sq_err(t, i, s, z));
+    for (int c = 0; c < 8; c++) total = vadd(total, acc[0][c]);
     return total;
 }
 
-/* lanes where `m` is set take b, the others a */
-static inline __m256 pick(__m256 a, __m256 b, __m256 m) { return _mm256_blendv_ps(a, b, m); }
-
 /* the search for the LANES groups of a transposed block: float16 bits of each lane's scale (0 where no candidate
    had a finite error) and its zero point */
-static void search_block(const float *t, long G, __m128i *best_scale, __m256 *best_zero) {
-    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), fifteen = _mm256_set1_ps(15.0f);
-    const __m256 sign = _mm256_set1_ps(-0.0f);
+static void search_block(const float *t, long G, vhalf *best_scale, vf *best_zero) {
+    const vf zero = vset(0.0f), one = vset(1.0f), fifteen = vset(15.0f);
     /* min(w, 0) and max(w, 0) as w < low ? w : low from +0.0: a zero minimum is +0.0 (see the reference) */
-    __m256 low = zero, high = zero;
+    vf low = zero, high = zero;
     for (long i = 0; i < G; i++) {
-        __m256 w = _mm256_loadu_ps(t + i * LANES);
-        low = VMIN(w, low);
-        high = VMAX(w, high);
+        vf w = vload(t + i * LANES);
+        low = vmin(w, low);
+        high = vmax(w, high);
     }
-    __m256 best_err = _mm256_set1_ps(INFINITY), best_z = zero;
-    __m128i best_s = _mm_setzero_si128();
+    vf best_err = vset(INFINITY), best_z = zero;
+    vhalf best_s = vto_half(zero);
     for (int ia = 0; ia < 3; ia++) {
         for (int ib = 0; ib < 3; ib++) {
-            __m256 lo = _mm256_mul_ps(low, _mm256_set1_ps((float)SHRINKS[ia]));
-            __m256 hi = _mm256_mul_ps(high, _mm256_set1_ps((float)SHRINKS[ib]));
-            __m256 neg_lo = _mm256_xor_ps(lo, sign);
-            __m256 minmax = clamp_step(_mm256_div_ps(_mm256_sub_ps(hi, lo), fifteen));
-            __m256 z = clamp_nibble(_mm256_round_ps(_mm256_div_ps(neg_lo, minmax),
-                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-            __m256 above = _mm256_sub_ps(fifteen, z), below = z; /* grid steps on each side of 0 */
-            __m256 up = pick(zero, _mm256_div_ps(hi, VMAX(one, above)), _mm256_cmp_ps(above, zero, _CMP_GT_OQ));
-            __m256 down = pick(zero, _mm256_div_ps(neg_lo, VMAX(one, below)), _mm256_cmp_ps(below, zero, _CMP_GT_OQ));
-            __m256 covering = pick(VMAX(up, down), _mm256_set1_ps(NAN), _mm256_cmp_ps(up, down, _CMP_UNORD_Q));
-            covering = clamp_step(covering); /* torch.maximum keeps NaN */
-            const __m256 steps[2] = {minmax, covering};
+            vf lo = vmul(low, vset((float)SHRINKS[ia])), hi = vmul(high, vset((float)SHRINKS[ib]));
+            vf neg_lo = vxor(lo, vset(-0.0f));
+            vf minmax = clamp_step(vdiv(vsub(hi, lo), fifteen));
+            vf z = clamp_nibble(vround(vdiv(neg_lo, minmax)));
+            vf above = vsub(fifteen, z), below = z; /* grid steps on each side of 0 */
+            vf up = vpick(zero, vdiv(hi, vmax(one, above)), vcmp(above, zero, _CMP_GT_OQ));
+            vf down = vpick(zero, vdiv(neg_lo, vmax(one, below)), vcmp(below, zero, _CMP_GT_OQ));
+            vf covering = vpick(vmax(up, down), vset(NAN), vcmp(up, down, _CMP_UNORD_Q)); /* torch.maximum */
+            const vf steps[2] = {minmax, clamp_step(covering)};
             for (int c = 0; c < 2; c++) {
-                __m128i hs = _mm256_cvtps_ph(steps[c], _MM_FROUND_TO_NEAREST_INT);
-                __m256 s = _mm256_cvtph_ps(hs);
-                __m256 err = block_error(t, G, s, z);
-                __m256 better = _mm256_cmp_ps(err, best_err, _CMP_LT_OQ); /* ties keep the earlier candidate */
-                best_err = pick(best_err, err, better);
-                best_z = pick(best_z, z, better);
-                __m128i better16 = _mm_packs_epi32(_mm256_castsi256_si128(_mm256_castps_si256(better)),
-                                                   _mm256_extracti128_si256(_mm256_castps_si256(better), 1));
-                best_s = _mm_blendv_epi8(best_s, hs, better16);
+                vhalf hs = vto_half(steps[c]);
+                vf err = block_error(t, G, vfrom_half(hs), z);
+                vmask better = vcmp(err, best_err, _CMP_LT_OQ); /* ties keep the earlier candidate */
+                best_err = vpick(best_err, err, better);
+                best_z = vpick(best_z, z, better);
+                best_s = vpick_half(best_s, hs, better);
             }
         }
     }
@@ -161,20 +190,20 @@ static void quant_blocks(const void *p, long begin, long end) {
             const float *src = j->w + (first + (l < count ? l : 0)) * G;
             for (long i = 0; i < G; i++) t[i * LANES + l] = src[i];
         }
-        __m128i hs;
-        __m256 z;
+        vhalf hs;
+        vf z;
         search_block(t, G, &hs, &z);
         uint16_t sbits[LANES], zbits[LANES];
-        _mm_storeu_si128((__m128i *)sbits, hs);
-        _mm_storeu_si128((__m128i *)zbits, _mm256_cvtps_ph(z, _MM_FROUND_TO_NEAREST_INT));
+        vstore_half(sbits, hs);
+        vstore_half(zbits, vto_half(z));
         memcpy(j->scale + first, sbits, sizeof(uint16_t) * count);
         memcpy(j->zero + first, zbits, sizeof(uint16_t) * count);
-        /* 8 groups hold an even number of weights, so a block's bytes are its own (G odd splits bytes inside it) */
+        /* LANES groups hold an even number of weights, so a block's bytes are its own (odd G splits bytes in it) */
         memset(j->packed + first * G / 2, 0, count * G / 2);
-        __m256 s = _mm256_cvtph_ps(hs);
+        vf s = vfrom_half(hs);
         for (long i = 0; i < G; i++) {
             int32_t q[LANES];
-            _mm256_storeu_si256((__m256i *)q, _mm256_cvtps_epi32(nibbles(_mm256_loadu_ps(t + i * LANES), s, z)));
+            vstore_int(q, nibbles(vload(t + i * LANES), s, z));
             for (long l = 0; l < count; l++) {
                 if (!sbits[l]) continue; /* no finite candidate: packed stays 0 */
                 long e = (first + l) * G + i;
