@@ -78,7 +78,7 @@ def test_sum_order_decides_mirror_image_ties_as_torch_does(n, k, group):
     _assert_identical(ops.int4_quantize_asymmetric(w, group), ops.int4_quantize_asymmetric_reference(w, group))
 
 
-def test_the_reference_is_mains_search_except_the_sign_of_a_zero_minimum():
+def test_a_zero_minimum_counts_as_plus_zero_whatever_the_signs_of_the_zeros():
     """The reference is the search loom shipped in torch, with one definition added: a group whose minimum is a
     zero counts it as +0.0 (torch's amin picks -0.0 or +0.0 by its reduction order), so an all-positive group and a
     group of +0.0 and -0.0 alike store the zero point -0.0 (0 once stored as an integer)."""
