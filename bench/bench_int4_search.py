@@ -31,8 +31,8 @@ def search_times(path: Path, group: int, rounds: int) -> dict:
 
     weights = [w for name, w in load_file(str(path / "model.safetensors")).items()
                if name.endswith("proj.weight")]
-    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for w in weights
-               for a, b in zip(ops.int4_quantize_asymmetric(w, group), ops.int4_quantize_asymmetric_reference(w, group)))
+    same = all(torch.equal(a.view(torch.uint8), b.view(torch.uint8)) for w in weights for a, b in
+               zip(ops.int4_quantize_asymmetric(w, group), ops.int4_quantize_asymmetric_reference(w, group)))
     times = {"C": [], "torch": []}
     for _ in range(rounds):
         for name, fn in (("C", ops.int4_quantize_asymmetric), ("torch", ops.int4_quantize_asymmetric_reference)):

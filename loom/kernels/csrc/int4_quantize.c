@@ -16,11 +16,12 @@ static const double SHRINKS[3] = {1.0, 0.9, 0.8}; /* converted to float as torch
 
 /* -- torch's float32 sum over a contiguous row (ATen's cascade sum, SumKernel.cpp) with 8-float vectors: torch
    2.13 sums this way with its AVX-512, AVX2 and generic CPU builds alike (checked with ATEN_CPU_CAPABILITY; should
-   a torch release change the order, tests/kernels/test_int4_quantize.py's mirrored groups fail). Element i of a row of G (G >= 8) goes to accumulator i % 32 (4 accumulators of
-   8 lanes) while i < 32 * rows, rows = G / 32; every 2^power rows a cascade of 4 levels folds them; the elements
-   of the leftover whole vectors go to accumulator i % 8; then accumulator l gets l + 8, l + 16 and l + 24 added
-   in turn, and the sum is 0 + the scalar tail in order + accumulators 0..7 in order. Rows shorter than 8 use the
-   same scheme on single floats (accumulator i % 4, the tail into 0, then 0 + 1 + 2 + 3).
+   a torch release change the order, tests/kernels/test_int4_quantize.py's mirrored groups fail). Element i of a
+   row of G (G >= 8) goes to accumulator i % 32 (4 accumulators of 8 lanes) while i < 32 * rows, rows = G / 32;
+   every 2^power rows a cascade of 4 levels folds them; the elements of the leftover whole vectors go to
+   accumulator i % 8; then accumulator l gets l + 8, l + 16 and l + 24 added in turn, and the sum is 0 + the scalar
+   tail in order + accumulators 0..7 in order. Rows shorter than 8 use the same scheme on single floats
+   (accumulator i % 4, the tail into 0, then 0 + 1 + 2 + 3).
 
    Here the vector lanes are groups searched side by side (torch's lanes are positions within a group), so each
    lane does exactly one group's scalar arithmetic, in that group's order. */
