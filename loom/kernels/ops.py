@@ -6,7 +6,7 @@ any of this runs (and without a sharding rule gets DTensor's error naming the op
 the fake implementation, CUDA has no implementation here (torch's error names the operator), and the CPU
 implementations below check dtypes, shapes and layouts before a pointer reaches C. Where the library is not loaded
 (kernels off, no compiler) the CPU implementations compute the same thing with torch ops, so calling an operator is
-always valid (except the int4 quantizer, which says so).
+always valid.
 
 Each operator also has a plain function of the same name here (`dense_linear`, `rms_norm`, ...), which is what
 loom's modules call once `loom.kernels.policy` has said the kernel applies (plain CPU tensors). In plain eager code
@@ -826,29 +826,104 @@ int4_dequantize = _define("int4_dequantize(Tensor packed, Tensor scale, Tensor? 
                           _dequant_cpu, _dequant_fake)
 
 
-# -- asymmetric int4 quantizer (the search of loom.quantization.linear.quantize_int4_asymmetric, in C) -------------
+# -- asymmetric int4 quantizer (csrc/int4_quantize.c; the torch reference below defines the results) -------------
+_INT4_RANGE_SHRINKS = (1.0, 0.9, 0.8)
+_INT4_CHUNK = 1 << 20  # weights per block of rows in the torch search (bounds its temporaries)
+_HALF_MAX = 65504.0
+
+
 def _quantize_checks(weight, group_size) -> None:
     op = "int4_quantize_asymmetric"
     _check_strided(op, weight=weight)
     _check(weight.is_floating_point() and weight.dim() == 2, op,
            f"weight must be a floating-point (N, K) tensor, got {weight.dtype} {tuple(weight.shape)}")
     k = weight.shape[1]
-    _check(group_size > 0 and group_size % 2 == 0 and k % group_size == 0, op,
-           f"group_size={group_size} must be even and divide K={k}")
+    _check(k % 2 == 0, op, f"K={k} must be even (two int4 values per byte)")
+    _check(group_size > 0 and k % group_size == 0, op, f"group_size={group_size} must divide K={k}")
+
+
+def pack_int4(u):
+    """(N, K) values in [0, 15] -> (N, K/2) uint8, the even column in the low nibble."""
+    u = u.to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def int4_quantize_asymmetric_reference(weight, group_size):
+    """The asymmetric int4 search in torch ops (any device): (packed (N, K/2) uint8, scale, zero (N, K/G) float16).
+    loom.quantization.linear.quantize_int4_asymmetric describes the search; csrc/int4_quantize.c computes the same
+    bits. Raises ValueError for a group no float16 scale can hold (NaN, inf, or too wide a range)."""
+    _quantize_checks(weight, group_size)
+    out, inp = weight.shape
+    rows = max(1, _INT4_CHUNK // max(inp, 1))
+    parts = [_int4_asymmetric_rows(weight[i:i + rows].detach().float(), group_size) for i in range(0, out, rows)]
+    if not parts:
+        scale = weight.new_empty(0, inp // group_size, dtype=torch.float16)
+        return weight.new_empty(0, inp // 2, dtype=torch.uint8), scale, torch.empty_like(scale)
+    packed, scale, zero = (torch.cat(p) for p in zip(*parts))
+    _check_quantized(weight, scale, group_size)
+    return packed, scale, zero
+
+
+def _int4_asymmetric_rows(weight, group_size):
+    out, inp = weight.shape
+    w = weight.reshape(out, inp // group_size, group_size)
+    # the grid always holds 0 (as GPTQ's and AWQ's do): an all-positive group still gets zero point 0. A zero
+    # minimum counts as +0.0 whatever the sign of the zeros in the group (amin's choice between -0.0 and +0.0
+    # depends on its reduction order), so the sign of a zero point 0 is defined and the C search matches it.
+    low = w.amin(dim=2, keepdim=True)
+    low = torch.where(low < 0, low, 0.0)
+    high = w.amax(dim=2, keepdim=True).clamp_(min=0)
+    best_err = torch.full_like(low, float("inf"))
+    best_scale = best_zero = torch.zeros_like(low)
+    for a in _INT4_RANGE_SHRINKS:
+        for b in _INT4_RANGE_SHRINKS:
+            lo, hi = low * a, high * b
+            minmax = ((hi - lo) / 15).clamp_(min=1e-6)
+            zero = torch.round(-lo / minmax).clamp_(0, 15)
+            room_above, room_below = 15 - zero, zero  # grid steps on each side of 0
+            covering = torch.maximum(torch.where(room_above > 0, hi / room_above.clamp(min=1), 0),
+                                     torch.where(room_below > 0, -lo / room_below.clamp(min=1), 0)).clamp_(min=1e-6)
+            for scale in (minmax, covering):
+                s = scale.half().float()
+                err = torch.round(w / s + zero).clamp_(0, 15).sub_(zero).mul_(s).sub_(w).square_().sum(2, True)
+                better = err < best_err
+                best_err = torch.where(better, err, best_err)
+                best_scale, best_zero = torch.where(better, s, best_scale), torch.where(better, zero, best_zero)
+    q = torch.round(w / best_scale + best_zero).clamp_(0, 15)
+    return pack_int4(q.view(out, inp)), best_scale.squeeze(2).half(), best_zero.squeeze(2).half()
+
+
+def _check_quantized(weight, scale, group_size) -> None:
+    """A group whose every candidate had an infinite or NaN error keeps scale 0: name the first one."""
+    if scale.device.type == "meta" or not (scale == 0).any():
+        return
+    row, group = (int(i) for i in (scale == 0).nonzero()[0])
+    cols = slice(group * group_size, (group + 1) * group_size)
+    values = weight[row, cols].detach().float()
+    where = f"weight row {row}, columns {cols.start}-{cols.stop - 1}"
+    if not values.isfinite().all():
+        _check(False, "int4_quantize_asymmetric", f"{where} hold NaN or inf, which int4 cannot store; fix the "
+               "weights (or keep this layer in full precision with modules_to_not_convert)")
+    _check(False, "int4_quantize_asymmetric",
+           f"{where} span [{values.min().item():.4g}, {values.max().item():.4g}], too wide for a float16 scale "
+           f"(at most {_HALF_MAX:.0f} per step, ranges up to ~{_HALF_MAX * 15 / 0.8:.3g}); keep this layer in full "
+           "precision (modules_to_not_convert) or quantize it symmetrically (float32 scales)")
 
 
 def _quantize_cpu(weight, group_size):
     _quantize_checks(weight, group_size)
     lib = build.library()
-    _check(lib is not None, "int4_quantize_asymmetric", "needs loom's C kernels, which are off here; use "
-           "loom.quantization.linear.quantize_int4_asymmetric (it takes the torch path)")
+    if lib is None:
+        return int4_quantize_asymmetric_reference(weight, group_size)
     w = weight.detach().float().contiguous()
     n, k = w.shape
     packed = torch.empty(n, k // 2, dtype=torch.uint8)
     scale = torch.empty(n, k // group_size, dtype=torch.float16)
     zero = torch.empty_like(scale)
-    lib.loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(), n, k,
-                                      group_size, pool_threads())
+    if n and lib.loom_int4_quantize_asymmetric(w.data_ptr(), packed.data_ptr(), scale.data_ptr(), zero.data_ptr(),
+                                               n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int4_quantize_asymmetric: could not allocate {group_size * 32} bytes of scratch")
+    _check_quantized(w, scale, group_size)
     return packed, scale, zero
 
 

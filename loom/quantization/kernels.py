@@ -108,12 +108,7 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
 
 
 # -- int4 group-wise -------------------------------------------------------------------------------------------
-def pack_int4(u: torch.Tensor) -> torch.Tensor:
-    """(out, in) values in [0, 15] -> (out, in/2) uint8, even column in the low nibble."""
-    u = u.to(torch.uint8)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
-
-
+pack_int4 = ops.pack_int4
 unpack_int4 = ops.unpack_int4
 
 

@@ -66,7 +66,10 @@ class WeightOnlyQuantizer(Quantizer):
         if self.config.bits == 8:
             q, scale = quantize_int8(weight)
         else:
-            q, scale, *zero = module.quantize(weight)
+            try:
+                q, scale, *zero = module.quantize(weight)
+            except ValueError as err:  # a group int4 cannot store (NaN, inf, too wide): say which tensor
+                raise ValueError(f"{name}: {err}") from None
             if zero:
                 module._buffers["weight_zero"] = zero[0]
         module._buffers["weight_scale"] = scale

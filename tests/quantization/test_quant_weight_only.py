@@ -220,6 +220,17 @@ def test_group_size_error_at_load_names_the_argument(llama_dir):
         loom.LlamaForCausalLM.from_pretrained(llama_dir, quantization_config=WeightOnlyConfig(bits=4, group_size=64))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e7])
+def test_int4_load_names_the_tensor_int4_cannot_store(llama_dir, tmp_path, bad):
+    model = loom.LlamaForCausalLM.from_pretrained(llama_dir)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 20] = bad
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: loom::int4_quantize_asymmetric: "
+                                         r"weight row 3, columns 16-31 (hold NaN or inf|span .* too wide)"):
+        loom.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=WeightOnlyConfig(bits=4, group_size=16))
+
+
 @pytest.mark.parametrize("bits,bound", [(8, 0.02), (4, 0.15)])
 def test_gpt2_transposed_weights_round_trip(gpt2_dir, tmp_path, bits, bound):
     base = loom.GPT2LMHeadModel.from_pretrained(gpt2_dir)

@@ -1,5 +1,5 @@
-/* int4 group-wise weight-only GEMM (a decode kernel and a blocked GEMM for many rows), dequantization and the
-   asymmetric quantizer. */
+/* int4 group-wise weight-only GEMM (a decode kernel and a blocked GEMM for many rows) and dequantization (the
+   asymmetric quantizer is in int4_quantize.c). */
 #include "common.h"
 
 #define PF_TILES 2 /* prefetch distance in tiles, as in int8.c */
@@ -687,58 +687,4 @@ void loom_int4_dequantize(const uint8_t *w, const void *scale, const void *zero,
                           long K, long G, int threads) {
     dequant_job job = {w, scale, zero, half, out, K, G};
     parallel_run(dequant_rows, &job, N, chunk_for(N, threads), threads);
-}
-
-/* asymmetric int4 quantization of a float (N, K) weight, groups of G: for each group, the grid over
-   [min * a, max * b] (a, b in shrinks) with the smallest squared error after rounding scale and zero to float16.
-   Same arithmetic as the torch version in linear.py (compiled with -ffp-contract=off), so results agree except
-   where two candidates' errors tie to within summation-order rounding. */
-typedef struct { const float *w; uint8_t *packed; uint16_t *scale, *zero; long K, G; } quant_job;
-
-static const float SHRINKS[3] = {1.0f, 0.9f, 0.8f};
-
-static void quant_rows(const void *p, long begin, long end) {
-    const quant_job *j = p;
-    long K = j->K, G = j->G, ng = K / G;
-    for (long n = begin; n < end; n++) {
-        for (long g = 0; g < ng; g++) {
-            const float *w = j->w + n * K + g * G;
-            float low = w[0], high = w[0];
-            for (long i = 1; i < G; i++) { low = w[i] < low ? w[i] : low; high = w[i] > high ? w[i] : high; }
-            float best_err = INFINITY;
-            uint16_t best_s = 0, best_z = 0;
-            for (int ia = 0; ia < 3; ia++) {
-                for (int ib = 0; ib < 3; ib++) {
-                    float range = (high * SHRINKS[ib] - low * SHRINKS[ia]) / 15.0f;
-                    uint16_t hs = _cvtss_sh(range > 1e-6f ? range : 1e-6f, 0);
-                    float s = _cvtsh_ss(hs);
-                    uint16_t hz = _cvtss_sh(-low * SHRINKS[ia] / s, 0);
-                    float z = _cvtsh_ss(hz), err = 0;
-                    for (long i = 0; i < G; i++) {
-                        float q = nearbyintf(w[i] / s + z);
-                        q = q < 0 ? 0 : (q > 15 ? 15 : q);
-                        float d = (q - z) * s - w[i];
-                        err += d * d;
-                    }
-                    if (err < best_err) { best_err = err; best_s = hs; best_z = hz; }
-                }
-            }
-            float s = _cvtsh_ss(best_s), z = _cvtsh_ss(best_z);
-            uint8_t *out = j->packed + n * (K / 2) + g * G / 2;
-            for (long i = 0; i < G; i += 2) {
-                float q0 = nearbyintf(w[i] / s + z), q1 = nearbyintf(w[i + 1] / s + z);
-                q0 = q0 < 0 ? 0 : (q0 > 15 ? 15 : q0);
-                q1 = q1 < 0 ? 0 : (q1 > 15 ? 15 : q1);
-                out[i / 2] = (uint8_t)((int)q0 | ((int)q1 << 4));
-            }
-            j->scale[n * ng + g] = best_s;
-            j->zero[n * ng + g] = best_z;
-        }
-    }
-}
-
-void loom_int4_quantize_asymmetric(const float *w, uint8_t *packed, uint16_t *scale, uint16_t *zero, long N,
-                                   long K, long G, int threads) {
-    quant_job job = {w, packed, scale, zero, K, G};
-    parallel_run(quant_rows, &job, N, chunk_for(N, threads), threads);
 }
