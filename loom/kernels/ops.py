@@ -724,6 +724,112 @@ int8_linear = _define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Ten
                       _int8_backward, _quant_setup, grad_args=(0, 2))
 
 
+# -- group-wise int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N, K/G) per group).T ----------
+INT8_GROUP_MAX = 512  # csrc/int8g.c INT8G_MAX_G: a group's exact int32 sum cannot overflow up to here
+
+
+def _int8_group_param_checks(op, weight, scale, group_size) -> None:
+    _check_strided(op, weight=weight, scale=scale)
+    _check(weight.dtype == torch.int8 and weight.dim() == 2, op,
+           f"weight must be int8 (N, K), got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    _check(16 <= group_size <= INT8_GROUP_MAX and group_size % 16 == 0, op,
+           f"group_size={group_size} must be a multiple of 16 between 16 and {INT8_GROUP_MAX}")
+    _check(k % group_size == 0, op, f"group_size={group_size} must divide K={k} (the input features)")
+    _check(scale.dtype in _SCALES and tuple(scale.shape) == (n, k // group_size), op,
+           f"scale must be float16 or float32 ({n}, {k // group_size}), got {scale.dtype} {tuple(scale.shape)}")
+
+
+def _int8_group_checks(x, weight, scale, group_size) -> None:
+    _int8_group_param_checks("int8_group_linear", weight, scale, group_size)
+    _check_strided("int8_group_linear", x=x)
+    _check(x.is_floating_point(), "int8_group_linear", f"x must be floating point, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], "int8_group_linear",
+           f"x has {x.shape[-1] if x.dim() else 0} features but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+
+
+def int8_group_dequantize(weight, scale, dtype=torch.float32):
+    """w * scale per group of K / scale.shape[1] inputs, in float32 (exact for float16 scales), then `dtype`."""
+    n, groups = scale.shape
+    w = weight.float().view(n, groups, -1) * scale.float()[:, :, None]
+    return w.view(n, -1).to(dtype)
+
+
+_GROUP_CHUNK = 8  # groups per batched product in the reference: the slots of csrc/int8g.c's order
+
+
+def int8_group_reference(x, weight, scale, group_size):
+    """loom::int8_group_linear in torch ops with the C kernel's arithmetic (csrc/int8g.c's header), so the result
+    is bit-identical: activation rows rounded to int16 as quantize_row does, exact per-group integer sums (float64
+    products of integers below 2^53), times the group scale in float64 (exact), added group b into slot b % 8 in
+    order, the slots in hsum order, times the row scale, one rounding to float32. Rows holding inf/NaN take x
+    itself in the same order without a row scale. Memory: 8 groups' (M, N) float64 sums at a time."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, k).float()
+    m, groups = xf.shape[0], k // group_size
+    if m == 0 or n == 0 or groups == 0:
+        return xf.new_zeros(*lead, n).to(x.dtype)
+    finite = torch.isfinite(xf).all(1)
+    amax = torch.where(finite[:, None], xf, 0).abs().amax(1)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, 0)
+    xs = amax / 32767.0
+    xq = torch.round(xf * inv[:, None])
+    xd = torch.where(finite[:, None], xq, xf).double()
+    xb = xd.view(m, groups, group_size).transpose(0, 1)  # (groups, M, G)
+    wb = weight.double().view(n, groups, group_size).permute(1, 2, 0)  # (groups, G, N)
+    sd = scale.double().t()  # (groups, N)
+    slots = torch.zeros(_GROUP_CHUNK, m, n, dtype=torch.float64)
+    for g0 in range(0, groups, _GROUP_CHUNK):
+        g1 = min(g0 + _GROUP_CHUNK, groups)
+        isum = torch.bmm(xb[g0:g1], wb[g0:g1])  # (g, M, N) exact integers (or x's fp64 sums)
+        slots[:g1 - g0] += isum * sd[g0:g1, None, :]
+    v = slots[:4] + slots[4:]
+    total = (v[0] + v[2]) + (v[1] + v[3])
+    y = torch.where(finite[:, None], total * xs.double()[:, None], total).float()
+    return y.view(*lead, n).to(x.dtype)
+
+
+def _int8_group_cpu(x, weight, scale, group_size):
+    if not (x.is_floating_point() and weight.dtype == torch.int8 and weight.dim() == 2 and scale.dtype in _SCALES
+            and 16 <= group_size <= INT8_GROUP_MAX and group_size % 16 == 0 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] % group_size == 0
+            and tuple(scale.shape) == (weight.shape[0], x.shape[-1] // group_size)
+            and x.layout == _STRIDED and weight.layout == _STRIDED and scale.layout == _STRIDED):
+        _int8_group_checks(x, weight, scale, group_size)
+    lib = build.library()
+    if lib is None:
+        return int8_group_reference(x, weight, scale, group_size)
+    w, s = weight.contiguous(), scale.contiguous()
+    m, n, k = math.prod(x.shape[:-1]), w.shape[0], w.shape[1]
+    xf = x.reshape(m, k).to(_F32).contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=_F32)
+    if m and lib.loom_int8_group_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), s.dtype == torch.float16,
+                                      y.data_ptr(), m, n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int8_group_linear: could not allocate {m}x{k} int16 activation scratch")
+    return y if x.dtype == _F32 else y.to(x.dtype)
+
+
+def _int8_group_fake(x, weight, scale, group_size):
+    _int8_group_checks(x, weight, scale, group_size)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_group_backward(ctx, grad):
+    x, weight, scale = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("loom::int8_group_linear has no gradient for scale; keep it a frozen buffer")
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad.float() @ int8_group_dequantize(weight, scale)).to(x.dtype)
+    return gx, None, None, None
+
+
+int8_group_linear = _define("int8_group_linear(Tensor x, Tensor weight, Tensor scale, int group_size) -> Tensor",
+                            _int8_group_cpu, _int8_group_fake, _int8_group_backward, _quant_setup,
+                            grad_args=(0, 2))
+
+
 # -- int4 group-wise weight-only linear ---------------------------------------------------------------------------
 def _int4_param_checks(op, packed, scale, zero, group_size) -> None:
     _check_strided(op, packed=packed, scale=scale, zero=zero)

@@ -1,0 +1,211 @@
+/* group-wise int8 weight-only GEMM: y (M, N) = x (M, K) fp32 @ W.T with W[n, k] = w[n, k] * scale[n, k / G]:
+   int8 weights, one float16 or float32 scale per group of G inputs of a row (GGUF's Q8_0 is G = 32 with float16
+   scales, loaded here without any re-quantization).
+
+   The arithmetic, the same at every level, for every row count, and in the torch fallback
+   (loom/kernels/ops.py int8_group_reference), so that all of them give bit-identical results:
+   - each activation row is rounded to int16 once per call (quantize_row, one scale xs per row, as int8.c);
+   - per row n and group b the products w * q are summed exactly as an integer isum (|isum| <= G * 128 * 32767,
+     below 2^31 for G <= INT8G_MAX_G = 512);
+   - isum * scale is formed in double, exactly (a 31-bit integer times an fp16/fp32 significand of at most 24 bits
+     fits the 53-bit significand);
+   - those products are added in double in a fixed order: group b goes to slot b % 8, each slot in increasing b,
+     then the slots as ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)) (hsum_pd of s0..3 + s4..7);
+   - y = (float)(total * (double)xs), one rounding to float.
+   Rows holding inf/NaN have no int16 scale; they take the same group order with fp64 products of x itself and
+   no xs (row_exact), so inf and NaN propagate as in a float matmul.
+
+   Decode and prefill share one kernel: TILE weight rows against up to MAXMB activation rows per pass, the int32
+   group sums of 8 groups reduced into one vector (lane = group, sum8x8) so that 8 scales are applied at once. At
+   decode sizes (M <= ROW_CHUNK) each weight tile is read from memory once and every pass over it hits L1; for
+   more rows the activations are taken ROW_CHUNK rows at a time (ROW_CHUNK * K * 2 bytes of int16, kept in L2)
+   and the weight is streamed once per chunk. Nothing is dequantized; the scratch is the int16 activations
+   (M * K * 2 bytes). Weight vectors are 256-bit at every level, as in int8.c's decode (Zen 4 streamed weights
+   slower with 512-bit ops); AVX-512 brings 32 registers (4 activation rows per pass instead of 2) and VNNI's
+   fused vpdpwssd from 3 rows on. */
+#include "common.h"
+
+#define INT8G_MAX_G 512 /* 512 * 128 * 32767 = 2,147,418,112 < 2^31 - 1: a group's int32 sum cannot overflow */
+#define PF_TILES 2      /* prefetch distance in tiles, as in int8.c */
+#define ROW_CHUNK 64    /* activation rows per sweep over the weight */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MAXMB 4
+#else
+#define MAXMB 2
+#endif
+
+#define g_widen(p) _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p)))
+#define g_load(p) _mm256_loadu_si256((const __m256i *)(p))
+/* vpdpwssd only from 3 rows up, for int8.c's reason (at 1-2 rows its longer accumulate chains slowed the stream) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define g_dot(acc, a, b) (MB >= 3 ? _mm256_dpwssd_epi32(acc, a, b) : _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)))
+#else
+#define g_dot(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+#endif
+
+/* lane i of the result = the sum of the 8 int32 lanes of v[i] (exact: the sums stay below 2^31) */
+static inline __m256i sum8x8(const __m256i *v) {
+    __m256i a = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+    __m256i b = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+    return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
+}
+
+static inline double hsum_pd4(__m256d v) {
+    __m128d s = _mm_add_pd(_mm256_extractf128_pd(v, 0), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+}
+
+/* the scales of groups i..i+n-1 (n <= 8, the rest 0) of one row, as two vectors of 4 doubles */
+static inline void scales8(const void *p, long i, int n, int half, __m256d *lo, __m256d *hi) {
+    __m256 s;
+    if (n == 8) {
+        s = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                 : _mm256_loadu_ps((const float *)p + i);
+    } else {
+        float t[8] = {0};
+        for (int j = 0; j < n; j++) t[j] = load_param(p, i + j, half);
+        s = _mm256_loadu_ps(t);
+    }
+    *lo = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 0));
+    *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1));
+}
+
+typedef struct {
+    const float *x; const int16_t *xq; const float *xs; const int8_t *w; const void *scale; int half; float *y;
+    long M, N, K, G, Kq;
+} int8g_job;
+
+/* one output of a row holding inf/NaN: the same group order with fp64 products of x itself */
+static float row_exact(const int8g_job *j, long m, long n) {
+    const float *x = j->x + m * j->K;
+    const int8_t *w = j->w + n * j->K;
+    long G = j->G, ng = j->K / G;
+    double slot[8] = {0};
+    for (long b = 0; b < ng; b++) {
+        double s = 0;
+        for (long c = b * G; c < (b + 1) * G; c++) s += (double)x[c] * w[c];
+        slot[b % 8] += s * (double)load_param(j->scale, n * ng + b, j->half);
+    }
+    double v0 = slot[0] + slot[4], v1 = slot[1] + slot[5], v2 = slot[2] + slot[6], v3 = slot[3] + slot[7];
+    return (float)((v0 + v2) + (v1 + v3));
+}
+
+/* named accumulators (an array of vectors was kept on the stack by gcc in int8.c's measurements); one line per
+   (weight row r, activation row m) */
+#if MAXMB == 4
+#define GROWS(X, r) X(r, 0) X(r, 1) X(r, 2) X(r, 3)
+#else
+#define GROWS(X, r) X(r, 0) X(r, 1)
+#endif
+#define GTILE(X) GROWS(X, 0) GROWS(X, 1) GROWS(X, 2) GROWS(X, 3)
+
+/* weight rows n0..n0+R-1 (R <= TILE) against MB activation rows from m0 (int16, stride Kq) */
+static inline __attribute__((always_inline)) void g_tile(const int8g_job *j, long m0, int MB, long n0, int R) {
+    const int16_t *xq = j->xq + m0 * j->Kq;
+    const int8_t *w = j->w;
+    long K = j->K, Kq = j->Kq, G = j->G, ng = K / G;
+    __m256d tot[TILE][MAXMB][2];
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < MB; m++) tot[r][m][0] = tot[r][m][1] = _mm256_setzero_pd();
+    for (long g0 = 0; g0 < ng; g0 += 8) {
+        int nb = ng - g0 < 8 ? (int)(ng - g0) : 8;
+        __m256i isum[TILE][MAXMB][8];
+        for (int gi = 0; gi < 8; gi++) {
+#define G_DECL(r, m) __m256i a##r##m = _mm256_setzero_si256();
+            GTILE(G_DECL)
+            long k0 = (g0 + gi) * G;
+            for (long k = k0; gi < nb && k < k0 + G; k += 16) {
+                __m256i x0 = g_load(xq + k), x1 = MB > 1 ? g_load(xq + Kq + k) : x0;
+#if MAXMB == 4
+                __m256i x2 = MB > 2 ? g_load(xq + 2 * Kq + k) : x0, x3 = MB > 3 ? g_load(xq + 3 * Kq + k) : x0;
+#endif
+                /* the TILE rows take TILE * 16 bytes per step: fetch the matching bytes PF_TILES tiles ahead (int8.c) */
+                _mm_prefetch((const char *)(w + (n0 + PF_TILES * TILE) * K + TILE * k), _MM_HINT_T1);
+                __m256i w0 = g_widen(w + n0 * K + k);
+                __m256i w1 = R > 1 ? g_widen(w + (n0 + 1) * K + k) : w0, w2 = R > 2 ? g_widen(w + (n0 + 2) * K + k) : w0;
+                __m256i w3 = R > 3 ? g_widen(w + (n0 + 3) * K + k) : w0;
+#define G_DOT(r, m) if (r < R && m < MB) a##r##m = g_dot(a##r##m, w##r, x##m);
+                GTILE(G_DOT)
+            }
+#define G_KEEP(r, m) if (r < R && m < MB) isum[r][m][gi] = a##r##m;
+            GTILE(G_KEEP)
+        }
+        for (int r = 0; r < R; r++) {
+            __m256d slo, shi;
+            scales8(j->scale, (n0 + r) * ng + g0, nb, j->half, &slo, &shi);
+            for (int m = 0; m < MB; m++) {
+                __m256i s = sum8x8(isum[r][m]);
+                /* the products are exact, so the separate multiply and add round once, like the fallback's */
+                tot[r][m][0] = _mm256_add_pd(tot[r][m][0], _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s, 0)), slo));
+                tot[r][m][1] = _mm256_add_pd(tot[r][m][1], _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s, 1)), shi));
+            }
+        }
+    }
+    for (int m = 0; m < MB; m++)
+        for (int r = 0; r < R; r++) {
+            double total = hsum_pd4(_mm256_add_pd(tot[r][m][0], tot[r][m][1]));
+            j->y[(m0 + m) * j->N + n0 + r] = (float)(total * (double)j->xs[m0 + m]);
+        }
+}
+
+static void g_rows(const int8g_job *j, long m0, int MB, long n0, int R) {
+#define G_CASE(mb)                                                                   \
+    case mb:                                                                         \
+        if (R == TILE) g_tile(j, m0, mb, n0, TILE);                                  \
+        else for (int r = 0; r < R; r++) g_tile(j, m0, mb, n0 + r, 1);               \
+        break;
+    switch (MB) {
+        G_CASE(1) G_CASE(2)
+#if MAXMB == 4
+        G_CASE(3) G_CASE(4)
+#endif
+    }
+#undef G_CASE
+}
+
+static void g_tiles(const void *p, long begin, long end) {
+    const int8g_job *j = p;
+    /* up to 4 rows, passes of 2 (vpmaddwd), as int8.c's decode */
+    int maxmb = j->M <= 4 ? (MAXMB < 2 ? MAXMB : 2) : MAXMB;
+    for (long c0 = 0; c0 < j->M; c0 += ROW_CHUNK) {
+        long c1 = c0 + ROW_CHUNK < j->M ? c0 + ROW_CHUNK : j->M;
+        for (long t = begin; t < end; t++) {
+            long n0 = t * TILE;
+            int R = j->N - n0 < TILE ? (int)(j->N - n0) : TILE;
+            for (long m = c0; m < c1;) {
+                if (isnan(j->xs[m])) {
+                    for (int r = 0; r < R; r++) j->y[m * j->N + n0 + r] = row_exact(j, m, n0 + r);
+                    m += 1;
+                    continue;
+                }
+                int mb = 1;
+                while (mb < maxmb && m + mb < c1 && !isnan(j->xs[m + mb])) mb++;
+                g_rows(j, m, mb, n0, R);
+                m += mb;
+            }
+        }
+    }
+}
+
+/* Returns 0, or -1 when out of memory for the int16 activations. G must divide K, be a multiple of 16 and at
+   most INT8G_MAX_G (the operator checks). */
+int loom_int8_group_gemm(const float *x, const int8_t *w, const void *scale, int half, float *y, long M, long N,
+                         long K, long G, int threads) {
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0) { memset(y, 0, sizeof(float) * M * N); return 0; }
+    long Kq = (K + 63) / 64 * 64; /* int16 rows padded with zeros */
+    float *xs = malloc(sizeof(float) * M + sizeof(int16_t) * M * Kq + 64);
+    if (!xs) return -1;
+    int16_t *xq = (int16_t *)(xs + M);
+    for (long m = 0; m < M; m++) {
+        int16_t *q = xq + m * Kq;
+        xs[m] = quantize_row(x + m * K, q, K);
+        memset(q + (isnan(xs[m]) ? 0 : K), 0, sizeof(int16_t) * (isnan(xs[m]) ? Kq : Kq - K));
+    }
+    int8g_job job = {x, xq, xs, w, scale, half, y, M, N, K, G, Kq};
+    long tiles = (N + TILE - 1) / TILE;
+    parallel_run(g_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    free(xs);
+    return 0;
+}
