@@ -761,8 +761,8 @@ _GROUP_CHUNK = 8  # groups per batched product in the reference: the slots of cs
 def int8_group_reference(x, weight, scale, group_size):
     """loom::int8_group_linear in torch ops with the C kernel's arithmetic (csrc/int8g.c's header), so the result
     is bit-identical: activation rows rounded to int16 as quantize_row does, exact per-group integer sums (float64
-    products of integers below 2^53), times the group scale in float64 (exact), added group b into slot b % 8 in
-    order, the slots in hsum order, times the row scale, one rounding to float32. Rows holding inf/NaN take x
+    products of integers, sums below 2^53), rounded to float32 and times the group scale, added group b into
+    float32 slot b % 8 in order, the slots in the kernel's order, times the row scale. Rows holding inf/NaN take x
     itself in the same order without a row scale. Memory: 8 groups' (M, N) float64 sums at a time."""
     n, k = weight.shape
     lead = x.shape[:-1]
@@ -778,15 +778,15 @@ def int8_group_reference(x, weight, scale, group_size):
     xd = torch.where(finite[:, None], xq, xf).double()
     xb = xd.view(m, groups, group_size).transpose(0, 1)  # (groups, M, G)
     wb = weight.double().view(n, groups, group_size).permute(1, 2, 0)  # (groups, G, N)
-    sd = scale.double().t()  # (groups, N)
-    slots = torch.zeros(_GROUP_CHUNK, m, n, dtype=torch.float64)
+    sf = scale.float().t()  # (groups, N)
+    slots = torch.zeros(_GROUP_CHUNK, m, n)
     for g0 in range(0, groups, _GROUP_CHUNK):
         g1 = min(g0 + _GROUP_CHUNK, groups)
-        isum = torch.bmm(xb[g0:g1], wb[g0:g1])  # (g, M, N) exact integers (or x's fp64 sums)
-        slots[:g1 - g0] += isum * sd[g0:g1, None, :]
+        isum = torch.bmm(xb[g0:g1], wb[g0:g1]).float()  # (g, M, N): exact integers (or x's sums), then float32
+        slots[:g1 - g0] += isum * sf[g0:g1, None, :]
     v = slots[:4] + slots[4:]
     total = (v[0] + v[2]) + (v[1] + v[3])
-    y = torch.where(finite[:, None], total * xs.double()[:, None], total).float()
+    y = torch.where(finite[:, None], total * xs[:, None], total)
     return y.view(*lead, n).to(x.dtype)
 
 

@@ -7,13 +7,14 @@
    - each activation row is rounded to int16 once per call (quantize_row, one scale xs per row, as int8.c);
    - per row n and group b the products w * q are summed exactly as an integer isum (|isum| <= G * 128 * 32767,
      below 2^31 for G <= INT8G_MAX_G = 512);
-   - isum * scale is formed in double, exactly (a 31-bit integer times an fp16/fp32 significand of at most 24 bits
-     fits the 53-bit significand);
-   - those products are added in double in a fixed order: group b goes to slot b % 8, each slot in increasing b,
-     then the slots as ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)) (hsum_pd of s0..3 + s4..7);
-   - y = (float)(total * (double)xs), one rounding to float.
-   Rows holding inf/NaN have no int16 scale; they take the same group order with fp64 products of x itself and
-   no xs (row_exact), so inf and NaN propagate as in a float matmul.
+   - isum is converted to float32 (rounded to nearest) and multiplied by the group's scale in float32;
+   - those products are added in float32 in a fixed order: group b goes to slot b % 8, each slot in increasing b,
+     then the slots as ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)) (hsum_slots);
+   - y = total * xs in float32.
+   Float32 after the exact integer sums is llama.cpp's precision too; the error it adds (a few float32 roundings)
+   is far below that of the int16 activations (up to max|x| / 65534 per element).
+   Rows holding inf/NaN have no int16 scale; they take the same group order with the products of x itself and no
+   xs (row_exact), so inf and NaN propagate as in a float matmul.
 
    Decode and prefill share one kernel: TILE weight rows against up to MAXMB activation rows per pass, the int32
    group sums of 8 groups reduced into one vector (lane = group, sum8x8) so that 8 scales are applied at once. At
@@ -51,24 +52,21 @@ static inline __m256i sum8x8(const __m256i *v) {
     return _mm256_add_epi32(_mm256_permute2x128_si256(a, b, 0x20), _mm256_permute2x128_si256(a, b, 0x31));
 }
 
-static inline double hsum_pd4(__m256d v) {
-    __m128d s = _mm_add_pd(_mm256_extractf128_pd(v, 0), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+/* the scales of groups i..i+n-1 (n <= 8, the rest 0) of one row as 8 floats */
+static inline __m256 scales8(const void *p, long i, int n, int half) {
+    if (n == 8)
+        return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                    : _mm256_loadu_ps((const float *)p + i);
+    float t[8] = {0};
+    for (int j = 0; j < n; j++) t[j] = load_param(p, i + j, half);
+    return _mm256_loadu_ps(t);
 }
 
-/* the scales of groups i..i+n-1 (n <= 8, the rest 0) of one row, as two vectors of 4 doubles */
-static inline void scales8(const void *p, long i, int n, int half, __m256d *lo, __m256d *hi) {
-    __m256 s;
-    if (n == 8) {
-        s = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                 : _mm256_loadu_ps((const float *)p + i);
-    } else {
-        float t[8] = {0};
-        for (int j = 0; j < n; j++) t[j] = load_param(p, i + j, half);
-        s = _mm256_loadu_ps(t);
-    }
-    *lo = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 0));
-    *hi = _mm256_cvtps_pd(_mm256_extractf128_ps(s, 1));
+/* the 8 slots in the fixed order ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)) */
+static inline float hsum_slots(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 0), _mm256_extractf128_ps(v, 1)); /* s0+s4 .. s3+s7 */
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                             /* (v0+v2), (v1+v3) */
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
 typedef struct {
@@ -76,19 +74,20 @@ typedef struct {
     long M, N, K, G, Kq;
 } int8g_job;
 
-/* one output of a row holding inf/NaN: the same group order with fp64 products of x itself */
+/* one output of a row holding inf/NaN: the same group order and float32 slots with products of x itself (summed
+   in double per group) and no row scale */
 static float row_exact(const int8g_job *j, long m, long n) {
     const float *x = j->x + m * j->K;
     const int8_t *w = j->w + n * j->K;
     long G = j->G, ng = j->K / G;
-    double slot[8] = {0};
+    float slot[8] = {0};
     for (long b = 0; b < ng; b++) {
         double s = 0;
         for (long c = b * G; c < (b + 1) * G; c++) s += (double)x[c] * w[c];
-        slot[b % 8] += s * (double)load_param(j->scale, n * ng + b, j->half);
+        slot[b % 8] += (float)s * load_param(j->scale, n * ng + b, j->half);
     }
-    double v0 = slot[0] + slot[4], v1 = slot[1] + slot[5], v2 = slot[2] + slot[6], v3 = slot[3] + slot[7];
-    return (float)((v0 + v2) + (v1 + v3));
+    float v0 = slot[0] + slot[4], v1 = slot[1] + slot[5], v2 = slot[2] + slot[6], v3 = slot[3] + slot[7];
+    return (v0 + v2) + (v1 + v3);
 }
 
 /* named accumulators (an array of vectors was kept on the stack by gcc in int8.c's measurements); one line per
@@ -100,14 +99,15 @@ static float row_exact(const int8g_job *j, long m, long n) {
 #endif
 #define GTILE(X) GROWS(X, 0) GROWS(X, 1) GROWS(X, 2) GROWS(X, 3)
 
-/* weight rows n0..n0+R-1 (R <= TILE) against MB activation rows from m0 (int16, stride Kq) */
-static inline __attribute__((always_inline)) void g_tile(const int8g_job *j, long m0, int MB, long n0, int R) {
+/* weight rows n0..n0+R-1 (R <= TILE) against MB activation rows from m0 (int16, stride Kq); G is a constant (32,
+   GGUF's Q8_0) or the job's group size, so the common case compiles with its group loop unrolled */
+static inline __attribute__((always_inline)) void g_tile(const int8g_job *j, long m0, int MB, long n0, int R, long G) {
     const int16_t *xq = j->xq + m0 * j->Kq;
     const int8_t *w = j->w;
-    long K = j->K, Kq = j->Kq, G = j->G, ng = K / G;
-    __m256d tot[TILE][MAXMB][2];
+    long K = j->K, Kq = j->Kq, ng = K / G;
+    __m256 tot[TILE][MAXMB];
     for (int r = 0; r < R; r++)
-        for (int m = 0; m < MB; m++) tot[r][m][0] = tot[r][m][1] = _mm256_setzero_pd();
+        for (int m = 0; m < MB; m++) tot[r][m] = _mm256_setzero_ps();
     for (long g0 = 0; g0 < ng; g0 += 8) {
         int nb = ng - g0 < 8 ? (int)(ng - g0) : 8;
         __m256i isum[TILE][MAXMB][8];
@@ -132,28 +132,21 @@ static inline __attribute__((always_inline)) void g_tile(const int8g_job *j, lon
             GTILE(G_KEEP)
         }
         for (int r = 0; r < R; r++) {
-            __m256d slo, shi;
-            scales8(j->scale, (n0 + r) * ng + g0, nb, j->half, &slo, &shi);
-            for (int m = 0; m < MB; m++) {
-                __m256i s = sum8x8(isum[r][m]);
-                /* the products are exact, so the separate multiply and add round once, like the fallback's */
-                tot[r][m][0] = _mm256_add_pd(tot[r][m][0], _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s, 0)), slo));
-                tot[r][m][1] = _mm256_add_pd(tot[r][m][1], _mm256_mul_pd(_mm256_cvtepi32_pd(_mm256_extracti128_si256(s, 1)), shi));
-            }
+            __m256 sc = scales8(j->scale, (n0 + r) * ng + g0, nb, j->half);
+            for (int m = 0; m < MB; m++) /* a separate multiply and add (no FMA), as the fallback rounds */
+                tot[r][m] = _mm256_add_ps(tot[r][m], _mm256_mul_ps(_mm256_cvtepi32_ps(sum8x8(isum[r][m])), sc));
         }
     }
     for (int m = 0; m < MB; m++)
-        for (int r = 0; r < R; r++) {
-            double total = hsum_pd4(_mm256_add_pd(tot[r][m][0], tot[r][m][1]));
-            j->y[(m0 + m) * j->N + n0 + r] = (float)(total * (double)j->xs[m0 + m]);
-        }
+        for (int r = 0; r < R; r++) j->y[(m0 + m) * j->N + n0 + r] = hsum_slots(tot[r][m]) * j->xs[m0 + m];
 }
 
 static void g_rows(const int8g_job *j, long m0, int MB, long n0, int R) {
+#define G_TILE(mb, n, rr) if (j->G == 32) g_tile(j, m0, mb, n, rr, 32); else g_tile(j, m0, mb, n, rr, j->G);
 #define G_CASE(mb)                                                                   \
     case mb:                                                                         \
-        if (R == TILE) g_tile(j, m0, mb, n0, TILE);                                  \
-        else for (int r = 0; r < R; r++) g_tile(j, m0, mb, n0 + r, 1);               \
+        if (R == TILE) { G_TILE(mb, n0, TILE) }                                      \
+        else for (int r = 0; r < R; r++) { G_TILE(mb, n0 + r, 1) }                   \
         break;
     switch (MB) {
         G_CASE(1) G_CASE(2)
@@ -162,6 +155,7 @@ static void g_rows(const int8g_job *j, long m0, int MB, long n0, int R) {
 #endif
     }
 #undef G_CASE
+#undef G_TILE
 }
 
 static void g_tiles(const void *p, long begin, long end) {
