@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import build
-from loom.kernels.policy import rows_of
+from loom.kernels.policy import INT8_GROUP_MAX, rows_of
 from loom.kernels.threads import pool_threads
 
 _lib = torch.library.Library("loom", "DEF")
@@ -725,9 +725,6 @@ int8_linear = _define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Ten
 
 
 # -- group-wise int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N, K/G) per group).T ----------
-INT8_GROUP_MAX = 512  # csrc/int8g.c INT8G_MAX_G: a group's exact int32 sum cannot overflow up to here
-
-
 def _int8_group_param_checks(op, weight, scale, group_size) -> None:
     _check_strided(op, weight=weight, scale=scale)
     _check(weight.dtype == torch.int8 and weight.dim() == 2, op,
