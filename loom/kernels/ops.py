@@ -752,15 +752,16 @@ def int8_group_dequantize(weight, scale, dtype=torch.float32):
     return w.view(n, -1).to(dtype)
 
 
-_GROUP_CHUNK = 8  # groups per batched product in the reference: the slots of csrc/int8g.c's order
+_GROUP_CHUNK = 8  # groups per batched product in the reference (bounds its float64 temporaries)
 
 
 def int8_group_reference(x, weight, scale, group_size):
     """loom::int8_group_linear in torch ops with the C kernel's arithmetic (csrc/int8g.c's header), so the result
-    is bit-identical: activation rows rounded to int16 as quantize_row does, exact per-group integer sums (float64
-    products of integers, sums below 2^53), rounded to float32 and times the group scale, added group b into
-    float32 slot b % 8 in order, the slots in the kernel's order, times the row scale. Rows holding inf/NaN take x
-    itself in the same order without a row scale. Memory: 8 groups' (M, N) float64 sums at a time."""
+    is bit-identical: activation rows rounded to int16 as quantize_row does; per group, 8 lane sums (lane l: the
+    columns 16s + 2l and 16s + 2l + 1) computed exactly (float64 products of integers, sums below 2^53), rounded to
+    float32, times the group scale, added to float32 lane totals group by group; the lanes summed in the kernel's
+    order, times the row scale. Rows holding inf/NaN take x itself the same way, without a row scale. Memory: 8
+    groups' (8, M, N) float64 lane sums at a time."""
     n, k = weight.shape
     lead = x.shape[:-1]
     xf = x.reshape(-1, k).float()
@@ -773,15 +774,18 @@ def int8_group_reference(x, weight, scale, group_size):
     xs = amax / 32767.0
     xq = torch.round(xf * inv[:, None])
     xd = torch.where(finite[:, None], xq, xf).double()
-    xb = xd.view(m, groups, group_size).transpose(0, 1)  # (groups, M, G)
-    wb = weight.double().view(n, groups, group_size).permute(1, 2, 0)  # (groups, G, N)
+    steps = group_size // 16
+    # (groups * 8 lanes, M, 2 * steps): lane l of group b holds columns b*G + 16s + 2l + e
+    xl = xd.view(m, groups, steps, 8, 2).permute(1, 3, 0, 2, 4).reshape(groups * 8, m, 2 * steps)
+    wl = weight.double().view(n, groups, steps, 8, 2).permute(1, 3, 2, 4, 0).reshape(groups * 8, 2 * steps, n)
     sf = scale.float().t()  # (groups, N)
-    slots = torch.zeros(_GROUP_CHUNK, m, n)
+    lanes = torch.zeros(8, m, n)
     for g0 in range(0, groups, _GROUP_CHUNK):
         g1 = min(g0 + _GROUP_CHUNK, groups)
-        isum = torch.bmm(xb[g0:g1], wb[g0:g1]).float()  # (g, M, N): exact integers (or x's sums), then float32
-        slots[:g1 - g0] += isum * sf[g0:g1, None, :]
-    v = slots[:4] + slots[4:]
+        sums = torch.bmm(xl[8 * g0:8 * g1], wl[8 * g0:8 * g1]).float().view(g1 - g0, 8, m, n)
+        for b in range(g1 - g0):
+            lanes += sums[b] * sf[g0 + b, None, :]
+    v = lanes[:4] + lanes[4:]
     total = (v[0] + v[2]) + (v[1] + v[3])
     y = torch.where(finite[:, None], total * xs[:, None], total)
     return y.view(*lead, n).to(x.dtype)

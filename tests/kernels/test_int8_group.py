@@ -55,15 +55,17 @@ def test_same_bits_as_the_stated_arithmetic_and_within_the_int16_bound(rows, k, 
 
 
 def test_reference_is_the_stated_arithmetic_written_out():
-    """The torch path itself against the header's recipe, written out with int64 sums and a Python loop."""
+    """The torch path itself against the header's recipe, written out with int64 lane sums and Python loops."""
     x, w, s = _args(3, 13 * 32, 5, 32)
     amax = x.abs().amax(1, keepdim=True)
     q = torch.round(x * (torch.tensor(32767.0) / amax)).long()
-    isum = (q.view(3, 1, 13, 32) * w.long().view(1, 5, 13, 32)).sum(-1)  # (M, N, groups) exact
-    slots = torch.zeros(8, 3, 5)
+    t = torch.zeros(8, 3, 5)
     for b in range(13):
-        slots[b % 8] += isum[:, :, b].float() * s[:, b].float()
-    total = ((slots[0] + slots[4]) + (slots[2] + slots[6])) + ((slots[1] + slots[5]) + (slots[3] + slots[7]))
+        for lane in range(8):
+            cols = [b * 32 + 16 * step + 2 * lane + e for step in range(2) for e in range(2)]
+            exact = (q[:, cols][:, None, :] * w.long()[:, cols][None]).sum(-1)  # (M, N) int64
+            t[lane] += exact.float() * s[:, b].float()
+    total = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
     assert torch.equal(ops.int8_group_reference(x, w, s, 32), total * (amax / 32767.0))
 
 
