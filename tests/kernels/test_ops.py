@@ -233,6 +233,9 @@ def _opcheck_cases():
     yield "int8_linear", _int8_args(3, 40, 6, grad=True)
     yield "int4_linear", _int4_args(2, 64, 6, 32, grad=True)
     yield "int4_linear", _int4_args(2, 64, 6, 16, asymmetric=False)
+    wq = torch.randint(-128, 128, (6, 64), dtype=torch.int8)
+    yield "int8_group_linear", (torch.randn(3, 64).requires_grad_(True), wq, torch.rand(6, 2) / 50, 32)
+    yield "int8_group_linear", (torch.randn(2, 64), wq, (torch.rand(6, 4) / 50).half(), 16)
     _, packed, scale, zero, group = _int4_args(1, 64, 6, 32)
     yield "int4_dequantize", (packed, scale, zero, group)
     if kernels_on():
