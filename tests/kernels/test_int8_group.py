@@ -199,3 +199,23 @@ def test_every_supported_level_and_the_kernels_off_give_the_same_bits():
     for level in levels:
         assert runs[level]["describe"] == f"on ({level})", runs[level]["describe"]
         assert runs[level]["cases"] == runs["off"]["cases"], level
+
+
+def test_int8_group_linear_module_refuses_bad_layouts_and_runs_the_operator():
+    from loom.quantization.linear import Int8GroupLinear, dequantized_weight
+
+    with pytest.raises(ValueError, match=r"group_size=32 must be a multiple of 16 up to 512 that divides "
+                                         r"in_features=48"):
+        Int8GroupLinear(48, 4, group_size=32)
+    with pytest.raises(ValueError, match="scale_dtype must be float16 or float32"):
+        Int8GroupLinear(64, 4, scale_dtype=torch.bfloat16)
+    module = Int8GroupLinear(64, 5, bias=True)
+    x, w, s = _args(3, 64, 5, 32)
+    module.weight, module.weight_scale = w, s
+    module.bias.data.zero_()
+    module.choose_kernel()
+    assert module.kernel == ("native" if kernels_on() else "torch")
+    assert torch.equal(module(x), op(x, w, s, 32))
+    assert torch.equal(dequantized_weight(module), ops.int8_group_dequantize(w, s))
+    with pytest.raises(TypeError, match="cannot cast a quantized Int8GroupLinear"):
+        module.half()
