@@ -803,7 +803,8 @@ def _int8_group_cpu(x, weight, scale, group_size):
         return int8_group_reference(x, weight, scale, group_size)
     w, s = weight.contiguous(), scale.contiguous()
     m, n, k = math.prod(x.shape[:-1]), w.shape[0], w.shape[1]
-    xf = x.reshape(m, k).to(_F32).contiguous()
+    # the kernel reads rows of K floats: a contiguous float32 x is that already (a decode step's usual input)
+    xf = x if x.dtype is _F32 and x.is_contiguous() else x.reshape(m, k).to(_F32).contiguous()
     y = torch.empty((*x.shape[:-1], n), dtype=_F32)
     if m and lib.loom_int8_group_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), s.dtype == torch.float16,
                                       y.data_ptr(), m, n, k, group_size, pool_threads()):
