@@ -3,11 +3,12 @@
 Layouts that loom's kernels run are repacked at load, bit-exact: int8 symmetric per channel (or per tensor) into
 `Int8Linear`, int8 symmetric per group (16-512 inputs) into `Int8GroupLinear`, int4 per group / channel / tensor,
 symmetric or with integer zero points, into `Int4Linear` (float32 scales and zero points, so nothing is rounded;
-float16 when that holds them exactly, as for loom's own asymmetric int4 saves and GGUF Q8_0 saves). Everything else (other bit widths, int8 with zero points, act-order
-`weight_g_idx`, FP8 `float-quantized`, block scales) is dequantized at load by the format's
-definition, w = (q - zero_point) * scale computed in the scale's dtype as compressed-tensors does, into a plain
-float Linear; `from_pretrained(dtype=...)` then casts it like any other weight. Such a model runs but cannot be
-saved back (the integers are gone); one whose quantized layers all run on the kernels saves in its own layout.
+float16 when that holds them exactly, as for loom's own asymmetric int4 saves and GGUF Q8_0 saves). Everything else
+(other bit widths, int8 with zero points, act-order `weight_g_idx`, FP8 `float-quantized`, block scales) is
+dequantized at load by the format's definition, w = (q - zero_point) * scale computed in the scale's dtype as
+compressed-tensors does, into a plain float Linear; `from_pretrained(dtype=...)` then casts it like any other
+weight. Such a model runs but cannot be saved back (the integers are gone); one whose quantized layers all run on
+the kernels saves in its own layout.
 """
 from __future__ import annotations
 

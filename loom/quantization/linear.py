@@ -1,8 +1,9 @@
 """loom's weight-only quantized Linear modules: int8 per-output-channel symmetric, int8 group-wise symmetric
 (GGUF Q8_0), int4 group-wise asymmetric (default) or symmetric.
 
-State dict: `weight` (int8 (out, in) for both int8 layouts, or uint8 (out, in/2) for int4 with the even column in the low nibble),
-`weight_scale` (float32 (out,) for int8; (out, in/group_size) float16 or float32 for group-wise int8; (out, in/group_size) float16 for asymmetric int4, float32 for symmetric),
+State dict: `weight` (int8 (out, in) for both int8 layouts, or uint8 (out, in/2) for int4 with the even column in
+the low nibble), `weight_scale` (float32 (out,) for int8; (out, in/group_size) float16 or float32 for group-wise
+int8; (out, in/group_size) float16 for asymmetric int4, float32 for symmetric),
 `weight_zero` (asymmetric int4 only: float16 (out, in/group_size), in nibble units: integers in [0, 15] when loom
 quantizes; older loom_weight_only files hold fractional ones, which the kernels take as well) and an optional float
 `bias`.

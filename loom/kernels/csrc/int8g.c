@@ -56,7 +56,7 @@ static inline __m256 scales8(const void *p, long i, int n, int half) {
     return _mm256_loadu_ps(t);
 }
 
-/* the 8 slots in the fixed order ((s0 + s4) + (s2 + s6)) + ((s1 + s5) + (s3 + s7)) */
+/* the 8 lane totals in the fixed order ((t0 + t4) + (t2 + t6)) + ((t1 + t5) + (t3 + t7)) */
 static inline float hsum_slots(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_extractf128_ps(v, 0), _mm256_extractf128_ps(v, 1)); /* s0+s4 .. s3+s7 */
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                             /* (v0+v2), (v1+v3) */
@@ -79,7 +79,8 @@ static float row_exact(const int8g_job *j, long m, long n) {
         float s = load_param(j->scale, n * ng + b, j->half);
         for (int l = 0; l < 8; l++) {
             double lane = 0;
-            for (long c = b * G + 2 * l; c < (b + 1) * G; c += 16) lane += (double)x[c] * w[c] + (double)x[c + 1] * w[c + 1];
+            for (long c = b * G + 2 * l; c < (b + 1) * G; c += 16)
+                lane += (double)x[c] * w[c] + (double)x[c + 1] * w[c + 1];
             t[l] += (float)lane * s;
         }
     }
@@ -117,18 +118,21 @@ static inline __attribute__((always_inline)) void g_tile(const int8g_job *j, lon
 #if MAXMB == 4
                 __m256i x2 = MB > 2 ? g_load(xq + 2 * Kq + k) : x0, x3 = MB > 3 ? g_load(xq + 3 * Kq + k) : x0;
 #endif
-                /* the TILE rows take TILE * 16 bytes per step: fetch the matching bytes PF_TILES tiles ahead (int8.c) */
+                /* the TILE rows take TILE * 16 bytes per step: fetch as many PF_TILES tiles ahead (as int8.c) */
                 _mm_prefetch((const char *)(w + (n0 + PF_TILES * TILE) * K + TILE * k), _MM_HINT_T1);
                 __m256i w0 = g_widen(w + n0 * K + k);
-                __m256i w1 = R > 1 ? g_widen(w + (n0 + 1) * K + k) : w0, w2 = R > 2 ? g_widen(w + (n0 + 2) * K + k) : w0;
+                __m256i w1 = R > 1 ? g_widen(w + (n0 + 1) * K + k) : w0;
+                __m256i w2 = R > 2 ? g_widen(w + (n0 + 2) * K + k) : w0;
                 __m256i w3 = R > 3 ? g_widen(w + (n0 + 3) * K + k) : w0;
 #define G_DOT(r, m) if (r < R && m < MB) a##r##m = g_dot(a##r##m, w##r, x##m);
                 GTILE(G_DOT)
             }
             /* lane sums times the group's scale, added lane by lane (a separate multiply and add, as the fallback) */
-#define G_ACC(r, m) if (r < R && m < MB) t##r##m = _mm256_add_ps(t##r##m, _mm256_mul_ps(_mm256_cvtepi32_ps(a##r##m), s##r));
+#define G_ACC(r, m) \
+    if (r < R && m < MB) t##r##m = _mm256_add_ps(t##r##m, _mm256_mul_ps(_mm256_cvtepi32_ps(a##r##m), s##r));
             __m256 s0 = _mm256_broadcast_ss(&sc[0][gi]);
-            __m256 s1 = R > 1 ? _mm256_broadcast_ss(&sc[1][gi]) : s0, s2 = R > 2 ? _mm256_broadcast_ss(&sc[2][gi]) : s0;
+            __m256 s1 = R > 1 ? _mm256_broadcast_ss(&sc[1][gi]) : s0;
+            __m256 s2 = R > 2 ? _mm256_broadcast_ss(&sc[2][gi]) : s0;
             __m256 s3 = R > 3 ? _mm256_broadcast_ss(&sc[3][gi]) : s0;
             GTILE(G_ACC)
         }
