@@ -752,7 +752,7 @@ def int8_group_dequantize(weight, scale, dtype=torch.float32):
     return w.view(n, -1).to(dtype)
 
 
-_GROUP_CHUNK = 8  # groups per batched product in the reference (bounds its float64 temporaries)
+_LANE_SUMS = 1 << 23  # float64 lane sums the reference holds at a time (64 MB)
 
 
 def int8_group_reference(x, weight, scale, group_size):
@@ -760,8 +760,8 @@ def int8_group_reference(x, weight, scale, group_size):
     is bit-identical: activation rows rounded to int16 as quantize_row does; per group, 8 lane sums (lane l: the
     columns 16s + 2l and 16s + 2l + 1) computed exactly (float64 products of integers, sums below 2^53), rounded to
     float32, times the group scale, added to float32 lane totals group by group; the lanes summed in the kernel's
-    order, times the row scale. Rows holding inf/NaN take x itself the same way, without a row scale. Memory: 8
-    groups' (8, M, N) float64 lane sums at a time."""
+    order, times the row scale. Rows holding inf/NaN take x itself the same way, without a row scale. Memory: the
+    float64 lane sums of as many groups as fit in 64 MB (at least one group's (8, M, N)) at a time."""
     n, k = weight.shape
     lead = x.shape[:-1]
     xf = x.reshape(-1, k).float()
@@ -780,8 +780,9 @@ def int8_group_reference(x, weight, scale, group_size):
     wl = weight.double().view(n, groups, steps, 8, 2).permute(1, 3, 2, 4, 0).reshape(groups * 8, 2 * steps, n)
     sf = scale.float().t()  # (groups, N)
     lanes = torch.zeros(8, m, n)
-    for g0 in range(0, groups, _GROUP_CHUNK):
-        g1 = min(g0 + _GROUP_CHUNK, groups)
+    chunk = max(1, _LANE_SUMS // (8 * m * n))
+    for g0 in range(0, groups, chunk):
+        g1 = min(g0 + chunk, groups)
         sums = torch.bmm(xl[8 * g0:8 * g1], wl[8 * g0:8 * g1]).float().view(g1 - g0, 8, m, n)
         for b in range(g1 - g0):
             lanes += sums[b] * sf[g0 + b, None, :]

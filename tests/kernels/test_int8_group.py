@@ -219,3 +219,11 @@ def test_int8_group_linear_module_refuses_bad_layouts_and_runs_the_operator():
     assert torch.equal(dequantized_weight(module), ops.int8_group_dequantize(w, s))
     with pytest.raises(TypeError, match="cannot cast a quantized Int8GroupLinear"):
         module.half()
+
+
+def test_reference_in_chunks_of_one_group_gives_the_same_bits(monkeypatch):
+    x, w, s = _args(5, 416, 37, 32)
+    whole = ops.int8_group_reference(x, w, s, 32)
+    monkeypatch.setattr(ops, "_LANE_SUMS", 1)  # one group's lane sums at a time
+    assert torch.equal(ops.int8_group_reference(x, w, s, 32), whole)
+    assert torch.equal(whole, op(x, w, s, 32))
