@@ -111,10 +111,12 @@ class GgufLoadHook(WeightOnlyQuantizer):
     # -- saving: compressed-tensors, one scheme per kept type --------------------------------------------------------
     def saved_config(self, model: nn.Module):
         kinds = sorted(set(self._bits.values()))
-        if len(kinds) < 2:
-            return super().saved_config(model) if kinds != [8] else self._ct_config(model, {8: ["Linear"]})
-        by_bits = {bits: [n for n, b in self._bits.items() if b == bits] for bits in kinds}
-        return self._ct_config(model, by_bits)
+        if kinds == [4]:  # WeightOnlyQuantizer's: int4 group 32 symmetric over every kept Linear
+            return super().saved_config(model)
+        if kinds == [8]:
+            return self._ct_config(model, {8: ["Linear"]})
+        # both types: each config group names its modules
+        return self._ct_config(model, {bits: [n for n, b in self._bits.items() if b == bits] for bits in kinds})
 
     def _ct_config(self, model: nn.Module, targets: dict[int, list[str]]) -> CompressedTensorsConfig:
         ignore = [n for n, m in model.named_modules() if is_plain_linear(m) and n not in self._converted_set()]
