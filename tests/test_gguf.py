@@ -1,7 +1,8 @@
 """GGUF models: `from_pretrained(dir, gguf_file=...)` gives the reference's logits on the same file (which expands
 everything to float32), for Llama (q/k permuted by llama.cpp's converter), Mistral, Qwen 2 (biases) and Qwen 3
-(q/k norms, stated head size), for float and quantized tensor types; Q4_0 Linears stay 4-bit; bad input gets errors
-that name the file, the architecture or the package."""
+(q/k norms, stated head size), for float and quantized tensor types; Q4_0 Linears stay 4-bit and Q8_0 Linears 8-bit
+(group 32) with the file's values exactly; bad input gets errors that name the file, the architecture or the
+package."""
 from __future__ import annotations
 
 import json
@@ -49,25 +50,98 @@ def test_llama_logits_equal_the_reference_on_the_same_file(llama, kind):
     folder, original = llama
     ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file=f"tiny-{kind}.gguf")
     assert ours.dtype == torch.float32  # the reference's default for every GGUF
-    # Q4_0 runs on loom's int4 kernel, exact up to the int16 rounding of the activations
-    tol = 1e-4 if kind == "Q4_0" else 1e-5
+    # Q4_0 and Q8_0 run on loom's int4 / group-wise int8 kernels, exact up to the int16 rounding of the activations
+    tol = 1e-4 if kind in ("Q4_0", "Q8_0") else 1e-5
     torch.testing.assert_close(_logits(ours), _logits(_reference(folder, f"tiny-{kind}.gguf")), atol=tol, rtol=tol)
     if kind == "F32":  # the permutation undone: the very model that was written
         torch.testing.assert_close(_logits(ours), _logits(original), atol=1e-5, rtol=1e-5)
 
 
-def test_q4_0_linears_stay_4bit_and_other_types_are_expanded_with_a_warning(llama, caplog):
+def test_q4_0_and_q8_0_linears_stay_quantized_and_other_types_are_expanded_with_a_warning(llama, caplog):
     folder, _ = llama
     with caplog.at_level(logging.WARNING, logger="loom"):
         q4 = loom.LlamaForCausalLM.from_pretrained(folder, gguf_file="tiny-Q4_0.gguf")
+        q8 = loom.LlamaForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
     linears = [m for name, m in q4.named_modules() if name.endswith(("_proj", "lm_head"))]
     assert linears and all(type(m).__name__ == "Int4Linear" and m.group_size == 32 and not m.asymmetric
                            for m in linears)
-    assert "Q8_0" not in caplog.text
+    linears = [m for name, m in q8.named_modules() if name.endswith(("_proj", "lm_head"))]
+    assert len(linears) == 15 and all(type(m).__name__ == "Int8GroupLinear" and m.group_size == 32
+                                      and m.weight_scale.dtype == torch.float16 for m in linears)
+    assert "dequantized" not in caplog.text  # the embeddings and norms of these files are F32
     with caplog.at_level(logging.WARNING, logger="loom"):
-        q8 = loom.LlamaForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
-    assert "15 Q8_0 tensors are dequantized" in caplog.text and "(0 kept 4-bit)" in caplog.text
-    assert not any(type(m).__name__.startswith("Int") for m in q8.modules())
+        q5 = loom.LlamaForCausalLM.from_pretrained(folder, gguf_file="tiny-Q5_0.gguf")
+    assert "15 Q5_0 tensors are dequantized" in caplog.text and "(0 kept 4-bit, 0 kept 8-bit)" in caplog.text
+    assert not any(type(m).__name__.startswith("Int") for m in q5.modules())
+
+
+def test_q8_0_weights_are_the_files_values_and_greedy_tokens_match(llama):
+    """q * d exactly as the file defines it (the reference expands Q8_0 to float32 the same way), and on the kernel
+    the greedy continuation is the reference's."""
+    from loom.quantization.linear import dequantized_weight
+
+    folder, _ = llama
+    ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
+    ref = _reference(folder, "tiny-Q8_0.gguf")
+    for name, module in ours.named_modules():
+        if type(module).__name__ == "Int8GroupLinear":
+            assert torch.equal(dequantized_weight(module), ref.get_submodule(name).weight), name
+    kwargs = dict(max_new_tokens=12, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(ours.generate(IDS, **kwargs), ref.generate(IDS, **kwargs))
+
+
+def test_q8_0_logits_are_the_same_bits_with_the_kernels_off(llama, monkeypatch):
+    """loom::int8_group_linear's torch path is the C kernel's arithmetic: LOOM_KERNELS=off changes no bit."""
+    from loomtest import kernels_off_for
+
+    folder, _ = llama
+    on = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
+    kernels_off_for(monkeypatch)
+    off = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
+    assert off.lm_head.kernel == "torch"
+    assert torch.equal(_logits(on), _logits(off))
+
+
+def test_q8_0_model_saves_as_compressed_tensors_int8_group_32(llama, tmp_path):
+    """pack-quantized int8, group 32, float32 scales (the float16 d widened exactly): loom reloads the same
+    Int8GroupLinears (same bits), the reference (compressed-tensors) the same values."""
+    import transformers
+
+    folder, _ = llama
+    ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="tiny-Q8_0.gguf")
+    ours.save_pretrained(tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors"
+    assert [g["weights"]["num_bits"] for g in qc["config_groups"].values()] == [8]
+    assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    again = loom.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.lm_head).__name__ == "Int8GroupLinear" and again.lm_head.weight_scale.dtype == torch.float16
+    assert torch.equal(_logits(again), _logits(ours))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_q4_0_and_q8_0_file_keeps_both_and_saves_two_schemes(llama, tmp_path):
+    """llama.cpp's Q4_0 files often keep some tensors in Q8_0: each Linear takes its own kernel, and the saved
+    compressed-tensors config names each module's scheme."""
+    import gguf
+
+    folder, _ = llama
+    reader = gguf.GGUFReader(str(folder / "tiny-Q8_0.gguf"))
+    q8 = {t.name: (t.data.copy(), t.tensor_type) for t in reader.tensors if t.name.startswith("blk.1.")}
+    _rewritten(folder / "tiny-Q4_0.gguf", folder / "mixed.gguf", tensors=q8)
+    ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="mixed.gguf")
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
+    assert type(ours.model.layers[1].mlp.up_proj).__name__ == "Int8GroupLinear"
+    torch.testing.assert_close(_logits(ours), _logits(_reference(folder, "mixed.gguf")), atol=1e-4, rtol=1e-4)
+    ours.save_pretrained(tmp_path)
+    groups = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["config_groups"]
+    bits = {g["weights"]["num_bits"]: g["targets"] for g in groups.values()}
+    assert "model.layers.1.mlp.up_proj" in bits[8] and "model.layers.0.mlp.up_proj" in bits[4]
+    again = loom.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.model.layers[1].mlp.up_proj).__name__ == "Int8GroupLinear"
+    assert torch.equal(_logits(again), _logits(ours))
 
 
 def test_q4_0_weights_are_the_files_values(llama, monkeypatch):
@@ -148,18 +222,19 @@ def test_tied_head_when_the_file_has_no_output_tensor(tmp_path_factory):
     torch.testing.assert_close(_logits(ours), _logits(original), atol=1e-5, rtol=1e-5)
 
 
-def test_q4_0_embeddings_are_expanded_and_a_tied_head_shares_them(tmp_path_factory, caplog):
-    """As in llama.cpp's own Q4_0 files, the token embeddings are Q4_0 too: loom has no quantized lookup, so they are
-    expanded (and said so), and the tied head uses that float table."""
+@pytest.mark.parametrize("kind,module", [("Q4_0", "Int4Linear"), ("Q8_0", "Int8GroupLinear")])
+def test_quantized_embeddings_are_expanded_and_a_tied_head_shares_them(tmp_path_factory, caplog, kind, module):
+    """As in llama.cpp's own Q4_0/Q8_0 files, the token embeddings are quantized too: loom has no quantized lookup,
+    so they are expanded (and said so), and the tied head uses that float table."""
     folder, original = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM",
                                             **{**BLOCKS, "tie_word_embeddings": True})
-    write_gguf(folder / "q4.gguf", original, "llama", "Q4_0", skip_quant=("norm",))
+    write_gguf(folder / "q.gguf", original, "llama", kind, skip_quant=("norm",))
     with caplog.at_level(logging.WARNING, logger="loom"):
-        ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="q4.gguf")
-    assert "1 Q4_0 tensors are dequantized" in caplog.text  # the embedding table; the 14 Linears stay 4-bit
+        ours = loom.AutoModelForCausalLM.from_pretrained(folder, gguf_file="q.gguf")
+    assert f"1 {kind} tensors are dequantized" in caplog.text  # the embedding table; the 14 Linears stay quantized
     assert ours.lm_head.weight is ours.model.embed_tokens.weight and ours.lm_head.weight.dtype == torch.float32
-    assert type(ours.model.layers[0].mlp.up_proj).__name__ == "Int4Linear"
-    torch.testing.assert_close(_logits(ours), _logits(_reference(folder, "q4.gguf")), atol=1e-4, rtol=1e-4)
+    assert type(ours.model.layers[0].mlp.up_proj).__name__ == module
+    torch.testing.assert_close(_logits(ours), _logits(_reference(folder, "q.gguf")), atol=1e-4, rtol=1e-4)
 
 
 # -- errors -----------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 Llama's q/k rows undone, float types as stored and quantized types expanded to float32.
 
 The handle quacks like safetensors' `safe_open` (`keys`, `get_tensor`, `get_slice`), so loom's one streaming
-loader (loom/loading.py) reads it like any other checkpoint. Q4_0 Linear weights can instead be taken as raw blocks
-(`q4_0_blocks`) by load.py, which keeps them quantized.
+loader (loom/loading.py) reads it like any other checkpoint. Q4_0 and Q8_0 Linear weights can instead be taken as
+raw blocks (`raw_blocks`) by load.py, which keeps them quantized.
 """
 from __future__ import annotations
 
@@ -59,6 +59,12 @@ def q4_0_nibbles(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([qs & 0x0F, qs >> 4], dim=-1), d
 
 
+def q8_0_values(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., 34) bytes per block: a float16 scale, then 32 int8 values -> ((..., 32) int8 values, (...) float16
+    scales); a value is q * d."""
+    return blocks[..., 2:].contiguous().view(torch.int8), blocks[..., :2].contiguous().view(torch.float16)[..., 0]
+
+
 def dequantize_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     nibbles, d = q4_0_nibbles(blocks)
     return (nibbles.float() - 8) * d
@@ -101,10 +107,12 @@ class GgufCheckpoint:
             t = _dequantize(kind, tensor.data)
         return self._unpermute(key, t.reshape(tensor.shape))
 
-    def q4_0_blocks(self, key: str) -> torch.Tensor:
-        """The raw Q4_0 blocks of a 2-D weight, (rows, in / 32, 18) uint8, rows in the reference's order."""
+    def raw_blocks(self, key: str) -> torch.Tensor:
+        """The raw Q4_0 or Q8_0 blocks of a 2-D weight, (rows, in / 32, 18 or 34) uint8, rows in the reference's
+        order."""
         rows, cols = self.tensors[key].shape
-        blocks = torch.from_numpy(self.tensors[key].data.copy()).reshape(rows, cols // _QK, 18)
+        size = _TORCH_DEQUANT[self.tensors[key].type_name][0]
+        blocks = torch.from_numpy(self.tensors[key].data.copy()).reshape(rows, cols // _QK, size)
         return self._unpermute(key, blocks)
 
     def get_slice(self, key: str):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import build
-from loom.kernels.policy import rows_of
+from loom.kernels.policy import INT8_GROUP_MAX, rows_of
 from loom.kernels.threads import pool_threads
 
 _lib = torch.library.Library("loom", "DEF")
@@ -722,6 +722,115 @@ def _int8_backward(ctx, grad):
 
 int8_linear = _define("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor", _int8_cpu, _int8_fake,
                       _int8_backward, _quant_setup, grad_args=(0, 2))
+
+
+# -- group-wise int8 weight-only linear: x (..., K) @ (int8 weight (N, K) * scale (N, K/G) per group).T ----------
+def _int8_group_param_checks(op, weight, scale, group_size) -> None:
+    _check_strided(op, weight=weight, scale=scale)
+    _check(weight.dtype == torch.int8 and weight.dim() == 2, op,
+           f"weight must be int8 (N, K), got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    _check(16 <= group_size <= INT8_GROUP_MAX and group_size % 16 == 0, op,
+           f"group_size={group_size} must be a multiple of 16 between 16 and {INT8_GROUP_MAX}")
+    _check(k % group_size == 0, op, f"group_size={group_size} must divide K={k} (the input features)")
+    _check(scale.dtype in _SCALES and tuple(scale.shape) == (n, k // group_size), op,
+           f"scale must be float16 or float32 ({n}, {k // group_size}), got {scale.dtype} {tuple(scale.shape)}")
+
+
+def _int8_group_checks(x, weight, scale, group_size) -> None:
+    _int8_group_param_checks("int8_group_linear", weight, scale, group_size)
+    _check_strided("int8_group_linear", x=x)
+    _check(x.is_floating_point(), "int8_group_linear", f"x must be floating point, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] == weight.shape[1], "int8_group_linear",
+           f"x has {x.shape[-1] if x.dim() else 0} features but weight {tuple(weight.shape)} expects {weight.shape[1]}")
+
+
+def int8_group_dequantize(weight, scale, dtype=torch.float32):
+    """w * scale per group of K / scale.shape[1] inputs, in float32 (exact for float16 scales), then `dtype`."""
+    n, groups = scale.shape
+    w = weight.float().view(n, groups, -1) * scale.float()[:, :, None]
+    return w.view(n, -1).to(dtype)
+
+
+_LANE_SUMS = 1 << 23  # float64 lane sums the reference holds at a time (64 MB)
+
+
+def int8_group_reference(x, weight, scale, group_size):
+    """loom::int8_group_linear in torch ops with the C kernel's arithmetic (csrc/int8g.c's header), so the result
+    is bit-identical: activation rows rounded to int16 as quantize_row does; per group, 8 lane sums (lane l: the
+    columns 16s + 2l and 16s + 2l + 1) computed exactly (float64 products of integers, sums below 2^53), rounded to
+    float32, times the group scale, added to float32 lane totals group by group; the lanes summed in the kernel's
+    order, times the row scale. Rows holding inf/NaN take x itself the same way, without a row scale. Memory: the
+    float64 lane sums of as many groups as fit in 64 MB (at least one group's (8, M, N)) at a time."""
+    n, k = weight.shape
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, k).float()
+    m, groups = xf.shape[0], k // group_size
+    if m == 0 or n == 0 or groups == 0:
+        return xf.new_zeros(*lead, n).to(x.dtype)
+    finite = torch.isfinite(xf).all(1)
+    amax = torch.where(finite[:, None], xf, 0).abs().amax(1)
+    inv = torch.where(amax > 0, torch.tensor(32767.0) / amax, 0)
+    xs = amax / 32767.0
+    xq = torch.round(xf * inv[:, None])
+    xd = torch.where(finite[:, None], xq, xf).double()
+    steps = group_size // 16
+    # (groups * 8 lanes, M, 2 * steps): lane l of group b holds columns b*G + 16s + 2l + e
+    xl = xd.view(m, groups, steps, 8, 2).permute(1, 3, 0, 2, 4).reshape(groups * 8, m, 2 * steps)
+    wl = weight.double().view(n, groups, steps, 8, 2).permute(1, 3, 2, 4, 0).reshape(groups * 8, 2 * steps, n)
+    sf = scale.float().t()  # (groups, N)
+    lanes = torch.zeros(8, m, n)
+    chunk = max(1, _LANE_SUMS // (8 * m * n))
+    for g0 in range(0, groups, chunk):
+        g1 = min(g0 + chunk, groups)
+        sums = torch.bmm(xl[8 * g0:8 * g1], wl[8 * g0:8 * g1]).float().view(g1 - g0, 8, m, n)
+        for b in range(g1 - g0):
+            lanes += sums[b] * sf[g0 + b, None, :]
+    v = lanes[:4] + lanes[4:]
+    total = (v[0] + v[2]) + (v[1] + v[3])
+    y = torch.where(finite[:, None], total * xs[:, None], total)
+    return y.view(*lead, n).to(x.dtype)
+
+
+def _int8_group_cpu(x, weight, scale, group_size):
+    if not (x.is_floating_point() and weight.dtype == torch.int8 and weight.dim() == 2 and scale.dtype in _SCALES
+            and 16 <= group_size <= INT8_GROUP_MAX and group_size % 16 == 0 and x.dim() >= 1
+            and x.shape[-1] == weight.shape[1] and x.shape[-1] % group_size == 0
+            and tuple(scale.shape) == (weight.shape[0], x.shape[-1] // group_size)
+            and x.layout == _STRIDED and weight.layout == _STRIDED and scale.layout == _STRIDED):
+        _int8_group_checks(x, weight, scale, group_size)
+    lib = build.library()
+    if lib is None:
+        return int8_group_reference(x, weight, scale, group_size)
+    w, s = weight.contiguous(), scale.contiguous()
+    m, n, k = math.prod(x.shape[:-1]), w.shape[0], w.shape[1]
+    # the kernel reads rows of K floats: a contiguous float32 x is that already (a decode step's usual input)
+    xf = x if x.dtype is _F32 and x.is_contiguous() else x.reshape(m, k).to(_F32).contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=_F32)
+    if m and lib.loom_int8_group_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), s.dtype == torch.float16,
+                                      y.data_ptr(), m, n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int8_group_linear: could not allocate {m}x{k} int16 activation scratch")
+    return y if x.dtype == _F32 else y.to(x.dtype)
+
+
+def _int8_group_fake(x, weight, scale, group_size):
+    _int8_group_checks(x, weight, scale, group_size)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def _int8_group_backward(ctx, grad):
+    x, weight, scale = ctx.saved_tensors
+    if ctx.needs_input_grad[2]:
+        raise NotImplementedError("loom::int8_group_linear has no gradient for scale; keep it a frozen buffer")
+    gx = None
+    if ctx.needs_input_grad[0]:
+        gx = (grad.float() @ int8_group_dequantize(weight, scale)).to(x.dtype)
+    return gx, None, None, None
+
+
+int8_group_linear = _define("int8_group_linear(Tensor x, Tensor weight, Tensor scale, int group_size) -> Tensor",
+                            _int8_group_cpu, _int8_group_fake, _int8_group_backward, _quant_setup,
+                            grad_args=(0, 2))
 
 
 # -- int4 group-wise weight-only linear ---------------------------------------------------------------------------

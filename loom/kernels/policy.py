@@ -94,6 +94,17 @@ def int8_applies(x: torch.Tensor) -> bool:
     return plain(x) and x.is_floating_point() and enabled()
 
 
+INT8_GROUP_MAX = 512  # csrc/int8g.c INT8G_MAX_G: a group's exact int32 sum fits up to here
+
+
+def int8_group_applies(x: torch.Tensor, group_size: int) -> bool:
+    """Whether a loom group-wise int8 Linear (GGUF Q8_0) on `x` goes to loom::int8_group_linear: any plain CPU float
+    input at any row count. Its decode kernel streams the weight once; more rows run the same kernel over chunks of
+    64 activation rows (so a row's result never depends on the batch). Where the C kernels are off the operator
+    takes its torch path, which computes the same bits (slower: float64 batched products of 8 groups at a time)."""
+    return plain(x) and x.is_floating_point() and group_size % 16 == 0 and 0 < group_size <= INT8_GROUP_MAX
+
+
 INT4_GEMM_MAX_GROUP = 4096  # csrc/int4.c INT4_GEMM_MAX_G: the blocked int4 GEMM's int32 group sums fit up to here
 
 

@@ -1,35 +1,41 @@
 """Loading (and saving back) compressed-tensors checkpoints without the compressed-tensors package.
 
 Layouts that loom's kernels run are repacked at load, bit-exact: int8 symmetric per channel (or per tensor) into
-`Int8Linear`, int4 per group / channel / tensor, symmetric or with integer zero points, into `Int4Linear` (float32
-scales and zero points, so nothing is rounded; float16 with zero points when that holds them exactly, as for loom's
-own asymmetric int4 saves). Everything else (other bit widths, int8 with zero points or groups, act-order
-`weight_g_idx`, FP8 `float-quantized`, block scales) is dequantized at load by the format's
-definition, w = (q - zero_point) * scale computed in the scale's dtype as compressed-tensors does, into a plain
-float Linear; `from_pretrained(dtype=...)` then casts it like any other weight. Such a model runs but cannot be
-saved back (the integers are gone); one whose quantized layers all run on the kernels saves in its own layout.
+`Int8Linear`, int8 symmetric per group (16-512 inputs) into `Int8GroupLinear`, int4 per group / channel / tensor,
+symmetric or with integer zero points, into `Int4Linear` (float32 scales and zero points, so nothing is rounded;
+float16 when that holds them exactly, as for loom's own asymmetric int4 saves and GGUF Q8_0 saves). Everything else
+(other bit widths, int8 with zero points, act-order `weight_g_idx`, FP8 `float-quantized`, block scales) is
+dequantized at load by the format's definition, w = (q - zero_point) * scale computed in the scale's dtype as
+compressed-tensors does, into a plain float Linear; `from_pretrained(dtype=...)` then casts it like any other
+weight. Such a model runs but cannot be saved back (the integers are gone); one whose quantized layers all run on
+the kernels saves in its own layout.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from loom.kernels import is_plain_linear
+from loom.kernels import is_plain_linear, policy
 from loom.quantization import ct_layout, kernels
 from loom.quantization.base import replace_module
 from loom.quantization.ct_config import CompressedTensorsConfig, WeightScheme
-from loom.quantization.linear import Int4Linear, Int8Linear
+from loom.quantization.linear import Int4Linear, Int8GroupLinear, Int8Linear
 from loom.quantization.prequantized import CollectingQuantizer, mismatch
 
 CT_TENSORS = ("weight", "weight_packed", "weight_shape", "weight_scale", "weight_zero_point", "weight_g_idx")
 
 
 def kernel_for(scheme: WeightScheme, in_features: int) -> str | None:
-    """'int8' or 'int4' when loom's kernels run this scheme exactly, else None (dequantized)."""
+    """'int8', 'int8_group' or 'int4' when loom's kernels run this scheme exactly, else None (dequantized)."""
     if scheme.type != "int" or scheme.act_order or scheme.strategy not in ("tensor", "channel", "group"):
         return None
     if scheme.num_bits == 8 and scheme.symmetric and scheme.strategy != "group":
         return "int8"
+    if scheme.num_bits == 8 and scheme.symmetric:
+        group = scheme.group_size
+        if group % 16 == 0 and group <= policy.INT8_GROUP_MAX and in_features % group == 0:
+            return "int8_group"
+        return None
     group = scheme.group_size if scheme.strategy == "group" else in_features
     if scheme.num_bits == 4 and in_features % 2 == 0 and in_features % group == 0 and group % 2 == 0:
         return "int4"
@@ -82,6 +88,10 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
             bias = linear.bias is not None
             if kernel == "int8":
                 replace_module(model, name, Int8Linear(linear.in_features, linear.out_features, bias, device="meta"))
+            elif kernel == "int8_group":
+                replace_module(model, name, Int8GroupLinear(linear.in_features, linear.out_features, bias,
+                                                            self.schemes[name].group_size, torch.float32,
+                                                            device="meta"))
             elif kernel == "int4":
                 scheme = self.schemes[name]
                 group = scheme.group_size if scheme.strategy == "group" else linear.in_features
@@ -103,7 +113,12 @@ class CompressedTensorsQuantizer(CollectingQuantizer):
         q = self._integers(name, scheme, t, out, inp)
         scale = t["weight_scale"]
         self._scale_dtypes[name] = scale.dtype
-        if isinstance(module, Int8Linear):
+        if isinstance(module, Int8GroupLinear):
+            module.weight = q.to(torch.int8)
+            scale = self._expanded(name, scheme, scale, out, inp, (out, inp // module.group_size)).float()
+            # float16 where that holds the scales exactly (GGUF Q8_0 saves): two bytes less per group
+            module.weight_scale = (scale.half() if torch.equal(scale.half().float(), scale) else scale).contiguous()
+        elif isinstance(module, Int8Linear):
             module.weight = q.to(torch.int8)
             module.weight_scale = self._expanded(name, scheme, scale, out, inp, (out, 1)).float().reshape(out).clone()
         elif isinstance(module, Int4Linear):

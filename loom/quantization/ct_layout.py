@@ -102,8 +102,14 @@ def expand_per_input(t: torch.Tensor, out_features: int, in_features: int, strat
 
 
 def compressed_module_tensors(module, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The pack-quantized tensors (local names) of a loom Int8Linear, or an Int4Linear with integer zero points."""
+    """The pack-quantized tensors (local names) of a loom Int8Linear or Int8GroupLinear, or an Int4Linear with
+    integer zero points."""
     shape = torch.tensor([module.out_features, module.in_features])
+    if module.bits == 8 and getattr(module, "group_size", None):  # group-wise int8 (Int8GroupLinear)
+        # float32 scales by default: readers form q * scale in the scale's dtype, exact in float32 for the float16
+        # scales GGUF's Q8_0 holds, rounded in float16
+        return {"weight_packed": pack_int8(module.weight), "weight_scale": module.weight_scale.to(scale_dtype),
+                "weight_shape": shape}
     if module.bits == 8:
         q, scale = module.int8_weight()
         return {"weight_packed": pack_int8(q), "weight_scale": scale.to(scale_dtype)[:, None],

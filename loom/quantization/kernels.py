@@ -107,6 +107,24 @@ def int8_matmul(x: torch.Tensor, module) -> torch.Tensor:
     return F.linear(x, int8_dequantize(weight, scale, x.dtype))
 
 
+# -- int8 group-wise (GGUF Q8_0) ----------------------------------------------------------------------------------
+def choose_int8_group_kernel(device: torch.device) -> str:
+    """'native' (loom::int8_group_linear's C kernel), 'torch' (the same operator's torch path, the same bits, where
+    the kernels are off) or 'dequantize' (off the CPU)."""
+    forced = os.environ.get("LOOM_QUANT_KERNEL")
+    if forced in ("native", "torch", "dequantize"):
+        return forced
+    if device.type != "cpu":
+        return "dequantize"
+    return "native" if policy.enabled() else "torch"
+
+
+def int8_group_matmul(x: torch.Tensor, module) -> torch.Tensor:
+    if module.kernel in ("native", "torch") and policy.int8_group_applies(x, module.group_size):
+        return ops.int8_group_linear(x, module.weight, module.weight_scale, module.group_size)
+    return F.linear(x, ops.int8_group_dequantize(module.weight, module.weight_scale, x.dtype))
+
+
 # -- int4 group-wise -------------------------------------------------------------------------------------------
 pack_int4 = ops.pack_int4
 unpack_int4 = ops.unpack_int4

@@ -1,8 +1,9 @@
-"""loom's weight-only quantized Linear modules: int8 per-output-channel symmetric, int4 group-wise asymmetric
-(default) or symmetric.
+"""loom's weight-only quantized Linear modules: int8 per-output-channel symmetric, int8 group-wise symmetric
+(GGUF Q8_0), int4 group-wise asymmetric (default) or symmetric.
 
-State dict: `weight` (int8 (out, in), or uint8 (out, in/2) for int4 with the even column in the low nibble),
-`weight_scale` (float32 (out,) for int8; (out, in/group_size) float16 for asymmetric int4, float32 for symmetric),
+State dict: `weight` (int8 (out, in) for both int8 layouts, or uint8 (out, in/2) for int4 with the even column in
+the low nibble), `weight_scale` (float32 (out,) for int8; (out, in/group_size) float16 or float32 for group-wise
+int8; (out, in/group_size) float16 for asymmetric int4, float32 for symmetric),
 `weight_zero` (asymmetric int4 only: float16 (out, in/group_size), in nibble units: integers in [0, 15] when loom
 quantizes; older loom_weight_only files hold fractional ones, which the kernels take as well) and an optional float
 `bias`.
@@ -237,8 +238,49 @@ class Int4Linear(_QuantLinear):
         return super().extra_repr() + f", group_size={self.group_size}, asymmetric={self.asymmetric}"
 
 
+class Int8GroupLinear(_QuantLinear):
+    """y = x @ (int8 W * per-group scale).T + b: one scale per `group_size` inputs of a row, float16 or float32.
+    GGUF's Q8_0 (32 int8 values and a float16 scale per block) is exactly this with group_size=32 and float16
+    scales, loaded without re-quantization; compressed-tensors' symmetric int8 `group` scheme too. Runs on
+    loom::int8_group_linear, whose torch path (kernels off) computes the same bits."""
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, group_size: int = 32,
+                 scale_dtype: torch.dtype = torch.float16, device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias, device, dtype)
+        if not (group_size > 0 and in_features % group_size == 0 and group_size % 16 == 0
+                and group_size <= policy.INT8_GROUP_MAX):
+            raise ValueError(f"Int8GroupLinear: group_size={group_size} must be a multiple of 16 up to "
+                             f"{policy.INT8_GROUP_MAX} that divides in_features={in_features}")
+        if scale_dtype not in (torch.float16, torch.float32):
+            raise ValueError(f"Int8GroupLinear: scale_dtype must be float16 or float32, got {scale_dtype}")
+        self.group_size = group_size
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, in_features // group_size, dtype=scale_dtype,
+                                                         device=device))
+
+    def choose_kernel(self) -> None:
+        self.kernel = kernels.choose_int8_group_kernel(self.weight_scale.device)
+        if self.kernel == "native":
+            for name, t in self._buffers.items():
+                if t is not None and not t.is_contiguous():
+                    self._buffers[name] = t.contiguous()
+
+    def int8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.weight, self.weight_scale
+
+    def _matmul(self, x):
+        return kernels.int8_group_matmul(x, self)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
 def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The float weight a quantized Linear computes with (for error checks and `dequantize`)."""
+    if isinstance(module, Int8GroupLinear):
+        return ops.int8_group_dequantize(module.weight, module.weight_scale, dtype)
     if isinstance(module, Int8Linear):
         w, s = module.int8_weight()
         return kernels.int8_dequantize(w, s, dtype)

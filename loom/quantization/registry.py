@@ -27,7 +27,7 @@ CHECKPOINT_FORMATS = {
         "compressed-tensors where the layout fits, else loom_weight_only"),
     "compressed-tensors": (
         "pack-quantized and int-quantized 1-8 bit, float-quantized FP8",
-        "kernels: int8 symmetric per channel/tensor, int4 per group/channel/tensor; dequantized: the rest",
+        "kernels: int8 symmetric per channel/tensor/group, int4 per group/channel/tensor; dequantized: the rest",
         "pack-quantized group/channel layers that run on the kernels"),
     "GPTQ": ("4-bit and 8-bit, v1/v2 zero points, act-order, sym/asym", "kernels (8-bit with groups: dequantized)",
              "GPTQ, the same tensors"),
@@ -40,8 +40,9 @@ CHECKPOINT_FORMATS = {
                               "int8 kernel", "compressed-tensors pack-quantized int8 per channel"),
     "bitsandbytes": ("LLM.int8, NF4/FP4 (needs bitsandbytes)", "bitsandbytes", "bitsandbytes"),
     "GGUF (gguf_file=)": ("llama, mistral, qwen2, qwen3: F32/F16/BF16 and the types the gguf package expands",
-                          "Q4_0 Linears on the int4 kernel; dequantized: Q8_0, K-quants, Q4_1, Q5_*",
-                          "compressed-tensors pack-quantized int4 group 32 (the Q4_0 layers)"),
+                          "Q4_0 Linears on the int4 kernel, Q8_0 Linears on the group-wise int8 kernel; dequantized: "
+                          "K-quants, Q4_1, Q5_*, quantized embeddings",
+                          "compressed-tensors pack-quantized int4 / int8 group 32 (the Q4_0 / Q8_0 layers)"),
 }
 
 

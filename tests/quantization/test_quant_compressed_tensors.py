@@ -13,7 +13,7 @@ import loom
 from loom.kernels import is_plain_linear
 from loom.quantization import WeightOnlyConfig
 from loom.quantization.ct_config import CT_VERSION
-from loom.quantization.linear import Int4Linear, Int8Linear, dequantized_weight
+from loom.quantization.linear import Int4Linear, Int8GroupLinear, Int8Linear, dequantized_weight
 from loomtest import quantized_tolerance, reference_checkpoint
 
 ct = pytest.importorskip("compressed_tensors", reason="compressed-tensors (dev extra) writes the test checkpoints")
@@ -252,6 +252,10 @@ CASES = {  # id: (args, format, loom module, does the reference load it on CPU (
     "pack8-channel-sym": (QuantizationArgs(num_bits=8, strategy="channel", **INT), "pack-quantized", Int8Linear,
                           True),
     "int8-channel-sym": (QuantizationArgs(num_bits=8, strategy="channel", **INT), "int-quantized", Int8Linear, True),
+    "pack8-group-sym": (QuantizationArgs(num_bits=8, strategy="group", group_size=16, **INT), "pack-quantized",
+                        Int8GroupLinear, True),
+    "int8-group-sym": (QuantizationArgs(num_bits=8, strategy="group", group_size=16, **INT), "int-quantized",
+                       Int8GroupLinear, True),
     "int8-tensor-sym": (QuantizationArgs(num_bits=8, strategy="tensor", **INT), "int-quantized", Int8Linear, True),
     "pack8-channel-asym": (QuantizationArgs(num_bits=8, strategy="channel", symmetric=False, **INT),
                            "pack-quantized", None, True),
