@@ -89,6 +89,9 @@ def test_q8_0_weights_are_the_files_values_and_greedy_tokens_match(llama):
     kwargs = dict(max_new_tokens=12, do_sample=False)
     with torch.no_grad():
         assert torch.equal(ours.generate(IDS, **kwargs), ref.generate(IDS, **kwargs))
+    # the config in memory says what the model holds (and saves with): int8, group 32, not the int4 template
+    groups = ours.config.quantization_config.to_dict()["config_groups"]
+    assert [g["weights"]["num_bits"] for g in groups.values()] == [8]
 
 
 def test_q8_0_logits_are_the_same_bits_with_the_kernels_off(llama, monkeypatch):

@@ -93,6 +93,9 @@ class GgufLoadHook(WeightOnlyQuantizer):
     def _attach(self, model: nn.Module) -> None:
         if self.converted:  # nothing kept quantized: the model is a plain float model
             super()._attach(model)
+            if 8 in self._bits.values() and getattr(model, "config", None) is not None:
+                # the config the model saves with (and reloads as), not the int4 template this hook starts from
+                model.config.quantization_config = self.saved_config(model)
 
     def load_tensor(self, model, name, source, dtype, device):
         module_name, _, attr = name.rpartition(".")
