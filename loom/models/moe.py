@@ -156,6 +156,11 @@ class SparseMoE(nn.Module):
         self._packed = (gate_up, downs, [w.data_ptr() for w in weights])
         return gate_up, downs
 
+    def decode_experts(self, rows: int, dtype: torch.dtype):
+        """(gate_up, down) as `_packed_experts` gives them for a `rows`-token step in `dtype` (packing them now if
+        they are not yet), for loom's decode plan; None where the module path would not use them."""
+        return self._packed_experts(torch.empty(rows, self.gate.in_features, dtype=dtype))
+
     def _run_packed(self, flat, weights, chosen, packed) -> torch.Tensor:
         gate_up, down = packed
         inter = down.shape[2]
