@@ -39,6 +39,7 @@ _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
 _module_hooks = nn.modules.module
+_routing_settings = operator.itemgetter("top_k", "normalize", "weights_in_logits_dtype")  # a SparseMoE's, read per step
 
 
 # what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
@@ -70,8 +71,8 @@ def _attention_shaped(layer, llama) -> bool:
 
 def _layer(layer, mlp, llama, rows: int, dtype):
     """(LayerTensors, modules whose hooks and children the plan checks, modules whose `training` it checks, tensors
-    it checks for a swapped `.data` beyond those the chain reads) for one layer; None where the chain does not
-    compute its step."""
+    it checks for a swapped `.data` beyond those the chain reads, the MoE block or None) for one layer; None where the
+    chain does not compute its step."""
     attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
     if not (_attention_shaped(layer, llama) and all(type(n) is RMSNorm for n in norms) and norms[0].eps == norms[1].eps):
         return None
@@ -80,7 +81,7 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         return None
     linears = [attn._modules.get(n) for n in _ATTN_LINEARS]
     checked, moded, extra = [layer, attn, *norms, *(n for n in qk if n is not None)], [layer, attn, mlp], []
-    routing = None
+    routing = block = None
     if type(mlp).forward is llama.LlamaMLP.forward:
         linears += [mlp._modules.get(n) for n in _MLP_LINEARS]
         act = mlp._modules.get("act_fn")
@@ -100,7 +101,7 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         expert_linears = [e._modules.get(n) for e in experts for n in mlp.linear_names]
         checked += [mlp, mlp.experts, *experts, *acts, *expert_linears]
         extra = [m._parameters.get("weight") for m in expert_linears]
-        routing = Routing(mlp.top_k, mlp.normalize, mlp.weights_in_logits_dtype)
+        routing, block = Routing(*_routing_settings(mlp.__dict__)), mlp
     else:
         return None
     act_ = _activation(act)
@@ -112,7 +113,7 @@ def _layer(layer, mlp, llama, rows: int, dtype):
                       [m._parameters.get("bias") for m in linears] + [None] * (7 - len(linears)), norms[0].eps,
                       scale, act_, routing, *(None if n is None else n._parameters.get("weight") for n in qk),
                       qk[0].eps if qk[0] is not None else 0.0)
-    return lt, checked, moded, extra
+    return lt, checked, moded, extra, block
 
 
 class DecodePlan:
@@ -144,6 +145,7 @@ class DecodePlan:
         layers, tensors, checked = list(base.layers), [], [model, base, base.layers, embed]
         moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
         extra = []  # tensors the chain does not read whose `.data` the forward does (the experts' own weights)
+        blocks = []  # the MoE blocks, whose routing settings are checked at each step
         if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
                                                                   and len(set(cache.length)) != 1):
             return None
@@ -156,6 +158,8 @@ class DecodePlan:
             checked += found[1]
             moded += found[2]
             extra += found[3]
+            if found[4] is not None:
+                blocks.append(found[4])
         if not all(t is not None and policy.plain(t) and t.dtype is dtype for lt in tensors for t in lt.tensors()) \
                 or embed.weight.dtype is not dtype or any(not policy.plain(t) for t in extra):
             return None
@@ -165,10 +169,10 @@ class DecodePlan:
                 chain.set_cache(i, cache.keys[i], cache.values[i])
         except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
             return None
-        return cls(model, base, cache, chain, checked, moded, windows.pop(), extra)
+        return cls(model, base, cache, chain, checked, moded, windows.pop(), extra, blocks)
 
     def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
-                 window, extra: list = ()) -> None:
+                 window, extra: list = (), blocks: list = ()) -> None:
         self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
         self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
         self.embed_weight = base.embed_tokens.weight
@@ -187,7 +191,9 @@ class DecodePlan:
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
         self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
-        self.routed = any(lt.routing is not None for lt in chain.layers)  # MoE layers: router logits not recorded
+        self.routed = bool(blocks)  # MoE layers: router logits not recorded, routing settings as built
+        self.block_dicts = tuple(b.__dict__ for b in blocks)
+        self.routing = tuple(map(_routing_settings, self.block_dicts))
         # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
         self.static = cache.max_cache_len if type(cache) is StaticCache else None
 
@@ -204,7 +210,8 @@ class DecodePlan:
                 and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
                 and (self.window is None or pos < self.window)
                 and not (self.routed and (moe._recorded.get() is not None
-                                          or getattr(self.config, "output_router_logits", False))))
+                                          or getattr(self.config, "output_router_logits", False)
+                                          or tuple(map(_routing_settings, self.block_dicts)) != self.routing)))
 
     def _rebind(self, cache) -> bool:
         """Point the chain at the cache's buffers after something replaced them (beam search's reorder)."""
