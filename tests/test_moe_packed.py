@@ -189,10 +189,9 @@ def test_hooks_quantized_experts_and_training_keep_the_module_path(family):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_plan_is_bitwise_the_module_path(family, dtype, monkeypatch):
-    """generate through the decode plan (Mixtral, Qwen3-MoE: one chain over attention, router and packed experts;
-    Qwen2-MoE's shared expert: the forward) gives the scores of the experts' own modules, bitwise, at batch 1 and
-    on a left-padded batch."""
-    model_type, path, _ = family
+    """generate through the decode plan (one chain over attention, router, packed experts and Qwen2-MoE's shared
+    expert) gives the scores of the experts' own modules, bitwise, at batch 1 and on a left-padded batch."""
+    _, path, _ = family
     model = loom.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     ids = torch.randint(3, 99, (3, 9), generator=torch.Generator().manual_seed(4))
     mask = torch.ones_like(ids)
@@ -218,6 +217,6 @@ def test_decode_plan_is_bitwise_the_module_path(family, dtype, monkeypatch):
                 h.remove()
         assert planned.sequences.tolist() == modules.sequences.tolist()
         assert all(torch.equal(a, b) for a, b in zip(planned.scores, modules.scores))
-        plan = (build.available() and model_type != "qwen2_moe"
+        plan = (build.available()
                 and (rows == 1 or dtype is torch.float32 or policy.batched_bf16()))
         assert ran == (9 * model.config.num_hidden_layers if plan else 0)

@@ -1,8 +1,8 @@
 """A decode plan: one generate call's decode steps of a Llama-shaped model without Python per module.
 
 Llama-shaped: Llama's decoder layer and attention (Qwen3's per-head q/k norms included), each layer's feed-forward
-either Llama's MLP or a mixture of experts that routes as `loom.models.moe.SparseMoE` does (Mixtral, Qwen3-MoE; not
-Qwen2-MoE's shared expert, whose block has a forward of its own). The plan is built once per generate call, after
+either Llama's MLP or `loom.models.moe.SparseMoE`'s mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its
+shared expert). The plan is built once per generate call, after
 the prefill, where everything the step depends on is checked (model, layer and module classes, hooks, kernel
 eligibility, dtypes, devices, the cache); each step then runs the layers through `loom.kernels.chain.DecodeChain`
 (one C call per dense layer, two per MoE layer, the MLP's activation and the routing in torch) and the final norm
@@ -39,7 +39,12 @@ _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
 _module_hooks = nn.modules.module
-_routing_settings = operator.itemgetter("top_k", "normalize", "weights_in_logits_dtype")  # a SparseMoE's, read per step
+
+
+def _routing_settings(block: dict) -> tuple:
+    """What a SparseMoE's step reads besides its modules' state (from its __dict__; read at every step): its routing
+    settings, and how many children it has (a shared expert set after the plan was built adds one)."""
+    return block["top_k"], block["normalize"], block["weights_in_logits_dtype"], len(block["_modules"])
 
 
 # what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
@@ -67,6 +72,26 @@ def _attention_shaped(layer, llama) -> bool:
     return (type(layer).forward is llama.LlamaDecoderLayer.forward and type(attn).forward is llama.LlamaAttention.forward
             and type(attn).project is llama.LlamaAttention.project and attn.qkv_name is None
             and attn.o_name == "o_proj" and attn.use_rope and attn.softcap is None)
+
+
+def _shared_expert(block, llama):
+    """A MoE block's shared expert as the chain takes it: (weights of its gate, gate, up and down projections, their
+    biases, its activation in place, its modules); None where the block has none; False where the chain does not
+    compute it (not Llama's MLP, not loom's plain kernel Linears, an activation the plan does not know)."""
+    mlp, gate = block._modules.get("shared_expert"), block._modules.get("shared_expert_gate")
+    if mlp is None and gate is None:
+        return None
+    if mlp is None or gate is None or type(mlp).forward is not llama.LlamaMLP.forward:
+        return False
+    linears = [gate] + [mlp._modules.get(n) for n in _MLP_LINEARS]
+    act = mlp._modules.get("act_fn")
+    act_ = _activation(act)
+    if act_ is None or not all(type(m) is KernelLinear for m in linears):
+        return False
+    weights = [m._parameters.get("weight") for m in linears]
+    if any(w is None for w in weights):
+        return False
+    return weights, [m._parameters.get("bias") for m in linears], act_, [mlp, act, *linears]
 
 
 def _layer(layer, mlp, llama, rows: int, dtype):
@@ -101,7 +126,13 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         expert_linears = [e._modules.get(n) for e in experts for n in mlp.linear_names]
         checked += [mlp, mlp.experts, *experts, *acts, *expert_linears]
         extra = [m._parameters.get("weight") for m in expert_linears]
-        routing, block = Routing(*_routing_settings(mlp.__dict__)), mlp
+        shared = _shared_expert(mlp, llama)
+        if shared is False:
+            return None
+        if shared is not None:
+            checked += shared[3]
+        routing = Routing(mlp.top_k, mlp.normalize, mlp.weights_in_logits_dtype, *(shared or (None,) * 3)[:3])
+        block = mlp
     else:
         return None
     act_ = _activation(act)

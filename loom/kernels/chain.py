@@ -28,8 +28,9 @@ _F32 = torch.float32
 class _Layer(ctypes.Structure):  # csrc/decode.c chain_layer
     _fields_ = [("ln1", _P), ("ln2", _P), ("w", _P * 7), ("b", _P * 7), ("kc", _P), ("vc", _P), ("a", _P),
                 ("u", _P), ("h2", _P), ("qn", _P), ("kn", _P), ("logits", _P), ("chosen", _P), ("rw", _P),
+                ("sw", _P * 4), ("sb", _P * 4), ("sg", _P), ("sa", _P), ("su", _P),
                 ("hidden", _L), ("H", _L), ("Hkv", _L), ("D", _L), ("I", _L), ("c_sb", _L), ("c_sh", _L),
-                ("E", _L), ("k", _L), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("E", _L), ("k", _L), ("Is", _L), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("qk_eps", ctypes.c_float), ("rw_bf16", ctypes.c_int)]
 
 
@@ -42,10 +43,17 @@ class _Step(ctypes.Structure):  # csrc/decode.c chain_step
 
 class Routing:
     """A MoE layer's routing, as its module computes it: softmax in float32 over the router's logits, the `top_k`
-    largest, divided by their sum when `normalize`, then cast to the logits' dtype when `in_logits_dtype`."""
+    largest, divided by their sum when `normalize`, then cast to the logits' dtype when `in_logits_dtype`. A shared
+    expert (Qwen2-MoE), where there is one: `shared` holds the weights of its gate (1, hidden) and of its gate, up
+    and down projections, `shared_biases` theirs (or None), `shared_act_` its activation in place; the block adds
+    sigmoid(gate) * down(act(gate_proj) * up) to the routed sum."""
 
-    def __init__(self, top_k: int, normalize: bool, in_logits_dtype: bool) -> None:
+    def __init__(self, top_k: int, normalize: bool, in_logits_dtype: bool, shared=None, shared_biases=None,
+                 shared_act_=None) -> None:
         self.top_k, self.normalize, self.in_logits_dtype = int(top_k), bool(normalize), bool(in_logits_dtype)
+        self.shared = None if shared is None else tuple(shared)
+        self.shared_biases = (None,) * 4 if shared_biases is None else tuple(shared_biases)
+        self.shared_act_ = shared_act_
 
 
 class LayerTensors:
@@ -64,7 +72,9 @@ class LayerTensors:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the chain reads through a pointer."""
-        return [t for t in (self.ln1, self.ln2, *self.weights, *self.biases, self.q_norm, self.k_norm)
+        shared = () if self.routing is None or self.routing.shared is None else (*self.routing.shared,
+                                                                                  *self.routing.shared_biases)
+        return [t for t in (self.ln1, self.ln2, *self.weights, *self.biases, self.q_norm, self.k_norm, *shared)
                 if t is not None]
 
 
@@ -116,6 +126,13 @@ class DecodeChain:
             E, I = wg.shape[0], wd.shape[2]
             mlp_ok = (wg.shape == (E, hidden) and wu.shape == (E, 2 * I, hidden) and wd.shape == (E, hidden, I)
                       and 0 < moe.top_k <= E and all(b is None for b in t.biases[4:]))
+            if moe.shared is not None:
+                sg, sgp, sup, sdp = moe.shared
+                Is = sgp.shape[0]
+                mlp_ok = (mlp_ok and moe.shared_act_ is not None and sg.shape == (1, hidden)
+                          and sgp.shape == sup.shape == (Is, hidden) and sdp.shape == (hidden, Is)
+                          and all(b is None or (b.dim() == 1 and b.shape[0] == w.shape[0])
+                                  for w, b in zip(moe.shared, moe.shared_biases)))
         Hq, Hkv = wq.shape[0] // D, wk.shape[0] // D
         _check(mlp_ok and wo.shape[0] == hidden and wq.shape[1] == hidden and wq.shape[0] % D == 0
                and wk.shape[0] % D == 0 and wv.shape == wk.shape and wk.shape[1] == hidden and wo.shape[1] == wq.shape[0]
@@ -150,7 +167,16 @@ class DecodeChain:
                                               chosen.data_ptr(), rw.data_ptr())
         s.E, s.k, s.rw_bf16 = E, k, int(rw.dtype is torch.bfloat16)
         self._held += [h2, gate_up, act, logits, chosen, probs, rw]
-        return gate_up[:, :I], gate_up[:, I:], (logits, probs, chosen, rw, k, moe.normalize, act)
+        shared = None
+        if moe.shared is not None:
+            Is = moe.shared[1].shape[0]
+            shared = (torch.empty(rows, 1, dtype=dtype), torch.empty(rows, Is, dtype=dtype),
+                      torch.empty(rows, Is, dtype=dtype), moe.shared_act_)
+            for j, (w, b) in enumerate(zip(moe.shared, moe.shared_biases)):
+                s.sw[j], s.sb[j] = w.data_ptr(), None if b is None else b.data_ptr()
+            s.sg, s.sa, s.su, s.Is = shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr(), Is
+            self._held += list(shared[:3])
+        return gate_up[:, :I], gate_up[:, I:], (logits, probs, chosen, rw, k, moe.normalize, act, shared)
 
     def set_cache(self, i: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Point layer `i` at its (rows, Hkv, capacity, D) key and value buffers (held until replaced)."""
@@ -197,12 +223,17 @@ class DecodeChain:
                 act_(a)
                 a.mul_(b)
             else:  # route as the module does, then the routed experts' gate and up projections
-                logits, probs, chosen, rw, k, normalize, act = moe
+                logits, probs, chosen, rw, k, normalize, act, shared = moe
                 torch.topk(torch.softmax(logits, -1, dtype=_F32), k, -1, out=(probs, chosen))
                 if normalize:
                     probs.div_(probs.sum(-1, keepdim=True))
                 if rw is not probs:
                     rw.copy_(probs)
+                if shared is not None:  # the shared expert's gate and activation, for the next call
+                    gate, sa, su, shared_act_ = shared
+                    gate.sigmoid_()
+                    shared_act_(sa)
+                    sa.mul_(su)
                 if self._experts(p, sp):
                     raise MemoryError("loom decode chain: could not allocate scratch memory")
                 act_(a)

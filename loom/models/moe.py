@@ -63,7 +63,9 @@ class SparseMoE(nn.Module):
     """`gate` (the router) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden)). In training,
     `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter).
     `linear_names` names each expert's (gate, up, down) Linears where the expert computes
-    down(act_fn(gate(x)) * up(x)) (None: the experts always run as modules)."""
+    down(act_fn(gate(x)) * up(x)) (None: the experts always run as modules). A family with a shared expert that every
+    token goes through (Qwen2-MoE) sets `shared_expert` (an MLP) and `shared_expert_gate` (a Linear to one logit): the
+    block then adds sigmoid(shared_expert_gate(x)) * shared_expert(x) to the routed experts' sum."""
     # bitsandbytes leaves the experts in full precision, as in the reference (whose experts are 3-D parameters, not
     # Linears): a bnb checkpoint then moves between the libraries
     bnb_keeps_experts_full_precision = True
@@ -80,6 +82,8 @@ class SparseMoE(nn.Module):
         self.top_k, self.normalize, self.weights_in_logits_dtype = top_k, normalize, weights_in_logits_dtype
         self.jitter_noise = jitter_noise
         self.linear_names = linear_names
+        self.shared_expert: nn.Module | None = None
+        self.shared_expert_gate: nn.Module | None = None
         self._expert_forward = type(experts[0]).forward
         self._packed: tuple | None = None  # (gate_up, down, data pointers of the experts' weights), see _packed_experts
 
@@ -179,6 +183,13 @@ class SparseMoE(nn.Module):
         return logits, weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.routed(x)
+        if self.shared_expert is None:
+            return out
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for (..., hidden) tokens."""
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape

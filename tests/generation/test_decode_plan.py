@@ -1,9 +1,9 @@
 """The decode plan (loom/generation/decode_plan.py): generation through it gives bitwise the tokens and scores of the
 model's own forward, and whatever the plan assumed when it was built (hooks, modules, parameters, dtype, train mode)
 is honoured when it changes, between generate calls or in the middle of one (a streamer's callback changing the
-model), by falling back to the forward. Llama, Qwen3 (per-head q/k norms) and the mixture-of-experts families whose
-block routes as SparseMoE does (Mixtral, Qwen3-MoE); Qwen2-MoE's shared expert is not planned. Runs with loom's
-kernels on and off (off: no plan is built)."""
+model), by falling back to the forward. Llama, Qwen3 (per-head q/k norms) and the mixture-of-experts families
+(Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert and a dense layer). Runs with loom's kernels on and off (off:
+no plan is built)."""
 from __future__ import annotations
 
 import pytest
@@ -48,11 +48,12 @@ def _ids(rows=1, n=7, seed=0):
 @pytest.mark.parametrize("model_type,rows,padded", [("llama", 1, False), ("llama", 3, False), ("llama", 3, True),
                                                     ("qwen2", 1, False), ("qwen3", 3, True), ("mixtral", 1, False),
                                                     ("mixtral", 3, True), ("qwen3_moe", 1, False),
-                                                    ("qwen3_moe", 3, True)])
+                                                    ("qwen3_moe", 3, True), ("qwen2_moe", 3, True)])
 def test_plan_equals_the_forward(model_type, rows, padded, dtype, cache, monkeypatch):
     """Tokens and scores bitwise, past the dynamic cache's first growths (16 positions, then doubling), over a
     static cache (its whole length, masked), in a padded batch too (its mask and per-row positions). Mixtral routes
-    with renormalised float32 weights, Qwen3-MoE (norm_topk_prob) with weights cast to the model's dtype."""
+    with renormalised float32 weights, Qwen3-MoE (norm_topk_prob) with weights cast to the model's dtype, Qwen2-MoE
+    without renormalising, plus its gated shared expert, with a dense layer between two MoE layers."""
     model = _model(model_type, dtype)
     mask = torch.ones(rows, 7, dtype=torch.long)
     if padded:
@@ -182,8 +183,10 @@ def test_no_plan_where_it_does_not_apply(monkeypatch):
         a, steps = _generate(model, monkeypatch, True, input_ids=ids, max_new_tokens=6, **kw)
         b, _ = _generate(model, monkeypatch, False, input_ids=ids, max_new_tokens=6, **kw)
         assert _same(a, b) and steps == 0
-    for model_type in ("qwen2_moe", "gemma3_text"):  # a shared expert; (1 + w) norms: not the chain's step
-        model = _model(model_type, torch.float32)
+    gemma = _model("gemma3_text", torch.float32)  # (1 + w) norms, scaled embeddings: not the chain's step
+    qwen2_moe = _model("qwen2_moe", torch.float32)
+    qwen2_moe.model.layers[0].mlp.shared_expert.act_fn = nn.GELU()  # an activation the plan does not know
+    for model in (gemma, qwen2_moe):
         a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=4)
         b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=4)
         assert _same(a, b) and steps == 0
@@ -255,7 +258,7 @@ def test_beam_search_and_sampling_through_the_plan(sample, model_type, monkeypat
 
 
 @pytest.mark.parametrize("what", ["expert hook", "router hook", "expert weight", "expert replaced", "router logits",
-                                  "top_k"])
+                                  "top_k", "shared expert added"])
 def test_a_moe_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
     """What a MoE block's step depends on beyond a dense layer's (its experts and their packed weights, the router,
     the router-logits recording) is honoured at the next step as in the middle of a dense generate."""
@@ -265,6 +268,7 @@ def test_a_moe_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
     original = block.experts[2].w1.weight.data
     torch.manual_seed(1)
     replacement = type(block.experts[2])(config)  # plain nn.Linears: the block's module path
+    shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def change():
         if what == "expert hook":
@@ -277,6 +281,8 @@ def test_a_moe_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
             block.experts[2] = replacement
         elif what == "router logits":
             config.output_router_logits = True
+        elif what == "shared expert added":
+            block.shared_expert, block.shared_expert_gate = replacement, shared_gate
         else:
             block.top_k = 1
 
@@ -295,6 +301,9 @@ def test_a_moe_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
             expert.w1.weight.data = original
             config.output_router_logits = False
             block.top_k = 2
+            if "shared_expert" in block._modules:
+                del block.shared_expert, block.shared_expert_gate
+                block.shared_expert = block.shared_expert_gate = None
             model.load_state_dict(state)
     (a, steps), (b, _) = results
     assert _same(a, b)
@@ -336,3 +345,30 @@ def test_chain_names_bad_moe_inputs():
         chain(attn + [router, gate_up, down[:, :, :-1].contiguous()])
     with pytest.raises(ValueError, match="layer 0: projection shapes"):
         chain(attn + [router, gate_up, down], top_k=len(block.experts) + 1)
+
+
+@pytest.mark.parametrize("what", ["shared gate hook", "shared expert weight"])
+def test_a_shared_expert_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
+    model = _model("qwen2_moe", torch.float32)
+    block = model.model.layers[2].mlp
+    original, undo = block.shared_expert.up_proj.weight.data, []
+
+    def change():
+        if what == "shared gate hook":
+            undo.append(block.shared_expert_gate.register_forward_hook(lambda m, args, out: out - 4))
+        else:
+            block.shared_expert.up_proj.weight.data = original * -1
+
+    results = []
+    for plan in (True, False):
+        try:
+            results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                     streamer=_Changer(4, change)))
+        finally:
+            for h in undo:
+                h.remove()
+            undo.clear()
+            block.shared_expert.up_proj.weight.data = original
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    assert steps == (2 * 3 if build.available() else 0)

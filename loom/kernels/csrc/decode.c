@@ -152,7 +152,10 @@ int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, in
    torch's). A MoE layer takes two: after the first (attention, then the router's logits) the caller routes in torch
    (softmax, top-k, normalisation: the module's own ops) into `chosen` / `rw`; loom_decode_chain_experts then runs the
    routed experts' gate and up projections into `a` (B * k, 2I), the caller writes act(a[:, :I]) * a[:, I:] into `u`,
-   and the next call finishes the layer with loom_moe_down. Every value is bitwise what the modules compute. */
+   and the next call finishes the layer with loom_moe_down. A shared expert (Qwen2-MoE) has its gate logit and gate and
+   up projections computed with the router's; the caller turns them into sigmoid(logit) and act(gate) * up with torch's
+   ops, and the finishing call adds sigmoid(logit) * down(...) to the routed sum, rounding as the module's torch ops
+   do. Every value is bitwise what the modules compute. */
 typedef struct {
     const void *ln1, *ln2, *w[7], *b[7]; /* q, k, v, o, gate, up, down (MoE: router, gate_up, down); NULL bias: none */
     void *kc, *vc;                       /* (B, Hkv, capacity, D) cache buffers */
@@ -162,8 +165,11 @@ typedef struct {
     void *logits;                        /* MoE: (B, E) router logits */
     const int64_t *chosen;               /* MoE: (B, k) experts the caller routed each row to */
     const void *rw;                      /* MoE: (B, k) their weights, fp32 or bf16 (rw_bf16) */
+    const void *sw[4], *sb[4];           /* MoE shared expert (sw[0] NULL: none): its gate (1, hidden), gate and up
+                                            (Is, hidden) and down (hidden, Is) projections' weights and biases */
+    void *sg, *sa, *su;                  /* (B, 1) sigmoid(gate logit), set by the caller; (B, Is) gate and up */
     long hidden, H, Hkv, D, I, c_sb, c_sh;
-    long E, k; /* MoE: experts and top-k; E = 0: a dense layer */
+    long E, k, Is; /* MoE: experts, top-k and the shared expert's width; E = 0: a dense layer */
     float eps, scale, qk_eps;
     int rw_bf16;
 } chain_layer;
@@ -214,11 +220,40 @@ static int chain_step_without_products(const chain_layer *p, const chain_layer *
     loom_rms_norm(s->x, n->ln2, n->h2, bf16, B, n->hidden, n->eps, s->threads);
     if (n->E) {
         memset(n->logits, 0, (size_t)(B * n->E * es));
+        if (n->sw[0]) {
+            memset(n->sg, 0, (size_t)(B * es));
+            memset(n->sa, 0, (size_t)(B * n->Is * es));
+            memset(n->su, 0, (size_t)(B * n->Is * es));
+        }
     } else {
         memset(n->a, 0, (size_t)(B * n->I * es));
         memset(n->u, 0, (size_t)(B * n->I * es));
     }
     free(h);
+    return status;
+}
+
+/* d (B, hidden) += sg * (sa @ Wdown^T + b): a MoE layer's shared expert, rounded as torch's mul and add are (the
+   routed sum plus the gated shared expert's output, each product and sum rounded to the dtype) */
+static int add_shared_expert(const chain_layer *p, const chain_step *s, void *d) {
+    int bf16 = s->bf16;
+    long B = s->B, N = p->hidden;
+    char *e = malloc((size_t)(B * N * (bf16 ? 2 : 4)));
+    if (!e) return -1;
+    int status = loom_dense_gemm(p->sa, bf16, p->sw[3], bf16, p->sb[3], bf16, e, bf16, B, N, p->Is, s->threads);
+    for (long b = 0; b < B && !status; b++) {
+        float g = load_f(p->sg, b, bf16);
+        for (long c = b * N; c < (b + 1) * N; c++) {
+            if (bf16) {
+                float t = bf16_to_f32(f32_to_bf16(g * load_f(e, c, 1)));
+                ((uint16_t *)d)[c] = f32_to_bf16(load_f(d, c, 1) + t);
+            } else {
+                float t = g * ((const float *)e)[c];
+                ((float *)d)[c] = ((const float *)d)[c] + t;
+            }
+        }
+    }
+    free(e);
     return status;
 }
 
@@ -235,10 +270,11 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
         long count = s->B * p->hidden;
         char *d = malloc((size_t)(count * (bf16 ? 2 : 4)));
         if (!d) return -1;
-        if (p->E)
+        if (p->E) {
             status = loom_moe_down(p->u, p->w[6], p->chosen, p->rw, p->rw_bf16, d, bf16, s->B, p->k, p->E, p->hidden,
                                    p->I, s->threads);
-        else
+            if (!status && p->sw[0]) status = add_shared_expert(p, s, d);
+        } else
             status = loom_dense_gemm(p->a, bf16, p->w[6], bf16, p->b[6], bf16, d, bf16, s->B, p->hidden, p->I,
                                      s->threads);
         if (!status) add_residual(s->x, d, count, bf16);
@@ -252,6 +288,14 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
         if (n->E) {
             status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->logits, bf16, s->B, n->E,
                                       n->hidden, s->threads);
+            if (n->sw[0]) {
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[0], bf16, n->sb[0], bf16, n->sg, bf16, s->B, 1,
+                                          n->hidden, s->threads);
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[1], bf16, n->sb[1], bf16, n->sa, bf16, s->B, n->Is,
+                                          n->hidden, s->threads);
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[2], bf16, n->sb[2], bf16, n->su, bf16, s->B, n->Is,
+                                          n->hidden, s->threads);
+            }
         } else {
             status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->a, bf16, s->B, n->I, n->hidden,
                                       s->threads);
