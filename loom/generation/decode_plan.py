@@ -2,20 +2,19 @@
 
 Llama-shaped: Llama's decoder layer and attention (Qwen3's per-head q/k norms included), each layer's feed-forward
 either Llama's MLP or `loom.models.moe.SparseMoE`'s mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its
-shared expert). The plan is built once per generate call, after
-the prefill, where everything the step depends on is checked (model, layer and module classes, hooks, kernel
-eligibility, dtypes, devices, the cache); each step then runs the layers through `loom.kernels.chain.DecodeChain`
-(one C call per dense layer, two per MoE layer, the MLP's activation and the routing in torch) and the final norm
-and head as module calls. Every value is bitwise what the model's forward computes (the chain reaches the same
-kernels, and the activation, the routing, the embedding lookup and the rotary tables are torch's own ops or the
-model's own methods).
+shared expert). The plan is built once per generate call, after the prefill, where everything the step depends on
+is checked (model, layer and module classes, hooks, kernel eligibility, dtypes, devices, the cache); each step then
+runs the layers through `loom.kernels.chain.DecodeChain` (one C call per dense layer, two per MoE layer, the MLP's
+activation and the routing in torch) and the final norm and head as module calls. Every value is bitwise what the
+model's forward computes (the chain reaches the same kernels, and the activation, the routing, the embedding lookup
+and the rotary tables are torch's own ops or the model's own methods).
 
 Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
 skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
-the attention implementation, recorded attentions or router logits, the cache's buffers and length). Where anything differs, the
-step returns None, having changed nothing, and the Decoder runs the model's forward as usual; so does every model,
-cache or setting the plan does not cover (sliding windows in reach, hidden states or attentions asked for,
-quantized or adapter Linears, variant layers).
+the attention implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's
+buffers and length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the
+model's forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach,
+hidden states or attentions asked for, quantized or adapter Linears, variant layers).
 """
 from __future__ import annotations
 
@@ -69,7 +68,8 @@ def _attention_shaped(layer, llama) -> bool:
     """Whether `layer` runs Llama's own layer and attention forwards (Qwen3's per-head norms allowed), the path whose
     decode step the chain computes."""
     attn = layer.self_attn
-    return (type(layer).forward is llama.LlamaDecoderLayer.forward and type(attn).forward is llama.LlamaAttention.forward
+    return (type(layer).forward is llama.LlamaDecoderLayer.forward
+            and type(attn).forward is llama.LlamaAttention.forward
             and type(attn).project is llama.LlamaAttention.project and attn.qkv_name is None
             and attn.o_name == "o_proj" and attn.use_rope and attn.softcap is None)
 
@@ -99,7 +99,8 @@ def _layer(layer, mlp, llama, rows: int, dtype):
     it checks for a swapped `.data` beyond those the chain reads, the MoE block or None) for one layer; None where the
     chain does not compute its step."""
     attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-    if not (_attention_shaped(layer, llama) and all(type(n) is RMSNorm for n in norms) and norms[0].eps == norms[1].eps):
+    if not (_attention_shaped(layer, llama) and all(type(n) is RMSNorm for n in norms)
+            and norms[0].eps == norms[1].eps):
         return None
     qk = (attn.q_norm, attn.k_norm)
     if qk != (None, None) and not (all(type(n) is RMSNorm for n in qk) and qk[0].eps == qk[1].eps):

@@ -135,7 +135,8 @@ class DecodeChain:
                                   for w, b in zip(moe.shared, moe.shared_biases)))
         Hq, Hkv = wq.shape[0] // D, wk.shape[0] // D
         _check(mlp_ok and wo.shape[0] == hidden and wq.shape[1] == hidden and wq.shape[0] % D == 0
-               and wk.shape[0] % D == 0 and wv.shape == wk.shape and wk.shape[1] == hidden and wo.shape[1] == wq.shape[0]
+               and wk.shape[0] % D == 0 and wv.shape == wk.shape and wk.shape[1] == hidden
+               and wo.shape[1] == wq.shape[0]
                and t.ln1.shape == t.ln2.shape == (hidden,) and Hkv > 0 and Hq % Hkv == 0 and D % 2 == 0
                and D <= ops.ATTENTION_MAX_HEAD_DIM
                and all(n is None or n.shape == (D,) for n in (t.q_norm, t.k_norm)),
