@@ -67,9 +67,10 @@ def _forwards(module, mixin, cls) -> bool:
 def _attention_shaped(layer, llama) -> bool:
     """Whether `layer` runs Llama's own layer and attention forwards (Qwen3's per-head norms allowed), the path whose
     decode step the chain computes."""
+    if type(layer).forward is not llama.LlamaDecoderLayer.forward:  # a variant layer may lack Llama's modules
+        return False
     attn = layer.self_attn
-    return (type(layer).forward is llama.LlamaDecoderLayer.forward
-            and type(attn).forward is llama.LlamaAttention.forward
+    return (type(attn).forward is llama.LlamaAttention.forward
             and type(attn).project is llama.LlamaAttention.project and attn.qkv_name is None
             and attn.o_name == "o_proj" and attn.use_rope and attn.softcap is None)
 
@@ -98,9 +99,10 @@ def _layer(layer, mlp, llama, rows: int, dtype):
     """(LayerTensors, modules whose hooks and children the plan checks, modules whose `training` it checks, tensors
     it checks for a swapped `.data` beyond those the chain reads, the MoE block or None) for one layer; None where the
     chain does not compute its step."""
+    if not _attention_shaped(layer, llama):
+        return None
     attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-    if not (_attention_shaped(layer, llama) and all(type(n) is RMSNorm for n in norms)
-            and norms[0].eps == norms[1].eps):
+    if not (all(type(n) is RMSNorm for n in norms) and norms[0].eps == norms[1].eps):
         return None
     qk = (attn.q_norm, attn.k_norm)
     if qk != (None, None) and not (all(type(n) is RMSNorm for n in qk) and qk[0].eps == qk[1].eps):
