@@ -184,9 +184,10 @@ def test_no_plan_where_it_does_not_apply(monkeypatch):
         b, _ = _generate(model, monkeypatch, False, input_ids=ids, max_new_tokens=6, **kw)
         assert _same(a, b) and steps == 0
     gemma = _model("gemma3_text", torch.float32)  # (1 + w) norms, scaled embeddings: not the chain's step
+    olmo2 = _model("olmo2", torch.float32)  # post-norm layers, without Llama's input_layernorm
     qwen2_moe = _model("qwen2_moe", torch.float32)
     qwen2_moe.model.layers[0].mlp.shared_expert.act_fn = nn.GELU()  # an activation the plan does not know
-    for model in (gemma, qwen2_moe):
+    for model in (gemma, olmo2, qwen2_moe):
         a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=4)
         b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=4)
         assert _same(a, b) and steps == 0
