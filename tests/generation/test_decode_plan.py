@@ -373,3 +373,16 @@ def test_a_shared_expert_change_in_the_middle_of_a_generate_falls_back(what, mon
     (a, steps), (b, _) = results
     assert _same(a, b)
     assert steps == (2 * 3 if build.available() else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 3, 4])
+def test_moe_plan_at_every_top_k(top_k, dtype, monkeypatch):
+    """One expert per token, three (a renormalising sum over more than two weights), every expert: bitwise."""
+    model = _model("qwen3_moe", dtype, num_experts_per_tok=top_k)
+    kw = dict(input_ids=_ids(2), max_new_tokens=12)
+    a, steps = _generate(model, monkeypatch, True, **kw)
+    b, _ = _generate(model, monkeypatch, False, **kw)
+    assert _same(a, b)
+    planned = build.available() and (dtype is torch.float32 or policy.batched_bf16())
+    assert steps == (11 * model.config.num_hidden_layers if planned else 0)
