@@ -115,8 +115,9 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         act = mlp._modules.get("act_fn")
         checked += [mlp, act]
         weights = [m._parameters.get("weight") if type(m) is KernelLinear else None for m in linears]
-    elif type(mlp).forward is SparseMoE.forward and type(mlp)._run_packed is SparseMoE._run_packed \
-            and type(mlp).route is SparseMoE.route and type(mlp.gate) is Router:
+    elif (type(mlp).forward is SparseMoE.forward and type(mlp).routed is SparseMoE.routed
+          and type(mlp)._run_packed is SparseMoE._run_packed and type(mlp).route is SparseMoE.route
+          and type(mlp.gate) is Router):
         packed = mlp.decode_experts(rows, dtype)
         experts = list(mlp.experts)
         acts = [e._modules.get("act_fn") for e in experts]
