@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import loom
+from loom.kernels import build, policy
+from loom.kernels.chain import DecodeChain
 from loom.models.moe import SparseMoE
 from loom.quantization import WeightOnlyConfig
 from loomtest import kernels_on, reference_checkpoint
@@ -183,3 +185,38 @@ def test_hooks_quantized_experts_and_training_keep_the_module_path(family):
     out.loss.backward()  # gradients reach the experts' own parameters
     assert any(p.grad is not None for b in _blocks(ours) for p in b.experts.parameters())
     assert all(b._packed is None for b in _blocks(ours))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_plan_is_bitwise_the_module_path(family, dtype, monkeypatch):
+    """generate through the decode plan (one chain over attention, router, packed experts and Qwen2-MoE's shared
+    expert) gives the scores of the experts' own modules, bitwise, at batch 1 and on a left-padded batch."""
+    _, path, _ = family
+    model = loom.AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    ids = torch.randint(3, 99, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = mask[2, :2] = 0
+    steps = [0]
+    run = DecodeChain.run
+
+    def counted(self, *args):
+        steps[0] += self.n
+        return run(self, *args)
+    monkeypatch.setattr(DecodeChain, "run", counted)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None, output_scores=True,
+              return_dict_in_generate=True)
+    for rows in (1, 3):
+        steps[0] = 0
+        planned = model.generate(ids[:rows], attention_mask=mask[:rows], **kw)
+        ran = steps[0]
+        hooks = _module_path(model)
+        try:
+            modules = model.generate(ids[:rows], attention_mask=mask[:rows], **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+        assert planned.sequences.tolist() == modules.sequences.tolist()
+        assert all(torch.equal(a, b) for a, b in zip(planned.scores, modules.scores))
+        plan = (build.available()
+                and (rows == 1 or dtype is torch.float32 or policy.batched_bf16()))
+        assert ran == (9 * model.config.num_hidden_layers if plan else 0)

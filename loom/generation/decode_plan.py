@@ -1,18 +1,20 @@
 """A decode plan: one generate call's decode steps of a Llama-shaped model without Python per module.
 
-The plan is built once per generate call, after the prefill, where everything the step depends on is checked
-(model, layer and module classes, hooks, kernel eligibility, dtypes, devices, the cache); each step then runs the
-layers through `loom.kernels.chain.DecodeChain` (one C call per layer, the MLP's activation in torch) and the final
-norm and head as module calls. Every value is bitwise what the model's forward computes (the chain reaches the same
-kernels, and the activation, the embedding lookup and the rotary tables are torch's own ops or the model's own
-methods).
+Llama-shaped: Llama's decoder layer and attention (Qwen3's per-head q/k norms included), each layer's feed-forward
+either Llama's MLP or `loom.models.moe.SparseMoE`'s mixture of experts (Mixtral, Qwen3-MoE, Qwen2-MoE with its
+shared expert). The plan is built once per generate call, after the prefill, where everything the step depends on
+is checked (model, layer and module classes, hooks, kernel eligibility, dtypes, devices, the cache); each step then
+runs the layers through `loom.kernels.chain.DecodeChain` (one C call per dense layer, two per MoE layer, the MLP's
+activation and the routing in torch) and the final norm and head as module calls. Every value is bitwise what the
+model's forward computes (the chain reaches the same kernels, and the activation, the routing, the embedding lookup
+and the rotary tables are torch's own ops or the model's own methods).
 
 Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
 skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
-the attention implementation, recorded attentions, the cache's buffers and length). Where anything differs, the
-step returns None, having changed nothing, and the Decoder runs the model's forward as usual; so does every model,
-cache or setting the plan does not cover (sliding windows in reach, hidden states or attentions asked for,
-quantized or adapter Linears, variant layers).
+the attention implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's
+buffers and length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the
+model's forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach,
+hidden states or attentions asked for, quantized or adapter Linears, variant layers).
 """
 from __future__ import annotations
 
@@ -25,16 +27,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels import KernelLinear, ops, policy
-from loom.kernels.chain import DecodeChain, LayerTensors
-from loom.models import common
+from loom.kernels.chain import DecodeChain, LayerTensors, Routing
+from loom.models import common, moe
 from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
+from loom.models.moe import AuxLossCausalLM, Router, RouterLogitsModel, SparseMoE
 
 _ATTN_LINEARS, _MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
 _module_hooks = nn.modules.module
+
+
+def _routing_settings(block: dict) -> tuple:
+    """What a SparseMoE's step reads besides its modules' state (from its __dict__; read at every step): its routing
+    settings, and how many children it has (a shared expert set after the plan was built adds one)."""
+    return block["top_k"], block["normalize"], block["weights_in_logits_dtype"], len(block["_modules"])
 
 
 # what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
@@ -46,6 +55,100 @@ def _activation(act: nn.Module):
     if type(act) is nn.SiLU and not act.inplace:
         return _silu_
     return None
+
+
+def _forwards(module, mixin, cls) -> bool:
+    """Whether `module`'s forward is `cls`'s, or `mixin`'s calling `cls`'s (a MoE family's router-logits mixin,
+    which changes nothing while no router logits are asked for)."""
+    found = [f for f in (k.__dict__.get("forward") for k in type(module).__mro__) if f is not None]
+    return found[0] is cls.forward or (found[0] is mixin.forward and found[1] is cls.forward)
+
+
+def _attention_shaped(layer, llama) -> bool:
+    """Whether `layer` runs Llama's own layer and attention forwards (Qwen3's per-head norms allowed), the path whose
+    decode step the chain computes."""
+    if type(layer).forward is not llama.LlamaDecoderLayer.forward:  # a variant layer may lack Llama's modules
+        return False
+    attn = layer.self_attn
+    return (type(attn).forward is llama.LlamaAttention.forward
+            and type(attn).project is llama.LlamaAttention.project and attn.qkv_name is None
+            and attn.o_name == "o_proj" and attn.use_rope and attn.softcap is None)
+
+
+def _shared_expert(block, llama):
+    """A MoE block's shared expert as the chain takes it: (weights of its gate, gate, up and down projections, their
+    biases, its activation in place, its modules); None where the block has none; False where the chain does not
+    compute it (not Llama's MLP, not loom's plain kernel Linears, an activation the plan does not know)."""
+    mlp, gate = block._modules.get("shared_expert"), block._modules.get("shared_expert_gate")
+    if mlp is None and gate is None:
+        return None
+    if mlp is None or gate is None or type(mlp).forward is not llama.LlamaMLP.forward:
+        return False
+    linears = [gate] + [mlp._modules.get(n) for n in _MLP_LINEARS]
+    act = mlp._modules.get("act_fn")
+    act_ = _activation(act)
+    if act_ is None or not all(type(m) is KernelLinear for m in linears):
+        return False
+    weights = [m._parameters.get("weight") for m in linears]
+    if any(w is None for w in weights):
+        return False
+    return weights, [m._parameters.get("bias") for m in linears], act_, [mlp, act, *linears]
+
+
+def _layer(layer, mlp, llama, rows: int, dtype):
+    """(LayerTensors, modules whose hooks and children the plan checks, modules whose `training` it checks, tensors
+    it checks for a swapped `.data` beyond those the chain reads, the MoE block or None) for one layer; None where the
+    chain does not compute its step."""
+    if not _attention_shaped(layer, llama):
+        return None
+    attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
+    if not (all(type(n) is RMSNorm for n in norms) and norms[0].eps == norms[1].eps):
+        return None
+    qk = (attn.q_norm, attn.k_norm)
+    if qk != (None, None) and not (all(type(n) is RMSNorm for n in qk) and qk[0].eps == qk[1].eps):
+        return None
+    linears = [attn._modules.get(n) for n in _ATTN_LINEARS]
+    checked, moded, extra = [layer, attn, *norms, *(n for n in qk if n is not None)], [layer, attn, mlp], []
+    routing = block = None
+    if type(mlp).forward is llama.LlamaMLP.forward:
+        linears += [mlp._modules.get(n) for n in _MLP_LINEARS]
+        act = mlp._modules.get("act_fn")
+        checked += [mlp, act]
+        weights = [m._parameters.get("weight") if type(m) is KernelLinear else None for m in linears]
+    elif (type(mlp).forward is SparseMoE.forward and type(mlp).routed is SparseMoE.routed
+          and type(mlp)._run_packed is SparseMoE._run_packed and type(mlp).route is SparseMoE.route
+          and type(mlp.gate) is Router):
+        packed = mlp.decode_experts(rows, dtype)
+        experts = list(mlp.experts)
+        acts = [e._modules.get("act_fn") for e in experts]
+        act = acts[0]
+        if packed is None or not all(type(a) is type(act) and _activation(a) is not None for a in acts):
+            return None
+        linears.append(mlp.gate)
+        weights = [m._parameters.get("weight") if type(m) is KernelLinear else None for m in linears[:4]]
+        weights += [mlp.gate._parameters.get("weight"), *packed]
+        expert_linears = [e._modules.get(n) for e in experts for n in mlp.linear_names]
+        checked += [mlp, mlp.experts, *experts, *acts, *expert_linears]
+        extra = [m._parameters.get("weight") for m in expert_linears]
+        shared = _shared_expert(mlp, llama)
+        if shared is False:
+            return None
+        if shared is not None:
+            checked += shared[3]
+        routing = Routing(mlp.top_k, mlp.normalize, mlp.weights_in_logits_dtype, *(shared or (None,) * 3)[:3])
+        block = mlp
+    else:
+        return None
+    act_ = _activation(act)
+    if act_ is None or any(w is None for w in weights) or None in extra:
+        return None
+    checked += linears
+    scale = attn.scaling if attn.scaling is not None else attn.head_dim ** -0.5
+    lt = LayerTensors(norms[0]._parameters.get("weight"), norms[1]._parameters.get("weight"), weights,
+                      [m._parameters.get("bias") for m in linears] + [None] * (7 - len(linears)), norms[0].eps,
+                      scale, act_, routing, *(None if n is None else n._parameters.get("weight") for n in qk),
+                      qk[0].eps if qk[0] is not None else 0.0)
+    return lt, checked, moded, extra, block
 
 
 class DecodePlan:
@@ -60,8 +163,8 @@ class DecodePlan:
             return None
         LlamaForCausalLM, LlamaModel = llama.LlamaForCausalLM, llama.LlamaModel
         base = getattr(model, "model", None)
-        if not (isinstance(model, LlamaForCausalLM) and type(model).forward is LlamaForCausalLM.forward
-                and isinstance(base, LlamaModel) and type(base).forward is LlamaModel.forward
+        if not (isinstance(model, LlamaForCausalLM) and _forwards(model, AuxLossCausalLM, LlamaForCausalLM)
+                and isinstance(base, LlamaModel) and _forwards(base, RouterLogitsModel, LlamaModel)
                 and type(base).embed is LlamaModel.embed and base.causal
                 and type(cache) in (DynamicCache, StaticCache)):
             return None
@@ -76,28 +179,24 @@ class DecodePlan:
             return None
         layers, tensors, checked = list(base.layers), [], [model, base, base.layers, embed]
         moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
+        extra = []  # tensors the chain does not read whose `.data` the forward does (the experts' own weights)
+        blocks = []  # the MoE blocks, whose routing settings are checked at each step
         if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
                                                                   and len(set(cache.length)) != 1):
             return None
         for layer in layers:
             mlp = getattr(layer, getattr(layer, "mlp_name", "mlp"), None)
-            shaped = getattr(layer, "_llama_shaped", None)
-            if mlp is None or shaped is None or not shaped(mlp):
+            found = None if mlp is None else _layer(layer, mlp, llama, rows, dtype)
+            if found is None:
                 return None
-            attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
-            linears = [attn._modules.get(n) for n in _ATTN_LINEARS] + [mlp._modules.get(n) for n in _MLP_LINEARS]
-            act_ = _activation(mlp._modules.get("act_fn"))
-            if (act_ is None or not all(type(m) is KernelLinear for m in linears)
-                    or not all(type(n) is RMSNorm for n in norms) or norms[0].eps != norms[1].eps):
-                return None
-            checked += [layer, attn, mlp, mlp.act_fn, *norms, *linears]
-            moded += [layer, attn, mlp]
-            scale = attn.scaling if attn.scaling is not None else attn.head_dim ** -0.5
-            tensors.append(LayerTensors(norms[0]._parameters.get("weight"), norms[1]._parameters.get("weight"),
-                                        [m._parameters.get("weight") for m in linears],
-                                        [m._parameters.get("bias") for m in linears], norms[0].eps, scale, act_))
-        if not all(t is not None and policy.plain(t) and t.dtype is dtype
-                   for lt in tensors for t in (*lt.weights, lt.ln1, lt.ln2)) or embed.weight.dtype is not dtype:
+            tensors.append(found[0])
+            checked += found[1]
+            moded += found[2]
+            extra += found[3]
+            if found[4] is not None:
+                blocks.append(found[4])
+        if not all(t is not None and policy.plain(t) and t.dtype is dtype for lt in tensors for t in lt.tensors()) \
+                or embed.weight.dtype is not dtype or any(not policy.plain(t) for t in extra):
             return None
         try:
             chain = DecodeChain(tensors, rows, dtype, layers[0].self_attn.head_dim)
@@ -105,10 +204,10 @@ class DecodePlan:
                 chain.set_cache(i, cache.keys[i], cache.values[i])
         except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
             return None
-        return cls(model, base, cache, chain, checked, moded, windows.pop())
+        return cls(model, base, cache, chain, checked, moded, windows.pop(), extra, blocks)
 
     def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
-                 window) -> None:
+                 window, extra: list = (), blocks: list = ()) -> None:
         self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
         self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
         self.embed_weight = base.embed_tokens.weight
@@ -122,12 +221,14 @@ class DecodePlan:
         slots += [(base._modules, "embed_tokens", base.embed_tokens)]
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
-        self.pointed = tuple(t for lt in chain.layers for t in (lt.ln1, lt.ln2, *lt.weights, *lt.biases)
-                             if t is not None)
+        self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
         self.addresses = tuple(t.data_ptr() for t in self.pointed)
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
         self.mask_source = self.mask = None  # a padded batch's attention mask, and it as bools
+        self.routed = bool(blocks)  # MoE layers: router logits not recorded, routing settings as built
+        self.block_dicts = tuple(b.__dict__ for b in blocks)
+        self.routing = tuple(map(_routing_settings, self.block_dicts))
         # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
         self.static = cache.max_cache_len if type(cache) is StaticCache else None
 
@@ -142,7 +243,10 @@ class DecodePlan:
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
                 and len(cache.keys) == self.n
                 and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
-                and (self.window is None or pos < self.window))
+                and (self.window is None or pos < self.window)
+                and not (self.routed and (moe._recorded.get() is not None
+                                          or getattr(self.config, "output_router_logits", False)
+                                          or tuple(map(_routing_settings, self.block_dicts)) != self.routing)))
 
     def _rebind(self, cache) -> bool:
         """Point the chain at the cache's buffers after something replaced them (beam search's reorder)."""

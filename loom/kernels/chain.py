@@ -1,12 +1,16 @@
-"""A decode chain: the batch-1..16 decode steps of a run of Llama-shaped decoder layers with one C call per layer
-(csrc/decode.c `loom_decode_chain_step`) and the MLP's activation between calls in torch.
+"""A decode chain: the batch-1..16 decode steps of a run of pre-norm decoder layers, dense (Llama's MLP) or mixture
+of experts, with one C call per dense layer and two per MoE layer (csrc/decode.c `loom_decode_chain_step`,
+`loom_decode_chain_experts`), and between calls in torch what must round as torch does: the MLP's activation and
+product, and a MoE layer's routing (softmax, top-k, normalisation).
 
 Built once per generate call by `loom.generation.decode_plan` from plain tensors, which are checked here once (the
 operators' checks, `ops._layer_checks`, with the same messages) and held, so their memory stays valid. Per token
 only the tensors that change are checked: the rotary tables (fresh each step) and the cache buffers (replaced when a
 dynamic cache grows: `set_cache`). What a layer computes, and the rounding of every intermediate, is
-loom::decode_layer_attention's, then the activation and product (torch's own ops), then loom::dense_linear's down
-projection and torch's residual add: bitwise what the modules give.
+loom::decode_layer_attention's (with Qwen3's per-head q/k norms: loom::rms_norm's), then the activation and product
+(torch's own ops), then loom::dense_linear's down projection and torch's residual add; a MoE layer's router is
+loom::dense_linear's, its experts loom::moe_gate_up's and loom::moe_down's, its routing the module's own torch ops:
+bitwise what the modules give.
 """
 from __future__ import annotations
 
@@ -18,12 +22,16 @@ from loom.kernels import build, ops, policy
 from loom.kernels.threads import pool_threads
 
 _P, _L = ctypes.c_void_p, ctypes.c_long
+_F32 = torch.float32
 
 
 class _Layer(ctypes.Structure):  # csrc/decode.c chain_layer
     _fields_ = [("ln1", _P), ("ln2", _P), ("w", _P * 7), ("b", _P * 7), ("kc", _P), ("vc", _P), ("a", _P),
-                ("u", _P), ("hidden", _L), ("H", _L), ("Hkv", _L), ("D", _L), ("I", _L), ("c_sb", _L),
-                ("c_sh", _L), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+                ("u", _P), ("h2", _P), ("qn", _P), ("kn", _P), ("logits", _P), ("chosen", _P), ("rw", _P),
+                ("sw", _P * 4), ("sb", _P * 4), ("sg", _P), ("sa", _P), ("su", _P),
+                ("hidden", _L), ("H", _L), ("Hkv", _L), ("D", _L), ("I", _L), ("c_sb", _L), ("c_sh", _L),
+                ("E", _L), ("k", _L), ("Is", _L), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("qk_eps", ctypes.c_float), ("rw_bf16", ctypes.c_int)]
 
 
 class _Step(ctypes.Structure):  # csrc/decode.c chain_step
@@ -33,14 +41,41 @@ class _Step(ctypes.Structure):  # csrc/decode.c chain_step
                 ("no_products", ctypes.c_int)]
 
 
+class Routing:
+    """A MoE layer's routing, as its module computes it: softmax in float32 over the router's logits, the `top_k`
+    largest, divided by their sum when `normalize`, then cast to the logits' dtype when `in_logits_dtype`. A shared
+    expert (Qwen2-MoE), where there is one: `shared` holds the weights of its gate (1, hidden) and of its gate, up
+    and down projections, `shared_biases` theirs (or None), `shared_act_` its activation in place; the block adds
+    sigmoid(gate) * down(act(gate_proj) * up) to the routed sum."""
+
+    def __init__(self, top_k: int, normalize: bool, in_logits_dtype: bool, shared=None, shared_biases=None,
+                 shared_act_=None) -> None:
+        self.top_k, self.normalize, self.in_logits_dtype = int(top_k), bool(normalize), bool(in_logits_dtype)
+        self.shared = None if shared is None else tuple(shared)
+        self.shared_biases = (None,) * 4 if shared_biases is None else tuple(shared_biases)
+        self.shared_act_ = shared_act_
+
+
 class LayerTensors:
     """One layer's inputs to a chain: the norms' weights, the seven projections' weights and biases (q, k, v, o,
     gate, up, down; a bias may be None), eps, the attention scale, and the activation applied in place to the gate
-    projection (`act_(gate)`, e.g. torch's silu_)."""
+    projection (`act_(gate)`, e.g. torch's silu_). A MoE layer (`routing` given) has as its last three weights the
+    router's (E, hidden), the experts' packed gate and up projections (E, 2I, hidden) and down projections
+    (E, hidden, I), without biases. `q_norm` / `k_norm` (with `qk_eps`): per-head RMSNorm weights of the queries and
+    keys before RoPE (Qwen3), or None."""
 
-    def __init__(self, ln1, ln2, weights, biases, eps: float, scale: float, act_) -> None:
+    def __init__(self, ln1, ln2, weights, biases, eps: float, scale: float, act_, routing: Routing | None = None,
+                 q_norm=None, k_norm=None, qk_eps: float = 0.0) -> None:
         self.ln1, self.ln2, self.weights, self.biases = ln1, ln2, tuple(weights), tuple(biases)
         self.eps, self.scale, self.act_ = float(eps), float(scale), act_
+        self.routing, self.q_norm, self.k_norm, self.qk_eps = routing, q_norm, k_norm, float(qk_eps)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the chain reads through a pointer."""
+        shared = () if self.routing is None or self.routing.shared is None else (*self.routing.shared,
+                                                                                  *self.routing.shared_biases)
+        return [t for t in (self.ln1, self.ln2, *self.weights, *self.biases, self.q_norm, self.k_norm, *shared)
+                if t is not None]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -56,51 +91,93 @@ class DecodeChain:
         _check(build.available(), "needs loom's C kernels (they are off or not built here)")
         _check(dtype in policy.DTYPES, f"dtype {dtype} is not one of float32, bfloat16")
         _check(0 < rows <= policy.MAX_ROWS, f"rows={rows} must be 1..{policy.MAX_ROWS}")
-        self._fn = build.library().loom_decode_chain_step
-        name = str(dtype).replace("torch.", "")
+        lib = build.library()
+        self._fn, self._experts = lib.loom_decode_chain_step, lib.loom_decode_chain_experts
         self.rows, self.dtype, self.D, self.n = rows, dtype, head_dim, len(layers)
         # the structs point into these: held as views of their own, so the memory stays valid even where a
         # parameter's `.data` is swapped (the plan notices that and stops calling the chain)
         self.layers = layers
-        self._held = [t.detach() for lt in layers for t in (lt.ln1, lt.ln2, *lt.weights, *lt.biases)
-                      if t is not None]
+        self._held = [t.detach() for lt in layers for t in lt.tensors()]
         self._structs = [_Layer() for _ in layers]
-        self._acts, self._gates, self._ups = [], [], []
-        hidden = None
+        self._runs = []  # per layer: (struct address, activation, its two inputs, MoE routing buffers or None)
+        self.hidden = layers[0].weights[0].shape[1] if layers else 0
         for i, (t, s) in enumerate(zip(layers, self._structs)):
-            wq, wk, wv, wo, wg, wu, wd = t.weights
-            hidden = wq.shape[1] if hidden is None else hidden
-            I = wg.shape[0]
-            _check(all(policy.plain(w) and w.dtype is dtype and w.is_contiguous() for w in (*t.weights, t.ln1, t.ln2))
-                   and all(w.dim() == 2 for w in t.weights), f"layer {i}: weights must be contiguous {name} CPU "
-                   "tensors, the projections' 2-D")
-            _check(wd.shape == (hidden, I) and wu.shape == wg.shape and wg.shape[1] == hidden
-                   and wo.shape[0] == hidden and wq.shape[0] % head_dim == 0 and wk.shape[0] % head_dim == 0
-                   and wv.shape == wk.shape and wo.shape[1] == wq.shape[0] and t.ln1.shape == t.ln2.shape == (hidden,)
-                   and wq.shape[0] // head_dim % (wk.shape[0] // head_dim) == 0 and head_dim % 2 == 0
-                   and head_dim <= ops.ATTENTION_MAX_HEAD_DIM,
-                   f"layer {i}: projection shapes {[tuple(w.shape) for w in t.weights]} do not form a layer of "
-                   f"hidden size {hidden} and head dim {head_dim}")
-            for w, b in zip(t.weights, t.biases):
-                _check(b is None or (policy.plain(b) and b.dtype is dtype and b.shape == (w.shape[0],)
-                                     and b.is_contiguous()), f"layer {i}: a bias does not match its weight")
-            gate, up = torch.empty(rows, 1, I, dtype=dtype), torch.empty(rows, 1, I, dtype=dtype)
-            self._gates.append(gate)
-            self._ups.append(up)
-            self._acts.append(t.act_)
-            s.ln1, s.ln2 = t.ln1.data_ptr(), t.ln2.data_ptr()
-            for j, (w, b) in enumerate(zip(t.weights, t.biases)):
-                s.w[j], s.b[j] = w.data_ptr(), None if b is None else b.data_ptr()
-            s.a, s.u = gate.data_ptr(), up.data_ptr()
-            s.hidden, s.H, s.Hkv, s.D, s.I = hidden, wq.shape[0] // head_dim, wk.shape[0] // head_dim, head_dim, I
-            s.eps, s.scale = t.eps, t.scale
-        self.hidden = hidden
-        self.x = torch.empty(rows, 1, hidden, dtype=dtype)  # the residual stream, which `run` returns
+            self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
+        self.x = torch.empty(rows, 1, self.hidden, dtype=dtype)  # the residual stream, which `run` returns
         self._step = _Step(x=self.x.data_ptr(), B=rows, bf16=int(dtype is torch.bfloat16))
         self._step_ptr = ctypes.addressof(self._step)
-        self._ptrs = [ctypes.addressof(s) for s in self._structs]
         self._caches: list = [None] * self.n
         self._capacity = 0
+
+    def _describe(self, i: int, t: LayerTensors, s: _Layer, rows: int, dtype: torch.dtype, D: int):
+        """Check layer `i`'s tensors, fill its struct and allocate its buffers; (the activation's two inputs, the MoE
+        routing buffers or None)."""
+        hidden, name = self.hidden, str(dtype).replace("torch.", "")
+        wq, wk, wv, wo, wg, wu, wd = t.weights
+        moe = t.routing
+        _check(all(policy.plain(w) and w.dtype is dtype and w.is_contiguous() for w in t.tensors())
+               and all(w.dim() == (3 if moe is not None and j > 4 else 2) for j, w in enumerate(t.weights)),
+               f"layer {i}: weights must be contiguous {name} CPU tensors, the projections' 2-D (a MoE layer's "
+               "packed experts 3-D)")
+        if moe is None:
+            I = wg.shape[0]
+            mlp_ok = wd.shape == (hidden, I) and wu.shape == wg.shape and wg.shape[1] == hidden
+        else:
+            E, I = wg.shape[0], wd.shape[2]
+            mlp_ok = (wg.shape == (E, hidden) and wu.shape == (E, 2 * I, hidden) and wd.shape == (E, hidden, I)
+                      and 0 < moe.top_k <= E and all(b is None for b in t.biases[4:]))
+            if moe.shared is not None:
+                sg, sgp, sup, sdp = moe.shared
+                Is = sgp.shape[0]
+                mlp_ok = (mlp_ok and moe.shared_act_ is not None and sg.shape == (1, hidden)
+                          and sgp.shape == sup.shape == (Is, hidden) and sdp.shape == (hidden, Is)
+                          and all(b is None or (b.dim() == 1 and b.shape[0] == w.shape[0])
+                                  for w, b in zip(moe.shared, moe.shared_biases)))
+        Hq, Hkv = wq.shape[0] // D, wk.shape[0] // D
+        _check(mlp_ok and wo.shape[0] == hidden and wq.shape[1] == hidden and wq.shape[0] % D == 0
+               and wk.shape[0] % D == 0 and wv.shape == wk.shape and wk.shape[1] == hidden
+               and wo.shape[1] == wq.shape[0]
+               and t.ln1.shape == t.ln2.shape == (hidden,) and Hkv > 0 and Hq % Hkv == 0 and D % 2 == 0
+               and D <= ops.ATTENTION_MAX_HEAD_DIM
+               and all(n is None or n.shape == (D,) for n in (t.q_norm, t.k_norm)),
+               f"layer {i}: projection shapes {[tuple(w.shape) for w in t.weights]} do not form a layer of "
+               f"hidden size {hidden} and head dim {D}")
+        for w, b in zip(t.weights, t.biases):
+            _check(b is None or (policy.plain(b) and b.dtype is dtype and b.shape == (w.shape[0],)
+                                 and b.is_contiguous()), f"layer {i}: a bias does not match its weight")
+        s.ln1, s.ln2 = t.ln1.data_ptr(), t.ln2.data_ptr()
+        for j, (w, b) in enumerate(zip(t.weights, t.biases)):
+            s.w[j], s.b[j] = w.data_ptr(), None if b is None else b.data_ptr()
+        s.qn = None if t.q_norm is None else t.q_norm.data_ptr()
+        s.kn = None if t.k_norm is None else t.k_norm.data_ptr()
+        s.hidden, s.H, s.Hkv, s.D, s.I = hidden, Hq, Hkv, D, I
+        s.eps, s.scale, s.qk_eps = t.eps, t.scale, t.qk_eps
+        h2 = torch.empty(rows, hidden, dtype=dtype)
+        s.h2 = h2.data_ptr()
+        if moe is None:
+            gate, up = torch.empty(rows, 1, I, dtype=dtype), torch.empty(rows, 1, I, dtype=dtype)
+            s.a, s.u = gate.data_ptr(), up.data_ptr()
+            self._held += [h2, gate, up]
+            return gate, up, None
+        k = moe.top_k
+        gate_up, act = torch.empty(rows * k, 2 * I, dtype=dtype), torch.empty(rows * k, I, dtype=dtype)
+        logits, chosen = torch.empty(rows, E, dtype=dtype), torch.empty(rows, k, dtype=torch.int64)
+        probs = torch.empty(rows, k, dtype=torch.float32)
+        rw = torch.empty(rows, k, dtype=dtype) if moe.in_logits_dtype and dtype is not torch.float32 else probs
+        s.a, s.u, s.logits, s.chosen, s.rw = (gate_up.data_ptr(), act.data_ptr(), logits.data_ptr(),
+                                              chosen.data_ptr(), rw.data_ptr())
+        s.E, s.k, s.rw_bf16 = E, k, int(rw.dtype is torch.bfloat16)
+        self._held += [h2, gate_up, act, logits, chosen, probs, rw]
+        shared = None
+        if moe.shared is not None:
+            Is = moe.shared[1].shape[0]
+            shared = (torch.empty(rows, 1, dtype=dtype), torch.empty(rows, Is, dtype=dtype),
+                      torch.empty(rows, Is, dtype=dtype), moe.shared_act_)
+            for j, (w, b) in enumerate(zip(moe.shared, moe.shared_biases)):
+                s.sw[j], s.sb[j] = w.data_ptr(), None if b is None else b.data_ptr()
+            s.sg, s.sa, s.su, s.Is = shared[0].data_ptr(), shared[1].data_ptr(), shared[2].data_ptr(), Is
+            self._held += list(shared[:3])
+        return gate_up[:, :I], gate_up[:, I:], (logits, probs, chosen, rw, k, moe.normalize, act, shared)
 
     def set_cache(self, i: int, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """Point layer `i` at its (rows, Hkv, capacity, D) key and value buffers (held until replaced)."""
@@ -140,11 +217,28 @@ class DecodeChain:
                                                            mask.stride(0) if mask.shape[0] > 1 else 0)
         st.pos, st.L, st.threads = pos, pos + 1 if length is None else length, pool_threads()
         fn, sp, done = self._fn, self._step_ptr, None
-        for p, act_, gate, up in zip(self._ptrs, self._acts, self._gates, self._ups):
+        for p, act_, a, b, moe in self._runs:
             if fn(done, p, sp):
                 raise MemoryError("loom decode chain: could not allocate scratch memory")
-            act_(gate)
-            gate.mul_(up)
+            if moe is None:
+                act_(a)
+                a.mul_(b)
+            else:  # route as the module does, then the routed experts' gate and up projections
+                logits, probs, chosen, rw, k, normalize, act, shared = moe
+                torch.topk(torch.softmax(logits, -1, dtype=_F32), k, -1, out=(probs, chosen))
+                if normalize:
+                    probs.div_(probs.sum(-1, keepdim=True))
+                if rw is not probs:
+                    rw.copy_(probs)
+                if shared is not None:  # the shared expert's gate and activation, for the next call
+                    gate, sa, su, shared_act_ = shared
+                    gate.sigmoid_()
+                    shared_act_(sa)
+                    sa.mul_(su)
+                if self._experts(p, sp):
+                    raise MemoryError("loom decode chain: could not allocate scratch memory")
+                act_(a)
+                torch.mul(a, b, out=act)
             done = p
         if fn(done, None, sp):
             raise MemoryError("loom decode chain: could not allocate scratch memory")

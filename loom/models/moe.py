@@ -63,7 +63,9 @@ class SparseMoE(nn.Module):
     """`gate` (the router) and `experts` (a ModuleList of MLPs, each mapping (n, hidden) -> (n, hidden)). In training,
     `jitter_noise` scales the block's input by uniform noise in [1 - j, 1 + j] (Mixtral's router jitter).
     `linear_names` names each expert's (gate, up, down) Linears where the expert computes
-    down(act_fn(gate(x)) * up(x)) (None: the experts always run as modules)."""
+    down(act_fn(gate(x)) * up(x)) (None: the experts always run as modules). A family with a shared expert that every
+    token goes through (Qwen2-MoE) sets `shared_expert` (an MLP) and `shared_expert_gate` (a Linear to one logit): the
+    block then adds sigmoid(shared_expert_gate(x)) * shared_expert(x) to the routed experts' sum."""
     # bitsandbytes leaves the experts in full precision, as in the reference (whose experts are 3-D parameters, not
     # Linears): a bnb checkpoint then moves between the libraries
     bnb_keeps_experts_full_precision = True
@@ -80,6 +82,8 @@ class SparseMoE(nn.Module):
         self.top_k, self.normalize, self.weights_in_logits_dtype = top_k, normalize, weights_in_logits_dtype
         self.jitter_noise = jitter_noise
         self.linear_names = linear_names
+        self.shared_expert: nn.Module | None = None
+        self.shared_expert_gate: nn.Module | None = None
         self._expert_forward = type(experts[0]).forward
         self._packed: tuple | None = None  # (gate_up, down, data pointers of the experts' weights), see _packed_experts
 
@@ -156,6 +160,11 @@ class SparseMoE(nn.Module):
         self._packed = (gate_up, downs, [w.data_ptr() for w in weights])
         return gate_up, downs
 
+    def decode_experts(self, rows: int, dtype: torch.dtype):
+        """(gate_up, down) as `_packed_experts` gives them for a `rows`-token step in `dtype` (packing them now if
+        they are not yet), for loom's decode plan; None where the module path would not use them."""
+        return self._packed_experts(torch.empty(rows, self.gate.in_features, dtype=dtype))
+
     def _run_packed(self, flat, weights, chosen, packed) -> torch.Tensor:
         gate_up, down = packed
         inter = down.shape[2]
@@ -174,6 +183,13 @@ class SparseMoE(nn.Module):
         return logits, weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.routed(x)
+        if self.shared_expert is None:
+            return out
+        return out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+
+    def routed(self, x: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for (..., hidden) tokens."""
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         shape = x.shape

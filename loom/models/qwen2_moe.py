@@ -5,7 +5,6 @@ names are the checkpoints' (`mlp.gate`, `mlp.experts.N.*`, `mlp.shared_expert.*`
 biases follow `qkv_bias`; top-k weights are renormalised only with `norm_topk_prob`."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from loom.models.heads import QuestionAnsweringHead, TokenClassificationHead
@@ -51,9 +50,6 @@ class Qwen2MoeSparseMoeBlock(SparseMoE):
                          weights_in_logits_dtype=True)
         self.shared_expert = LlamaMLP(config, config.shared_expert_intermediate_size)
         self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
-
-    def forward(self, x):
-        return super().forward(x) + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
 
 
 class Qwen2MoeDecoderLayer(LlamaDecoderLayer):

@@ -1,7 +1,9 @@
 """The decode plan (loom/generation/decode_plan.py): generation through it gives bitwise the tokens and scores of the
 model's own forward, and whatever the plan assumed when it was built (hooks, modules, parameters, dtype, train mode)
 is honoured when it changes, between generate calls or in the middle of one (a streamer's callback changing the
-model), by falling back to the forward. Runs with loom's kernels on and off (off: no plan is built)."""
+model), by falling back to the forward. Llama, Qwen3 (per-head q/k norms) and the mixture-of-experts families
+(Mixtral, Qwen3-MoE, Qwen2-MoE with its shared expert and a dense layer). Runs with loom's kernels on and off (off:
+no plan is built)."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +12,8 @@ from torch import nn
 
 from loom.generation.decode_plan import DecodePlan
 from loom.kernels import KernelLinear, build, policy
-from loom.kernels.chain import DecodeChain, LayerTensors
+from loom.kernels.chain import DecodeChain, LayerTensors, Routing
+from loom.models.moe import SparseMoE
 from test_fused_decode import _model
 
 KW = dict(do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
@@ -43,10 +46,14 @@ def _ids(rows=1, n=7, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("model_type,rows,padded", [("llama", 1, False), ("llama", 3, False), ("llama", 3, True),
-                                                    ("qwen2", 1, False)])
+                                                    ("qwen2", 1, False), ("qwen3", 3, True), ("mixtral", 1, False),
+                                                    ("mixtral", 3, True), ("qwen3_moe", 1, False),
+                                                    ("qwen3_moe", 3, True), ("qwen2_moe", 3, True)])
 def test_plan_equals_the_forward(model_type, rows, padded, dtype, cache, monkeypatch):
     """Tokens and scores bitwise, past the dynamic cache's first growths (16 positions, then doubling), over a
-    static cache (its whole length, masked), in a padded batch too (its mask and per-row positions)."""
+    static cache (its whole length, masked), in a padded batch too (its mask and per-row positions). Mixtral routes
+    with renormalised float32 weights, Qwen3-MoE (norm_topk_prob) with weights cast to the model's dtype, Qwen2-MoE
+    without renormalising, plus its gated shared expert, with a dense layer between two MoE layers."""
     model = _model(model_type, dtype)
     mask = torch.ones(rows, 7, dtype=torch.long)
     if padded:
@@ -176,8 +183,14 @@ def test_no_plan_where_it_does_not_apply(monkeypatch):
         a, steps = _generate(model, monkeypatch, True, input_ids=ids, max_new_tokens=6, **kw)
         b, _ = _generate(model, monkeypatch, False, input_ids=ids, max_new_tokens=6, **kw)
         assert _same(a, b) and steps == 0
-    qwen3 = _model("qwen3", torch.float32)  # per-head norms: not Llama's own step
-    assert _generate(qwen3, monkeypatch, True, input_ids=_ids(), max_new_tokens=4)[1] == 0
+    gemma = _model("gemma3_text", torch.float32)  # (1 + w) norms, scaled embeddings: not the chain's step
+    olmo2 = _model("olmo2", torch.float32)  # post-norm layers, without Llama's input_layernorm
+    qwen2_moe = _model("qwen2_moe", torch.float32)
+    qwen2_moe.model.layers[0].mlp.shared_expert.act_fn = nn.GELU()  # an activation the plan does not know
+    for model in (gemma, olmo2, qwen2_moe):
+        a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=4)
+        b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=4)
+        assert _same(a, b) and steps == 0
 
 
 @pytest.mark.skipif(not build.available(), reason="the chain needs loom's C kernels (LOOM_KERNELS=off here)")
@@ -226,11 +239,12 @@ def test_swapped_parameter_data_in_the_middle_of_a_generate_falls_back(monkeypat
     assert _same(a, b) and steps == (2 * 2 if build.available() else 0)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "mixtral"])
 @pytest.mark.parametrize("sample", [False, True])
-def test_beam_search_and_sampling_through_the_plan(sample, monkeypatch):
+def test_beam_search_and_sampling_through_the_plan(sample, model_type, monkeypatch):
     """Beam search reorders the cache (new buffers: the plan re-points its chain) and sampling draws from the plan's
     logits: the same sequences and scores as without the plan."""
-    model = _model("llama", torch.float32)
+    model = _model(model_type, torch.float32)
     kw = dict(input_ids=_ids(2), max_new_tokens=12, num_beams=1 if sample else 3, do_sample=sample)
     results = []
     for plan in (True, False):
@@ -242,3 +256,133 @@ def test_beam_search_and_sampling_through_the_plan(sample, monkeypatch):
     if not sample:
         assert torch.equal(a.sequences_scores, b.sequences_scores)
     assert steps == (11 * 2 if build.available() else 0)
+
+
+@pytest.mark.parametrize("what", ["expert hook", "router hook", "expert weight", "expert replaced", "router logits",
+                                  "top_k", "shared expert added"])
+def test_a_moe_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
+    """What a MoE block's step depends on beyond a dense layer's (its experts and their packed weights, the router,
+    the router-logits recording) is honoured at the next step as in the middle of a dense generate."""
+    model = _model("mixtral", torch.float32)
+    block = model.model.layers[1].block_sparse_moe
+    config, undo = model.config, []
+    original = block.experts[2].w1.weight.data
+    torch.manual_seed(1)
+    replacement = type(block.experts[2])(config)  # plain nn.Linears: the block's module path
+    shared_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def change():
+        if what == "expert hook":
+            undo.append(block.experts[2].register_forward_hook(lambda m, args, out: out * 3))
+        elif what == "router hook":
+            undo.append(block.gate.register_forward_hook(lambda m, args, out: out.flip(-1)))
+        elif what == "expert weight":  # new memory: the forward packs the experts again
+            block.experts[2].w1.weight.data = original * -2
+        elif what == "expert replaced":
+            block.experts[2] = replacement
+        elif what == "router logits":
+            config.output_router_logits = True
+        elif what == "shared expert added":
+            block.shared_expert, block.shared_expert_gate = replacement, shared_gate
+        else:
+            block.top_k = 1
+
+    results = []
+    for plan in (True, False):
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        expert = block.experts[2]
+        try:
+            results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                     streamer=_Changer(4, change)))
+        finally:
+            for h in undo:
+                h.remove()
+            undo.clear()
+            block.experts[2] = expert
+            expert.w1.weight.data = original
+            config.output_router_logits = False
+            block.top_k = 2
+            if "shared_expert" in block._modules:
+                del block.shared_expert, block.shared_expert_gate
+                block.shared_expert = block.shared_expert_gate = None
+            model.load_state_dict(state)
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    assert steps == (2 * 2 if build.available() else 0)
+
+
+def test_a_moe_block_without_packed_experts_is_not_planned(monkeypatch):
+    """Hooks on an expert keep the block on its module path (no packed experts): the plan steps aside."""
+    model = _model("qwen3_moe", torch.bfloat16)
+    handle = model.model.layers[0].mlp.experts[1].register_forward_pre_hook(lambda m, args: None)
+    try:
+        a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=6)
+        b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=6)
+    finally:
+        handle.remove()
+    assert _same(a, b) and steps == 0
+    assert isinstance(model.model.layers[0].mlp, SparseMoE)
+
+
+@pytest.mark.skipif(not build.available(), reason="the chain needs loom's C kernels (LOOM_KERNELS=off here)")
+def test_chain_names_bad_moe_inputs():
+    model = _model("mixtral", torch.float32)
+    layer = model.model.layers[0]
+    block = layer.block_sparse_moe
+    attn = [getattr(layer.self_attn, n).weight.detach() for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
+    with torch.no_grad():
+        gate_up, down = block.decode_experts(1, torch.float32)
+    norms = layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()
+    D = model.config.head_dim
+
+    def chain(ws, top_k=2):
+        return DecodeChain([LayerTensors(*norms, ws, [None] * 7, 1e-6, D ** -0.5, None, Routing(top_k, True, False))],
+                           1, torch.float32, D)
+    router = block.gate.weight.detach()
+    assert chain(attn + [router, gate_up, down]).n == 1
+    with pytest.raises(ValueError, match="layer 0: weights must be contiguous float32"):
+        chain(attn + [router, gate_up[0], down])  # 2-D where the packed experts are 3-D
+    with pytest.raises(ValueError, match="layer 0: projection shapes"):
+        chain(attn + [router, gate_up, down[:, :, :-1].contiguous()])
+    with pytest.raises(ValueError, match="layer 0: projection shapes"):
+        chain(attn + [router, gate_up, down], top_k=len(block.experts) + 1)
+
+
+@pytest.mark.parametrize("what", ["shared gate hook", "shared expert weight"])
+def test_a_shared_expert_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
+    model = _model("qwen2_moe", torch.float32)
+    block = model.model.layers[2].mlp
+    original, undo = block.shared_expert.up_proj.weight.data, []
+
+    def change():
+        if what == "shared gate hook":
+            undo.append(block.shared_expert_gate.register_forward_hook(lambda m, args, out: out - 4))
+        else:
+            block.shared_expert.up_proj.weight.data = original * -1
+
+    results = []
+    for plan in (True, False):
+        try:
+            results.append(_generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=10,
+                                     streamer=_Changer(4, change)))
+        finally:
+            for h in undo:
+                h.remove()
+            undo.clear()
+            block.shared_expert.up_proj.weight.data = original
+    (a, steps), (b, _) = results
+    assert _same(a, b)
+    assert steps == (2 * 3 if build.available() else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("top_k", [1, 3, 4])
+def test_moe_plan_at_every_top_k(top_k, dtype, monkeypatch):
+    """One expert per token, three (a renormalising sum over more than two weights), every expert: bitwise."""
+    model = _model("qwen3_moe", dtype, num_experts_per_tok=top_k)
+    kw = dict(input_ids=_ids(2), max_new_tokens=12)
+    a, steps = _generate(model, monkeypatch, True, **kw)
+    b, _ = _generate(model, monkeypatch, False, **kw)
+    assert _same(a, b)
+    planned = build.available() and (dtype is torch.float32 or policy.batched_bf16())
+    assert steps == (11 * model.config.num_hidden_layers if planned else 0)

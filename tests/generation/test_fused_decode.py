@@ -173,10 +173,10 @@ def test_generation_fused_equals_unfused(model_type, cache, dtype, monkeypatch):
         # Llama-shaped layers: all of Llama's and Mistral's, Qwen2-MoE's dense layer (1 of 3)
         llama_layers = {"llama": n_layers, "mistral": n_layers, "qwen2_moe": 1}.get(model_type, 0)
         whole_layer = takes_fused and (rows == 1 or dtype is torch.float32 or policy.EMULATED_BF16)
-        # the decode plan runs every step of Llama's own layers where their Linears take the kernel
-        # (policy.dense_applies); Mistral's tiny sliding window (4) is behind the prompt, so its steps need the
-        # window's mask, which the plan leaves to the model's forward
-        plan = (takes_fused and model_type == "llama"
+        # the decode plan runs every step of Llama's own layers (Qwen3's too: per-head norms; Qwen2-MoE's: experts)
+        # where their Linears take the kernel (policy.dense_applies); Mistral's tiny sliding window (4) is behind the
+        # prompt, so its steps need the window's mask, which the plan leaves to the model's forward
+        plan = (takes_fused and model_type in ("llama", "qwen3", "qwen2_moe")
                 and (rows == 1 or dtype is torch.float32 or policy.batched_bf16()))
         assert calls["chain"] == (11 * n_layers if plan else 0)
         if not plan:

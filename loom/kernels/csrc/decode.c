@@ -83,13 +83,49 @@ void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
     for (long r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
 }
 
-/* The attention half of a pre-norm decoder layer's decode step, and the MLP's input projections, in one call:
-     h = rms_norm(x); attn = rope_cache_attention(h Wq + bq, h Wk + bk, h Wv + bv); x_out = x + (attn Wo + bo);
-     h2 = rms_norm(x_out); g = h2 Wgate + bgate; u = h2 Wup + bup
+/* The attention half of a pre-norm decoder layer's decode step, up to the MLP's input:
+     h = rms_norm(x); attn = rope_cache_attention(q, k, v) of h Wq + bq, h Wk + bk, h Wv + bv;
+     x_out = x + (attn Wo + bo); h2 = rms_norm(x_out)
    each step through the same kernel its torch operator calls (loom_rms_norm, loom_dense_gemm,
    loom_rope_cache_attention), so every intermediate is bitwise the operator's; the residual add rounds as torch's.
-   Weights and biases come in the order q, k, v, o, gate, up (a NULL bias: none). The caller runs the activation and
-   the down projection (torch's own ops). Returns -1 when scratch memory could not be allocated. */
+   w and b hold q, k, v, o (a NULL bias: none). qn / kn (or NULL): per-head RMSNorm weights (D) applied to the
+   queries and keys before RoPE with qk_eps, as Qwen3's q_norm / k_norm modules do (loom_rms_norm over B * heads rows).
+   x_out may be x. */
+static int layer_attention(const void *x, void *x_out, void *h2, int bf16, long B, long hidden, long H, long Hkv,
+                           long D, const void *ln1, const void *ln2, float eps, const void *qn, const void *kn,
+                           float qk_eps, const void *const *w, const void *const *b, const void *cos, const void *sin,
+                           long cs_sb, void *kc, void *vc, long c_sb, long c_sh, long pos, const uint8_t *mask,
+                           long m_sb, long L, float scale, int threads) {
+    long es = bf16 ? 2 : 4, qn_ = H * D, kn_ = Hkv * D;
+    char *h = malloc((size_t)(B * (2 * hidden + 2 * qn_ + 2 * kn_) * es));
+    if (!h) return -1;
+    char *q = h + B * hidden * es, *k = q + B * qn_ * es, *v = k + B * kn_ * es, *attn = v + B * kn_ * es;
+    char *o = attn + B * qn_ * es;
+    int status = 0;
+    loom_rms_norm(x, ln1, h, bf16, B, hidden, eps, threads);
+    status |= loom_dense_gemm(h, bf16, w[0], bf16, b[0], bf16, q, bf16, B, qn_, hidden, threads);
+    status |= loom_dense_gemm(h, bf16, w[1], bf16, b[1], bf16, k, bf16, B, kn_, hidden, threads);
+    status |= loom_dense_gemm(h, bf16, w[2], bf16, b[2], bf16, v, bf16, B, kn_, hidden, threads);
+    if (qn) loom_rms_norm(q, qn, q, bf16, B * H, D, qk_eps, threads);
+    if (kn) loom_rms_norm(k, kn, k, bf16, B * Hkv, D, qk_eps, threads);
+    status |= loom_rope_cache_attention(q, qn_, k, kn_, v, kn_, cos, sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb,
+                                        attn, bf16, B, H, Hkv, L, D, scale, threads);
+    status |= loom_dense_gemm(attn, bf16, w[3], bf16, b[3], bf16, o, bf16, B, hidden, qn_, threads);
+    for (long i = 0; i < B * hidden; i++) {
+        if (bf16)
+            ((uint16_t *)x_out)[i] = f32_to_bf16(load_f(x, i, 1) + load_f(o, i, 1));
+        else
+            ((float *)x_out)[i] = ((const float *)x)[i] + ((const float *)o)[i];
+    }
+    loom_rms_norm(x_out, ln2, h2, bf16, B, hidden, eps, threads);
+    free(h);
+    return status ? -1 : 0;
+}
+
+/* The attention half of a pre-norm decoder layer's decode step and the MLP's input projections in one call
+   (layer_attention, then g = h2 Wgate + bgate; u = h2 Wup + bup). Weights and biases come in the order q, k, v, o,
+   gate, up (a NULL bias: none). The caller runs the activation and the down projection (torch's own ops). Returns
+   -1 when scratch memory could not be allocated. */
 int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, int bf16, long B, long hidden, long H,
                                 long Hkv, long D, long I, const void *ln1, const void *ln2, float eps,
                                 const void *wq, const void *wk, const void *wv, const void *wo, const void *wg,
@@ -97,43 +133,45 @@ int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, in
                                 const void *bg, const void *bu, const void *cos, const void *sin, long cs_sb, void *kc,
                                 void *vc, long c_sb, long c_sh, long pos, const uint8_t *mask, long m_sb, long L,
                                 float scale, int threads) {
-    long es = bf16 ? 2 : 4, qn = H * D, kn = Hkv * D;
-    char *h = malloc((size_t)(B * (2 * hidden + 2 * qn + 2 * kn) * es));
-    if (!h) return -1;
-    char *q = h + B * hidden * es, *k = q + B * qn * es, *v = k + B * kn * es, *attn = v + B * kn * es;
-    char *o = attn + B * qn * es;
-    int status = 0;
-    loom_rms_norm(x, ln1, h, bf16, B, hidden, eps, threads);
-    status |= loom_dense_gemm(h, bf16, wq, bf16, bq, bf16, q, bf16, B, qn, hidden, threads);
-    status |= loom_dense_gemm(h, bf16, wk, bf16, bk, bf16, k, bf16, B, kn, hidden, threads);
-    status |= loom_dense_gemm(h, bf16, wv, bf16, bv, bf16, v, bf16, B, kn, hidden, threads);
-    status |= loom_rope_cache_attention(q, qn, k, kn, v, kn, cos, sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb,
-                                        attn, bf16, B, H, Hkv, L, D, scale, threads);
-    status |= loom_dense_gemm(attn, bf16, wo, bf16, bo, bf16, o, bf16, B, hidden, qn, threads);
-    for (long i = 0; i < B * hidden; i++) {
-        if (bf16)
-            ((uint16_t *)x_out)[i] = f32_to_bf16(load_f(x, i, 1) + load_f(o, i, 1));
-        else
-            ((float *)x_out)[i] = ((const float *)x)[i] + ((const float *)o)[i];
-    }
-    loom_rms_norm(x_out, ln2, h, bf16, B, hidden, eps, threads);
-    status |= loom_dense_gemm(h, bf16, wg, bf16, bg, bf16, g, bf16, B, I, hidden, threads);
-    status |= loom_dense_gemm(h, bf16, wu, bf16, bu, bf16, u, bf16, B, I, hidden, threads);
-    free(h);
+    char *h2 = malloc((size_t)(B * hidden * (bf16 ? 2 : 4)));
+    if (!h2) return -1;
+    const void *w[4] = {wq, wk, wv, wo}, *b[4] = {bq, bk, bv, bo};
+    int status = layer_attention(x, x_out, h2, bf16, B, hidden, H, Hkv, D, ln1, ln2, eps, NULL, NULL, 0.0f, w, b, cos,
+                                 sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb, L, scale, threads);
+    status |= loom_dense_gemm(h2, bf16, wg, bf16, bg, bf16, g, bf16, B, I, hidden, threads);
+    status |= loom_dense_gemm(h2, bf16, wu, bf16, bu, bf16, u, bf16, B, I, hidden, threads);
+    free(h2);
     return status ? -1 : 0;
 }
 
-/* A decode chain: the decode steps of consecutive Llama-shaped layers, two C calls per layer fewer than the modules
-   take. loom/kernels/chain.py builds one `chain_layer` per layer (its ctypes Structure mirrors this layout field for
-   field) and one `chain_step` per chain, whose step-varying fields it sets once per token. Between two calls the
-   caller turns the previous layer's `a` into act(a) * u with torch's own ops (their rounding is torch's), so
-   every value is bitwise what the modules compute. */
+/* A decode chain: the decode steps of consecutive pre-norm decoder layers, dense (Llama's MLP) or mixture of
+   experts (a top-k router over experts packed as in csrc/moe.c), with far fewer calls than the modules take.
+   loom/kernels/chain.py builds one `chain_layer` per layer (its ctypes Structure mirrors this layout field for field)
+   and one `chain_step` per chain, whose step-varying fields it sets once per token. A dense layer takes one call:
+   between two calls the caller turns the previous layer's `a` into act(a) * u with torch's own ops (their rounding is
+   torch's). A MoE layer takes two: after the first (attention, then the router's logits) the caller routes in torch
+   (softmax, top-k, normalisation: the module's own ops) into `chosen` / `rw`; loom_decode_chain_experts then runs the
+   routed experts' gate and up projections into `a` (B * k, 2I), the caller writes act(a[:, :I]) * a[:, I:] into `u`,
+   and the next call finishes the layer with loom_moe_down. A shared expert (Qwen2-MoE) has its gate logit and gate and
+   up projections computed with the router's; the caller turns them into sigmoid(logit) and act(gate) * up with torch's
+   ops, and the finishing call adds sigmoid(logit) * down(...) to the routed sum, rounding as the module's torch ops
+   do. Every value is bitwise what the modules compute. */
 typedef struct {
-    const void *ln1, *ln2, *w[7], *b[7]; /* q, k, v, o, gate, up, down; a NULL bias: none */
+    const void *ln1, *ln2, *w[7], *b[7]; /* q, k, v, o, gate, up, down (MoE: router, gate_up, down); NULL bias: none */
     void *kc, *vc;                       /* (B, Hkv, capacity, D) cache buffers */
-    void *a, *u;                         /* (B, I): the gate and up projections this layer writes */
+    void *a, *u;                         /* dense: (B, I) gate and up projections; MoE: (B*k, 2I) and (B*k, I) */
+    void *h2;                            /* (B, hidden): the MLP's normalised input */
+    const void *qn, *kn;                 /* (D) per-head query / key norm weights, or NULL */
+    void *logits;                        /* MoE: (B, E) router logits */
+    const int64_t *chosen;               /* MoE: (B, k) experts the caller routed each row to */
+    const void *rw;                      /* MoE: (B, k) their weights, fp32 or bf16 (rw_bf16) */
+    const void *sw[4], *sb[4];           /* MoE shared expert (sw[0] NULL: none): its gate (1, hidden), gate and up
+                                            (Is, hidden) and down (hidden, Is) projections' weights and biases */
+    void *sg, *sa, *su;                  /* (B, 1) sigmoid(gate logit), set by the caller; (B, Is) gate and up */
     long hidden, H, Hkv, D, I, c_sb, c_sh;
-    float eps, scale;
+    long E, k, Is; /* MoE: experts, top-k and the shared expert's width; E = 0: a dense layer */
+    float eps, scale, qk_eps;
+    int rw_bf16;
 } chain_layer;
 
 typedef struct {
@@ -147,6 +185,16 @@ typedef struct {
     int no_products; /* benchmarks only (bench/bench_decode_overhead.py --no-matmul): products are zeros */
 } chain_step;
 
+/* x += d over B * hidden values, rounded as torch's add */
+static void add_residual(void *x, const void *d, long count, int bf16) {
+    for (long i = 0; i < count; i++) {
+        if (bf16)
+            ((uint16_t *)x)[i] = f32_to_bf16(load_f(x, i, 1) + load_f(d, i, 1));
+        else
+            ((float *)x)[i] += ((const float *)d)[i];
+    }
+}
+
 /* The chain step with every product replaced by zeros: what is left is the step's work outside the matmul kernels
    (norms, RoPE, cache write, attention, residual adds), for measuring that overhead. Tokens then mean nothing. */
 static int chain_step_without_products(const chain_layer *p, const chain_layer *n, const chain_step *s) {
@@ -155,12 +203,7 @@ static int chain_step_without_products(const chain_layer *p, const chain_layer *
     if (p) {
         char *d = calloc((size_t)(B * p->hidden), (size_t)es);
         if (!d) return -1;
-        for (long i = 0; i < B * p->hidden; i++) {
-            if (bf16)
-                ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(d, i, 1));
-            else
-                ((float *)s->x)[i] += ((const float *)d)[i];
-        }
+        add_residual(s->x, d, B * p->hidden, bf16);
         free(d);
     }
     if (!n) return 0;
@@ -173,22 +216,51 @@ static int chain_step_without_products(const chain_layer *p, const chain_layer *
     int status = loom_rope_cache_attention(q, qn, k, kn, v, kn, s->cos, s->sin, s->cs_sb, n->kc, n->vc, n->c_sb,
                                            n->c_sh, s->pos, s->mask, s->m_sb, attn, bf16, B, n->H, n->Hkv, s->L, n->D,
                                            n->scale, s->threads);
-    for (long i = 0; i < B * n->hidden; i++) {
-        if (bf16)
-            ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(o, i, 1));
-        else
-            ((float *)s->x)[i] += ((const float *)o)[i];
+    add_residual(s->x, o, B * n->hidden, bf16);
+    loom_rms_norm(s->x, n->ln2, n->h2, bf16, B, n->hidden, n->eps, s->threads);
+    if (n->E) {
+        memset(n->logits, 0, (size_t)(B * n->E * es));
+        if (n->sw[0]) {
+            memset(n->sg, 0, (size_t)(B * es));
+            memset(n->sa, 0, (size_t)(B * n->Is * es));
+            memset(n->su, 0, (size_t)(B * n->Is * es));
+        }
+    } else {
+        memset(n->a, 0, (size_t)(B * n->I * es));
+        memset(n->u, 0, (size_t)(B * n->I * es));
     }
-    loom_rms_norm(s->x, n->ln2, h, bf16, B, n->hidden, n->eps, s->threads);
-    memset(n->a, 0, (size_t)(B * n->I * es));
-    memset(n->u, 0, (size_t)(B * n->I * es));
     free(h);
     return status;
 }
 
-/* Finish layer `done` (x += a @ Wdown^T + b, rounded as torch's add) and run layer `next` up to its MLP's gate and
-   up projections (loom_decode_layer_attention, in place on x); either may be NULL. Returns -1 when scratch memory
-   could not be allocated. */
+/* d (B, hidden) += sg * (sa @ Wdown^T + b): a MoE layer's shared expert, rounded as torch's mul and add are (the
+   routed sum plus the gated shared expert's output, each product and sum rounded to the dtype) */
+static int add_shared_expert(const chain_layer *p, const chain_step *s, void *d) {
+    int bf16 = s->bf16;
+    long B = s->B, N = p->hidden;
+    char *e = malloc((size_t)(B * N * (bf16 ? 2 : 4)));
+    if (!e) return -1;
+    int status = loom_dense_gemm(p->sa, bf16, p->sw[3], bf16, p->sb[3], bf16, e, bf16, B, N, p->Is, s->threads);
+    for (long b = 0; b < B && !status; b++) {
+        float g = load_f(p->sg, b, bf16);
+        for (long c = b * N; c < (b + 1) * N; c++) {
+            if (bf16) {
+                float t = bf16_to_f32(f32_to_bf16(g * load_f(e, c, 1)));
+                ((uint16_t *)d)[c] = f32_to_bf16(load_f(d, c, 1) + t);
+            } else {
+                float t = g * ((const float *)e)[c];
+                ((float *)d)[c] = ((const float *)d)[c] + t;
+            }
+        }
+    }
+    free(e);
+    return status;
+}
+
+/* Finish layer `done` (x += its MLP's output: the down projection of `a`, or for MoE the routed experts' down
+   projections of `u` weighted by `rw`, rounded as torch's add) and run layer `next` up to its MLP's input projections
+   (dense: gate and up into `a`, `u`; MoE: the router's logits), in place on x; either may be NULL. Returns -1 when
+   scratch memory could not be allocated, -2 where `chosen` holds an expert index out of range. */
 int loom_decode_chain_step(const void *done, const void *next, const void *step) {
     const chain_layer *p = done, *n = next;
     const chain_step *s = step;
@@ -198,20 +270,52 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
         long count = s->B * p->hidden;
         char *d = malloc((size_t)(count * (bf16 ? 2 : 4)));
         if (!d) return -1;
-        status |= loom_dense_gemm(p->a, bf16, p->w[6], bf16, p->b[6], bf16, d, bf16, s->B, p->hidden, p->I,
-                                  s->threads);
-        for (long i = 0; i < count; i++) {
-            if (bf16)
-                ((uint16_t *)s->x)[i] = f32_to_bf16(load_f(s->x, i, 1) + load_f(d, i, 1));
-            else
-                ((float *)s->x)[i] += ((const float *)d)[i];
-        }
+        if (p->E) {
+            status = loom_moe_down(p->u, p->w[6], p->chosen, p->rw, p->rw_bf16, d, bf16, s->B, p->k, p->E, p->hidden,
+                                   p->I, s->threads);
+            if (!status && p->sw[0]) status = add_shared_expert(p, s, d);
+        } else
+            status = loom_dense_gemm(p->a, bf16, p->w[6], bf16, p->b[6], bf16, d, bf16, s->B, p->hidden, p->I,
+                                     s->threads);
+        if (!status) add_residual(s->x, d, count, bf16);
         free(d);
+        if (status) return status;
     }
-    if (n)
-        status |= loom_decode_layer_attention(
-            s->x, s->x, n->a, n->u, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->I, n->ln1, n->ln2, n->eps, n->w[0],
-            n->w[1], n->w[2], n->w[3], n->w[4], n->w[5], n->b[0], n->b[1], n->b[2], n->b[3], n->b[4], n->b[5], s->cos,
-            s->sin, s->cs_sb, n->kc, n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
+    if (n) {
+        status |= layer_attention(s->x, s->x, n->h2, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->ln1, n->ln2,
+                                  n->eps, n->qn, n->kn, n->qk_eps, n->w, n->b, s->cos, s->sin, s->cs_sb, n->kc, n->vc,
+                                  n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
+        if (n->E) {
+            status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->logits, bf16, s->B, n->E,
+                                      n->hidden, s->threads);
+            if (n->sw[0]) {
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[0], bf16, n->sb[0], bf16, n->sg, bf16, s->B, 1,
+                                          n->hidden, s->threads);
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[1], bf16, n->sb[1], bf16, n->sa, bf16, s->B, n->Is,
+                                          n->hidden, s->threads);
+                status |= loom_dense_gemm(n->h2, bf16, n->sw[2], bf16, n->sb[2], bf16, n->su, bf16, s->B, n->Is,
+                                          n->hidden, s->threads);
+            }
+        } else {
+            status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->a, bf16, s->B, n->I, n->hidden,
+                                      s->threads);
+            status |= loom_dense_gemm(n->h2, bf16, n->w[5], bf16, n->b[5], bf16, n->u, bf16, s->B, n->I, n->hidden,
+                                      s->threads);
+        }
+    }
     return status ? -1 : 0;
+}
+
+/* A MoE layer's routed experts' gate and up projections (loom_moe_gate_up of `h2` over `chosen`) into `a`, after
+   the caller routed the logits of its loom_decode_chain_step. Returns -1 (scratch memory) or -2 (an expert index out
+   of range) on failure. */
+int loom_decode_chain_experts(const void *layer, const void *step) {
+    const chain_layer *n = layer;
+    const chain_step *s = step;
+    if (s->no_products) {
+        memset(n->a, 0, (size_t)(s->B * n->k * 2 * n->I * (s->bf16 ? 2 : 4)));
+        return 0;
+    }
+    return loom_moe_gate_up(n->h2, n->w[5], n->chosen, n->a, s->bf16, s->B, n->k, n->E, 2 * n->I, n->hidden,
+                            s->threads);
 }

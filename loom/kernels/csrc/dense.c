@@ -192,6 +192,9 @@ int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const vo
     }
     dense_job job = {xf ? xf : x, w, bias, y, M, N, K, mode, bbf16, ybf16};
     long tiles = (N + DENSE_TILE - 1) / DENSE_TILE;
+    /* a MoE router's few outputs: a few microseconds of work, not worth waking a helper (each row's sum is the same
+       on any thread, so this changes no value) */
+    if (M * N * K < (1L << 15)) threads = 1;
     parallel_run(dense_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     free(xf);
     return 0;

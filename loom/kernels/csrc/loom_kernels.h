@@ -20,6 +20,7 @@ LOOM_API int loom_moe_gate_up(const void *x, const void *w, const int64_t *chose
 LOOM_API int loom_moe_down(const void *h, const void *w, const int64_t *chosen, const void *weights, int wbf16, void *out, int bf16, long T, long k, long E, long N, long K, int threads);
 LOOM_API void loom_argmax_rows(const float *x, long rows, long n, int64_t *out);
 LOOM_API int loom_decode_chain_step(const void *done, const void *next, const void *step);
+LOOM_API int loom_decode_chain_experts(const void *layer, const void *step);
 LOOM_API int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K, int threads);
 LOOM_API int loom_int8_group_gemm(const float *x, const int8_t *w, const void *scale, int half, float *y, long M, long N, long K, long G, int threads);
 LOOM_API int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
