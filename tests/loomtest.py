@@ -148,6 +148,22 @@ def kernels_on() -> bool:
     return build.available()
 
 
+def run_at_level(code: str, level: str, *args: str) -> dict:
+    """Run `code` (a script printing one JSON line last) in a fresh interpreter at kernel level `level` ("off" for
+    the torch paths), so each level builds and loads its own library; return that JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from loom.kernels import build
+
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, build.ENV: level})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def kernels_off_for(monkeypatch) -> None:
     """Make this test run as on a machine where loom's C kernels cannot be built (the torch paths)."""
     from loom.kernels import build

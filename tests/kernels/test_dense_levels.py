@@ -5,15 +5,12 @@ own process (AVX2, AVX-512, AVX-512 BF16's vdpbf16ps) giving the same results wi
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loomtest import kernels_on
+from loomtest import kernels_on, run_at_level
 
 from loom.kernels import build
 
@@ -154,11 +151,7 @@ LEVEL_CASES = [(m, k, n, xt, wt) for m in (1, 2, 3, 4, 5, 8, 16) for (k, n) in (
 
 
 def _run_level(level: str) -> dict:
-    env = {**os.environ, build.ENV: level}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(LEVEL_CASES)], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_at_level(_CHILD, level, json.dumps(LEVEL_CASES))
 
 
 def test_every_supported_level_gives_the_same_results():

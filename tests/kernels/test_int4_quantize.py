@@ -8,15 +8,12 @@ error on both paths."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from loomtest import kernels_on
+from loomtest import kernels_on, run_at_level
 
 from loom.kernels import build, ops
 
@@ -175,11 +172,7 @@ _CHILD = textwrap.dedent("""
 
 
 def _run(level: str) -> dict:
-    env = {**os.environ, build.ENV: level}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, HERE, os.path.dirname(HERE)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_at_level(_CHILD, level, HERE, os.path.dirname(HERE))
 
 
 def test_every_level_and_the_kernels_off_give_the_same_bits():
