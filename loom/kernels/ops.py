@@ -919,9 +919,9 @@ _A8_TINY = 1e-30  # csrc/int4a8.c A8_TINY: a block with a smaller max|x| counts 
 
 
 def _int4_a8_checks(x, packed, scale, zero, group_size) -> None:
-    _int4_param_checks("int4_linear_a8", packed, scale, zero, group_size)
     _check(group_size % _A8_BLOCK == 0, "int4_linear_a8",
            f"group_size={group_size} must be a multiple of 32 (8-bit activations are scaled per block of 32)")
+    _int4_param_checks("int4_linear_a8", packed, scale, zero, group_size)
     _check_strided("int4_linear_a8", x=x)
     _check(x.is_floating_point(), "int4_linear_a8", f"x must be floating point, got {x.dtype}")
     _check(x.dim() >= 1 and x.shape[-1] == packed.shape[1] * 2, "int4_linear_a8",
@@ -965,16 +965,16 @@ def int4_a8_reference(x, packed, scale, zero, group_size):
     z = torch.full_like(s, 8.0) if zero is None else zero.float().repeat_interleave(per, dim=1).t()
     qt, ut, qst, dt = q.transpose(0, 1), u.permute(1, 2, 0), qsum.t(), d.t()
     lanes = torch.zeros(_A8_LANES, m, n)
-    chunk = max(1, _LANE_SUMS // (m * n))
+    chunk = max(1, _LANE_SUMS // (_A8_LANES * m * n)) * _A8_LANES  # whole lane groups of 16 blocks
     for b0 in range(0, nb, chunk):
         b1 = min(b0 + chunk, nb)
         isum = torch.bmm(qt[b0:b1], ut[b0:b1])  # (blocks, M, N), exact integers
         v = isum - z[b0:b1, None, :] * qst[b0:b1, :, None]
         v = (v * s[b0:b1, None, :]) * dt[b0:b1, :, None]
-        for b in range(b1 - b0):
-            lanes[(b0 + b) % _A8_LANES] += v[b]
-    if nb % _A8_LANES:  # the kernel's padding blocks add +0 (turning a -0 lane total into +0)
-        lanes[nb % _A8_LANES:] += 0.0
+        if (b1 - b0) % _A8_LANES:  # the kernel's padding blocks past K / 32 add +0 (a -0 lane total becomes +0)
+            v = torch.cat([v, v.new_zeros(_A8_LANES - (b1 - b0) % _A8_LANES, m, n)])
+        for g in range(0, v.shape[0], _A8_LANES):
+            lanes += v[g:g + _A8_LANES]
     h = lanes[:8] + lanes[8:]
     h = h[:4] + h[4:]
     h = h[:2] + h[2:]

@@ -198,6 +198,9 @@ class Int4Linear(_QuantLinear):
             raise ValueError(f"int4 packs two values per byte, so in_features must be even, got {in_features}")
         self.group_size = group_size
         self.asymmetric = not symmetric
+        # 16: activations rounded to int16 per row (the default); 8: int8 per block of 32 at decode sizes
+        # (loom.quantization.set_activation_bits). A runtime choice: not in the state dict or the config.
+        self.activation_bits = 16
         groups = (out_features, in_features // group_size)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         scale_dtype = torch.float16 if self.asymmetric else torch.float32
@@ -235,7 +238,8 @@ class Int4Linear(_QuantLinear):
         return kernels.int4_matmul(x, self)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}, asymmetric={self.asymmetric}"
+        bits = ", activation_bits=8" if getattr(self, "activation_bits", 16) == 8 else ""
+        return super().extra_repr() + f", group_size={self.group_size}, asymmetric={self.asymmetric}{bits}"
 
 
 class Int8GroupLinear(_QuantLinear):
