@@ -5,7 +5,9 @@ products then need widened nibbles and two multiply-add steps per 4 weights. `se
 switches the int4 Linears to int8 activations with one scale per block of 32 inputs (what llama.cpp's Q4_0 x Q8_0
 product does), which the CPU multiplies with the packed nibbles directly (VNNI `vpdpbusd`): faster decode, at the
 accuracy cost measured in docs/guides/quantization.md. It applies to products of up to 16 rows (decode); longer
-prompts (prefill) keep int16 activations in the blocked int4 GEMM.
+prompts (prefill) keep int16 activations in the blocked int4 GEMM. While 8-bit activations are on, each int4 Linear
+on the CPU keeps a second copy of its weights in the kernel's layout (16-row tiles with the scales beside the
+nibbles: about the int4 weights' bytes again); switching back to 16 frees it. The saved layout is unchanged.
 """
 from __future__ import annotations
 
@@ -20,7 +22,9 @@ def set_activation_bits(model: nn.Module, bits: int) -> int:
     """Round the activations of every int4 Linear of `model` to `bits` bits: 8 (int8 per block of 32, faster) or
     16 (int16 per row, the default). Applies to loom's own int4 (`WeightOnlyConfig(bits=4)`), GGUF Q4_0 and
     GPTQ / AWQ / compressed-tensors int4 layers alike; other layers are left as they are. Not stored by
-    `save_pretrained`: a reloaded model starts at 16. Returns the number of layers switched."""
+    `save_pretrained`: a reloaded model starts at 16. With 8, each int4 Linear on the CPU also keeps its weights in
+    the 8-bit kernel's layout (about its int4 bytes again) until switched back. Returns the number of layers
+    switched."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"set_activation_bits: model must be a torch.nn.Module, got {type(model).__name__}")
     if isinstance(bits, bool) or bits not in _BITS:
@@ -40,6 +44,10 @@ def set_activation_bits(model: nn.Module, bits: int) -> int:
                              "sizes that are a multiple of 32")
     for _, m in layers:
         m.activation_bits = bits
+        if bits == 8 and m.weight.device.type == "cpu":
+            m.a8_tiles()  # the kernel's weight layout, made now rather than in the first decode step
+        else:
+            m.drop_a8_tiles()
     return len(layers)
 
 

@@ -142,7 +142,8 @@ def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
         # decode sizes with 8-bit activations: the operator (its C kernel, or its torch path with the same bits
         # where the kernels are off); more rows (prefill) keep the int16 blocked GEMM below
         if x.device.type == "cpu":
-            return ops.int4_linear_a8(x, module.weight, module.weight_scale, zero, module.group_size)
+            return ops.int4_linear_a8(x, module.weight, module.weight_scale, zero, module.group_size,
+                                      module.a8_tiles())
         return ops.int4_a8_reference(x, module.weight, module.weight_scale, zero, module.group_size)
     if module.kernel == "native" and policy.plain(x):
         if policy.int4_applies(x, module.group_size):

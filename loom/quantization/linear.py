@@ -201,6 +201,7 @@ class Int4Linear(_QuantLinear):
         # 16: activations rounded to int16 per row (the default); 8: int8 per block of 32 at decode sizes
         # (loom.quantization.set_activation_bits). A runtime choice: not in the state dict or the config.
         self.activation_bits = 16
+        self._a8 = self._a8_stamp = None  # the 8-bit kernel's layout while in use (a8_tiles)
         groups = (out_features, in_features // group_size)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         scale_dtype = torch.float16 if self.asymmetric else torch.float32
@@ -236,6 +237,31 @@ class Int4Linear(_QuantLinear):
 
     def _matmul(self, x):
         return kernels.int4_matmul(x, self)
+
+    def a8_tiles(self) -> torch.Tensor:
+        """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
+        nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
+        more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
+        layout (`weight`...) is what the state dict holds, unchanged."""
+        zero = self.zero_point
+        stamp = tuple(v for t in (self.weight, self.weight_scale, zero) for v in (t, None if t is None else _version(t)))
+        old = getattr(self, "_a8_stamp", None)
+        if old is None or not all(a is b if torch.is_tensor(a) or a is None else a == b for a, b in zip(old, stamp)):
+            self._a8 = ops.int4_a8_tiles(self.weight.contiguous(), self.weight_scale.contiguous(),
+                                         None if zero is None else zero.contiguous(), self.group_size)
+            self._a8_stamp = stamp
+        return self._a8
+
+    def drop_a8_tiles(self) -> None:
+        self._a8 = self._a8_stamp = None
+
+    def _apply(self, fn, recurse=True):
+        self.drop_a8_tiles()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.drop_a8_tiles()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         bits = ", activation_bits=8" if getattr(self, "activation_bits", 16) == 8 else ""

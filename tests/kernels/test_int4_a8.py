@@ -79,26 +79,34 @@ def test_reference_is_the_stated_arithmetic_written_out():
     y = torch.zeros(2, 3)
     for m in range(2):
         for n in range(3):
-            lanes = [torch.tensor(0.0) for _ in range(16)]
-            for b in range(16):  # 13 blocks, then 3 padding blocks adding +0
-                if b < 13:
-                    xb = x[m, 32 * b:32 * b + 32]
-                    amax = xb.abs().max()
-                    if amax >= 1e-30:
-                        d = amax / torch.tensor(127.0)
-                        q = torch.round(xb * (torch.tensor(127.0) / amax)).long()
-                    else:
-                        d, q = torch.tensor(0.0), torch.zeros(32, dtype=torch.long)
-                    isum = (u[n, 32 * b:32 * b + 32] * q).sum()
-                    v = ((isum.float() - z[n, b].float() * q.sum().float()) * s[n, b].float()) * d
+            total = torch.tensor(0.0)
+            for b in range(13):
+                xb = x[m, 32 * b:32 * b + 32]
+                amax = xb.abs().max()
+                if amax >= 1e-30:
+                    d = amax / torch.tensor(127.0)
+                    q = torch.round(xb * (torch.tensor(127.0) / amax)).long()
                 else:
-                    v = torch.tensor(0.0)
-                lanes[b] = lanes[b] + v
-            h = [lanes[i] + lanes[i + 8] for i in range(8)]
-            h = [h[i] + h[i + 4] for i in range(4)]
-            h = [h[i] + h[i + 2] for i in range(2)]
-            y[m, n] = h[0] + h[1]
+                    d, q = torch.tensor(0.0), torch.zeros(32, dtype=torch.long)
+                isum = (u[n, 32 * b:32 * b + 32] * q).sum()
+                total = total + ((isum.float() - z[n, b].float() * q.sum().float()) * s[n, b].float()) * d
+            y[m, n] = total
     _assert_same_bits(ops.int4_a8_reference(x, packed, s, z, 32), y)
+
+
+def test_tiles_layout_and_the_op_without_tiles():
+    """ops.int4_a8_tiles is the layout the header states; the operator makes it itself when not given one."""
+    x, packed, s, z = _args(3, 64, 20, 32)
+    t = ops.int4_a8_tiles(packed, s, z, 32)
+    assert t.dtype == torch.uint8 and t.numel() == 2 * 2 * (256 + 16 * 2 * 2)  # 2 tiles (20 rows), 2 blocks
+    blob = t.view(2, 2, 256 + 64)
+    tile, block, row = 1, 1, 3  # weight row 19, columns 32..63
+    nibbles = blob[tile, block, :256].view(4, 16, 4)[:, row].reshape(-1)
+    assert torch.equal(nibbles, packed[16 + row, 16:32])
+    assert torch.equal(blob[tile, block, 256:288].clone().view(torch.float16)[row], s[16 + row, 1])
+    assert torch.equal(blob[tile, block, 288:320].clone().view(torch.float16)[row], z[16 + row, 1])
+    assert not blob[tile, :, :256].view(2, 4, 16, 4)[:, :, 4:].any()  # rows 20..31 are zero
+    _assert_same_bits(op(x, packed, s, z, 32, t), op(x, packed, s, z, 32))
 
 
 def test_float16_and_float32_scales_give_the_same_bits_for_the_same_values():
@@ -187,6 +195,8 @@ def test_fake_tensors_and_compile():
     (lambda x, p, s, z: (x, p, s, z.float(), 32), r"zero must match scale"),
     (lambda x, p, s, z: (x[:, :32], p, s, z, 32), r"x has 32 features but the packed weight expects 64"),
     (lambda x, p, s, z: (x.long(), p, s, z, 32), r"x must be floating point"),
+    (lambda x, p, s, z: (x, p, s, z, 32, torch.zeros(7, dtype=torch.uint8)),
+     r"tiles must be the uint8 \(640,\) layout int4_a8_tiles makes of these weights, got torch.uint8 \(7,\)"),
 ])
 def test_bad_input_is_named(args, match):
     x, packed, s, z = _args(2, 64, 5, 32)
@@ -197,7 +207,7 @@ def test_bad_input_is_named(args, match):
 def test_reference_in_chunks_gives_the_same_bits(monkeypatch):
     x, packed, s, z = _args(5, 2048, 7, 64)
     whole = ops.int4_a8_reference(x, packed, s, z, 64)
-    monkeypatch.setattr(ops, "_LANE_SUMS", 1)  # one lane group of 16 blocks at a time
+    monkeypatch.setattr(ops, "_LANE_SUMS", 1)  # one block at a time
     _assert_same_bits(ops.int4_a8_reference(x, packed, s, z, 64), whole)
     _assert_same_bits(whole, op(x, packed, s, z, 64))
 

@@ -159,3 +159,26 @@ def test_refusals_name_the_argument(llama_dir):
         set_activation_bits(group16, 8)
     assert activation_bits(group16) == {16}  # nothing switched
     assert set_activation_bits(group16, 16) > 0
+
+
+def test_the_kernel_layout_is_kept_while_on_remade_when_the_weights_change_and_freed_when_off(llama_dir):
+    model = _int4(llama_dir)
+    layer = model.model.layers[1].mlp.up_proj
+    assert layer._a8 is None
+    set_activation_bits(model, 8)
+    tiles = layer._a8
+    assert tiles is not None and tiles.numel() == layer.weight.numel() + layer.weight_scale.numel() * 2 * 2
+    x = torch.randn(2, layer.in_features)
+    with torch.no_grad():
+        y = layer(x)
+        assert layer._a8 is tiles  # reused
+        with torch.inference_mode():
+            layer.weight[0] = 0x77  # changed in place: every weight of row 0 dequantizes to -1 * scale
+        changed = layer(x)
+    assert layer._a8 is not tiles and not torch.equal(changed[:, 0], y[:, 0]) and torch.equal(changed[:, 1:], y[:, 1:])
+    want = ops.int4_linear_a8(x, layer.weight, layer.weight_scale, layer.zero_point, 32)
+    assert torch.equal(changed, want + layer.bias if layer.bias is not None else want)
+    model.float()  # _apply: the layout is dropped and remade on the next call
+    assert layer._a8 is None
+    set_activation_bits(model, 16)
+    assert all(m._a8 is None for m in _layers(model))
