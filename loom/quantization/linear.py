@@ -243,13 +243,15 @@ class Int4Linear(_QuantLinear):
         nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
         more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
         layout (`weight`...) is what the state dict holds, unchanged."""
-        zero = self.zero_point
-        stamp = tuple(v for t in (self.weight, self.weight_scale, zero) for v in (t, None if t is None else _version(t)))
-        old = getattr(self, "_a8_stamp", None)
-        if old is None or not all(a is b if torch.is_tensor(a) or a is None else a == b for a, b in zip(old, stamp)):
-            self._a8 = ops.int4_a8_tiles(self.weight.contiguous(), self.weight_scale.contiguous(),
-                                         None if zero is None else zero.contiguous(), self.group_size)
-            self._a8_stamp = stamp
+        w, s, z = self.weight, self.weight_scale, self.weight_zero if self.asymmetric else None
+        old = self._a8_stamp
+        # per call (a decode step's hot path): identity and in-place version of the three tensors
+        if (old is not None and old[0] is w and old[1] is s and old[2] is z and old[3] == _version(w)
+                and old[4] == _version(s) and (z is None or old[5] == _version(z))):
+            return self._a8
+        self._a8 = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
+                                     self.group_size)
+        self._a8_stamp = (w, s, z, _version(w), _version(s), None if z is None else _version(z))
         return self._a8
 
     def drop_a8_tiles(self) -> None:
