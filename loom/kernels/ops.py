@@ -923,6 +923,11 @@ def _a8_tile_bytes(n, k, scale, zero) -> int:
     return -(-n // _A8_ROWS) * (k // _A8_BLOCK) * (256 + _A8_ROWS * ssz * (1 if zero is None else 2))
 
 
+def int4_a8_tile_bytes(packed, scale, zero) -> int:
+    """The size of int4_a8_tiles' layout for these weights."""
+    return _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
+
+
 def _int4_a8_checks(x, packed, scale, zero, group_size, tiles) -> None:
     op = "int4_linear_a8"
     _check(group_size % _A8_BLOCK == 0, op,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loom.kernels import ops
 from loom.kernels.memory import back_with_huge_pages
 from loom.quantization.linear import Int4Linear
 
@@ -57,17 +58,15 @@ def _make_tiles(layers: list[Int4Linear]) -> None:
     buffer backed by 2 MiB pages where Linux allows (as the loader does for the weights themselves: a decode step
     streams them, and with 4 KiB pages the same bytes read 1.6x slower; most layers' tiles are far smaller than a
     huge page on their own)."""
-    tiles = [m.a8_tiles() for m in layers]
-    if not tiles:
+    sizes = [ops.int4_a8_tile_bytes(m.weight, m.weight_scale, m.zero_point) for m in layers]
+    if not layers:
         return
-    arena = torch.empty(sum(t.numel() for t in tiles), dtype=torch.uint8)
-    back_with_huge_pages([arena])
+    arena = torch.empty(sum(sizes), dtype=torch.uint8)
+    back_with_huge_pages([arena])  # before the pages are first written
     offset = 0
-    for m, t in zip(layers, tiles):
-        view = arena[offset:offset + t.numel()]
-        view.copy_(t)
-        m._a8 = view
-        offset += t.numel()
+    for m, size in zip(layers, sizes):  # one layer's temporary copy at a time
+        m.a8_tiles(out=arena[offset:offset + size])
+        offset += size
 
 
 def activation_bits(model: nn.Module) -> set[int]:

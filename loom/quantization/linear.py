@@ -238,21 +238,24 @@ class Int4Linear(_QuantLinear):
     def _matmul(self, x):
         return kernels.int4_matmul(x, self)
 
-    def a8_tiles(self) -> torch.Tensor:
+    def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
         nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
         more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
-        layout (`weight`...) is what the state dict holds, unchanged."""
+        layout (`weight`...) is what the state dict holds, unchanged. `out`: remake it into this uint8 buffer of
+        the right size (set_activation_bits puts every layer's into one)."""
         w, s, z = self.weight, self.weight_scale, self.weight_zero if self.asymmetric else None
         old = self._a8_stamp
         # per call (a decode step's hot path): identity and in-place version of the three tensors
-        if (old is not None and old[0] is w and old[1] is s and old[2] is z and old[3] == _version(w)
-                and old[4] == _version(s) and (z is None or old[5] == _version(z))):
+        if (out is None and old is not None and old[0] is w and old[1] is s and old[2] is z
+                and old[3] == _version(w) and old[4] == _version(s) and (z is None or old[5] == _version(z))):
             return self._a8
-        self._a8 = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
-                                     self.group_size)
-        self._a8_stamp = (w, s, z, _version(w), _version(s), None if z is None else _version(z))
-        return self._a8
+        tiles = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
+                                  self.group_size)
+        if out is not None:
+            tiles = out.copy_(tiles)
+        self._a8, self._a8_stamp = tiles, (w, s, z, _version(w), _version(s), None if z is None else _version(z))
+        return tiles
 
     def drop_a8_tiles(self) -> None:
         self._a8 = self._a8_stamp = None

@@ -168,6 +168,8 @@ def test_the_kernel_layout_is_kept_while_on_remade_when_the_weights_change_and_f
     set_activation_bits(model, 8)
     tiles = layer._a8
     assert tiles is not None and tiles.numel() == layer.weight.numel() + layer.weight_scale.numel() * 2 * 2
+    # every layer's layout in one buffer (backed by huge pages where Linux allows)
+    assert len({m._a8.untyped_storage().data_ptr() for m in _layers(model)}) == 1
     x = torch.randn(2, layer.in_features)
     with torch.no_grad():
         y = layer(x)
