@@ -108,7 +108,8 @@ static inline __attribute__((always_inline)) void a8_tile(const a8_job *j, long 
             hi[q] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
         }
         const uint8_t *ps = p + 256;
-        __m512 s = j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ps)) : _mm512_loadu_ps((const float *)ps);
+        __m512 s = j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ps))
+                           : _mm512_loadu_ps((const float *)ps);
         __m512 z = !j->hz ? _mm512_set1_ps(8.0f)
                    : j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 32)))
                              : _mm512_loadu_ps((const float *)(ps + 64));
