@@ -144,7 +144,7 @@ def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
             and x.is_floating_point()):
         # decode sizes with 8-bit activations: the operator (its C kernel, or its torch path with the same bits
         # where the kernels are off); more rows (prefill) keep the int16 blocked GEMM below
-        if x.device.type == "cpu":
+        if x.is_cpu:
             return ops.int4_linear_a8(x, module.weight, module.weight_scale, zero, module.group_size,
                                       module.a8_tiles())
         return ops.int4_a8_reference(x, module.weight, module.weight_scale, zero, module.group_size)

@@ -244,11 +244,12 @@ class Int4Linear(_QuantLinear):
         more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
         layout (`weight`...) is what the state dict holds, unchanged. `out`: remake it into this uint8 buffer of
         the right size (set_activation_bits puts every layer's into one)."""
-        w, s, z = self.weight, self.weight_scale, self.weight_zero if self.asymmetric else None
+        buffers = self._buffers
+        w, s, z = buffers["weight"], buffers["weight_scale"], buffers["weight_zero"] if self.asymmetric else None
         old = self._a8_stamp
         # per call (a decode step's hot path): identity and in-place version of the three tensors
         if (out is None and old is not None and old[0] is w and old[1] is s and old[2] is z
-                and old[3] == _version(w) and old[4] == _version(s) and (z is None or old[5] == _version(z))):
+                and old[3:] == (_version(w), _version(s), None if z is None else _version(z))):
             return self._a8
         tiles = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
                                   self.group_size)
