@@ -912,6 +912,159 @@ int4_linear = _define("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor
                       _int4_cpu, _int4_fake, _int4_backward, _quant_setup, grad_args=(0, 2, 3))
 
 
+# -- int4 weights x 8-bit activations (opt-in decode kernel, csrc/int4a8.c) ----------------------------------------
+_A8_BLOCK = 32
+_A8_ROWS = 16  # weight rows per tile of the kernel's layout
+_A8_TINY = 1e-30  # csrc/int4a8.c A8_TINY: a block with a smaller max|x| counts as zero
+
+
+def _a8_tile_bytes(n, k, scale, zero) -> int:
+    ssz = 2 if scale.dtype == torch.float16 else 4
+    return -(-n // _A8_ROWS) * (k // _A8_BLOCK) * (256 + _A8_ROWS * ssz * (1 if zero is None else 2))
+
+
+def int4_a8_tile_bytes(packed, scale, zero) -> int:
+    """The size of int4_a8_tiles' layout for these weights."""
+    return _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
+
+
+def _int4_a8_checks(x, packed, scale, zero, group_size, tiles) -> None:
+    op = "int4_linear_a8"
+    _check(group_size % _A8_BLOCK == 0, op,
+           f"group_size={group_size} must be a multiple of 32 (8-bit activations are scaled per block of 32)")
+    _int4_param_checks(op, packed, scale, zero, group_size)
+    _check_strided(op, x=x, tiles=tiles)
+    _check(x.is_floating_point(), op, f"x must be floating point, got {x.dtype}")
+    _check(x.dim() >= 1 and x.shape[-1] == packed.shape[1] * 2, op,
+           f"x has {x.shape[-1] if x.dim() else 0} features but the packed weight expects {packed.shape[1] * 2}")
+    if tiles is not None:
+        want = _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
+        _check(tiles.dtype == torch.uint8 and tiles.dim() == 1 and tiles.numel() == want, op,
+               f"tiles must be the uint8 ({want},) layout int4_a8_tiles makes of these weights, got "
+               f"{tiles.dtype} {tuple(tiles.shape)}")
+
+
+def int4_a8_tiles(packed, scale, zero, group_size):
+    """The saved int4 layout (packed (N, K/2), scale and zero (N, K/G)) -> the uint8 stream csrc/int4a8.c reads
+    (its header): per tile of 16 rows and block of 32 columns, 256 bytes of nibbles (vector j, lane r = bytes
+    4j..4j+3 of row r's block), then the 16 rows' scales and zeros in their stored dtype (repeated per block where
+    a group spans several). Rows past N are zero."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    nb, tiles = k // _A8_BLOCK, -(-n // _A8_ROWS)
+    if tiles == 0 or nb == 0:
+        return packed.new_zeros(0)
+    pad = tiles * _A8_ROWS - n
+    w = F.pad(packed, (0, 0, 0, pad)).view(tiles, _A8_ROWS, nb, 4, 4).permute(0, 2, 3, 1, 4)  # (T, nb, j, r, e)
+    parts = [w.reshape(tiles, nb, 256)]
+    for p in (scale,) if zero is None else (scale, zero):
+        e = F.pad(p.repeat_interleave(group_size // _A8_BLOCK, dim=1), (0, 0, 0, pad))  # (T * 16, nb)
+        e = e.view(tiles, _A8_ROWS, nb).transpose(1, 2).contiguous()  # (T, nb, 16)
+        parts.append(e.view(torch.uint8).view(tiles, nb, -1))
+    return torch.cat(parts, dim=2).reshape(-1)
+
+
+def int4_a8_quantize_activations(xf):
+    """float32 rows (M, K) -> (q (M, K/32, 32) float32 integers in [-127, 127], d (M, K/32) float32 block scales)
+    as csrc/int4a8.c rounds them: d = amax / 127 and q = round_half_even(x * (127 / amax)) per block of 32, blocks
+    with amax < 1e-30 zero."""
+    m, k = xf.shape
+    xb = xf.view(m, k // _A8_BLOCK, _A8_BLOCK)
+    amax = xb.abs().amax(2)
+    live = amax >= _A8_TINY
+    safe = torch.where(live, amax, 1.0)
+    c127 = torch.full_like(safe, 127.0)  # tensor / tensor: `127.0 / t` would multiply by t's reciprocal
+    inv = torch.where(live, torch.div(c127, safe), 0.0)  # float32 division, as the C code's 127.0f / amax
+    d = torch.where(live, torch.div(safe, c127), 0.0)
+    return torch.round(xb * inv[:, :, None]), d
+
+
+def int4_a8_reference(x, packed, scale, zero, group_size):
+    """loom::int4_linear_a8 in torch ops with csrc/int4a8.c's arithmetic (its header), so the result is
+    bit-identical: int8 activations per block of 32, exact integer block products (float32 products of integers
+    whose sums stay below 2^24), v = ((isum - zero * qsum) * scale) * d per block in float32, added block by block
+    from +0. Rows holding inf/NaN take a float product with the dequantized weight (their results are inf/NaN
+    whatever the order). Memory: the block products of as many blocks as fit in 64 MB at a time."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    lead = x.shape[:-1]
+    xf = x.reshape(-1, k).float()
+    m, nb = xf.shape[0], k // _A8_BLOCK
+    if m == 0 or n == 0 or nb == 0:
+        return xf.new_zeros(*lead, n).to(x.dtype)
+    finite = torch.isfinite(xf).all(1)
+    q, d = int4_a8_quantize_activations(torch.where(finite[:, None], xf, 0.0))
+    qsum = q.sum(2)  # exact: at most 32 * 127
+    u = unpack_int4(packed).float().view(n, nb, _A8_BLOCK)
+    per = group_size // _A8_BLOCK
+    s = scale.float().repeat_interleave(per, dim=1).t()  # (blocks, N)
+    z = torch.full_like(s, 8.0) if zero is None else zero.float().repeat_interleave(per, dim=1).t()
+    qt, ut, qst, dt = q.transpose(0, 1), u.permute(1, 2, 0), qsum.t(), d.t()
+    y = torch.zeros(m, n)
+    chunk = max(1, _LANE_SUMS // (m * n))
+    for b0 in range(0, nb, chunk):
+        b1 = min(b0 + chunk, nb)
+        isum = torch.bmm(qt[b0:b1], ut[b0:b1])  # (blocks, M, N), exact integers
+        v = isum - z[b0:b1, None, :] * qst[b0:b1, :, None]
+        v = (v * s[b0:b1, None, :]) * dt[b0:b1, :, None]
+        for b in range(b1 - b0):
+            y += v[b]
+    if not bool(finite.all()):
+        bad = ~finite
+        y[bad] = F.linear(xf[bad], int4_dequantize_reference(packed, scale, zero))
+    return y.view(*lead, n).to(x.dtype)
+
+
+def _int4_a8_cpu(x, packed, scale, zero, group_size, tiles=None):
+    if not (x.is_floating_point() and packed.dtype == torch.uint8 and packed.dim() == 2 and x.dim() >= 1
+            and x.shape[-1] == packed.shape[1] * 2 and group_size > 0 and group_size % 32 == 0
+            and x.shape[-1] % group_size == 0 and scale.dtype in _SCALES and scale.dim() == 2
+            and scale.shape[0] == packed.shape[0] and scale.shape[1] * group_size == x.shape[-1]
+            and (zero is None or (zero.dtype == scale.dtype and zero.shape == scale.shape
+                                  and zero.layout == _STRIDED))
+            and x.layout == _STRIDED and packed.layout == _STRIDED and scale.layout == _STRIDED
+            and (tiles is None or (tiles.dtype == torch.uint8 and tiles.dim() == 1 and tiles.layout == _STRIDED
+                                   and tiles.numel() == _a8_tile_bytes(packed.shape[0], x.shape[-1], scale,
+                                                                       zero)))):
+        _int4_a8_checks(x, packed, scale, zero, group_size, tiles)
+    lib = build.library()
+    if lib is None:
+        return int4_a8_reference(x, packed, scale, zero, group_size)
+    w, s = packed.contiguous(), scale.contiguous()
+    z = None if zero is None else zero.contiguous()
+    # without the layout from the caller (a module keeps one), it is made here: a pass over the weight per call
+    t = int4_a8_tiles(w, s, z, group_size) if tiles is None else tiles.contiguous()
+    m, n, k = math.prod(x.shape[:-1]), w.shape[0], w.shape[1] * 2
+    xf = x if x.dtype is _F32 and x.is_contiguous() else x.reshape(m, k).to(_F32).contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=_F32)
+    if m and lib.loom_int4_a8_gemm(xf.data_ptr(), t.data_ptr(), w.data_ptr(), s.data_ptr(),
+                                   None if z is None else z.data_ptr(), s.dtype == torch.float16, y.data_ptr(),
+                                   m, n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int4_linear_a8: could not allocate {m}x{k} int8 activation scratch")
+    return y if x.dtype == _F32 else y.to(x.dtype)
+
+
+def _int4_a8_fake(x, packed, scale, zero, group_size, tiles=None):
+    _int4_a8_checks(x, packed, scale, zero, group_size, tiles)
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def _int4_a8_backward(ctx, grad):
+    x, packed, scale, zero = ctx.saved_tensors
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise NotImplementedError("loom::int4_linear_a8 has no gradient for scale or zero; keep them frozen buffers")
+    w = int4_dequantize_reference(packed, scale, zero)  # the straight-through gradient of the 8-bit rounding
+    gx = (grad.float() @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
+    return gx, None, None, None, None, None
+
+
+def _int4_a8_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])  # not the tiles (a module's cache, maybe made under inference_mode)
+
+
+int4_linear_a8 = _define(
+    "int4_linear_a8(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size, Tensor? tiles=None) -> Tensor",
+    _int4_a8_cpu, _int4_a8_fake, _int4_a8_backward, _int4_a8_setup, grad_args=(0, 2, 3))
+
+
 def _dequant_cpu(packed, scale, zero, group_size):
     _int4_param_checks("int4_dequantize", packed, scale, zero, group_size)
     lib = build.library()

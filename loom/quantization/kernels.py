@@ -9,7 +9,9 @@ pass to stay accurate) and fp32 F.linear at small batches. For large batches (pr
 each have a blocked integer GEMM that never expands the whole weight (1.6-3x faster than dequantizing + F.linear;
 int4 for group sizes `loom.kernels.policy.int4_applies` takes). Elsewhere the torch paths
 below are used: fbgemm for int8 on CPU, PyTorch's int8 kernel on CUDA, dequantize-then-matmul everywhere else.
-`LOOM_QUANT_KERNEL=<name>` forces one (debugging, tests).
+`LOOM_QUANT_KERNEL=<name>` forces one (debugging, tests). An int4 Linear switched to 8-bit activations
+(`loom.quantization.set_activation_bits`) takes loom::int4_linear_a8 for products of up to MAX_ROWS rows on any CPU
+(its torch path where the kernels are off) and the torch reference of the same arithmetic elsewhere.
 """
 from __future__ import annotations
 
@@ -138,6 +140,14 @@ def int4_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtyp
 
 def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
     zero = module.zero_point
+    if (getattr(module, "activation_bits", 16) == 8 and 0 < policy.rows_of(x) <= policy.MAX_ROWS
+            and x.is_floating_point()):
+        # decode sizes with 8-bit activations: the operator (its C kernel, or its torch path with the same bits
+        # where the kernels are off); more rows (prefill) keep the int16 blocked GEMM below
+        if x.is_cpu:
+            return ops.int4_linear_a8(x, module.weight, module.weight_scale, zero, module.group_size,
+                                      module.a8_tiles())
+        return ops.int4_a8_reference(x, module.weight, module.weight_scale, zero, module.group_size)
     if module.kernel == "native" and policy.plain(x):
         if policy.int4_applies(x, module.group_size):
             return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)

@@ -198,6 +198,10 @@ class Int4Linear(_QuantLinear):
             raise ValueError(f"int4 packs two values per byte, so in_features must be even, got {in_features}")
         self.group_size = group_size
         self.asymmetric = not symmetric
+        # 16: activations rounded to int16 per row (the default); 8: int8 per block of 32 at decode sizes
+        # (loom.quantization.set_activation_bits). A runtime choice: not in the state dict or the config.
+        self.activation_bits = 16
+        self._a8 = self._a8_stamp = None  # the 8-bit kernel's layout while in use (a8_tiles)
         groups = (out_features, in_features // group_size)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         scale_dtype = torch.float16 if self.asymmetric else torch.float32
@@ -234,8 +238,40 @@ class Int4Linear(_QuantLinear):
     def _matmul(self, x):
         return kernels.int4_matmul(x, self)
 
+    def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
+        nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
+        more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
+        layout (`weight`...) is what the state dict holds, unchanged. `out`: remake it into this uint8 buffer of
+        the right size (set_activation_bits puts every layer's into one)."""
+        buffers = self._buffers
+        w, s, z = buffers["weight"], buffers["weight_scale"], buffers["weight_zero"] if self.asymmetric else None
+        old = self._a8_stamp
+        # per call (a decode step's hot path): identity and in-place version of the three tensors
+        if (out is None and old is not None and old[0] is w and old[1] is s and old[2] is z
+                and old[3:] == (_version(w), _version(s), None if z is None else _version(z))):
+            return self._a8
+        tiles = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
+                                  self.group_size)
+        if out is not None:
+            tiles = out.copy_(tiles)
+        self._a8, self._a8_stamp = tiles, (w, s, z, _version(w), _version(s), None if z is None else _version(z))
+        return tiles
+
+    def drop_a8_tiles(self) -> None:
+        self._a8 = self._a8_stamp = None
+
+    def _apply(self, fn, recurse=True):
+        self.drop_a8_tiles()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.drop_a8_tiles()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}, asymmetric={self.asymmetric}"
+        bits = ", activation_bits=8" if getattr(self, "activation_bits", 16) == 8 else ""
+        return super().extra_repr() + f", group_size={self.group_size}, asymmetric={self.asymmetric}{bits}"
 
 
 class Int8GroupLinear(_QuantLinear):

@@ -273,3 +273,24 @@ def test_bad_awq_input_is_named(llama, tmp_path):
     _edit_config(tmp_path / "a", version="gemm", group_size=32)
     with pytest.raises(ValueError, match=r"mlp\.down_proj: group_size=32 .* does not divide its in_features=48"):
         loom.LlamaForCausalLM.from_pretrained(tmp_path / "a")
+
+
+@pytest.mark.parametrize("fmt", ["gptq-act-order", "awq"])
+def test_8_bit_activations_on_gptq_and_awq_layers(tmp_path_factory, tmp_path, fmt):
+    """set_activation_bits reaches the Int4Linears a GPTQ (act-order too) or AWQ checkpoint loads into; saving
+    afterwards still writes the original tensors and config."""
+    from loom.quantization import set_activation_bits
+
+    _, ref = reference_checkpoint(tmp_path_factory, "llama", "LlamaForCausalLM", intermediate_size=64)
+    path = tmp_path / fmt
+    if fmt == "awq":
+        awq_checkpoint(ref, path, group_size=32)
+    else:
+        gptq_checkpoint(ref, path, group_size=32, desc_act=True)
+    model = loom.AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        before = model(IDS).logits  # 16 rows: the decode-size path
+        assert set_activation_bits(model, 8) == 14  # every Linear but the head
+        after = model(IDS).logits
+    assert not torch.equal(after, before) and (after - before).abs().max() <= 0.02 * before.abs().max()
+    _check_saves_back(model, path, tmp_path)

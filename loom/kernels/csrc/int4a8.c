@@ -1,0 +1,247 @@
+/* int4 group-wise weights times 8-bit activations: the opt-in decode kernel behind
+   loom.quantization.set_activation_bits(model, 8) (loom::int4_linear_a8). The default int4 kernel (int4.c) rounds
+   an activation row to int16, which costs widenings and two multiply-add steps per 4 weights; here activations are
+   int8, so the packed nibbles (unsigned bytes) multiply them directly: one vpdpbusd per 4 weights with AVX-512 VNNI,
+   vpmaddubsw (+ one vpmaddwd per block) without it. llama.cpp's Q4_0 x Q8_0 product makes the same precision trade.
+
+   The arithmetic, the same at every level, for every row count, and in the torch fallback
+   (loom/kernels/ops.py int4_a8_reference), so that all of them give bit-identical results:
+   - each activation row is cut into blocks of 32 columns. A block with amax = max|x| >= 1e-30 gets the float32
+     scale d = amax / 127 and q = round_half_even(x * (127 / amax)), integers in [-127, 127]; a block with a smaller
+     amax (zeros, denormals) gets d = 0 and q = 0. qsum = the exact sum of the block's q;
+   - per weight row and block: isum = sum of nibble * q over the block, an exact integer (|isum| <= 32 * 15 * 127),
+     then, in float32 and in this order, v = ((float(isum) - zero * float(qsum)) * scale) * d with the block's
+     group scale and zero point (8 for the symmetric layout);
+   - y = v_0 + v_1 + ... in block order, from +0, in float32.
+   Blocks of 32 (GGUF's Q8_0 block) rather than one scale per weight group: every group size the kernel takes is a
+   multiple of 32, so a block never straddles two groups and its zero point term needs only the block's qsum; the
+   per-block scale costs a few float operations per 32 columns and 16 output rows, and keeps one outlier from
+   coarsening the rounding of a whole group.
+   Rows holding inf or NaN have no int8 scale: they take the int16 kernel (loom_int4_gemm on the saved layout),
+   whose exact path propagates inf and NaN as a float matmul does.
+
+   Layout ("tiles", made from the saved layout by ops.int4_a8_tiles and kept beside it while 8-bit activations are
+   on): 16 weight rows at a time, block by block, so that vector lanes are output rows and nothing is reduced
+   horizontally (llama.cpp repacks Q4_0 the same way for AVX-512). Per tile and block, A8_BLOCK_BYTES(ssz, hz):
+   256 bytes of nibbles, 4 vectors of 64: vector j, lane r = bytes 4j..4j+3 of row r's 16 bytes of the block (low
+   nibbles: columns 8j, 8j+2, 8j+4, 8j+6; high: the odd ones); then the 16 rows' scales (float16 or float32, as
+   stored) and, with zero points, their 16 zeros. An activation block is stored as 8 int32: the 4 even-column and 4
+   odd-column bytes of each j, broadcast against the masked nibbles. The tile stream (about the saved weight's
+   bytes; more where a group spans several blocks, as its scale is repeated per block) is read once from memory per
+   call; up to A8_MB activation rows per pass over a tile, the later passes from L1. */
+#include "common.h"
+
+#define A8_TINY 1e-30f /* below this block amax, 127 / amax could overflow: the block counts as zero */
+#define A8_PF 4        /* prefetch distance in blocks */
+#define A8_ROWS 16     /* weight rows per tile */
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__)
+#define A8_MB 4
+#else
+#define A8_MB 2
+#endif
+
+typedef struct {
+    const int32_t *xq; const float *d, *qs; const long *rows; const uint8_t *tiles; int half, hz;
+    float *y; long Mq, N, nb, bs;
+} a8_job;
+
+/* one block of 32 activations -> 8 int32 of (even, odd) column quads, as the header says; returns d, sets *qsum */
+static float a8_block(const float *x, int32_t *out, float *qsum) {
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 v[4], mx = _mm256_setzero_ps();
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        mx = _mm256_max_ps(mx, _mm256_and_ps(v[i], absmask));
+    }
+    float t[8];
+    _mm256_storeu_ps(t, mx);
+    float amax = 0;
+    for (int i = 0; i < 8; i++) amax = t[i] > amax ? t[i] : amax;
+    if (!(amax >= A8_TINY)) {
+        memset(out, 0, 32);
+        *qsum = 0;
+        return 0.0f;
+    }
+    const __m256 inv = _mm256_set1_ps(127.0f / amax);
+    int32_t r[32], s = 0;
+    for (int i = 0; i < 4; i++) /* cvtps rounds to nearest even, as torch.round */
+        _mm256_storeu_si256((__m256i *)(r + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+    int8_t *o = (int8_t *)out;
+    for (int j = 0; j < 4; j++)
+        for (int e = 0; e < 4; e++) {
+            o[8 * j + e] = (int8_t)r[8 * j + 2 * e];
+            o[8 * j + 4 + e] = (int8_t)r[8 * j + 2 * e + 1];
+        }
+    for (int c = 0; c < 32; c++) s += r[c];
+    *qsum = (float)s;
+    return amax / 127.0f;
+}
+
+#if A8_MB == 4
+#if defined(__AVX512VNNI__)
+/* inline asm: with the intrinsic gcc copied every accumulator to another register and back (as in int4.c) */
+static inline __m512i a8_dpbusd(__m512i acc, __m512i w, __m512i x) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+    return acc;
+}
+#endif
+
+/* tile t (rows 16t..16t+15) against activation rows i0..i0+MB-1 */
+static inline __attribute__((always_inline)) void a8_tile(const a8_job *j, long t, long i0, int MB) {
+    long nb = j->nb, bs = j->bs;
+    const uint8_t *tile = j->tiles + t * nb * bs;
+    const __m512i m4 = _mm512_set1_epi8(15);
+    __m512 f[A8_MB];
+    for (int m = 0; m < A8_MB; m++) f[m] = _mm512_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * bs;
+        _mm_prefetch((const char *)(p + A8_PF * bs), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + A8_PF * bs + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + A8_PF * bs + 128), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + A8_PF * bs + 192), _MM_HINT_T0);
+        _mm_prefetch((const char *)(p + A8_PF * bs + 256), _MM_HINT_T0);
+        __m512i lo[4], hi[4];
+        for (int q = 0; q < 4; q++) {
+            __m512i w = _mm512_loadu_si512((const void *)(p + 64 * q));
+            lo[q] = _mm512_and_si512(w, m4);
+            hi[q] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+        }
+        const uint8_t *ps = p + 256;
+        __m512 s = j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ps))
+                           : _mm512_loadu_ps((const float *)ps);
+        __m512 z = !j->hz ? _mm512_set1_ps(8.0f)
+                   : j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 32)))
+                             : _mm512_loadu_ps((const float *)(ps + 64));
+        for (int m = 0; m < MB; m++) {
+            const int32_t *xb = j->xq + (i0 + m) * nb * 8 + b * 8;
+#if defined(__AVX512VNNI__)
+            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+            for (int q = 0; q < 4; q++) {
+                a0 = a8_dpbusd(a0, lo[q], _mm512_set1_epi32(xb[2 * q]));
+                a1 = a8_dpbusd(a1, hi[q], _mm512_set1_epi32(xb[2 * q + 1]));
+            }
+            __m512i isum = _mm512_add_epi32(a0, a1);
+#else
+            /* int16 pair sums of at most 2 * 15 * 127 each, 8 of them 30480: no saturation */
+            __m512i p16 = _mm512_setzero_si512();
+            for (int q = 0; q < 4; q++) {
+                p16 = _mm512_add_epi16(p16, _mm512_maddubs_epi16(lo[q], _mm512_set1_epi32(xb[2 * q])));
+                p16 = _mm512_add_epi16(p16, _mm512_maddubs_epi16(hi[q], _mm512_set1_epi32(xb[2 * q + 1])));
+            }
+            __m512i isum = _mm512_madd_epi16(p16, _mm512_set1_epi16(1));
+#endif
+            long k = (i0 + m) * nb + b;
+            __m512 v = _mm512_sub_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(z, _mm512_set1_ps(j->qs[k])));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_set1_ps(j->d[k]));
+            f[m] = _mm512_add_ps(f[m], v);
+        }
+    }
+    long n0 = t * A8_ROWS, left = j->N - n0;
+    __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int m = 0; m < MB; m++) _mm512_mask_storeu_ps(j->y + j->rows[i0 + m] * j->N + n0, mask, f[m]);
+}
+#else
+static inline __attribute__((always_inline)) void a8_tile(const a8_job *j, long t, long i0, int MB) {
+    long nb = j->nb, bs = j->bs;
+    const uint8_t *tile = j->tiles + t * nb * bs;
+    const __m256i m4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    __m256 f[A8_MB][2];
+    for (int m = 0; m < A8_MB; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * bs;
+        for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
+        const uint8_t *ps = p + 256;
+        for (int h = 0; h < 2; h++) { /* rows 8h..8h+7: the h-th 32 bytes of each 64-byte vector */
+            __m256 s = j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 16 * h)))
+                               : _mm256_loadu_ps((const float *)ps + 8 * h);
+            __m256 z = !j->hz ? _mm256_set1_ps(8.0f)
+                       : j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 32 + 16 * h)))
+                                 : _mm256_loadu_ps((const float *)(ps + 64) + 8 * h);
+            __m256i lo[4], hi[4];
+            for (int q = 0; q < 4; q++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * q + 32 * h));
+                lo[q] = _mm256_and_si256(w, m4);
+                hi[q] = _mm256_and_si256(_mm256_srli_epi16(w, 4), m4);
+            }
+            for (int m = 0; m < MB; m++) {
+                const int32_t *xb = j->xq + (i0 + m) * nb * 8 + b * 8;
+                __m256i p16 = _mm256_setzero_si256();
+                for (int q = 0; q < 4; q++) {
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(lo[q], _mm256_set1_epi32(xb[2 * q])));
+                    p16 = _mm256_add_epi16(p16, _mm256_maddubs_epi16(hi[q], _mm256_set1_epi32(xb[2 * q + 1])));
+                }
+                long k = (i0 + m) * nb + b;
+                __m256 v = _mm256_sub_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones)),
+                                         _mm256_mul_ps(z, _mm256_set1_ps(j->qs[k])));
+                v = _mm256_mul_ps(_mm256_mul_ps(v, s), _mm256_set1_ps(j->d[k]));
+                f[m][h] = _mm256_add_ps(f[m][h], v);
+            }
+        }
+    }
+    long n0 = t * A8_ROWS, left = j->N - n0;
+    for (int m = 0; m < MB; m++) {
+        float out[16];
+        _mm256_storeu_ps(out, f[m][0]);
+        _mm256_storeu_ps(out + 8, f[m][1]);
+        memcpy(j->y + j->rows[i0 + m] * j->N + n0, out, sizeof(float) * (left >= 16 ? 16 : left));
+    }
+}
+#endif
+
+static void a8_tiles(const void *p, long begin, long end) {
+    const a8_job *j = p;
+    for (long t = begin; t < end; t++) {
+        for (long i = 0; i < j->Mq; i += A8_MB) {
+            switch (j->Mq - i < A8_MB ? j->Mq - i : A8_MB) {
+            case 1: a8_tile(j, t, i, 1); break;
+#if A8_MB == 4
+            case 2: a8_tile(j, t, i, 2); break;
+            case 3: a8_tile(j, t, i, 3); break;
+#endif
+            default: a8_tile(j, t, i, A8_MB); break;
+            }
+        }
+    }
+}
+
+static int row_finite(const float *x, long K) {
+    int ok = 1;
+    for (long k = 0; k < K; k++) ok &= fabsf(x[k]) <= 3.4028235e38f; /* false for inf and NaN */
+    return ok;
+}
+
+/* tiles: the layout of the header for N rows and K / 32 blocks, scales float16 (half = 1) or float32, zero points
+   present (hz = 1) or 8; w, scale, zero: the saved layout, for rows holding inf/NaN. Needs G % 32 == 0 and
+   K % G == 0 (the operator checks). Scratch: M * K * 1.25 bytes. Returns 0, or -1 when out of memory. */
+int loom_int4_a8_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero,
+                      int half, float *y, long M, long N, long K, long G, int threads) {
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0) {
+        memset(y, 0, sizeof(float) * M * N);
+        return 0;
+    }
+    long nb = K / 32, Mq = 0, ssz = half ? 2 : 4;
+    int hz = zero != NULL;
+    char *buf = malloc(sizeof(long) * M + sizeof(float) * 2 * M * nb + sizeof(int32_t) * M * nb * 8);
+    if (!buf) return -1;
+    long *rows = (long *)buf;
+    float *d = (float *)(rows + M), *qs = d + M * nb;
+    int32_t *xq = (int32_t *)(qs + M * nb);
+    for (long m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        if (!row_finite(xm, K)) continue;
+        for (long b = 0; b < nb; b++) d[Mq * nb + b] = a8_block(xm + 32 * b, xq + (Mq * nb + b) * 8, qs + Mq * nb + b);
+        rows[Mq++] = m;
+    }
+    a8_job job = {xq, d, qs, rows, tiles, half, hz, y, Mq, N, nb, 256 + A8_ROWS * ssz * (1 + hz)};
+    long ntiles = (N + A8_ROWS - 1) / A8_ROWS;
+    if (Mq) parallel_run(a8_tiles, &job, ntiles, chunk_for(ntiles, threads), threads);
+    int failed = 0;
+    for (long m = 0, i = 0; m < M && !failed; m++) {
+        if (i < Mq && rows[i] == m) i++;
+        else failed = loom_int4_gemm(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+    }
+    free(buf);
+    return failed ? -1 : 0;
+}
