@@ -7,15 +7,12 @@ inf/NaN rows, threads, gradients, fake tensors and bad input."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loomtest import kernels_on
+from loomtest import kernels_on, run_at_level
 
 from loom.kernels import build, ops
 
@@ -234,11 +231,7 @@ LEVEL_CASES = [(m, k, n, g, sym) for m in (1, 2, 3, 4, 5, 8, 16) for (k, n, g, s
 
 
 def _run_level(level: str) -> dict:
-    env = {**os.environ, build.ENV: level}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps(LEVEL_CASES)], capture_output=True, text=True,
-                          timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_at_level(_CHILD, level, json.dumps(LEVEL_CASES))
 
 
 def test_every_supported_level_and_the_kernels_off_give_the_same_bits():
