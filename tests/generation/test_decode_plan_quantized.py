@@ -56,6 +56,10 @@ def _quantized(kind: str, model_type: str = "llama", dtype=torch.float32, head: 
     """A tiny model whose decoder layers' projections are all `kind` ("mixed": the kinds in turn, plain kernel
     Linears among them), its head too where `head`."""
     model = _model(model_type, dtype, intermediate_size=64, **overrides)
+    gen = torch.Generator().manual_seed(1)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):  # initialised to zeros: give them values, so that adding them is checked
+            p.data.copy_(torch.randn(p.shape, generator=gen))
     if kind in ("int8", "int4", "int4_sym") and model_type in ("llama", "qwen2", "qwen3"):
         quantize_(model, WeightOnlyConfig(bits=8 if kind == "int8" else 4, group_size=None if kind == "int8" else 16,
                                           symmetric=kind == "int4_sym" if kind != "int8" else None,
