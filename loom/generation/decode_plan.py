@@ -9,12 +9,22 @@ activation and the routing in torch) and the final norm and head as module calls
 model's forward computes (the chain reaches the same kernels, and the activation, the routing, the embedding lookup
 and the rotary tables are torch's own ops or the model's own methods).
 
+The projections (attention's q, k, v, o; a dense MLP's gate, up, down) may be loom's plain kernel Linears or its
+weight-only quantized ones (`Int8Linear`, `Int4Linear` symmetric or asymmetric, `Int8GroupLinear` as GGUF's Q8_0
+loads), in any mix: a quantized one runs, inside the same C call, the kernel its module's operator calls at decode
+sizes (loom_int8_gemm, loom_int4_gemm, loom_int8_group_gemm, with the same arguments and threads), its product cast
+and its bias added as the module does, so the bits are the module's. The plan takes such a module only where its
+kernel choice is that C kernel ("native"; group-wise int8 also "torch", the same operator), its buffers are
+contiguous, and every instance attribute it holds is one the plan knows; it records those attributes' values and
+re-checks them at every step, with the modules' buffers (replaced, or their memory swapped).
+
 Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
-skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
-the attention implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's
-buffers and length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the
-model's forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach,
-hidden states or attentions asked for, quantized or adapter Linears, variant layers).
+skips, a replaced module, parameter, quantized Linear's buffer or forward, a quantized Linear's settings or an
+attribute added to one, train mode, grad mode, torch.compile / tracing / dispatch modes, the attention
+implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's buffers and
+length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the model's
+forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach, hidden
+states or attentions asked for, adapter Linears, other quantizers' Linears, variant layers).
 """
 from __future__ import annotations
 

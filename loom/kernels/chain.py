@@ -10,7 +10,9 @@ dynamic cache grows: `set_cache`). What a layer computes, and the rounding of ev
 loom::decode_layer_attention's (with Qwen3's per-head q/k norms: loom::rms_norm's), then the activation and product
 (torch's own ops), then loom::dense_linear's down projection and torch's residual add; a MoE layer's router is
 loom::dense_linear's, its experts loom::moe_gate_up's and loom::moe_down's, its routing the module's own torch ops:
-bitwise what the modules give.
+bitwise what the modules give. A projection given as `Quantized` (loom's int8, group-wise int8 or int4 weight-only
+layouts) runs loom::int8_linear's, loom::int8_group_linear's or loom::int4_linear's kernel instead, its product cast
+to the dtype and its bias added as the quantized module's `y + bias` rounds.
 """
 from __future__ import annotations
 
