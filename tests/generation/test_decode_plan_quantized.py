@@ -7,7 +7,6 @@ middle of a generate, by falling back to the forward. With the kernels off no pl
 level gives the same bits as the forward at that level."""
 from __future__ import annotations
 
-import json
 import os
 import textwrap
 

@@ -85,8 +85,9 @@ void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
 
 /* How a chain's projection stores its weight: in the layer's dtype (kind 0: loom_dense_gemm, the weight w and bias
    in the dtype), or quantized as loom's weight-only Linears hold it (loom/quantization/linear.py): kind 1 int8 with a
-   float32 scale per row (loom_int8_gemm), 2 int8 with a float16/float32 scale per `group` inputs (loom_int8_group_gemm),
-   3 packed int4 with such scales and zero points or none (symmetric: zero 8; loom_int4_gemm). A quantized projection
+   float32 scale per row (loom_int8_gemm), 2 int8 with a float16/float32 scale per `group` inputs
+   (loom_int8_group_gemm), 3 packed int4 with such scales and zero points or none (symmetric: zero 8;
+   loom_int4_gemm). A quantized projection
    runs exactly as its module's operator does (loom::int8_linear, loom::int8_group_linear, loom::int4_linear): the
    input as float32, the kernel's float32 product, cast to the dtype (round to nearest even, NaN 0x7fc0 as torch's
    cast), then the module's `y + bias` as torch's add rounds it. */
@@ -334,8 +335,8 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
     }
     if (n) {
         status |= layer_attention(s->x, s->x, n->h2, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->ln1, n->ln2,
-                                  n->eps, n->qn, n->kn, n->qk_eps, n->w, n->b, n->q, s->cos, s->sin, s->cs_sb, n->kc, n->vc,
-                                  n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
+                                  n->eps, n->qn, n->kn, n->qk_eps, n->w, n->b, n->q, s->cos, s->sin, s->cs_sb, n->kc,
+                                  n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
         if (n->E) {
             status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->logits, bf16, s->B, n->E,
                                       n->hidden, s->threads);
