@@ -16,7 +16,8 @@ sizes (loom_int8_gemm, loom_int4_gemm, loom_int8_group_gemm, with the same argum
 and its bias added as the module does, so the bits are the module's. The plan takes such a module only where its
 kernel choice is that C kernel ("native"; group-wise int8 also "torch", the same operator), its buffers are
 contiguous, and every instance attribute it holds is one the plan knows; it records those attributes' values and
-re-checks them at every step, with the modules' buffers (replaced, or their memory swapped).
+its class's plain settings (`bits`, any class-level default) and re-checks them at every step, with the modules'
+buffers (replaced, or their memory swapped).
 
 Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
 skips, a replaced module, parameter, quantized Linear's buffer or forward, a quantized Linear's settings or an
@@ -60,6 +61,21 @@ def _routing_settings(block: dict) -> tuple:
 # time and compares at every step): any other attribute (a setting added later, e.g. one that makes an Int4Linear
 # call another operator) keeps the plan off for its model.
 _NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
+_proxy_get = type(type.__dict__).get  # a class's __dict__ (a mappingproxy) .get
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _class_settings(classes) -> list:
+    """(class __dict__, key, value) for the plain values (bool, int, float, str, None) the quantized Linear classes and
+    their bases below nn.Linear hold (`bits`, and any class-level default a setting may read), recorded at build time
+    and compared at every step."""
+    seen = {}
+    for cls in classes:
+        for k in cls.__mro__:
+            if k not in (nn.Linear, nn.Module, object):
+                seen[k] = None
+    return [(k.__dict__, key, v) for k in seen for key, v in k.__dict__.items()
+            if type(v) in _SCALARS and not key.startswith("__")]
 _QUANT_KEYS = {"Int8Linear": {"in_features", "out_features", "bias", "kernel", "_packed", "_packed_stamp"},
                "Int8GroupLinear": {"in_features", "out_features", "bias", "kernel", "group_size"},
                "Int4Linear": {"in_features", "out_features", "bias", "kernel", "group_size", "asymmetric"}}
@@ -306,8 +322,17 @@ class DecodePlan:
         # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
         self.static = cache.max_cache_len if type(cache) is StaticCache else None
         # the quantized Linears' settings (kernel, group size, layout, bias and any attribute they hold): each
-        # step compares their values and how many attributes each module holds (one added or removed changes that)
+        # step compares their values and how many attributes each module holds (one added or removed changes that);
+        # the same for their classes' plain values (a class-level setting changed or added)
         self.q_dicts = tuple(m.__dict__ for m, _ in quantized)
+        classes = dict.fromkeys(type(m) for m, _ in quantized)
+        class_settings = _class_settings(classes)
+        self.c_dicts = tuple({id(k): k.__dict__ for c in classes for k in c.__mro__
+                              if k not in (nn.Linear, nn.Module, object)}.values())
+        self.c_lens = tuple(map(len, self.c_dicts))
+        self.c_at = tuple(d for d, _, _ in class_settings)
+        self.c_keys = tuple(k for _, k, _ in class_settings)
+        self.c_values = [v for _, _, v in class_settings]
         self.q_lens = tuple(map(len, self.q_dicts))
         self.q_at = tuple(m.__dict__ for m, settings in quantized for _ in settings)
         self.q_keys = tuple(k for _, settings in quantized for k, _ in settings)
@@ -324,6 +349,8 @@ class DecodePlan:
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
                 and tuple(map(len, self.q_dicts)) == self.q_lens
                 and list(map(dict.get, self.q_at, self.q_keys)) == self.q_values
+                and tuple(map(len, self.c_dicts)) == self.c_lens
+                and list(map(_proxy_get, self.c_at, self.c_keys)) == self.c_values
                 and len(cache.keys) == self.n
                 and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
                 and (self.window is None or pos < self.window)

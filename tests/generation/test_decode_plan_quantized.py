@@ -155,12 +155,12 @@ def _activation_bits_switch(monkeypatch):
 
     def matmul(x, module):
         y = original(x, module)
-        return y * 1.5 if module.__dict__.get("activation_bits") == 8 else y
+        return y * 1.5 if getattr(module, "activation_bits", None) == 8 else y
     monkeypatch.setattr(kernels, "int4_matmul", matmul)
 
 
 CHANGES = ["hook", "pre-hook", "buffer replaced", "scale replaced", "weight data", "zero data", "kernel",
-           "group size", "asymmetric", "new attribute", "bias added", "forward"]
+           "group size", "asymmetric", "new attribute", "class attribute", "bits", "bias added", "forward"]
 
 
 @pytest.mark.parametrize("what", CHANGES)
@@ -168,6 +168,8 @@ def test_a_quantized_module_changed_in_the_middle_of_a_generate_falls_back(what,
     """Changed at the 4th streamed token: plan steps before it (tokens 2 and 3), the forward after, and the same
     tokens and scores as a generate that never planned."""
     _activation_bits_switch(monkeypatch)
+    original8 = kernels.int8_matmul
+    monkeypatch.setattr(kernels, "int8_matmul", lambda x, module: original8(x, module) * (module.bits / 8))
 
     def change_of(model):
         layer = model.model.layers[1]
@@ -197,6 +199,10 @@ def test_a_quantized_module_changed_in_the_middle_of_a_generate_falls_back(what,
                 for m in model.modules():
                     if isinstance(m, Int4Linear):
                         m.activation_bits = 8
+            elif what == "class attribute":  # a class-level default the matmul reads
+                Int4Linear.activation_bits = 8
+            elif what == "bits":
+                Int8Linear.bits = 4
             elif what == "bias added":
                 q.bias = nn.Parameter(torch.ones(q.out_features))
             else:
@@ -212,6 +218,10 @@ def test_a_quantized_module_changed_in_the_middle_of_a_generate_falls_back(what,
                                          streamer=_Changer(4, change_of(model))))
             except (RuntimeError, ValueError) as e:  # a group size the module cannot run: it raises both times
                 results.append((type(e), 2 * 2 if plan and build.available() else 0))
+            finally:
+                Int8Linear.bits = 8
+                if "activation_bits" in Int4Linear.__dict__:
+                    del Int4Linear.activation_bits
     (a, steps), (b, _) = results
     assert a == b if isinstance(a, type) else _same(a, b)
     assert steps == (2 * 2 if build.available() else 0)
