@@ -9,12 +9,23 @@ activation and the routing in torch) and the final norm and head as module calls
 model's forward computes (the chain reaches the same kernels, and the activation, the routing, the embedding lookup
 and the rotary tables are torch's own ops or the model's own methods).
 
+The projections (attention's q, k, v, o; a dense MLP's gate, up, down) may be loom's plain kernel Linears or its
+weight-only quantized ones (`Int8Linear`, `Int4Linear` symmetric or asymmetric, `Int8GroupLinear` as GGUF's Q8_0
+loads), in any mix: a quantized one runs, inside the same C call, the kernel its module's operator calls at decode
+sizes (loom_int8_gemm, loom_int4_gemm, loom_int8_group_gemm, with the same arguments and threads), its product cast
+and its bias added as the module does, so the bits are the module's. The plan takes such a module only where its
+kernel choice is that C kernel ("native"; group-wise int8 also "torch", the same operator), its buffers are
+contiguous, and every instance attribute it holds is one the plan knows; it records those attributes' values and
+its class's plain settings (`bits`, any class-level default) and re-checks them at every step, with the modules'
+buffers (replaced, or their memory swapped).
+
 Before each step the plan re-checks, at C speed, what may change between steps (hooks registered on any module it
-skips, a replaced module, parameter or forward, train mode, grad mode, torch.compile / tracing / dispatch modes,
-the attention implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's
-buffers and length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the
-model's forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach,
-hidden states or attentions asked for, quantized or adapter Linears, variant layers).
+skips, a replaced module, parameter, quantized Linear's buffer or forward, a quantized Linear's settings or an
+attribute added to one, train mode, grad mode, torch.compile / tracing / dispatch modes, the attention
+implementation, recorded attentions or router logits, a MoE block's routing settings, the cache's buffers and
+length). Where anything differs, the step returns None, having changed nothing, and the Decoder runs the model's
+forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach, hidden
+states or attentions asked for, adapter Linears, other quantizers' Linears, variant layers).
 """
 from __future__ import annotations
 
@@ -27,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels import KernelLinear, ops, policy
-from loom.kernels.chain import DecodeChain, LayerTensors, Routing
+from loom.kernels.chain import DecodeChain, LayerTensors, Quantized, Routing
 from loom.models import common, moe
 from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
@@ -44,6 +55,82 @@ def _routing_settings(block: dict) -> tuple:
     """What a SparseMoE's step reads besides its modules' state (from its __dict__; read at every step): its routing
     settings, and how many children it has (a shared expert set after the plan was built adds one)."""
     return block["top_k"], block["normalize"], block["weights_in_logits_dtype"], len(block["_modules"])
+
+
+# The instance attributes loom's quantized Linears hold besides nn.Module's own (whose values the plan records at build
+# time and compares at every step): any other attribute (a setting added later, e.g. one that makes an Int4Linear
+# call another operator) keeps the plan off for its model.
+_NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
+_proxy_get = type(type.__dict__).get  # a class's __dict__ (a mappingproxy) .get
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _class_settings(classes) -> list:
+    """(class __dict__, key, value) for the plain values (bool, int, float, str, None) the quantized Linear classes and
+    their bases below nn.Linear hold (`bits`, and any class-level default a setting may read), recorded at build time
+    and compared at every step."""
+    seen = {}
+    for cls in classes:
+        for k in cls.__mro__:
+            if k not in (nn.Linear, nn.Module, object):
+                seen[k] = None
+    return [(k.__dict__, key, v) for k in seen for key, v in k.__dict__.items()
+            if type(v) in _SCALARS and not key.startswith("__")]
+_QUANT_KEYS = {"Int8Linear": {"in_features", "out_features", "bias", "kernel", "_packed", "_packed_stamp"},
+               "Int8GroupLinear": {"in_features", "out_features", "bias", "kernel", "group_size"},
+               # activation_bits: 16 only (8 takes another operator, see below); _a8*: that operator's tiles
+               "Int4Linear": {"in_features", "out_features", "bias", "kernel", "group_size", "asymmetric",
+                              "activation_bits", "_a8", "_a8_stamp"}}
+
+
+def _quantized(m):
+    """(its weight, `Quantized`, its recorded settings: [(key, value)]) for one of loom's weight-only quantized
+    Linears whose forward takes, at decode sizes, exactly one C kernel the chain can call (the same arguments);
+    None for any other module or setting (another kernel choice, an attribute the plan does not know)."""
+    linear = sys.modules.get("loom.quantization.linear")
+    if linear is None or getattr(m, "_loom_quantized", False) is not True:
+        return None
+    cls = type(m)
+    if (cls not in (linear.Int8Linear, linear.Int8GroupLinear, linear.Int4Linear)
+            or cls.forward is not linear._QuantLinear.forward):
+        return None
+    d = m.__dict__
+    if d.get("activation_bits", 16) != 16:
+        return None  # 8-bit activations (set_activation_bits): loom::int4_linear_a8, which the chain does not call
+    settings = [(k, v) for k, v in d.items() if k not in _NN_MODULE_KEYS]
+    if any(k not in _QUANT_KEYS[cls.__name__] for k, _ in settings):
+        return None
+    if any(isinstance(v, (torch.Tensor, nn.Module, dict, list, set)) for _, v in settings):
+        return None  # the fbgemm path's packed weight and stamp: not the C kernel
+    buffers = m._buffers
+    weight, scale = buffers.get("weight"), buffers.get("weight_scale")
+    if weight is None or scale is None:
+        return None
+    if cls is linear.Int8Linear:
+        if d.get("kernel") != "native":
+            return None
+        q = Quantized("int8", scale)
+    elif cls is linear.Int8GroupLinear:
+        if d.get("kernel") not in ("native", "torch"):
+            return None
+        q = Quantized("int8_group", scale, None, d.get("group_size"))
+    else:
+        asymmetric = d.get("asymmetric")
+        zero = buffers.get("weight_zero") if asymmetric else None
+        if d.get("kernel") != "native" or type(asymmetric) is not bool or (asymmetric and zero is None):
+            return None
+        q = Quantized("int4", scale, zero, d.get("group_size"))
+    if not q.check(weight):
+        return None
+    return weight, q, settings + [("training", m.training)]
+
+
+def _projection(m):
+    """(weight, Quantized or None, recorded settings) of a projection the chain computes; None for any other."""
+    if type(m) is KernelLinear:
+        w = m._parameters.get("weight")
+        return None if w is None else (w, None, [])
+    return _quantized(m)
 
 
 # what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
@@ -97,8 +184,8 @@ def _shared_expert(block, llama):
 
 def _layer(layer, mlp, llama, rows: int, dtype):
     """(LayerTensors, modules whose hooks and children the plan checks, modules whose `training` it checks, tensors
-    it checks for a swapped `.data` beyond those the chain reads, the MoE block or None) for one layer; None where the
-    chain does not compute its step."""
+    it checks for a swapped `.data` beyond those the chain reads, the MoE block or None, the quantized projections as
+    (module, recorded settings)) for one layer; None where the chain does not compute its step."""
     if not _attention_shaped(layer, llama):
         return None
     attn, norms = layer.self_attn, (layer.input_layernorm, layer.post_attention_layernorm)
@@ -114,7 +201,7 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         linears += [mlp._modules.get(n) for n in _MLP_LINEARS]
         act = mlp._modules.get("act_fn")
         checked += [mlp, act]
-        weights = [m._parameters.get("weight") if type(m) is KernelLinear else None for m in linears]
+        projections = [_projection(m) for m in linears]
     elif (type(mlp).forward is SparseMoE.forward and type(mlp).routed is SparseMoE.routed
           and type(mlp)._run_packed is SparseMoE._run_packed and type(mlp).route is SparseMoE.route
           and type(mlp.gate) is Router):
@@ -125,8 +212,8 @@ def _layer(layer, mlp, llama, rows: int, dtype):
         if packed is None or not all(type(a) is type(act) and _activation(a) is not None for a in acts):
             return None
         linears.append(mlp.gate)
-        weights = [m._parameters.get("weight") if type(m) is KernelLinear else None for m in linears[:4]]
-        weights += [mlp.gate._parameters.get("weight"), *packed]
+        projections = [_projection(m) for m in linears[:4]]
+        projections += [(t, None, []) for t in (mlp.gate._parameters.get("weight"), *packed)]
         expert_linears = [e._modules.get(n) for e in experts for n in mlp.linear_names]
         checked += [mlp, mlp.experts, *experts, *acts, *expert_linears]
         extra = [m._parameters.get("weight") for m in expert_linears]
@@ -140,15 +227,17 @@ def _layer(layer, mlp, llama, rows: int, dtype):
     else:
         return None
     act_ = _activation(act)
-    if act_ is None or any(w is None for w in weights) or None in extra:
+    if act_ is None or None in projections or any(p[0] is None for p in projections) or None in extra:
         return None
+    weights, quant = [p[0] for p in projections], [p[1] for p in projections]
+    quantized = [(m, p[2]) for m, p in zip(linears, projections) if p[1] is not None]
     checked += linears
     scale = attn.scaling if attn.scaling is not None else attn.head_dim ** -0.5
     lt = LayerTensors(norms[0]._parameters.get("weight"), norms[1]._parameters.get("weight"), weights,
                       [m._parameters.get("bias") for m in linears] + [None] * (7 - len(linears)), norms[0].eps,
                       scale, act_, routing, *(None if n is None else n._parameters.get("weight") for n in qk),
-                      qk[0].eps if qk[0] is not None else 0.0)
-    return lt, checked, moded, extra, block
+                      qk[0].eps if qk[0] is not None else 0.0, quant)
+    return lt, checked, moded, extra, block, quantized
 
 
 class DecodePlan:
@@ -181,6 +270,7 @@ class DecodePlan:
         moded = [model, base]  # the modules whose forward reads `training` (Linear, RMSNorm, SiLU... do not)
         extra = []  # tensors the chain does not read whose `.data` the forward does (the experts' own weights)
         blocks = []  # the MoE blocks, whose routing settings are checked at each step
+        quantized = []  # (quantized Linear, its recorded settings), checked at each step
         if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
                                                                   and len(set(cache.length)) != 1):
             return None
@@ -195,7 +285,9 @@ class DecodePlan:
             extra += found[3]
             if found[4] is not None:
                 blocks.append(found[4])
-        if not all(t is not None and policy.plain(t) and t.dtype is dtype for lt in tensors for t in lt.tensors()) \
+            quantized += found[5]
+        if not all(t is not None and policy.plain(t) and t.dtype is dtype for lt in tensors
+                   for t in lt.float_tensors()) \
                 or embed.weight.dtype is not dtype or any(not policy.plain(t) for t in extra):
             return None
         try:
@@ -204,10 +296,10 @@ class DecodePlan:
                 chain.set_cache(i, cache.keys[i], cache.values[i])
         except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
             return None
-        return cls(model, base, cache, chain, checked, moded, windows.pop(), extra, blocks)
+        return cls(model, base, cache, chain, checked, moded, windows.pop(), extra, blocks, quantized)
 
     def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
-                 window, extra: list = (), blocks: list = ()) -> None:
+                 window, extra: list = (), blocks: list = (), quantized: list = ()) -> None:
         self.model, self.base, self.cache, self.chain, self.window = model, base, cache, chain, window
         self.config, self.dtype, self.rows, self.n = model.config, chain.dtype, chain.rows, chain.n
         self.embed_weight = base.embed_tokens.weight
@@ -219,6 +311,8 @@ class DecodePlan:
         slots = [(m._modules, name, child) for m in modules for name, child in m._modules.items()]
         slots += [(m._parameters, name, p) for m in modules for name, p in m._parameters.items()]
         slots += [(base._modules, "embed_tokens", base.embed_tokens)]
+        # the quantized Linears' buffers (weight, scale, zero point): a replaced one is a different product
+        slots += [(m._buffers, name, t) for m, _ in quantized for name, t in m._buffers.items()]
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
         self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
@@ -231,6 +325,22 @@ class DecodePlan:
         self.routing = tuple(map(_routing_settings, self.block_dicts))
         # a static cache: its length, over which each step attends with a mask (None: a dynamic cache)
         self.static = cache.max_cache_len if type(cache) is StaticCache else None
+        # the quantized Linears' settings (kernel, group size, layout, bias and any attribute they hold): each
+        # step compares their values and how many attributes each module holds (one added or removed changes that);
+        # the same for their classes' plain values (a class-level setting changed or added)
+        self.q_dicts = tuple(m.__dict__ for m, _ in quantized)
+        classes = dict.fromkeys(type(m) for m, _ in quantized)
+        class_settings = _class_settings(classes)
+        self.c_dicts = tuple({id(k): k.__dict__ for c in classes for k in c.__mro__
+                              if k not in (nn.Linear, nn.Module, object)}.values())
+        self.c_lens = tuple(map(len, self.c_dicts))
+        self.c_at = tuple(d for d, _, _ in class_settings)
+        self.c_keys = tuple(k for _, k, _ in class_settings)
+        self.c_values = [v for _, _, v in class_settings]
+        self.q_lens = tuple(map(len, self.q_dicts))
+        self.q_at = tuple(m.__dict__ for m, settings in quantized for _ in settings)
+        self.q_keys = tuple(k for _, settings in quantized for k, _ in settings)
+        self.q_values = [v for _, settings in quantized for _, v in settings]
 
     def unchanged(self, cache, pos: int) -> bool:
         """Whether everything the plan checked when it was built still holds (see the module docstring)."""
@@ -241,6 +351,10 @@ class DecodePlan:
                 and not any(map(_training, self.moded))
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
+                and tuple(map(len, self.q_dicts)) == self.q_lens
+                and list(map(dict.get, self.q_at, self.q_keys)) == self.q_values
+                and tuple(map(len, self.c_dicts)) == self.c_lens
+                and list(map(_proxy_get, self.c_at, self.c_keys)) == self.c_values
                 and len(cache.keys) == self.n
                 and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
                 and (self.window is None or pos < self.window)

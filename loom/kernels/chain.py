@@ -10,7 +10,9 @@ dynamic cache grows: `set_cache`). What a layer computes, and the rounding of ev
 loom::decode_layer_attention's (with Qwen3's per-head q/k norms: loom::rms_norm's), then the activation and product
 (torch's own ops), then loom::dense_linear's down projection and torch's residual add; a MoE layer's router is
 loom::dense_linear's, its experts loom::moe_gate_up's and loom::moe_down's, its routing the module's own torch ops:
-bitwise what the modules give.
+bitwise what the modules give. A projection given as `Quantized` (loom's int8, group-wise int8 or int4 weight-only
+layouts) runs loom::int8_linear's, loom::int8_group_linear's or loom::int4_linear's kernel instead, its product cast
+to the dtype and its bias added as the quantized module's `y + bias` rounds.
 """
 from __future__ import annotations
 
@@ -25,10 +27,14 @@ _P, _L = ctypes.c_void_p, ctypes.c_long
 _F32 = torch.float32
 
 
+class _Quant(ctypes.Structure):  # csrc/decode.c chain_quant
+    _fields_ = [("kind", ctypes.c_int), ("half", ctypes.c_int), ("group", _L), ("scale", _P), ("zero", _P)]
+
+
 class _Layer(ctypes.Structure):  # csrc/decode.c chain_layer
     _fields_ = [("ln1", _P), ("ln2", _P), ("w", _P * 7), ("b", _P * 7), ("kc", _P), ("vc", _P), ("a", _P),
                 ("u", _P), ("h2", _P), ("qn", _P), ("kn", _P), ("logits", _P), ("chosen", _P), ("rw", _P),
-                ("sw", _P * 4), ("sb", _P * 4), ("sg", _P), ("sa", _P), ("su", _P),
+                ("sw", _P * 4), ("sb", _P * 4), ("sg", _P), ("sa", _P), ("su", _P), ("q", _P),
                 ("hidden", _L), ("H", _L), ("Hkv", _L), ("D", _L), ("I", _L), ("c_sb", _L), ("c_sh", _L),
                 ("E", _L), ("k", _L), ("Is", _L), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("qk_eps", ctypes.c_float), ("rw_bf16", ctypes.c_int)]
@@ -56,26 +62,73 @@ class Routing:
         self.shared_act_ = shared_act_
 
 
+class Quantized:
+    """A projection's weight as one of loom's weight-only quantized Linears holds it, run through the kernel its
+    module's operator calls: `kind` "int8" (weight int8 (N, K), `scale` float32 (N,): loom::int8_linear), "int8_group"
+    (int8 (N, K), `scale` float16/float32 (N, K / group): loom::int8_group_linear) or "int4" (uint8 (N, K / 2) two
+    nibbles a byte, `scale` and `zero` (or None: symmetric, zero 8) float16/float32 (N, K / group):
+    loom::int4_linear). The product is the operator's (float32, cast to the layer's dtype), then the bias added as
+    the module's `y + bias` does."""
+
+    KINDS = {"int8": 1, "int8_group": 2, "int4": 3}
+
+    def __init__(self, kind: str, scale: torch.Tensor, zero: torch.Tensor | None = None, group: int = 0) -> None:
+        self.kind, self.scale, self.zero, self.group = kind, scale, zero, int(group)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.scale, self.zero) if t is not None]
+
+    def shape(self, weight: torch.Tensor) -> tuple[int, int]:
+        """The (N, K) product the weight computes."""
+        return (weight.shape[0], weight.shape[1] * 2) if self.kind == "int4" else tuple(weight.shape)
+
+    def check(self, weight: torch.Tensor) -> bool:
+        """Whether the tensors are what the kernel reads (the operators' checks, contiguous CPU memory)."""
+        ts = [weight, *self.tensors()]
+        if not (self.kind in self.KINDS and weight.dim() == 2 and all(policy.plain(t) and t.is_contiguous()
+                                                                      for t in ts)):
+            return False
+        n, k = self.shape(weight)
+        s = self.scale
+        if self.kind == "int8":
+            return weight.dtype is torch.int8 and s.dtype is _F32 and s.shape == (n,) and self.zero is None
+        groups_ok = (self.group > 0 and self.group % 16 == 0 and k % self.group == 0
+                     and s.dtype in (torch.float16, _F32) and s.shape == (n, k // self.group))
+        if self.kind == "int8_group":
+            return (groups_ok and weight.dtype is torch.int8 and self.group <= policy.INT8_GROUP_MAX
+                    and self.zero is None)
+        return (groups_ok and weight.dtype is torch.uint8
+                and (self.zero is None or (self.zero.dtype is s.dtype and self.zero.shape == s.shape)))
+
+
 class LayerTensors:
     """One layer's inputs to a chain: the norms' weights, the seven projections' weights and biases (q, k, v, o,
     gate, up, down; a bias may be None), eps, the attention scale, and the activation applied in place to the gate
     projection (`act_(gate)`, e.g. torch's silu_). A MoE layer (`routing` given) has as its last three weights the
     router's (E, hidden), the experts' packed gate and up projections (E, 2I, hidden) and down projections
     (E, hidden, I), without biases. `q_norm` / `k_norm` (with `qk_eps`): per-head RMSNorm weights of the queries and
-    keys before RoPE (Qwen3), or None."""
+    keys before RoPE (Qwen3), or None. `quant`: per projection None (a weight in the layer's dtype) or `Quantized`
+    (q, k, v, o, and a dense layer's gate, up and down projections)."""
 
     def __init__(self, ln1, ln2, weights, biases, eps: float, scale: float, act_, routing: Routing | None = None,
-                 q_norm=None, k_norm=None, qk_eps: float = 0.0) -> None:
+                 q_norm=None, k_norm=None, qk_eps: float = 0.0, quant=None) -> None:
         self.ln1, self.ln2, self.weights, self.biases = ln1, ln2, tuple(weights), tuple(biases)
         self.eps, self.scale, self.act_ = float(eps), float(scale), act_
         self.routing, self.q_norm, self.k_norm, self.qk_eps = routing, q_norm, k_norm, float(qk_eps)
+        self.quant = (None,) * 7 if quant is None else tuple(quant) + (None,) * (7 - len(quant))
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the chain reads through a pointer."""
         shared = () if self.routing is None or self.routing.shared is None else (*self.routing.shared,
                                                                                   *self.routing.shared_biases)
-        return [t for t in (self.ln1, self.ln2, *self.weights, *self.biases, self.q_norm, self.k_norm, *shared)
-                if t is not None]
+        quant = [t for q in self.quant if q is not None for t in q.tensors()]
+        return [t for t in (self.ln1, self.ln2, *self.weights, *self.biases, self.q_norm, self.k_norm, *shared,
+                            *quant) if t is not None]
+
+    def float_tensors(self) -> list[torch.Tensor]:
+        """The tensors the chain reads in the layer's dtype (all but quantized weights and their scales)."""
+        quantized = {id(t) for w, q in zip(self.weights, self.quant) if q is not None for t in (w, *q.tensors())}
+        return [t for t in self.tensors() if id(t) not in quantized]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -98,9 +151,11 @@ class DecodeChain:
         # parameter's `.data` is swapped (the plan notices that and stops calling the chain)
         self.layers = layers
         self._held = [t.detach() for lt in layers for t in lt.tensors()]
+        self._quant = []  # the layers' chain_quant arrays (their structs point at them)
         self._structs = [_Layer() for _ in layers]
         self._runs = []  # per layer: (struct address, activation, its two inputs, MoE routing buffers or None)
-        self.hidden = layers[0].weights[0].shape[1] if layers else 0
+        w0, q0 = (layers[0].weights[0], layers[0].quant[0]) if layers else (None, None)
+        self.hidden = 0 if not layers else (w0.shape if q0 is None else q0.shape(w0))[1]
         for i, (t, s) in enumerate(zip(layers, self._structs)):
             self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
         self.x = torch.empty(rows, 1, self.hidden, dtype=dtype)  # the residual stream, which `run` returns
@@ -113,9 +168,15 @@ class DecodeChain:
         """Check layer `i`'s tensors, fill its struct and allocate its buffers; (the activation's two inputs, the MoE
         routing buffers or None)."""
         hidden, name = self.hidden, str(dtype).replace("torch.", "")
-        wq, wk, wv, wo, wg, wu, wd = t.weights
         moe = t.routing
-        _check(all(policy.plain(w) and w.dtype is dtype and w.is_contiguous() for w in t.tensors())
+        _check(all(q is None or (j < (4 if moe is not None else 7) and q.check(w))
+                   for j, (w, q) in enumerate(zip(t.weights, t.quant))),
+               f"layer {i}: a quantized projection's weight, scales or zero points are not what its kernel reads "
+               "(contiguous CPU tensors of the quantized Linear's layout; a MoE layer's router and experts plain)")
+        # the (N, K) each projection computes (a packed int4 weight holds K / 2 bytes a row)
+        wq, wk, wv, wo, wg, wu, wd = (w if q is None else torch.empty(q.shape(w), device="meta")
+                                      for w, q in zip(t.weights, t.quant))
+        _check(all(policy.plain(w) and w.dtype is dtype and w.is_contiguous() for w in t.float_tensors())
                and all(w.dim() == (3 if moe is not None and j > 4 else 2) for j, w in enumerate(t.weights)),
                f"layer {i}: weights must be contiguous {name} CPU tensors, the projections' 2-D (a MoE layer's "
                "packed experts 3-D)")
@@ -148,6 +209,15 @@ class DecodeChain:
         s.ln1, s.ln2 = t.ln1.data_ptr(), t.ln2.data_ptr()
         for j, (w, b) in enumerate(zip(t.weights, t.biases)):
             s.w[j], s.b[j] = w.data_ptr(), None if b is None else b.data_ptr()
+        if any(q is not None for q in t.quant):
+            quant = (_Quant * 7)()
+            for j, q in enumerate(t.quant):
+                if q is not None:
+                    quant[j].kind, quant[j].half = Quantized.KINDS[q.kind], int(q.scale.dtype is torch.float16)
+                    quant[j].group, quant[j].scale = q.group, q.scale.data_ptr()
+                    quant[j].zero = None if q.zero is None else q.zero.data_ptr()
+            self._quant.append(quant)
+            s.q = ctypes.addressof(quant)
         s.qn = None if t.q_norm is None else t.q_norm.data_ptr()
         s.kn = None if t.k_norm is None else t.k_norm.data_ptr()
         s.hidden, s.H, s.Hkv, s.D, s.I = hidden, Hq, Hkv, D, I

@@ -949,6 +949,8 @@ def int4_a8_tiles(packed, scale, zero, group_size):
     (its header): per tile of 16 rows and block of 32 columns, 256 bytes of nibbles (vector j, lane r = bytes
     4j..4j+3 of row r's block), then the 16 rows' scales and zeros in their stored dtype (repeated per block where
     a group spans several). Rows past N are zero."""
+    _check(group_size > 0 and group_size % _A8_BLOCK == 0, "int4_a8_tiles",
+           f"group_size={group_size} must be a multiple of 32 (8-bit activations are scaled per block of 32)")
     n, k = packed.shape[0], packed.shape[1] * 2
     nb, tiles = k // _A8_BLOCK, -(-n // _A8_ROWS)
     if tiles == 0 or nb == 0:

@@ -242,3 +242,11 @@ def test_every_supported_level_and_the_kernels_off_give_the_same_bits():
         assert runs[level]["describe"] == f"on ({level})", runs[level]["describe"]
         assert runs[level]["cases"] == runs["off"]["cases"], level
     assert len(set(runs["off"]["cases"])) == len(LEVEL_CASES)  # the cases differ: a constant output would not
+
+
+def test_tiles_of_a_group_size_that_is_not_a_multiple_of_32_are_refused_by_name():
+    """The attribute set by hand (not through set_activation_bits, which checks first): a named error, not a reshape
+    failure inside the layout."""
+    packed = torch.zeros(16, 32, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="group_size=16 must be a multiple of 32"):
+        ops.int4_a8_tiles(packed, torch.ones(16, 4), None, 16)

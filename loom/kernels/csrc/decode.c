@@ -83,6 +83,57 @@ void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
     for (long r = 0; r < rows; r++) out[r] = argmax_row(x + r * n, n);
 }
 
+/* How a chain's projection stores its weight: in the layer's dtype (kind 0: loom_dense_gemm, the weight w and bias
+   in the dtype), or quantized as loom's weight-only Linears hold it (loom/quantization/linear.py): kind 1 int8 with a
+   float32 scale per row (loom_int8_gemm), 2 int8 with a float16/float32 scale per `group` inputs
+   (loom_int8_group_gemm), 3 packed int4 with such scales and zero points or none (symmetric: zero 8;
+   loom_int4_gemm). A quantized projection
+   runs exactly as its module's operator does (loom::int8_linear, loom::int8_group_linear, loom::int4_linear): the
+   input as float32, the kernel's float32 product, cast to the dtype (round to nearest even, NaN 0x7fc0 as torch's
+   cast), then the module's `y + bias` as torch's add rounds it. */
+typedef struct {
+    int kind;          /* 0 dense, 1 int8, 2 int8 group, 3 int4 */
+    int half;          /* scales (and zero points) float16 */
+    long group;        /* inputs per scale (kinds 2, 3) */
+    const void *scale; /* kinds 1-3 */
+    const void *zero;  /* kind 3: zero points, or NULL (symmetric) */
+} chain_quant;
+
+static inline uint16_t to_bf16_as_torch(float f) { return f != f ? (uint16_t)0x7fc0 : f32_to_bf16(f); }
+
+/* y (B, N) = x (B, K) W^T + b for projection j of a chain layer, through the kernel its module's operator calls */
+static int project(const chain_quant *qd, int j, const void *w, const void *b, const void *x, void *y, int bf16,
+                   long B, long N, long K, int threads) {
+    const chain_quant *q = qd ? qd + j : NULL;
+    if (!q || q->kind == 0) return loom_dense_gemm(x, bf16, w, bf16, b, bf16, y, bf16, B, N, K, threads);
+    float *xf = (float *)x, *yf = (float *)y, *buf = NULL;
+    if (bf16) {
+        buf = malloc(sizeof(float) * (size_t)(B * K + B * N));
+        if (!buf) return -1;
+        xf = buf;
+        yf = buf + B * K;
+        for (long i = 0; i < B * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    }
+    int status;
+    if (q->kind == 1)
+        status = loom_int8_gemm(xf, w, q->scale, yf, B, N, K, threads);
+    else if (q->kind == 2)
+        status = loom_int8_group_gemm(xf, w, q->scale, q->half, yf, B, N, K, q->group, threads);
+    else
+        status = loom_int4_gemm(xf, w, q->scale, q->zero, q->half, yf, B, N, K, q->group, threads);
+    if (bf16) {
+        for (long i = 0; i < B * N; i++) {
+            float v = yf[i];
+            if (b) v = bf16_to_f32(to_bf16_as_torch(v)) + bf16_to_f32(((const uint16_t *)b)[i % N]);
+            ((uint16_t *)y)[i] = to_bf16_as_torch(v);
+        }
+        free(buf);
+    } else if (b) {
+        for (long i = 0; i < B * N; i++) yf[i] = yf[i] + ((const float *)b)[i % N];
+    }
+    return status ? -1 : 0;
+}
+
 /* The attention half of a pre-norm decoder layer's decode step, up to the MLP's input:
      h = rms_norm(x); attn = rope_cache_attention(q, k, v) of h Wq + bq, h Wk + bk, h Wv + bv;
      x_out = x + (attn Wo + bo); h2 = rms_norm(x_out)
@@ -93,7 +144,8 @@ void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
    x_out may be x. */
 static int layer_attention(const void *x, void *x_out, void *h2, int bf16, long B, long hidden, long H, long Hkv,
                            long D, const void *ln1, const void *ln2, float eps, const void *qn, const void *kn,
-                           float qk_eps, const void *const *w, const void *const *b, const void *cos, const void *sin,
+                           float qk_eps, const void *const *w, const void *const *b, const chain_quant *qd,
+                           const void *cos, const void *sin,
                            long cs_sb, void *kc, void *vc, long c_sb, long c_sh, long pos, const uint8_t *mask,
                            long m_sb, long L, float scale, int threads) {
     long es = bf16 ? 2 : 4, qn_ = H * D, kn_ = Hkv * D;
@@ -103,14 +155,14 @@ static int layer_attention(const void *x, void *x_out, void *h2, int bf16, long 
     char *o = attn + B * qn_ * es;
     int status = 0;
     loom_rms_norm(x, ln1, h, bf16, B, hidden, eps, threads);
-    status |= loom_dense_gemm(h, bf16, w[0], bf16, b[0], bf16, q, bf16, B, qn_, hidden, threads);
-    status |= loom_dense_gemm(h, bf16, w[1], bf16, b[1], bf16, k, bf16, B, kn_, hidden, threads);
-    status |= loom_dense_gemm(h, bf16, w[2], bf16, b[2], bf16, v, bf16, B, kn_, hidden, threads);
+    status |= project(qd, 0, w[0], b[0], h, q, bf16, B, qn_, hidden, threads);
+    status |= project(qd, 1, w[1], b[1], h, k, bf16, B, kn_, hidden, threads);
+    status |= project(qd, 2, w[2], b[2], h, v, bf16, B, kn_, hidden, threads);
     if (qn) loom_rms_norm(q, qn, q, bf16, B * H, D, qk_eps, threads);
     if (kn) loom_rms_norm(k, kn, k, bf16, B * Hkv, D, qk_eps, threads);
     status |= loom_rope_cache_attention(q, qn_, k, kn_, v, kn_, cos, sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb,
                                         attn, bf16, B, H, Hkv, L, D, scale, threads);
-    status |= loom_dense_gemm(attn, bf16, w[3], bf16, b[3], bf16, o, bf16, B, hidden, qn_, threads);
+    status |= project(qd, 3, w[3], b[3], attn, o, bf16, B, hidden, qn_, threads);
     for (long i = 0; i < B * hidden; i++) {
         if (bf16)
             ((uint16_t *)x_out)[i] = f32_to_bf16(load_f(x, i, 1) + load_f(o, i, 1));
@@ -136,8 +188,8 @@ int loom_decode_layer_attention(const void *x, void *x_out, void *g, void *u, in
     char *h2 = malloc((size_t)(B * hidden * (bf16 ? 2 : 4)));
     if (!h2) return -1;
     const void *w[4] = {wq, wk, wv, wo}, *b[4] = {bq, bk, bv, bo};
-    int status = layer_attention(x, x_out, h2, bf16, B, hidden, H, Hkv, D, ln1, ln2, eps, NULL, NULL, 0.0f, w, b, cos,
-                                 sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb, L, scale, threads);
+    int status = layer_attention(x, x_out, h2, bf16, B, hidden, H, Hkv, D, ln1, ln2, eps, NULL, NULL, 0.0f, w, b, NULL,
+                                 cos, sin, cs_sb, kc, vc, c_sb, c_sh, pos, mask, m_sb, L, scale, threads);
     status |= loom_dense_gemm(h2, bf16, wg, bf16, bg, bf16, g, bf16, B, I, hidden, threads);
     status |= loom_dense_gemm(h2, bf16, wu, bf16, bu, bf16, u, bf16, B, I, hidden, threads);
     free(h2);
@@ -168,6 +220,7 @@ typedef struct {
     const void *sw[4], *sb[4];           /* MoE shared expert (sw[0] NULL: none): its gate (1, hidden), gate and up
                                             (Is, hidden) and down (hidden, Is) projections' weights and biases */
     void *sg, *sa, *su;                  /* (B, 1) sigmoid(gate logit), set by the caller; (B, Is) gate and up */
+    const chain_quant *q;                /* NULL, or per projection (7) how its weight is stored */
     long hidden, H, Hkv, D, I, c_sb, c_sh;
     long E, k, Is; /* MoE: experts, top-k and the shared expert's width; E = 0: a dense layer */
     float eps, scale, qk_eps;
@@ -275,16 +328,15 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
                                    p->I, s->threads);
             if (!status && p->sw[0]) status = add_shared_expert(p, s, d);
         } else
-            status = loom_dense_gemm(p->a, bf16, p->w[6], bf16, p->b[6], bf16, d, bf16, s->B, p->hidden, p->I,
-                                     s->threads);
+            status = project(p->q, 6, p->w[6], p->b[6], p->a, d, bf16, s->B, p->hidden, p->I, s->threads);
         if (!status) add_residual(s->x, d, count, bf16);
         free(d);
         if (status) return status;
     }
     if (n) {
         status |= layer_attention(s->x, s->x, n->h2, bf16, s->B, n->hidden, n->H, n->Hkv, n->D, n->ln1, n->ln2,
-                                  n->eps, n->qn, n->kn, n->qk_eps, n->w, n->b, s->cos, s->sin, s->cs_sb, n->kc, n->vc,
-                                  n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
+                                  n->eps, n->qn, n->kn, n->qk_eps, n->w, n->b, n->q, s->cos, s->sin, s->cs_sb, n->kc,
+                                  n->vc, n->c_sb, n->c_sh, s->pos, s->mask, s->m_sb, s->L, n->scale, s->threads);
         if (n->E) {
             status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->logits, bf16, s->B, n->E,
                                       n->hidden, s->threads);
@@ -297,10 +349,8 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
                                           n->hidden, s->threads);
             }
         } else {
-            status |= loom_dense_gemm(n->h2, bf16, n->w[4], bf16, n->b[4], bf16, n->a, bf16, s->B, n->I, n->hidden,
-                                      s->threads);
-            status |= loom_dense_gemm(n->h2, bf16, n->w[5], bf16, n->b[5], bf16, n->u, bf16, s->B, n->I, n->hidden,
-                                      s->threads);
+            status |= project(n->q, 4, n->w[4], n->b[4], n->h2, n->a, bf16, s->B, n->I, n->hidden, s->threads);
+            status |= project(n->q, 5, n->w[5], n->b[5], n->h2, n->u, bf16, s->B, n->I, n->hidden, s->threads);
         }
     }
     return status ? -1 : 0;
