@@ -164,6 +164,21 @@ def run_at_level(code: str, level: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def runs_at_levels(code: str, *args: str, levels=None) -> dict:
+    """`run_at_level` at each of `levels` (by default every level this machine supports) and with the kernels off,
+    each run checked to say it ran there (its JSON's "describe" is build.describe()); {level or "off": JSON}."""
+    from loom.kernels import build
+
+    runs = {}
+    for level in [*(build.supported_levels() if levels is None else levels), "off"]:
+        run = runs[level] = run_at_level(code, level, *args)
+        if level == "off":
+            assert run["describe"].startswith("off"), run["describe"]
+        else:
+            assert run["describe"] == f"on ({level})", run["describe"]
+    return runs
+
+
 def kernels_off_for(monkeypatch) -> None:
     """Make this test run as on a machine where loom's C kernels cannot be built (the torch paths)."""
     from loom.kernels import build

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from loomtest import kernels_on, run_at_level
+from loomtest import kernels_on, runs_at_levels
 
 from loom.kernels import build
 
@@ -150,18 +150,11 @@ LEVEL_CASES = [(m, k, n, xt, wt) for m in (1, 2, 3, 4, 5, 8, 16) for (k, n) in (
                for xt, wt in (("float32", "float32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16"))]
 
 
-def _run_level(level: str) -> dict:
-    return run_at_level(_CHILD, level, json.dumps(LEVEL_CASES))
-
-
 def test_every_supported_level_gives_the_same_results():
     levels = build.supported_levels()
     if not levels:
         pytest.skip("no kernel level builds on this machine (needs Linux x86-64 with AVX2)")
-    runs = {level: _run_level(level) for level in [*levels, "off"]}
-    for level in levels:
-        assert runs[level]["describe"] == f"on ({level})", runs[level]["describe"]
-    assert runs["off"]["describe"].startswith("off")
+    runs = runs_at_levels(_CHILD, json.dumps(LEVEL_CASES), levels=levels)
     base = runs["off"]["cases"]  # torch's F.linear
     for level in levels:
         for (m, k, n, xt, wt), got, want in zip(LEVEL_CASES, runs[level]["cases"], base):

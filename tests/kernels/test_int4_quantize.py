@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 import torch
-from loomtest import kernels_on, run_at_level
+from loomtest import kernels_on, runs_at_levels
 
 from loom.kernels import build, ops
 
@@ -171,10 +171,6 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-def _run(level: str) -> dict:
-    return run_at_level(_CHILD, level, HERE, os.path.dirname(HERE))
-
-
 def test_every_level_and_the_kernels_off_give_the_same_bits():
     want = []
     for w, g in [_weight(*shape) for shape in SHAPES] + [(_mirrored(*shape), shape[2]) for shape in MIRRORED]:
@@ -183,9 +179,7 @@ def test_every_level_and_the_kernels_off_give_the_same_bits():
             h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
         want.append(h.hexdigest())
     levels = build.supported_levels() if kernels_on() else []
-    for level in [*levels, "off"]:
-        run = _run(level)
-        assert run["describe"].startswith(f"on ({level})") if level != "off" else not run["describe"].startswith("on")
+    for level, run in runs_at_levels(_CHILD, HERE, os.path.dirname(HERE), levels=levels).items():
         bad = [shape for shape, a, b in zip(SHAPES + MIRRORED, run["digests"], want) if a != b]
         assert not bad, f"{level}: {bad} differ from the torch reference"
         assert run["error"].startswith("loom::int4_quantize_asymmetric: weight row 1, columns 0-31 hold NaN"), run
