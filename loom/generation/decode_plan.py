@@ -60,27 +60,24 @@ def _routing_settings(block: dict) -> tuple:
 # The instance attributes loom's quantized Linears hold besides nn.Module's own (whose values the plan records at build
 # time and compares at every step): any other attribute (a setting added later, e.g. one that makes an Int4Linear
 # call another operator) keeps the plan off for its model.
-_NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
-_proxy_get = type(type.__dict__).get  # a class's __dict__ (a mappingproxy) .get
-_SCALARS = (bool, int, float, str, type(None))
-
-
-def _class_settings(classes) -> list:
-    """(class __dict__, key, value) for the plain values (bool, int, float, str, None) the quantized Linear classes and
-    their bases below nn.Linear hold (`bits`, and any class-level default a setting may read), recorded at build time
-    and compared at every step."""
-    seen = {}
-    for cls in classes:
-        for k in cls.__mro__:
-            if k not in (nn.Linear, nn.Module, object):
-                seen[k] = None
-    return [(k.__dict__, key, v) for k in seen for key, v in k.__dict__.items()
-            if type(v) in _SCALARS and not key.startswith("__")]
 _QUANT_KEYS = {"Int8Linear": {"in_features", "out_features", "bias", "kernel", "_packed", "_packed_stamp"},
                "Int8GroupLinear": {"in_features", "out_features", "bias", "kernel", "group_size"},
                # activation_bits: 16 only (8 takes another operator, see below); _a8*: that operator's tiles
                "Int4Linear": {"in_features", "out_features", "bias", "kernel", "group_size", "asymmetric",
                               "activation_bits", "_a8", "_a8_stamp"}}
+_NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
+_proxy_get = type(type.__dict__).get  # a class's __dict__ (a mappingproxy) .get
+_SCALARS = (bool, int, float, str, type(None))
+
+
+def _class_settings(classes) -> tuple[list, list]:
+    """The __dict__s of the quantized Linear classes and their bases below nn.Linear, and (class __dict__, key, value)
+    for the plain values (bool, int, float, str, None) they hold (`bits`, and any class-level default a setting may
+    read): recorded at build time and compared at every step."""
+    bases = {k: None for cls in classes for k in cls.__mro__ if k not in (nn.Linear, nn.Module, object)}
+    dicts = [k.__dict__ for k in bases]
+    plain = [(d, key, v) for d in dicts for key, v in d.items() if type(v) in _SCALARS and not key.startswith("__")]
+    return dicts, plain
 
 
 def _quantized(m):
@@ -330,9 +327,8 @@ class DecodePlan:
         # the same for their classes' plain values (a class-level setting changed or added)
         self.q_dicts = tuple(m.__dict__ for m, _ in quantized)
         classes = dict.fromkeys(type(m) for m, _ in quantized)
-        class_settings = _class_settings(classes)
-        self.c_dicts = tuple({id(k): k.__dict__ for c in classes for k in c.__mro__
-                              if k not in (nn.Linear, nn.Module, object)}.values())
+        c_dicts, class_settings = _class_settings(classes)
+        self.c_dicts = tuple(c_dicts)
         self.c_lens = tuple(map(len, self.c_dicts))
         self.c_at = tuple(d for d, _, _ in class_settings)
         self.c_keys = tuple(k for _, k, _ in class_settings)
