@@ -3,13 +3,13 @@ Rank 0 saves the logits, greedy tokens and each rank's local q_proj/o_proj weigh
 tests/quantization/test_fp8.py. `python fp8_tp_script.py X OUT CKPT`."""
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from dist_helpers import leave_and_exit
 from loom import AutoModelForCausalLM
 
 
@@ -30,15 +30,7 @@ def main() -> None:
                                     "o_proj": _local_shape(attn.o_proj.weight)})
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "tokens": tokens, "shapes": shapes}, out / "fp8_tp.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    # Every result is saved and both ranks have left the group. This run's rank 1 aborted twice (sessions 9 and 10,
-    # once on a quiet machine) after that point, in teardown ("terminate called without an active exception", a
-    # joinable C++ thread destroyed during interpreter finalization, torch/gloo: pytorch#179291's discussion), which
-    # says nothing about FP8 under TP; skip the interpreter's finalization once the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave_and_exit()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from dist_helpers import leave_and_exit
 from loom import AutoModel
 
 
@@ -25,8 +26,7 @@ def main() -> None:
         results[path] = {"hidden": hidden, "gathered": gathered}
     if dist.get_rank() == 0:
         torch.save(results, out / "tp_encoders.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_and_exit()
 
 
 if __name__ == "__main__":
