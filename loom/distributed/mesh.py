@@ -7,8 +7,10 @@ hold the same parameters, so they share the shards) and `dp_cp` (ranks whose gra
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +42,7 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
     600 s), so a rank that died makes the others fail with an error instead of hanging forever.
     """
     if dist.is_initialized():
+        settle_gloo_at_exit()
         return True
     rank, world, local = env_world()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -53,7 +56,75 @@ def init_distributed(backend: str | None = None, timeout_s: float | None = None)
         torch.cuda.set_device(device)
     timeout = float(timeout_s if timeout_s is not None else os.environ.get("LOOM_DIST_TIMEOUT", DEFAULT_TIMEOUT_S))
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    settle_gloo_at_exit()
     return True
+
+
+# -- a clean exit with gloo ---------------------------------------------------------------------------------------------
+# torch's gloo process group runs each collective on worker threads ("pt_gloo_runloop") that drop their reference to the
+# finished work only after the waiting caller has been released. When that reference is the last one to a tensor with
+# a Python object (a functional collective's output, e.g. a DTensor gather), the worker takes the GIL to free it. If the
+# main thread has meanwhile reached interpreter finalization, taking the GIL ends the worker thread by a forced unwind
+# through a noexcept frame, and the process aborts after all its work ("terminate called without an active
+# exception", seen about once in 80 runs of a 2-rank TP script on a busy machine; cf. pytorch#179291).
+# destroy_process_group() does not join those threads: they live until the last reference to the group (a DeviceMesh,
+# a DTensor's spec) goes, usually in finalization. So at exit, while the interpreter is still whole, loom waits
+# (GIL released) until every gloo worker thread is blocked idle, which lets any pending release finish first.
+_SETTLE_POLL_S = 0.002
+_SETTLE_QUIET_POLLS = 3
+_SETTLE_LIMIT_S = 1.0
+_settle_registered = False
+
+
+def _gloo_worker_states() -> list[str] | None:
+    """The scheduler state letter of each gloo worker thread of this process; None where /proc cannot tell."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    states = []
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:  # the thread ended meanwhile
+            continue
+        name_end = stat.rfind(")")
+        if stat[stat.find("(") + 1:name_end].startswith("pt_gloo_runloop"):
+            states.append(stat[name_end + 2:name_end + 3])
+    return states
+
+
+def settle_gloo_threads(limit_s: float = _SETTLE_LIMIT_S) -> bool:
+    """Wait, with the GIL released, until every gloo worker thread has been seen blocked (not running or runnable)
+    on `_SETTLE_QUIET_POLLS` polls in a row, at most `limit_s` seconds. Returns whether they settled (True when there
+    are none, or where /proc is not available: nothing to wait for that loom could see)."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while True:
+        states = _gloo_worker_states()
+        if not states:
+            return True
+        quiet = quiet + 1 if all(s in "SDI" for s in states) else 0
+        if quiet >= _SETTLE_QUIET_POLLS:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_SETTLE_POLL_S)
+
+
+def _settle_at_exit() -> None:
+    if dist.is_available() and (dist.is_initialized() or _gloo_worker_states()):
+        settle_gloo_threads()
+
+
+def settle_gloo_at_exit() -> None:
+    """Register (once) the exit handler that lets gloo's worker threads finish before interpreter finalization.
+    Called wherever loom joins or uses a process group (init_distributed, tensor-parallel meshes)."""
+    global _settle_registered
+    if not _settle_registered:
+        atexit.register(_settle_at_exit)
+        _settle_registered = True
 
 
 @dataclass

@@ -180,6 +180,9 @@ def _tp_mesh(device_mesh):
             raise RuntimeError("tensor parallelism needs several processes: launch with torchrun, or pass "
                                "device_mesh=")
         return init_device_mesh(default_device().type, (dist.get_world_size(),), mesh_dim_names=("tp",))
+    from loom.distributed.mesh import settle_gloo_at_exit
+
+    settle_gloo_at_exit()
     names = device_mesh.mesh_dim_names or ()
     if device_mesh.ndim == 1:
         return device_mesh

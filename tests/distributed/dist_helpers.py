@@ -117,22 +117,6 @@ class LaunchError(AssertionError):
     pass
 
 
-def leave_and_exit() -> None:
-    """A rank script's end, once its results are saved: leave the group together, then exit without the
-    interpreter's finalization. Ranks of the FP8 and encoder TP scripts aborted there now and then after all their
-    work ("terminate called without an active exception": a joinable C++ thread destroyed in teardown, torch/gloo,
-    cf. pytorch#179291), which says nothing about what the test checks. Root cause still open (see the issue notes)."""
-    import sys
-
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def launch(world_size: int, out_dir: Path, suite: str, *args: str, timeout: float = 150.0,
            dist_timeout: float = 30.0, check: bool = True, script: str = "worker.py"
            ) -> list[subprocess.CompletedProcess]:

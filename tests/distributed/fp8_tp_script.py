@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dist_helpers import leave_and_exit
 from loom import AutoModelForCausalLM
 
 
@@ -30,7 +29,8 @@ def main() -> None:
                                     "o_proj": _local_shape(attn.o_proj.weight)})
     if dist.get_rank() == 0:
         torch.save({"logits": logits, "tokens": tokens, "shapes": shapes}, out / "fp8_tp.pt")
-    leave_and_exit()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

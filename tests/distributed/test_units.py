@@ -1,6 +1,7 @@
 """In-process checks of the distributed pieces that need no process group: dims, plans, zig-zag, sampler, clipping."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -187,3 +188,52 @@ def test_launch_local_sets_torchrun_env_and_kills_ranks_at_the_deadline(tmp_path
         check_ranks(results, "sleepy")
     single = launch_local(1, ["-c", "import os; print('RANK' in os.environ)"], timeout=30)
     assert single[0].returncode == 0 and single[0].stdout.strip() == "False"
+
+
+# -- exit with gloo -------------------------------------------------------------------------------------------------
+def test_settle_waits_until_gloo_workers_are_blocked_for_several_polls(monkeypatch):
+    import loom.distributed.mesh as mesh
+
+    seen = iter([["R", "S"], ["S", "S"], ["S", "R"], ["S", "S"], ["S", "D"], ["S", "S"]])
+    polls = []
+    monkeypatch.setattr(mesh, "_gloo_worker_states", lambda: polls.append(1) or next(seen))
+    assert mesh.settle_gloo_threads(limit_s=5.0)
+    assert len(polls) == 6  # a running thread restarts the count; three blocked polls in a row end it
+    monkeypatch.setattr(mesh, "_gloo_worker_states", lambda: ["R"])
+    start = time.monotonic()
+    assert not mesh.settle_gloo_threads(limit_s=0.05)  # a thread that never blocks: bounded wait, then exit anyway
+    assert time.monotonic() - start < 2.0
+    monkeypatch.setattr(mesh, "_gloo_worker_states", lambda: [])
+    assert mesh.settle_gloo_threads()
+
+
+_GLOO_THREADS = r"""
+import atexit, os, sys
+import torch, torch.distributed as dist
+import loom.distributed.mesh as mesh
+from torch.distributed._functional_collectives import all_gather_tensor
+os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+assert mesh.init_distributed() and mesh._settle_registered
+out = all_gather_tensor(torch.arange(4.0), 0, dist.group.WORLD)
+assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
+states = mesh._gloo_worker_states()
+assert states and all(len(s) == 1 for s in states), states  # torch's worker threads are found by name
+assert mesh.settle_gloo_threads(limit_s=10.0)
+dist.destroy_process_group()
+print("ok", len(states))
+"""
+
+
+def test_gloo_worker_threads_are_found_and_the_exit_handler_is_registered(tmp_path):
+    """The exit handler keys on the names torch gives gloo's worker threads; if a torch release renamed them, loom
+    would silently stop waiting for them, so this checks they are found in a real group."""
+    import subprocess
+    import sys
+
+    from loom.distributed.launch import free_port
+
+    script = tmp_path / "gloo_threads.py"
+    script.write_text(_GLOO_THREADS)
+    res = subprocess.run([sys.executable, str(script), str(free_port())], capture_output=True, text=True, timeout=120,
+                         cwd=H.ROOT, env={**os.environ, "PYTHONPATH": str(H.ROOT)})
+    assert res.returncode == 0 and res.stdout.startswith("ok"), res.stdout + res.stderr

@@ -11,7 +11,6 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from dist_helpers import leave_and_exit
 from loom import AutoModel
 
 
@@ -26,7 +25,8 @@ def main() -> None:
         results[path] = {"hidden": hidden, "gathered": gathered}
     if dist.get_rank() == 0:
         torch.save(results, out / "tp_encoders.pt")
-    leave_and_exit()
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
