@@ -48,6 +48,7 @@ class LoadRequest:
     use_safetensors: bool | None = None
     ignore_mismatched_sizes: bool = False
     attn_implementation: str | None = None
+    disable_mmap: bool | None = None
     hub: dict = field(default_factory=dict)
 
 

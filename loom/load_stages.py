@@ -141,9 +141,13 @@ def apply_hooks(model: nn.Module, hooks: list[LoadHook], device_for) -> None:
 
 
 def stream_weights(model: nn.Module, ckpt, request: LoadRequest, hooks: list[LoadHook], device_for):
-    """Every tensor of the checkpoint into its final form (loom/loading.py); what did not line up, as LoadingInfo."""
+    """Every tensor of the checkpoint into its final form (loom/loading.py); what did not line up, as LoadingInfo.
+    `disable_mmap=True` reads safetensors into fresh memory (finalize then backs it with huge pages)."""
+    if request.disable_mmap not in (None, True, False):
+        raise TypeError(f"disable_mmap must be True, False or None, got {request.disable_mmap!r}")
     return loading.stream_checkpoint(model, ckpt, dtype=request.dtype, device_for=device_for, hooks=hooks,
-                                     ignore_mismatched_sizes=request.ignore_mismatched_sizes)
+                                     ignore_mismatched_sizes=request.ignore_mismatched_sizes,
+                                     private=bool(request.disable_mmap))
 
 
 def tie_and_initialise(model: nn.Module, info, dtype, device_for) -> None:

@@ -295,11 +295,12 @@ def _target_dtype(tensor_dtype, dtype):
 
 
 def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_for, hooks=(),
-                      ignore_mismatched_sizes: bool = False) -> LoadingInfo:
+                      ignore_mismatched_sizes: bool = False, private: bool = False) -> LoadingInfo:
     """Load every tensor of `ckpt` into `model` (built on meta, already prepared by `hooks`: LoadHooks, each told
     `place_with(device_for)`); returns what was missing/unexpected/mismatched.
 
-    `device_for(name)` gives each parameter's device; `dtype` None keeps the checkpoint's dtype.
+    `device_for(name)` gives each parameter's device; `dtype` None keeps the checkpoint's dtype. `private`: read
+    safetensors files into fresh memory (plain reads) rather than keep tensors on the file's mapping.
     """
     hooks = checked_hooks(hooks)
     expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
@@ -307,7 +308,7 @@ def stream_checkpoint(model: nn.Module, ckpt: CheckpointFiles, *, dtype, device_
     transposed = getattr(model, "_transposed_checkpoint_weights", ())
     info = LoadingInfo()
     loaded: set[str] = set()
-    eager = any(h.converts_tensors for h in hooks)
+    eager = private or any(h.converts_tensors for h in hooks)
     fix = None
     for file in ckpt.files:
         handle = open_checkpoint(file, eager=eager)

@@ -370,11 +370,17 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
                         quantization_config=None, tp_plan=None, device_mesh=None, output_loading_info: bool = False,
                         ignore_mismatched_sizes: bool = False, variant: str | None = None,
                         use_safetensors: bool | None = None, attn_implementation: str | None = None,
-                        **kwargs: Any):
+                        disable_mmap: bool | None = None, **kwargs: Any):
         """Load a checkpoint directory, HF-cache entry, packaged model or hub id (see the module docstring).
 
         `attn_implementation`: "sdpa" (the default) or "eager" (the math written out; a forward asked for
-        output_attentions=True computes them eagerly under either)."""
+        output_attentions=True computes them eagerly under either).
+        `disable_mmap=True`: read safetensors weights into the process's own memory instead of using them in place
+        from a mapping of the file (the default, which loads fastest and shares the page cache). On the CPU that
+        memory is then backed by 2 MiB pages where Linux allows it, which a decode step streams about 1.4x faster
+        than the file's 4 KiB pages (the bench Llama in fp32: 24.6 -> 17.0 ms per token at 1 thread), at the cost
+        of a slower load (the pages are copied, and finding huge pages can take seconds on a fragmented machine)
+        and of memory the kernel can no longer drop and re-read."""
         from loom import load_stages
 
         hub = pop_hub_kwargs(kwargs)
@@ -385,7 +391,8 @@ class PreTrainedModel(AdapterMixin, nn.Module, PushToHubMixin):
             device_map=device_map, max_memory=max_memory, offload_folder=offload_folder,
             quantization_config=quantization_config, tp_plan=tp_plan, device_mesh=device_mesh,
             gguf_file=kwargs.pop("gguf_file", None), variant=variant, use_safetensors=use_safetensors,
-            ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation, hub=hub)
+            ignore_mismatched_sizes=ignore_mismatched_sizes, attn_implementation=attn_implementation,
+            disable_mmap=disable_mmap, hub=hub)
         return load_stages.load_pretrained(cls, request, model_args, kwargs, output_loading_info)
 
     def _init_buffers_(self, device_for) -> None:
