@@ -256,6 +256,8 @@ def child_cpu() -> float:
 def llama_bench(info: dict, gguf: Path, threads: int, prompt: int, gen: int) -> dict:
     cmd = [Path(info["bin"]) / "llama-bench", "-m", gguf, "-t", threads, "-p", prompt, "-n", gen, "-r", 1,
            "-o", "json"]
+    if os.environ.get("LOOM_BENCH_DISABLE_MMAP"):
+        cmd += ["-lm", "none"]
     c0 = child_cpu()
     with Window() as w:
         out = subprocess.run(list(map(str, cmd)), capture_output=True, text=True)
@@ -329,6 +331,8 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
         import transformers as lib_mod
     opts = FORMATS[fmt][2]
     kwargs = dict(dtype=getattr(torch, opts.get("dtype", "float32")))
+    if os.environ.get("LOOM_BENCH_DISABLE_MMAP"):
+        kwargs["disable_mmap"] = True
     if "bits" in opts:
         cfg = dict(bits=opts["bits"], skip_output_embeddings=not opts.get("head", False))
         if opts["bits"] == 4:
@@ -458,7 +462,9 @@ def pair_table(res: dict, args, columns: str, kind: str, key: str, scale: float 
 def report(res: dict, args, info: dict, meta: dict) -> str:
     q = args.quiet
     lines = [f"llama.cpp {info['commit']} ({info['sdist']}), {info['cmake_cpu']}, {info['march']}; "
-             f"llama-bench defaults otherwise (mmap, its own thread pool). loom {meta['loom_version']} "
+             + ("weights read into memory on both sides (llama-bench -lm none, loom disable_mmap=True); llama-bench "
+                "defaults otherwise (its own thread pool). " if args.disable_mmap else
+                "llama-bench defaults otherwise (mmap, its own thread pool). ") + f"loom {meta['loom_version']} "
              f"(kernels: {meta['kernels']}), "
              f"torch {meta['torch']}. CPU: {meta['cpu']}, {os.cpu_count()} logical CPUs. "
              f"{args.rounds} rounds; decode {args.tokens} tokens from a 1-token prompt (batch 1, greedy), prompt "
@@ -517,11 +523,16 @@ def main() -> None:
     ap.add_argument("--quiet", type=float, default=0.10, help="max share of the machine others may use")
     ap.add_argument("--no-reference", action="store_true", help="skip the reference's fp32/bf16 decode runs")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--disable-mmap", action="store_true",
+                    help="both sides read the weights into their own memory: loom's from_pretrained(disable_mmap=True) "
+                         "(backed by huge pages), llama-bench -lm none")
     ap.add_argument("--json", type=Path, default=None, help="write every sample here")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker_main(*args.worker)
+    if args.disable_mmap:
+        os.environ["LOOM_BENCH_DISABLE_MMAP"] = "1"  # read by the workers and run_llama_bench
     if args.quick:
         args.rounds = min(args.rounds, 2)
     args.tokens = args.tokens or (32 if args.quick else 128)
