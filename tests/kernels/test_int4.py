@@ -81,6 +81,25 @@ def test_inf_and_nan_rows_inside_a_large_batch_stay_float(group):
 
 
 @needs_native
+@pytest.mark.parametrize("group", [32, 128])
+def test_large_batch_gives_the_same_bits_on_one_and_two_threads(group):
+    # the blocked GEMM splits the weight tiles between threads: the split must not change a value, NaN/inf rows
+    # (computed row by row after the GEMM) included
+    x, packed, scale, zero = _args(203, 256, 37, group, True)
+    x[7, 1], x[150, 0] = float("nan"), float("inf")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.loom.int4_linear(x, packed, scale, zero, group)
+        torch.set_num_threads(2)
+        two = torch.ops.loom.int4_linear(x, packed, scale, zero, group)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.isnan(), two.isnan())
+    assert torch.equal(torch.nan_to_num(one), torch.nan_to_num(two))
+
+
+@needs_native
 # decode kernel, blocked GEMM at its largest group, and a larger group: the decode kernel for any row count
 @pytest.mark.parametrize("rows,group", [(2, policy.INT4_GEMM_MAX_GROUP), (20, policy.INT4_GEMM_MAX_GROUP), (20, 8192)])
 def test_long_groups_do_not_overflow(rows, group):
