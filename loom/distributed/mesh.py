@@ -113,17 +113,12 @@ def settle_gloo_threads(limit_s: float = _SETTLE_LIMIT_S) -> bool:
         time.sleep(_SETTLE_POLL_S)
 
 
-def _settle_at_exit() -> None:
-    if dist.is_available() and (dist.is_initialized() or _gloo_worker_states()):
-        settle_gloo_threads()
-
-
 def settle_gloo_at_exit() -> None:
     """Register (once) the exit handler that lets gloo's worker threads finish before interpreter finalization.
     Called wherever loom joins or uses a process group (init_distributed, tensor-parallel meshes)."""
     global _settle_registered
     if not _settle_registered:
-        atexit.register(_settle_at_exit)
+        atexit.register(settle_gloo_threads)  # returns at once when the process has no gloo worker threads
         _settle_registered = True
 
 

@@ -208,7 +208,7 @@ def test_settle_waits_until_gloo_workers_are_blocked_for_several_polls(monkeypat
 
 
 _GLOO_THREADS = r"""
-import atexit, os, sys
+import os, sys
 import torch, torch.distributed as dist
 import loom.distributed.mesh as mesh
 from torch.distributed._functional_collectives import all_gather_tensor
