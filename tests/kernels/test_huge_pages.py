@@ -63,3 +63,22 @@ def test_large_anonymous_tensor_lands_on_huge_pages():
         pytest.skip("MADV_COLLAPSE needs Linux 6.1; older kernels only advise future faults")
     assert huge is not None and huge >= 2048, f"AnonHugePages {huge} kB after MADV_COLLAPSE"
     assert int(t.sum()) == t.numel()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="transparent huge pages are a Linux feature")
+def test_neighbouring_small_storages_are_advised_as_one_range():
+    # a model's matrices are mostly smaller than a huge page: eight 1 MiB storages side by side (separate storages
+    # over one anonymous mapping) must get huge pages together, which advising each alone can never give
+    import mmap
+
+    if memory._thp_mode() == "never":
+        pytest.skip("transparent huge pages are off on this machine (mode 'never')")
+    area = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = memoryview(area)
+    parts = [torch.frombuffer(view[i << 20:(i + 1) << 20], dtype=torch.uint8) for i in range(8)]
+    for i, p in enumerate(parts):
+        p.fill_(i + 1)
+    assert len({p.untyped_storage().data_ptr() for p in parts}) == 8
+    assert memory.back_with_huge_pages(parts) >= 4 << 20  # at least two whole 2 MiB pages inside the 8 MiB
+    assert all(int(p[0]) == i + 1 and int(p[-1]) == i + 1 for i, p in enumerate(parts))
+    del parts, p
