@@ -1201,3 +1201,276 @@ def _quantize_fake(weight, group_size):
 int4_quantize_asymmetric = _define(
     "int4_quantize_asymmetric(Tensor weight, int group_size) -> (Tensor, Tensor, Tensor)", _quantize_cpu,
     _quantize_fake)
+
+
+# -- token cross entropy: -log_softmax(logits)[label] per row, straight from the logits' dtype -----------------------
+def _nll_checks(logits, labels, ignore_index) -> None:
+    op = "token_nll"
+    _check_strided(op, logits=logits, labels=labels)
+    _check_float(op, "logits", logits)
+    _check(logits.dim() == 2 and labels.dim() == 1 and labels.shape[0] == logits.shape[0], op,
+           f"expects logits (N, V) and labels (N,), got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    _check(not labels.is_floating_point() and not labels.is_complex() and labels.dtype is not torch.bool, op,
+           f"labels must be integer class indices, got {labels.dtype}")
+
+
+def _nll_bad_label(logits, labels, ignore_index) -> None:
+    V = logits.shape[1]
+    bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        raise IndexError(f"loom::token_nll: label {int(labels[row])} at row {row} is out of range for {V} classes "
+                         f"(labels must be in [0, {V}) or ignore_index {ignore_index})")
+
+
+def token_nll_reference(logits, labels, ignore_index: int):
+    """The torch computation the kernel reproduces: per-row loss -((x[label] - max) - log(sum(e^(x - max)))) in
+    fp32 (0 on ignored rows), and each row's (max, log-sum)."""
+    x = logits.float()
+    keep = labels != ignore_index
+    mx = x.amax(-1, keepdim=True)
+    logsum = (x - mx).exp().sum(-1, keepdim=True).log()
+    picked = x.gather(1, torch.where(keep, labels, 0).unsqueeze(1))
+    loss = torch.where(keep, -((picked - mx) - logsum).squeeze(1), 0.0)
+    stats = torch.where(keep.unsqueeze(1), torch.cat([mx, logsum], 1), 0.0)
+    return loss, stats
+
+
+def _nll_cpu(logits, labels, ignore_index):
+    if not (logits.dtype in _FLOATS and logits.dim() == 2 and labels.dim() == 1 and logits.layout == _STRIDED
+            and labels.layout == _STRIDED and labels.shape[0] == logits.shape[0] and labels.dtype is torch.int64):
+        _nll_checks(logits, labels, ignore_index)
+        labels = labels.to(torch.int64)
+    lib = build.library()
+    if lib is None:
+        _nll_bad_label(logits, labels, ignore_index)
+        return token_nll_reference(logits, labels, ignore_index)
+    x, labels = _unit_stride_last(logits), labels.contiguous()
+    n, V = x.shape
+    loss = torch.empty(n, dtype=_F32)
+    stats = torch.empty(n, 2, dtype=_F32)
+    if n and lib.loom_token_nll(x.data_ptr(), x.dtype is torch.bfloat16, n, V, x.stride(0) if n > 1 else V,
+                                labels.data_ptr(), ignore_index, loss.data_ptr(), stats.data_ptr(), pool_threads()):
+        _nll_bad_label(logits, labels, ignore_index)
+    return loss, stats
+
+
+def _nll_fake(logits, labels, ignore_index):
+    _nll_checks(logits, labels, ignore_index)
+    n = logits.shape[0]
+    return logits.new_empty(n, dtype=_F32), logits.new_empty(n, 2, dtype=_F32)
+
+
+def _nll_setup(ctx, inputs, output):
+    logits, labels, ignore_index = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.ignore_index = ignore_index
+
+
+def _nll_backward(ctx, grad_loss, _grad_stats):
+    logits, labels, stats = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None
+    labels = labels.to(torch.int64)
+    g = grad_loss.float().contiguous()
+    lib = build.library()
+    if lib is None or type(logits) not in (torch.Tensor, torch.nn.Parameter) or not logits.is_cpu:
+        x = logits.float()
+        keep = labels != ctx.ignore_index
+        p = ((x - stats[:, :1]) - stats[:, 1:]).exp() * g.unsqueeze(1)
+        rows = keep.nonzero().squeeze(1)
+        p[rows, labels[rows]] = -g[rows] + p[rows, labels[rows]]
+        return torch.where(keep.unsqueeze(1), p, 0.0).to(logits.dtype), None, None
+    x = _unit_stride_last(logits)
+    n, V = x.shape
+    grad = torch.empty(n, V, dtype=logits.dtype)
+    if n:
+        lib.loom_token_nll_backward(x.data_ptr(), x.dtype is torch.bfloat16, n, V, x.stride(0) if n > 1 else V,
+                                    labels.contiguous().data_ptr(), ctx.ignore_index, stats.contiguous().data_ptr(),
+                                    g.data_ptr(), grad.data_ptr(), pool_threads())
+    return grad, None, None
+
+
+_token_nll = _define("token_nll(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)", _nll_cpu,
+                     _nll_fake, _nll_backward, _nll_setup, grad_args=(0,))
+
+
+def token_nll(logits, labels, ignore_index: int = -100):
+    """Per-row cross entropy -log_softmax(logits[r])[labels[r]] as fp32 (N,), 0 where labels[r] == ignore_index;
+    differentiable in logits. logits (N, V) fp32 or bf16; the sum over rows divided by the kept count is
+    F.cross_entropy's mean."""
+    return _token_nll(logits, labels, ignore_index)[0]
+
+
+# -- whole-sequence attention (training, prefill): softmax(q k^T * scale [causal]) v with its backward ---------------
+FLASH_MAX_HEAD_DIM = 256
+
+
+def _flash_checks(q, k, v, scale, causal) -> None:
+    op = "flash_attention"
+    _check_strided(op, q=q, k=k, v=v)
+    _check_float(op, "q", q)
+    _check(k.dtype == q.dtype and v.dtype == q.dtype, op,
+           f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    _check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, op,
+           f"expects q (B, H, T, D) and k, v (B, Hkv, S, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    B, H, _, D = q.shape
+    _check(k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, op,
+           f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={B}, Hkv, S, D={D})")
+    _check(k.shape[1] > 0 and H % k.shape[1] == 0, op, f"{H} query heads are not a multiple of {k.shape[1]} kv heads")
+    _check(0 < D <= FLASH_MAX_HEAD_DIM, op, f"head dim {D} must be in 1..{FLASH_MAX_HEAD_DIM}")
+    _check(k.shape[2] > 0, op, "needs at least one key (S = 0)")
+
+
+def flash_attention_reference(q, k, v, scale: float, causal: bool):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale,
+                                          enable_gqa=int(k.shape[1]) != int(q.shape[1]))
+
+
+def _flash_lse_reference(q, k, scale, causal):
+    kf = k.float().repeat_interleave(q.shape[1] // k.shape[1], 1)
+    s = (q.float() @ kf.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    return s.logsumexp(-1)
+
+
+def _flash_cpu(q, k, v, scale, causal):
+    if not (q.dtype in _FLOATS and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4 and k.dim() == 4
+            and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and k.shape[1] > 0
+            and q.shape[1] % k.shape[1] == 0 and 0 < q.shape[3] <= FLASH_MAX_HEAD_DIM and k.shape[2] > 0
+            and q.layout == _STRIDED and k.layout == _STRIDED and v.layout == _STRIDED):
+        _flash_checks(q, k, v, scale, causal)
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    out = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)  # (B, H, T, D) whose transpose(1, 2) is contiguous
+    lse = torch.empty(B, H, T, dtype=_F32)
+    lib = build.library()
+    if lib is None:
+        out.copy_(flash_attention_reference(q, k, v, scale, causal))
+        lse.copy_(_flash_lse_reference(q, k, scale, causal))
+        return out, lse
+    if B and T and H:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        if lib.loom_flash_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *out.stride()[:3],
+                                    lse.data_ptr(), q.dtype is torch.bfloat16, B, H, Hkv, T, S, D, scale, causal,
+                                    pool_threads()):
+            raise MemoryError(f"loom::flash_attention: could not allocate scratch for {S} keys")
+    return out, lse
+
+
+def _flash_fake(q, k, v, scale, causal):
+    _flash_checks(q, k, v, scale, causal)
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=_F32)
+
+
+def _flash_setup(ctx, inputs, output):
+    q, k, v, scale, causal = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.mark_non_differentiable(output[1])
+    ctx.scale, ctx.causal = scale, causal
+
+
+def _flash_backward(ctx, grad, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    lib = build.library()
+    if lib is None or not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu for t in (q, k, v, grad)):
+        with torch.enable_grad():
+            qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
+            o = flash_attention_reference(qr, kr, vr, ctx.scale, ctx.causal)
+        return (*torch.autograd.grad(o, (qr, kr, vr), grad), None, None)
+    B, H, T, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad = grad.to(q.dtype)
+    if grad.stride(-1) != 1:
+        grad = grad.contiguous()
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B and T and H and lib.loom_flash_attention_backward(
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *out.stride()[:3], lse.contiguous().data_ptr(),
+            grad.data_ptr(), *grad.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
+            q.dtype is torch.bfloat16, B, H, Hkv, T, S, D, ctx.scale, ctx.causal, pool_threads()):
+        raise MemoryError(f"loom::flash_attention: could not allocate backward scratch for {S} keys")
+    return dq, dk, dv, None, None
+
+
+_flash_attention = _define("flash_attention(Tensor q, Tensor k, Tensor v, float scale, bool causal) -> (Tensor, Tensor)",
+                           _flash_cpu, _flash_fake, _flash_backward, _flash_setup, grad_args=(0, 1, 2))
+
+
+def flash_attention(q, k, v, scale: float, causal: bool):
+    """softmax(q k^T * scale) v over whole sequences, causal (query i sees keys 0..i) or not, no mask: q (B, H, T, D),
+    k and v (B, Hkv, S, D) fp32 or bf16; differentiable in q, k and v."""
+    return _flash_attention(q, k, v, scale, causal)[0]
+
+
+# -- rotary embedding of whole sequences: x * cos + swap_halves(x) * sin, with its backward --------------------------
+def _rope_checks(x, cos, sin) -> None:
+    op = "rope"
+    _check_strided(op, x=x, cos=cos, sin=sin)
+    _check_float(op, "x", x)
+    _check_float(op, "cos", cos)
+    _check(sin.dtype == cos.dtype and sin.shape == cos.shape, op,
+           f"cos and sin must share a dtype and shape, got {cos.dtype} {tuple(cos.shape)} and {sin.dtype} "
+           f"{tuple(sin.shape)}")
+    _check(x.dim() == 4 and x.shape[-1] % 2 == 0, op, f"expects x (B, H, T, D) with D even, got {tuple(x.shape)}")
+    B, _, T, D = x.shape
+    _check(cos.dim() == 4 and cos.shape[0] in (1, B) and tuple(cos.shape[1:]) == (1, T, D), op,
+           f"cos and sin must be (B={B} or 1, 1, T={T}, D={D}), got {tuple(cos.shape)}")
+
+
+def rope_reference(x, cos, sin):
+    """The torch computation the kernel reproduces: loom's apply_rotary (sin holds rotate-half's sign)."""
+    return x * cos + x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2) * sin
+
+
+def _rope_run(x, cos, sin, out_dtype, backward: bool):
+    B, H, T, D = x.shape
+    y = torch.empty(B, H, T, D, dtype=out_dtype)
+    x = _unit_stride_last(x)
+    cos, sin = _unit_stride_last(cos), _unit_stride_last(sin)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if y.numel():
+        build.library().loom_rope(x.data_ptr(), x.dtype is torch.bfloat16, *x.stride()[:3], cos.data_ptr(),
+                                  sin.data_ptr(), cos.dtype is torch.bfloat16, cos.stride(0) if cos.shape[0] > 1 else 0,
+                                  cos.stride(2), y.data_ptr(), out_dtype is torch.bfloat16, B, H, T, D, backward,
+                                  pool_threads())
+    return y
+
+
+def _rope_cpu(x, cos, sin):
+    if not (x.dtype in _FLOATS and cos.dtype in _FLOATS and sin.dtype == cos.dtype and x.dim() == 4
+            and cos.dim() == 4 and sin.shape == cos.shape and x.shape[-1] % 2 == 0 and cos.shape[0] in (1, x.shape[0])
+            and cos.shape[1] == 1 and cos.shape[2:] == x.shape[2:] and x.layout == _STRIDED
+            and cos.layout == _STRIDED and sin.layout == _STRIDED):
+        _rope_checks(x, cos, sin)
+    if build.library() is None:
+        return rope_reference(x, cos, sin)
+    return _rope_run(x, cos, sin, torch.promote_types(x.dtype, cos.dtype), False)
+
+
+def _rope_fake(x, cos, sin):
+    _rope_checks(x, cos, sin)
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, cos.dtype))
+
+
+def _rope_setup(ctx, inputs, output):
+    x, cos, sin = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.x_dtype = x.dtype
+
+
+def _rope_backward(ctx, grad):
+    cos, sin = ctx.saved_tensors
+    if build.library() is None or not (type(grad) in (torch.Tensor, torch.nn.Parameter) and grad.is_cpu):
+        with torch.enable_grad():  # autograd of the torch computation itself: each step rounded as torch's
+            xr = torch.zeros(grad.shape, dtype=ctx.x_dtype, requires_grad=True)
+            return torch.autograd.grad(rope_reference(xr, cos, sin), xr, grad)[0], None, None
+    return _rope_run(grad, cos, sin, ctx.x_dtype, True), None, None
+
+
+rope = _define("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor", _rope_cpu, _rope_fake, _rope_backward,
+               _rope_setup, grad_args=(0,))

@@ -88,6 +88,32 @@ def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
                             and mask.shape[3] == ks[2])
 
 
+def flash_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
+    """Training attention over whole sequences (loom::flash_attention): a gradient wanted for q, k or v, no mask
+    (causal or not), no dropout, plain CPU fp32/bf16 (B, H, T, D) and (B, Hkv, S, D) with D <= 256. At the LoRA
+    benchmark's shapes (T 256, D 64, 12/4 heads, bf16) its forward + backward took 26 ms against SDPA's 43 ms."""
+    if mask is not None or dropout or not torch.is_grad_enabled() or not enabled():
+        return False
+    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    dtype, qs, ks = q.dtype, q.shape, k.shape
+    if not (dtype in DTYPES and k.dtype is dtype and v.dtype is dtype and plain(q) and plain(k) and plain(v)):
+        return False
+    return (len(qs) == 4 and len(ks) == 4 and v.shape == ks and ks[0] == qs[0] and ks[3] == qs[3]
+            and 0 < qs[3] <= 256 and ks[1] > 0 and qs[1] % ks[1] == 0 and ks[2] > 0 and qs[2] > 0)
+
+
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """Rotary embedding of (B, H, T, D) `x` over its whole head dim (loom::rope, bitwise apply_rotary's torch ops in
+    every fp32/bf16 combination, forward and backward): plain CPU tensors, cos/sin (B|1, 1, T, D)."""
+    if not (x.dtype in DTYPES and cos.dtype in DTYPES and sin.dtype is cos.dtype and plain(x) and plain(cos)
+            and plain(sin) and enabled()) or cos.requires_grad or sin.requires_grad:
+        return False
+    xs, cs = x.shape, cos.shape
+    return (len(xs) == 4 and len(cs) == 4 and sin.shape == cs and xs[3] % 2 == 0 and cs[0] in (1, xs[0])
+            and cs[1] == 1 and cs[2] == xs[2] and cs[3] == xs[3])
+
+
 def int8_applies(x: torch.Tensor) -> bool:
     """Whether a loom int8 Linear's product on `x` goes to loom::int8_linear: at any row count, since above MAX_ROWS
     its blocked GEMM (csrc/int8.c) beat dequantizing to fp32 + F.linear 1.6-3x at 128-512 rows, at every level."""
@@ -138,6 +164,14 @@ def rope_attention_applies(q, k, v, cos, sin, mask) -> bool:
         return False
     return mask is None or (plain(mask) and mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1] == 1
                             and mask.shape[2] == 1 and mask.shape[0] in (1, qs[0]) and mask.stride(-1) == 1)
+
+
+def loss_applies(logits: torch.Tensor, labels: torch.Tensor) -> bool:
+    """Whether a token cross entropy over (..., vocabulary) `logits` goes to loom::token_nll: plain CPU fp32 or bf16
+    logits (any grad mode: the operator has autograd). It reads the logits in their own dtype instead of torch's
+    fp32 copy, log_softmax tensor and five passes over (rows, vocabulary)."""
+    return (logits.dtype in DTYPES and logits.dim() >= 1 and logits.shape[-1] > 0 and plain(logits)
+            and plain(labels) and enabled())
 
 
 def argmax_applies(x: torch.Tensor) -> bool:

@@ -219,9 +219,17 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself.
 
     A single query per head on CPU without autograd (a decode step) goes to loom::decode_attention: ~10x less time
-    than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads."""
+    than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads. Training attention without a
+    mask goes to loom::flash_attention (policy.flash_applies), rounded as SDPA's CPU flash attention is."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return ops.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
+    if torch.is_autocast_enabled("cpu") and q.is_cpu:  # SDPA is on CPU autocast's lower-precision list
+        low = torch.get_autocast_dtype("cpu")
+        fq, fk, fv = (t.to(low) if t.dtype is torch.float32 else t for t in (q, k, v))
+    else:
+        fq, fk, fv = q, k, v
+    if policy.flash_applies(fq, fk, fv, mask, is_causal, dropout):
+        return ops.flash_attention(fq, fk, fv, scale if scale is not None else q.shape[-1] ** -0.5, is_causal)
     # a plain bool from the static sizes: under torch.jit.trace a comparison of traced sizes would be a tensor
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
@@ -417,17 +425,28 @@ class RMSNorm(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """Next-token cross entropy; -100 labels are ignored. With num_items_in_batch the sum is divided by it (so
     gradient accumulation can normalise by the token count of the whole accumulated batch)."""
-    logits = logits[..., :-1, :].float()
-    labels = labels[..., 1:].to(logits.device)
-    return token_loss(logits, labels, num_items_in_batch)
+    labels = labels.to(logits.device)
+    if policy.loss_applies(logits, labels):
+        # every position against the next label (the last against none): no slice or fp32 copy of the logits
+        shifted = F.pad(labels[..., 1:], (0, 1), value=-100)
+        return token_loss(logits, shifted, num_items_in_batch)
+    return token_loss(logits[..., :-1, :], labels[..., 1:], num_items_in_batch)
 
 
 def token_loss(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
-    flat_labels = labels.reshape(-1).to(flat_logits.device)
-    if num_items_in_batch is None:
-        return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+    """F.cross_entropy's mean over the labels that are not -100 (or their sum / num_items_in_batch). Plain CPU
+    fp32/bf16 logits go to loom::token_nll, which reads them in their own dtype (the same loss and gradient in fp32:
+    the reference's upcast, log_softmax and nll_loss computed row by row)."""
+    flat_labels = labels.reshape(-1).to(logits.device)
+    if policy.loss_applies(logits, flat_labels):
+        total = ops.token_nll(logits.reshape(-1, logits.shape[-1]), flat_labels, -100).sum()
+        if num_items_in_batch is None:
+            return total / (flat_labels != -100).sum()
+    else:
+        flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+        if num_items_in_batch is None:
+            return F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+        total = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

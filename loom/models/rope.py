@@ -13,6 +13,8 @@ import math
 import torch
 from torch import nn
 
+from loom.kernels import ops, policy
+
 # keys each type needs beyond rope_theta
 _REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor",), "yarn": (),
              "longrope": ("long_factor", "short_factor"),
@@ -177,9 +179,12 @@ def _swap_halves(x: torch.Tensor) -> torch.Tensor:
 def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Rotate (B, H, T, D) queries and (B, Hkv, T, D) keys with `RotaryEmbedding`'s (B, 1, T, D_rot) cos/sin.
 
-    q and k are rotated as one tensor (one concatenation instead of a second set of ops); the results are views.
-    Bitwise the reference's q * cos + rotate_half(q) * sin: the sign moved into sin is an exact negation."""
+    Plain CPU tensors rotated over the whole head dim go to loom::rope (one pass each, forward and backward);
+    otherwise q and k are rotated as one tensor (one concatenation instead of a second set of ops). Bitwise the
+    reference's q * cos + rotate_half(q) * sin: the sign moved into sin is an exact negation."""
     heads, rot = q.shape[1], cos.shape[-1]
+    if rot == q.shape[-1] and policy.rope_applies(q, cos, sin) and policy.rope_applies(k, cos, sin):
+        return ops.rope(q, cos, sin), ops.rope(k, cos, sin)  # one C pass each, bitwise the ops below
     x = torch.cat((q, k), 1)
     if rot == x.shape[-1]:
         x = x * cos + _swap_halves(x) * sin

@@ -1,24 +1,6 @@
 /* Single-query attention for decode steps. */
 #include "common.h"
 
-/* e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp); -inf -> 0 */
-static inline __m256 exp8(__m256 x) {
-    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
-}
-
 #define ATTN_MAX_D 512
 #define ATTN_STACK_L 4096
 

@@ -63,4 +63,32 @@ static inline float load_param(const void *p, long i, int half) {
     return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
+/* e^x for 8 lanes (Cephes' expf: range reduction by ln 2 in two parts, degree-5 polynomial; ~1 ulp); -inf -> 0 */
+static inline __m256 exp8(__m256 x) {
+    __m256 keep = _mm256_cmp_ps(x, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), keep);
+}
+
+/* 8 fp32 rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays a quiet NaN), in each lane's low 16 bits */
+static inline __m256i round_bf16_8(__m256 f) {
+    __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
+    __m256i even = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, even), 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
+}
+
 #endif

@@ -5,16 +5,6 @@
    attention (attention.c) replace the largest. */
 typedef struct { const void *x, *w; void *y; long n; float eps; int bf16, plus_one; } norm_job;
 
-/* 8 fp32 rounded to bf16 as f32_to_bf16 does (nearest even, NaN stays a quiet NaN), in each lane's low 16 bits */
-static inline __m256i round_bf16_8(__m256 f) {
-    __m256i u = _mm256_castps_si256(f), one = _mm256_set1_epi32(1);
-    __m256i even = _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), one));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, even), 16);
-    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),
-                                     _mm256_set1_epi32(0x7f800000));
-    return _mm256_blendv_epi8(r, _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40)), nan);
-}
-
 static void rms_norm_rows(const void *p, long begin, long end) {
     const norm_job *j = p;
     const long n = j->n;

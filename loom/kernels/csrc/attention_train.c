@@ -1,0 +1,368 @@
+/* Attention over whole sequences (training, prefill): softmax(q k^T * scale [causal]) v and its backward, for
+   q (B, H, T, D) and k, v (B, Hkv, S, D), fp32 or bf16, fp32 sums. torch's CPU flash attention spends most of its
+   time outside its small matrix products at training shapes (T 256, D 64: ~17 GFLOP/s forward); here every product
+   is one fp32 register-tiled loop over blocks of 64 query rows, and a causal block stops at its last row's key.
+
+   Rounding follows torch's CPU flash attention for bf16 (FlashAttentionKernel.cpp): the probabilities are rounded to
+   bf16 before they multiply v, the output is divided by the unrounded fp32 sum, and in the backward the
+   probabilities (for dv) and the score gradients (for dq, dk) are rounded to bf16 before their products; dq, dk and
+   dv are summed in fp32 and rounded once. */
+#include "common.h"
+
+#define FA_BQ 64
+
+/* C (R x N, row stride ldc) (+)= A (R x L, A[r][l] at A + r * ars + l * als) @ B (L x N, row stride ldb); fp32.
+   zero: C starts at 0 instead of its contents. Tiles of 4 rows x 16 columns keep 8 sums in registers. */
+static void gemm_acc(float *C, long ldc, const float *A, long ars, long als, const float *B, long ldb, long R,
+                     long L, long N, int zero) {
+    long r = 0;
+    for (; r + 4 <= R; r += 4) {
+        const float *a0 = A + r * ars, *a1 = a0 + ars, *a2 = a1 + ars, *a3 = a2 + ars;
+        float *c0 = C + r * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
+        long n = 0;
+        for (; n + 16 <= N; n += 16) {
+            __m256 s00, s01, s10, s11, s20, s21, s30, s31;
+            if (zero) {
+                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _mm256_setzero_ps();
+            } else {
+                s00 = _mm256_loadu_ps(c0 + n); s01 = _mm256_loadu_ps(c0 + n + 8);
+                s10 = _mm256_loadu_ps(c1 + n); s11 = _mm256_loadu_ps(c1 + n + 8);
+                s20 = _mm256_loadu_ps(c2 + n); s21 = _mm256_loadu_ps(c2 + n + 8);
+                s30 = _mm256_loadu_ps(c3 + n); s31 = _mm256_loadu_ps(c3 + n + 8);
+            }
+            const float *b = B + n;
+            for (long l = 0; l < L; l++, b += ldb) {
+                __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8), x;
+                long o = l * als;
+                x = _mm256_broadcast_ss(a0 + o); s00 = _mm256_fmadd_ps(x, b0, s00); s01 = _mm256_fmadd_ps(x, b1, s01);
+                x = _mm256_broadcast_ss(a1 + o); s10 = _mm256_fmadd_ps(x, b0, s10); s11 = _mm256_fmadd_ps(x, b1, s11);
+                x = _mm256_broadcast_ss(a2 + o); s20 = _mm256_fmadd_ps(x, b0, s20); s21 = _mm256_fmadd_ps(x, b1, s21);
+                x = _mm256_broadcast_ss(a3 + o); s30 = _mm256_fmadd_ps(x, b0, s30); s31 = _mm256_fmadd_ps(x, b1, s31);
+            }
+            _mm256_storeu_ps(c0 + n, s00); _mm256_storeu_ps(c0 + n + 8, s01);
+            _mm256_storeu_ps(c1 + n, s10); _mm256_storeu_ps(c1 + n + 8, s11);
+            _mm256_storeu_ps(c2 + n, s20); _mm256_storeu_ps(c2 + n + 8, s21);
+            _mm256_storeu_ps(c3 + n, s30); _mm256_storeu_ps(c3 + n + 8, s31);
+        }
+        for (; n < N; n++) {
+            float t0 = zero ? 0.0f : c0[n], t1 = zero ? 0.0f : c1[n], t2 = zero ? 0.0f : c2[n],
+                  t3 = zero ? 0.0f : c3[n];
+            for (long l = 0; l < L; l++) {
+                float bv = B[l * ldb + n];
+                long o = l * als;
+                t0 += a0[o] * bv; t1 += a1[o] * bv; t2 += a2[o] * bv; t3 += a3[o] * bv;
+            }
+            c0[n] = t0; c1[n] = t1; c2[n] = t2; c3[n] = t3;
+        }
+    }
+    for (; r < R; r++) {
+        const float *a = A + r * ars;
+        float *c = C + r * ldc;
+        long n = 0;
+        for (; n + 8 <= N; n += 8) {
+            __m256 s = zero ? _mm256_setzero_ps() : _mm256_loadu_ps(c + n);
+            for (long l = 0; l < L; l++) s = _mm256_fmadd_ps(_mm256_broadcast_ss(a + l * als),
+                                                             _mm256_loadu_ps(B + l * ldb + n), s);
+            _mm256_storeu_ps(c + n, s);
+        }
+        for (; n < N; n++) {
+            float t = zero ? 0.0f : c[n];
+            for (long l = 0; l < L; l++) t += a[l * als] * B[l * ldb + n];
+            c[n] = t;
+        }
+    }
+}
+
+static inline float round_to(float f, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
+
+/* rows x D values (row r at src + r * ld, unit stride) as fp32 into dst (rows x D, contiguous) */
+static void load_rows(float *dst, const void *src, long ld, long rows, long D, int bf16) {
+    for (long r = 0; r < rows; r++) {
+        long d = 0;
+        for (; d + 8 <= D; d += 8) _mm256_storeu_ps(dst + r * D + d, load8(src, r * ld + d, bf16));
+        for (; d < D; d++) dst[r * D + d] = load_f(src, r * ld + d, bf16);
+    }
+}
+
+/* the transpose: rows x D values into dst (D x ldt) fp32, column r = source row r */
+static void load_cols(float *dst, long ldt, const void *src, long ld, long rows, long D, int bf16) {
+    for (long r = 0; r < rows; r++)
+        for (long d = 0; d < D; d++) dst[d * ldt + r] = load_f(src, r * ld + d, bf16);
+}
+
+static void store_row(void *dst, long i, const float *v, long D, float mul, int bf16) {
+    for (long d = 0; d < D; d++) {
+        float f = v[d] * mul;
+        if (bf16) ((uint16_t *)dst)[i + d] = f32_to_bf16(f);
+        else ((float *)dst)[i + d] = f;
+    }
+}
+
+/* x[0:n] *= scale in place; *mx = the largest; returns whether any is NaN */
+static int scale_max(float *x, long n, float scale, float *mx) {
+    __m256 s8 = _mm256_set1_ps(scale), m8 = _mm256_set1_ps(-INFINITY), u8 = _mm256_setzero_ps();
+    long c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(x + c), s8);
+        _mm256_storeu_ps(x + c, v);
+        m8 = _mm256_max_ps(m8, v);
+        u8 = _mm256_or_ps(u8, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    }
+    float m[8], best = -INFINITY;
+    _mm256_storeu_ps(m, m8);
+    for (int k = 0; k < 8; k++) best = m[k] > best ? m[k] : best;
+    int nan = _mm256_movemask_ps(u8) != 0;
+    for (; c < n; c++) {
+        x[c] *= scale;
+        nan |= isnan(x[c]);
+        best = x[c] > best ? x[c] : best;
+    }
+    *mx = best;
+    return nan;
+}
+
+/* ds = p * (dp - di), rounded to bf16 when bf16 (dp in ds, n values) */
+static void score_grad(float *ds, const float *p, long n, float di, int bf16) {
+    __m256 d8 = _mm256_set1_ps(di);
+    long c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 g = _mm256_mul_ps(_mm256_loadu_ps(p + c), _mm256_sub_ps(_mm256_loadu_ps(ds + c), d8));
+        if (bf16) g = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(g), 16));
+        _mm256_storeu_ps(ds + c, g);
+    }
+    for (; c < n; c++) ds[c] = round_to(p[c] * (ds[c] - di), bf16);
+}
+
+typedef struct {
+    const void *q, *k, *v, *o, *go; void *out, *gq, *gk, *gv; float *lse;
+    long B, H, Hkv, T, S, D, o_sb, o_sh, o_st, g_sb, g_sh, g_st;
+    float scale; int causal, bf16, failed;
+} fa_job;
+
+/* one (batch, kv head): the output rows and log-sum-exps of its group's query heads, FA_BQ rows at a time */
+static void fa_forward_unit(fa_job *j, long unit) {
+    const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
+    const int bf16 = j->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    float *buf = malloc(sizeof(float) * (size_t)(2 * S * D + 2 * FA_BQ * D + FA_BQ * S));
+    if (!buf) { j->failed = 1; return; }
+    float *kt = buf, *vf = kt + S * D, *qf = vf + S * D, *acc = qf + FA_BQ * D, *s = acc + FA_BQ * D;
+    const long kv_off = (b * j->Hkv + hk) * S * D;
+    load_cols(kt, S, (const char *)j->k + kv_off * es, D, S, D, bf16);
+    load_rows(vf, (const char *)j->v + kv_off * es, D, S, D, bf16);
+    for (long h = hk * group; h < (hk + 1) * group; h++) {
+        for (long i0 = 0; i0 < T; i0 += FA_BQ) {
+            const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ;
+            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S;
+            load_rows(qf, (const char *)j->q + ((b * j->H + h) * T + i0) * D * es, D, rows, D, bf16);
+            gemm_acc(s, Se, qf, D, 1, kt, S, rows, D, Se, 1);
+            float inv[FA_BQ];
+            for (long r = 0; r < rows; r++) {
+                const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
+                float *sr = s + r * Se, mx;
+                int nan = scale_max(sr, lim, j->scale, &mx);
+                float *lse = j->lse + (b * j->H + h) * T + i;
+                if (nan || !isfinite(mx)) { /* torch: a NaN row (inf - inf or a NaN score) */
+                    for (long c = 0; c < Se; c++) sr[c] = NAN;
+                    *lse = NAN;
+                    inv[r] = NAN;
+                    continue;
+                }
+                __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
+                long c = 0;
+                for (; c + 8 <= lim; c += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m8));
+                    t8 = _mm256_add_ps(t8, e);
+                    if (bf16) e = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16));
+                    _mm256_storeu_ps(sr + c, e);
+                }
+                float sum = hsum(t8);
+                for (; c < lim; c++) {
+                    float e = expf(sr[c] - mx);
+                    sum += e;
+                    sr[c] = round_to(e, bf16);
+                }
+                for (; c < Se; c++) sr[c] = 0.0f;
+                *lse = mx + logf(sum);
+                inv[r] = 1.0f / sum;
+            }
+            gemm_acc(acc, D, s, Se, 1, vf, D, rows, Se, D, 1);
+            for (long r = 0; r < rows; r++)
+                store_row(j->out, b * j->o_sb + h * j->o_sh + (i0 + r) * j->o_st, acc + r * D, D, inv[r], bf16);
+        }
+    }
+    free(buf);
+}
+
+/* one (batch, kv head): dk and dv over every query row of its group's heads, and those rows' dq */
+static void fa_backward_unit(fa_job *j, long unit) {
+    const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
+    const int bf16 = j->bf16;
+    const size_t es = bf16 ? 2 : 4;
+    float *buf = malloc(sizeof(float) * (size_t)(5 * S * D + 4 * FA_BQ * D + 2 * FA_BQ * S));
+    if (!buf) { j->failed = 1; return; }
+    float *kt = buf, *kf = kt + S * D, *vt = kf + S * D, *dk = vt + S * D, *dv = dk + S * D;
+    float *qf = dv + S * D, *gof = qf + FA_BQ * D, *dq = gof + FA_BQ * D, *of = dq + FA_BQ * D;
+    float *p = of + FA_BQ * D, *ds = p + FA_BQ * S;
+    const long kv_off = (b * j->Hkv + hk) * S * D;
+    load_cols(kt, S, (const char *)j->k + kv_off * es, D, S, D, bf16);
+    load_rows(kf, (const char *)j->k + kv_off * es, D, S, D, bf16);
+    load_cols(vt, S, (const char *)j->v + kv_off * es, D, S, D, bf16);
+    memset(dk, 0, sizeof(float) * (size_t)(2 * S * D));
+    for (long h = hk * group; h < (hk + 1) * group; h++) {
+        for (long i0 = 0; i0 < T; i0 += FA_BQ) {
+            const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ;
+            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S;
+            load_rows(qf, (const char *)j->q + ((b * j->H + h) * T + i0) * D * es, D, rows, D, bf16);
+            float di[FA_BQ];
+            const float *lse = j->lse + (b * j->H + h) * T + i0;
+            for (long r = 0; r < rows; r++) {
+                long go = b * j->g_sb + h * j->g_sh + (i0 + r) * j->g_st, oo = b * j->o_sb + h * j->o_sh + (i0 + r) * j->o_st;
+                float t = 0.0f;
+                for (long d = 0; d < D; d++) {
+                    gof[r * D + d] = load_f(j->go, go + d, bf16);
+                    of[r * D + d] = load_f(j->o, oo + d, bf16);
+                    t += gof[r * D + d] * of[r * D + d];
+                }
+                di[r] = t;
+            }
+            /* p = e^(scale * q k^T - lse): the forward's probabilities, unrounded; ds = its rounded copy first */
+            gemm_acc(p, Se, qf, D, 1, kt, S, rows, D, Se, 1);
+            for (long r = 0; r < rows; r++) {
+                const long lim = j->causal ? (i0 + r + 1 < Se ? i0 + r + 1 : Se) : Se;
+                float *pr = p + r * Se, *dr = ds + r * Se;
+                if (!isfinite(lse[r])) {
+                    for (long c = 0; c < Se; c++) pr[c] = dr[c] = NAN;
+                    continue;
+                }
+                __m256 s8 = _mm256_set1_ps(j->scale), l8 = _mm256_set1_ps(lse[r]);
+                long c = 0;
+                for (; c + 8 <= lim; c += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + c), s8), l8));
+                    _mm256_storeu_ps(pr + c, e);
+                    if (bf16) e = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16));
+                    _mm256_storeu_ps(dr + c, e);
+                }
+                for (; c < lim; c++) {
+                    pr[c] = expf(pr[c] * j->scale - lse[r]);
+                    dr[c] = round_to(pr[c], bf16);
+                }
+                for (; c < Se; c++) pr[c] = dr[c] = 0.0f;
+            }
+            gemm_acc(dv, D, ds, 1, Se, gof, D, Se, rows, D, 0);         /* dv += p^T do */
+            gemm_acc(ds, Se, gof, D, 1, vt, S, rows, D, Se, 1);         /* dp = do v^T */
+            for (long r = 0; r < rows; r++) {                           /* ds = p (dp - sum(do * o)) */
+                score_grad(ds + r * Se, p + r * Se, Se, di[r], bf16);
+            }
+            gemm_acc(dq, D, ds, Se, 1, kf, D, rows, Se, D, 1);          /* dq = ds k * scale */
+            for (long r = 0; r < rows; r++)
+                store_row(j->gq, ((b * j->H + h) * T + i0 + r) * D, dq + r * D, D, j->scale, bf16);
+            gemm_acc(dk, D, ds, 1, Se, qf, D, Se, rows, D, 0);          /* dk += ds^T q (* scale below) */
+        }
+    }
+    for (long r = 0; r < S; r++) {
+        store_row(j->gk, kv_off + r * D, dk + r * D, D, j->scale, bf16);
+        store_row(j->gv, kv_off + r * D, dv + r * D, D, 1.0f, bf16);
+    }
+    free(buf);
+}
+
+static void fa_forward_range(const void *p, long begin, long end) {
+    for (long u = begin; u < end; u++) fa_forward_unit((fa_job *)p, u);
+}
+
+static void fa_backward_range(const void *p, long begin, long end) {
+    for (long u = begin; u < end; u++) fa_backward_unit((fa_job *)p, u);
+}
+
+/* Forward: q (B, H, T, D), k and v (B, Hkv, S, D) contiguous; out (B, H, T, D) at strides (o_sb, o_sh, o_st) with
+   unit stride along D; lse (B, H, T) fp32. Query head h reads kv head h / (H / Hkv); causal: query i sees keys
+   0..i. Returns 0, or -1 when out of scratch memory. */
+int loom_flash_attention(const void *q, const void *k, const void *v, void *out, long o_sb, long o_sh, long o_st,
+                         float *lse, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale,
+                         int causal, int threads) {
+    fa_job job = {q, k, v, NULL, NULL, out, NULL, NULL, NULL, lse, B, H, Hkv, T, S, D, o_sb, o_sh, o_st, 0, 0, 0,
+                  scale, causal, bf16, 0};
+    parallel_run(fa_forward_range, &job, B * Hkv, 1, threads);
+    return job.failed ? -1 : 0;
+}
+
+/* Backward of loom_flash_attention: out and lse as it returned them, grad_out at strides (g_sb, g_sh, g_st); dq
+   (B, H, T, D), dk and dv (B, Hkv, S, D) contiguous. Returns 0, or -1 when out of scratch memory. */
+int loom_flash_attention_backward(const void *q, const void *k, const void *v, const void *out, long o_sb, long o_sh,
+                                  long o_st, const float *lse, const void *grad_out, long g_sb, long g_sh, long g_st,
+                                  void *dq, void *dk, void *dv, int bf16, long B, long H, long Hkv, long T, long S,
+                                  long D, float scale, int causal, int threads) {
+    fa_job job = {q, k, v, out, grad_out, NULL, dq, dk, dv, (float *)lse, B, H, Hkv, T, S, D, o_sb, o_sh, o_st,
+                  g_sb, g_sh, g_st, scale, causal, bf16, 0};
+    parallel_run(fa_backward_range, &job, B * Hkv, 1, threads);
+    return job.failed ? -1 : 0;
+}
+
+/* Rotary embedding of whole sequences (training, prefill), as loom's apply_rotary computes it: with sin's first half
+   negated (RotaryEmbedding folds rotate-half's sign into it), y_i = x_i c_i + x_j s_i where j is i's position in the
+   other half. Each product and the sum are rounded to y's dtype, as torch's mul and add are. The backward (backward
+   = 1, x = dy, y = dx) is dx_i = dy_i c_i + dy_j s_j, each step rounded to dx's dtype, as autograd's mul backwards
+   and their sum are. */
+typedef struct {
+    const void *x; const void *cos, *sin; void *y;
+    long sb, sh, st, c_sb, c_st, H, T, D; int xbf16, cbf16, ybf16, backward;
+} rope_job;
+
+static inline __m256 round8_if(__m256 v, int bf16) {
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(v), 16)) : v;
+}
+
+static inline void store8(void *p, long i, __m256 v, int bf16) {
+    if (bf16) {
+        __m256i o = round_bf16_8(v);
+        _mm_storeu_si128((__m128i *)((uint16_t *)p + i),
+                         _mm_packus_epi32(_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)));
+    } else {
+        _mm256_storeu_ps((float *)p + i, v);
+    }
+}
+
+static void rope_rows(const void *p, long begin, long end) {
+    const rope_job *j = p;
+    const long D = j->D, h = D / 2, T = j->T, H = j->H;
+    const int xb = j->xbf16, cb = j->cbf16, yb = j->ybf16, bw = j->backward;
+    for (long row = begin; row < end; row++) {
+        const long b = row / (H * T), hd = row / T % H, t = row % T;
+        const long xo = b * j->sb + hd * j->sh + t * j->st, co = b * j->c_sb + t * j->c_st, yo = row * D;
+        long i = 0;
+        for (; i + 8 <= h; i += 8) {
+            __m256 x0 = load8(j->x, xo + i, xb), x1 = load8(j->x, xo + h + i, xb);
+            __m256 c0 = load8(j->cos, co + i, cb), c1 = load8(j->cos, co + h + i, cb);
+            __m256 s0 = load8(j->sin, co + i, cb), s1 = load8(j->sin, co + h + i, cb);
+            __m256 a = round8_if(_mm256_mul_ps(x0, c0), yb), bb = round8_if(_mm256_mul_ps(x1, bw ? s1 : s0), yb);
+            store8(j->y, yo + i, _mm256_add_ps(a, bb), yb);
+            a = round8_if(_mm256_mul_ps(x1, c1), yb);
+            bb = round8_if(_mm256_mul_ps(x0, bw ? s0 : s1), yb);
+            store8(j->y, yo + h + i, _mm256_add_ps(a, bb), yb);
+        }
+        for (; i < h; i++) {
+            float x0 = load_f(j->x, xo + i, xb), x1 = load_f(j->x, xo + h + i, xb);
+            float c0 = load_f(j->cos, co + i, cb), c1 = load_f(j->cos, co + h + i, cb);
+            float s0 = load_f(j->sin, co + i, cb), s1 = load_f(j->sin, co + h + i, cb);
+            float y0 = round_to(round_to(x0 * c0, yb) + round_to(x1 * (bw ? s1 : s0), yb), yb);
+            float y1 = round_to(round_to(x1 * c1, yb) + round_to(x0 * (bw ? s0 : s1), yb), yb);
+            if (yb) {
+                ((uint16_t *)j->y)[yo + i] = f32_to_bf16(y0);
+                ((uint16_t *)j->y)[yo + h + i] = f32_to_bf16(y1);
+            } else {
+                ((float *)j->y)[yo + i] = y0;
+                ((float *)j->y)[yo + h + i] = y1;
+            }
+        }
+    }
+}
+
+/* x (B, H, T, D) at strides (sb, sh, st), unit stride along D (D even); cos and sin (B or 1, 1, T, D) at strides
+   (c_sb, c_st) (c_sb 0: one for every batch row), one dtype; y (B, H, T, D) contiguous. */
+void loom_rope(const void *x, int xbf16, long sb, long sh, long st, const void *cos, const void *sin, int cbf16,
+               long c_sb, long c_st, void *y, int ybf16, long B, long H, long T, long D, int backward, int threads) {
+    rope_job job = {x, cos, sin, y, sb, sh, st, c_sb, c_st, H, T, D, xbf16, cbf16, ybf16, backward};
+    long rows = B * H * T, chunk = D > 0 ? 65536 / D : rows;
+    parallel_run(rope_rows, &job, rows, chunk > 0 ? chunk : 1, threads);
+}

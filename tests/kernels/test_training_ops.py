@@ -1,0 +1,286 @@
+"""The training operators: loom::token_nll (the language-model loss straight from the logits' dtype) and
+loom::flash_attention (whole-sequence attention with its backward). Each against torch (F.cross_entropy, SDPA) and a
+float64 truth, in fp32 and bf16, over odd shapes, with opcheck, bad inputs, NaN rows and the torch path the
+operators take where the library is off; and the model paths that use them (loss and attention of a training step
+equal the reference's)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loom.kernels import build, ops, policy
+
+ops_ = torch.ops.loom
+needs_kernels = pytest.mark.skipif(not build.available(), reason="the C kernels are off here")
+
+
+def _logits(n, V, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, V, generator=g) * 3).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[1::5] = -100
+    return x, labels
+
+
+def _ulp_close(a: torch.Tensor, b: torch.Tensor, dtype) -> None:
+    """Within one unit in the last place of `dtype` (plus a hair for values near zero)."""
+    eps = 2.0 ** -7 if dtype is torch.bfloat16 else 2.0 ** -22
+    torch.testing.assert_close(a.float(), b.float(), rtol=eps, atol=1e-9)
+
+
+# -- token_nll ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,V", [(1, 7), (13, 1001), (40, 32000)])
+def test_token_nll_is_cross_entropy(dtype, n, V):
+    x, labels = _logits(n, V, dtype)
+    loss = ops.token_nll(x, labels, -100)
+    mean = loss.sum() / (labels != -100).sum()
+    mean.backward()
+    mine = x.grad.clone()
+    x.grad = None
+    ref = F.cross_entropy(x.float(), labels, ignore_index=-100)
+    ref.backward()
+    torch.testing.assert_close(mean, ref, rtol=2e-6, atol=1e-6)
+    _ulp_close(mine, x.grad, dtype)
+    assert mine.dtype is dtype and bool((loss[labels == -100] == 0).all())
+
+
+def test_token_nll_sum_and_scaled_gradient_as_the_reference_sum():
+    x, labels = _logits(9, 50, torch.float32, seed=3)
+    (ops.token_nll(x, labels, -100).sum() / 7.0).backward()
+    mine = x.grad.clone()
+    x.grad = None
+    (F.cross_entropy(x, labels, ignore_index=-100, reduction="sum") / 7.0).backward()
+    _ulp_close(mine, x.grad, torch.float32)
+
+
+def test_token_nll_row_stride_and_custom_ignore_index():
+    x, labels = _logits(6, 33, torch.float32, seed=5)
+    wide = torch.randn(6, 40)
+    wide[:, :33] = x.detach()
+    labels[2] = 7
+    labels[labels == -100] = 7
+    got = ops.token_nll(wide[:, :33], labels, 7)
+    want = F.cross_entropy(x.detach(), labels, ignore_index=7, reduction="none")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_token_nll_nan_row_and_all_ignored():
+    x, labels = _logits(4, 20, torch.float32)
+    x = x.detach().clone()
+    labels = torch.tensor([3, 4, -100, 5])
+    x[1, 9] = float("nan")
+    x.requires_grad_(True)
+    loss = ops.token_nll(x, labels, -100)
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 3]]).all() and loss[2] == 0
+    loss.sum().backward()
+    assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[[0, 2, 3]]).all() and (x.grad[2] == 0).all()
+    none = torch.full((4,), -100)
+    total = ops.token_nll(x.detach(), none, -100).sum() / (none != -100).sum()
+    assert torch.isnan(total) and torch.isnan(F.cross_entropy(x.detach(), none))
+
+
+@pytest.mark.parametrize("bad", [20, -3])
+def test_token_nll_label_out_of_range_is_an_error_naming_it(bad):
+    x, _ = _logits(3, 20, torch.float32)
+    with pytest.raises(IndexError, match=f"label {bad} at row 1 is out of range for 20 classes"):
+        ops.token_nll(x, torch.tensor([0, bad, 2]), -100)
+
+
+def test_token_nll_bad_inputs_name_the_operator():
+    with pytest.raises(ValueError, match="loom::token_nll: logits has dtype float16"):
+        ops_.token_nll(torch.randn(2, 5).half(), torch.tensor([0, 1]), -100)
+    with pytest.raises(ValueError, match=r"loom::token_nll: expects logits \(N, V\) and labels \(N,\)"):
+        ops_.token_nll(torch.randn(2, 5), torch.tensor([0, 1, 2]), -100)
+    with pytest.raises(ValueError, match="labels must be integer"):
+        ops_.token_nll(torch.randn(2, 5), torch.tensor([0.0, 1.0]), -100)
+
+
+def test_token_nll_torch_path_where_the_library_is_off(monkeypatch):
+    x, labels = _logits(11, 77, torch.bfloat16, seed=2)
+    loss = ops.token_nll(x, labels, -100)
+    loss.sum().backward()
+    kernel = x.grad.clone()
+    x.grad = None
+    monkeypatch.setattr(build, "library", lambda: None)
+    off = ops.token_nll(x, labels, -100)
+    off.sum().backward()
+    torch.testing.assert_close(off, loss, rtol=2e-6, atol=2e-6)
+    _ulp_close(x.grad, kernel, torch.bfloat16)
+    with pytest.raises(IndexError, match="label 77 at row 0"):
+        ops.token_nll(x, torch.full((11,), 77), -100)
+
+
+# -- flash_attention ------------------------------------------------------------------------------------------------
+def _qkv(B, H, Hkv, T, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+                 for shape in ((B, H, T, D), (B, Hkv, S, D), (B, Hkv, S, D)))
+
+
+def _grads(fn, q, k, v, g):
+    for t in (q, k, v):
+        t.grad = None
+    out = fn(q, k, v)
+    out.backward(g)
+    return out.detach(), [t.grad.clone() for t in (q, k, v)]
+
+
+SHAPES = [(1, 1, 1, 1, 1, 8, True), (2, 4, 2, 70, 70, 32, True), (1, 3, 1, 130, 130, 64, False),
+          (2, 6, 3, 5, 37, 80, False), (1, 2, 2, 65, 65, 128, True), (1, 2, 1, 40, 20, 16, True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,T,S,D,causal", SHAPES)
+def test_flash_attention_is_as_close_to_the_truth_as_sdpa(dtype, B, H, Hkv, T, S, D, causal):
+    """Output and gradients against float64 SDPA: within SDPA's own error (bf16: its rounding points are SDPA's)."""
+    q, k, v = _qkv(B, H, Hkv, T, S, D, dtype, seed=T + D)
+    g = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    gqa = H != Hkv
+    mine, mine_g = _grads(lambda a, b, c: ops.flash_attention(a, b, c, D ** -0.5, causal), q, k, v, g)
+    sdpa, sdpa_g = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal,
+                                                                          enable_gqa=gqa), q, k, v, g)
+    truth, truth_g = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal,
+                                                                           enable_gqa=gqa),
+                            *(t.detach().double().requires_grad_(True) for t in (q, k, v)), g.double())
+    floor = 1e-6 if dtype is torch.float32 else 1e-2
+
+    def err(a, b):
+        return (a.double() - b.double()).abs().max().item()
+
+    assert mine.dtype is dtype and mine.shape == (B, H, T, D)
+    assert err(mine, truth) <= 1.5 * err(sdpa, truth) + floor
+    for m, s, t in zip(mine_g, sdpa_g, truth_g):
+        assert m.dtype is dtype and m.shape == t.shape
+        assert err(m, t) <= 1.5 * err(s, t) + floor * 2
+
+
+def test_flash_attention_output_is_a_transposed_contiguous_buffer_and_strided_grads_work():
+    q, k, v = _qkv(2, 4, 2, 9, 9, 16, torch.float32)
+    out = ops.flash_attention(q, k, v, 0.25, True)
+    assert out.transpose(1, 2).is_contiguous()
+    g = torch.randn(2, 9, 4, 16).transpose(1, 2)  # the layout the model's reshape hands back
+    out.backward(g)
+    want = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    ops.flash_attention(q, k, v, 0.25, True).backward(g.contiguous())
+    for w, t in zip(want, (q, k, v)):
+        torch.testing.assert_close(t.grad, w, rtol=0, atol=0)
+
+
+def test_flash_attention_nan_propagates_as_sdpa():
+    q, k, v = (t.detach().clone() for t in _qkv(1, 2, 2, 6, 6, 8, torch.float32))
+    k[0, 0, 2, 3] = float("nan")
+    out = ops.flash_attention(q, k, v, 0.3, True)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert torch.equal(torch.isnan(out), torch.isnan(want))
+    torch.testing.assert_close(out[~torch.isnan(out)], want[~torch.isnan(want)], rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attention_torch_path_where_the_library_is_off(monkeypatch):
+    q, k, v = _qkv(1, 4, 2, 33, 33, 16, torch.float32)
+    g = torch.randn(1, 4, 33, 16)
+    on, on_g = _grads(lambda a, b, c: ops.flash_attention(a, b, c, 0.25, True), q, k, v, g)
+    monkeypatch.setattr(build, "library", lambda: None)
+    off, off_g = _grads(lambda a, b, c: ops.flash_attention(a, b, c, 0.25, True), q, k, v, g)
+    torch.testing.assert_close(off, on, rtol=1e-5, atol=1e-6)
+    for a, b in zip(off_g, on_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_bad_inputs_name_the_operator():
+    with pytest.raises(ValueError, match="loom::flash_attention: 6 query heads are not a multiple of 4 kv heads"):
+        ops_.flash_attention(torch.randn(1, 6, 3, 8), torch.randn(1, 4, 3, 8), torch.randn(1, 4, 3, 8), 1.0, True)
+    with pytest.raises(ValueError, match="loom::flash_attention: q, k and v must share a dtype"):
+        ops_.flash_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(1, 2, 3, 8),
+                             1.0, True)
+    with pytest.raises(ValueError, match="head dim 300 must be in 1..256"):
+        ops_.flash_attention(torch.randn(1, 2, 3, 300), torch.randn(1, 2, 3, 300), torch.randn(1, 2, 3, 300), 1.0,
+                             False)
+
+
+@pytest.mark.parametrize("name,args", [
+    ("token_nll", (_logits(5, 9, torch.float32)[0], torch.tensor([1, -100, 3, 8, 0]), -100)),
+    ("token_nll", (_logits(3, 9, torch.bfloat16)[0].detach(), torch.tensor([1, 2, 3]), -100)),
+    ("flash_attention", (*_qkv(1, 4, 2, 7, 7, 16, torch.float32), 0.25, True)),
+    ("flash_attention", (*(t.detach() for t in _qkv(2, 2, 1, 3, 5, 8, torch.bfloat16)), 0.3, False)),
+], ids=["token_nll-grad", "token_nll-bf16", "flash_attention-grad", "flash_attention-bf16"])
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(ops_, name).default, args)
+
+
+# -- rope -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("x_dtype,cs_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                              (torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("D,cos_batch", [(64, 1), (10, 2), (128, 2)])
+def test_rope_is_bitwise_apply_rotary_forward_and_backward(x_dtype, cs_dtype, D, cos_batch):
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(2, 5, 3, D, generator=g).to(x_dtype).transpose(1, 2).requires_grad_(True)  # strided heads
+    cos, sin = (torch.randn(cos_batch, 1, 5, D, generator=g).to(cs_dtype) for _ in range(2))
+    y = ops.rope(x, cos, sin)
+    grad = torch.randn(y.shape, generator=g).to(y.dtype)
+    y.backward(grad)
+    mine = x.grad.clone()
+    x.grad = None
+    want = ops.rope_reference(x, cos, sin)
+    want.backward(grad)
+    assert y.dtype is want.dtype and torch.equal(y, want) and torch.equal(mine, x.grad)
+
+
+def test_rope_bad_inputs_and_opcheck():
+    with pytest.raises(ValueError, match=r"loom::rope: cos and sin must be \(B=2 or 1, 1, T=3, D=8\)"):
+        ops_.rope(torch.randn(2, 4, 3, 8), torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
+    with pytest.raises(ValueError, match="loom::rope: expects x"):
+        ops_.rope(torch.randn(2, 4, 3, 7), torch.randn(1, 1, 3, 7), torch.randn(1, 1, 3, 7))
+    torch.library.opcheck(ops_.rope.default, (torch.randn(2, 4, 3, 8, requires_grad=True), torch.randn(1, 1, 3, 8),
+                                              torch.randn(1, 1, 3, 8)))
+    torch.library.opcheck(ops_.rope.default, (torch.randn(1, 2, 3, 8).bfloat16(), torch.randn(1, 1, 3, 8),
+                                              torch.randn(1, 1, 3, 8)))
+
+
+# -- where the models use them ----------------------------------------------------------------------------------------
+def test_policy_takes_training_attention_only():
+    q, k, v = _qkv(1, 2, 2, 4, 4, 8, torch.float32)
+    assert policy.flash_applies(q, k, v, None, True, 0.0) == build.available()
+    assert not policy.flash_applies(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), False, 0.0)
+    assert not policy.flash_applies(q, k, v, None, True, 0.1)
+    with torch.no_grad():
+        assert not policy.flash_applies(q, k, v, None, True, 0.0)
+    assert not policy.flash_applies(*(t.detach() for t in (q, k, v)), None, True, 0.0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("autocast", [False, True])
+def test_llama_training_step_equals_the_reference(tmp_path, monkeypatch, autocast):
+    """Loss and every gradient of a training step through loom::rope, loom::flash_attention and loom::token_nll,
+    against the
+    reference's model on the same checkpoint (fp32; bf16 autocast within bf16 rounding)."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(0, 300, (3, 40), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    calls = []
+    for name in ("flash_attention", "token_nll", "rope"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, (lambda real, name: lambda *a: calls.append(name) or real(*a))(real, name))
+    results = []
+    for lib in (loom, transformers):
+        model = lib.AutoModelForCausalLM.from_pretrained(tmp_path).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert calls.count("flash_attention") == 2 and calls.count("token_nll") == 1 and calls.count("rope") == 4
+    (loss, grads), (ref_loss, ref_grads) = results
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3 if autocast else 1e-6, atol=1e-5)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, **tol, msg=lambda m: f"{name}: {m}")
