@@ -1,7 +1,7 @@
 /* Attention over whole sequences (training, prefill): softmax(q k^T * scale [causal]) v and its backward, for
    q (B, H, T, D) and k, v (B, Hkv, S, D), fp32 or bf16, fp32 sums. torch's CPU flash attention spends most of its
    time outside its small matrix products at training shapes (T 256, D 64: ~17 GFLOP/s forward); here every product
-   is one fp32 register-tiled loop over blocks of 64 query rows, and a causal block stops at its last row's key.
+   is one fp32 register-tiled loop over blocks of 32 query rows, and a causal block stops at its last row's key.
 
    Rounding follows torch's CPU flash attention for bf16 (FlashAttentionKernel.cpp): the probabilities are rounded to
    bf16 before they multiply v, the output is divided by the unrounded fp32 sum, and in the backward the
@@ -9,7 +9,7 @@
    dv are summed in fp32 and rounded once. */
 #include "common.h"
 
-#define FA_BQ 64
+#define FA_BQ 32
 
 /* C (R x N, row stride ldc) (+)= A (R x L, A[r][l] at A + r * ars + l * als) @ B (L x N, row stride ldb); fp32.
    zero: C starts at 0 instead of its contents. Tiles of 4 rows x 16 columns keep 8 sums in registers. */
