@@ -267,12 +267,245 @@ static void fa_backward_unit(fa_job *j, long unit) {
     free(buf);
 }
 
+#if defined(__AVX512BF16__)
+/* bf16 inputs at the x86-64-v4-vnni level: every product of the attention takes bf16 operands (q, k, v, do, and the
+   probabilities and score gradients, which torch rounds to bf16 too), so they run on vdpbf16ps, two products per
+   fp32 lane and instruction. A holds pairs of bf16 along the sum as 32-bit words (A[r][l] at A + r * ars + l * als);
+   B holds the matching pairs, (L2 x N) words with row stride ldb. C (R x N fp32) (+)= A B. The instruction treats
+   bf16 subnormals (below ~1e-38) as zero. */
+static void gemm_bf16(float *C, long ldc, const uint32_t *A, long ars, long als, const uint32_t *B, long ldb, long R,
+                      long L2, long N, int zero) {
+    for (long r = 0; r < R; r += 4) {
+        const long rr = R - r < 4 ? R - r : 4;
+        for (long n = 0; n < N; n += 32) {
+            const long nn = N - n < 32 ? N - n : 32;
+            const __mmask16 m0 = nn >= 16 ? 0xffff : (__mmask16)((1u << nn) - 1);
+            const __mmask16 m1 = nn >= 32 ? 0xffff : nn > 16 ? (__mmask16)((1u << (nn - 16)) - 1) : 0;
+            float *c0 = C + r * ldc + n, *c1 = c0 + (rr > 1 ? ldc : 0), *c2 = c0 + (rr > 2 ? 2 * ldc : 0),
+                  *c3 = c0 + (rr > 3 ? 3 * ldc : 0);
+            __m512 s00, s01, s10, s11, s20, s21, s30, s31;
+            if (zero) {
+                s00 = s01 = s10 = s11 = s20 = s21 = s30 = s31 = _mm512_setzero_ps();
+            } else { /* rows past R read (and below, do not write) row r again */
+                s00 = _mm512_maskz_loadu_ps(m0, c0); s01 = _mm512_maskz_loadu_ps(m1, c0 + 16);
+                s10 = _mm512_maskz_loadu_ps(m0, c1); s11 = _mm512_maskz_loadu_ps(m1, c1 + 16);
+                s20 = _mm512_maskz_loadu_ps(m0, c2); s21 = _mm512_maskz_loadu_ps(m1, c2 + 16);
+                s30 = _mm512_maskz_loadu_ps(m0, c3); s31 = _mm512_maskz_loadu_ps(m1, c3 + 16);
+            }
+            const uint32_t *a0 = A + r * ars, *a1 = a0 + (rr > 1 ? ars : 0), *a2 = a0 + (rr > 2 ? 2 * ars : 0),
+                           *a3 = a0 + (rr > 3 ? 3 * ars : 0);
+            const uint32_t *b = B + n;
+            for (long l = 0; l < L2; l++, b += ldb) {
+                __m512bh b0 = (__m512bh)_mm512_maskz_loadu_epi32(m0, b);
+                __m512bh b1 = (__m512bh)_mm512_maskz_loadu_epi32(m1, b + 16);
+                long o = l * als;
+                __m512bh x = (__m512bh)_mm512_set1_epi32((int)a0[o]);
+                s00 = _mm512_dpbf16_ps(s00, x, b0); s01 = _mm512_dpbf16_ps(s01, x, b1);
+                x = (__m512bh)_mm512_set1_epi32((int)a1[o]);
+                s10 = _mm512_dpbf16_ps(s10, x, b0); s11 = _mm512_dpbf16_ps(s11, x, b1);
+                x = (__m512bh)_mm512_set1_epi32((int)a2[o]);
+                s20 = _mm512_dpbf16_ps(s20, x, b0); s21 = _mm512_dpbf16_ps(s21, x, b1);
+                x = (__m512bh)_mm512_set1_epi32((int)a3[o]);
+                s30 = _mm512_dpbf16_ps(s30, x, b0); s31 = _mm512_dpbf16_ps(s31, x, b1);
+            }
+            /* highest row first, so that a row repeated for a short tile ends with its own (row r's) values */
+            if (rr > 3) { _mm512_mask_storeu_ps(c3, m0, s30); _mm512_mask_storeu_ps(c3 + 16, m1, s31); }
+            if (rr > 2) { _mm512_mask_storeu_ps(c2, m0, s20); _mm512_mask_storeu_ps(c2 + 16, m1, s21); }
+            if (rr > 1) { _mm512_mask_storeu_ps(c1, m0, s10); _mm512_mask_storeu_ps(c1 + 16, m1, s11); }
+            _mm512_mask_storeu_ps(c0, m0, s00);
+            _mm512_mask_storeu_ps(c0 + 16, m1, s01);
+        }
+    }
+}
+
+/* rows x D bf16 (row r at src + r * ld) as pairs along D: dst (rows x D/2 words) */
+static void rows_bf16(uint16_t *dst, const uint16_t *src, long ld, long rows, long D) {
+    for (long r = 0; r < rows; r++) memcpy(dst + r * D, src + r * ld, sizeof(uint16_t) * (size_t)D);
+}
+
+/* rows x D bf16 -> pairs along D, transposed: dst[p * ldt + r] = (src[r][2p], src[r][2p + 1]); D even */
+static void pairs_by_column(uint32_t *dst, long ldt, const uint16_t *src, long ld, long rows, long D) {
+    for (long r = 0; r < rows; r++) {
+        const uint32_t *row = (const uint32_t *)(src + r * ld);
+        for (long p = 0; p < D / 2; p++) dst[p * ldt + r] = row[p];
+    }
+}
+
+/* rows x D bf16 -> pairs of rows: dst[q * D + d] = (src[2q][d], src[2q + 1][d]); an odd last row pairs with 0 */
+static void pairs_of_rows(uint32_t *dst, const uint16_t *src, long ld, long rows, long D) {
+    for (long q = 0; q < (rows + 1) / 2; q++) {
+        const uint16_t *lo = src + 2 * q * ld, *hi = 2 * q + 1 < rows ? lo + ld : NULL;
+        for (long d = 0; d < D; d++) dst[q * D + d] = lo[d] | (uint32_t)(hi ? hi[d] : 0) << 16;
+    }
+}
+
+/* fp32 values already rounded to bf16 (their low halves zero) -> bf16; n values, then zeros up to `pad` */
+static void to_bf16(uint16_t *dst, const float *src, long n, long pad) {
+    for (long c = 0; c < n; c++) {
+        uint32_t u;
+        memcpy(&u, src + c, 4);
+        dst[c] = (uint16_t)(u >> 16);
+    }
+    for (long c = n; c < pad; c++) dst[c] = 0;
+}
+
+static void fa_forward_unit_bf16(fa_job *j, long unit) {
+    const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
+    const long Sp = (S + 1) & ~1L, BQp = FA_BQ;
+    uint32_t *kp = malloc(sizeof(uint32_t) * (size_t)(D / 2 * S + Sp / 2 * D + BQp * Sp / 2));
+    float *fbuf = malloc(sizeof(float) * (size_t)(FA_BQ * D + FA_BQ * S));
+    if (!kp || !fbuf) { free(kp); free(fbuf); j->failed = 1; return; }
+    uint32_t *vp = kp + D / 2 * S, *pb = vp + Sp / 2 * D;
+    float *acc = fbuf, *s = acc + FA_BQ * D;
+    const long kv_off = (b * j->Hkv + hk) * S * D;
+    const uint16_t *k = (const uint16_t *)j->k + kv_off, *v = (const uint16_t *)j->v + kv_off;
+    pairs_by_column(kp, S, k, D, S, D);
+    pairs_of_rows(vp, v, D, S, D);
+    for (long h = hk * group; h < (hk + 1) * group; h++) {
+        for (long i0 = 0; i0 < T; i0 += FA_BQ) {
+            const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ;
+            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S, Sep = (Se + 1) & ~1L;
+            const uint32_t *qb = (const uint32_t *)((const uint16_t *)j->q + ((b * j->H + h) * T + i0) * D);
+            gemm_bf16(s, Se, qb, D / 2, 1, kp, S, rows, D / 2, Se, 1);
+            float inv[FA_BQ];
+            for (long r = 0; r < rows; r++) {
+                const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
+                float *sr = s + r * Se, mx;
+                int nan = scale_max(sr, lim, j->scale, &mx);
+                float *lse = j->lse + (b * j->H + h) * T + i;
+                if (nan || !isfinite(mx)) {
+                    for (long c = 0; c < Sep; c++) ((uint16_t *)pb)[r * Sep + c] = 0x7fc0;
+                    *lse = NAN;
+                    inv[r] = NAN;
+                    continue;
+                }
+                __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
+                long c = 0;
+                for (; c + 8 <= lim; c += 8) {
+                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m8));
+                    t8 = _mm256_add_ps(t8, e);
+                    _mm256_storeu_ps(sr + c, _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16)));
+                }
+                float sum = hsum(t8);
+                for (; c < lim; c++) {
+                    float e = expf(sr[c] - mx);
+                    sum += e;
+                    sr[c] = round_to(e, 1);
+                }
+                to_bf16((uint16_t *)pb + r * Sep, sr, lim, Sep);
+                *lse = mx + logf(sum);
+                inv[r] = 1.0f / sum;
+            }
+            gemm_bf16(acc, D, pb, Sep / 2, 1, vp, D, rows, Sep / 2, D, 1);
+            for (long r = 0; r < rows; r++)
+                store_row(j->out, b * j->o_sb + h * j->o_sh + (i0 + r) * j->o_st, acc + r * D, D, inv[r], 1);
+        }
+    }
+    free(kp);
+    free(fbuf);
+}
+
+static void fa_backward_unit_bf16(fa_job *j, long unit) {
+    const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
+    const long Sp = (S + 1) & ~1L, Bp = FA_BQ; /* FA_BQ is even */
+    uint32_t *w = malloc(sizeof(uint32_t) * (size_t)(2 * (D / 2) * S + Sp / 2 * D + 2 * (Bp / 2) * D + Bp * D / 2
+                                                     + Bp * Sp / 2 + 2 * S * Bp / 2));
+    float *f = malloc(sizeof(float) * (size_t)(2 * S * D + 2 * FA_BQ * S + FA_BQ * D));
+    if (!w || !f) { free(w); free(f); j->failed = 1; return; }
+    uint32_t *kp = w, *vtp = kp + D / 2 * S, *kq = vtp + D / 2 * S, *dop = kq + Sp / 2 * D, *qp = dop + Bp / 2 * D;
+    uint16_t *dob = (uint16_t *)(qp + Bp / 2 * D), *dsb = dob + Bp * D, *pt = dsb + Bp * Sp, *dst = pt + S * Bp;
+    float *dk = f, *dv = dk + S * D, *p = dv + S * D, *ds = p + FA_BQ * S, *dq = ds + FA_BQ * S;
+    const long kv_off = (b * j->Hkv + hk) * S * D;
+    const uint16_t *k = (const uint16_t *)j->k + kv_off, *v = (const uint16_t *)j->v + kv_off;
+    pairs_by_column(kp, S, k, D, S, D);
+    pairs_by_column(vtp, S, v, D, S, D);
+    pairs_of_rows(kq, k, D, S, D);
+    memset(dk, 0, sizeof(float) * (size_t)(2 * S * D));
+    for (long h = hk * group; h < (hk + 1) * group; h++) {
+        for (long i0 = 0; i0 < T; i0 += FA_BQ) {
+            const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ, rp = (rows + 1) & ~1L;
+            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S, Sep = (Se + 1) & ~1L;
+            const uint16_t *qrows = (const uint16_t *)j->q + ((b * j->H + h) * T + i0) * D;
+            float di[FA_BQ];
+            const float *lse = j->lse + (b * j->H + h) * T + i0;
+            for (long r = 0; r < rows; r++) {
+                const uint16_t *go = (const uint16_t *)j->go + b * j->g_sb + h * j->g_sh + (i0 + r) * j->g_st;
+                const uint16_t *o = (const uint16_t *)j->o + b * j->o_sb + h * j->o_sh + (i0 + r) * j->o_st;
+                float t = 0.0f;
+                for (long d = 0; d < D; d++) t += bf16_to_f32(go[d]) * bf16_to_f32(o[d]);
+                di[r] = t;
+                memcpy(dob + r * D, go, sizeof(uint16_t) * (size_t)D);
+            }
+            pairs_of_rows(dop, dob, D, rows, D);
+            pairs_of_rows(qp, qrows, D, rows, D);
+            gemm_bf16(p, Se, (const uint32_t *)qrows, D / 2, 1, kp, S, rows, D / 2, Se, 1);
+            for (long r = 0; r < rows; r++) {
+                const long lim = j->causal ? (i0 + r + 1 < Se ? i0 + r + 1 : Se) : Se;
+                float *pr = p + r * Se;
+                if (!isfinite(lse[r])) {
+                    for (long c = 0; c < Se; c++) { pr[c] = NAN; pt[c * rp + r] = 0x7fc0; }
+                    continue;
+                }
+                __m256 s8 = _mm256_set1_ps(j->scale), l8 = _mm256_set1_ps(lse[r]);
+                long c = 0;
+                for (; c + 8 <= lim; c += 8)
+                    _mm256_storeu_ps(pr + c, exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + c), s8), l8)));
+                for (; c < lim; c++) pr[c] = expf(pr[c] * j->scale - lse[r]);
+                for (; c < Se; c++) pr[c] = 0.0f;
+                for (c = 0; c < Se; c++) pt[c * rp + r] = f32_to_bf16(pr[c]);
+            }
+            if (rp > rows)
+                for (long c = 0; c < Se; c++) pt[c * rp + rows] = 0;
+            gemm_bf16(dv, D, (const uint32_t *)pt, rp / 2, 1, dop, D, Se, rp / 2, D, 0);   /* dv += p^T do */
+            gemm_bf16(ds, Se, (const uint32_t *)dob, D / 2, 1, vtp, S, rows, D / 2, Se, 1); /* dp = do v^T */
+            for (long r = 0; r < rows; r++) {                                                /* ds = p (dp - di) */
+                score_grad(ds + r * Se, p + r * Se, Se, di[r], 1);
+                to_bf16(dsb + r * Sep, ds + r * Se, Se, Sep);
+                for (long c = 0; c < Se; c++) dst[c * rp + r] = dsb[r * Sep + c];
+            }
+            if (rp > rows)
+                for (long c = 0; c < Se; c++) dst[c * rp + rows] = 0;
+            gemm_bf16(dq, D, (const uint32_t *)dsb, Sep / 2, 1, kq, D, rows, Sep / 2, D, 1); /* dq = ds k */
+            for (long r = 0; r < rows; r++)
+                store_row(j->gq, ((b * j->H + h) * T + i0 + r) * D, dq + r * D, D, j->scale, 1);
+            gemm_bf16(dk, D, (const uint32_t *)dst, rp / 2, 1, qp, D, Se, rp / 2, D, 0);  /* dk += ds^T q */
+        }
+    }
+    for (long r = 0; r < S; r++) {
+        store_row(j->gk, kv_off + r * D, dk + r * D, D, j->scale, 1);
+        store_row(j->gv, kv_off + r * D, dv + r * D, D, 1.0f, 1);
+    }
+    free(w);
+    free(f);
+}
+#endif
+
+/* bf16 with an even head dim takes vdpbf16ps where the level has it */
+static int fa_dot_bf16(const fa_job *j) {
+#if defined(__AVX512BF16__)
+    return j->bf16 && j->D % 2 == 0;
+#else
+    (void)j;
+    return 0;
+#endif
+}
+
 static void fa_forward_range(const void *p, long begin, long end) {
-    for (long u = begin; u < end; u++) fa_forward_unit((fa_job *)p, u);
+    for (long u = begin; u < end; u++) {
+#if defined(__AVX512BF16__)
+        if (fa_dot_bf16(p)) { fa_forward_unit_bf16((fa_job *)p, u); continue; }
+#endif
+        fa_forward_unit((fa_job *)p, u);
+    }
 }
 
 static void fa_backward_range(const void *p, long begin, long end) {
-    for (long u = begin; u < end; u++) fa_backward_unit((fa_job *)p, u);
+    for (long u = begin; u < end; u++) {
+#if defined(__AVX512BF16__)
+        if (fa_dot_bf16(p)) { fa_backward_unit_bf16((fa_job *)p, u); continue; }
+#endif
+        fa_backward_unit((fa_job *)p, u);
+    }
 }
 
 /* Forward: q (B, H, T, D), k and v (B, Hkv, S, D) contiguous; out (B, H, T, D) at strides (o_sb, o_sh, o_st) with
