@@ -40,7 +40,12 @@ def _define(schema: str, cpu, fake, backward=None, setup=None, *, grad_args: tup
     _lib.impl(name, cpu, "CPU")
     torch.library.register_fake(f"loom::{name}", fake, lib=_lib)
     if backward is not None:
-        torch.library.register_autograd(f"loom::{name}", backward, setup_context=setup, lib=_lib)
+        # The autograd engine calls a backward from C++. Inside a torch.compile'd function that broke its graph at
+        # `.backward()`, Dynamo would trace that Python frame as a new one, and a backward handing raw data pointers
+        # to C (loss, attention, rope) then wrote into tensors the traced code had replaced (gradients of 1e30 were
+        # seen): backwards always run as written.
+        torch.library.register_autograd(f"loom::{name}", torch.compiler.disable(backward), setup_context=setup,
+                                        lib=_lib)
     op = getattr(torch.ops.loom, name).default
 
     def call(*args):
@@ -1276,11 +1281,12 @@ def _nll_backward(ctx, grad_loss, _grad_stats):
     g = grad_loss.float().contiguous()
     lib = build.library()
     if lib is None or type(logits) not in (torch.Tensor, torch.nn.Parameter) or not logits.is_cpu:
+        # e^(logp) * w, plus -w at the label (as the kernel: -w + e^(logp) * w); no data-dependent shapes, so
+        # that torch.compile traces it
         x = logits.float()
         keep = labels != ctx.ignore_index
         p = ((x - stats[:, :1]) - stats[:, 1:]).exp() * g.unsqueeze(1)
-        rows = keep.nonzero().squeeze(1)
-        p[rows, labels[rows]] = -g[rows] + p[rows, labels[rows]]
+        p = p.scatter_add(1, torch.where(keep, labels, 0).unsqueeze(1), -g.unsqueeze(1))
         return torch.where(keep.unsqueeze(1), p, 0.0).to(logits.dtype), None, None
     x = _unit_stride_last(logits)
     n, V = x.shape

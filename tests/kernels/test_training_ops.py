@@ -319,3 +319,40 @@ def test_llama_training_step_equals_the_reference(tmp_path, monkeypatch, autocas
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3 if autocast else 1e-6, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+@pytest.mark.parametrize("backward_inside", [True, False])
+def test_compiled_training_step_has_the_eager_gradients(tmp_path, backward_inside, backend):
+    """torch.compile of a training step. With `.backward()` inside the compiled function Dynamo breaks its graph
+    there and would trace the operators' backwards (called by the autograd engine) as new frames: they must still
+    write the gradients they return (gradients of 1e30 before the backwards were kept out of Dynamo)."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model = loom.AutoModelForCausalLM.from_pretrained(tmp_path).train()
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(3))
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        if backward_inside:
+            loss.backward()
+        return loss
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        if not backward_inside:
+            loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    eager_loss, eager = run(step)
+    torch._dynamo.reset()
+    compiled_loss, compiled = run(torch.compile(step, backend=backend))
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
+    for name, g in eager.items():
+        torch.testing.assert_close(compiled[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
