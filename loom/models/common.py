@@ -223,13 +223,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     mask goes to loom::flash_attention (policy.flash_applies), rounded as SDPA's CPU flash attention is."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return ops.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
-    if torch.is_autocast_enabled("cpu") and q.is_cpu:  # SDPA is on CPU autocast's lower-precision list
-        low = torch.get_autocast_dtype("cpu")
-        fq, fk, fv = (t.to(low) if t.dtype is torch.float32 else t for t in (q, k, v))
-    else:
+    if mask is None and not dropout and torch.is_grad_enabled():  # training without a mask: loom's kernel
         fq, fk, fv = q, k, v
-    if policy.flash_applies(fq, fk, fv, mask, is_causal, dropout):
-        return ops.flash_attention(fq, fk, fv, scale if scale is not None else q.shape[-1] ** -0.5, is_causal)
+        if torch.is_autocast_enabled("cpu") and q.is_cpu:  # SDPA is on CPU autocast's lower-precision list
+            low = torch.get_autocast_dtype("cpu")
+            fq, fk, fv = (t.to(low) if t.dtype is torch.float32 else t for t in (q, k, v))
+        if policy.flash_applies(fq, fk, fv, mask, is_causal, dropout):
+            return ops.flash_attention(fq, fk, fv, scale if scale is not None else q.shape[-1] ** -0.5, is_causal)
     # a plain bool from the static sizes: under torch.jit.trace a comparison of traced sizes would be a tensor
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,
