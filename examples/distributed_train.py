@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 
 import torch
@@ -58,8 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     rank = int(os.environ.get("RANK", "0"))
     losses = [round(h["loss"], 3) for h in trainer.state.log_history if "loss" in h]
     sizes = trainer.parallel.dims
-    print(f"rank {rank}/{world} (mesh world={sizes.world_size}, tp={sizes.tp} cp={sizes.cp} fsdp={args.fsdp}): "
-          f"losses {losses}, train_loss {result.training_loss:.3f}")
+    # one write of the whole line: the ranks share one stdout, and print's separate write of the newline let
+    # another rank's output land in the middle of a line
+    sys.stdout.write(f"rank {rank}/{world} (mesh world={sizes.world_size}, tp={sizes.tp} cp={sizes.cp} "
+                     f"fsdp={args.fsdp}): losses {losses}, train_loss {result.training_loss:.3f}\n")
+    sys.stdout.flush()
     assert losses[-1] < losses[0]
 
 

@@ -94,12 +94,16 @@ def test_asking_for_attentions_leaves_the_outputs_unchanged(family):
 
 def test_attn_implementation_picks_the_computation(family, monkeypatch):
     """Eager and SDPA agree at every real position, and each really runs: "eager" never calls SDPA, "sdpa" calls it
-    once per layer. A soft-capped family refuses "sdpa" and stays eager."""
+    (or loom's fused attention kernel, which takes SDPA's place for whole sequences without a mask) once per layer.
+    A soft-capped family refuses "sdpa" and stays eager."""
+    from loom.kernels import ops
+
     model_type, path, ref, inputs = family
     calls = []
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sdpa, fused = torch.nn.functional.scaled_dot_product_attention, ops.flash_attention
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: calls.append(1) or fused(*a))
     outputs, counts = {}, {}
     model = _load(model_type, path, attn_implementation="eager")
     if _implementations(ref.config) == ("eager",):

@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -221,7 +222,10 @@ class PrinterCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_local_process_zero:  # once per machine under torchrun, as the reference
-            print({k: _short(v) for k, v in logs.items()})
+            # one write per line (print writes the newline separately), so that under torchrun another process's
+            # output cannot land inside it
+            sys.stdout.write(f"{ {k: _short(v) for k, v in logs.items()} }\n")
+            sys.stdout.flush()
 
 
 class JsonLinesLoggerCallback(TrainerCallback):
