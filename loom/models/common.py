@@ -223,7 +223,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     mask goes to loom::flash_attention (policy.flash_applies), rounded as SDPA's CPU flash attention is."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return ops.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is None and not dropout:  # training or prefill without a mask: loom's kernel
+    if mask is None and not dropout and torch.is_grad_enabled():  # training without a mask: loom's kernel
         fq, fk, fv = q, k, v
         if torch.is_autocast_enabled("cpu") and q.is_cpu:  # SDPA is on CPU autocast's lower-precision list
             low = torch.get_autocast_dtype("cpu")
