@@ -75,6 +75,10 @@ static void gemm_acc(float *C, long ldc, const float *A, long ars, long als, con
 
 static inline float round_to(float f, int bf16) { return bf16 ? bf16_to_f32(f32_to_bf16(f)) : f; }
 
+static inline __m256 round8_if(__m256 v, int bf16) {
+    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(v), 16)) : v;
+}
+
 /* rows x D values (row r at src + r * ld, unit stride) as fp32 into dst (rows x D, contiguous) */
 static void load_rows(float *dst, const void *src, long ld, long rows, long D, int bf16) {
     for (long r = 0; r < rows; r++) {
@@ -127,10 +131,53 @@ static void score_grad(float *ds, const float *p, long n, float di, int bf16) {
     long c = 0;
     for (; c + 8 <= n; c += 8) {
         __m256 g = _mm256_mul_ps(_mm256_loadu_ps(p + c), _mm256_sub_ps(_mm256_loadu_ps(ds + c), d8));
-        if (bf16) g = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(g), 16));
-        _mm256_storeu_ps(ds + c, g);
+        _mm256_storeu_ps(ds + c, round8_if(g, bf16));
     }
     for (; c < n; c++) ds[c] = round_to(p[c] * (ds[c] - di), bf16);
+}
+
+/* One row of the forward's softmax in place: scores sr[0:lim] (the keys this query sees) are scaled, and become
+   e^(s - max), rounded to bf16 when bf16 (SDPA's probabilities before they multiply v); sr[lim:Se] become 0.
+   *lse = max + log(sum) of the unrounded values. Returns 1 / sum, or NaN for a NaN row (a NaN score, or inf - inf),
+   whose sr[0:Se] and lse are then NaN, as torch's. */
+static float softmax_row(float *sr, long lim, long Se, float scale, int bf16, float *lse) {
+    float mx;
+    if (scale_max(sr, lim, scale, &mx) || !isfinite(mx)) {
+        for (long c = 0; c < Se; c++) sr[c] = NAN;
+        *lse = NAN;
+        return NAN;
+    }
+    __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
+    long c = 0;
+    for (; c + 8 <= lim; c += 8) {
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m8));
+        t8 = _mm256_add_ps(t8, e);
+        _mm256_storeu_ps(sr + c, round8_if(e, bf16));
+    }
+    float sum = hsum(t8);
+    for (; c < lim; c++) {
+        float e = expf(sr[c] - mx);
+        sum += e;
+        sr[c] = round_to(e, bf16);
+    }
+    for (; c < Se; c++) sr[c] = 0.0f;
+    *lse = mx + logf(sum);
+    return 1.0f / sum;
+}
+
+/* One row of the backward's probabilities in place: raw scores pr[0:lim] become e^(scale * s - lse), unrounded;
+   pr[lim:Se] become 0; a row whose lse is not finite (NaN in the forward) becomes NaN. */
+static void probs_row(float *pr, long lim, long Se, float scale, float lse) {
+    if (!isfinite(lse)) {
+        for (long c = 0; c < Se; c++) pr[c] = NAN;
+        return;
+    }
+    __m256 s8 = _mm256_set1_ps(scale), l8 = _mm256_set1_ps(lse);
+    long c = 0;
+    for (; c + 8 <= lim; c += 8)
+        _mm256_storeu_ps(pr + c, exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + c), s8), l8)));
+    for (; c < lim; c++) pr[c] = expf(pr[c] * scale - lse);
+    for (; c < Se; c++) pr[c] = 0.0f;
 }
 
 typedef struct {
@@ -159,32 +206,7 @@ static void fa_forward_unit(fa_job *j, long unit) {
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
                 const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
-                float *sr = s + r * Se, mx;
-                int nan = scale_max(sr, lim, j->scale, &mx);
-                float *lse = j->lse + (b * j->H + h) * T + i;
-                if (nan || !isfinite(mx)) { /* torch: a NaN row (inf - inf or a NaN score) */
-                    for (long c = 0; c < Se; c++) sr[c] = NAN;
-                    *lse = NAN;
-                    inv[r] = NAN;
-                    continue;
-                }
-                __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
-                long c = 0;
-                for (; c + 8 <= lim; c += 8) {
-                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m8));
-                    t8 = _mm256_add_ps(t8, e);
-                    if (bf16) e = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16));
-                    _mm256_storeu_ps(sr + c, e);
-                }
-                float sum = hsum(t8);
-                for (; c < lim; c++) {
-                    float e = expf(sr[c] - mx);
-                    sum += e;
-                    sr[c] = round_to(e, bf16);
-                }
-                for (; c < Se; c++) sr[c] = 0.0f;
-                *lse = mx + logf(sum);
-                inv[r] = 1.0f / sum;
+                inv[r] = softmax_row(s + r * Se, lim, Se, j->scale, bf16, j->lse + (b * j->H + h) * T + i);
             }
             gemm_acc(acc, D, s, Se, 1, vf, D, rows, Se, D, 1);
             for (long r = 0; r < rows; r++)
@@ -231,23 +253,10 @@ static void fa_backward_unit(fa_job *j, long unit) {
             for (long r = 0; r < rows; r++) {
                 const long lim = j->causal ? (i0 + r + 1 < Se ? i0 + r + 1 : Se) : Se;
                 float *pr = p + r * Se, *dr = ds + r * Se;
-                if (!isfinite(lse[r])) {
-                    for (long c = 0; c < Se; c++) pr[c] = dr[c] = NAN;
-                    continue;
-                }
-                __m256 s8 = _mm256_set1_ps(j->scale), l8 = _mm256_set1_ps(lse[r]);
+                probs_row(pr, lim, Se, j->scale, lse[r]);
                 long c = 0;
-                for (; c + 8 <= lim; c += 8) {
-                    __m256 e = exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + c), s8), l8));
-                    _mm256_storeu_ps(pr + c, e);
-                    if (bf16) e = _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16));
-                    _mm256_storeu_ps(dr + c, e);
-                }
-                for (; c < lim; c++) {
-                    pr[c] = expf(pr[c] * j->scale - lse[r]);
-                    dr[c] = round_to(pr[c], bf16);
-                }
-                for (; c < Se; c++) pr[c] = dr[c] = 0.0f;
+                for (; c + 8 <= Se; c += 8) _mm256_storeu_ps(dr + c, round8_if(_mm256_loadu_ps(pr + c), bf16));
+                for (; c < Se; c++) dr[c] = round_to(pr[c], bf16);
             }
             gemm_acc(dv, D, ds, 1, Se, gof, D, Se, rows, D, 0);         /* dv += p^T do */
             gemm_acc(ds, Se, gof, D, 1, vt, S, rows, D, Se, 1);         /* dp = do v^T */
@@ -370,31 +379,8 @@ static void fa_forward_unit_bf16(fa_job *j, long unit) {
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
                 const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
-                float *sr = s + r * Se, mx;
-                int nan = scale_max(sr, lim, j->scale, &mx);
-                float *lse = j->lse + (b * j->H + h) * T + i;
-                if (nan || !isfinite(mx)) {
-                    for (long c = 0; c < Sep; c++) ((uint16_t *)pb)[r * Sep + c] = 0x7fc0;
-                    *lse = NAN;
-                    inv[r] = NAN;
-                    continue;
-                }
-                __m256 m8 = _mm256_set1_ps(mx), t8 = _mm256_setzero_ps();
-                long c = 0;
-                for (; c + 8 <= lim; c += 8) {
-                    __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sr + c), m8));
-                    t8 = _mm256_add_ps(t8, e);
-                    _mm256_storeu_ps(sr + c, _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(e), 16)));
-                }
-                float sum = hsum(t8);
-                for (; c < lim; c++) {
-                    float e = expf(sr[c] - mx);
-                    sum += e;
-                    sr[c] = round_to(e, 1);
-                }
-                to_bf16((uint16_t *)pb + r * Sep, sr, lim, Sep);
-                *lse = mx + logf(sum);
-                inv[r] = 1.0f / sum;
+                inv[r] = softmax_row(s + r * Se, lim, Se, j->scale, 1, j->lse + (b * j->H + h) * T + i);
+                to_bf16((uint16_t *)pb + r * Sep, s + r * Se, Se, Sep); /* exact: already rounded (NaN: 0x7fc0) */
             }
             gemm_bf16(acc, D, pb, Sep / 2, 1, vp, D, rows, Sep / 2, D, 1);
             for (long r = 0; r < rows; r++)
@@ -442,17 +428,8 @@ static void fa_backward_unit_bf16(fa_job *j, long unit) {
             for (long r = 0; r < rows; r++) {
                 const long lim = j->causal ? (i0 + r + 1 < Se ? i0 + r + 1 : Se) : Se;
                 float *pr = p + r * Se;
-                if (!isfinite(lse[r])) {
-                    for (long c = 0; c < Se; c++) { pr[c] = NAN; pt[c * rp + r] = 0x7fc0; }
-                    continue;
-                }
-                __m256 s8 = _mm256_set1_ps(j->scale), l8 = _mm256_set1_ps(lse[r]);
-                long c = 0;
-                for (; c + 8 <= lim; c += 8)
-                    _mm256_storeu_ps(pr + c, exp8(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(pr + c), s8), l8)));
-                for (; c < lim; c++) pr[c] = expf(pr[c] * j->scale - lse[r]);
-                for (; c < Se; c++) pr[c] = 0.0f;
-                for (c = 0; c < Se; c++) pt[c * rp + r] = f32_to_bf16(pr[c]);
+                probs_row(pr, lim, Se, j->scale, lse[r]);
+                for (long c = 0; c < Se; c++) pt[c * rp + r] = f32_to_bf16(pr[c]);
             }
             if (rp > rows)
                 for (long c = 0; c < Se; c++) pt[c * rp + rows] = 0;
@@ -541,10 +518,6 @@ typedef struct {
     const void *x; const void *cos, *sin; void *y;
     long sb, sh, st, c_sb, c_st, H, T, D; int xbf16, cbf16, ybf16, backward;
 } rope_job;
-
-static inline __m256 round8_if(__m256 v, int bf16) {
-    return bf16 ? _mm256_castsi256_ps(_mm256_slli_epi32(round_bf16_8(v), 16)) : v;
-}
 
 static inline void store8(void *p, long i, __m256 v, int bf16) {
     if (bf16) {
