@@ -143,3 +143,17 @@ def test_forked_children_run_the_pool_even_when_forked_mid_job(two_threads):
     results = [queue.get(timeout=5) for _ in children]
     assert max(err for err, _ in results) < 1e-5
     assert all(helpers == 1 for _, helpers in results), results  # the child's own helper, not the parent's count
+
+
+@pytest.mark.skipif(not kernels_on(), reason="needs loom's C kernels")
+@pytest.mark.parametrize("threads_", [2, 3])
+def test_pool_runs_each_chunk_once_when_a_helper_holds_an_old_ticket(threads_):
+    """The pool's claim race, forced: a helper pauses after reading the ticket and the caller pauses before publishing
+    the next job's, so a helper holds the last ticket of one job while the next (larger) job's counters are set. Each
+    item of each job must have run exactly once when parallel_run returns. Before the fix a stale ticket claimed a
+    chunk of the next job: run twice, counted twice, and the caller returned before its last chunk was written."""
+    from loom.kernels import build
+
+    lib = build.library()
+    for helper, publish in ((0, 0), (2000, 20000), (20000, 2000), (5000, 5000)):
+        assert lib.loom_pool_selftest(60, 24, 1, threads_, 200, helper, publish) == 0, (helper, publish)
