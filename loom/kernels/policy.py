@@ -89,14 +89,15 @@ def attention_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
 
 
 def flash_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
-    """Training attention over whole sequences (loom::flash_attention): a gradient wanted for q, k or v, no mask
-    (causal or not), no dropout, plain CPU fp32/bf16 (B, H, T, D) and (B, Hkv, S, D) with D <= 256. At the LoRA
-    benchmark's shapes (T 256, D 64, 12/4 heads, bf16) its forward + backward took 16 ms against SDPA's 43 ms.
-    (A 512-token prefill would take 8.0 / 4.1 ms per layer in fp32 / bf16 against SDPA's 10.3 / 13.9; inference
-    keeps SDPA for now, see docs/benchmarks.md "Session 12: prefill attention".)"""
-    if mask is not None or dropout or not torch.is_grad_enabled() or not enabled():
+    """Attention over whole sequences (loom::flash_attention): training (a gradient wanted for q, k or v), and
+    inference over 2+ queries (a prefill; a single query is loom::decode_attention's). No mask (causal or not), no
+    dropout, plain CPU fp32/bf16 (B, H, T, D) and (B, Hkv, S, D) with D <= 256. At the LoRA benchmark's shapes (T 256,
+    D 64, 12/4 heads, bf16) its forward + backward took 16 ms against SDPA's 43 ms; a 512-token prefill (12/4 heads,
+    D 64) 8.0 / 4.1 ms per layer in fp32 / bf16 against SDPA's 10.3 / 13.9 ms (1 thread)."""
+    if mask is not None or dropout or not enabled():
         return False
-    if not (q.requires_grad or k.requires_grad or v.requires_grad):
+    if not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) \
+            and (q.dim() != 4 or q.shape[2] < 2):
         return False
     dtype, qs, ks = q.dtype, q.shape, k.shape
     if not (dtype in DTYPES and k.dtype is dtype and v.dtype is dtype and plain(q) and plain(k) and plain(v)):

@@ -219,11 +219,12 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself.
 
     A single query per head on CPU without autograd (a decode step) goes to loom::decode_attention: ~10x less time
-    than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads. Training attention without a
-    mask goes to loom::flash_attention (policy.flash_applies), rounded as SDPA's CPU flash attention is."""
+    than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads. Attention over whole
+    sequences without a mask (training, prefill) goes to loom::flash_attention (policy.flash_applies), rounded as
+    SDPA's CPU flash attention is."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return ops.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
-    if mask is None and not dropout and torch.is_grad_enabled():  # training without a mask: loom's kernel
+    if mask is None and not dropout:  # training or prefill without a mask: loom's kernel
         fq, fk, fv = q, k, v
         if torch.is_autocast_enabled("cpu") and q.is_cpu:  # SDPA is on CPU autocast's lower-precision list
             low = torch.get_autocast_dtype("cpu")

@@ -274,14 +274,16 @@ def test_rope_bad_inputs_and_opcheck():
 
 
 # -- where the models use them ----------------------------------------------------------------------------------------
-def test_policy_takes_training_attention_only():
+def test_policy_takes_whole_sequences_without_a_mask():
     q, k, v = _qkv(1, 2, 2, 4, 4, 8, torch.float32)
     assert policy.flash_applies(q, k, v, None, True, 0.0) == build.available()
+    with torch.no_grad():  # a prefill too
+        assert policy.flash_applies(q, k, v, None, True, 0.0) == build.available()
+        assert not policy.flash_applies(q[:, :, :1], k, v, None, True, 0.0)  # one query: the decode kernels' case
+    assert policy.flash_applies(*(t.detach() for t in (q, k, v)), None, True, 0.0) == build.available()
+    assert policy.flash_applies(q[:, :, :1], k, v, None, False, 0.0) == build.available()  # trained: any length
     assert not policy.flash_applies(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), False, 0.0)
     assert not policy.flash_applies(q, k, v, None, True, 0.1)
-    with torch.no_grad():
-        assert not policy.flash_applies(q, k, v, None, True, 0.0)
-    assert not policy.flash_applies(*(t.detach() for t in (q, k, v)), None, True, 0.0)
     assert not policy.flash_applies(q.half(), k.half(), v.half(), None, True, 0.0)
 
 
@@ -320,6 +322,38 @@ def test_llama_training_step_equals_the_reference(tmp_path, monkeypatch, autocas
     torch.testing.assert_close(loss, ref_loss, rtol=1e-3 if autocast else 1e-6, atol=1e-5)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llama_prefill_takes_the_kernel_and_equals_the_reference(tmp_path, monkeypatch, dtype):
+    """A generate's prefill (no autograd, 2+ queries, no mask) runs loom::flash_attention once per layer; its
+    first-token scores match the reference's model on the same checkpoint (bf16 within bf16 rounding) and the
+    greedy tokens are the reference's."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=96, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(1, 300, (1, 37), generator=torch.Generator().manual_seed(5))  # no pad id (0): no mask
+    calls = []
+    real = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    outs = []
+    for lib in (loom, transformers):
+        model = lib.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+        outs.append(model.generate(input_ids=ids, max_new_tokens=6, do_sample=False, output_scores=True,
+                                   return_dict_in_generate=True, pad_token_id=0))
+    if build.available():
+        assert calls == [(1, 4, 37, 16)] * 2, calls
+    else:
+        assert not calls
+    (out, ref) = outs
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype is torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.scores[0], ref.scores[0], **tol)
+    if dtype is torch.float32:
+        assert out.sequences.tolist() == ref.sequences.tolist()
 
 
 @pytest.mark.parametrize("backend", ["eager", "aot_eager"])
