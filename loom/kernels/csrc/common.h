@@ -18,6 +18,10 @@ void parallel_run(task_fn fn, const void *args, long total, long chunk, int thre
 /* activation row -> int16 with one scale per row (int8.c; int4.c uses it too) */
 float quantize_row(const float *x, int16_t *q, long K);
 
+/* rows m of x (M, K) -> xs[m] = quantize_row(x_m, xq + m * Kq), each int16 row zero-padded to Kq (all zeros when
+   the row holds inf/NaN, xs[m] NAN), rows spread over `threads` threads when there are many (int8.c) */
+void quantize_rows(const float *x, int16_t *xq, float *xs, long M, long K, long Kq, int threads);
+
 #define TILE 4
 
 static inline float hsum(__m256 v) {

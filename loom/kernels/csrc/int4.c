@@ -441,7 +441,7 @@ static int int4_decode(const float *x, const uint8_t *w, const void *scale, cons
 
 #if defined(__AVX512F__)
 #define VL 16
-#define MR 4
+#define MR 8 /* 2 * MR int32 accumulators (the fp32 sums live in a small L1 tile) */
 typedef __m512i ivec;
 typedef __m512 fvec;
 #define ivload(p) _mm512_loadu_si512((const void *)(p))
@@ -489,7 +489,7 @@ static inline void transpose_lanes(ivec r[VL]) {
 }
 #else
 #define VL 8
-#define MR 3 /* 16 ymm registers: 2 * MR int32 and 2 * MR fp32 accumulators, 2 weight vectors */
+#define MR 4 /* 16 ymm registers: 2 * MR int32 accumulators, 2 weight vectors, a broadcast, madd temporaries */
 typedef __m256i ivec;
 typedef __m256 fvec;
 #define ivload(p) _mm256_loadu_si256((const __m256i *)(p))
@@ -560,16 +560,18 @@ static void unpack_tile(const gemm_job *j, long n0, int32_t *wt, float *sc, floa
         }
 }
 
-/* one block of MR activation rows against one unpacked tile; y rows of the first mr, columns n0..n0+nv-1 */
+/* one block of MR activation rows against one unpacked tile; y rows of the first mr, columns n0..n0+nv-1. The int32
+   group sums are the registers; each group's fp32 term (scale * (sum - zero * qsum)) is added to an L1 tile, in the
+   same order as a register sum would be. */
 static void gemm_block(const gemm_job *j, const int32_t *wt, const float *sc, const float *zc, long blk, int mr,
                        long n0, long nv) {
     long P = j->K / 2, GP = j->G / 2, ng = j->K / j->G;
     const int32_t *xb = j->xq + blk * P * MR;
     const float *qsum = j->qsum + blk * ng * MR, *xs = j->xs + blk * MR;
-    fvec f[MR][2];
-    for (int m = 0; m < MR; m++) f[m][0] = f[m][1] = fvzero();
+    float f[MR][NB] __attribute__((aligned(64)));
     for (long g = 0; g < ng; g++) {
         ivec a[MR][2];
+#pragma GCC unroll 8
         for (int m = 0; m < MR; m++) a[m][0] = a[m][1] = ivzero();
         const int32_t *wp = wt + g * GP * NB, *xp = xb + g * GP * MR;
         const int32_t *wend = wp + GP * NB;
@@ -588,14 +590,15 @@ static void gemm_block(const gemm_job *j, const int32_t *wt, const float *sc, co
 #pragma GCC unroll 8
         for (int m = 0; m < MR; m++) {
             fvec q = fvset1(qsum[g * MR + m]);
-            f[m][0] = fvmadd(s0, fvnmadd(z0, q, fvcvt(a[m][0])), f[m][0]);
-            f[m][1] = fvmadd(s1, fvnmadd(z1, q, fvcvt(a[m][1])), f[m][1]);
+            fvec f0 = g ? fvload(f[m]) : fvzero(), f1 = g ? fvload(f[m] + VL) : fvzero();
+            fvstore(f[m], fvmadd(s0, fvnmadd(z0, q, fvcvt(a[m][0])), f0));
+            fvstore(f[m] + VL, fvmadd(s1, fvnmadd(z1, q, fvcvt(a[m][1])), f1));
         }
     }
     for (int m = 0; m < mr; m++) {
         float out[NB];
-        fvstore(out, fvmul(f[m][0], fvset1(xs[m])));
-        fvstore(out + VL, fvmul(f[m][1], fvset1(xs[m])));
+        fvstore(out, fvmul(fvload(f[m]), fvset1(xs[m])));
+        fvstore(out + VL, fvmul(fvload(f[m] + VL), fvset1(xs[m])));
         memcpy(j->y + j->rows[blk * MR + m] * j->N + n0, out, sizeof(float) * nv);
     }
 }
@@ -615,41 +618,56 @@ static void gemm_tiles(const void *p, long begin, long end) {
     free(wt);
 }
 
-/* Rows holding inf/NaN go to the decode kernel one by one (its exact path). Scratch: (M + MR) * K * 2 bytes of
-   int16 activations and (M + MR) * (K / G + 3) * 4 of sums, scales and row numbers, plus K * NB * 2 + K / G * NB *
-   8 bytes per thread for the unpacked tile. Returns 0, or -1 when out of memory. */
+typedef struct { const float *x; int32_t *xq; float *qsum, *xs; long *rows; long M, K, G; int *failed; } prep_job;
+
+/* activation rows of blocks [begin, end) -> their pair-interleaved int16 values, group sums and scales, each row in
+   its own slot (row m in block m / MR, lane m % MR). A row holding inf/NaN keeps zeros there and scale NAN: its
+   output is computed again by the exact path afterwards. */
+static void prep_blocks(const void *p, long begin, long end) {
+    const prep_job *j = p;
+    long K = j->K, P = K / 2, G = j->G, ng = K / G;
+    int16_t *q = malloc(sizeof(int16_t) * K);
+    if (!q) { __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED); return; }
+    for (long blk = begin; blk < end; blk++)
+        for (long r = 0; r < MR && blk * MR + r < j->M; r++) {
+            long m = blk * MR + r;
+            j->rows[m] = m;
+            float s = quantize_row(j->x + m * K, q, K);
+            j->xs[m] = s;
+            if (isnan(s)) continue;
+            int32_t *xb = j->xq + blk * P * MR + r;
+            for (long i = 0; i < P; i++) memcpy(xb + i * MR, q + 2 * i, 4);
+            for (long g = 0; g < ng; g++) {
+                int32_t sum = 0;
+                for (long c = g * G; c < (g + 1) * G; c++) sum += q[c];
+                j->qsum[blk * ng * MR + g * MR + r] = (float)sum;
+            }
+        }
+    free(q);
+}
+
+/* Rows holding inf/NaN go to the decode kernel one by one (its exact path) after the blocked product. Scratch:
+   (M + MR) * K * 2 bytes of int16 activations and (M + MR) * (K / G + 3) * 4 of sums, scales and row numbers, plus
+   K * 2 bytes per preparing thread and K * NB * 2 + K / G * NB * 8 bytes per thread for the unpacked tile. The
+   activations are prepared on the threads too (each row is independent). Returns 0, or -1 when out of memory. */
 static int int4_gemm_blocked(const float *x, const uint8_t *w, const void *scale, const void *zero, int half,
                              float *y, long M, long N, long K, long G, int threads) {
-    long ng = K / G, P = K / 2, Mp = (M + MR - 1) / MR * MR, Mq = 0;
-    char *buf = calloc(1, sizeof(int32_t) * Mp * P + sizeof(float) * Mp * (ng + 1) + sizeof(long) * Mp +
-                              sizeof(int16_t) * K);
+    long ng = K / G, P = K / 2, Mp = (M + MR - 1) / MR * MR;
+    char *buf = calloc(1, sizeof(int32_t) * Mp * P + sizeof(float) * Mp * (ng + 1) + sizeof(long) * Mp);
     if (!buf) return -1;
     long *rows = (long *)buf;
     float *xs = (float *)(rows + Mp), *qsum = xs + Mp;
     int32_t *xq = (int32_t *)(qsum + Mp * ng);
-    int16_t *q = (int16_t *)(xq + Mp * P);
-    for (long m = 0; m < M; m++) {
-        float s = quantize_row(x + m * K, q, K);
-        if (isnan(s)) continue;
-        long blk = Mq / MR, r = Mq % MR;
-        int32_t *xb = xq + blk * P * MR + r;
-        for (long p = 0; p < P; p++) memcpy(xb + p * MR, q + 2 * p, 4);
-        for (long g = 0; g < ng; g++) {
-            int32_t sum = 0;
-            for (long c = g * G; c < (g + 1) * G; c++) sum += q[c];
-            qsum[blk * ng * MR + g * MR + r] = (float)sum;
-        }
-        xs[Mq] = s;
-        rows[Mq++] = m;
-    }
     int failed = 0;
-    gemm_job job = {xq, qsum, xs, rows, w, scale, zero, half, y, Mq, N, K, G, &failed};
+    prep_job prep = {x, xq, qsum, xs, rows, M, K, G, &failed};
+    long blocks = Mp / MR;
+    parallel_run(prep_blocks, &prep, blocks, chunk_for(blocks, threads), threads);
+    gemm_job job = {xq, qsum, xs, rows, w, scale, zero, half, y, M, N, K, G, &failed};
     long tiles = (N + NB - 1) / NB;
-    if (Mq) parallel_run(gemm_tiles, &job, tiles, chunk_for(tiles, threads), threads);
-    for (long m = 0, i = 0; m < M && !failed; m++) {
-        if (i < Mq && rows[i] == m) i++;
-        else failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
-    }
+    if (!failed) parallel_run(gemm_tiles, &job, tiles, chunk_for(tiles, threads), threads);
+    for (long m = 0; m < M && !failed; m++)
+        if (isnan(xs[m]))
+            failed = int4_decode_rows(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
     free(buf);
     return failed ? -1 : 0;
 }

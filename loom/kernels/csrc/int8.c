@@ -135,9 +135,26 @@ static void int8_row_fp32(const float *x, const int8_t *w, const float *scale, f
 /* activation row -> q = round(x / s) in int16 with s = max|x| / 32767, so |q| <= 32767 and each element is off by
    at most s / 2 (1.5e-5 of max|x|). Returns s, or NAN when the row holds inf/NaN (then the fp32 path is used). */
 float quantize_row(const float *x, int16_t *q, long K) {
-    float amax = 0;
-    int finite = 1;
-    for (long k = 0; k < K; k++) {
+    /* max |x| in four independent vector chains (a max is exact in any order); a lane holding inf or NaN fails
+       the <= FLT_MAX compare, which is ordered (false for NaN) */
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)), big = _mm256_set1_ps(3.4028235e38f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0, ok = _mm256_castsi256_ps(_mm256_set1_epi32(-1));
+    long k0 = 0;
+    for (; k0 + 32 <= K; k0 += 32) {
+        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(x + k0), absmask), a1 = _mm256_and_ps(_mm256_loadu_ps(x + k0 + 8), absmask);
+        __m256 a2 = _mm256_and_ps(_mm256_loadu_ps(x + k0 + 16), absmask);
+        __m256 a3 = _mm256_and_ps(_mm256_loadu_ps(x + k0 + 24), absmask);
+        ok = _mm256_and_ps(ok, _mm256_and_ps(_mm256_and_ps(_mm256_cmp_ps(a0, big, _CMP_LE_OQ),
+                                                           _mm256_cmp_ps(a1, big, _CMP_LE_OQ)),
+                                             _mm256_and_ps(_mm256_cmp_ps(a2, big, _CMP_LE_OQ),
+                                                           _mm256_cmp_ps(a3, big, _CMP_LE_OQ))));
+        m0 = _mm256_max_ps(m0, a0); m1 = _mm256_max_ps(m1, a1); m2 = _mm256_max_ps(m2, a2); m3 = _mm256_max_ps(m3, a3);
+    }
+    float lanes[8], amax = 0;
+    int finite = _mm256_movemask_ps(ok) == 0xFF;
+    _mm256_storeu_ps(lanes, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (long k = k0; k < K; k++) {
         float v = fabsf(x[k]);
         finite &= v <= 3.4028235e38f; /* false for inf and NaN */
         amax = v > amax ? v : amax;
@@ -154,6 +171,23 @@ float quantize_row(const float *x, int16_t *q, long K) {
     }
     for (; k < K; k++) q[k] = (int16_t)lrintf(x[k] * inv);
     return amax / 32767.0f;
+}
+
+typedef struct { const float *x; int16_t *xq; float *xs; long K, Kq; } rows_job;
+
+static void quantize_some(const void *p, long begin, long end) {
+    const rows_job *j = p;
+    for (long m = begin; m < end; m++) {
+        int16_t *q = j->xq + m * j->Kq;
+        float s = j->xs[m] = quantize_row(j->x + m * j->K, q, j->K);
+        memset(q + (isnan(s) ? 0 : j->K), 0, sizeof(int16_t) * (isnan(s) ? j->Kq : j->Kq - j->K));
+    }
+}
+
+void quantize_rows(const float *x, int16_t *xq, float *xs, long M, long K, long Kq, int threads) {
+    rows_job job = {x, xq, xs, K, Kq};
+    if (M < 16) threads = 1; /* a decode step's row or few: not worth waking a helper */
+    parallel_run(quantize_some, &job, M, chunk_for(M, threads), threads);
 }
 
 typedef struct {
@@ -337,11 +371,7 @@ int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y
     float *xs = malloc(sizeof(float) * M + sizeof(int16_t) * M * Kq + 64);
     if (!xs) return -1;
     int16_t *xq = (int16_t *)(xs + M);
-    for (long m = 0; m < M; m++) {
-        int16_t *q = xq + m * Kq;
-        xs[m] = quantize_row(x + m * K, q, K);
-        memset(q + (isnan(xs[m]) ? 0 : K), 0, sizeof(int16_t) * (isnan(xs[m]) ? Kq : Kq - K));
-    }
+    quantize_rows(x, xq, xs, M, K, Kq, threads);
     int failed = 0;
     int8_job job = {x, xq, xs, w, scale, y, M, N, K, Kq, &failed};
     if (M <= DECODE_ROWS) {

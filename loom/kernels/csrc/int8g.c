@@ -192,11 +192,7 @@ int loom_int8_group_gemm(const float *x, const int8_t *w, const void *scale, int
     float *xs = malloc(sizeof(float) * M + sizeof(int16_t) * M * Kq + 64);
     if (!xs) return -1;
     int16_t *xq = (int16_t *)(xs + M);
-    for (long m = 0; m < M; m++) {
-        int16_t *q = xq + m * Kq;
-        xs[m] = quantize_row(x + m * K, q, K);
-        memset(q + (isnan(xs[m]) ? 0 : K), 0, sizeof(int16_t) * (isnan(xs[m]) ? Kq : Kq - K));
-    }
+    quantize_rows(x, xq, xs, M, K, Kq, threads);
     int8g_job job = {x, xq, xs, w, scale, half, y, M, N, K, G, Kq};
     long tiles = (N + TILE - 1) / TILE;
     parallel_run(g_tiles, &job, tiles, chunk_for(tiles, threads), threads);
