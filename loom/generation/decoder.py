@@ -112,12 +112,22 @@ class Decoder:
         return {} if self.types is None else {"token_type_ids": self.types[:, start:end]}
 
     def prefill(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (rows, V) for the token after the prompt."""
+        """Logits (rows, V) for the token after the prompt. Where loom's kernels carry every matmul of it (quantized
+        Linears' blocked GEMMs, the mask-free attention), torch's own ops run on one thread meanwhile, as in decode."""
         start = self.cached
-        if inputs_embeds is not None:
-            self.tokens_known = False
-            return self._run(self.model, start, self.n, inputs_embeds=inputs_embeds[:, start:])
-        return self._run(self.model, start, self.n, input_ids=input_ids[:, start:])
+        with self._prefilling(self.n - start):
+            if inputs_embeds is not None:
+                self.tokens_known = False
+                return self._run(self.model, start, self.n, inputs_embeds=inputs_embeds[:, start:])
+            return self._run(self.model, start, self.n, input_ids=input_ids[:, start:])
+
+    def _prefilling(self, length: int):
+        # a whole prompt without padding over a dynamic (or no) cache: its attention is loom::flash_attention's;
+        # a padded, static-cache or continued prefill attends through SDPA with a mask, which wants torch's threads
+        if (self.mask is None and self.cached == 0 and not self.whole_mask and self.forward is self.model
+                and policy.prefill_on_kernels(self.model, self.rows * length, self.rows)):
+            return threads.kernels_own_threads()
+        return contextlib.nullcontext()
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the newest token of `tokens` (rows, T); return logits (rows, V) for the one after it."""

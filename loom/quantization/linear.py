@@ -110,8 +110,12 @@ class _QuantLinear(nn.Linear):
         return result
 
     def uses_kernels(self, rows: int, dtype: torch.dtype) -> bool:
-        """Whether a `rows`-row product runs in loom's C kernel (for the decode thread hand-off)."""
-        return self.kernel == "native" and rows <= policy.MAX_ROWS and policy.enabled()
+        """Whether a `rows`-row product runs in loom's C kernel (for the thread hand-off of decode and prefill)."""
+        return self.kernel == "native" and policy.enabled() and (rows <= policy.MAX_ROWS or self._gemm_in_kernels())
+
+    def _gemm_in_kernels(self) -> bool:
+        """Whether products of more rows than decode sizes (prefill) run in a C kernel too."""
+        return True
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -238,6 +242,9 @@ class Int4Linear(_QuantLinear):
     def _matmul(self, x):
         return kernels.int4_matmul(x, self)
 
+    def _gemm_in_kernels(self) -> bool:
+        return self.group_size % 32 == 0 and self.group_size <= policy.INT4_GEMM_MAX_GROUP  # policy.int4_applies
+
     def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
         nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
@@ -308,6 +315,9 @@ class Int8GroupLinear(_QuantLinear):
 
     def _matmul(self, x):
         return kernels.int8_group_matmul(x, self)
+
+    def _gemm_in_kernels(self) -> bool:
+        return self.group_size % 16 == 0 and 0 < self.group_size <= policy.INT8_GROUP_MAX  # int8_group_applies
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

@@ -237,3 +237,67 @@ def test_compiled_model_keeps_the_operators_in_one_graph():
         model(ids, past_key_values=cache, use_cache=True)
         got = torch.compile(decode, backend="aot_eager", fullgraph=True)(cache)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _quantized_llama(**kw):
+    from loom.quantization import WeightOnlyConfig, quantize_
+
+    model = _tiny_llama()
+    quantize_(model, WeightOnlyConfig(**kw))
+    return model
+
+
+class _ForwardSpy:
+    """A forward pre-hook on the first layer recording torch's and the kernels' thread counts for each call."""
+
+    def __init__(self, model) -> None:
+        self.seen = []
+        model.model.layers[0].register_forward_pre_hook(lambda *a: self.seen.append(
+            (a[1][0].shape[1], torch.get_num_threads(), threads.pool_threads())))
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=32), dict(bits=8), dict(bits=4, group_size=32,
+                                                                                 skip_output_embeddings=False)])
+def test_prefill_hands_torch_one_thread_where_the_kernels_carry_it(two_threads, kw):
+    """A quantized model's prefill (its blocked GEMMs, loom::flash_attention, the head on the last rows) runs torch's
+    own ops on one thread while the kernels keep two, as its decode does; same tokens and scores as without."""
+    from loom.kernels import policy
+
+    model, ids = _quantized_llama(**kw), torch.randint(1, 64, (2, 20), generator=torch.Generator().manual_seed(1))
+    assert policy.prefill_on_kernels(model, 40, 2)
+    spy = _ForwardSpy(model)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    assert spy.seen[0] == (20, 1, 2), spy.seen  # the prefill, handed off
+    assert torch.get_num_threads() == 2 and threads.pool_threads() == 2 and threads.handoffs_in_force() == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(policy, "prefill_on_kernels", lambda *a: False)
+        spy.seen.clear()
+        ref = model.generate(ids, max_new_tokens=3, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        assert spy.seen[0] == (20, 2, 2)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores))
+
+
+def test_no_prefill_handoff_where_torch_carries_a_matmul(two_threads):
+    from loom.kernels import policy
+
+    ids = torch.randint(1, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    plain = _tiny_llama()  # float Linears: torch's GEMM at prefill sizes
+    assert not policy.prefill_on_kernels(plain, 20, 1)
+    spy = _ForwardSpy(plain)
+    plain.generate(ids, max_new_tokens=1, do_sample=False)
+    assert spy.seen == [(20, 2, 2)]
+    model = _quantized_llama(bits=4, group_size=32)
+    assert policy.prefill_on_kernels(model, 20, 1) and not policy.prefill_on_kernels(model, MAX_ROWS, 1)
+    spy = _ForwardSpy(model)
+    # a padded batch attends through SDPA with a mask: torch keeps its threads
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[0, :3] = 0
+    model.generate(ids.expand(2, -1), attention_mask=mask, max_new_tokens=1, do_sample=False)
+    assert spy.seen == [(20, 2, 2)]
+    # a group size the blocked GEMM does not take (dequantized, torch's GEMM), and a float Linear left in a layer
+    assert not policy.prefill_on_kernels(_quantized_llama(bits=4, group_size=16), 20, 1)
+    partly = _quantized_llama(bits=4, group_size=32)
+    partly.model.layers[1].mlp.down_proj = torch.nn.Linear(64, 32)
+    assert not policy.prefill_on_kernels(partly, 20, 1)
