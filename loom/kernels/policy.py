@@ -131,7 +131,12 @@ def int8_group_applies(x: torch.Tensor, group_size: int) -> bool:
     input at any row count. Its decode kernel streams the weight once; more rows run the same kernel over chunks of
     64 activation rows (so a row's result never depends on the batch). Where the C kernels are off the operator
     takes its torch path, which computes the same bits (slower: float64 batched products of 8 groups at a time)."""
-    return plain(x) and x.is_floating_point() and group_size % 16 == 0 and 0 < group_size <= INT8_GROUP_MAX
+    return plain(x) and x.is_floating_point() and int8_group_takes(group_size)
+
+
+def int8_group_takes(group_size: int) -> bool:
+    """Whether loom::int8_group_linear's kernel takes this group size (at any row count)."""
+    return group_size % 16 == 0 and 0 < group_size <= INT8_GROUP_MAX
 
 
 INT4_GEMM_MAX_GROUP = 4096  # csrc/int4.c INT4_GEMM_MAX_G: the blocked int4 GEMM's int32 group sums fit up to here
@@ -144,7 +149,12 @@ def int4_applies(x: torch.Tensor, group_size: int) -> bool:
     and calling torch's GEMM (the path larger rows took before, and still take for other group sizes)."""
     if not (plain(x) and x.is_floating_point() and enabled()):
         return False
-    return rows_of(x) <= MAX_ROWS or (group_size % 32 == 0 and group_size <= INT4_GEMM_MAX_GROUP)
+    return rows_of(x) <= MAX_ROWS or int4_gemm_takes(group_size)
+
+
+def int4_gemm_takes(group_size: int) -> bool:
+    """Whether loom::int4_linear's blocked GEMM (more rows than decode sizes) takes this group size."""
+    return group_size % 32 == 0 and group_size <= INT4_GEMM_MAX_GROUP
 
 
 def rope_attention_applies(q, k, v, cos, sin, mask) -> bool:
@@ -208,7 +218,7 @@ def prefill_on_kernels(model: nn.Module, rows: int, batch: int) -> bool:
     GEMMs, loom::flash_attention for the attention, and the output head on the last position's `batch` rows.
 
     Measured on the bench Llama at 2 threads (512-token prompt, int4): time to first token 410-418 ms without the
-    hand-off, 211-255 ms with it. torch's OpenMP worker, spinning after each of torch's ops, takes the second core
+    hand-off, 211-272 ms with it. torch's OpenMP worker, spinning after each of torch's ops, takes the second core
     from the kernels' pool helper. Every weight matrix must belong to a module that says its product runs in the
     kernels at that row count (`uses_kernels`) or to an embedding; anything else (a float Linear, which torch's GEMM
     computes at prefill sizes, packed MoE experts, a convolution) means no."""

@@ -243,7 +243,7 @@ class Int4Linear(_QuantLinear):
         return kernels.int4_matmul(x, self)
 
     def _gemm_in_kernels(self) -> bool:
-        return self.group_size % 32 == 0 and self.group_size <= policy.INT4_GEMM_MAX_GROUP  # policy.int4_applies
+        return policy.int4_gemm_takes(self.group_size)
 
     def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
@@ -317,7 +317,7 @@ class Int8GroupLinear(_QuantLinear):
         return kernels.int8_group_matmul(x, self)
 
     def _gemm_in_kernels(self) -> bool:
-        return self.group_size % 16 == 0 and 0 < self.group_size <= policy.INT8_GROUP_MAX  # int8_group_applies
+        return policy.int8_group_takes(self.group_size)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

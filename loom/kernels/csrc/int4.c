@@ -533,10 +533,10 @@ static inline void transpose_lanes(ivec r[VL]) {
 
 /* xq: activation rows in blocks of MR (zero rows pad the last block), pair-interleaved: block b holds
    (K/2 pairs x MR rows) int32, each the int16 pair (q[2p], q[2p+1]) of a row; qsum (ng x MR) and xs (MR) per block
-   likewise. rows: the y row of each activation row. */
+   likewise. Activation row m is block m / MR, lane m % MR, and y row m. */
 typedef struct {
-    const int32_t *xq; const float *qsum, *xs; const long *rows; const uint8_t *w; const void *scale, *zero;
-    int half; float *y; long Mq, N, K, G; int *failed;
+    const int32_t *xq; const float *qsum, *xs; const uint8_t *w; const void *scale, *zero;
+    int half; float *y; long M, N, K, G; int *failed;
 } gemm_job;
 
 /* weight rows n0.. (at most NB, the rest zero) -> wt (K/2 pairs x NB lanes), scales and zeros -> sc, zc (ng x NB) */
@@ -599,7 +599,7 @@ static void gemm_block(const gemm_job *j, const int32_t *wt, const float *sc, co
         float out[NB];
         fvstore(out, fvmul(fvload(f[m]), fvset1(xs[m])));
         fvstore(out + VL, fvmul(fvload(f[m] + VL), fvset1(xs[m])));
-        memcpy(j->y + j->rows[blk * MR + m] * j->N + n0, out, sizeof(float) * nv);
+        memcpy(j->y + (blk * MR + m) * j->N + n0, out, sizeof(float) * nv);
     }
 }
 
@@ -612,13 +612,13 @@ static void gemm_tiles(const void *p, long begin, long end) {
     for (long t = begin; t < end; t++) {
         long n0 = t * NB, nv = j->N - n0 < NB ? j->N - n0 : NB;
         unpack_tile(j, n0, wt, sc, zc);
-        for (long b = 0; b * MR < j->Mq; b++)
-            gemm_block(j, wt, sc, zc, b, j->Mq - b * MR < MR ? (int)(j->Mq - b * MR) : MR, n0, nv);
+        for (long b = 0; b * MR < j->M; b++)
+            gemm_block(j, wt, sc, zc, b, j->M - b * MR < MR ? (int)(j->M - b * MR) : MR, n0, nv);
     }
     free(wt);
 }
 
-typedef struct { const float *x; int32_t *xq; float *qsum, *xs; long *rows; long M, K, G; int *failed; } prep_job;
+typedef struct { const float *x; int32_t *xq; float *qsum, *xs; long M, K, G; int *failed; } prep_job;
 
 /* activation rows of blocks [begin, end) -> their pair-interleaved int16 values, group sums and scales, each row in
    its own slot (row m in block m / MR, lane m % MR). A row holding inf/NaN keeps zeros there and scale NAN: its
@@ -631,7 +631,6 @@ static void prep_blocks(const void *p, long begin, long end) {
     for (long blk = begin; blk < end; blk++)
         for (long r = 0; r < MR && blk * MR + r < j->M; r++) {
             long m = blk * MR + r;
-            j->rows[m] = m;
             float s = quantize_row(j->x + m * K, q, K);
             j->xs[m] = s;
             if (isnan(s)) continue;
@@ -647,22 +646,21 @@ static void prep_blocks(const void *p, long begin, long end) {
 }
 
 /* Rows holding inf/NaN go to the decode kernel one by one (its exact path) after the blocked product. Scratch:
-   (M + MR) * K * 2 bytes of int16 activations and (M + MR) * (K / G + 3) * 4 of sums, scales and row numbers, plus
+   (M + MR) * K * 2 bytes of int16 activations and (M + MR) * (K / G + 1) * 4 of sums and scales, plus
    K * 2 bytes per preparing thread and K * NB * 2 + K / G * NB * 8 bytes per thread for the unpacked tile. The
    activations are prepared on the threads too (each row is independent). Returns 0, or -1 when out of memory. */
 static int int4_gemm_blocked(const float *x, const uint8_t *w, const void *scale, const void *zero, int half,
                              float *y, long M, long N, long K, long G, int threads) {
     long ng = K / G, P = K / 2, Mp = (M + MR - 1) / MR * MR;
-    char *buf = calloc(1, sizeof(int32_t) * Mp * P + sizeof(float) * Mp * (ng + 1) + sizeof(long) * Mp);
+    char *buf = calloc(1, sizeof(int32_t) * Mp * P + sizeof(float) * Mp * (ng + 1));
     if (!buf) return -1;
-    long *rows = (long *)buf;
-    float *xs = (float *)(rows + Mp), *qsum = xs + Mp;
+    float *xs = (float *)buf, *qsum = xs + Mp;
     int32_t *xq = (int32_t *)(qsum + Mp * ng);
     int failed = 0;
-    prep_job prep = {x, xq, qsum, xs, rows, M, K, G, &failed};
+    prep_job prep = {x, xq, qsum, xs, M, K, G, &failed};
     long blocks = Mp / MR;
     parallel_run(prep_blocks, &prep, blocks, chunk_for(blocks, threads), threads);
-    gemm_job job = {xq, qsum, xs, rows, w, scale, zero, half, y, M, N, K, G, &failed};
+    gemm_job job = {xq, qsum, xs, w, scale, zero, half, y, M, N, K, G, &failed};
     long tiles = (N + NB - 1) / NB;
     if (!failed) parallel_run(gemm_tiles, &job, tiles, chunk_for(tiles, threads), threads);
     for (long m = 0; m < M && !failed; m++)

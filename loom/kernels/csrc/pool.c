@@ -9,8 +9,8 @@
    so a helper that read an earlier ticket of that job (and was preempted before claiming) can never claim from the
    next job's counters. (Before, a helper that read the old ticket just before the caller published the next job's
    total could claim a chunk of the next job under the old generation, run it twice and count it twice, so the caller
-   returned before the last chunk was written: a decode step read half-written outputs about once in 10^4 steps on a
-   loaded machine. `loom_pool_selftest` reproduces that timing on demand.)
+   returned before the last chunk was written: a decode plan's token differed from the forward's once in 300
+   generates on a loaded machine. `loom_pool_selftest` reproduces that timing on demand.)
 
    fork: the pool's locks are taken around fork() (pthread_atfork), so a child never inherits one held by a thread
    that does not exist there; the child starts with no helpers and creates its own on its first parallel job. */
