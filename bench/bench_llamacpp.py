@@ -15,7 +15,8 @@ What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a 
    prompt, `-r 1`, JSON) in a fresh process each, and loom on the matching format in one long-lived worker process
    per format (fp32, bf16, int8 per channel with fp32 head / incl. head, int4 symmetric group 32 with fp32 head /
    incl. head: Q4_0's layout, which loom stores with float32 instead of float16 scales; `--formats int4-asym,
-   int4-asym+head` adds loom's default asymmetric int4 against the same files). loom decodes greedily at
+   int4-asym+head` adds loom's default asymmetric int4 against the same files; `int4-saved,int4-saved+head` the
+   int4 decode on the saved layout's kernel instead of the tiles, for an A/B). loom decodes greedily at
    batch 1 from a 1-token prompt (as llama-bench's decode test starts from an empty context); its rate excludes that
    first step. Time to first token: loom's `generate(max_new_tokens=1)` of a P-token prompt, llama.cpp's prompt
    test (one batch of P tokens).
@@ -70,12 +71,17 @@ FORMATS = {
     # not in "all", name them in --formats
     "int4-asym": ("q4_0-out-f32", ("quantize", "Q4_0", ["--output-tensor-type", "f32"]), dict(bits=4, asym=True)),
     "int4-asym+head": ("q4_0-pure", ("quantize", "Q4_0", ["--pure"]), dict(bits=4, head=True, asym=True)),
+    # int4 decode on the saved layout's kernel instead of the tiles (Int4Linear.tiles_for_decode = False): for A/B
+    "int4-saved": ("q4_0-out-f32", ("quantize", "Q4_0", ["--output-tensor-type", "f32"]), dict(bits=4, tiles=False)),
+    "int4-saved+head": ("q4_0-pure", ("quantize", "Q4_0", ["--pure"]), dict(bits=4, head=True, tiles=False)),
 }
 PAIRS = ["fp32", "bf16", "int8", "int8+head", "int4", "int4+head"]  # --formats all
 LABELS = {"fp32": "fp32 / F32", "bf16": "bf16 / BF16", "int8": "int8, fp32 head / Q8_0 out f32",
           "int8+head": "int8 incl. head / Q8_0", "int4": "int4 g32 sym, fp32 head / Q4_0 out f32",
           "int4+head": "int4 g32 sym incl. head / Q4_0 pure", "int4-asym": "int4 g32 asym, fp32 head / Q4_0 out f32",
-          "int4-asym+head": "int4 g32 asym incl. head / Q4_0 pure"}
+          "int4-asym+head": "int4 g32 asym incl. head / Q4_0 pure",
+          "int4-saved": "int4 g32 sym saved layout, fp32 head / Q4_0 out f32",
+          "int4-saved+head": "int4 g32 sym saved layout incl. head / Q4_0 pure"}
 
 
 def log(msg: str) -> None:
@@ -338,6 +344,10 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
         if opts["bits"] == 4:
             cfg.update(group_size=32, symmetric=not opts.get("asym", False))
         kwargs["quantization_config"] = lib_mod.WeightOnlyConfig(**cfg)
+    if opts.get("tiles") is False:
+        from loom.quantization.linear import Int4Linear
+
+        Int4Linear.tiles_for_decode = False
     t = time.perf_counter()
     model = lib_mod.AutoModelForCausalLM.from_pretrained(hf, **kwargs).eval()
     load_s = time.perf_counter() - t

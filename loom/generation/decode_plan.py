@@ -48,6 +48,15 @@ _ATTN_LINEARS, _MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_p
 _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """The tensor's in-place version (inference-mode tensors keep none)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
 _module_hooks = nn.modules.module
 
 
@@ -62,9 +71,11 @@ def _routing_settings(block: dict) -> tuple:
 # call another operator) keeps the plan off for its model.
 _QUANT_KEYS = {"Int8Linear": {"in_features", "out_features", "bias", "kernel", "_packed", "_packed_stamp"},
                "Int8GroupLinear": {"in_features", "out_features", "bias", "kernel", "group_size"},
-               # activation_bits: 16 only (8 takes another operator, see below); _a8*: that operator's tiles
+               # activation_bits: 16 only (8 takes another operator, see below); the tiles (_a8, _a8_stamp) are
+               # checked apart (_TILE_KEYS)
                "Int4Linear": {"in_features", "out_features", "bias", "kernel", "group_size", "asymmetric",
-                              "activation_bits", "_a8", "_a8_stamp"}}
+                              "activation_bits", "tiles_for_decode"}}
+_TILE_KEYS = ("_a8", "_a8_stamp")
 _NN_MODULE_KEYS = frozenset(nn.Module().__dict__)
 _proxy_get = type(type.__dict__).get  # a class's __dict__ (a mappingproxy) .get
 _SCALARS = (bool, int, float, str, type(None))
@@ -94,7 +105,7 @@ def _quantized(m):
     d = m.__dict__
     if d.get("activation_bits", 16) != 16:
         return None  # 8-bit activations (set_activation_bits): loom::int4_linear_a8, which the chain does not call
-    settings = [(k, v) for k, v in d.items() if k not in _NN_MODULE_KEYS]
+    settings = [(k, v) for k, v in d.items() if k not in _NN_MODULE_KEYS and k not in _TILE_KEYS]
     if any(k not in _QUANT_KEYS[cls.__name__] for k, _ in settings):
         return None
     if any(isinstance(v, (torch.Tensor, nn.Module, dict, list, set)) for _, v in settings):
@@ -116,7 +127,8 @@ def _quantized(m):
         zero = buffers.get("weight_zero") if asymmetric else None
         if d.get("kernel") != "native" or type(asymmetric) is not bool or (asymmetric and zero is None):
             return None
-        q = Quantized("int4", scale, zero, d.get("group_size"))
+        # the tiles its forward reads (made in one huge-page buffer by DecodePlan.build), or the saved layout
+        q = Quantized("int4", scale, zero, d.get("group_size"), m.decode_tiles())
     if not q.check(weight):
         return None
     return weight, q, settings + [("training", m.training)]
@@ -268,6 +280,10 @@ class DecodePlan:
         extra = []  # tensors the chain does not read whose `.data` the forward does (the experts' own weights)
         blocks = []  # the MoE blocks, whose routing settings are checked at each step
         quantized = []  # (quantized Linear, its recorded settings), checked at each step
+        linear = sys.modules.get("loom.quantization.linear")
+        if linear is not None:  # int4 layers' tiles for decode, made together now rather than one by one in _quantized
+            linear.make_tiles([m for m in model.modules() if type(m) is linear.Int4Linear
+                               and m.__dict__.get("activation_bits", 16) == 16 and m.wants_tiles()])
         if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
                                                                   and len(set(cache.length)) != 1):
             return None
@@ -310,6 +326,14 @@ class DecodePlan:
         slots += [(base._modules, "embed_tokens", base.embed_tokens)]
         # the quantized Linears' buffers (weight, scale, zero point): a replaced one is a different product
         slots += [(m._buffers, name, t) for m, _ in quantized for name, t in m._buffers.items()]
+        # int4 layers whose product reads tiles: the tiles themselves, and the in-place versions of the tensors
+        # they were made from (the module's forward would remake them: Int4Linear.tiles_current)
+        tiled = [m for m, _ in quantized if isinstance(m.__dict__.get("_a8"), torch.Tensor)
+                 and any(q is not None and q.tiles is m.__dict__["_a8"] for lt in chain.layers for q in lt.quant)]
+        slots += [(m.__dict__, "_a8", m.__dict__["_a8"]) for m in tiled]
+        self.tile_sources = tuple(t for m in tiled for t in m._a8_stamp[:3]
+                                  if t is not None and _version_of(t) is not None)
+        self.tile_versions = tuple(map(_version_of, self.tile_sources))
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
         self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
@@ -348,6 +372,7 @@ class DecodePlan:
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
                 and tuple(map(len, self.q_dicts)) == self.q_lens
+                and tuple(map(_version_of, self.tile_sources)) == self.tile_versions
                 and list(map(dict.get, self.q_at, self.q_keys)) == self.q_values
                 and tuple(map(len, self.c_dicts)) == self.c_lens
                 and list(map(_proxy_get, self.c_at, self.c_keys)) == self.c_values

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from loom.kernels import build
-from loom.kernels.policy import INT8_GROUP_MAX, rows_of
+from loom.kernels.policy import INT8_GROUP_MAX, MAX_ROWS, rows_of
 from loom.kernels.threads import pool_threads
 
 _lib = torch.library.Library("loom", "DEF")
@@ -876,7 +876,9 @@ def int4_dequantize_reference(packed, scale, zero):
     return ((u.view(n, groups, -1) - z) * scale.float()[:, :, None]).view(n, -1)
 
 
-def _int4_cpu(x, packed, scale, zero, group_size):
+def _int4_cpu(x, packed, scale, zero, group_size, tiles=None):
+    if tiles is not None:
+        return _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles)
     if not (x.is_floating_point() and packed.dtype == torch.uint8 and packed.dim() == 2 and x.dim() >= 1
             and x.shape[-1] == packed.shape[1] * 2 and group_size > 0 and group_size % 16 == 0
             and x.shape[-1] % group_size == 0 and scale.dtype in _SCALES and scale.dim() == 2
@@ -899,8 +901,10 @@ def _int4_cpu(x, packed, scale, zero, group_size):
     return y if x.dtype == _F32 else y.to(x.dtype)
 
 
-def _int4_fake(x, packed, scale, zero, group_size):
+def _int4_fake(x, packed, scale, zero, group_size, tiles=None):
     _int4_checks(x, packed, scale, zero, group_size)
+    if tiles is not None:
+        _int4_tiles_checks(x, packed, scale, zero, group_size, tiles)
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
@@ -910,11 +914,64 @@ def _int4_backward(ctx, grad):
         raise NotImplementedError("loom::int4_linear has no gradient for scale or zero; keep them frozen buffers")
     w = int4_dequantize_reference(packed, scale, zero)
     gx = (grad.float() @ w).to(x.dtype) if ctx.needs_input_grad[0] else None
-    return gx, None, None, None, None
+    return gx, None, None, None, None, None
 
 
-int4_linear = _define("int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size) -> Tensor",
-                      _int4_cpu, _int4_fake, _int4_backward, _quant_setup, grad_args=(0, 2, 3))
+def _int4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:4])  # not the tiles (a module's cache, maybe made under inference_mode)
+
+
+def _int4_tiles_checks(x, packed, scale, zero, group_size, tiles) -> None:
+    op = "int4_linear"
+    _check(group_size % _A8_BLOCK == 0, op,
+           f"tiles need group_size={group_size} to be a multiple of 32 (the tiles hold blocks of 32 inputs)")
+    _check_strided(op, tiles=tiles)
+    want = _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
+    _check(tiles.dtype == torch.uint8 and tiles.dim() == 1 and tiles.numel() == want, op,
+           f"tiles must be the uint8 ({want},) layout int4_a8_tiles makes of these weights, got "
+           f"{tiles.dtype} {tuple(tiles.shape)}")
+
+
+def _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles):
+    """Decode sizes with the module's tiles (ops.int4_a8_tiles' layout, csrc/int4a8.c's int16 kernel): the same
+    int16 rounding and bound as the saved layout's kernel, about twice as fast on weights streamed from memory.
+    More rows than decode sizes keep the saved layout's blocked GEMM."""
+    _int4_checks(x, packed, scale, zero, group_size)
+    _int4_tiles_checks(x, packed, scale, zero, group_size, tiles)
+    lib = build.library()
+    m = math.prod(x.shape[:-1])
+    if lib is None or m > MAX_ROWS:
+        return _int4_cpu(x, packed, scale, zero, group_size)
+    w, s = packed.contiguous(), scale.contiguous()
+    z = None if zero is None else zero.contiguous()
+    n, k = w.shape[0], w.shape[1] * 2
+    xf = x.reshape(m, k).to(_F32).contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=_F32)
+    if m and lib.loom_int4_tiles_gemm(xf.data_ptr(), tiles.contiguous().data_ptr(), w.data_ptr(), s.data_ptr(),
+                                      None if z is None else z.data_ptr(), s.dtype == torch.float16, y.data_ptr(),
+                                      m, n, k, group_size, pool_threads()):
+        raise MemoryError(f"loom::int4_linear: could not allocate {m}x{k} activation scratch")
+    return y if x.dtype == _F32 else y.to(x.dtype)
+
+
+_TILES16: dict = {}  # id(library) -> (library, whether it has the tiled int16 kernel)
+
+
+def int4_tiles_int16() -> bool:
+    """Whether the kernel level in use has the int16 kernel on tiles (AVX-512BW); elsewhere tiles would be memory
+    spent for nothing (loom_int4_tiles_gemm falls back to the saved layout)."""
+    lib = build.library()
+    if lib is None:
+        return False
+    known = _TILES16.get(id(lib))
+    if known is None or known[0] is not lib:
+        known = _TILES16[id(lib)] = (lib, bool(lib.loom_int4_tiles_int16()))
+    return known[1]
+
+
+int4_linear = _define(
+    "int4_linear(Tensor x, Tensor packed, Tensor scale, Tensor? zero, int group_size, Tensor? tiles=None) -> Tensor",
+    _int4_cpu, _int4_fake, _int4_backward, _int4_setup, grad_args=(0, 2, 3))
 
 
 # -- int4 weights x 8-bit activations (opt-in decode kernel, csrc/int4a8.c) ----------------------------------------

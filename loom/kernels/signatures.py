@@ -29,6 +29,8 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_int8_group_gemm": (_I, [_P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
     "loom_int4_gemm": (_I, [_P, _P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
     "loom_int4_a8_gemm": (_I, [_P, _P, _P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
+    "loom_int4_tiles_gemm": (_I, [_P, _P, _P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),
+    "loom_int4_tiles_int16": (_I, []),
     "loom_int4_dequantize": (None, [_P, _P, _P, _I, _P, _L, _L, _L, _I]),
     "loom_int4_quantize_asymmetric": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
     "loom_flash_attention": (_I, [_P, _P, _P, _P, _L, _L, _L, _P, _I, _L, _L, _L, _L, _L, _L, _F, _I, _I]),

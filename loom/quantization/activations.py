@@ -7,16 +7,15 @@ product does), which the CPU multiplies with the packed nibbles directly (VNNI `
 accuracy cost measured in docs/guides/quantization.md. It applies to products of up to 16 rows (decode); longer
 prompts (prefill) keep int16 activations in the blocked int4 GEMM. While 8-bit activations are on, each int4 Linear
 on the CPU keeps a second copy of its weights in the kernel's layout (16-row tiles with the scales beside the
-nibbles: about the int4 weights' bytes again); switching back to 16 frees it. The saved layout is unchanged.
+nibbles: about the int4 weights' bytes again). With 16 the default decode kernel reads the same tiles where the CPU
+has AVX-512 (Int4Linear.wants_tiles), so they stay; elsewhere switching back to 16 frees them. The saved layout is
+unchanged.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-from loom.kernels import ops
-from loom.kernels.memory import back_with_huge_pages
-from loom.quantization.linear import Int4Linear
+from loom.quantization.linear import Int4Linear, make_tiles
 
 _BITS = (8, 16)
 
@@ -47,26 +46,14 @@ def set_activation_bits(model: nn.Module, bits: int) -> int:
                              "sizes that are a multiple of 32")
     for _, m in layers:
         m.activation_bits = bits
-        m.drop_a8_tiles()
-    if bits == 8:
-        _make_tiles([m for _, m in layers if m.weight.device.type == "cpu"])
+    # the tiles: every CPU layer's with 8 bits; with 16 those of the layers whose decode reads them (wants_tiles)
+    keep = [m for _, m in layers if m.weight.device.type == "cpu" and (bits == 8 or m.wants_tiles())]
+    kept = {id(m) for m in keep}
+    for _, m in layers:
+        if id(m) not in kept:
+            m.drop_a8_tiles()
+    make_tiles(keep)
     return len(layers)
-
-
-def _make_tiles(layers: list[Int4Linear]) -> None:
-    """Each layer's weights in the 8-bit kernel's layout, made now rather than in the first decode step, in one
-    buffer backed by 2 MiB pages where Linux allows (as the loader does for the weights themselves: a decode step
-    streams them, and with 4 KiB pages the same bytes read 1.6x slower; most layers' tiles are far smaller than a
-    huge page on their own)."""
-    sizes = [ops.int4_a8_tile_bytes(m.weight, m.weight_scale, m.zero_point) for m in layers]
-    if not layers:
-        return
-    arena = torch.empty(sum(sizes), dtype=torch.uint8)
-    back_with_huge_pages([arena])  # before the pages are first written
-    offset = 0
-    for m, size in zip(layers, sizes):  # one layer's temporary copy at a time
-        m.a8_tiles(out=arena[offset:offset + size])
-        offset += size
 
 
 def activation_bits(model: nn.Module) -> set[int]:

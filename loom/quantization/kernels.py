@@ -150,7 +150,9 @@ def int4_matmul(x: torch.Tensor, module) -> torch.Tensor:
         return ops.int4_a8_reference(x, module.weight, module.weight_scale, zero, module.group_size)
     if module.kernel == "native" and policy.plain(x):
         if policy.int4_applies(x, module.group_size):
-            return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size)
+            # decode sizes read the module's tiles where it keeps them (Int4Linear.wants_tiles)
+            tiles = module.decode_tiles() if policy.rows_of(x) <= policy.MAX_ROWS else None
+            return ops.int4_linear(x, module.weight, module.weight_scale, zero, module.group_size, tiles)
         weight = ops.int4_dequantize(module.weight, module.weight_scale, zero, module.group_size)
         return F.linear(x, weight.to(x.dtype))
     return F.linear(x, int4_dequantize(module.weight, module.weight_scale, x.dtype, zero))

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loom.kernels import ops, policy
+from loom.kernels.memory import back_with_huge_pages
 from loom.quantization import kernels
 
 
@@ -205,7 +206,7 @@ class Int4Linear(_QuantLinear):
         # 16: activations rounded to int16 per row (the default); 8: int8 per block of 32 at decode sizes
         # (loom.quantization.set_activation_bits). A runtime choice: not in the state dict or the config.
         self.activation_bits = 16
-        self._a8 = self._a8_stamp = None  # the 8-bit kernel's layout while in use (a8_tiles)
+        self._a8 = self._a8_stamp = None  # the tiles' layout while in use (a8_tiles)
         groups = (out_features, in_features // group_size)
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         scale_dtype = torch.float16 if self.asymmetric else torch.float32
@@ -246,18 +247,15 @@ class Int4Linear(_QuantLinear):
         return policy.int4_gemm_takes(self.group_size)
 
     def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The weights in the 8-bit activation kernel's layout (ops.int4_a8_tiles: 16-row tiles, scales beside the
-        nibbles), made on first use and kept while 8-bit activations are on (about the int4 weight's bytes once
-        more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
+        """The weights in the tiled kernels' layout (ops.int4_a8_tiles: 16-row tiles, scales beside the nibbles),
+        read by the 8-bit activation kernel and, where `wants_tiles`, by int16 decode-size products; made on first
+        use and kept (about the int4 weight's bytes once more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
         layout (`weight`...) is what the state dict holds, unchanged. `out`: remake it into this uint8 buffer of
         the right size (set_activation_bits puts every layer's into one)."""
+        if out is None and self.tiles_current():
+            return self._a8
         buffers = self._buffers
         w, s, z = buffers["weight"], buffers["weight_scale"], buffers["weight_zero"] if self.asymmetric else None
-        old = self._a8_stamp
-        # per call (a decode step's hot path): identity and in-place version of the three tensors
-        if (out is None and old is not None and old[0] is w and old[1] is s and old[2] is z
-                and old[3:] == (_version(w), _version(s), None if z is None else _version(z))):
-            return self._a8
         tiles = ops.int4_a8_tiles(w.contiguous(), s.contiguous(), None if z is None else z.contiguous(),
                                   self.group_size)
         if out is not None:
@@ -265,8 +263,32 @@ class Int4Linear(_QuantLinear):
         self._a8, self._a8_stamp = tiles, (w, s, z, _version(w), _version(s), None if z is None else _version(z))
         return tiles
 
+    def tiles_current(self) -> bool:
+        """Whether the tiles exist and were made from the weight, scale and zero point the module holds now."""
+        buffers, old = self._buffers, self._a8_stamp
+        w, s, z = buffers["weight"], buffers["weight_scale"], buffers["weight_zero"] if self.asymmetric else None
+        # per call (a decode step's hot path): identity and in-place version of the three tensors
+        return (old is not None and old[0] is w and old[1] is s and old[2] is z
+                and old[3:] == (_version(w), _version(s), None if z is None else _version(z)))
+
     def drop_a8_tiles(self) -> None:
         self._a8 = self._a8_stamp = None
+
+    # Whether decode-size products with int16 activations (the default) read the tiles too: their kernel on tiles
+    # (csrc/int4a8.c, AVX-512) streams the weights about twice as fast as the saved layout's, for a second copy of
+    # them (about the int4 weight's bytes). False on an instance (or the class) keeps decode on the saved layout.
+    tiles_for_decode = True
+
+    def wants_tiles(self) -> bool:
+        """Whether this layer's int16 decode-size products run on tiles (a CPU layer on loom's kernels, group size
+        a multiple of 32, a kernel level with the tiled int16 kernel, `tiles_for_decode`)."""
+        return (self.tiles_for_decode is True and self.kernel == "native" and self.group_size % 32 == 0
+                and self.weight.device.type == "cpu" and ops.int4_tiles_int16())
+
+    def decode_tiles(self) -> torch.Tensor | None:
+        """The tiles an int16 decode-size product reads (made on first use, see a8_tiles), or None where
+        `wants_tiles` says no."""
+        return self.a8_tiles() if self.wants_tiles() else None
 
     def _apply(self, fn, recurse=True):
         self.drop_a8_tiles()
@@ -333,3 +355,22 @@ def dequantized_weight(module: nn.Module, dtype: torch.dtype = torch.float32) ->
     if isinstance(module, Int4Linear):
         return kernels.int4_dequantize(module.weight, module.weight_scale, dtype, module.zero_point)
     raise TypeError(f"{type(module).__name__} is not a loom quantized Linear")
+
+
+def make_tiles(layers: list) -> None:
+    """Each int4 layer's tiles (Int4Linear.a8_tiles), made now rather than in the first decode step, in one buffer
+    backed by 2 MiB pages where Linux allows (as the loader does for the weights themselves: a decode step streams
+    them, and with 4 KiB pages the same bytes read 1.6x slower; most layers' tiles are far smaller than a huge page
+    on their own). Nothing is made when every layer's tiles are current and in one buffer already; otherwise all
+    are remade into a new one (tiles a forward made one by one, at a short prompt's decode-size products, move)."""
+    if not layers or (all(m.tiles_current() for m in layers)
+                      and len({m._a8.untyped_storage().data_ptr() for m in layers}) == 1):
+        return
+    todo = list(layers)
+    sizes = [ops.int4_a8_tile_bytes(m.weight, m.weight_scale, m.zero_point) for m in todo]
+    arena = torch.empty(sum(sizes), dtype=torch.uint8)
+    back_with_huge_pages([arena])  # before the pages are first written
+    offset = 0
+    for m, size in zip(todo, sizes):  # one layer's temporary copy at a time
+        m.a8_tiles(out=arena[offset:offset + size])
+        offset += size

@@ -167,3 +167,94 @@ def test_python_group_limit_matches_the_c_kernel():
 
     source = (CSRC / "int4.c").read_text()
     assert f"#define INT4_GEMM_MAX_G {policy.INT4_GEMM_MAX_GROUP}\n" in source
+
+
+# -- the int16 kernel on tiles (csrc/int4a8.c: decode sizes of Int4Linears that keep tiles) -------------------------
+needs_tiles = pytest.mark.skipif(not (kernels_on() and ops.int4_tiles_int16()),
+                                 reason="needs a kernel level with the tiled int16 kernel (AVX-512)")
+
+
+@needs_tiles
+@pytest.mark.parametrize("asymmetric", [True, False])
+@pytest.mark.parametrize("k,group", [(256, 32), (256, 64), (256, 256), (96, 32), (160, 32), (4096, 4096)])
+@pytest.mark.parametrize("rows", [*range(1, 17), 17, 40])
+def test_tiles_give_the_int16_bound_at_every_row_count(rows, k, group, asymmetric):
+    # 17 and more rows are beyond decode sizes: the operator takes the saved layout's blocked GEMM
+    n = 37  # two full 16-row tiles and a partial one
+    x, packed, scale, zero = _args(rows, k, n, group, asymmetric, seed=rows)
+    tiles = ops.int4_a8_tiles(packed, scale, zero, group)
+    got = torch.ops.loom.int4_linear(x, packed, scale, zero, group, tiles)
+    _assert_within_bound(got, x, ops.int4_dequantize_reference(packed, scale, zero))
+    if rows <= policy.MAX_ROWS:  # another summation order than the saved layout's kernel, the same bound
+        assert not torch.equal(got, torch.ops.loom.int4_linear(x, packed, scale, zero, group))
+
+
+@needs_tiles
+def test_tiles_worst_case_and_inf_nan_rows():
+    # every nibble 15 against x rounding to +-32767: a block's int32 sum is 32 * 15 * 32767, exact in float32 too
+    k, group = 1024, 128
+    packed = torch.full((20, k // 2), 0xFF, dtype=torch.uint8)
+    packed[3] = 0x0F
+    scale = torch.rand(20, k // group) * 1e-3 + 1e-4
+    x = torch.full((4, k), 2.5)
+    x[1::2, 1::2] = -7.0
+    x[2, 5] = float("nan")
+    x[3, 0] = float("-inf")
+    tiles = ops.int4_a8_tiles(packed, scale, None, group)
+    got = torch.ops.loom.int4_linear(x, packed, scale, None, group, tiles)
+    w = ops.int4_dequantize_reference(packed, scale, None)
+    _assert_within_bound(got[:2], x[:2], w)
+    exact = x[2:] @ w.T  # rows holding inf/NaN: the saved layout's exact path, inf and NaN where a float matmul has them
+    assert torch.equal(got[2:].isnan(), exact.isnan()) and torch.equal(got[2:].isinf(), exact.isinf())
+
+
+@needs_tiles
+def test_tiles_same_bits_on_one_and_two_threads_and_bf16_input():
+    x, packed, scale, zero = _args(6, 512, 70, 32, True)
+    tiles = ops.int4_a8_tiles(packed, scale, zero, 32)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.loom.int4_linear(x, packed, scale, zero, 32, tiles)
+        torch.set_num_threads(2)
+        two = torch.ops.loom.int4_linear(x, packed, scale, zero, 32, tiles)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    xb = x.bfloat16()
+    got = torch.ops.loom.int4_linear(xb, packed, scale, zero, 32, tiles)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, torch.ops.loom.int4_linear(xb.float(), packed, scale, zero, 32, tiles).bfloat16())
+
+
+@needs_tiles
+def test_tiles_gradient_to_the_input():
+    x, packed, scale, zero = _args(3, 128, 24, 32, True)
+    x.requires_grad_(True)
+    g = torch.randn(3, 24)
+    tiles = ops.int4_a8_tiles(packed, scale, zero, 32)
+    (torch.ops.loom.int4_linear(x, packed, scale, zero, 32, tiles) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ ops.int4_dequantize_reference(packed, scale, zero), rtol=1e-5, atol=1e-5)
+
+
+def test_tiles_of_the_wrong_size_or_group_are_named():
+    x, packed, scale, zero = _args(2, 128, 24, 32, True)
+    with pytest.raises(ValueError, match=r"loom::int4_linear: tiles must be the uint8 \(2560,\) layout "
+                                         r"int4_a8_tiles makes of these weights, got torch.uint8 \(7,\)"):
+        torch.ops.loom.int4_linear(x, packed, scale, zero, 32, torch.zeros(7, dtype=torch.uint8))
+    x, packed, scale, zero = _args(2, 128, 24, 16, True)
+    with pytest.raises(ValueError, match=r"loom::int4_linear: tiles need group_size=16 to be a multiple of 32"):
+        torch.ops.loom.int4_linear(x, packed, scale, zero, 16, torch.zeros(7, dtype=torch.uint8))
+
+
+@needs_native
+def test_tiles_only_where_the_kernel_level_has_them():
+    q = Int4Linear.from_linear(nn.Linear(64, 16), 32)
+    with torch.no_grad():
+        q(torch.randn(2, 64))
+    assert q.wants_tiles() == ops.int4_tiles_int16()
+    assert (q._a8 is not None) == ops.int4_tiles_int16()  # no second copy where the kernel would not read it
+    g16 = Int4Linear.from_linear(nn.Linear(64, 16), 16)
+    with torch.no_grad():
+        g16(torch.randn(2, 64))
+    assert not g16.wants_tiles() and g16._a8 is None

@@ -161,7 +161,7 @@ def test_refusals_name_the_argument(llama_dir):
     assert set_activation_bits(group16, 16) > 0
 
 
-def test_the_kernel_layout_is_kept_while_on_remade_when_the_weights_change_and_freed_when_off(llama_dir):
+def test_the_kernel_layout_is_kept_while_used_remade_when_the_weights_change_and_freed_when_not(llama_dir):
     model = _int4(llama_dir)
     layer = model.model.layers[1].mlp.up_proj
     assert layer._a8 is None
@@ -182,5 +182,15 @@ def test_the_kernel_layout_is_kept_while_on_remade_when_the_weights_change_and_f
     assert torch.equal(changed, want + layer.bias if layer.bias is not None else want)
     model.float()  # _apply: the layout is dropped and remade on the next call
     assert layer._a8 is None
+    set_activation_bits(model, 16)
+    # back at 16 bits the default decode kernel reads the same tiles where this kernel level has it (AVX-512),
+    # so they stay (remade, one buffer); elsewhere they are freed
+    if ops.int4_tiles_int16():
+        assert all(m.tiles_current() and m.wants_tiles() for m in _layers(model))
+        assert len({m._a8.untyped_storage().data_ptr() for m in _layers(model)}) == 1
+    else:
+        assert all(m._a8 is None for m in _layers(model))
+    for m in _layers(model):
+        m.tiles_for_decode = False
     set_activation_bits(model, 16)
     assert all(m._a8 is None for m in _layers(model))

@@ -1,5 +1,7 @@
-/* int4 group-wise weights times 8-bit activations: the opt-in decode kernel behind
-   loom.quantization.set_activation_bits(model, 8) (loom::int4_linear_a8). The default int4 kernel (int4.c) rounds
+/* int4 group-wise weights in 16-row tiles: the decode kernels that read them. First, times 8-bit activations: the
+   opt-in decode kernel behind loom.quantization.set_activation_bits(model, 8) (loom::int4_linear_a8); at the end
+   of the file, times int16 activations (loom_int4_tiles_gemm: loom::int4_linear's decode sizes where the module
+   keeps tiles, Int4Linear.wants_tiles). The default int4 kernel (int4.c) rounds
    an activation row to int16, which costs widenings and two multiply-add steps per 4 weights; here activations are
    int8, so the packed nibbles (unsigned bytes) multiply them directly: one vpdpbusd per 4 weights with AVX-512 VNNI,
    vpmaddubsw (+ one vpmaddwd per block) without it. llama.cpp's Q4_0 x Q8_0 product makes the same precision trade.
@@ -20,8 +22,8 @@
    Rows holding inf or NaN have no int8 scale: they take the int16 kernel (loom_int4_gemm on the saved layout),
    whose exact path propagates inf and NaN as a float matmul does.
 
-   Layout ("tiles", made from the saved layout by ops.int4_a8_tiles and kept beside it while 8-bit activations are
-   on): 16 weight rows at a time, block by block, so that vector lanes are output rows and nothing is reduced
+   Layout ("tiles", made from the saved layout by ops.int4_a8_tiles and kept beside it while a kernel here reads
+   it): 16 weight rows at a time, block by block, so that vector lanes are output rows and nothing is reduced
    horizontally (llama.cpp repacks Q4_0 the same way for AVX-512). Per tile and block, A8_BLOCK_BYTES(ssz, hz):
    256 bytes of nibbles, 4 vectors of 64: vector j, lane r = bytes 4j..4j+3 of row r's 16 bytes of the block (low
    nibbles: columns 8j, 8j+2, 8j+4, 8j+6; high: the odd ones); then the 16 rows' scales (float16 or float32, as
@@ -78,6 +80,31 @@ static float a8_block(const float *x, int32_t *out, float *qsum) {
     return amax / 127.0f;
 }
 
+/* rows of x the tiled kernels skipped (holding inf/NaN: not in rows[0..Mq)) through loom_int4_gemm on the saved
+   layout, whose exact path propagates inf and NaN as a float matmul does */
+static int saved_layout_rows(const float *x, const long *rows, long Mq, const uint8_t *w, const void *scale,
+                             const void *zero, int half, float *y, long M, long N, long K, long G, int threads) {
+    int failed = 0;
+    for (long m = 0, i = 0; m < M && !failed; m++) {
+        if (i < Mq && rows[i] == m) i++;
+        else failed = loom_int4_gemm(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
+    }
+    return failed;
+}
+
+#if defined(__AVX512F__)
+/* a tile block's 16 scales and zero points (8 where hz = 0), after its 256 bytes of nibbles at p; the block
+   A8_PF ahead prefetched */
+static inline void tile_params512(const uint8_t *p, long bs, int half, int hz, __m512 *s, __m512 *z) {
+    for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
+    const uint8_t *ps = p + 256;
+    *s = half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ps)) : _mm512_loadu_ps((const float *)ps);
+    *z = !hz    ? _mm512_set1_ps(8.0f)
+         : half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 32)))
+                : _mm512_loadu_ps((const float *)(ps + 64));
+}
+#endif
+
 #if A8_MB == 4
 #if defined(__AVX512VNNI__)
 /* inline asm: with the intrinsic gcc copied every accumulator to another register and back (as in int4.c) */
@@ -96,23 +123,14 @@ static inline __attribute__((always_inline)) void a8_tile(const a8_job *j, long 
     for (int m = 0; m < A8_MB; m++) f[m] = _mm512_setzero_ps();
     for (long b = 0; b < nb; b++) {
         const uint8_t *p = tile + b * bs;
-        _mm_prefetch((const char *)(p + A8_PF * bs), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + A8_PF * bs + 64), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + A8_PF * bs + 128), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + A8_PF * bs + 192), _MM_HINT_T0);
-        _mm_prefetch((const char *)(p + A8_PF * bs + 256), _MM_HINT_T0);
+        __m512 s, z;
+        tile_params512(p, bs, j->half, j->hz, &s, &z);
         __m512i lo[4], hi[4];
         for (int q = 0; q < 4; q++) {
             __m512i w = _mm512_loadu_si512((const void *)(p + 64 * q));
             lo[q] = _mm512_and_si512(w, m4);
             hi[q] = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
         }
-        const uint8_t *ps = p + 256;
-        __m512 s = j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ps))
-                           : _mm512_loadu_ps((const float *)ps);
-        __m512 z = !j->hz ? _mm512_set1_ps(8.0f)
-                   : j->half ? _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ps + 32)))
-                             : _mm512_loadu_ps((const float *)(ps + 64));
         for (int m = 0; m < MB; m++) {
             const int32_t *xb = j->xq + (i0 + m) * nb * 8 + b * 8;
 #if defined(__AVX512VNNI__)
@@ -237,11 +255,147 @@ int loom_int4_a8_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, co
     a8_job job = {xq, d, qs, rows, tiles, half, hz, y, Mq, N, nb, 256 + A8_ROWS * ssz * (1 + hz)};
     long ntiles = (N + A8_ROWS - 1) / A8_ROWS;
     if (Mq) parallel_run(a8_tiles, &job, ntiles, chunk_for(ntiles, threads), threads);
-    int failed = 0;
-    for (long m = 0, i = 0; m < M && !failed; m++) {
-        if (i < Mq && rows[i] == m) i++;
-        else failed = loom_int4_gemm(x + m * K, w, scale, zero, half, y + m * N, 1, N, K, G, threads) != 0;
-    }
+    int failed = saved_layout_rows(x, rows, Mq, w, scale, zero, half, y, M, N, K, G, threads);
     free(buf);
     return failed ? -1 : 0;
 }
+
+
+/* ---- int16 activations on the same tiles (the default precision, loom_int4_gemm's arithmetic class) ----------
+   The decode kernel of loom::int4_linear when the module keeps tiles (builds with AVX-512BW): each activation row
+   rounded to int16 with one scale per row (quantize_row, as int4.c), so the only approximation is int4.c's
+   (|error| <= max|x| / 65534 * sum|w| beyond fp32 rounding). An int32 lane of tile vector j holds 8 nibbles of
+   one weight row (columns 8j..8j+7 of the block, low nibble first); masking the lane's two 16-bit halves by 15
+   after shifts of 0, 4, 8 and 12 gives the int16 pairs (8j+i, 8j+4+i), i = 0..3, and vpdpwssd multiplies each
+   by the matching activation pair, broadcast from a 16-int32 block of pairs made once per row. Per block and row:
+   isum = the exact integer sum (|isum| <= 32 * 15 * 32767 < 2^24, exact in float32 too), then
+   f += scale * (isum - zero * qsum) with qsum the exact block sum of q (fused multiply-adds), blocks in order,
+   and y = f * xs. Rows holding inf/NaN take loom_int4_gemm on the saved layout, as the 8-bit kernel's do. No
+   horizontal sums and one contiguous stream: about twice int4.c's decode kernel on streamed weights. */
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define T16_MB 4
+
+typedef struct {
+    const int32_t *xp; const float *qs, *xs; const long *rows; const uint8_t *tiles; int half, hz;
+    float *y; long Mq, N, nb, bs;
+} t16_job;
+
+#if defined(__AVX512VNNI__)
+/* the activation pair broadcast from memory ({1to16}): no register or shuffle for it */
+static inline __m512i t16_dp(__m512i acc, __m512i w, const int32_t *x) {
+    __asm__("vpdpwssd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*x));
+    return acc;
+}
+#else
+static inline __m512i t16_dp(__m512i acc, __m512i w, const int32_t *x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(w, _mm512_set1_epi32(*x)));
+}
+#endif
+
+/* tile t against activation rows i0..i0+MB-1; C independent int32 chains per row and block */
+static inline __attribute__((always_inline)) void t16_tile(const t16_job *j, long t, long i0, int MB) {
+    long nb = j->nb, bs = j->bs;
+    const uint8_t *tile = j->tiles + t * nb * bs;
+    const __m512i m4 = _mm512_set1_epi16(15);
+    __m512 f[T16_MB];
+    for (int m = 0; m < T16_MB; m++) f[m] = _mm512_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * bs;
+        __m512 s, z;
+        tile_params512(p, bs, j->half, j->hz, &s, &z);
+        __m512i acc[T16_MB][4];
+        for (int m = 0; m < MB; m++)
+            for (int c = 0; c < 4; c++) acc[m][c] = _mm512_setzero_si512();
+        for (int q = 0; q < 4; q++) {
+            __m512i w = _mm512_loadu_si512((const void *)(p + 64 * q));
+            __m512i u[4] = {_mm512_and_si512(w, m4), _mm512_and_si512(_mm512_srli_epi16(w, 4), m4),
+                            _mm512_and_si512(_mm512_srli_epi16(w, 8), m4), _mm512_srli_epi16(w, 12)};
+            for (int m = 0; m < MB; m++) {
+                const int32_t *xb = j->xp + ((i0 + m) * nb + b) * 16 + 4 * q;
+                for (int i = 0; i < 4; i++) {
+                    int c = MB <= 2 ? i : (i & 1); /* 4 chains a row for 1-2 rows, 2 for more (registers) */
+                    acc[m][c] = t16_dp(acc[m][c], u[i], xb + i);
+                }
+            }
+        }
+        for (int m = 0; m < MB; m++) {
+            __m512i isum = MB <= 2 ? _mm512_add_epi32(_mm512_add_epi32(acc[m][0], acc[m][1]),
+                                                      _mm512_add_epi32(acc[m][2], acc[m][3]))
+                                   : _mm512_add_epi32(acc[m][0], acc[m][1]);
+            __m512 v = _mm512_fnmadd_ps(z, _mm512_set1_ps(j->qs[(i0 + m) * nb + b]), _mm512_cvtepi32_ps(isum));
+            f[m] = _mm512_fmadd_ps(s, v, f[m]);
+        }
+    }
+    long n0 = t * A8_ROWS, left = j->N - n0;
+    __mmask16 mask = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    for (int m = 0; m < MB; m++)
+        _mm512_mask_storeu_ps(j->y + j->rows[i0 + m] * j->N + n0, mask,
+                              _mm512_mul_ps(f[m], _mm512_set1_ps(j->xs[i0 + m])));
+}
+
+static void t16_tiles(const void *p, long begin, long end) {
+    const t16_job *j = p;
+    for (long t = begin; t < end; t++) {
+        for (long i = 0; i < j->Mq; i += T16_MB) {
+            switch (j->Mq - i < T16_MB ? j->Mq - i : T16_MB) {
+            case 1: t16_tile(j, t, i, 1); break;
+            case 2: t16_tile(j, t, i, 2); break;
+            case 3: t16_tile(j, t, i, 3); break;
+            default: t16_tile(j, t, i, T16_MB); break;
+            }
+        }
+    }
+}
+
+int loom_int4_tiles_int16(void) { return 1; }
+
+/* tiles, w, scale, zero, half: as loom_int4_a8_gemm. Scratch: M * K * 4.2 bytes. Returns 0, or -1 when out of
+   memory. */
+int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero,
+                         int half, float *y, long M, long N, long K, long G, int threads) {
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0) {
+        memset(y, 0, sizeof(float) * M * N);
+        return 0;
+    }
+    long nb = K / 32, Mq = 0, ssz = half ? 2 : 4;
+    char *buf = malloc(sizeof(long) * M + sizeof(float) * (M + M * nb) + sizeof(int32_t) * M * nb * 16 +
+                       sizeof(int16_t) * K);
+    if (!buf) return -1;
+    long *rows = (long *)buf;
+    float *xs = (float *)(rows + M), *qs = xs + M;
+    int32_t *xp = (int32_t *)(qs + M * nb);
+    int16_t *q = (int16_t *)(xp + M * nb * 16);
+    for (long m = 0; m < M; m++) {
+        float sc = quantize_row(x + m * K, q, K);
+        if (isnan(sc)) continue; /* inf/NaN: the saved layout's exact path below */
+        for (long b = 0; b < nb; b++) {
+            const int16_t *qb = q + 32 * b;
+            int32_t *o = xp + (Mq * nb + b) * 16, sum = 0;
+            for (int jj = 0; jj < 4; jj++)
+                for (int i = 0; i < 4; i++)
+                    o[4 * jj + i] = (int32_t)((uint32_t)(uint16_t)qb[8 * jj + i] |
+                                              ((uint32_t)(uint16_t)qb[8 * jj + 4 + i] << 16));
+            for (int c = 0; c < 32; c++) sum += qb[c];
+            qs[Mq * nb + b] = (float)sum;
+        }
+        xs[Mq] = sc;
+        rows[Mq++] = m;
+    }
+    t16_job job = {xp, qs, xs, rows, tiles, half, zero != NULL, y, Mq, N, nb, 256 + A8_ROWS * ssz * (1 + (zero != NULL))};
+    long ntiles = (N + A8_ROWS - 1) / A8_ROWS;
+    if (Mq) parallel_run(t16_tiles, &job, ntiles, chunk_for(ntiles, threads), threads);
+    int failed = saved_layout_rows(x, rows, Mq, w, scale, zero, half, y, M, N, K, G, threads);
+    free(buf);
+    return failed ? -1 : 0;
+}
+#else
+int loom_int4_tiles_int16(void) { return 0; }
+
+/* no tiled int16 kernel at this level: the saved layout's decode kernel */
+int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero,
+                         int half, float *y, long M, long N, long K, long G, int threads) {
+    (void)tiles;
+    return loom_int4_gemm(x, w, scale, zero, half, y, M, N, K, G, threads);
+}
+#endif

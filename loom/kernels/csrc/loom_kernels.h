@@ -25,6 +25,8 @@ LOOM_API int loom_decode_chain_experts(const void *layer, const void *step);
 LOOM_API int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K, int threads);
 LOOM_API int loom_int8_group_gemm(const float *x, const int8_t *w, const void *scale, int half, float *y, long M, long N, long K, long G, int threads);
 LOOM_API int loom_int4_gemm(const float *x, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
+LOOM_API int loom_int4_tiles_int16(void);
+LOOM_API int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
 LOOM_API int loom_int4_a8_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero, int half, float *y, long M, long N, long K, long G, int threads);
 LOOM_API void loom_int4_dequantize(const uint8_t *w, const void *scale, const void *zero, int half, float *out, long N, long K, long G, int threads);
 LOOM_API int loom_int4_quantize_asymmetric(const float *w, uint8_t *packed, uint16_t *scale, uint16_t *zero, long N, long K, long G, int threads);
