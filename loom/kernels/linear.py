@@ -5,6 +5,8 @@ fastest correct product. Model files call their modules (`self.q_proj(x)`) and n
 
 The product, on CPU without autograd:
 - decode-sized fp32/bf16 inputs: loom::dense_linear (see policy.py for when);
+- fp32 inputs of more rows (prefill, encoders) where the kernel level has loom's blocked fp32 GEMM (AVX-512):
+  loom::dense_linear too, about 2x torch's MKL sgemm on AMD CPUs and closer to the float64 product;
 - bf16 where torch emulates bf16: the product in fp32 on a transient fp32 copy of the weight (exact bf16 inputs,
   fp32 sums, one rounding to bf16: what a bf16 matmul computes), ~5x faster than the emulation.
 Anything else (training, CUDA, DTensor weights, mixed dtypes, torch.compile beyond the operator) is F.linear.
@@ -45,7 +47,8 @@ class KernelLinear(nn.Linear):
         """Whether a `rows`-row product in `dtype` runs in loom's kernel (used by the decode thread hand-off; a
         hooked or replaced forward may do anything, so it says no)."""
         w = self.weight
-        return (policy.plain(w) and w.dtype is dtype and rows <= policy.MAX_ROWS and policy.enabled()
+        return (policy.plain(w) and w.dtype is dtype and policy.enabled()
+                and (rows <= policy.MAX_ROWS or (dtype is torch.float32 and policy.fp32_gemm_takes(rows, *w.shape)))
                 and not self._forward_hooks and not self._forward_pre_hooks and "forward" not in self.__dict__
                 and not nn.modules.module._global_forward_hooks
                 and not nn.modules.module._global_forward_pre_hooks)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from loomtest import kernels_on, runs_at_levels
 
-from loom.kernels import build
+from loom.kernels import build, policy
 
 ops_ = torch.ops.loom
 F32, BF16 = torch.float32, torch.bfloat16
@@ -173,3 +173,54 @@ def test_batched_bf16_goes_to_the_kernel_where_it_beats_torch():
         assert policy.dense_applies(x.float(), w.float(), None) == kernels_on()
         fast = policy.EMULATED_BF16 or build.level() == "x86-64-v4-vnni"  # vdpbf16ps, measured in policy.py
         assert policy.dense_applies(x, w, None) == (kernels_on() and fast)
+
+
+# -- the blocked fp32 GEMM (more rows than decode sizes, AVX-512 levels: csrc/dense.c sg_*) ------------------------
+needs_blocked = pytest.mark.skipif(not (kernels_on() and policy.fp32_gemm()),
+                                   reason="needs a kernel level with loom's blocked fp32 GEMM (AVX-512)")
+
+
+@needs_blocked
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows", [17, 24, 33, 64, 71, 130])  # every tail of the 8-row micro-kernel
+@pytest.mark.parametrize("k,n", [(64, 32), (100, 70), (127, 33), (300, 17), (770, 9), (1024, 96)])
+def test_blocked_fp32_gemm_within_rounding(rows, k, n, bias):
+    # called directly: every shape, including those the routing leaves to torch (fewer than 2^20 multiply-adds)
+    x, w, b = _args(rows, k, n, bias=bias, seed=3)
+    got = ops_.dense_linear(x, w, b)
+    _check_exact_within_rounding(got, x, w, b)
+    # its error bound: blocks of 64 inputs summed in order, the blocks' sums added in order (about 64 + K / 64
+    # roundings of the size of the terms), tighter than a whole-row sequential sum
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    terms = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert ((got.double() - exact).abs() <= (64 + k // 64 + 2) * 2.0 ** -24 * terms).all()
+
+
+@needs_blocked
+def test_blocked_fp32_gemm_threads_rows_and_nan():
+    x, w, b = _args(203, 256, 150, seed=5)
+    x[7, 3], x[150, 0] = float("nan"), float("inf")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops_.dense_linear(x, w, b)
+        torch.set_num_threads(2)
+        two = ops_.dense_linear(x, w, b)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one.isnan(), two.isnan()) and torch.equal(torch.nan_to_num(one), torch.nan_to_num(two))
+    ref = F.linear(x, w, b)
+    assert torch.equal(one.isnan(), ref.isnan()) and torch.equal(one.isinf(), ref.isinf())
+    # a row's result does not depend on the other rows (the micro-kernel takes 8 at a time, the tail fewer)
+    for r in (0, 7, 200):
+        assert torch.equal(torch.nan_to_num(ops_.dense_linear(x[r:r + 1].repeat(33, 1), w, b)[0]),
+                           torch.nan_to_num(one[r]))
+
+
+@pytest.mark.parametrize("rows,n,k,grad,dtype,taken", [
+    (512, 768, 768, False, F32, True), (32, 256, 128, False, F32, True), (31, 768, 768, False, F32, False),
+    (512, 768, 768, True, F32, False), (512, 768, 768, False, BF16, False), (40, 16, 16, False, F32, False)])
+def test_fp32_rows_beyond_decode_sizes_take_the_blocked_gemm_where_it_wins(rows, n, k, grad, dtype, taken):
+    x, w, b = _args(rows, k, n, xt=dtype, wt=dtype, bt=dtype)
+    with torch.set_grad_enabled(grad):
+        assert policy.dense_applies(x, w, b) == (taken and kernels_on() and policy.fp32_gemm())
