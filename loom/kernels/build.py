@@ -205,6 +205,18 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def has(flag: str) -> bool:
+    """What the loaded library's flag function `flag` answers (e.g. "loom_dense_blocked": whether its level has the
+    blocked fp32 GEMM), asked once per library; False where the kernels are off."""
+    lib = library()
+    if lib is None:
+        return False
+    known = _state.setdefault("flags", {}).get(flag)
+    if known is None or known[0] is not lib:
+        known = _state["flags"][flag] = (lib, bool(getattr(lib, flag)()))
+    return known[1]
+
+
 def available() -> bool:
     """Whether the kernel library is loaded (a plain bool, cheap to call and to trace under torch.compile)."""
     if "on" not in _state:

@@ -954,19 +954,10 @@ def _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles):
     return y if x.dtype == _F32 else y.to(x.dtype)
 
 
-_TILES16: dict = {}  # id(library) -> (library, whether it has the tiled int16 kernel)
-
-
 def int4_tiles_int16() -> bool:
     """Whether the kernel level in use has the int16 kernel on tiles (AVX-512BW); elsewhere tiles would be memory
     spent for nothing (loom_int4_tiles_gemm falls back to the saved layout)."""
-    lib = build.library()
-    if lib is None:
-        return False
-    known = _TILES16.get(id(lib))
-    if known is None or known[0] is not lib:
-        known = _TILES16[id(lib)] = (lib, bool(lib.loom_int4_tiles_int16()))
-    return known[1]
+    return build.has("loom_int4_tiles_int16")
 
 
 int4_linear = _define(

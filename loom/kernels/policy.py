@@ -45,20 +45,11 @@ def rows_of(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
-_FP32_GEMM: dict = {}  # id(library) -> (library, whether it has the blocked fp32 GEMM)
-
-
 def fp32_gemm() -> bool:
     """Whether the kernel level in use has loom's blocked fp32 GEMM for more rows than decode sizes (AVX-512:
     csrc/dense.c, about 2x torch's MKL sgemm on AMD CPUs and closer to the float64 product); elsewhere torch's GEMM
     computes them."""
-    lib = build.library()
-    if lib is None:
-        return False
-    known = _FP32_GEMM.get(id(lib))
-    if known is None or known[0] is not lib:
-        known = _FP32_GEMM[id(lib)] = (lib, bool(lib.loom_dense_blocked()))
-    return known[1]
+    return build.has("loom_dense_blocked")
 
 
 FP32_GEMM_MIN_ROWS = 32  # below, and below 2^20 multiply-adds, packing the weight costs more than it saves

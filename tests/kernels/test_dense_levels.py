@@ -121,15 +121,19 @@ def test_several_threads_give_the_one_thread_result(rows):
     if not kernels_on():
         pytest.skip("F.linear's blocking depends on the thread count")
     x, w, b = _args(rows, 200, 1037, F32, BF16, F32)
+    one, two = _on_one_and_two_threads(x, w, b)
+    assert torch.equal(one, two)
+
+
+def _on_one_and_two_threads(x, w, b):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         one = ops_.dense_linear(x, w, b)
         torch.set_num_threads(2)
-        two = ops_.dense_linear(x, w, b)
+        return one, ops_.dense_linear(x, w, b)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(one, two)
 
 
 # -- every level this CPU supports, each in its own process, against each other -----------------------------------
@@ -200,14 +204,7 @@ def test_blocked_fp32_gemm_within_rounding(rows, k, n, bias):
 def test_blocked_fp32_gemm_threads_rows_and_nan():
     x, w, b = _args(203, 256, 150, seed=5)
     x[7, 3], x[150, 0] = float("nan"), float("inf")
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops_.dense_linear(x, w, b)
-        torch.set_num_threads(2)
-        two = ops_.dense_linear(x, w, b)
-    finally:
-        torch.set_num_threads(before)
+    one, two = _on_one_and_two_threads(x, w, b)
     assert torch.equal(one.isnan(), two.isnan()) and torch.equal(torch.nan_to_num(one), torch.nan_to_num(two))
     ref = F.linear(x, w, b)
     assert torch.equal(one.isnan(), ref.isnan()) and torch.equal(one.isinf(), ref.isinf())
