@@ -71,8 +71,8 @@ def _routing_settings(block: dict) -> tuple:
 # call another operator) keeps the plan off for its model.
 _QUANT_KEYS = {"Int8Linear": {"in_features", "out_features", "bias", "kernel", "_packed", "_packed_stamp"},
                "Int8GroupLinear": {"in_features", "out_features", "bias", "kernel", "group_size"},
-               # activation_bits: 16 only (8 takes another operator, see below); the tiles (_a8, _a8_stamp) are
-               # checked apart (_TILE_KEYS)
+               # activation_bits: 16 or 8 (loom::int4_linear_a8's kernel); the tiles (_a8, _a8_stamp) are checked
+               # apart (_TILE_KEYS)
                "Int4Linear": {"in_features", "out_features", "bias", "kernel", "group_size", "asymmetric",
                               "activation_bits", "tiles_for_decode"}}
 _TILE_KEYS = ("_a8", "_a8_stamp")
@@ -103,8 +103,9 @@ def _quantized(m):
             or cls.forward is not linear._QuantLinear.forward):
         return None
     d = m.__dict__
-    if d.get("activation_bits", 16) != 16:
-        return None  # 8-bit activations (set_activation_bits): loom::int4_linear_a8, which the chain does not call
+    bits = d.get("activation_bits", 16)
+    if bits not in (8, 16):
+        return None
     settings = [(k, v) for k, v in d.items() if k not in _NN_MODULE_KEYS and k not in _TILE_KEYS]
     if any(k not in _QUANT_KEYS[cls.__name__] for k, _ in settings):
         return None
@@ -127,8 +128,12 @@ def _quantized(m):
         zero = buffers.get("weight_zero") if asymmetric else None
         if d.get("kernel") != "native" or type(asymmetric) is not bool or (asymmetric and zero is None):
             return None
-        # the tiles its forward reads (made in one huge-page buffer by DecodePlan.build), or the saved layout
-        q = Quantized("int4", scale, zero, d.get("group_size"), m.decode_tiles())
+        # the tiles its forward reads (made in one huge-page buffer by DecodePlan.build), or the saved layout;
+        # 8-bit activations (set_activation_bits): loom::int4_linear_a8's kernel on the tiles
+        if bits == 8 and not (weight.device.type == "cpu" and d.get("group_size", 0) % 32 == 0):
+            return None
+        tiles = m.a8_tiles() if bits == 8 else m.decode_tiles()
+        q = Quantized("int4", scale, zero, d.get("group_size"), tiles, a8=bits == 8)
     if not q.check(weight):
         return None
     return weight, q, settings + [("training", m.training)]
@@ -282,8 +287,8 @@ class DecodePlan:
         quantized = []  # (quantized Linear, its recorded settings), checked at each step
         linear = sys.modules.get("loom.quantization.linear")
         if linear is not None:  # int4 layers' tiles for decode, made together now rather than one by one in _quantized
-            linear.make_tiles([m for m in model.modules() if type(m) is linear.Int4Linear
-                               and m.__dict__.get("activation_bits", 16) == 16 and m.wants_tiles()])
+            linear.make_tiles([m for m in model.modules() if type(m) is linear.Int4Linear and m.weight.is_cpu
+                               and (m.__dict__.get("activation_bits", 16) == 8 or m.wants_tiles())])
         if len(layers) == 0 or len(cache.keys) != len(layers) or (type(cache) is DynamicCache
                                                                   and len(set(cache.length)) != 1):
             return None

@@ -29,7 +29,7 @@ _F32 = torch.float32
 
 class _Quant(ctypes.Structure):  # csrc/decode.c chain_quant
     _fields_ = [("kind", ctypes.c_int), ("half", ctypes.c_int), ("group", _L), ("scale", _P), ("zero", _P),
-                ("tiles", _P)]
+                ("tiles", _P), ("a8", ctypes.c_int)]
 
 
 class _Layer(ctypes.Structure):  # csrc/decode.c chain_layer
@@ -69,14 +69,15 @@ class Quantized:
     (int8 (N, K), `scale` float16/float32 (N, K / group): loom::int8_group_linear) or "int4" (uint8 (N, K / 2) two
     nibbles a byte, `scale` and `zero` (or None: symmetric, zero 8) float16/float32 (N, K / group):
     loom::int4_linear; `tiles`: the module's copy in ops.int4_a8_tiles' layout, which its decode-size products read,
-    or None). The product is the operator's (float32, cast to the layer's dtype), then the bias added as
+    or None; `a8`: with tiles, 8-bit activations as loom::int4_linear_a8 computes them). The product is the operator's (float32, cast to the layer's dtype), then the bias added as
     the module's `y + bias` does."""
 
     KINDS = {"int8": 1, "int8_group": 2, "int4": 3}
 
     def __init__(self, kind: str, scale: torch.Tensor, zero: torch.Tensor | None = None, group: int = 0,
-                 tiles: torch.Tensor | None = None) -> None:
+                 tiles: torch.Tensor | None = None, a8: bool = False) -> None:
         self.kind, self.scale, self.zero, self.group, self.tiles = kind, scale, zero, int(group), tiles
+        self.a8 = bool(a8)
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.scale, self.zero, self.tiles) if t is not None]
@@ -102,6 +103,7 @@ class Quantized:
                     and self.zero is None)
         return (groups_ok and weight.dtype is torch.uint8
                 and (self.zero is None or (self.zero.dtype is s.dtype and self.zero.shape == s.shape))
+                and (not self.a8 or self.tiles is not None)
                 and (self.tiles is None or (self.group % 32 == 0 and self.tiles.dtype is torch.uint8
                                             and self.tiles.dim() == 1 and self.tiles.numel()
                                             == ops.int4_a8_tile_bytes(weight, s, self.zero))))
@@ -223,6 +225,7 @@ class DecodeChain:
                     quant[j].group, quant[j].scale = q.group, q.scale.data_ptr()
                     quant[j].zero = None if q.zero is None else q.zero.data_ptr()
                     quant[j].tiles = None if q.tiles is None else q.tiles.data_ptr()
+                    quant[j].a8 = int(q.a8)
             self._quant.append(quant)
             s.q = ctypes.addressof(quant)
         s.qn = None if t.q_norm is None else t.q_norm.data_ptr()

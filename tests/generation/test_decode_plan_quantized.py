@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from loom.kernels import KernelLinear, build, policy
+from loom.kernels import KernelLinear, build, ops, policy
 from loom.kernels.chain import DecodeChain, LayerTensors, Quantized
 from loom.quantization import WeightOnlyConfig, kernels, quantize_
 from loom.quantization.linear import Int4Linear, Int8GroupLinear, Int8Linear
@@ -314,20 +314,22 @@ def test_every_kernel_level(level):
 
 
 @needs_kernels
-def test_eight_bit_activations_take_their_operator_not_the_plan(monkeypatch):
-    """`set_activation_bits(model, 8)` moves int4 Linears to loom::int4_linear_a8, which the chain does not call:
-    switched on before a generate, no plan; switched on in the middle of one, the plan falls back from then on;
-    every case gives the forward's tokens and scores (the same generate without the plan)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eight_bit_activations_run_their_kernel_in_the_plan(dtype, monkeypatch):
+    """`set_activation_bits(model, 8)` moves int4 Linears to loom::int4_linear_a8; the plan calls the same kernel on
+    the same tiles (bitwise the forward's tokens and scores), and a switch in the middle of a generate (8 -> 16 or
+    16 -> 8: another operator) makes it fall back to the forward from then on."""
     from loom.quantization import set_activation_bits
 
     def make(bits_at_start):
-        model = _model("llama", torch.float32, hidden_size=64, intermediate_size=64)
+        model = _model("llama", dtype, hidden_size=64, intermediate_size=64)
         quantize_(model, WeightOnlyConfig(bits=4, group_size=32))
         set_activation_bits(model, bits_at_start)
         return model
 
     a, b, steps = _both(lambda: make(8), monkeypatch, input_ids=_ids(), max_new_tokens=8)
-    assert _same(a, b) and steps == 0
+    n_layers = len(make(8).model.layers)
+    assert _same(a, b) and steps == 7 * n_layers
     for start, then in ((16, 8), (8, 16)):
         results = []
         for plan in (True, False):
@@ -336,7 +338,25 @@ def test_eight_bit_activations_take_their_operator_not_the_plan(monkeypatch):
                                      streamer=_Changer(4, lambda model=model: set_activation_bits(model, then))))
         (a, steps), (b, _) = results
         assert _same(a, b)
-        n_layers = len(model.model.layers)
-        # 16 -> 8: tokens 2-3 planned, the forward after; 8 -> 16: no plan was built (it is built once, after the
-        # prefill, and 8-bit layers keep it off), so the whole generate is the forward's
-        assert steps == (2 * n_layers if start == 16 else 0)
+        assert steps == 2 * n_layers  # tokens 2-3 planned, the forward after the switch
+
+
+@needs_kernels
+def test_eight_bit_plan_uses_the_a8_kernel(monkeypatch):
+    """The chain's projections are the 8-bit kernel's (their outputs differ from the int16 ones), not the default."""
+    from loom.generation.decode_plan import DecodePlan
+    from loom.quantization import set_activation_bits
+
+    built = []
+    build_plan = DecodePlan.build.__func__
+    monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *a: built.append(build_plan(cls, *a)) or built[-1]))
+    outs = {}
+    for bits in (8, 16):
+        model = _model("llama", torch.float32, hidden_size=64, intermediate_size=64)
+        quantize_(model, WeightOnlyConfig(bits=4, group_size=32))
+        set_activation_bits(model, bits)
+        outs[bits] = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=6)[0]
+        quant = [q for lt in built[-1].chain.layers for q in lt.quant if q is not None]
+        assert quant and all(q.a8 == (bits == 8) for q in quant)
+        assert all(q.tiles is not None for q in quant) == (bits == 8 or ops.int4_tiles_int16())
+    assert not all(torch.equal(x, y) for x, y in zip(outs[8].scores, outs[16].scores))

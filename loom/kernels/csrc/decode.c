@@ -87,7 +87,8 @@ void loom_argmax_rows(const float *x, long rows, long n, int64_t *out) {
    in the dtype), or quantized as loom's weight-only Linears hold it (loom/quantization/linear.py): kind 1 int8 with a
    float32 scale per row (loom_int8_gemm), 2 int8 with a float16/float32 scale per `group` inputs
    (loom_int8_group_gemm), 3 packed int4 with such scales and zero points or none (symmetric: zero 8;
-   loom_int4_gemm, or loom_int4_tiles_gemm where the module keeps tiles). A quantized projection
+   loom_int4_gemm, or loom_int4_tiles_gemm where the module keeps tiles, loom_int4_a8_gemm with 8-bit
+   activations). A quantized projection
    runs exactly as its module's operator does (loom::int8_linear, loom::int8_group_linear, loom::int4_linear): the
    input as float32, the kernel's float32 product, cast to the dtype (round to nearest even, NaN 0x7fc0 as torch's
    cast), then the module's `y + bias` as torch's add rounds it. */
@@ -98,6 +99,7 @@ typedef struct {
     const void *scale; /* kinds 1-3 */
     const void *zero;  /* kind 3: zero points, or NULL (symmetric) */
     const void *tiles; /* kind 3: the module's tiles (loom_int4_tiles_gemm), or NULL (the saved layout) */
+    int a8;            /* kind 3 with tiles: 8-bit activations (loom_int4_a8_gemm, set_activation_bits) */
 } chain_quant;
 
 static inline uint16_t to_bf16_as_torch(float f) { return f != f ? (uint16_t)0x7fc0 : f32_to_bf16(f); }
@@ -120,6 +122,8 @@ static int project(const chain_quant *qd, int j, const void *w, const void *b, c
         status = loom_int8_gemm(xf, w, q->scale, yf, B, N, K, threads);
     else if (q->kind == 2)
         status = loom_int8_group_gemm(xf, w, q->scale, q->half, yf, B, N, K, q->group, threads);
+    else if (q->tiles && q->a8)
+        status = loom_int4_a8_gemm(xf, q->tiles, w, q->scale, q->zero, q->half, yf, B, N, K, q->group, threads);
     else if (q->tiles)
         status = loom_int4_tiles_gemm(xf, q->tiles, w, q->scale, q->zero, q->half, yf, B, N, K, q->group, threads);
     else

@@ -168,31 +168,44 @@ static void dense_tiles(const void *p, long begin, long end) {
 
 
 /* ---- fp32 products of many rows (prefill, encoders): a blocked GEMM with AVX-512 ------------------------------
-   y = x W^T (+ bias) for M > 16 rows, all fp32. Each thread takes panels of 32 weight rows (output columns); per
-   panel and block of SG_KC inputs it packs the panel's block (k-major, 32 floats a step, rows past N zero) into an
-   8 KB buffer and runs every activation row against it, SG_MR rows at a time: 2 * SG_MR accumulators, per input k
-   two panel vectors and SG_MR broadcast activations, 2 * SG_MR fused multiply-adds. A block's sums start from zero
-   and are added to y once per block (the first block stores them), so each output is a sum of K / SG_KC block sums
-   of SG_KC products each, in input order: on the bench shapes (K 768-2048) this is closer to the float64 product
-   than torch's MKL sgemm (max error 1.3-3.2e-6 against 2.5-3.4e-6, RMS 2.3-4.1e-7 against 3.5-5.8e-7) and about 2x
-   as fast on one thread on the Zen 5 CI machine (MKL's AMD path is 256-bit). The bias is added at the end. */
+   y = x W^T (+ bias) for M > 16 rows, all fp32. The weight is first packed in panels of 32 rows (output columns),
+   k-major (32 floats a step, rows past N zero; scratch N * K floats, rounded up to 32 rows). Work items are blocks
+   of SG_MC activation rows times groups of SG_PG panels, spread over the threads; per block of SG_KC inputs, in
+   order, each SG_MR-row group runs against each panel of the item: 2 * SG_MR accumulators, per input k two panel
+   vectors and SG_MR broadcast activations, 2 * SG_MR fused multiply-adds. A block's sums start from zero and are added
+   to y once per block (the first block stores them), so each output is a sum of K / SG_KC block sums of SG_KC
+   products each, in input order, whatever the loop order or thread count: on the bench shapes (K 768-2048) closer
+   to the float64 product than torch's MKL sgemm (max error 1.5-3.2e-6 against 2.5-3.4e-6, RMS 2.3-4.1e-7 against
+   3.5-5.8e-7) and 1.7-2.1x as fast on the Zen 5 CI machine (MKL's AMD path is 256-bit). The bias is added last.
+   The item blocking keeps the activations' block (SG_MC x SG_KC) and the panels' (SG_PG x SG_KC x 32) in L1/L2: a
+   loop over whole panels re-read all of x per panel, which at MiniLM's 2,000-row batches made 2 threads barely
+   faster than 1. */
 #if defined(__AVX512F__)
 #define SG_MR 8
 #define SG_NR 32
 #define SG_KC 64
 
-typedef struct { const float *x, *w, *bias; float *y; long M, N, K; } sg_job;
+typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels, mblocks; } sg_job;
 
-static void sg_pack(const float *w, long N, long K, long n0, long k0, long kc, float *p) {
-    for (long r = 0; r < SG_NR; r++) {
-        const float *src = w + (n0 + r) * K + k0;
-        if (n0 + r < N)
-            for (long k = 0; k < kc; k++) p[k * SG_NR + r] = src[k];
-        else
-            for (long k = 0; k < kc; k++) p[k * SG_NR + r] = 0.0f;
+#define SG_MC 128 /* activation rows per work item: their block of SG_KC inputs (32 KB) stays in L1/L2 */
+#define SG_PG 8   /* weight panels per work item (256 outputs): their SG_KC-input blocks (64 KB) stay in L2 */
+
+/* weight panel p (rows 32p..32p+31) -> packed + p * K * 32, k-major (32 floats a step), rows past N zero */
+static void sg_pack(const void *vp, long begin, long end) {
+    const sg_job *j = vp;
+    long N = j->N, K = j->K;
+    for (long pn = begin; pn < end; pn++) {
+        float *p = j->packed + pn * K * SG_NR;
+        for (long r = 0; r < SG_NR; r++) {
+            long n = pn * SG_NR + r;
+            const float *src = j->w + n * K;
+            if (n < N)
+                for (long k = 0; k < K; k++) p[k * SG_NR + r] = src[k];
+            else
+                for (long k = 0; k < K; k++) p[k * SG_NR + r] = 0.0f;
+        }
     }
 }
-
 /* rows a[0..mr) (stride lda) times the packed block p (kc steps) into c (stride ldc): stored (first block) or added */
 static inline __attribute__((always_inline)) void sg_micro(const float *a, long lda, const float *p, long kc,
                                                            float *c, long ldc, int mr, __mmask16 m0, __mmask16 m1,
@@ -220,52 +233,68 @@ static inline __attribute__((always_inline)) void sg_micro(const float *a, long 
     }
 }
 
-static void sg_panels(const void *vp, long begin, long end) {
+/* work item i: rows of m-block i / groups, outputs of panel group i % groups; per block of SG_KC inputs, in
+   order, every SG_MR-row group of the item against each of its panels (the same sums as any other loop order) */
+static void sg_items(const void *vp, long begin, long end) {
     const sg_job *j = vp;
-    float p[SG_KC * SG_NR] __attribute__((aligned(64)));
-    long M = j->M, N = j->N, K = j->K;
-    for (long pn = begin; pn < end; pn++) {
-        long n0 = pn * SG_NR, left = N - n0;
-        __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-        __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+    long M = j->M, N = j->N, K = j->K, groups = (j->panels + SG_PG - 1) / SG_PG;
+    for (long it = begin; it < end; it++) {
+        long m_lo = it / groups * SG_MC, m_hi = m_lo + SG_MC < M ? m_lo + SG_MC : M;
+        long p_lo = it % groups * SG_PG, p_hi = p_lo + SG_PG < j->panels ? p_lo + SG_PG : j->panels;
         for (long k0 = 0; k0 < K; k0 += SG_KC) {
             long kc = K - k0 < SG_KC ? K - k0 : SG_KC;
             int first = k0 == 0;
-            sg_pack(j->w, N, K, n0, k0, kc, p);
-            const float *a = j->x + k0;
-            float *c = j->y + n0;
-            long m = 0;
-            for (; m + SG_MR <= M; m += SG_MR) sg_micro(a + m * K, K, p, kc, c + m * N, N, SG_MR, m0, m1, first);
-            switch (M - m) {
-            case 1: sg_micro(a + m * K, K, p, kc, c + m * N, N, 1, m0, m1, first); break;
-            case 2: sg_micro(a + m * K, K, p, kc, c + m * N, N, 2, m0, m1, first); break;
-            case 3: sg_micro(a + m * K, K, p, kc, c + m * N, N, 3, m0, m1, first); break;
-            case 4: sg_micro(a + m * K, K, p, kc, c + m * N, N, 4, m0, m1, first); break;
-            case 5: sg_micro(a + m * K, K, p, kc, c + m * N, N, 5, m0, m1, first); break;
-            case 6: sg_micro(a + m * K, K, p, kc, c + m * N, N, 6, m0, m1, first); break;
-            case 7: sg_micro(a + m * K, K, p, kc, c + m * N, N, 7, m0, m1, first); break;
-            default: break;
+            for (long m = m_lo; m < m_hi; m += SG_MR) {
+                const float *a = j->x + m * K + k0;
+                for (long pn = p_lo; pn < p_hi; pn++) {
+                    long n0 = pn * SG_NR, left = N - n0;
+                    __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                    __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                    const float *p = j->packed + pn * K * SG_NR + k0 * SG_NR;
+                    float *c = j->y + m * N + n0;
+                    switch (m_hi - m < SG_MR ? m_hi - m : SG_MR) {
+                    case 1: sg_micro(a, K, p, kc, c, N, 1, m0, m1, first); break;
+                    case 2: sg_micro(a, K, p, kc, c, N, 2, m0, m1, first); break;
+                    case 3: sg_micro(a, K, p, kc, c, N, 3, m0, m1, first); break;
+                    case 4: sg_micro(a, K, p, kc, c, N, 4, m0, m1, first); break;
+                    case 5: sg_micro(a, K, p, kc, c, N, 5, m0, m1, first); break;
+                    case 6: sg_micro(a, K, p, kc, c, N, 6, m0, m1, first); break;
+                    case 7: sg_micro(a, K, p, kc, c, N, 7, m0, m1, first); break;
+                    default: sg_micro(a, K, p, kc, c, N, SG_MR, m0, m1, first); break;
+                    }
+                }
             }
         }
-        if (j->bias) {
-            __m512 b0 = _mm512_maskz_loadu_ps(m0, j->bias + n0), b1 = _mm512_maskz_loadu_ps(m1, j->bias + n0 + 16);
-            for (long m = 0; m < M; m++) {
-                float *c = j->y + m * N + n0;
-                _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), b0));
-                _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), b1));
+        if (j->bias)
+            for (long pn = p_lo; pn < p_hi; pn++) {
+                long n0 = pn * SG_NR, left = N - n0;
+                __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+                __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                __m512 b0 = _mm512_maskz_loadu_ps(m0, j->bias + n0), b1 = _mm512_maskz_loadu_ps(m1, j->bias + n0 + 16);
+                for (long m = m_lo; m < m_hi; m++) {
+                    float *c = j->y + m * N + n0;
+                    _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), b0));
+                    _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), b1));
+                }
             }
-        }
     }
 }
 
 int loom_dense_blocked(void) { return 1; }
 
-static void sg_gemm(const float *x, const float *w, const float *bias, float *y, long M, long N, long K,
-                    int threads) {
-    sg_job job = {x, w, bias, y, M, N, K};
-    long panels = (N + SG_NR - 1) / SG_NR;
+/* Scratch: the packed weight, N rounded up to 32 times K floats. Returns 0, or -1 when out of memory. */
+static int sg_gemm(const float *x, const float *w, const float *bias, float *y, long M, long N, long K,
+                   int threads) {
+    long panels = (N + SG_NR - 1) / SG_NR, mblocks = (M + SG_MC - 1) / SG_MC;
+    float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * SG_NR * K + 16));
+    if (!packed) return -1;
+    sg_job job = {x, w, bias, y, packed, M, N, K, panels, mblocks};
     if (M * N * K < (1L << 21)) threads = 1; /* a few dozen microseconds: not worth waking a helper */
-    parallel_run(sg_panels, &job, panels, chunk_for(panels, threads), threads);
+    parallel_run(sg_pack, &job, panels, chunk_for(panels, threads), threads);
+    long items = mblocks * ((panels + SG_PG - 1) / SG_PG);
+    parallel_run(sg_items, &job, items, 1, threads);
+    free(packed);
+    return 0;
 }
 #else
 int loom_dense_blocked(void) { return 0; }
@@ -276,10 +305,7 @@ int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const vo
                     int ybf16, long M, long N, long K, int threads) {
     if (M <= 0 || N <= 0) return 0;
 #if defined(__AVX512F__)
-    if (M > 16 && K > 0 && !xbf16 && !wbf16 && !bbf16 && !ybf16) {
-        sg_gemm(x, w, bias, y, M, N, K, threads);
-        return 0;
-    }
+    if (M > 16 && K > 0 && !xbf16 && !wbf16 && !bbf16 && !ybf16) return sg_gemm(x, w, bias, y, M, N, K, threads);
 #endif
     int mode = !wbf16 ? W_F32 : W_BF16;
 #if defined(__AVX512BF16__)
