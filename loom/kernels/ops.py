@@ -955,8 +955,8 @@ def _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles):
 
 
 def int4_tiles_int16() -> bool:
-    """Whether the kernel level in use has the int16 kernel on tiles (AVX-512BW); elsewhere tiles would be memory
-    spent for nothing (loom_int4_tiles_gemm falls back to the saved layout)."""
+    """Whether the kernel level in use has the int16 kernel on tiles (every level today: AVX-512 and AVX2 variants);
+    a level without it would answer False, and tiles would be memory spent for nothing."""
     return build.has("loom_int4_tiles_int16")
 
 

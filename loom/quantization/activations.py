@@ -8,7 +8,7 @@ accuracy cost measured in docs/guides/quantization.md. It applies to products of
 prompts (prefill) keep int16 activations in the blocked int4 GEMM. While 8-bit activations are on, each int4 Linear
 on the CPU keeps a second copy of its weights in the kernel's layout (16-row tiles with the scales beside the
 nibbles: about the int4 weights' bytes again). With 16 the default decode kernel reads the same tiles where the CPU
-has AVX-512 (Int4Linear.wants_tiles), so they stay; elsewhere switching back to 16 frees them. The saved layout is
+runs loom's kernels (Int4Linear.wants_tiles), so they stay; elsewhere switching back to 16 frees them. The saved layout is
 unchanged.
 """
 from __future__ import annotations

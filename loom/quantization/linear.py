@@ -275,7 +275,7 @@ class Int4Linear(_QuantLinear):
         self._a8 = self._a8_stamp = None
 
     # Whether decode-size products with int16 activations (the default) read the tiles too: their kernel on tiles
-    # (csrc/int4a8.c, AVX-512) streams the weights about twice as fast as the saved layout's, for a second copy of
+    # (csrc/int4a8.c) streams the weights 1.4-2x as fast as the saved layout's, for a second copy of
     # them (about the int4 weight's bytes). False on an instance (or the class) keeps decode on the saved layout.
     tiles_for_decode = True
 

@@ -17,7 +17,7 @@ from test_decode_plan_quantized import _both
 from test_fused_decode import _model
 
 needs_tiles = pytest.mark.skipif(not (build.available() and ops.int4_tiles_int16()),
-                                 reason="needs loom's kernels at a level with the tiled int16 kernel (AVX-512)")
+                                 reason="needs loom's kernels (the tiled int16 kernel)")
 
 
 def _int4(symmetric=False, head=False, dtype=torch.float32):

@@ -171,7 +171,7 @@ def test_python_group_limit_matches_the_c_kernel():
 
 # -- the int16 kernel on tiles (csrc/int4a8.c: decode sizes of Int4Linears that keep tiles) -------------------------
 needs_tiles = pytest.mark.skipif(not (kernels_on() and ops.int4_tiles_int16()),
-                                 reason="needs a kernel level with the tiled int16 kernel (AVX-512)")
+                                 reason="needs loom's kernels (the tiled int16 kernel)")
 
 
 @needs_tiles

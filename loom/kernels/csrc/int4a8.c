@@ -262,7 +262,7 @@ int loom_int4_a8_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, co
 
 
 /* ---- int16 activations on the same tiles (the default precision, loom_int4_gemm's arithmetic class) ----------
-   The decode kernel of loom::int4_linear when the module keeps tiles (builds with AVX-512BW): each activation row
+   The decode kernel of loom::int4_linear when the module keeps tiles (AVX-512BW, or AVX2 below): each activation row
    rounded to int16 with one scale per row (quantize_row, as int4.c), so the only approximation is int4.c's
    (|error| <= max|x| / 65534 * sum|w| beyond fp32 rounding). An int32 lane of tile vector j holds 8 nibbles of
    one weight row (columns 8j..8j+7 of the block, low nibble first); masking the lane's two 16-bit halves by 15
@@ -272,13 +272,14 @@ int loom_int4_a8_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, co
    f += scale * (isum - zero * qsum) with qsum the exact block sum of q (fused multiply-adds), blocks in order,
    and y = f * xs. Rows holding inf/NaN take loom_int4_gemm on the saved layout, as the 8-bit kernel's do. No
    horizontal sums and one contiguous stream: about twice int4.c's decode kernel on streamed weights. */
-#if defined(__AVX512F__) && defined(__AVX512BW__)
-#define T16_MB 4
-
 typedef struct {
     const int32_t *xp; const float *qs, *xs; const long *rows; const uint8_t *tiles; int half, hz;
     float *y; long Mq, N, nb, bs;
 } t16_job;
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define T16_MB 4
+
 
 #if defined(__AVX512VNNI__)
 /* the activation pair broadcast from memory ({1to16}): no register or shuffle for it */
@@ -347,6 +348,64 @@ static void t16_tiles(const void *p, long begin, long end) {
     }
 }
 
+#else
+/* AVX2: the same arithmetic, each tile in two halves of 8 rows (the h-th 32 bytes of each 64-byte vector) */
+#define T16_MB 2
+
+static inline __attribute__((always_inline)) void t16_tile(const t16_job *j, long t, long i0, int MB) {
+    long nb = j->nb, bs = j->bs;
+    const uint8_t *tile = j->tiles + t * nb * bs;
+    const __m256i m4 = _mm256_set1_epi16(15);
+    __m256 f[T16_MB][2];
+    for (int m = 0; m < T16_MB; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * bs, *ps = p + 256;
+        for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
+        for (int h = 0; h < 2; h++) {
+            __m256 s = j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 16 * h)))
+                               : _mm256_loadu_ps((const float *)ps + 8 * h);
+            __m256 z = !j->hz   ? _mm256_set1_ps(8.0f)
+                       : j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 32 + 16 * h)))
+                                 : _mm256_loadu_ps((const float *)(ps + 64) + 8 * h);
+            __m256i acc[T16_MB][2];
+            for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+            for (int q = 0; q < 4; q++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * q + 32 * h));
+                __m256i u[4] = {_mm256_and_si256(w, m4), _mm256_and_si256(_mm256_srli_epi16(w, 4), m4),
+                                _mm256_and_si256(_mm256_srli_epi16(w, 8), m4), _mm256_srli_epi16(w, 12)};
+                for (int m = 0; m < MB; m++) {
+                    const int32_t *xb = j->xp + ((i0 + m) * nb + b) * 16 + 4 * q;
+                    for (int i = 0; i < 4; i++) /* int32 pair sums of at most 2 * 15 * 32767: no overflow */
+                        acc[m][i & 1] = _mm256_add_epi32(acc[m][i & 1],
+                                                         _mm256_madd_epi16(u[i], _mm256_set1_epi32(xb[i])));
+                }
+            }
+            for (int m = 0; m < MB; m++) {
+                __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(j->qs[(i0 + m) * nb + b]),
+                                            _mm256_cvtepi32_ps(_mm256_add_epi32(acc[m][0], acc[m][1])));
+                f[m][h] = _mm256_fmadd_ps(s, v, f[m][h]);
+            }
+        }
+    }
+    long n0 = t * A8_ROWS, left = j->N - n0;
+    for (int m = 0; m < MB; m++) {
+        float out[16];
+        _mm256_storeu_ps(out, _mm256_mul_ps(f[m][0], _mm256_set1_ps(j->xs[i0 + m])));
+        _mm256_storeu_ps(out + 8, _mm256_mul_ps(f[m][1], _mm256_set1_ps(j->xs[i0 + m])));
+        memcpy(j->y + j->rows[i0 + m] * j->N + n0, out, sizeof(float) * (left >= 16 ? 16 : left));
+    }
+}
+
+static void t16_tiles(const void *p, long begin, long end) {
+    const t16_job *j = p;
+    for (long t = begin; t < end; t++)
+        for (long i = 0; i < j->Mq; i += T16_MB) {
+            if (j->Mq - i >= 2) t16_tile(j, t, i, 2);
+            else t16_tile(j, t, i, 1);
+        }
+}
+#endif
+
 int loom_int4_tiles_int16(void) { return 1; }
 
 /* tiles, w, scale, zero, half: as loom_int4_a8_gemm. Scratch: M * K * 4.2 bytes. Returns 0, or -1 when out of
@@ -389,13 +448,4 @@ int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w,
     free(buf);
     return failed ? -1 : 0;
 }
-#else
-int loom_int4_tiles_int16(void) { return 0; }
 
-/* no tiled int16 kernel at this level: the saved layout's decode kernel */
-int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w, const void *scale, const void *zero,
-                         int half, float *y, long M, long N, long K, long G, int threads) {
-    (void)tiles;
-    return loom_int4_gemm(x, w, scale, zero, half, y, M, N, K, G, threads);
-}
-#endif
