@@ -69,8 +69,8 @@ class Quantized:
     (int8 (N, K), `scale` float16/float32 (N, K / group): loom::int8_group_linear) or "int4" (uint8 (N, K / 2) two
     nibbles a byte, `scale` and `zero` (or None: symmetric, zero 8) float16/float32 (N, K / group):
     loom::int4_linear; `tiles`: the module's copy in ops.int4_a8_tiles' layout, which its decode-size products read,
-    or None; `a8`: with tiles, 8-bit activations as loom::int4_linear_a8 computes them). The product is the operator's (float32, cast to the layer's dtype), then the bias added as
-    the module's `y + bias` does."""
+    or None; `a8`: with tiles, 8-bit activations as loom::int4_linear_a8 computes them). The product is the
+    operator's (float32, cast to the layer's dtype), then the bias added as the module's `y + bias` does."""
 
     KINDS = {"int8": 1, "int8_group": 2, "int4": 3}
 

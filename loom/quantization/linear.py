@@ -249,9 +249,10 @@ class Int4Linear(_QuantLinear):
     def a8_tiles(self, out: torch.Tensor | None = None) -> torch.Tensor:
         """The weights in the tiled kernels' layout (ops.int4_a8_tiles: 16-row tiles, scales beside the nibbles),
         read by the 8-bit activation kernel and, where `wants_tiles`, by int16 decode-size products; made on first
-        use and kept (about the int4 weight's bytes once more); remade when `weight`, `weight_scale` or `weight_zero` were replaced or changed in place. The saved
-        layout (`weight`...) is what the state dict holds, unchanged. `out`: remake it into this uint8 buffer of
-        the right size (set_activation_bits puts every layer's into one)."""
+        use and kept (about the int4 weight's bytes once more); remade when `weight`, `weight_scale` or
+        `weight_zero` were replaced or changed in place. The saved layout (`weight`...) is what the state dict
+        holds, unchanged. `out`: remake it into this uint8 buffer of the right size (make_tiles puts every layer's
+        into one)."""
         if out is None and self.tiles_current():
             return self._a8
         buffers = self._buffers
@@ -275,8 +276,8 @@ class Int4Linear(_QuantLinear):
         self._a8 = self._a8_stamp = None
 
     # Whether decode-size products with int16 activations (the default) read the tiles too: their kernel on tiles
-    # (csrc/int4a8.c) streams the weights 1.4-2x as fast as the saved layout's, for a second copy of
-    # them (about the int4 weight's bytes). False on an instance (or the class) keeps decode on the saved layout.
+    # (csrc/int4a8.c) streams the weights 1.4-2x as fast as the saved layout's, for a second copy of them (about
+    # the int4 weight's bytes). False on an instance (or the class) keeps decode on the saved layout.
     tiles_for_decode = True
 
     def wants_tiles(self) -> bool:

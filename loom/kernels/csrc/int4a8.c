@@ -441,7 +441,8 @@ int loom_int4_tiles_gemm(const float *x, const uint8_t *tiles, const uint8_t *w,
         xs[Mq] = sc;
         rows[Mq++] = m;
     }
-    t16_job job = {xp, qs, xs, rows, tiles, half, zero != NULL, y, Mq, N, nb, 256 + A8_ROWS * ssz * (1 + (zero != NULL))};
+    int hz = zero != NULL;
+    t16_job job = {xp, qs, xs, rows, tiles, half, hz, y, Mq, N, nb, 256 + A8_ROWS * ssz * (1 + hz)};
     long ntiles = (N + A8_ROWS - 1) / A8_ROWS;
     if (Mq) parallel_run(t16_tiles, &job, ntiles, chunk_for(ntiles, threads), threads);
     int failed = saved_layout_rows(x, rows, Mq, w, scale, zero, half, y, M, N, K, G, threads);
