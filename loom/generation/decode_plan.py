@@ -49,14 +49,6 @@ _is = operator.is_
 _training = operator.attrgetter("training")
 _data_ptr = torch.Tensor.data_ptr
 
-
-def _version_of(t: torch.Tensor) -> int | None:
-    """The tensor's in-place version (inference-mode tensors keep none)."""
-    try:
-        return t._version
-    except RuntimeError:
-        return None
-
 _module_hooks = nn.modules.module
 
 
@@ -336,9 +328,12 @@ class DecodePlan:
         tiled = [m for m, _ in quantized if isinstance(m.__dict__.get("_a8"), torch.Tensor)
                  and any(q is not None and q.tiles is m.__dict__["_a8"] for lt in chain.layers for q in lt.quant)]
         slots += [(m.__dict__, "_a8", m.__dict__["_a8"]) for m in tiled]
-        self.tile_sources = tuple(t for m in tiled for t in m._a8_stamp[:3]
-                                  if t is not None and _version_of(t) is not None)
-        self.tile_versions = tuple(map(_version_of, self.tile_sources))
+        # (the stamp each module made its tiles with: the tensors, then their versions; None = no version kept)
+        stamps = [m._a8_stamp for m in tiled]
+        self.tile_sources = tuple(t for st in stamps for t, v in zip(st[:3], st[3:]) if v is not None)
+        self.tile_versions = tuple(v for st in stamps for v in st[3:] if v is not None)
+        # the stamp's version reader (Int4Linear's module is loaded wherever a module holds tiles)
+        self.version_of = sys.modules["loom.quantization.linear"]._version if tiled else None
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
         self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
@@ -377,7 +372,7 @@ class DecodePlan:
                 and all(map(_is, map(dict.get, self.slot_dicts, self.slot_names), self.slot_values))
                 and tuple(map(_data_ptr, self.pointed)) == self.addresses and len(self.base.layers) == self.n
                 and tuple(map(len, self.q_dicts)) == self.q_lens
-                and tuple(map(_version_of, self.tile_sources)) == self.tile_versions
+                and (not self.tile_sources or tuple(map(self.version_of, self.tile_sources)) == self.tile_versions)
                 and list(map(dict.get, self.q_at, self.q_keys)) == self.q_values
                 and tuple(map(len, self.c_dicts)) == self.c_lens
                 and list(map(_proxy_get, self.c_at, self.c_keys)) == self.c_values

@@ -877,8 +877,9 @@ def int4_dequantize_reference(packed, scale, zero):
 
 
 def _int4_cpu(x, packed, scale, zero, group_size, tiles=None):
-    if tiles is not None:
-        return _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles)
+    """`tiles` (a module's copy in int4_a8_tiles' layout): decode sizes take csrc/int4a8.c's int16 kernel on them,
+    with the same int16 rounding and bound as the saved layout's kernel and about twice as fast on weights streamed
+    from memory; more rows keep the saved layout's blocked GEMM."""
     if not (x.is_floating_point() and packed.dtype == torch.uint8 and packed.dim() == 2 and x.dim() >= 1
             and x.shape[-1] == packed.shape[1] * 2 and group_size > 0 and group_size % 16 == 0
             and x.shape[-1] % group_size == 0 and scale.dtype in _SCALES and scale.dim() == 2
@@ -887,6 +888,10 @@ def _int4_cpu(x, packed, scale, zero, group_size, tiles=None):
                                   and zero.layout == _STRIDED))
             and x.layout == _STRIDED and packed.layout == _STRIDED and scale.layout == _STRIDED):
         _int4_checks(x, packed, scale, zero, group_size)
+    if tiles is not None and not (group_size % _A8_BLOCK == 0 and tiles.dtype == torch.uint8 and tiles.dim() == 1
+                                  and tiles.layout == _STRIDED
+                                  and tiles.numel() == _a8_tile_bytes(packed.shape[0], x.shape[-1], scale, zero)):
+        _int4_tiles_checks(x, packed, scale, zero, group_size, tiles)
     lib = build.library()
     if lib is None:
         return F.linear(x, int4_dequantize_reference(packed, scale, zero).to(x.dtype))
@@ -895,8 +900,10 @@ def _int4_cpu(x, packed, scale, zero, group_size, tiles=None):
     z = None if zero is None else zero.contiguous()
     m, n, k = xf.shape[0], w.shape[0], xf.shape[1]
     y = torch.empty((*x.shape[:-1], n), dtype=_F32)
-    if m and lib.loom_int4_gemm(xf.data_ptr(), w.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(),
-                                s.dtype == torch.float16, y.data_ptr(), m, n, k, group_size, pool_threads()):
+    args = (w.data_ptr(), s.data_ptr(), None if z is None else z.data_ptr(), s.dtype == torch.float16, y.data_ptr(),
+            m, n, k, group_size, pool_threads())
+    if m and (lib.loom_int4_tiles_gemm(xf.data_ptr(), tiles.contiguous().data_ptr(), *args)
+              if tiles is not None and m <= MAX_ROWS else lib.loom_int4_gemm(xf.data_ptr(), *args)):
         raise MemoryError(f"loom::int4_linear: could not allocate {m}x{k} activation scratch")
     return y if x.dtype == _F32 else y.to(x.dtype)
 
@@ -926,32 +933,14 @@ def _int4_tiles_checks(x, packed, scale, zero, group_size, tiles) -> None:
     _check(group_size % _A8_BLOCK == 0, op,
            f"tiles need group_size={group_size} to be a multiple of 32 (the tiles hold blocks of 32 inputs)")
     _check_strided(op, tiles=tiles)
+    _tiles_layout_check(op, packed, scale, zero, tiles)
+
+
+def _tiles_layout_check(op, packed, scale, zero, tiles) -> None:
     want = _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
     _check(tiles.dtype == torch.uint8 and tiles.dim() == 1 and tiles.numel() == want, op,
            f"tiles must be the uint8 ({want},) layout int4_a8_tiles makes of these weights, got "
            f"{tiles.dtype} {tuple(tiles.shape)}")
-
-
-def _int4_tiles_cpu(x, packed, scale, zero, group_size, tiles):
-    """Decode sizes with the module's tiles (ops.int4_a8_tiles' layout, csrc/int4a8.c's int16 kernel): the same
-    int16 rounding and bound as the saved layout's kernel, about twice as fast on weights streamed from memory.
-    More rows than decode sizes keep the saved layout's blocked GEMM."""
-    _int4_checks(x, packed, scale, zero, group_size)
-    _int4_tiles_checks(x, packed, scale, zero, group_size, tiles)
-    lib = build.library()
-    m = math.prod(x.shape[:-1])
-    if lib is None or m > MAX_ROWS:
-        return _int4_cpu(x, packed, scale, zero, group_size)
-    w, s = packed.contiguous(), scale.contiguous()
-    z = None if zero is None else zero.contiguous()
-    n, k = w.shape[0], w.shape[1] * 2
-    xf = x.reshape(m, k).to(_F32).contiguous()
-    y = torch.empty((*x.shape[:-1], n), dtype=_F32)
-    if m and lib.loom_int4_tiles_gemm(xf.data_ptr(), tiles.contiguous().data_ptr(), w.data_ptr(), s.data_ptr(),
-                                      None if z is None else z.data_ptr(), s.dtype == torch.float16, y.data_ptr(),
-                                      m, n, k, group_size, pool_threads()):
-        raise MemoryError(f"loom::int4_linear: could not allocate {m}x{k} activation scratch")
-    return y if x.dtype == _F32 else y.to(x.dtype)
 
 
 def int4_tiles_int16() -> bool:
@@ -991,10 +980,7 @@ def _int4_a8_checks(x, packed, scale, zero, group_size, tiles) -> None:
     _check(x.dim() >= 1 and x.shape[-1] == packed.shape[1] * 2, op,
            f"x has {x.shape[-1] if x.dim() else 0} features but the packed weight expects {packed.shape[1] * 2}")
     if tiles is not None:
-        want = _a8_tile_bytes(packed.shape[0], packed.shape[1] * 2, scale, zero)
-        _check(tiles.dtype == torch.uint8 and tiles.dim() == 1 and tiles.numel() == want, op,
-               f"tiles must be the uint8 ({want},) layout int4_a8_tiles makes of these weights, got "
-               f"{tiles.dtype} {tuple(tiles.shape)}")
+        _tiles_layout_check(op, packed, scale, zero, tiles)
 
 
 def int4_a8_tiles(packed, scale, zero, group_size):

@@ -185,7 +185,7 @@ static void dense_tiles(const void *p, long begin, long end) {
 #define SG_NR 32
 #define SG_KC 64
 
-typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels, mblocks; } sg_job;
+typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels; } sg_job;
 
 #define SG_MC 128 /* activation rows per work item: their block of SG_KC inputs (32 KB) stays in L1/L2 */
 #define SG_PG 8   /* weight panels per work item (256 outputs): their SG_KC-input blocks (64 KB) stay in L2 */
@@ -233,6 +233,12 @@ static inline __attribute__((always_inline)) void sg_micro(const float *a, long 
     }
 }
 
+/* the lanes of a panel's two vectors that hold outputs n0..N-1 (the last panel may be partial) */
+static inline void sg_masks(long left, __mmask16 *m0, __mmask16 *m1) {
+    *m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
+    *m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+}
+
 /* work item i: rows of m-block i / groups, outputs of panel group i % groups; per block of SG_KC inputs, in
    order, every SG_MR-row group of the item against each of its panels (the same sums as any other loop order) */
 static void sg_items(const void *vp, long begin, long end) {
@@ -247,9 +253,9 @@ static void sg_items(const void *vp, long begin, long end) {
             for (long m = m_lo; m < m_hi; m += SG_MR) {
                 const float *a = j->x + m * K + k0;
                 for (long pn = p_lo; pn < p_hi; pn++) {
-                    long n0 = pn * SG_NR, left = N - n0;
-                    __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-                    __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                    long n0 = pn * SG_NR;
+                    __mmask16 m0, m1;
+                    sg_masks(N - n0, &m0, &m1);
                     const float *p = j->packed + pn * K * SG_NR + k0 * SG_NR;
                     float *c = j->y + m * N + n0;
                     switch (m_hi - m < SG_MR ? m_hi - m : SG_MR) {
@@ -267,9 +273,9 @@ static void sg_items(const void *vp, long begin, long end) {
         }
         if (j->bias)
             for (long pn = p_lo; pn < p_hi; pn++) {
-                long n0 = pn * SG_NR, left = N - n0;
-                __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1);
-                __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+                long n0 = pn * SG_NR;
+                __mmask16 m0, m1;
+                sg_masks(N - n0, &m0, &m1);
                 __m512 b0 = _mm512_maskz_loadu_ps(m0, j->bias + n0), b1 = _mm512_maskz_loadu_ps(m1, j->bias + n0 + 16);
                 for (long m = m_lo; m < m_hi; m++) {
                     float *c = j->y + m * N + n0;
@@ -288,7 +294,7 @@ static int sg_gemm(const float *x, const float *w, const float *bias, float *y, 
     long panels = (N + SG_NR - 1) / SG_NR, mblocks = (M + SG_MC - 1) / SG_MC;
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * SG_NR * K + 16));
     if (!packed) return -1;
-    sg_job job = {x, w, bias, y, packed, M, N, K, panels, mblocks};
+    sg_job job = {x, w, bias, y, packed, M, N, K, panels};
     if (M * N * K < (1L << 21)) threads = 1; /* a few dozen microseconds: not worth waking a helper */
     parallel_run(sg_pack, &job, panels, chunk_for(panels, threads), threads);
     long items = mblocks * ((panels + SG_PG - 1) / SG_PG);

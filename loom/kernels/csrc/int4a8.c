@@ -105,6 +105,15 @@ static inline void tile_params512(const uint8_t *p, long bs, int half, int hz, _
 }
 #endif
 
+/* rows 8h..8h+7 of a tile block's scales and zero points (8 where hz = 0); ps points past its 256 nibble bytes */
+static inline void tile_params256(const uint8_t *ps, int h, int half, int hz, __m256 *s, __m256 *z) {
+    *s = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 16 * h)))
+              : _mm256_loadu_ps((const float *)ps + 8 * h);
+    *z = !hz    ? _mm256_set1_ps(8.0f)
+         : half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 32 + 16 * h)))
+                : _mm256_loadu_ps((const float *)(ps + 64) + 8 * h);
+}
+
 #if A8_MB == 4
 #if defined(__AVX512VNNI__)
 /* inline asm: with the intrinsic gcc copied every accumulator to another register and back (as in int4.c) */
@@ -171,11 +180,8 @@ static inline __attribute__((always_inline)) void a8_tile(const a8_job *j, long 
         for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
         const uint8_t *ps = p + 256;
         for (int h = 0; h < 2; h++) { /* rows 8h..8h+7: the h-th 32 bytes of each 64-byte vector */
-            __m256 s = j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 16 * h)))
-                               : _mm256_loadu_ps((const float *)ps + 8 * h);
-            __m256 z = !j->hz ? _mm256_set1_ps(8.0f)
-                       : j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 32 + 16 * h)))
-                                 : _mm256_loadu_ps((const float *)(ps + 64) + 8 * h);
+            __m256 s, z;
+            tile_params256(ps, h, j->half, j->hz, &s, &z);
             __m256i lo[4], hi[4];
             for (int q = 0; q < 4; q++) {
                 __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * q + 32 * h));
@@ -362,11 +368,8 @@ static inline __attribute__((always_inline)) void t16_tile(const t16_job *j, lon
         const uint8_t *p = tile + b * bs, *ps = p + 256;
         for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
         for (int h = 0; h < 2; h++) {
-            __m256 s = j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 16 * h)))
-                               : _mm256_loadu_ps((const float *)ps + 8 * h);
-            __m256 z = !j->hz   ? _mm256_set1_ps(8.0f)
-                       : j->half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ps + 32 + 16 * h)))
-                                 : _mm256_loadu_ps((const float *)(ps + 64) + 8 * h);
+            __m256 s, z;
+            tile_params256(ps, h, j->half, j->hz, &s, &z);
             __m256i acc[T16_MB][2];
             for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
             for (int q = 0; q < 4; q++) {
