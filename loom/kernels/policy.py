@@ -126,6 +126,20 @@ def flash_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
             and 0 < qs[3] <= 256 and ks[1] > 0 and qs[1] % ks[1] == 0 and ks[2] > 0 and qs[2] > 0)
 
 
+def padded_flash_applies(q, k, v, mask, is_causal: bool, dropout: float) -> bool:
+    """An encoder's attention over a padded batch without autograd (loom::flash_attention with key counts, which the
+    caller still has to read from the mask: `models.common.key_lengths`): a bool (B | 1, 1, T | 1, S) mask, not
+    causal, no dropout, what flash_applies takes otherwise. Padding keys are skipped, not masked: at MiniLM's shapes
+    (32 texts, 12 heads, head dim 32, 30-120 tokens, fp32) 1.3-3x faster than SDPA with the mask (1 thread)."""
+    if (mask is None or is_causal or dropout or not enabled() or mask.dtype is not torch.bool or mask.dim() != 4
+            or not plain(mask) or torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+            or torch.is_autocast_enabled("cpu")):
+        return False
+    ms, qs = mask.shape, q.shape
+    return (q.dim() == 4 and qs[2] >= 2 and ms[0] in (1, qs[0]) and ms[1] == 1 and ms[2] in (1, qs[2])
+            and k.dim() == 4 and ms[3] == k.shape[2] and flash_applies(q, k, v, None, False, 0.0))
+
+
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Rotary embedding of (B, H, T, D) `x` over its whole head dim (loom::rope, bitwise apply_rotary's torch ops in
     every fp32/bf16 combination, forward and backward): plain CPU tensors, cos/sin (B|1, 1, T, D)."""

@@ -34,7 +34,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_int4_tiles_int16": (_I, []),
     "loom_int4_dequantize": (None, [_P, _P, _P, _I, _P, _L, _L, _L, _I]),
     "loom_int4_quantize_asymmetric": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
-    "loom_flash_attention": (_I, [_P, _P, _P, _P, _L, _L, _L, _P, _I, _L, _L, _L, _L, _L, _L, _F, _I, _I]),
+    "loom_flash_attention": (_I, [_P, _P, _P, _P, _L, _L, _L, _P, _I, _L, _L, _L, _L, _L, _L, _F, _I, _P, _P, _I]),
     "loom_flash_attention_backward": (_I, [_P, _P, _P, _P, _L, _L, _L, _P, _P, _L, _L, _L, _P, _P, _P, _I, _L, _L,
                                            _L, _L, _L, _L, _F, _I, _I]),
     "loom_rope": (None, [_P, _I, _L, _L, _L, _P, _P, _I, _L, _L, _P, _I, _L, _L, _L, _L, _I, _I]),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import weakref
 from contextvars import ContextVar
 from typing import NamedTuple
 
@@ -214,6 +215,27 @@ def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv
     return allowed
 
 
+_key_lengths_seen: tuple = (None, None)  # (weakref to the last mask read, its key counts or None)
+
+
+def key_lengths(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """(batch,) int64 key counts when the bool mask (B | 1, 1, T | 1, S) lets every query row of batch row b see
+    exactly the keys 0..n_b - 1 (a right-padded batch, as `attention_mask_for` makes an encoder's mask), else None.
+    Remembered for the last mask read (the layers of one forward share theirs; masks are made per forward and not
+    changed in place, and inference tensors keep no version counter to tell)."""
+    global _key_lengths_seen
+    ref, lens = _key_lengths_seen
+    if ref is not None and ref() is mask:
+        return lens
+    row = mask[:, 0, 0, :]
+    n = row.sum(-1)
+    lens = None
+    if bool((row == (torch.arange(mask.shape[3]) < n[:, None])).all()) and bool((mask == row[:, None, None, :]).all()):
+        lens = n.expand(batch).contiguous()
+    _key_lengths_seen = (weakref.ref(mask), lens)
+    return lens
+
+
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,
          dropout: float = 0.0, scale: float | None = None) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, T, D) tensors; grouped kv heads are expanded by SDPA itself.
@@ -221,7 +243,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     A single query per head on CPU without autograd (a decode step) goes to loom::decode_attention: ~10x less time
     than SDPA's dispatch for these sizes, fp32 sums as SDPA's, and no expanded kv heads. Attention over whole
     sequences without a mask (training, prefill) goes to loom::flash_attention (policy.flash_applies), rounded as
-    SDPA's CPU flash attention is."""
+    SDPA's CPU flash attention is, and so does an encoder's right-padded batch without autograd, its padding keys
+    skipped (policy.padded_flash_applies, `key_lengths`)."""
     if policy.attention_applies(q, k, v, mask, is_causal, dropout):
         return ops.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     if mask is None and not dropout:  # training or prefill without a mask: loom's kernel
@@ -231,6 +254,10 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             fq, fk, fv = (t.to(low) if t.dtype is torch.float32 else t for t in (q, k, v))
         if policy.flash_applies(fq, fk, fv, mask, is_causal, dropout):
             return ops.flash_attention(fq, fk, fv, scale if scale is not None else q.shape[-1] ** -0.5, is_causal)
+    elif policy.padded_flash_applies(q, k, v, mask, is_causal, dropout):  # an encoder's padded batch
+        lens = key_lengths(mask, q.shape[0])
+        if lens is not None:
+            return ops.flash_attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, False, lens)
     # a plain bool from the static sizes: under torch.jit.trace a comparison of traced sizes would be a tensor
     gqa = int(k.shape[1]) != int(q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal,

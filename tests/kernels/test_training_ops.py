@@ -391,3 +391,114 @@ def test_compiled_training_step_has_the_eager_gradients(tmp_path, backward_insid
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-6, atol=1e-6)
     for name, g in eager.items():
         torch.testing.assert_close(compiled[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# -- padded batches (encoders): key counts instead of a mask ---------------------------------------------------------
+def _padded(B, H, Hkv, T, D, dtype, lens, seed=0, heads_last=True):
+    """q (B, H, T, D), k and v (B, Hkv, T, D), as views of (B, T, heads, D) projections when heads_last (how the
+    models hand them over), with the padding mask of `lens`"""
+    g = torch.Generator().manual_seed(seed)
+    if heads_last:
+        q, k, v = (torch.randn(B, T, h, D, generator=g).to(dtype).transpose(1, 2) for h in (H, Hkv, Hkv))
+    else:
+        q, k, v = (torch.randn(B, h, T, D, generator=g).to(dtype) for h in (H, Hkv, Hkv))
+    lens = torch.tensor(lens, dtype=torch.int64)
+    mask = (torch.arange(T) < lens[:, None])[:, None, None, :].expand(B, 1, T, T)
+    return q, k, v, lens, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,T,D,lens,heads_last", [
+    (3, 4, 4, 37, 32, [37, 20, 1], True), (2, 6, 2, 70, 64, [5, 70], True), (4, 2, 1, 9, 9, [9, 3, 8, 2], False),
+    (2, 12, 12, 130, 32, [130, 65], True), (1, 2, 2, 16, 24, [16], False)])
+def test_flash_attention_with_key_counts_equals_sdpa_with_the_padding_mask(dtype, B, H, Hkv, T, D, lens, heads_last):
+    """Every query row, padding rows included, against SDPA with the padding mask: fp32 within SDPA's own error
+    against float64, bf16 within one bf16 step; the strided heads of a (B, T, H, D) projection are read in place."""
+    q, k, v, lens_t, mask = _padded(B, H, Hkv, T, D, dtype, lens, seed=T + D, heads_last=heads_last)
+    gqa = H != Hkv
+    with torch.no_grad():
+        mine = ops.flash_attention(q, k, v, D ** -0.5, False, lens_t)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        truth = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=gqa)
+    assert mine.dtype is dtype and mine.shape == (B, H, T, D)
+    if dtype is torch.float32:
+        assert (mine.double() - truth).abs().max() <= 1.5 * (sdpa.double() - truth).abs().max() + 1e-6
+    else:
+        torch.testing.assert_close(mine.float(), sdpa.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_flash_attention_with_key_counts_zero_keys_gradients_and_the_torch_path(monkeypatch):
+    """A batch row without keys gets zeros (SDPA's output for a fully masked row); gradients through key counts are
+    SDPA's with the mask (the kernel's backward takes none); the library off gives the same through torch."""
+    q, k, v, lens, mask = _padded(3, 2, 2, 11, 16, torch.float32, [11, 0, 4], seed=3)
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    g = torch.randn(3, 2, 11, 16, generator=torch.Generator().manual_seed(5))
+    mine, mine_g = _grads(lambda a, b, c: ops.flash_attention(a, b, c, 0.25, False, lens), q, k, v, g)
+    sdpa, sdpa_g = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=0.25),
+                          q, k, v, g)
+    assert torch.equal(mine[1], torch.zeros_like(mine[1]))
+    torch.testing.assert_close(mine, torch.nan_to_num(sdpa), rtol=1e-5, atol=1e-6)
+    for a, b in zip(mine_g, sdpa_g):
+        torch.testing.assert_close(a, torch.nan_to_num(b), rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(build, "library", lambda: None)
+    with torch.no_grad():
+        off = ops.flash_attention(q, k, v, 0.25, False, lens)
+    torch.testing.assert_close(off, mine, rtol=1e-5, atol=1e-6)
+
+
+def test_flash_attention_bad_key_counts_are_named():
+    q = torch.randn(2, 2, 3, 8)
+    with pytest.raises(ValueError, match=r"loom::flash_attention: lens must be a CPU int64 tensor of the 2 batch"):
+        ops_.flash_attention(q, q, q, 1.0, False, torch.tensor([3, 1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"lens must be a CPU int64 tensor of the 2 batch rows' key counts, got "
+                                         r"torch.int64 \(3,\)"):
+        ops_.flash_attention(q, q, q, 1.0, False, torch.tensor([3, 1, 2]))
+    torch.library.opcheck(ops_.flash_attention.default, (q, q, q, 0.5, False, torch.tensor([3, 1])))
+
+
+def test_padded_encoder_batches_take_key_counts_only_for_right_padding_without_autograd():
+    from loom.models.common import key_lengths
+    q, k, v, lens, mask = _padded(2, 2, 2, 5, 8, torch.float32, [5, 3])
+    with torch.no_grad():
+        assert policy.padded_flash_applies(q, k, v, mask, False, 0.0) == build.available()
+        assert not policy.padded_flash_applies(q, k, v, mask, True, 0.0)
+        assert not policy.padded_flash_applies(q, k, v, mask, False, 0.1)
+        assert not policy.padded_flash_applies(q, k, v, mask.float(), False, 0.0)  # an additive bias (MPNet)
+    assert not policy.padded_flash_applies(q.requires_grad_(True), k, v, mask, False, 0.0)  # training: SDPA
+    assert torch.equal(key_lengths(mask, 2), lens)
+    assert torch.equal(key_lengths(mask[:1], 2), torch.tensor([5, 5]))
+    left = mask.flip(-1)  # left padding: not a prefix of keys
+    assert key_lengths(left, 2) is None
+    window = mask.clone()
+    window[0, 0, 0, 4] = False  # query rows that see different keys (a local attention window)
+    assert key_lengths(window, 2) is None
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "electra"])
+def test_padded_encoder_batch_takes_key_counts_and_equals_the_reference(tmp_path, monkeypatch, family):
+    """An encoder's padded batch runs loom::flash_attention with key counts once per layer; its hidden states,
+    padding rows included, equal the reference's (fp32, 1e-5)."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+
+    cfg_cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig,
+               "distilbert": transformers.DistilBertConfig, "electra": transformers.ElectraConfig}[family]
+    kw = (dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64) if family == "distilbert" else
+          dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64))
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(cfg_cls(vocab_size=100, **kw)).save_pretrained(tmp_path)
+    ids = torch.randint(5, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, 7:] = 0
+    am[2, 2:] = 0
+    calls = []
+    real = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: calls.append(a[5] if len(a) > 5 else None) or real(*a))
+    with torch.no_grad():
+        mine = loom.AutoModel.from_pretrained(tmp_path)(input_ids=ids, attention_mask=am).last_hidden_state
+        ref = transformers.AutoModel.from_pretrained(tmp_path)(input_ids=ids, attention_mask=am).last_hidden_state
+    if build.available():
+        assert len(calls) == 2 and all(torch.equal(c, torch.tensor([12, 7, 2])) for c in calls)
+    else:
+        assert not calls
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)

@@ -13,9 +13,53 @@
 
 /* C (R x N, row stride ldc) (+)= A (R x L, A[r][l] at A + r * ars + l * als) @ B (L x N, row stride ldb); fp32.
    zero: C starts at 0 instead of its contents. Tiles of 4 rows x 16 columns keep 8 sums in registers. */
+#if defined(__AVX512F__)
+/* MR rows x 32 columns (the columns from n, `m0`/`m1` masking each 16-column half), sums over l in order as the
+   AVX2 tiles' (so every level gives the same value) */
+static inline __attribute__((always_inline)) void gemm_tile512(float *C, long ldc, const float *A, long ars, long als,
+                                                               const float *B, long ldb, long L, long n, int MR,
+                                                               __mmask16 m0, __mmask16 m1, int zero) {
+    __m512 s[8][2];
+    for (int r = 0; r < MR; r++) {
+        s[r][0] = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m0, C + r * ldc + n);
+        s[r][1] = zero ? _mm512_setzero_ps() : _mm512_maskz_loadu_ps(m1, C + r * ldc + n + 16);
+    }
+    const float *b = B + n;
+    for (long l = 0; l < L; l++, b += ldb) {
+        __m512 b0 = _mm512_maskz_loadu_ps(m0, b), b1 = _mm512_maskz_loadu_ps(m1, b + 16);
+#pragma GCC unroll 8
+        for (int r = 0; r < MR; r++) {
+            __m512 x = _mm512_set1_ps(A[r * ars + l * als]);
+            s[r][0] = _mm512_fmadd_ps(x, b0, s[r][0]);
+            s[r][1] = _mm512_fmadd_ps(x, b1, s[r][1]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        _mm512_mask_storeu_ps(C + r * ldc + n, m0, s[r][0]);
+        _mm512_mask_storeu_ps(C + r * ldc + n + 16, m1, s[r][1]);
+    }
+}
+#endif
+
 static void gemm_acc(float *C, long ldc, const float *A, long ars, long als, const float *B, long ldb, long R,
                      long L, long N, int zero) {
     long r = 0;
+#if defined(__AVX512F__)
+    /* 8 rows x 32 columns: 16 sums in registers, 2 loads and 8 broadcasts per 16 fused multiply-adds */
+    for (long n = 0; n < N; n += 32) {
+        const long left = N - n;
+        const __mmask16 m0 = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1),
+                        m1 = left >= 32 ? 0xffff : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1);
+        long rr = 0;
+        for (; rr + 8 <= R; rr += 8)
+            gemm_tile512(C + rr * ldc, ldc, A + rr * ars, ars, als, B, ldb, L, n, 8, m0, m1, zero);
+        for (; rr + 4 <= R; rr += 4)
+            gemm_tile512(C + rr * ldc, ldc, A + rr * ars, ars, als, B, ldb, L, n, 4, m0, m1, zero);
+        for (; rr < R; rr++)
+            gemm_tile512(C + rr * ldc, ldc, A + rr * ars, ars, als, B, ldb, L, n, 1, m0, m1, zero);
+    }
+    return;
+#endif
     for (; r + 4 <= R; r += 4) {
         const float *a0 = A + r * ars, *a1 = a0 + ars, *a2 = a1 + ars, *a3 = a2 + ars;
         float *c0 = C + r * ldc, *c1 = c0 + ldc, *c2 = c1 + ldc, *c3 = c2 + ldc;
@@ -184,24 +228,51 @@ typedef struct {
     const void *q, *k, *v, *o, *go; void *out, *gq, *gk, *gv; float *lse;
     long B, H, Hkv, T, S, D, o_sb, o_sh, o_st, g_sb, g_sh, g_st;
     float scale; int causal, bf16, failed;
+    const int64_t *lens; /* the forward's keys per batch row (a padded batch: keys 0..lens[b]-1 are real), or NULL */
+    long qs[3], ks[3], vs[3]; /* the forward's q, k, v strides (batch, head, row), unit stride along D */
 } fa_job;
+
+/* element offsets of row i of (b, head h) in q, and of row 0 of (b, kv head) in k and v */
+static inline long fa_q_at(const fa_job *j, long b, long h, long i) {
+    return b * j->qs[0] + h * j->qs[1] + i * j->qs[2];
+}
+static inline long fa_k_at(const fa_job *j, long b, long h) { return b * j->ks[0] + h * j->ks[1]; }
+static inline long fa_v_at(const fa_job *j, long b, long h) { return b * j->vs[0] + h * j->vs[1]; }
+
+/* the keys batch row b's queries see at most: lens[b] of a padded batch, else all S */
+static inline long fa_keys(const fa_job *j, long b) {
+    return j->lens && j->lens[b] < j->S ? (j->lens[b] > 0 ? j->lens[b] : 0) : j->S;
+}
+
+/* every output row of (b, h) zero and its log-sum-exp -inf: a padded batch row without keys (SDPA's zero output) */
+static void fa_zero_rows(fa_job *j, long b, long h) {
+    static const float zeros[256]; /* the head dim is at most 256 (ops.FLASH_MAX_HEAD_DIM) */
+    for (long i = 0; i < j->T; i++) {
+        store_row(j->out, b * j->o_sb + h * j->o_sh + i * j->o_st, zeros, j->D, 1.0f, j->bf16);
+        j->lse[(b * j->H + h) * j->T + i] = -INFINITY;
+    }
+}
 
 /* one (batch, kv head): the output rows and log-sum-exps of its group's query heads, FA_BQ rows at a time */
 static void fa_forward_unit(fa_job *j, long unit) {
     const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
+    const long Sb = fa_keys(j, b);
     const int bf16 = j->bf16;
+    if (Sb == 0) {
+        for (long h = hk * group; h < (hk + 1) * group; h++) fa_zero_rows(j, b, h);
+        return;
+    }
     const size_t es = bf16 ? 2 : 4;
     float *buf = malloc(sizeof(float) * (size_t)(2 * S * D + 2 * FA_BQ * D + FA_BQ * S));
     if (!buf) { j->failed = 1; return; }
     float *kt = buf, *vf = kt + S * D, *qf = vf + S * D, *acc = qf + FA_BQ * D, *s = acc + FA_BQ * D;
-    const long kv_off = (b * j->Hkv + hk) * S * D;
-    load_cols(kt, S, (const char *)j->k + kv_off * es, D, S, D, bf16);
-    load_rows(vf, (const char *)j->v + kv_off * es, D, S, D, bf16);
+    load_cols(kt, S, (const char *)j->k + fa_k_at(j, b, hk) * es, j->ks[2], Sb, D, bf16);
+    load_rows(vf, (const char *)j->v + fa_v_at(j, b, hk) * es, j->vs[2], Sb, D, bf16);
     for (long h = hk * group; h < (hk + 1) * group; h++) {
         for (long i0 = 0; i0 < T; i0 += FA_BQ) {
             const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ;
-            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S;
-            load_rows(qf, (const char *)j->q + ((b * j->H + h) * T + i0) * D * es, D, rows, D, bf16);
+            const long Se = j->causal ? (i0 + rows < Sb ? i0 + rows : Sb) : Sb;
+            load_rows(qf, (const char *)j->q + fa_q_at(j, b, h, i0) * es, j->qs[2], rows, D, bf16);
             gemm_acc(s, Se, qf, D, 1, kt, S, rows, D, Se, 1);
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
@@ -360,22 +431,24 @@ static void to_bf16(uint16_t *dst, const float *src, long n, long pad) {
 
 static void fa_forward_unit_bf16(fa_job *j, long unit) {
     const long T = j->T, S = j->S, D = j->D, b = unit / j->Hkv, hk = unit % j->Hkv, group = j->H / j->Hkv;
-    const long Sp = (S + 1) & ~1L, BQp = FA_BQ;
+    const long Sp = (S + 1) & ~1L, BQp = FA_BQ, Sb = fa_keys(j, b);
+    if (Sb == 0) {
+        for (long h = hk * group; h < (hk + 1) * group; h++) fa_zero_rows(j, b, h);
+        return;
+    }
     uint32_t *kp = malloc(sizeof(uint32_t) * (size_t)(D / 2 * S + Sp / 2 * D + BQp * Sp / 2));
     float *fbuf = malloc(sizeof(float) * (size_t)(FA_BQ * D + FA_BQ * S));
     if (!kp || !fbuf) { free(kp); free(fbuf); j->failed = 1; return; }
     uint32_t *vp = kp + D / 2 * S, *pb = vp + Sp / 2 * D;
     float *acc = fbuf, *s = acc + FA_BQ * D;
-    const long kv_off = (b * j->Hkv + hk) * S * D;
-    const uint16_t *k = (const uint16_t *)j->k + kv_off, *v = (const uint16_t *)j->v + kv_off;
-    pairs_by_column(kp, S, k, D, S, D);
-    pairs_of_rows(vp, v, D, S, D);
+    pairs_by_column(kp, S, (const uint16_t *)j->k + fa_k_at(j, b, hk), j->ks[2], Sb, D);
+    pairs_of_rows(vp, (const uint16_t *)j->v + fa_v_at(j, b, hk), j->vs[2], Sb, D);
     for (long h = hk * group; h < (hk + 1) * group; h++) {
         for (long i0 = 0; i0 < T; i0 += FA_BQ) {
             const long rows = T - i0 < FA_BQ ? T - i0 : FA_BQ;
-            const long Se = j->causal ? (i0 + rows < S ? i0 + rows : S) : S, Sep = (Se + 1) & ~1L;
-            const uint32_t *qb = (const uint32_t *)((const uint16_t *)j->q + ((b * j->H + h) * T + i0) * D);
-            gemm_bf16(s, Se, qb, D / 2, 1, kp, S, rows, D / 2, Se, 1);
+            const long Se = j->causal ? (i0 + rows < Sb ? i0 + rows : Sb) : Sb, Sep = (Se + 1) & ~1L;
+            const uint32_t *qb = (const uint32_t *)((const uint16_t *)j->q + fa_q_at(j, b, h, i0));
+            gemm_bf16(s, Se, qb, j->qs[2] / 2, 1, kp, S, rows, D / 2, Se, 1); /* q's row stride is even here */
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
                 const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
@@ -485,14 +558,21 @@ static void fa_backward_range(const void *p, long begin, long end) {
     }
 }
 
-/* Forward: q (B, H, T, D), k and v (B, Hkv, S, D) contiguous; out (B, H, T, D) at strides (o_sb, o_sh, o_st) with
-   unit stride along D; lse (B, H, T) fp32. Query head h reads kv head h / (H / Hkv); causal: query i sees keys
-   0..i. Returns 0, or -1 when out of scratch memory. */
+/* Forward: q (B, H, T, D), k and v (B, Hkv, S, D); out (B, H, T, D) at strides (o_sb, o_sh, o_st) with unit stride
+   along D; lse (B, H, T) fp32. Query head h reads kv head h / (H / Hkv); causal: query i sees keys 0..i.
+   strides (9 values, or NULL for contiguous q, k, v): q's batch, head and row strides, then k's, then v's, in
+   elements, unit stride along D (bf16 with an even head dim: q's row stride even). lens (B values, or NULL): batch
+   row b's queries see only keys 0..lens[b]-1 (a right-padded batch, as an encoder's padding mask gives it: every
+   query row, padding included, attends to them as SDPA's with that mask), and a row with lens[b] <= 0 gets zero
+   outputs and -inf log-sum-exps. Returns 0, or -1 when out of scratch memory. */
 int loom_flash_attention(const void *q, const void *k, const void *v, void *out, long o_sb, long o_sh, long o_st,
                          float *lse, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale,
-                         int causal, int threads) {
+                         int causal, const int64_t *lens, const int64_t *strides, int threads) {
     fa_job job = {q, k, v, NULL, NULL, out, NULL, NULL, NULL, lse, B, H, Hkv, T, S, D, o_sb, o_sh, o_st, 0, 0, 0,
-                  scale, causal, bf16, 0};
+                  scale, causal, bf16, 0, lens, {H * T * D, T * D, D}, {Hkv * S * D, S * D, D},
+                  {Hkv * S * D, S * D, D}};
+    if (strides)
+        for (int i = 0; i < 3; i++) job.qs[i] = strides[i], job.ks[i] = strides[3 + i], job.vs[i] = strides[6 + i];
     parallel_run(fa_forward_range, &job, B * Hkv, 1, threads);
     return job.failed ? -1 : 0;
 }
@@ -504,7 +584,7 @@ int loom_flash_attention_backward(const void *q, const void *k, const void *v, c
                                   void *dq, void *dk, void *dv, int bf16, long B, long H, long Hkv, long T, long S,
                                   long D, float scale, int causal, int threads) {
     fa_job job = {q, k, v, out, grad_out, NULL, dq, dk, dv, (float *)lse, B, H, Hkv, T, S, D, o_sb, o_sh, o_st,
-                  g_sb, g_sh, g_st, scale, causal, bf16, 0};
+                  g_sb, g_sh, g_st, scale, causal, bf16, 0, NULL};
     parallel_run(fa_backward_range, &job, B * Hkv, 1, threads);
     return job.failed ? -1 : 0;
 }

@@ -136,8 +136,9 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
 }
 
 /* weights n0..n1-1 against one activation row m0: the same sums in the same order as dense_block(T = 1, MB = 1), in
-   a plain loop over the rows. Through dense_block's general tile code, one row at a time streamed 8-15% slower from
-   memory (Zen 5, fp32, the same inner loop): its per-row bookkeeping sat between one row's last loads and the next's. */
+   a plain loop over the rows. Through dense_block's general tile code, one row at a time streamed 8-15% slower
+   from memory (Zen 5, fp32, the same inner loop): its per-row bookkeeping sat between one row's last loads and the
+   next's. */
 static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j, long n0, long n1, long m0, int mode) {
     const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
     const int xbf16 = mode == W_BF16_DOT;
