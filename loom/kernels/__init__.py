@@ -11,6 +11,6 @@ threads.py   thread counts and the decode loop's hand-off between torch and the 
 This package imports nothing else from loom; it is the only place with ctypes and raw pointers.
 """
 from loom.kernels import ops  # noqa: F401  (registers torch.ops.loom.*)
-from loom.kernels.linear import KernelLinear, is_plain_linear, use_kernels_
+from loom.kernels.linear import KernelLinear, is_plain_linear, linear_act, use_kernels_
 
-__all__ = ["KernelLinear", "is_plain_linear", "use_kernels_"]
+__all__ = ["KernelLinear", "is_plain_linear", "linear_act", "use_kernels_"]

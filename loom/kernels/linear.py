@@ -54,6 +54,21 @@ class KernelLinear(nn.Linear):
                 and not nn.modules.module._global_forward_pre_hooks)
 
 
+def linear_act(linear: nn.Module, act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """act(linear(x)). The exact GELU (`nn.GELU()`) after loom's own Linear in inference, on more fp32 rows than
+    decode sizes where the blocked GEMM takes them, is one loom::dense_gelu call: the activation is applied while
+    each output block is still in cache instead of in a second pass over the whole intermediate (an encoder's up
+    projection: ~5% of MiniLM's time was torch's GELU). A hooked or replaced module runs as written."""
+    if (type(act) is nn.GELU and act.approximate == "none" and type(linear) is KernelLinear
+            and x.dtype is torch.float32 and not torch.is_grad_enabled() and policy.plain(x)
+            and not act._forward_hooks and not act._forward_pre_hooks and "forward" not in act.__dict__):
+        rows, b = policy.rows_of(x), linear.bias
+        if (rows > policy.MAX_ROWS and linear.uses_kernels(rows, torch.float32)
+                and (b is None or policy.plain(b) and b.dtype is torch.float32)):
+            return ops.dense_gelu(x, linear.weight, b)
+    return act(linear(x))
+
+
 def is_plain_linear(module: nn.Module) -> bool:
     """An `nn.Linear` itself or loom's kernel Linear (not a quantized or adapter subclass)."""
     return type(module) is nn.Linear or type(module) is KernelLinear

@@ -154,6 +154,48 @@ dense_linear = _define("dense_linear(Tensor x, Tensor weight, Tensor? bias) -> T
                        _dense_backward, _dense_setup, grad_args=(0, 1, 2))
 
 
+# -- dense linear then GELU (inference): gelu(x @ weight.T + bias), the activation applied in the GEMM's last pass --
+def _dense_gelu_checks(x, weight, bias) -> None:
+    _dense_checks(x, weight, bias)
+    _check(x.dtype is _F32 and weight.dtype is _F32 and (bias is None or bias.dtype is _F32), "dense_gelu",
+           f"takes fp32 x, weight and bias, got {x.dtype}, {weight.dtype}, {None if bias is None else bias.dtype}")
+
+
+def _dense_gelu_cpu(x, weight, bias):
+    _dense_gelu_checks(x, weight, bias)
+    n, k = weight.shape
+    m = rows_of(x)
+    lib = build.library()
+    if lib is None or m <= MAX_ROWS or not build.has("loom_dense_blocked"):
+        return F.gelu(F.linear(x, weight, bias))
+    x2, w = x.contiguous(), weight.contiguous()
+    b = None if bias is None else bias.contiguous()
+    y = torch.empty((*x.shape[:-1], n), dtype=x.dtype)
+    if lib.loom_dense_gelu(x2.data_ptr(), w.data_ptr(), None if b is None else b.data_ptr(), y.data_ptr(), m, n, k,
+                           pool_threads()) != 0:
+        raise MemoryError(f"loom::dense_gelu: could not allocate the packed {n}x{k} weight")
+    return y
+
+
+def _dense_gelu_fake(x, weight, bias):
+    _dense_gelu_checks(x, weight, bias)
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_dense_gelu = _define("dense_gelu(Tensor x, Tensor weight, Tensor? bias) -> Tensor", _dense_gelu_cpu,
+                      _dense_gelu_fake)
+
+
+def dense_gelu(x, weight, bias):
+    """GELU (the erf form, as nn.GELU()) of x @ weight.T + bias, all fp32, for inference: more than decode-size rows
+    run loom's blocked GEMM with the activation applied while each output block is in cache (within 2e-7 of torch's
+    GELU, whose erf is the same approximation); otherwise torch's ops, which also serve a call that wants a
+    gradient (the operator has no backward of its own)."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias is not None and bias.requires_grad):
+        return F.gelu(F.linear(x, weight, bias))
+    return _dense_gelu(x, weight, bias)
+
+
 # -- RMSNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim ------------------------------------------------
 def _norm_checks(x, weight, op: str = "rms_norm") -> None:
     _check_strided(op, x=x, weight=weight)

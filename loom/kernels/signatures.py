@@ -12,6 +12,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_pool_helpers": (_I, []),
     "loom_pool_selftest": (_I, [_L, _L, _L, _I, _L, _L, _L]),
     "loom_dense_blocked": (_I, []),
+    "loom_dense_gelu": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
     "loom_dense_gemm": (_I, [_P, _I, _P, _I, _P, _I, _P, _I, _L, _L, _L, _I]),
     "loom_rms_norm": (None, [_P, _P, _P, _I, _L, _L, _F, _I]),
     "loom_rms_norm_1p": (None, [_P, _P, _P, _I, _L, _L, _F, _I]),

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
+from loom.kernels import linear_act
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
 from loom.models.common import activation, attention, attention_mask_for, causal_inputs, causal_lm_loss, \
@@ -174,7 +175,7 @@ class BertIntermediate(nn.Module):
         self.intermediate_act_fn = activation(config.hidden_act)
 
     def forward(self, x):
-        return self.intermediate_act_fn(self.dense(x))
+        return linear_act(self.dense, self.intermediate_act_fn, x)
 
 
 class BertOutput(nn.Module):

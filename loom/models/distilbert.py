@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
+from loom.kernels import linear_act
 from loom.modeling import PreTrainedModel
 from loom.models.bert import Dropout, absolute_positions
 from loom.models.common import activation, attention, attention_mask_for, check_activation, check_inputs, \
@@ -90,7 +91,7 @@ class FFN(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.lin2(self.activation(self.lin1(x))))
+        return self.dropout(self.lin2(linear_act(self.lin1, self.activation, x)))
 
 
 class TransformerBlock(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from loomtest import kernels_on, runs_at_levels
 
-from loom.kernels import build, policy
+from loom.kernels import build, ops, policy
 
 ops_ = torch.ops.loom
 F32, BF16 = torch.float32, torch.bfloat16
@@ -221,3 +221,92 @@ def test_fp32_rows_beyond_decode_sizes_take_the_blocked_gemm_where_it_wins(rows,
     x, w, b = _args(rows, k, n, xt=dtype, wt=dtype, bt=dtype)
     with torch.set_grad_enabled(grad):
         assert policy.dense_applies(x, w, b) == (taken and kernels_on() and policy.fp32_gemm())
+
+
+# -- GELU in the blocked GEMM's last pass (loom::dense_gelu, encoders' up projections) -------------------------------
+def _gelu_truth(y: torch.Tensor) -> torch.Tensor:
+    """x / 2 * (1 + erf(x / sqrt 2)) in float64, through erfc for negative x (1 + erf loses its digits there)"""
+    y = y.double()
+    return 0.5 * y * torch.where(y < 0, torch.special.erfc(-y / 2 ** 0.5), 1 + torch.erf(y / 2 ** 0.5))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("rows,k,n", [(17, 64, 32), (33, 100, 70), (130, 384, 200), (64, 1, 5)])
+def test_dense_gelu_is_gelu_of_the_product_within_torchs_own_error(rows, k, n, bias):
+    """Against float64 GELU of the float64 product: no further off than torch's F.gelu of its own product, and
+    within 2e-6 of torch's GELU of loom's product (torch's own error reaches 1.2e-6)."""
+    x, w, b = _args(rows, k, n, bias=bias, seed=11)
+    with torch.no_grad():
+        got = torch.ops.loom.dense_gelu(x, w, b)
+        lin = ops_.dense_linear(x, w, b)
+    truth = _gelu_truth(F.linear(x.double(), w.double(), None if b is None else b.double()))
+    torch_err = (F.gelu(F.linear(x, w, b)).double() - truth).abs().max()
+    assert got.shape == (rows, n) and got.dtype is F32
+    assert (got.double() - truth).abs().max() <= torch_err + 2e-6 * truth.abs().max()
+    torch.testing.assert_close(got, F.gelu(lin), rtol=1e-6, atol=2e-6)
+
+
+def test_dense_gelu_values_specials_and_the_torch_paths(monkeypatch):
+    """Every bias value through the activation (x = 0): float64-exact GELU within 5e-7 (torch's: 1.2e-6), the
+    infinities and NaN give NaN; 16 rows or fewer, a wanted gradient and the library off take torch's ops."""
+    v = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])])
+    x, w = torch.zeros(20, 3), torch.zeros(v.numel(), 3)
+    with torch.no_grad():
+        got = ops.dense_gelu(x, w, v)[0]
+    fin = v.isfinite()
+    assert (got[fin].double() - _gelu_truth(v[fin])).abs().max() <= 5e-7
+    assert got[~fin].isnan().all()
+    x, w, b = _args(16, 40, 24, seed=2)
+    with torch.no_grad():
+        assert torch.equal(ops.dense_gelu(x, w, b), F.gelu(F.linear(x, w, b)))  # decode sizes: torch's
+    xg = _args(40, 40, 24, seed=2)[0].requires_grad_(True)
+    out = ops.dense_gelu(xg, w, b)
+    out.sum().backward()
+    assert xg.grad is not None and torch.equal(out, F.gelu(F.linear(xg, w, b)))
+    monkeypatch.setattr(build, "library", lambda: None)
+    x = xg.detach()
+    with torch.no_grad():
+        assert torch.equal(ops.dense_gelu(x, w, b), F.gelu(F.linear(x, w, b)))
+
+
+def test_dense_gelu_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="loom::dense_gelu: takes fp32 x, weight and bias, got torch.bfloat16"):
+        torch.ops.loom.dense_gelu(torch.randn(20, 8).bfloat16(), torch.randn(4, 8).bfloat16(), None)
+    with pytest.raises(ValueError, match="x has 8 features but weight"):
+        torch.ops.loom.dense_gelu(torch.randn(20, 8), torch.randn(4, 9), None)
+    torch.library.opcheck(torch.ops.loom.dense_gelu.default, (torch.randn(20, 8), torch.randn(4, 8), torch.randn(4)))
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_encoder_up_projection_takes_dense_gelu_and_equals_the_reference(tmp_path, monkeypatch, family):
+    """An encoder's intermediate Linear + exact GELU on more than decode-size fp32 rows is one loom::dense_gelu call
+    per layer (where the level has the blocked GEMM) and the hidden states equal the reference's; a hook on the
+    Linear keeps the two modules' own calls."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+
+    if family == "bert":
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=512)
+    else:
+        cfg = transformers.DistilBertConfig(vocab_size=100, dim=128, n_layers=2, n_heads=4, hidden_dim=512)
+    torch.manual_seed(0)
+    transformers.AutoModel.from_config(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(5, 100, (2, 24), generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = ops.dense_gelu
+    monkeypatch.setattr(ops, "dense_gelu", lambda *a: calls.append(1) or real(*a))
+    model = loom.AutoModel.from_pretrained(tmp_path)
+    with torch.no_grad():
+        mine = model(input_ids=ids).last_hidden_state
+        ref = transformers.AutoModel.from_pretrained(tmp_path)(input_ids=ids).last_hidden_state
+    assert len(calls) == (2 if kernels_on() and policy.fp32_gemm() else 0)
+    torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+    up = model.encoder.layer[0].intermediate.dense if family == "bert" else model.transformer.layer[0].ffn.lin1
+    seen = []
+    up.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    calls.clear()
+    with torch.no_grad():
+        hooked = model(input_ids=ids).last_hidden_state
+    assert seen == [(2, 24, 512)] and len(calls) == (1 if kernels_on() and policy.fp32_gemm() else 0)
+    torch.testing.assert_close(hooked, mine, rtol=1e-6, atol=1e-6)

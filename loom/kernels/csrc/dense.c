@@ -241,7 +241,47 @@ static void dense_tiles(const void *p, long begin, long end) {
 #define SG_NR 32
 #define SG_KC 64
 
-typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels; } sg_job;
+typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels; int gelu; } sg_job;
+
+/* e^x for 16 lanes: exp8's range reduction and polynomial at 512 bits (-inf gives 0) */
+static inline __m512 exp16(__m512 x) {
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507E-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073E-3f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894E-2f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459E-1f));
+    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201E-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
+}
+
+/* GELU with the error function, x / 2 * (1 + erf(x / sqrt 2)), as torch's exact GELU: erf(z) = 1 - t (a1 + t (a2 +
+   t (a3 + t (a4 + t a5)))) e^(-z^2), t = 1 / (1 + p |z|), sign of z (Abramowitz and Stegun 7.1.26, |error| <=
+   1.5e-7, the approximation torch's vectorized erf uses too), but 1 + erf(z) for negative z taken as erfc(|z|)
+   itself, whose digits torch's 1 + erf loses (x = -5: torch 10% off the true 1.4e-6, this 1e-5). NaN stays NaN,
+   and +-inf give NaN, as torch's vectorized GELU gives them. */
+static inline __m512 gelu16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)), a = _mm512_abs_ps(z);
+    __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+    __m512 r = _mm512_fmadd_ps(_mm512_set1_ps(1.061405429f), t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), z), z));
+    __m512 q = _mm512_mul_ps(_mm512_mul_ps(r, t), e); /* 1 - erf(|z|) */
+    /* 1 + erf(z): 2 - q, or q itself below zero (not 1 - (1 - q), which loses q's digits to rounding) */
+    __m512 s = _mm512_mask_sub_ps(q, _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_GE_OQ), _mm512_set1_ps(2.0f), q);
+    __m512 y = _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), s);
+    return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(a, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ), _mm512_set1_ps(NAN));
+}
 
 #define SG_MC 128 /* activation rows per work item: their block of SG_KC inputs (32 KB) stays in L1/L2 */
 #define SG_PG 8   /* weight panels per work item (256 outputs): their SG_KC-input blocks (64 KB) stay in L2 */
@@ -327,16 +367,20 @@ static void sg_items(const void *vp, long begin, long end) {
                 }
             }
         }
-        if (j->bias)
+        if (j->bias || j->gelu) /* the bias, then GELU, while the item's outputs are still in cache */
             for (long pn = p_lo; pn < p_hi; pn++) {
                 long n0 = pn * SG_NR;
                 __mmask16 m0, m1;
                 sg_masks(N - n0, &m0, &m1);
-                __m512 b0 = _mm512_maskz_loadu_ps(m0, j->bias + n0), b1 = _mm512_maskz_loadu_ps(m1, j->bias + n0 + 16);
+                __m512 b0 = _mm512_setzero_ps(), b1 = b0;
+                if (j->bias) b0 = _mm512_maskz_loadu_ps(m0, j->bias + n0), b1 = _mm512_maskz_loadu_ps(m1, j->bias + n0 + 16);
                 for (long m = m_lo; m < m_hi; m++) {
                     float *c = j->y + m * N + n0;
-                    _mm512_mask_storeu_ps(c, m0, _mm512_add_ps(_mm512_maskz_loadu_ps(m0, c), b0));
-                    _mm512_mask_storeu_ps(c + 16, m1, _mm512_add_ps(_mm512_maskz_loadu_ps(m1, c + 16), b1));
+                    __m512 y0 = _mm512_maskz_loadu_ps(m0, c), y1 = _mm512_maskz_loadu_ps(m1, c + 16);
+                    if (j->bias) y0 = _mm512_add_ps(y0, b0), y1 = _mm512_add_ps(y1, b1);
+                    if (j->gelu) y0 = gelu16(y0), y1 = gelu16(y1);
+                    _mm512_mask_storeu_ps(c, m0, y0);
+                    _mm512_mask_storeu_ps(c + 16, m1, y1);
                 }
             }
     }
@@ -345,12 +389,12 @@ static void sg_items(const void *vp, long begin, long end) {
 int loom_dense_blocked(void) { return 1; }
 
 /* Scratch: the packed weight, N rounded up to 32 times K floats. Returns 0, or -1 when out of memory. */
-static int sg_gemm(const float *x, const float *w, const float *bias, float *y, long M, long N, long K,
+static int sg_gemm(const float *x, const float *w, const float *bias, float *y, long M, long N, long K, int gelu,
                    int threads) {
     long panels = (N + SG_NR - 1) / SG_NR, mblocks = (M + SG_MC - 1) / SG_MC;
     float *packed = aligned_alloc(64, sizeof(float) * (size_t)(panels * SG_NR * K + 16));
     if (!packed) return -1;
-    sg_job job = {x, w, bias, y, packed, M, N, K, panels};
+    sg_job job = {x, w, bias, y, packed, M, N, K, panels, gelu};
     if (M * N * K < (1L << 21)) threads = 1; /* a few dozen microseconds: not worth waking a helper */
     parallel_run(sg_pack, &job, panels, chunk_for(panels, threads), threads);
     long items = mblocks * ((panels + SG_PG - 1) / SG_PG);
@@ -358,8 +402,19 @@ static int sg_gemm(const float *x, const float *w, const float *bias, float *y, 
     free(packed);
     return 0;
 }
+/* y = GELU(x W^T + bias) for fp32 x (M > 16 rows), W, bias (or NULL): the blocked GEMM with GELU (gelu16) applied
+   to each output once its sum and bias are in. Returns 0, -1 when out of scratch memory. */
+int loom_dense_gelu(const float *x, const float *w, const float *bias, float *y, long M, long N, long K, int threads) {
+    if (M <= 0 || N <= 0) return 0;
+    return sg_gemm(x, w, bias, y, M, N, K, 1, threads);
+}
 #else
 int loom_dense_blocked(void) { return 0; }
+
+int loom_dense_gelu(const float *x, const float *w, const float *bias, float *y, long M, long N, long K, int threads) {
+    (void)x, (void)w, (void)bias, (void)y, (void)M, (void)N, (void)K, (void)threads;
+    return -2; /* no blocked GEMM at this level: policy.fp32_gemm_takes says no first */
+}
 #endif
 
 /* x is fp32 (xbf16 = 0) or bf16; w, bias, y each fp32 or bf16. Returns 0, or -1 when out of scratch memory. */
@@ -367,7 +422,7 @@ int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const vo
                     int ybf16, long M, long N, long K, int threads) {
     if (M <= 0 || N <= 0) return 0;
 #if defined(__AVX512F__)
-    if (M > 16 && K > 0 && !xbf16 && !wbf16 && !bbf16 && !ybf16) return sg_gemm(x, w, bias, y, M, N, K, threads);
+    if (M > 16 && K > 0 && !xbf16 && !wbf16 && !bbf16 && !ybf16) return sg_gemm(x, w, bias, y, M, N, K, 0, threads);
 #endif
     int mode = !wbf16 ? W_F32 : W_BF16;
 #if defined(__AVX512BF16__)

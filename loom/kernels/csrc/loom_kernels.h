@@ -12,6 +12,7 @@ LOOM_API void loom_set_spin(int spins);
 LOOM_API int loom_pool_helpers(void);
 LOOM_API int loom_pool_selftest(long jobs, long total, long chunk, int threads, long item_pauses, long helper_pauses, long publish_pauses);
 LOOM_API int loom_dense_blocked(void);
+LOOM_API int loom_dense_gelu(const float *x, const float *w, const float *bias, float *y, long M, long N, long K, int threads);
 LOOM_API int loom_dense_gemm(const void *x, int xbf16, const void *w, int wbf16, const void *bias, int bbf16, void *y, int ybf16, long M, long N, long K, int threads);
 LOOM_API void loom_rms_norm(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads);
 LOOM_API void loom_rms_norm_1p(const void *x, const void *w, void *y, int bf16, long rows, long n, float eps, int threads);
