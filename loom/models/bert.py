@@ -1,6 +1,8 @@
 """BERT: bidirectional post-LayerNorm encoder with absolute positions and token types, plus the usual heads."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +12,8 @@ from loom.kernels import linear_act
 from loom.modeling import PreTrainedModel
 from loom.models.cache import DynamicCache
 from loom.models.common import activation, attention, attention_mask_for, causal_inputs, causal_lm_loss, \
-    check_inputs, classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
+    check_inputs, classification_loss, encoder_threads, maybe_checkpoint, recording_attentions, span_outputs, \
+    token_loss
 from loom.outputs import ModelOutput
 
 
@@ -322,7 +325,9 @@ class BertModel(BertPreTrainedModel):
         x = self.embed(input_ids, token_type_ids, position_ids, inputs_embeds)
         if output_hidden_states or output_attentions:
             keep_first = None
-        x, hidden, attentions = self.encoder(x, mask, output_hidden_states, keep_first, output_attentions, decoding)
+        with encoder_threads(self.encoder, x, mask, self.config) if not decoding else contextlib.nullcontext():
+            x, hidden, attentions = self.encoder(x, mask, output_hidden_states, keep_first, output_attentions,
+                                                 decoding)
         cross = None
         if attentions is not None and encoder_hidden_states is not None:  # each layer recorded itself, then cross
             attentions, cross = attentions[0::2], attentions[1::2]

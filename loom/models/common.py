@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loom.configuration import ConfigFieldError
-from loom.kernels import KernelLinear, ops, policy
+from loom.kernels import KernelLinear, ops, policy, threads
 from loom.models.cache import Cache, DynamicCache, LayeredCache, StaticCache
 
 ACTIVATIONS = {
@@ -234,6 +234,20 @@ def key_lengths(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
         lens = n.expand(batch).contiguous()
     _key_lengths_seen = (weakref.ref(mask), lens)
     return lens
+
+
+def encoder_threads(layers: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, config):
+    """Context for an encoder's layers on `x` (B, T, hidden) with its attention `mask`: where loom's kernels carry
+    every product (policy.encoder_on_kernels) and the attention (SDPA implementation, no mask or a right-padded one),
+    torch's own ops run on one thread meanwhile (`kernels_own_threads`); otherwise nothing changes."""
+    B, T = x.shape[:2]
+    if (getattr(config, "_attn_implementation", None) == "sdpa" and not _recording_open and x.is_cpu
+            and policy.encoder_on_kernels(layers, B * T, x.dtype)
+            and (mask is None or mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1] == 1
+                 and mask.shape[0] in (1, B) and mask.shape[2] in (1, T) and mask.shape[3] == T
+                 and key_lengths(mask, B) is not None)):
+        return threads.kernels_own_threads()
+    return contextlib.nullcontext()
 
 
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool,

@@ -12,7 +12,7 @@ from loom.kernels import linear_act
 from loom.modeling import PreTrainedModel
 from loom.models.bert import Dropout, absolute_positions
 from loom.models.common import activation, attention, attention_mask_for, check_activation, check_inputs, \
-    classification_loss, maybe_checkpoint, recording_attentions, span_outputs, token_loss
+    classification_loss, encoder_threads, maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.outputs import ModelOutput
 
 
@@ -164,7 +164,8 @@ class DistilBertModel(DistilBertPreTrainedModel):
         x = self.embeddings(input_ids, inputs_embeds, position_ids)
         T = x.shape[1]
         mask, _ = attention_mask_for(attention_mask, T, 0, T, causal=False, device=x.device)
-        x, hidden, attentions = self.transformer(x, mask, output_hidden_states, output_attentions)
+        with encoder_threads(self.transformer, x, mask, self.config):
+            x, hidden, attentions = self.transformer(x, mask, output_hidden_states, output_attentions)
         return ModelOutput(last_hidden_state=x, hidden_states=tuple(hidden) if hidden is not None else None,
                            attentions=tuple(attentions) if attentions is not None else None)
 

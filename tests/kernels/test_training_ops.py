@@ -502,3 +502,47 @@ def test_padded_encoder_batch_takes_key_counts_and_equals_the_reference(tmp_path
     else:
         assert not calls
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_layers_hand_torch_one_thread_only_where_the_kernels_carry_them(tmp_path, monkeypatch):
+    """An encoder forward whose products and attention all run in loom's kernels (fp32 blocked GEMM, flash attention
+    with key counts) runs torch's own ops on one thread meanwhile (the decode hand-off); left padding, autograd,
+    recorded attentions or a hooked Linear keep torch's threads. The hidden states do not depend on it."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+    from loom.kernels import threads
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=512)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    model = loom.AutoModel.from_pretrained(tmp_path)
+    ids = torch.randint(5, 100, (2, 40), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, 30:] = 0
+    seen = []
+    real = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: seen.append(
+        (threads.handoffs_in_force(), torch.get_num_threads())) or real(*a))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            handed = model(input_ids=ids, attention_mask=am).last_hidden_state
+        on = build.available() and policy.fp32_gemm()
+        assert seen == ([(1, 1)] * 2 if on else [(0, 2)] * 2 if build.available() else [])
+        for case in ("left", "grad", "attentions", "hook"):
+            seen.clear()
+            mask = am.flip(-1) if case == "left" else am
+            handle = (model.encoder.layer[1].output.dense.register_forward_hook(lambda *a: None)
+                      if case == "hook" else None)
+            with torch.set_grad_enabled(case == "grad"):
+                out = model(input_ids=ids, attention_mask=mask, output_attentions=case == "attentions")
+            assert all(h == 0 and n == 2 for h, n in seen), case
+            if handle is not None:
+                handle.remove()
+                torch.testing.assert_close(out.last_hidden_state, handed, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+    ref = transformers.BertModel.from_pretrained(tmp_path)(input_ids=ids, attention_mask=am).last_hidden_state
+    torch.testing.assert_close(handed, ref, rtol=1e-5, atol=1e-5)
