@@ -128,3 +128,29 @@ def test_dispatch_modes_see_every_matmul(family):
         out = model(_ids(7, batch=1, length=1), use_cache=False).logits
     assert recorder.products >= linears
     torch.testing.assert_close(out, _logits(model, _ids(7, batch=1, length=1)))
+
+
+def test_jit_trace_of_a_padded_encoder_keeps_the_padding_of_each_call():
+    """An encoder's padded batch reads its key counts back to the host in eager mode (loom::flash_attention with key
+    counts); a trace must not bake in that the example's padding had that form: traced on right padding, run on left
+    padding, equal to eager."""
+    torch.manual_seed(0)
+    model = loom.BertModel(loom.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64)).eval()
+
+    class Hidden(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, ids, mask):
+            return self.m(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    ids = torch.randint(5, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    first, other = torch.ones_like(ids), torch.ones_like(ids)
+    first[1, 6:] = 0
+    other[0, :3] = 0  # left padding: no key counts describe it
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(Hidden(model), (ids, first))
+        torch.testing.assert_close(traced(ids, other), Hidden(model)(ids, other), rtol=1e-5, atol=1e-5)

@@ -1389,7 +1389,7 @@ def token_nll(logits, labels, ignore_index: int = -100):
 FLASH_MAX_HEAD_DIM = 256
 
 
-def _flash_checks(q, k, v, scale, causal, lens=None) -> None:
+def _flash_checks(q, k, v, scale, causal, lens=None, bias=None) -> None:
     op = "flash_attention"
     _check_strided(op, q=q, k=k, v=v)
     _check_float(op, "q", q)
@@ -1408,6 +1408,13 @@ def _flash_checks(q, k, v, scale, causal, lens=None) -> None:
                and lens.shape[0] == B and lens.device.type == "cpu", op,
                f"lens must be a CPU int64 tensor of the {B} batch rows' key counts, got "
                f"{getattr(lens, 'dtype', type(lens).__name__)} {tuple(getattr(lens, 'shape', ()))}")
+    if bias is not None:
+        T, S = q.shape[2], k.shape[2]
+        _check(isinstance(bias, torch.Tensor) and bias.dtype in (_F32, q.dtype) and bias.dim() == 4
+               and bias.shape[0] in (1, B) and bias.shape[1] in (1, H) and bias.shape[2] == T and bias.shape[3] == S
+               and bias.device.type == "cpu", op,
+               f"bias must be a CPU float32 or {q.dtype} tensor of shape (B={B} or 1, H={H} or 1, T={T}, S={S}), got "
+               f"{getattr(bias, 'dtype', type(bias).__name__)} {tuple(getattr(bias, 'shape', ()))}")
 
 
 def _lens_mask(lens, S: int):
@@ -1415,81 +1422,95 @@ def _lens_mask(lens, S: int):
     return (torch.arange(S) < lens[:, None])[:, None, None, :]
 
 
-def flash_attention_reference(q, k, v, scale: float, causal: bool, lens=None):
+def flash_attention_reference(q, k, v, scale: float, causal: bool, lens=None, bias=None):
     gqa = int(k.shape[1]) != int(q.shape[1])
-    if lens is None:
+    if lens is None and bias is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
-    mask = _lens_mask(lens, k.shape[2])
+    T, S = q.shape[2], k.shape[2]
+    mask = torch.ones(1, 1, 1, S, dtype=torch.bool) if lens is None else _lens_mask(lens, S)
     if causal:
-        mask = mask & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool).tril()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        mask = mask & torch.ones(T, S, dtype=torch.bool).tril()
+    attn_mask = mask if bias is None else bias.to(q.dtype).masked_fill(~mask, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, enable_gqa=gqa)
     return out.masked_fill(~mask.any(-1, keepdim=True), 0)  # rows with no key: zeros, as the kernel gives them
 
 
-def _flash_lse_reference(q, k, scale, causal, lens=None):
+def _flash_lse_reference(q, k, scale, causal, lens=None, bias=None):
     kf = k.float().repeat_interleave(q.shape[1] // k.shape[1], 1)
     s = (q.float() @ kf.transpose(-1, -2)) * scale
     if causal:
         s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool).triu(1), float("-inf"))
+    if bias is not None:
+        s = s + bias.float()
     if lens is not None:
         s = s.masked_fill(~_lens_mask(lens, k.shape[2]), float("-inf"))
     return s.logsumexp(-1)
 
 
-def _flash_cpu(q, k, v, scale, causal, lens=None):
-    if lens is not None or not (
+def _flash_cpu(q, k, v, scale, causal, lens=None, bias=None):
+    if lens is not None or bias is not None or not (
             q.dtype in _FLOATS and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 4 and k.dim() == 4
             and k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[3] == q.shape[3] and k.shape[1] > 0
             and q.shape[1] % k.shape[1] == 0 and 0 < q.shape[3] <= FLASH_MAX_HEAD_DIM and k.shape[2] > 0
             and q.layout == _STRIDED and k.layout == _STRIDED and v.layout == _STRIDED):
-        _flash_checks(q, k, v, scale, causal, lens)
+        _flash_checks(q, k, v, scale, causal, lens, bias)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     out = torch.empty(B, T, H, D, dtype=q.dtype).transpose(1, 2)  # (B, H, T, D) whose transpose(1, 2) is contiguous
     lse = torch.empty(B, H, T, dtype=_F32)
     lib = build.library()
     if lib is None:
-        out.copy_(flash_attention_reference(q, k, v, scale, causal, lens))
-        lse.copy_(_flash_lse_reference(q, k, scale, causal, lens))
+        out.copy_(flash_attention_reference(q, k, v, scale, causal, lens, bias))
+        lse.copy_(_flash_lse_reference(q, k, scale, causal, lens, bias))
         return out, lse
     if B and T and H:
         # the heads of a (B, T, H, D) projection seen as (B, H, T, D) are read where they are, not copied
         q, k, v = (t if t.stride(3) == 1 else t.contiguous() for t in (q, k, v))
         if q.dtype is torch.bfloat16 and q.stride(2) % 2 and T > 1:
             q = q.contiguous()  # the bf16 kernel reads q's rows as pairs
-        strides = torch.tensor([q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                                v.stride(0), v.stride(1), v.stride(2)], dtype=torch.int64)
+        strides = [q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                   v.stride(0), v.stride(1), v.stride(2)]
+        if bias is not None:
+            if bias.stride(3) != 1:
+                bias = bias.contiguous()
+            strides += [bias.stride(i) if bias.shape[i] > 1 else 0 for i in range(3)]  # 0: broadcast over it
+        strides = torch.tensor(strides, dtype=torch.int64)
         lens = None if lens is None else lens.contiguous()
         if lib.loom_flash_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *out.stride()[:3],
                                     lse.data_ptr(), q.dtype is torch.bfloat16, B, H, Hkv, T, S, D, scale, causal,
-                                    None if lens is None else lens.data_ptr(), strides.data_ptr(), pool_threads()):
+                                    None if lens is None else lens.data_ptr(),
+                                    None if bias is None else bias.data_ptr(),
+                                    bias is not None and bias.dtype is torch.bfloat16, strides.data_ptr(),
+                                    pool_threads()):
             raise MemoryError(f"loom::flash_attention: could not allocate scratch for {S} keys")
     return out, lse
 
 
-def _flash_fake(q, k, v, scale, causal, lens=None):
-    _flash_checks(q, k, v, scale, causal, lens)
+def _flash_fake(q, k, v, scale, causal, lens=None, bias=None):
+    _flash_checks(q, k, v, scale, causal, lens, bias)
     B, H, T, D = q.shape
     return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=_F32)
 
 
 def _flash_setup(ctx, inputs, output):
-    q, k, v, scale, causal, *lens = inputs
+    q, k, v, scale, causal, *rest = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.mark_non_differentiable(output[1])
-    ctx.scale, ctx.causal, ctx.lens = scale, causal, lens[0] if lens else None
+    rest += [None, None]
+    ctx.scale, ctx.causal, ctx.lens, ctx.bias = scale, causal, rest[0], rest[1]
 
 
 def _flash_backward(ctx, grad, _grad_lse):
     q, k, v, out, lse = ctx.saved_tensors
     lib = build.library()
-    if lib is None or ctx.lens is not None or not all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu
-                                                      for t in (q, k, v, grad)):
-        # (the kernel's backward takes no key counts: a padded batch's gradient is SDPA's with the mask)
+    if lib is None or ctx.lens is not None or ctx.bias is not None or not all(
+            type(t) in (torch.Tensor, torch.nn.Parameter) and t.is_cpu for t in (q, k, v, grad)):
+        # (the kernel's backward takes no key counts or bias: their gradient is SDPA's with the mask; no gradient
+        # for the bias)
         with torch.enable_grad():
             qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
-            o = flash_attention_reference(qr, kr, vr, ctx.scale, ctx.causal, ctx.lens)
-        return (*torch.autograd.grad(o, (qr, kr, vr), grad), None, None, None)
+            o = flash_attention_reference(qr, kr, vr, ctx.scale, ctx.causal, ctx.lens, ctx.bias)
+        return (*torch.autograd.grad(o, (qr, kr, vr), grad), None, None, None, None)
     B, H, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -1502,19 +1523,23 @@ def _flash_backward(ctx, grad, _grad_lse):
             grad.data_ptr(), *grad.stride()[:3], dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             q.dtype is torch.bfloat16, B, H, Hkv, T, S, D, ctx.scale, ctx.causal, pool_threads()):
         raise MemoryError(f"loom::flash_attention: could not allocate backward scratch for {S} keys")
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
-_flash_attention = _define("flash_attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, Tensor? lens=None)"
-                           " -> (Tensor, Tensor)",
+_flash_attention = _define("flash_attention(Tensor q, Tensor k, Tensor v, float scale, bool causal, Tensor? lens=None,"
+                           " Tensor? bias=None) -> (Tensor, Tensor)",
                            _flash_cpu, _flash_fake, _flash_backward, _flash_setup, grad_args=(0, 1, 2))
 
 
-def flash_attention(q, k, v, scale: float, causal: bool, lens=None):
-    """softmax(q k^T * scale) v over whole sequences, causal (query i sees keys 0..i) or not: q (B, H, T, D), k and v
-    (B, Hkv, S, D) fp32 or bf16; differentiable in q, k and v. `lens` (B,) int64, for a right-padded batch: batch row
-    b sees only keys 0..lens[b]-1 (every query row, as SDPA's with that padding mask; no keys: zero outputs)."""
-    return _flash_attention(q, k, v, scale, causal, lens)[0]
+def flash_attention(q, k, v, scale: float, causal: bool, lens=None, bias=None):
+    """softmax(q k^T * scale [+ bias]) v over whole sequences, causal (query i sees keys 0..i) or not: q (B, H, T, D),
+    k and v (B, Hkv, S, D) fp32 or bf16; differentiable in q, k and v. `lens` (B,) int64, for a right-padded batch:
+    batch row b sees only keys 0..lens[b]-1 (every query row, as SDPA's with that padding mask; no keys: zero
+    outputs). `bias` (B | 1, H | 1, T, S), fp32 or q's dtype: added to the scaled scores, as SDPA adds a float mask
+    (MPNet's relative position bias); a bias that wants a gradient takes SDPA (the operator gives it none)."""
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        return flash_attention_reference(q, k, v, scale, causal, lens, bias)
+    return _flash_attention(q, k, v, scale, causal, lens, bias)[0]
 
 
 # -- rotary embedding of whole sequences: x * cos + swap_halves(x) * sin, with its backward --------------------------

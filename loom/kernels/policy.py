@@ -291,6 +291,8 @@ def encoder_on_kernels(layers: nn.Module, rows: int, dtype) -> bool:
         if uses is not None:
             if not uses(rows, dtype):
                 return False
+        elif isinstance(m, nn.Embedding):  # a lookup (MPNet's relative position bias table)
+            continue
         elif any(p.dim() >= 2 for p in m.parameters(recurse=False)):
             return False
     return True

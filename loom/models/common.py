@@ -242,7 +242,7 @@ def encoder_threads(layers: nn.Module, x: torch.Tensor, mask: torch.Tensor | Non
     torch's own ops run on one thread meanwhile (`kernels_own_threads`); otherwise nothing changes."""
     B, T = x.shape[:2]
     if (getattr(config, "_attn_implementation", None) == "sdpa" and not _recording_open and x.is_cpu
-            and policy.encoder_on_kernels(layers, B * T, x.dtype)
+            and ops.eager_now() and policy.encoder_on_kernels(layers, B * T, x.dtype)
             and (mask is None or mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1] == 1
                  and mask.shape[0] in (1, B) and mask.shape[2] in (1, T) and mask.shape[3] == T
                  and key_lengths(mask, B) is not None)):
@@ -268,7 +268,8 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
             fq, fk, fv = (t.to(low) if t.dtype is torch.float32 else t for t in (q, k, v))
         if policy.flash_applies(fq, fk, fv, mask, is_causal, dropout):
             return ops.flash_attention(fq, fk, fv, scale if scale is not None else q.shape[-1] ** -0.5, is_causal)
-    elif policy.padded_flash_applies(q, k, v, mask, is_causal, dropout):  # an encoder's padded batch
+    elif policy.padded_flash_applies(q, k, v, mask, is_causal, dropout) and ops.eager_now():  # a padded batch
+        # (eager only: the key counts are read back to the host, which a traced or compiled graph must not bake in)
         lens = key_lengths(mask, q.shape[0])
         if lens is not None:
             return ops.flash_attention(q, k, v, scale if scale is not None else q.shape[-1] ** -0.5, False, lens)

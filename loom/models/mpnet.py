@@ -2,17 +2,20 @@
 padding_idx + 1, padding keeps position padding_idx) and a T5-style relative position bias shared by all layers."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loom.configuration import TOKEN_ID_TYPES, PretrainedConfig
+from loom.kernels import ops, policy
 from loom.modeling import PreTrainedModel
 from loom.models.bert import BertIntermediate, BertOutput, BertPooler, Dropout
 from loom.models.common import attention, attention_mask_for, check_activation, check_inputs, classification_loss, \
-    maybe_checkpoint, recording_attentions, span_outputs, token_loss
+    encoder_threads, key_lengths, maybe_checkpoint, recording_attentions, span_outputs, token_loss
 from loom.models.distilbert import flatten_choices
 from loom.outputs import ModelOutput
 
@@ -78,6 +81,17 @@ class MPNetEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x + self.position_embeddings(position_ids)))
 
 
+class KeyedBias(NamedTuple):
+    """The relative position bias (1, H, T, T) with the padding as key counts (None: no padding), for
+    loom::flash_attention; `mask` (B, 1, T, T) bools or None, to build the masked bias where that path does not run."""
+    bias: torch.Tensor
+    lens: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    def masked(self) -> torch.Tensor:
+        return self.bias if self.mask is None else self.bias.masked_fill(~self.mask, torch.finfo(self.bias.dtype).min)
+
+
 class MPNetSelfAttention(nn.Module):
     def __init__(self, config: MPNetConfig) -> None:
         super().__init__()
@@ -91,10 +105,16 @@ class MPNetSelfAttention(nn.Module):
         self.dropout = config.attention_probs_dropout_prob
 
     def forward(self, x, bias):
-        """`bias`: (B|1, H, T, T), the relative position bias with the dtype's lowest value at masked keys."""
+        """`bias`: (B|1, H, T, T), the relative position bias with the dtype's lowest value at masked keys, or a
+        KeyedBias (the encoder's choice of loom::flash_attention, which skips padding keys instead of masking them)."""
         B, T, _ = x.shape
         q, k, v = (lin(x).view(B, T, -1, self.head_dim).transpose(1, 2) for lin in (self.q, self.k, self.v))
         p = self.dropout if self.training else 0.0
+        if isinstance(bias, KeyedBias):
+            if not p and policy.flash_applies(q, k, v, None, False, 0.0):
+                out = ops.flash_attention(q, k, v, self.head_dim ** -0.5, False, bias.lens, bias.bias)
+                return self.o(out.transpose(1, 2).reshape(B, T, -1))
+            bias = bias.masked()
         out = attention(q, k, v, bias, False, implementation=self.config._attn_implementation, dropout=p)  # (B,H,T,D)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
 
@@ -136,12 +156,30 @@ class MPNetEncoder(nn.Module):
         buckets = relative_position_bucket(pos[None, :] - pos[:, None])  # (T, T), key minus query
         return self.relative_attention_bias(buckets).permute(2, 0, 1)[None]  # (1, H, T, T)
 
+    def keyed(self, x, bias, mask, output_attentions) -> KeyedBias | None:
+        """The bias for loom::flash_attention (policy.padded_flash_applies' conditions, checked before the layers
+        make q, k and v): inference in eval mode, SDPA, not recording attentions, eager, and no padding or a
+        right-padded batch whose rows each keep a key (the reference averages a row without keys)."""
+        if (torch.is_grad_enabled() or self.training or self.config._attn_implementation != "sdpa"
+                or output_attentions or getattr(self.config, "output_attentions", False) or not x.is_cpu
+                or x.dtype not in policy.DTYPES or not policy.enabled() or not ops.eager_now()
+                or not policy.plain(x)):
+            return None
+        if mask is None:
+            return KeyedBias(bias, None, None)
+        lens = key_lengths(mask, x.shape[0]) if mask.dtype is torch.bool and mask.dim() == 4 else None
+        return None if lens is None or not bool((lens > 0).all()) else KeyedBias(bias, lens, mask)
+
     def forward(self, x, mask, output_hidden_states=False, output_attentions=None):
         bias = self.position_bias(x.shape[1], x.device).to(x.dtype)
-        if mask is not None:  # the dtype's lowest value, as the reference: a row with no key left averages, not NaN
+        keyed = self.keyed(x, bias, mask, output_attentions)
+        if keyed is not None:
+            bias = keyed
+        elif mask is not None:  # the dtype's lowest value, as the reference: a row with no key left averages, not NaN
             bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)  # (B, H, T, T)
         hidden = [x] if output_hidden_states else None
-        with recording_attentions(self.config, output_attentions) as attentions:
+        with recording_attentions(self.config, output_attentions) as attentions, \
+                encoder_threads(self, x, mask, self.config) if keyed is not None else contextlib.nullcontext():
             for layer in self.layer:
                 x = maybe_checkpoint(layer, self.gradient_checkpointing, x, bias)
                 if hidden is not None:

@@ -546,3 +546,96 @@ def test_encoder_layers_hand_torch_one_thread_only_where_the_kernels_carry_them(
         torch.set_num_threads(before)
     ref = transformers.BertModel.from_pretrained(tmp_path)(input_ids=ids, attention_mask=am).last_hidden_state
     torch.testing.assert_close(handed, ref, rtol=1e-5, atol=1e-5)
+
+
+# -- an additive score bias (MPNet's relative positions) ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_shape,lens", [((1, 4, 21, 21), [21, 13, 2]), ((3, 1, 21, 21), None),
+                                             ((3, 4, 21, 21), [5, 21, 21])])
+def test_flash_attention_with_a_bias_equals_sdpa_with_the_float_mask(dtype, bias_shape, lens):
+    """Scores * scale + bias, as SDPA adds a float mask (padding keys skipped with key counts, masked with -inf in
+    SDPA's): fp32 within SDPA's own error against float64, bf16 within one bf16 step; broadcast bias dims read in
+    place, a bias in fp32 or the inputs' dtype."""
+    lens = [21, 21, 21] if lens is None else lens
+    q, k, v, lens_t, mask = _padded(3, 4, 4, 21, 16, dtype, lens, seed=7)
+    g = torch.Generator().manual_seed(8)
+    for bias in (torch.randn(bias_shape, generator=g), torch.randn(bias_shape, generator=g).to(dtype)):
+        attn = bias.to(dtype).masked_fill(~mask, float("-inf"))
+        with torch.no_grad():
+            mine = ops.flash_attention(q, k, v, 0.25, False, lens_t, bias)
+            sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=attn, scale=0.25)
+            truth = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=attn.double(),
+                                                   scale=0.25)
+        if dtype is torch.float32:
+            assert (mine.double() - truth).abs().max() <= 1.5 * (sdpa.double() - truth).abs().max() + 1e-6
+        else:
+            torch.testing.assert_close(mine.float(), sdpa.float(), rtol=2 ** -7, atol=2 ** -7)
+
+
+def test_flash_attention_bias_gradients_and_bad_biases():
+    """A bias that wants a gradient gets SDPA's (with q, k, v's); a bias of the wrong shape or dtype is named."""
+    q, k, v, lens, mask = _padded(2, 2, 2, 6, 8, torch.float32, [6, 4], seed=9)
+    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
+    bias = torch.randn(1, 2, 6, 6, requires_grad=True)
+    ops.flash_attention(q, k, v, 0.3, False, lens, bias).sum().backward()
+    mine = [t.grad.clone() for t in (q, k, v, bias)]
+    for t in (q, k, v, bias):
+        t.grad = None
+    F.scaled_dot_product_attention(q, k, v, attn_mask=bias.masked_fill(~mask, float("-inf")), scale=0.3).sum() \
+        .backward()
+    for a, t in zip(mine, (q, k, v, bias)):
+        torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
+    x = torch.randn(2, 2, 6, 8)
+    with pytest.raises(ValueError, match=r"loom::flash_attention: bias must be a CPU float32 or torch.float32 tensor "
+                                         r"of shape \(B=2 or 1, H=2 or 1, T=6, S=6\), got torch.float32 \(2, 2, 6, 5\)"):
+        ops_.flash_attention(x, x, x, 1.0, False, None, torch.randn(2, 2, 6, 5))
+    with pytest.raises(ValueError, match="bias must be a CPU float32 or torch.bfloat16 tensor"):
+        ops_.flash_attention(x.bfloat16(), x.bfloat16(), x.bfloat16(), 1.0, False, None,
+                             torch.randn(1, 2, 6, 6).half())
+    torch.library.opcheck(ops_.flash_attention.default, (x, x, x, 0.5, False, torch.tensor([6, 2]),
+                                                         torch.randn(1, 2, 6, 6)))
+
+
+def test_mpnet_padded_batch_takes_the_bias_and_key_counts_and_equals_the_reference(tmp_path, monkeypatch):
+    """MPNet's layers run loom::flash_attention with the relative position bias and the key counts (torch on one
+    thread meanwhile where the products run in loom's kernels too), equal to the reference on a padded batch; a row
+    without keys (the reference averages it) and recorded attentions keep the masked bias through SDPA/eager."""
+    transformers = pytest.importorskip("transformers")
+    import loom
+    from loom.kernels import threads
+
+    cfg = transformers.MPNetConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=512)
+    torch.manual_seed(0)
+    transformers.MPNetModel(cfg).save_pretrained(tmp_path)
+    ids = torch.randint(5, 100, (3, 40), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, 25:] = 0
+    am[2, 3:] = 0
+    seen = []
+    real = ops.flash_attention
+    monkeypatch.setattr(ops, "flash_attention", lambda *a: seen.append(
+        (a[5].tolist() if a[5] is not None else None, a[6] is not None, threads.handoffs_in_force())) or real(*a))
+    model = loom.AutoModel.from_pretrained(tmp_path)
+    reference = transformers.MPNetModel.from_pretrained(tmp_path)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for mask, flash in ((am, True), (torch.ones_like(ids), True), (am * (torch.arange(3) != 1)[:, None], False)):
+            seen.clear()
+            with torch.no_grad():
+                mine = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                ref = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+            torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
+            if build.available() and flash:
+                lens = mask.sum(-1).tolist() if not mask.all() else None
+                handoff = int(policy.fp32_gemm())
+                assert seen == [(lens, True, handoff)] * 2
+            else:
+                assert not [s for s in seen if s[1]]
+        seen.clear()
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=am, output_attentions=True)
+        assert not [s for s in seen if s[1]] and len(out.attentions) == 2
+    finally:
+        torch.set_num_threads(before)

@@ -230,7 +230,17 @@ typedef struct {
     float scale; int causal, bf16, failed;
     const int64_t *lens; /* the forward's keys per batch row (a padded batch: keys 0..lens[b]-1 are real), or NULL */
     long qs[3], ks[3], vs[3]; /* the forward's q, k, v strides (batch, head, row), unit stride along D */
+    const void *bias; long bs[3]; int bias_bf16; /* the forward's additive score bias (or NULL) and its strides */
 } fa_job;
+
+/* scores sr[0:n] of query row i of (b, h) -> sr * scale + bias (as SDPA adds a float mask), when there is a bias;
+   returns the scale softmax_row is then to apply (1: already applied) */
+static float fa_add_bias(const fa_job *j, float *sr, long n, long b, long h, long i) {
+    if (!j->bias) return j->scale;
+    const long at = b * j->bs[0] + h * j->bs[1] + i * j->bs[2];
+    for (long c = 0; c < n; c++) sr[c] = sr[c] * j->scale + load_f(j->bias, at + c, j->bias_bf16);
+    return 1.0f;
+}
 
 /* element offsets of row i of (b, head h) in q, and of row 0 of (b, kv head) in k and v */
 static inline long fa_q_at(const fa_job *j, long b, long h, long i) {
@@ -277,7 +287,8 @@ static void fa_forward_unit(fa_job *j, long unit) {
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
                 const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
-                inv[r] = softmax_row(s + r * Se, lim, Se, j->scale, bf16, j->lse + (b * j->H + h) * T + i);
+                const float sc = fa_add_bias(j, s + r * Se, lim, b, h, i);
+                inv[r] = softmax_row(s + r * Se, lim, Se, sc, bf16, j->lse + (b * j->H + h) * T + i);
             }
             gemm_acc(acc, D, s, Se, 1, vf, D, rows, Se, D, 1);
             for (long r = 0; r < rows; r++)
@@ -452,7 +463,8 @@ static void fa_forward_unit_bf16(fa_job *j, long unit) {
             float inv[FA_BQ];
             for (long r = 0; r < rows; r++) {
                 const long i = i0 + r, lim = j->causal ? (i + 1 < Se ? i + 1 : Se) : Se;
-                inv[r] = softmax_row(s + r * Se, lim, Se, j->scale, 1, j->lse + (b * j->H + h) * T + i);
+                const float sc = fa_add_bias(j, s + r * Se, lim, b, h, i);
+                inv[r] = softmax_row(s + r * Se, lim, Se, sc, 1, j->lse + (b * j->H + h) * T + i);
                 to_bf16((uint16_t *)pb + r * Sep, s + r * Se, Se, Sep); /* exact: already rounded (NaN: 0x7fc0) */
             }
             gemm_bf16(acc, D, pb, Sep / 2, 1, vp, D, rows, Sep / 2, D, 1);
@@ -560,19 +572,26 @@ static void fa_backward_range(const void *p, long begin, long end) {
 
 /* Forward: q (B, H, T, D), k and v (B, Hkv, S, D); out (B, H, T, D) at strides (o_sb, o_sh, o_st) with unit stride
    along D; lse (B, H, T) fp32. Query head h reads kv head h / (H / Hkv); causal: query i sees keys 0..i.
-   strides (9 values, or NULL for contiguous q, k, v): q's batch, head and row strides, then k's, then v's, in
-   elements, unit stride along D (bf16 with an even head dim: q's row stride even). lens (B values, or NULL): batch
-   row b's queries see only keys 0..lens[b]-1 (a right-padded batch, as an encoder's padding mask gives it: every
-   query row, padding included, attends to them as SDPA's with that mask), and a row with lens[b] <= 0 gets zero
-   outputs and -inf log-sum-exps. Returns 0, or -1 when out of scratch memory. */
+   strides (9 values, 12 with a bias, or NULL for contiguous q, k, v and bias): q's batch, head and row strides,
+   then k's, then v's (then the bias's), in elements, unit stride along D (bf16 with an even head dim: q's row stride
+   even). lens (B values, or NULL): batch row b's queries see only keys 0..lens[b]-1 (a right-padded batch, as an
+   encoder's padding mask gives it: every query row, padding included, attends to them as SDPA's with that mask),
+   and a row with lens[b] <= 0 gets zero outputs and -inf log-sum-exps. bias (fp32, or bf16 when bias_bf16; or
+   NULL): added to the scaled scores before the softmax, as SDPA adds a float mask, element (b, h, i, j) at
+   b * s0 + h * s1 + i * s2 + j where s0..s2 are strides[9..11] (0 along a dimension the bias broadcasts over).
+   Returns 0, or -1 when out of scratch memory. */
 int loom_flash_attention(const void *q, const void *k, const void *v, void *out, long o_sb, long o_sh, long o_st,
                          float *lse, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale,
-                         int causal, const int64_t *lens, const int64_t *strides, int threads) {
+                         int causal, const int64_t *lens, const void *bias, int bias_bf16, const int64_t *strides,
+                         int threads) {
     fa_job job = {q, k, v, NULL, NULL, out, NULL, NULL, NULL, lse, B, H, Hkv, T, S, D, o_sb, o_sh, o_st, 0, 0, 0,
                   scale, causal, bf16, 0, lens, {H * T * D, T * D, D}, {Hkv * S * D, S * D, D},
-                  {Hkv * S * D, S * D, D}};
+                  {Hkv * S * D, S * D, D}, bias, {H * T * S, T * S, S}, bias_bf16};
     if (strides)
-        for (int i = 0; i < 3; i++) job.qs[i] = strides[i], job.ks[i] = strides[3 + i], job.vs[i] = strides[6 + i];
+        for (int i = 0; i < 3; i++) {
+            job.qs[i] = strides[i], job.ks[i] = strides[3 + i], job.vs[i] = strides[6 + i];
+            if (bias) job.bs[i] = strides[9 + i];
+        }
     parallel_run(fa_forward_range, &job, B * Hkv, 1, threads);
     return job.failed ? -1 : 0;
 }

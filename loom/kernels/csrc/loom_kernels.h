@@ -34,7 +34,7 @@ LOOM_API void loom_int4_dequantize(const uint8_t *w, const void *scale, const vo
 LOOM_API int loom_int4_quantize_asymmetric(const float *w, uint8_t *packed, uint16_t *scale, uint16_t *zero, long N, long K, long G, int threads);
 LOOM_API int loom_token_nll(const void *x, int bf16, long rows, long V, long stride, const int64_t *labels, long ignore, float *loss, float *stats, int threads);
 LOOM_API void loom_token_nll_backward(const void *x, int bf16, long rows, long V, long stride, const int64_t *labels, long ignore, const float *stats, const float *grad_loss, void *grad, int threads);
-LOOM_API int loom_flash_attention(const void *q, const void *k, const void *v, void *out, long o_sb, long o_sh, long o_st, float *lse, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale, int causal, const int64_t *lens, const int64_t *strides, int threads);
+LOOM_API int loom_flash_attention(const void *q, const void *k, const void *v, void *out, long o_sb, long o_sh, long o_st, float *lse, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale, int causal, const int64_t *lens, const void *bias, int bias_bf16, const int64_t *strides, int threads);
 LOOM_API int loom_flash_attention_backward(const void *q, const void *k, const void *v, const void *out, long o_sb, long o_sh, long o_st, const float *lse, const void *grad_out, long g_sb, long g_sh, long g_st, void *dq, void *dk, void *dv, int bf16, long B, long H, long Hkv, long T, long S, long D, float scale, int causal, int threads);
 LOOM_API void loom_rope(const void *x, int xbf16, long sb, long sh, long st, const void *cos, const void *sin, int cbf16, long c_sb, long c_st, void *y, int ybf16, long B, long H, long T, long D, int backward, int threads);
 
