@@ -243,19 +243,26 @@ def test_dense_gelu_is_gelu_of_the_product_within_torchs_own_error(rows, k, n, b
     torch_err = (F.gelu(F.linear(x, w, b)).double() - truth).abs().max()
     assert got.shape == (rows, n) and got.dtype is F32
     assert (got.double() - truth).abs().max() <= torch_err + 2e-6 * truth.abs().max()
-    torch.testing.assert_close(got, F.gelu(lin), rtol=1e-6, atol=2e-6)
+    if kernels_on() and policy.fp32_gemm():
+        torch.testing.assert_close(got, F.gelu(lin), rtol=1e-6, atol=2e-6)
+    else:  # no blocked GEMM at this level: torch's ops
+        assert torch.equal(got, F.gelu(F.linear(x, w, b)))
 
 
 def test_dense_gelu_values_specials_and_the_torch_paths(monkeypatch):
     """Every bias value through the activation (x = 0): float64-exact GELU within 5e-7 (torch's: 1.2e-6), the
-    infinities and NaN give NaN; 16 rows or fewer, a wanted gradient and the library off take torch's ops."""
+    infinities and NaN give NaN; 16 rows or fewer, a wanted gradient, a level without the blocked GEMM and the
+    library off take torch's ops."""
     v = torch.cat([torch.linspace(-12, 12, 4001), torch.tensor([float("inf"), -float("inf"), float("nan"), -0.0])])
     x, w = torch.zeros(20, 3), torch.zeros(v.numel(), 3)
     with torch.no_grad():
         got = ops.dense_gelu(x, w, v)[0]
     fin = v.isfinite()
-    assert (got[fin].double() - _gelu_truth(v[fin])).abs().max() <= 5e-7
-    assert got[~fin].isnan().all()
+    if kernels_on() and policy.fp32_gemm():
+        assert (got[fin].double() - _gelu_truth(v[fin])).abs().max() <= 5e-7
+        assert got[~fin].isnan().all()
+    else:  # torch's GELU (its own error: 1.2e-6)
+        assert torch.equal(got.nan_to_num(), F.gelu(F.linear(x, w, v))[0].nan_to_num())
     x, w, b = _args(16, 40, 24, seed=2)
     with torch.no_grad():
         assert torch.equal(ops.dense_gelu(x, w, b), F.gelu(F.linear(x, w, b)))  # decode sizes: torch's
