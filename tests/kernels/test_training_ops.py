@@ -639,3 +639,45 @@ def test_mpnet_padded_batch_takes_the_bias_and_key_counts_and_equals_the_referen
         assert not [s for s in seen if s[1]] and len(out.attentions) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_padded_encoder_batches_from_two_threads_equal_their_sequential_results(tmp_path):
+    """Two threads running an encoder on differently padded batches at once (the key-count memo and the thread
+    hand-off are per call and per thread) give each batch its sequential result."""
+    transformers = pytest.importorskip("transformers")
+    import threading
+
+    import loom
+
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=512)
+    torch.manual_seed(0)
+    transformers.BertModel(cfg).save_pretrained(tmp_path)
+    model = loom.AutoModel.from_pretrained(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for i in range(2):
+        ids = torch.randint(5, 100, (4, 48), generator=g)
+        am = (torch.arange(48) < torch.tensor([48, 30, 12, 40])[torch.arange(4).roll(i)][:, None]).long()
+        batches.append((ids, am))
+    with torch.no_grad():
+        want = [model(input_ids=ids, attention_mask=am).last_hidden_state for ids, am in batches]
+    got, errors = [[None] * 6, [None] * 6], []
+
+    def run(i):
+        try:
+            with torch.no_grad():
+                for r in range(6):
+                    got[i][r] = model(input_ids=batches[i][0], attention_mask=batches[i][1]).last_hidden_state
+        except Exception as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert not errors and not any(w.is_alive() for w in workers)
+    for i in range(2):
+        for r in range(6):
+            torch.testing.assert_close(got[i][r], want[i], rtol=1e-6, atol=1e-6)
