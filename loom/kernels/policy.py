@@ -262,7 +262,13 @@ def prefill_on_kernels(model: nn.Module, rows: int, batch: int) -> bool:
             or getattr(config, "attn_logit_softcapping", None)):  # soft-capped attention is torch's eager matmuls
         return False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    for m in model.modules():
+    return _products_on_kernels(model, rows, dtype, head, batch)
+
+
+def _products_on_kernels(root: nn.Module, rows: int, dtype, head: nn.Module | None = None, batch: int = 0) -> bool:
+    """Every weight matrix under `root` belongs to a module that says its product runs in loom's kernels at `rows`
+    rows (`uses_kernels`; `head` at `batch` rows) or to an embedding (a lookup)."""
+    for m in root.modules():
         uses = getattr(m, "uses_kernels", None)
         if uses is not None:
             if not uses(batch if m is head else rows, dtype):
@@ -286,13 +292,4 @@ def encoder_on_kernels(layers: nn.Module, rows: int, dtype) -> bool:
     if (torch.is_grad_enabled() or dtype is not torch.float32 or rows <= MAX_ROWS or not enabled()
             or layers.training):
         return False
-    for m in layers.modules():
-        uses = getattr(m, "uses_kernels", None)
-        if uses is not None:
-            if not uses(rows, dtype):
-                return False
-        elif isinstance(m, nn.Embedding):  # a lookup (MPNet's relative position bias table)
-            continue
-        elif any(p.dim() >= 2 for p in m.parameters(recurse=False)):
-            return False
-    return True
+    return _products_on_kernels(layers, rows, dtype)  # (an embedding: MPNet's relative position bias table)

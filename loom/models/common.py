@@ -215,24 +215,27 @@ def _with_padding(allowed: torch.Tensor, attention_mask: torch.Tensor | None, kv
     return allowed
 
 
-_key_lengths_seen: tuple = (None, None)  # (weakref to the last mask read, its key counts or None)
+_key_lengths_seen: tuple = (None, 0, None)  # (weakref to the last mask read, the batch, its key counts or None)
 
 
 def key_lengths(mask: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """(batch,) int64 key counts when the bool mask (B | 1, 1, T | 1, S) lets every query row of batch row b see
-    exactly the keys 0..n_b - 1 (a right-padded batch, as `attention_mask_for` makes an encoder's mask), else None.
-    Remembered for the last mask read (the layers of one forward share theirs; masks are made per forward and not
-    changed in place, and inference tensors keep no version counter to tell)."""
+    """(batch,) int64 key counts when `mask` is a bool (batch | 1, 1, T | 1, S) mask that lets every query row of batch
+    row b see exactly the keys 0..n_b - 1 (a right-padded batch, as `attention_mask_for` makes an encoder's mask),
+    else None (another form, left padding, per-query windows). Remembered for the last mask read (the layers of one
+    forward share theirs; masks are made per forward and not changed in place, and inference tensors keep no version
+    counter to tell)."""
     global _key_lengths_seen
-    ref, lens = _key_lengths_seen
-    if ref is not None and ref() is mask:
+    if mask.dtype is not torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, batch):
+        return None
+    ref, seen_batch, lens = _key_lengths_seen
+    if ref is not None and ref() is mask and seen_batch == batch:
         return lens
     row = mask[:, 0, 0, :]
     n = row.sum(-1)
     lens = None
     if bool((row == (torch.arange(mask.shape[3]) < n[:, None])).all()) and bool((mask == row[:, None, None, :]).all()):
         lens = n.expand(batch).contiguous()
-    _key_lengths_seen = (weakref.ref(mask), lens)
+    _key_lengths_seen = (weakref.ref(mask), batch, lens)
     return lens
 
 
@@ -243,9 +246,7 @@ def encoder_threads(layers: nn.Module, x: torch.Tensor, mask: torch.Tensor | Non
     B, T = x.shape[:2]
     if (getattr(config, "_attn_implementation", None) == "sdpa" and not _recording_open and x.is_cpu
             and ops.eager_now() and policy.encoder_on_kernels(layers, B * T, x.dtype)
-            and (mask is None or mask.dtype is torch.bool and mask.dim() == 4 and mask.shape[1] == 1
-                 and mask.shape[0] in (1, B) and mask.shape[2] in (1, T) and mask.shape[3] == T
-                 and key_lengths(mask, B) is not None)):
+            and (mask is None or mask.shape[2] in (1, T) and mask.shape[3] == T and key_lengths(mask, B) is not None)):
         return threads.kernels_own_threads()
     return contextlib.nullcontext()
 

@@ -167,7 +167,7 @@ class MPNetEncoder(nn.Module):
             return None
         if mask is None:
             return KeyedBias(bias, None, None)
-        lens = key_lengths(mask, x.shape[0]) if mask.dtype is torch.bool and mask.dim() == 4 else None
+        lens = key_lengths(mask, x.shape[0])
         return None if lens is None or not bool((lens > 0).all()) else KeyedBias(bias, lens, mask)
 
     def forward(self, x, mask, output_hidden_states=False, output_attentions=None):

@@ -467,8 +467,13 @@ def test_padded_encoder_batches_take_key_counts_only_for_right_padding_without_a
     assert not policy.padded_flash_applies(q.requires_grad_(True), k, v, mask, False, 0.0)  # training: SDPA
     assert torch.equal(key_lengths(mask, 2), lens)
     assert torch.equal(key_lengths(mask[:1], 2), torch.tensor([5, 5]))
+    first = mask[:1]
+    assert torch.equal(key_lengths(first, 2), torch.tensor([5, 5]))
+    assert torch.equal(key_lengths(first, 3), torch.tensor([5, 5, 5]))  # the same mask read for another batch
     left = mask.flip(-1)  # left padding: not a prefix of keys
     assert key_lengths(left, 2) is None
+    assert key_lengths(mask.float(), 2) is None and key_lengths(mask[:, :, 0], 2) is None  # not a bool 4-D mask
+    assert key_lengths(mask, 3) is None  # another batch
     window = mask.clone()
     window[0, 0, 0, 4] = False  # query rows that see different keys (a local attention window)
     assert key_lengths(window, 2) is None
@@ -504,19 +509,26 @@ def test_padded_encoder_batch_takes_key_counts_and_equals_the_reference(tmp_path
     torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-5)
 
 
-def test_encoder_layers_hand_torch_one_thread_only_where_the_kernels_carry_them(tmp_path, monkeypatch):
-    """An encoder forward whose products and attention all run in loom's kernels (fp32 blocked GEMM, flash attention
-    with key counts) runs torch's own ops on one thread meanwhile (the decode hand-off); left padding, autograd,
-    recorded attentions or a hooked Linear keep torch's threads. The hidden states do not depend on it."""
+def _small_bert(tmp_path):
+    """loom's BertModel from a reference checkpoint (hidden 128, intermediate 512: large enough for the blocked GEMM)
+    and the reference module"""
     transformers = pytest.importorskip("transformers")
     import loom
-    from loom.kernels import threads
 
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=512)
     torch.manual_seed(0)
     transformers.BertModel(cfg).save_pretrained(tmp_path)
-    model = loom.AutoModel.from_pretrained(tmp_path)
+    return loom.AutoModel.from_pretrained(tmp_path), transformers
+
+
+def test_encoder_layers_hand_torch_one_thread_only_where_the_kernels_carry_them(tmp_path, monkeypatch):
+    """An encoder forward whose products and attention all run in loom's kernels (fp32 blocked GEMM, flash attention
+    with key counts) runs torch's own ops on one thread meanwhile (the decode hand-off); left padding, autograd,
+    recorded attentions or a hooked Linear keep torch's threads. The hidden states do not depend on it."""
+    from loom.kernels import threads
+
+    model, transformers = _small_bert(tmp_path)
     ids = torch.randint(5, 100, (2, 40), generator=torch.Generator().manual_seed(1))
     am = torch.ones_like(ids)
     am[1, 30:] = 0
@@ -586,8 +598,9 @@ def test_flash_attention_bias_gradients_and_bad_biases():
     for a, t in zip(mine, (q, k, v, bias)):
         torch.testing.assert_close(a, t.grad, rtol=1e-5, atol=1e-6)
     x = torch.randn(2, 2, 6, 8)
-    with pytest.raises(ValueError, match=r"loom::flash_attention: bias must be a CPU float32 or torch.float32 tensor "
-                                         r"of shape \(B=2 or 1, H=2 or 1, T=6, S=6\), got torch.float32 \(2, 2, 6, 5\)"):
+    with pytest.raises(ValueError, match=r"loom::flash_attention: bias must be a CPU float32 or torch.float32 "
+                                         r"tensor of shape \(B=2 or 1, H=2 or 1, T=6, S=6\), got torch.float32 "
+                                         r"\(2, 2, 6, 5\)"):
         ops_.flash_attention(x, x, x, 1.0, False, None, torch.randn(2, 2, 6, 5))
     with pytest.raises(ValueError, match="bias must be a CPU float32 or torch.bfloat16 tensor"):
         ops_.flash_attention(x.bfloat16(), x.bfloat16(), x.bfloat16(), 1.0, False, None,
@@ -644,16 +657,9 @@ def test_mpnet_padded_batch_takes_the_bias_and_key_counts_and_equals_the_referen
 def test_padded_encoder_batches_from_two_threads_equal_their_sequential_results(tmp_path):
     """Two threads running an encoder on differently padded batches at once (the key-count memo and the thread
     hand-off are per call and per thread) give each batch its sequential result."""
-    transformers = pytest.importorskip("transformers")
     import threading
 
-    import loom
-
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                  intermediate_size=512)
-    torch.manual_seed(0)
-    transformers.BertModel(cfg).save_pretrained(tmp_path)
-    model = loom.AutoModel.from_pretrained(tmp_path)
+    model, _ = _small_bert(tmp_path)
     g = torch.Generator().manual_seed(3)
     batches = []
     for i in range(2):

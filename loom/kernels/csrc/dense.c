@@ -251,25 +251,6 @@ static void dense_tiles(const void *p, long begin, long end) {
 
 typedef struct { const float *x, *w, *bias; float *y, *packed; long M, N, K, panels; int gelu; } sg_job;
 
-/* e^x for 16 lanes: exp8's range reduction and polynomial at 512 bits (-inf gives 0) */
-static inline __m512 exp16(__m512 x) {
-    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.3f));
-    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
-    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
-    __m512 p = _mm512_set1_ps(1.9875691500E-4f);
-    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.3981999507E-3f));
-    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(8.3334519073E-3f));
-    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(4.1665795894E-2f));
-    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(1.6666665459E-1f));
-    p = _mm512_fmadd_ps(p, x, _mm512_set1_ps(5.0000001201E-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
-    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps(keep, _mm512_mul_ps(p, _mm512_castsi512_ps(e)));
-}
-
 /* GELU with the error function, x / 2 * (1 + erf(x / sqrt 2)), as torch's exact GELU: erf(z) = 1 - t (a1 + t (a2 +
    t (a3 + t (a4 + t a5)))) e^(-z^2), t = 1 / (1 + p |z|), sign of z (Abramowitz and Stegun 7.1.26, |error| <=
    1.5e-7, the approximation torch's vectorized erf uses too), but 1 + erf(z) for negative z taken as erfc(|z|)
