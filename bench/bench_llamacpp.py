@@ -25,7 +25,10 @@ What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a 
    (10% of the machine) are noisy. Each cell is the median of the quiet samples (all samples, marked *, when none
    was quiet), with the count. At 1 thread CPU time per token is reported too: loom's process CPU time between its
    first and last token, llama.cpp's child rusage of the decode run minus that of a 1-token run.
-5. Bytes per token = the weight bytes a decode step reads (every tensor but the token embedding, whose one row is
+5. Page cache: before the rounds every file the run reads (loom's safetensors, each GGUF) is dropped from the page
+   cache and read back through a mapping, so both sides' in-place mappings start alike (the share of each file in
+   2 MiB pages, before and after, is in the report; --keep-page-cache skips this).
+6. Bytes per token = the weight bytes a decode step reads (every tensor but the token embedding, whose one row is
    negligible), from the GGUF's tensor sizes and from loom's state dict; share of bandwidth = bytes per token *
    tok/s / a streaming read's GB/s (torch.sum over 1 GB, best of the quiet measurements, per thread count).
    The reference's decode rate (fp32 and bf16, one run each) is in the table as loom / reference.
@@ -420,6 +423,44 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
         print(json.dumps(reply), file=replies, flush=True)
 
 
+def _huge_share(path: Path) -> float:
+    """The share of `path`'s bytes that a fresh read-only mapping of it gets as 2 MiB page-table entries (the page
+    cache's folios decide: /proc/self/smaps FilePmdMapped after touching every page)."""
+    import mmap
+
+    path = path.resolve()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        view = mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ)
+    try:
+        for at in range(0, size, 4096):
+            view[at]
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.endswith(" " + str(path)):
+                field = next(x for x in lines[i + 1:i + 40] if x.startswith("FilePmdMapped:"))
+                return int(field.split()[1]) * 1024 / size
+        return 0.0
+    finally:
+        view.close()
+
+
+def settle_page_cache(paths) -> dict[Path, tuple[float, float]]:
+    """Put every file the run reads in the same page-cache state: drop its cached pages (POSIX_FADV_DONTNEED) and
+    read it back through a mapping, front to back, as both programs' loaders first touch it. Why: both read their
+    weights in place from the file mapping, and how the file came into the page cache decides whether a mapping gets
+    2 MiB or 4 KiB page-table entries (a file read back by readahead gets large folios; one written in small pieces
+    keeps small ones): the bench's safetensors file, as saved, mapped 16% in 2 MiB pages against 85% for the F32
+    GGUF, and loom's fp32 decode read it ~5% slower for that alone. Returns (share before, share after) per file."""
+    shares = {}
+    for path in paths:
+        before = _huge_share(path)
+        with open(path, "rb") as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        shares[path] = (before, _huge_share(path))
+    return shares
+
+
 def read_bandwidth(threads: int) -> dict:
     """GB/s of a streaming read (torch.sum over 1 GB of fp32) on `threads` threads, best of 5, in a window."""
     import torch
@@ -480,12 +521,19 @@ def report(res: dict, args, info: dict, meta: dict) -> str:
              f"{args.rounds} rounds; decode {args.tokens} tokens from a 1-token prompt (batch 1, greedy), prompt "
              f"{args.prompt} tokens; load average {meta['load_min']:.1f}-{meta['load_max']:.1f}; a sample is quiet "
              f"when other processes used <= {q:.0%} of the machine; cells are medians of the quiet samples "
-             f"(* = none was quiet: median of all)."]
+             "(* = none was quiet: median of all); \"rounds\" = the median of each round's loom / llama.cpp ratio (the "
+             "two run back to back, so memory speed that drifts between rounds cancels)."]
     bw = {t: res["bandwidth"][t]["gbs"] for t in args.threads}
     marks = {t: "" if res["bandwidth"][t].get("quiet") else "*" for t in args.threads}
     lines.append("Measured read bandwidth (torch.sum over 1 GB): " +
                  ", ".join(f"{t} thread{'s' * (t > 1)} {bw[t]:.1f} GB/s{marks[t]}" for t in args.threads) +
                  " (best quiet measurement; * = none was quiet).")
+    if res.get("pages"):
+        lines.append("Page cache settled before the rounds (each file dropped and read back through a mapping); share "
+                     "of each file a mapping gets in 2 MiB pages, before -> after: " +
+                     ", ".join(f"{n} {a:.0%} -> {b:.0%}" for n, (a, b) in res["pages"].items()) + ".")
+    else:
+        lines.append("Page cache left as found (--keep-page-cache).")
     lines.append("")
     lines.append("| format (loom / llama.cpp) | threads | loom tok/s | llama.cpp tok/s | loom / llama.cpp | "
                  "loom / reference | MB per token loom / llama.cpp | share of bandwidth loom / llama.cpp | "
@@ -505,8 +553,11 @@ def report(res: dict, args, info: dict, meta: dict) -> str:
                 base = summarize(cell["llama_base"], "cpu", q)[0]
                 cc = (summarize(cell["llama_decode"], "cpu", q)[0] - base) / (args.tokens - 1)
                 cpu_s = f"{lc * 1e3:.1f} / {cc * 1e3:.1f} ({cc / lc:.2f}x)"
+            paired = [a["rate"] / b["rate"] for a, b in zip(cell["loom_decode"], cell["llama_decode"])
+                      if a["others"] <= q and b["others"] <= q]
+            paired_s = f" (rounds {statistics.median(paired):.2f}x)" if paired else ""
             lines.append(f"| {LABELS[name]} | {t} | {fmt_cell(lr, lq, ln)} | {fmt_cell(cr, cq, cn)} | "
-                         f"{lr / cr:.2f}x | {ref_s} | {lb / 1e6:.0f} / {cb / 1e6:.0f} | "
+                         f"{lr / cr:.2f}x{paired_s} | {ref_s} | {lb / 1e6:.0f} / {cb / 1e6:.0f} | "
                          f"{lb * lr / 1e9 / bw[t]:.0%} / {cb * cr / 1e9 / bw[t]:.0%} | {cpu_s} | "
                          f"{lq}/{ln} / {cq}/{cn} |")
     lines.append("")
@@ -536,6 +587,9 @@ def main() -> None:
     ap.add_argument("--disable-mmap", action="store_true",
                     help="both sides read the weights into their own memory: loom's from_pretrained(disable_mmap=True) "
                          "(backed by huge pages), llama-bench -lm none")
+    ap.add_argument("--keep-page-cache", action="store_true",
+                    help="leave the files' page cache as it is (default: drop and read back every file first, so "
+                         "both sides' mappings start in the same state)")
     ap.add_argument("--json", type=Path, default=None, help="write every sample here")
     ap.add_argument("--worker", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -561,6 +615,12 @@ def main() -> None:
     hf, files = ensure_checkpoint(args.cache, info, args.formats)
     log(f"checkpoint and GGUF files ready ({time.time() - t0:.0f} s)")
 
+    res_pages = {}
+    if not args.keep_page_cache and sys.platform.startswith("linux"):
+        res_pages = settle_page_cache([hf / "model.safetensors", *(files[n] for n in args.formats)])
+        log("page cache settled: " + ", ".join(f"{p.name} {a:.0%} -> {b:.0%} in 2 MiB pages"
+                                                for p, (a, b) in res_pages.items()))
+
     import torch
 
     import loom
@@ -568,7 +628,8 @@ def main() -> None:
     res = dict(cells={n: {t: dict(loom_decode=[], llama_decode=[], llama_base=[], loom_prefill=[], llama_prefill=[],
                                   loom_batched=[], llama_batched=[])
                           for t in args.threads} for n in args.formats},
-               bandwidth={}, bandwidth_samples={}, reference={}, bytes={}, types={})
+               bandwidth={}, bandwidth_samples={}, reference={}, bytes={}, types={},
+               pages={p.name: shares for p, shares in res_pages.items()})
     loads = [os.getloadavg()[0]]
     workers = {}
     for name in args.formats:

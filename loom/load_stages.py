@@ -18,7 +18,7 @@ from torch import nn
 from loom import loading
 from loom.configuration import PretrainedConfig, checked_attn_implementation
 from loom.load_hooks import LoadHook, LoadRequest, attach_save_hook, checked_hooks, registered_load_hooks
-from loom.kernels.memory import back_with_huge_pages
+from loom.kernels.memory import back_with_huge_pages, gather_small_buffers
 from loom.utils import parse_dtype
 
 logger = logging.getLogger("loom")
@@ -190,6 +190,7 @@ def finalize(model: nn.Module, info, request: LoadRequest, hooks: list[LoadHook]
     if model.can_generate():
         model.generation_config = load_generation_config(request)
     if dispatch is None:  # weights made at load (cast, quantized, copied) read faster from huge pages
+        gather_small_buffers(model)
         back_with_huge_pages([*model.parameters(), *model.buffers()])
     return model if dispatch is None else dispatch(model)
 

@@ -112,3 +112,54 @@ def back_with_huge_pages(tensors, min_bytes: int = 64 << 10) -> int:
             madvise(lo, hi - lo, _MADV_COLLAPSE)  # may fail (busy, old kernel): the pages fault in as before
             advised += hi - lo
     return advised
+
+
+def gather_small_buffers(model, min_bytes: int = 64 << 10) -> int:
+    """Move `model`'s CPU buffers of `min_bytes` up to a huge page (quantized Linears' int8 and int4 weights, which
+    are buffers and never trained) into one buffer, in module order, advised for 2 MiB pages; returns the bytes moved.
+
+    Why: a weight made at load is its own allocation, and one smaller than a huge page gets none of its own (the
+    advised range is the 2 MiB-aligned part inside it); between two of them lie the allocator's other blocks, so
+    `back_with_huge_pages` cannot join them either. Gathered, a decode step streams them from huge pages, in the order
+    it reads them (measured on the bench's 153M Llama, int8 per channel, 1 thread, interleaved runs: 4.16 -> 3.91 ms
+    per token with an int8 head, 7.83 -> 7.48 ms with the fp32 head). Left alone: parameters, buffers that share their
+    memory with another tensor or do not own all of it, other tensor types, and everything when huge pages are not
+    usable. Each buffer is replaced by a view of the new one with the same values; the originals are freed."""
+    import torch
+
+    if not huge_pages_usable():
+        return 0
+    users: dict[int, int] = {}
+    for _, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu":  # not DTensor & co
+            ptr = t.untyped_storage().data_ptr()
+            users[ptr] = users.get(ptr, 0) + 1
+    todo, seen = [], set()
+    for module in model.modules():
+        for name, t in module._buffers.items():
+            if (t is None or type(t) is not torch.Tensor or t.device.type != "cpu" or t.requires_grad
+                    or not min_bytes <= t.nbytes < _HUGE or not t.is_contiguous() or t.storage_offset()):
+                continue
+            storage = t.untyped_storage()
+            if storage.nbytes() != t.nbytes or users.get(storage.data_ptr()) != 1 or storage.data_ptr() in seen:
+                continue
+            seen.add(storage.data_ptr())
+            todo.append((module, name, t))
+    if len(todo) < 2:
+        return 0
+    sizes = [(t.nbytes + 63) // 64 * 64 for _, _, t in todo]
+    # from the arena's first 2 MiB boundary to a whole number of huge pages: every weight lies in one
+    total = (sum(sizes) + _HUGE - 1) // _HUGE * _HUGE
+    arena = torch.empty(total + _HUGE, dtype=torch.uint8)
+    start = -arena.data_ptr() % _HUGE
+    arena, offset = arena[start:start + total], 0
+    back_with_huge_pages([arena])  # before the pages are first written
+    with torch.no_grad():
+        for (module, name, t), size in zip(todo, sizes):
+            new = arena[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+            new.copy_(t)
+            module._buffers[name] = new
+            offset += size
+    release_freed_memory()
+    return offset
+

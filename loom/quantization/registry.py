@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from loom.kernels.memory import gather_small_buffers
 from loom.quantization.base import Quantizer, quantized_modules, replace_module
 from loom.quantization.bnb import BnbQuantizer
 from loom.quantization.compressed_tensors import CompressedTensorsQuantizer
@@ -119,4 +120,5 @@ def quantize_(model: nn.Module, config) -> nn.Module:
         replace_module(model, name, quantized)
     quantizer._attach(model)
     quantizer.finish(model)
+    gather_small_buffers(model)  # as the loader does: the new small weights onto huge pages, in module order
     return model

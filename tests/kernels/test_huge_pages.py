@@ -82,3 +82,112 @@ def test_neighbouring_small_storages_are_advised_as_one_range():
     assert memory.back_with_huge_pages(parts) >= 4 << 20  # at least two whole 2 MiB pages inside the 8 MiB
     assert all(int(p[0]) == i + 1 and int(p[-1]) == i + 1 for i, p in enumerate(parts))
     del parts, p
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("a", torch.randint(-127, 127, (512, 256), dtype=torch.int8))  # 128 KiB
+        self.register_buffer("b", torch.randint(0, 255, (1024, 512), dtype=torch.uint8))  # 512 KiB
+        self.register_buffer("tiny", torch.randn(16))  # below min_bytes
+        self.register_buffer("big", torch.randint(0, 255, (4 << 20,), dtype=torch.uint8))  # a huge page or more
+        self.p = torch.nn.Parameter(torch.randn(512, 256))  # parameters stay
+        whole = torch.randn(256, 512)
+        self.register_buffer("part", whole[:128])  # does not own its storage
+        shared = torch.randn(256, 256)
+        self.left, self.right = torch.nn.Module(), torch.nn.Module()
+        self.left.register_buffer("s", shared)  # one tensor under two names
+        self.right.register_buffer("s", shared)
+
+
+def test_gather_small_buffers_moves_only_small_owned_buffers():
+    m = _Holder()
+    before = {k: (v.clone(), v.data_ptr()) for k, v in [*m.named_parameters(), *m.named_buffers(remove_duplicate=False)]}
+    moved = memory.gather_small_buffers(m)
+    after = dict([*m.named_parameters(), *m.named_buffers(remove_duplicate=False)])
+    for k, (value, ptr) in before.items():
+        assert torch.equal(after[k], value), k
+        assert after[k].dtype == value.dtype and after[k].shape == value.shape
+    if not memory.huge_pages_usable():
+        assert moved == 0
+        return
+    assert moved == (512 * 256 + 1024 * 512)  # both sizes are multiples of 64 bytes
+    assert m.a.untyped_storage().data_ptr() == m.b.untyped_storage().data_ptr()
+    assert m.a.data_ptr() % (2 << 20) == 0  # the first lies on a huge page boundary
+    for k in ("tiny", "big", "p", "part", "left.s", "right.s"):
+        assert after[k].data_ptr() == before[k][1], k
+    assert m.left.s is m.right.s
+    m.a.add_(1)  # still a buffer of its own: writing one leaves the other's values
+    assert torch.equal(m.b, before["b"][0])
+    release = tuple(int(x) for x in __import__("platform").release().split(".")[:2] if x.isdigit())
+    if release >= (6, 1):
+        huge = _anon_huge_kb(m.a.data_ptr())
+        assert huge is not None and huge >= 2048, f"AnonHugePages {huge} kB"
+
+
+def test_gather_small_buffers_turned_off_by_environment(monkeypatch):
+    monkeypatch.setenv("LOOM_HUGE_PAGES", "off")
+    m = _Holder()
+    ptr = m.a.data_ptr()
+    assert memory.gather_small_buffers(m) == 0
+    assert m.a.data_ptr() == ptr
+
+
+def test_quantized_load_gathers_weights_and_round_trips(tmp_path, monkeypatch):
+    import loom
+    from loom.quantization.linear import Int8Linear
+
+    torch.manual_seed(0)
+    config = loom.LlamaConfig(vocab_size=99, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, intermediate_size=512, max_position_embeddings=64)
+    loom.LlamaForCausalLM(config).save_pretrained(tmp_path / "fp32")
+    q = loom.LlamaForCausalLM.from_pretrained(tmp_path / "fp32", quantization_config=loom.WeightOnlyConfig(bits=8))
+    layers = [m for m in q.modules() if type(m) is Int8Linear]
+    assert len(layers) == 14
+    big = [m for m in layers if m.weight.nbytes >= 64 << 10]  # q, o, gate, up, down; k and v are 32 KiB
+    assert len(big) == 10
+    storages = {m.weight.untyped_storage().data_ptr() for m in big}
+    monkeypatch.setenv("LOOM_HUGE_PAGES", "off")
+    apart = loom.LlamaForCausalLM.from_pretrained(tmp_path / "fp32",
+                                                  quantization_config=loom.WeightOnlyConfig(bits=8))
+    assert len({m.weight.untyped_storage().data_ptr() for m in apart.modules() if type(m) is Int8Linear}) == 14
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        logits = q(ids).logits
+        assert torch.equal(logits, apart(ids).logits)
+        assert torch.equal(q.generate(ids, max_new_tokens=6, do_sample=False),
+                           apart.generate(ids, max_new_tokens=6, do_sample=False))
+    q.save_pretrained(tmp_path / "int8")
+    back = loom.LlamaForCausalLM.from_pretrained(tmp_path / "int8")
+    for (name, a), b in zip(q.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+    monkeypatch.delenv("LOOM_HUGE_PAGES")
+    if memory.huge_pages_usable():
+        assert len(storages) == 1
+
+
+def test_quantize_in_memory_gathers_weights(monkeypatch):
+    import copy
+
+    import loom
+    from loom.quantization.linear import Int8Linear
+
+    torch.manual_seed(0)
+    config = loom.LlamaConfig(vocab_size=99, hidden_size=256, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=4, intermediate_size=512, max_position_embeddings=64)
+    model = loom.LlamaForCausalLM(config).eval()
+    apart = copy.deepcopy(model)
+    loom.quantize_(model, loom.WeightOnlyConfig(bits=8))
+    monkeypatch.setenv("LOOM_HUGE_PAGES", "off")
+    loom.quantize_(apart, loom.WeightOnlyConfig(bits=8))
+    monkeypatch.delenv("LOOM_HUGE_PAGES")
+    layers = [m for m in model.modules() if type(m) is Int8Linear]
+    assert len(layers) == 7
+    if memory.huge_pages_usable():
+        assert len({m.weight.untyped_storage().data_ptr() for m in layers}) == 1
+    assert len({m.weight.untyped_storage().data_ptr() for m in apart.modules() if type(m) is Int8Linear}) == 7
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, apart(ids).logits)
+    for (name, a), b in zip(model.state_dict().items(), apart.state_dict().values()):
+        assert torch.equal(a, b), name
