@@ -27,22 +27,65 @@ def kernels_own_threads():
     In a decode step loom's kernels do the heavy work on their own pool; torch is left dozens of tiny ops per layer,
     each of which would wake torch's OpenMP team, whose threads then spin and compete with the pool's for the same
     cores (measured on 2 vCPUs: +14% decode tokens/s with torch on one thread). Restores the count on exit.
-    Torch keeps its thread count per OS thread (a thread's first torch call copies the last value set anywhere), so
-    this acts on the calling thread, and concurrent callers each set and restore their own.
+    Only the calling thread's count changes (see _this_thread_setter): concurrent callers each set and restore their
+    own, and threads started meanwhile get torch's default.
     """
     n = torch.get_num_threads()
     if n <= 1 or getattr(_local, "pool_threads", 0) or not build.available():
         yield
         return
     _local.pool_threads = n
-    torch.set_num_threads(1)
+    set_own = _this_thread_setter()
+    set_own(1)
     _spinning(+1)
     try:
         yield
     finally:
         _spinning(-1)
-        torch.set_num_threads(n)
+        set_own(n)
         _local.pool_threads = 0
+
+
+_setter: list = []
+
+
+def _this_thread_setter():
+    """A function that sets torch's thread count for the calling thread only.
+
+    torch.set_num_threads sets the count for the calling thread and also the process-wide default that a thread
+    copies at its first parallel torch op: a thread started while a handoff was in force (a server's worker, a
+    DataLoader's pin-memory thread) kept one thread for good. With torch on OpenMP (its CPU wheels), the count is
+    OpenMP's per-thread `nthreads` setting, which `omp_set_num_threads` of the runtime torch loaded sets for the
+    calling thread alone; that is used where it is found and checked to act (torch.get_num_threads() reads it back),
+    torch.set_num_threads otherwise."""
+    if not _setter:
+        _setter.append(_find_omp_setter() or torch.set_num_threads)
+    return _setter[0]
+
+
+def _find_omp_setter():
+    import ctypes
+
+    if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") < 0:
+        return None
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/lib" in line and any(
+                name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp."))}
+    except OSError:
+        return None
+    if len(paths) != 1:  # none, or more than one runtime: which one torch uses is unclear
+        return None
+    try:
+        fn = ctypes.CDLL(paths.pop()).omp_set_num_threads
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_int], None
+    n = torch.get_num_threads()
+    fn(1 if n != 1 else 2)
+    works = torch.get_num_threads() == (1 if n != 1 else 2)
+    fn(n)
+    return fn if works and torch.get_num_threads() == n else None
 
 
 def _spinning(change: int) -> None:

@@ -157,3 +157,26 @@ def test_pool_runs_each_chunk_once_when_a_helper_holds_an_old_ticket(threads_):
     lib = build.library()
     for helper, publish in ((0, 0), (2000, 20000), (20000, 2000), (5000, 5000)):
         assert lib.loom_pool_selftest(60, 24, 1, threads_, 200, helper, publish) == 0, (helper, publish)
+
+
+@pytest.mark.skipif(not kernels_on(), reason="the handoff applies only where loom's C kernels run")
+def test_a_thread_started_during_a_handoff_keeps_torchs_thread_count(two_threads):
+    """The handoff puts torch on one thread for the calling thread only: a thread whose first torch call falls inside
+    another thread's decode (a server's worker started meanwhile) still gets torch's count, then and afterwards."""
+    seen = []
+
+    def worker():
+        x = torch.randn(256, 256)
+        (x @ x).sum()  # a first parallel op
+        seen.append(torch.get_num_threads())
+
+    with threads.kernels_own_threads():
+        assert torch.get_num_threads() == 1 and threads.pool_threads() == 2
+        t = threading.Thread(target=worker)
+        t.start()
+        t.join(30)
+    assert torch.get_num_threads() == 2
+    t = threading.Thread(target=worker)
+    t.start()
+    t.join(30)
+    assert seen == [2, 2]
