@@ -68,13 +68,19 @@ def _find_omp_setter():
 
     if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") < 0:
         return None
+    import os
+
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/lib" in line and any(
                 name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp."))}
     except OSError:
         return None
-    if len(paths) != 1:  # none, or more than one runtime: which one torch uses is unclear
+    # other packages bring their own copies (scikit-learn's, sentencepiece's libgomp): torch's wheel keeps its
+    # runtime in torch/lib; a torch linked to the system's has the only one loaded, or none is chosen
+    own = {p for p in paths if os.path.dirname(p) == os.path.join(os.path.dirname(torch.__file__), "lib")}
+    paths = own or paths
+    if len(paths) != 1:
         return None
     try:
         fn = ctypes.CDLL(paths.pop()).omp_set_num_threads

@@ -163,7 +163,10 @@ def test_pool_runs_each_chunk_once_when_a_helper_holds_an_old_ticket(threads_):
 def test_a_thread_started_during_a_handoff_keeps_torchs_thread_count(two_threads):
     """The handoff puts torch on one thread for the calling thread only: a thread whose first torch call falls inside
     another thread's decode (a server's worker started meanwhile) still gets torch's count, then and afterwards."""
+    import sentence_transformers  # noqa: F401 - loads scikit-learn's and sentencepiece's own libgomp copies too
     seen = []
+    if "ATen parallel backend: OpenMP" in torch.__config__.parallel_info():  # torch's CPU wheels
+        assert threads._this_thread_setter() is not torch.set_num_threads
 
     def worker():
         x = torch.randn(256, 256)
