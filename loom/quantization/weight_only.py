@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loom.kernels.memory import release_freed_memory
+from loom.kernels.memory import gather_small_buffers, release_freed_memory
 from loom.kernels import is_plain_linear
 from loom.quantization import ct_layout
 from loom.quantization.base import Quantizer, default_skips
@@ -90,9 +90,13 @@ class WeightOnlyQuantizer(Quantizer):
 
     def finish(self, model: nn.Module) -> None:
         super().finish(model)
-        for name in self.converted:
-            module = model.get_submodule(name)
+        modules = [model.get_submodule(name) for name in self.converted]
+        for module in modules:
             module.choose_kernel()
+        # the small weights into one huge-page buffer first (as the loader would after the hooks): a packed copy
+        # made before would be remade at the first forward, its weight having moved
+        gather_small_buffers(model)
+        for module in modules:
             if module.kernel == "fbgemm_int8":
                 module.packed_weight()  # pack now: the model is at its final size before the first forward
         release_freed_memory()

@@ -147,6 +147,8 @@ def test_quantized_load_gathers_weights_and_round_trips(tmp_path, monkeypatch):
     big = [m for m in layers if m.weight.nbytes >= 64 << 10]  # q, o, gate, up, down; k and v are 32 KiB
     assert len(big) == 10
     storages = {m.weight.untyped_storage().data_ptr() for m in big}
+    for m in layers:  # where fbgemm runs (kernels off), its packed copy was made from the gathered weight
+        assert m.kernel != "fbgemm_int8" or m._packed_stamp[0] is m.weight
     monkeypatch.setenv("LOOM_HUGE_PAGES", "off")
     apart = loom.LlamaForCausalLM.from_pretrained(tmp_path / "fp32",
                                                   quantization_config=loom.WeightOnlyConfig(bits=8))
