@@ -332,8 +332,9 @@ class DecodePlan:
         stamps = [m._a8_stamp for m in tiled]
         self.tile_sources = tuple(t for st in stamps for t, v in zip(st[:3], st[3:]) if v is not None)
         self.tile_versions = tuple(v for st in stamps for v in st[3:] if v is not None)
-        # the stamp's version reader (Int4Linear's module is loaded wherever a module holds tiles)
-        self.version_of = sys.modules["loom.quantization.linear"]._version if tiled else None
+        # the versions are read in C: every source kept one at build time (an inference tensor, which keeps none, is
+        # left out above, and a tensor does not change kind)
+        self.version_of = operator.attrgetter("_version")
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
         self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
