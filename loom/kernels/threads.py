@@ -65,11 +65,10 @@ def _this_thread_setter():
 
 def _find_omp_setter():
     import ctypes
+    import os
 
     if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") < 0:
         return None
-    import os
-
     try:
         with open("/proc/self/maps") as maps:
             paths = {line.split()[-1] for line in maps if "/lib" in line and any(
