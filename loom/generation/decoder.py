@@ -43,6 +43,7 @@ class Decoder:
         self.output_hidden_states, self.output_attentions = output_hidden_states, output_attentions
         self.cache = None
         self.plan = None  # the decode plan (decode_plan.py), built at the first decode step; False: none applies
+        self.quiet = False  # set by the generate loop: it runs only loom's code between steps (decode_plan.py)
         # a model whose cached keys go stale at some length (Phi-3's longrope) says where; the step that reaches it
         # starts a new cache and re-reads the whole sequence, as the reference's generate does for that model
         self.restart_at = getattr(model, "cache_restart_length", None)
@@ -147,7 +148,7 @@ class Decoder:
                 self._reserve(n + 1)
                 positions = (self.positions[n:n + 1][None].expand(self.rows, 1) if self.position_ids is None
                              else self.position_ids[:, n:n + 1])
-                logits = self.plan.step(tokens[:, -1:], positions, self.positions[n:n + 1], n, self.mask)
+                logits = self.plan.step(tokens[:, -1:], positions, self.positions[n:n + 1], n, self.mask, self.quiet)
                 if logits is not None:
                     self.last_hidden_states = self.last_attentions = None
                     return logits

@@ -7,6 +7,20 @@ import torch
 from loom.generation import constraints as C
 from loom.generation import logits_process as P
 from loom.generation import warpers as W
+from loom.generation import watermarking
+
+# loom's processors whose __call__ runs only loom's and torch's code (the prefix-constrained one calls the user's
+# function, classifier-free guidance runs the model): with only these, the generate loop runs no one else's code
+# between decode steps (loom.generation.decode_plan)
+LOOM_PROCESSORS = frozenset((
+    P.MinLengthLogitsProcessor, P.MinNewTokensLengthLogitsProcessor, P.RepetitionPenaltyLogitsProcessor,
+    P.NoRepeatNGramLogitsProcessor, P.NoBadWordsLogitsProcessor, P.ForcedBOSTokenLogitsProcessor,
+    P.ForcedEOSTokenLogitsProcessor, P.SuppressTokensLogitsProcessor, P.TemperatureLogitsWarper, P.TopKLogitsWarper,
+    P.TopPLogitsWarper, P.MinPLogitsWarper, P.TypicalLogitsWarper, W.EpsilonLogitsWarper, W.EtaLogitsWarper,
+    W.TopHLogitsWarper, C.SequenceBiasLogitsProcessor, C.EncoderRepetitionPenaltyLogitsProcessor,
+    C.EncoderNoRepeatNGramLogitsProcessor, C.ExponentialDecayLengthPenalty, C.InfNanRemoveLogitsProcessor,
+    C.LogitNormalization, C.SuppressTokensAtBeginLogitsProcessor, watermarking.WatermarkLogitsProcessor,
+    watermarking.SynthIDTextWatermarkLogitsProcessor))
 
 
 def _penalties(cfg, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list:

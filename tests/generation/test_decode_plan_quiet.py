@@ -1,0 +1,166 @@
+"""The decode plan's quiet steps (loom/generation/decode_plan.py): after a full check, a step checks only what the
+plan itself moves while nothing but loom's code has run since. Every way other code can run between steps (a
+streamer, a logits processor or stopping criterion of the user's, a hook on the head or the final norm, a model class
+of the user's, another Python thread, a profile function, a gc callback) sends every step back to the full check,
+and a change made by such code in the middle of a generate is honoured at the next step. Runs with loom's kernels on
+and off (off: no plan is built, no check runs)."""
+from __future__ import annotations
+
+import gc
+import io
+import sys
+import threading
+
+import pytest
+import torch
+import tqdm
+
+from loom.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from loom.generation.decode_plan import DecodePlan
+from loom.kernels import build
+from test_decode_plan import _generate, _ids, _same
+from test_fused_decode import _model
+
+NEW = 10  # new tokens: the prefill's, then 9 decode steps
+
+
+def _checked(model, monkeypatch, **kw):
+    """(output, plan steps, full checks) of a planned generate, and the same generate without the plan (which must
+    give the same tokens and scores)."""
+    checks = [0]
+    unchanged = DecodePlan.unchanged
+
+    def counted(self, *args):
+        checks[0] += 1
+        return unchanged(self, *args)
+    with monkeypatch.context() as m:
+        m.setattr(DecodePlan, "unchanged", counted)
+        out, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=NEW, **kw)
+    return out, steps, checks[0]
+
+
+def _steps(model) -> int:
+    return (NEW - 1) * model.config.num_hidden_layers if build.available() else 0
+
+
+class _Noop(LogitsProcessor):
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+class _NeverStop(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+
+class _Streamer:
+    def put(self, value):
+        pass
+
+    def end(self):
+        pass
+
+
+def test_a_quiet_generate_checks_once(monkeypatch):
+    """Greedy, and sampling through loom's own warpers and penalties: one full check, then quiet steps; the tokens
+    and scores are the forward's. tqdm's monitor thread (alive after any progress bar, e.g. a hub download's) does
+    not count as other code."""
+    with tqdm.tqdm(total=1, disable=False, file=io.StringIO()):
+        pass
+    assert any(type(t).__name__ == "TMonitor" for t in threading.enumerate())
+    model = _model("llama", torch.float32)
+    for kw in ({}, dict(do_sample=True, top_k=20, top_p=0.9, temperature=0.7, repetition_penalty=1.3)):
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            a, steps, checks = _checked(model, monkeypatch, **kw)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=NEW, **kw)
+        assert _same(a, b) and steps == _steps(model)
+        assert checks == (1 if build.available() else 0)
+
+
+def _other_thread():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait, daemon=True)
+    thread.start()
+    return stop.set
+
+
+@pytest.mark.parametrize("what", ["streamer", "processor", "criterion", "head hook", "norm pre-hook", "model class",
+                                  "thread", "profile", "gc callback"])
+def test_other_code_between_steps_means_a_full_check_at_every_step(what, monkeypatch):
+    model = _model("llama", torch.float32)
+    kw, undo = {}, []
+    if what == "streamer":
+        kw["streamer"] = _Streamer()
+    elif what == "processor":
+        kw["logits_processor"] = LogitsProcessorList([_Noop()])
+    elif what == "criterion":
+        kw["stopping_criteria"] = StoppingCriteriaList([_NeverStop()])
+    elif what == "head hook":
+        undo.append(model.lm_head.register_forward_hook(lambda m, args, out: None).remove)
+    elif what == "norm pre-hook":
+        undo.append(model.model.norm.register_forward_pre_hook(lambda m, args: None).remove)
+    elif what == "model class":
+        cls = type(model)
+        model.__class__ = type("UsersLlama", (cls,), {})  # a class defined outside loom (this test's module)
+        undo.append(lambda: setattr(model, "__class__", cls))
+    elif what == "thread":
+        undo.append(_other_thread())
+    elif what == "profile":
+        sys.setprofile(lambda *args: None)
+        undo.append(lambda: sys.setprofile(None))
+    else:
+        gc.callbacks.append(lambda *args: None)
+        undo.append(gc.callbacks.pop)
+    try:
+        a, steps, checks = _checked(model, monkeypatch, **kw)
+    finally:
+        for u in undo:
+            u()
+    b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=NEW)
+    assert _same(a, b) and steps == _steps(model)
+    assert checks == (NEW - 1 if build.available() else 0)
+
+
+@pytest.mark.parametrize("where", ["processor", "head hook"])
+def test_a_change_made_between_steps_is_honoured(where, monkeypatch):
+    """A logits processor of the user's, or a forward hook on the head, registers a hook that changes a layer's
+    output after the 4th token: the plan runs the steps before it and the forward those after, with the tokens and
+    scores of a generate that never planned."""
+    model = _model("llama", torch.float32)
+    q = model.model.layers[1].self_attn.q_proj
+    handles = []
+
+    def change():
+        handles.append(q.register_forward_hook(lambda m, args, out: out * 3))
+
+    def run(plan: bool):
+        calls = [0]
+
+        def maybe_change():
+            calls[0] += 1
+            if calls[0] == 4:
+                change()
+        kw = {}
+        if where == "processor":
+            class Changer(LogitsProcessor):
+                def __call__(self, input_ids, scores):
+                    maybe_change()
+                    return scores
+            kw["logits_processor"] = LogitsProcessorList([Changer()])
+        else:
+            handles.append(model.lm_head.register_forward_hook(lambda m, args, out: maybe_change()))
+        try:
+            return _generate(model, monkeypatch, plan, input_ids=_ids(), max_new_tokens=NEW, **kw)
+        finally:
+            for h in handles:
+                h.remove()
+            handles.clear()
+    (a, steps), (b, _) = run(True), run(False)
+    assert _same(a, b)
+    # the processor's 4th call comes before the 4th step (its 1st is on the prefill's logits); the head's 4th call is
+    # inside the 3rd step (its 1st is the prefill's), after that step's layers: either way steps 1-3 are planned
+    planned = 3
+    assert steps == (planned * model.config.num_hidden_layers if build.available() else 0)
