@@ -18,13 +18,13 @@ What it does, all cached under --cache (default ~/.cache/loom/bench-llamacpp; a 
    int4-asym+head` adds loom's default asymmetric int4 against the same files; `int4-saved,int4-saved+head` the
    int4 decode on the saved layout's kernel instead of the tiles, for an A/B). loom decodes greedily at
    batch 1 from a 1-token prompt (as llama-bench's decode test starts from an empty context); its rate excludes that
-   first step. Time to first token: loom's `generate(max_new_tokens=1)` of a P-token prompt, llama.cpp's prompt
-   test (one batch of P tokens).
+   first step (a generate of N tokens minus one of 1 token, no streamer: as in --batch). Time to first token: loom's
+   `generate(max_new_tokens=1)` of a P-token prompt, llama.cpp's prompt test (one batch of P tokens).
 4. Robust to a busy machine: /proc/stat is read around every measurement; the CPU time others used in that window
    (all busy and stolen time minus the measured process's own) is its "disturbance", and samples above --quiet
    (10% of the machine) are noisy. Each cell is the median of the quiet samples (all samples, marked *, when none
-   was quiet), with the count. At 1 thread CPU time per token is reported too: loom's process CPU time between its
-   first and last token, llama.cpp's child rusage of the decode run minus that of a 1-token run.
+   was quiet), with the count. At 1 thread CPU time per token is reported too: loom's process CPU time of the same
+   difference, llama.cpp's child rusage of the decode run minus that of a 1-token run.
 5. Page cache: before the rounds every file the run reads (loom's safetensors, each GGUF) is dropped from the page
    cache and read back through a mapping, so both sides' in-place mappings start alike (the share of each file in
    2 MiB pages, before and after, is in the report; --keep-page-cache skips this).
@@ -357,21 +357,9 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
     vocab = model.config.vocab_size
     warmed = set()
 
-    class Clock:  # a streamer that timestamps each new token
-        def __init__(self):
-            self.wall, self.cpu = [], []
-
-        def put(self, value):
-            self.wall.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-
-        def end(self):
-            pass
-
-    def generate(ids, n, streamer=None):
+    def generate(ids, n):
         with torch.inference_mode():
-            return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
-                                  pad_token_id=0, streamer=streamer)
+            return model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
 
     for line in sys.stdin:
         cmd = json.loads(line)
@@ -394,25 +382,21 @@ def worker_main(lib: str, fmt: str, hf: str) -> None:
             if cmd["threads"] not in warmed:
                 generate(torch.randint(3, vocab, (1, 8), generator=g), 4)
                 warmed.add(cmd["threads"])
-            if cmd["op"] == "batched":
-                ids = torch.randint(3, vocab, (cmd["batch"], cmd["prompt"]), generator=g)
+            if cmd["op"] in ("batched", "decode"):
+                # the rate of the steps after the first: a generate of N tokens minus one of 1 token from the same
+                # prompt (no streamer, which would be code of the bench's own between loom's decode steps)
+                rows, prompt = (cmd["batch"], cmd["prompt"]) if cmd["op"] == "batched" else (1, 1)
+                ids = torch.randint(3, vocab, (rows, prompt), generator=g)
                 t, c = time.perf_counter(), time.process_time()
                 generate(ids, 1)
                 first, first_cpu = time.perf_counter() - t, time.process_time() - c
                 t, c = time.perf_counter(), time.process_time()
                 out = generate(ids, cmd["tokens"])
-                assert out.shape == (cmd["batch"], cmd["prompt"] + cmd["tokens"])
+                assert out.shape == (rows, prompt + cmd["tokens"])
                 seconds = time.perf_counter() - t - first
                 steps = cmd["tokens"] - 1
-                reply = dict(seconds=seconds, rate=cmd["batch"] * steps / seconds,
+                reply = dict(seconds=seconds, rate=rows * steps / seconds,
                              cpu=(time.process_time() - c - first_cpu) / steps)
-            elif cmd["op"] == "decode":
-                clock = Clock()
-                out = generate(torch.randint(3, vocab, (1, 1), generator=g), cmd["tokens"], clock)
-                assert out.shape[1] == 1 + cmd["tokens"] and len(clock.wall) == cmd["tokens"] + 1
-                steps = cmd["tokens"] - 1  # clock[0] is the prompt, clock[1] the first token (its prefill)
-                seconds = clock.wall[-1] - clock.wall[1]
-                reply = dict(seconds=seconds, rate=steps / seconds, cpu=(clock.cpu[-1] - clock.cpu[1]) / steps)
             else:
                 ids = torch.randint(3, vocab, (1, cmd["prompt"]), generator=g)
                 t = time.perf_counter()

@@ -5,7 +5,8 @@ either Llama's MLP or `loom.models.moe.SparseMoE`'s mixture of experts (Mixtral,
 shared expert). The plan is built once per generate call, after the prefill, where everything the step depends on
 is checked (model, layer and module classes, hooks, kernel eligibility, dtypes, devices, the cache); each step then
 runs the layers through `loom.kernels.chain.DecodeChain` (one C call per dense layer, two per MoE layer, the MLP's
-activation and the routing in torch) and the final norm and head as module calls. Every value is bitwise what the
+activation and the routing in torch), the final norm and head in the chain's last call (module calls where either
+has hooks or is not one the chain computes, or the family changes the logits). Every value is bitwise what the
 model's forward computes (the chain reaches the same kernels, and the activation, the routing, the embedding lookup
 and the rotary tables are torch's own ops or the model's own methods).
 
@@ -27,16 +28,16 @@ length). Where anything differs, the step returns None, having changed nothing, 
 forward as usual; so does every model, cache or setting the plan does not cover (sliding windows in reach, hidden
 states or attentions asked for, adapter Linears, other quantizers' Linears, variant layers).
 
-Those checks read a few hundred Python objects, which each step's weights have pushed out of the CPU caches (0.2-0.4
+Those checks read a few hundred Python objects, which each step's weights have pushed out of the CPU caches (0.1-0.3
 ms a token on the bench model, where the whole step outside the products is ~0.2 ms with warm caches). They are only
 needed where code other than loom's may have run since the last check: the generate loop says when it runs none
 between steps (`quiet`: no streamer, only loom's own logits processors and the max-length / EOS criteria), and the
 plan adds what it sees itself: the modules a step calls (final norm, head) are loom's leaf modules without hooks, the
 model's class is loom's, and the interpreter runs nothing of its own accord (no other Python thread but tqdm's
-monitor, no trace or profile function, no gc callback, no `sys.monitoring` tool), which it reads before every check and every step. Where
-all of that holds after a full check, the next steps check only what the plan itself moves (the cache and its
-length, the position, grad mode); anything else sends the next step back to the full check. Not covered: code the
-interpreter runs that none of those show (audit hooks, finalizers, signal handlers, threads started from C that call
+monitor, no trace or profile function, no gc callback, no `sys.monitoring` tool), read before every check and every
+step. Where all of that holds after a full check, the next steps check only what the plan itself moves (the cache
+and its length, the position, grad mode); anything else sends the next step back to the full check. Not covered: code
+the interpreter runs that none of those show (audit hooks, finalizers, signal handlers, threads started from C that call
 into Python) changing the model in the middle of a generate.
 """
 from __future__ import annotations
@@ -288,6 +289,25 @@ def _layer(layer, mlp, llama, rows: int, dtype):
     return lt, checked, moded, extra, block, quantized
 
 
+def _head(model, base, llama, chain: DecodeChain):
+    """Give `chain` the model's final norm and head where the chain computes them as the modules do (Llama's
+    logits, an RMSNorm, a head `_projection` takes, neither with hooks or a forward of its own): (the modules to
+    check, [(quantized head, its recorded settings)]); None where the step calls the modules instead."""
+    norm, head = base._modules.get(base.norm_name), model._modules.get("lm_head")
+    if not (type(model).finish_logits is llama.LlamaForCausalLM.finish_logits and type(norm) is RMSNorm
+            and head is not None and all(not m._forward_hooks and not m._forward_pre_hooks
+                                         and "forward" not in m.__dict__ for m in (norm, head))):
+        return None
+    found, weight = _projection(head), norm._parameters.get("weight")
+    if found is None or found[0] is None or weight is None:
+        return None
+    try:
+        chain.set_head(weight, norm.eps, found[0], head._parameters.get("bias"), found[1])
+    except ValueError:
+        return None
+    return [norm, head], ([(head, found[2])] if found[1] is not None else [])
+
+
 class DecodePlan:
     """See the module docstring. `build` returns None where the plan does not apply."""
 
@@ -348,6 +368,10 @@ class DecodePlan:
                 chain.set_cache(i, cache.keys[i], cache.values[i])
         except ValueError:  # a tensor the kernels do not take (the chain's checks say which): the modules' path
             return None
+        head = _head(model, base, llama, chain)
+        if head is not None:  # the final norm and head in the chain's last call: checked as the layers' modules are
+            checked += head[0]
+            quantized += head[1]
         return cls(model, base, cache, chain, checked, moded, windows.pop(), extra, blocks, quantized)
 
     def __init__(self, model, base, cache: DynamicCache | StaticCache, chain: DecodeChain, modules: list, moded: list,
@@ -367,8 +391,9 @@ class DecodePlan:
         slots += [(m._buffers, name, t) for m, _ in quantized for name, t in m._buffers.items()]
         # int4 layers whose product reads tiles: the tiles themselves, and the in-place versions of the tensors
         # they were made from (the module's forward would remake them: Int4Linear.tiles_current)
+        quants = [q for lt in chain.layers for q in lt.quant] + ([chain.head[3]] if chain.head is not None else [])
         tiled = [m for m, _ in quantized if isinstance(m.__dict__.get("_a8"), torch.Tensor)
-                 and any(q is not None and q.tiles is m.__dict__["_a8"] for lt in chain.layers for q in lt.quant)]
+                 and any(q is not None and q.tiles is m.__dict__["_a8"] for q in quants)]
         slots += [(m.__dict__, "_a8", m.__dict__["_a8"]) for m in tiled]
         # (the stamp each module made its tiles with: the tensors, then their versions; None = no version kept)
         stamps = [m._a8_stamp for m in tiled]
@@ -379,7 +404,8 @@ class DecodePlan:
         self.version_of = operator.attrgetter("_version")
         self.slot_dicts, self.slot_names, self.slot_values = (tuple(s) for s in zip(*slots))
         # the tensors the chain reads through pointers: a swapped `.data` moves them
-        self.pointed = tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
+        self.pointed = (tuple(t for lt in chain.layers for t in lt.tensors()) + tuple(extra)
+                        + tuple(chain.head_tensors()))
         self.addresses = tuple(t.data_ptr() for t in self.pointed)
         self.keys, self.values = tuple(cache.keys), tuple(cache.values)
         self.x2d = chain.x.view(self.rows, chain.hidden)
@@ -491,10 +517,12 @@ class DecodePlan:
         if not chain.fits(cos, sin, pos, mask, length):
             return None
         torch.index_select(self.embed_weight, 0, input_ids.view(-1), out=self.x2d)
-        x = chain.run(cos, sin, pos, mask, length)
+        out = chain.run(cos, sin, pos, mask, length)
         if self.static is None:
             cache.length = [pos + 1] * self.n
         else:
             cache.seen.fill_(pos + 1)  # as StaticCache.decode_slot counts the token
-        logits = self.model.finish_logits(self.model.lm_head(self.norm(x)))
+        if chain.head is not None:
+            return out  # the logits (rows, V)
+        logits = self.model.finish_logits(self.model.lm_head(self.norm(out)))
         return logits[:, -1]

@@ -45,7 +45,7 @@ class _Step(ctypes.Structure):  # csrc/decode.c chain_step
     _fields_ = [("x", _P), ("cos", _P), ("sin", _P), ("cs_sb", _L), ("pos", _L), ("B", _L), ("L", _L), ("mask", _P),
                 ("m_sb", _L), ("bf16", ctypes.c_int),
                 ("threads", ctypes.c_int),
-                ("no_products", ctypes.c_int)]
+                ("no_products", ctypes.c_int), ("head", _P), ("logits", _P)]
 
 
 class Routing:
@@ -171,6 +171,43 @@ class DecodeChain:
         self._step_ptr = ctypes.addressof(self._step)
         self._caches: list = [None] * self.n
         self._capacity = 0
+        self.head = None  # (norm weight, head weight, bias, Quantized or None, vocabulary): set_head
+
+    def set_head(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+                 quant: Quantized | None = None) -> None:
+        """Have `run` finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
+        the dtype, or `quant`'s layout; `bias` (V,) or None) and return the logits (rows, V) in the dtype, a new
+        tensor each step: bitwise what the modules give (loom::rms_norm, then the head's operator)."""
+        hidden, name = self.hidden, str(self.dtype).replace("torch.", "")
+        _check(weight.dim() == 2 and (quant is None or quant.check(weight)),
+               "the head's weight, scales or zero points are not what its kernel reads")
+        V, K = weight.shape if quant is None else quant.shape(weight)
+        floats = [norm_weight] + ([weight] if quant is None else []) + ([bias] if bias is not None else [])
+        _check(K == hidden and norm_weight.shape == (hidden,) and (bias is None or bias.shape == (V,))
+               and all(policy.plain(t) and t.dtype is self.dtype and t.is_contiguous() for t in floats),
+               f"the final norm {tuple(norm_weight.shape)} and head {tuple(weight.shape)} must be contiguous {name} "
+               f"CPU tensors over hidden size {hidden}")
+        layer = _Layer(ln1=norm_weight.data_ptr(), hidden=hidden, I=V, eps=float(eps))
+        layer.w[0], layer.b[0] = weight.data_ptr(), None if bias is None else bias.data_ptr()
+        if quant is not None:
+            q = (_Quant * 7)()
+            q[0].kind, q[0].half, q[0].group = Quantized.KINDS[quant.kind], int(quant.scale.dtype is torch.float16), \
+                quant.group
+            q[0].scale, q[0].zero = quant.scale.data_ptr(), None if quant.zero is None else quant.zero.data_ptr()
+            q[0].tiles, q[0].a8 = None if quant.tiles is None else quant.tiles.data_ptr(), int(quant.a8)
+            layer.q = ctypes.addressof(q)
+            self._quant.append(q)
+        self._head_struct = layer
+        self.head = (norm_weight, weight, bias, quant, V)
+        self._held += [t.detach() for t in self.head_tensors()]
+        self._step.head = ctypes.addressof(layer)
+
+    def head_tensors(self) -> list[torch.Tensor]:
+        """The tensors the head reads through a pointer (none without a head)."""
+        if self.head is None:
+            return []
+        norm_weight, weight, bias, quant, _ = self.head
+        return [t for t in (norm_weight, weight, bias, *(quant.tensors() if quant else ())) if t is not None]
 
     def _describe(self, i: int, t: LayerTensors, s: _Layer, rows: int, dtype: torch.dtype, D: int):
         """Check layer `i`'s tensors, fill its struct and allocate its buffers; (the activation's two inputs, the MoE
@@ -290,7 +327,7 @@ class DecodeChain:
             length: int | None = None) -> torch.Tensor:
         """The layers' decode step on `self.x` (the caller wrote the token embeddings there) for the token at `pos`,
         attending to the keys 0..length-1 (default pos + 1) where `mask` says so, writing its keys and values into
-        the caches; returns `self.x`. The caller checked `fits`."""
+        the caches; returns `self.x`, or with a head (`set_head`) the logits (rows, V). The caller checked `fits`."""
         st = self._step
         st.cos, st.sin, st.cs_sb = cos.data_ptr(), sin.data_ptr(), cos.stride(0) if cos.shape[0] > 1 else 0
         st.mask, st.m_sb = (None, 0) if mask is None else (mask.data_ptr(),
@@ -320,6 +357,10 @@ class DecodeChain:
                 act_(a)
                 torch.mul(a, b, out=act)
             done = p
+        logits = None
+        if self.head is not None:  # a new tensor each step: a caller may keep every step's logits
+            logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
+            self._step.logits = logits.data_ptr()
         if fn(done, None, sp):
             raise MemoryError("loom decode chain: could not allocate scratch memory")
-        return self.x
+        return self.x if logits is None else logits

@@ -125,7 +125,7 @@ class _Changer:
 
 
 @pytest.mark.parametrize("what", ["hook", "pre-hook", "module", "parameter", "forward", "train", "global hook",
-                                  "layer added"])
+                                  "layer added", "head hook", "final norm weight", "head forward"])
 def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
     """The plan notices at the next step and the forward takes over: the same tokens and scores as a generate that
     never planned, and plan steps only before the change."""
@@ -149,6 +149,12 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
         elif what == "layer added":
             model.model.layers.append(model.model.layers[0])
             model.model.windows.append(None)
+        elif what == "head hook":  # the head the chain computes: its hooks are checked as the layers' modules are
+            undo.append(model.lm_head.register_forward_hook(lambda m, args, out: out * 3))
+        elif what == "final norm weight":
+            model.model.norm.weight = nn.Parameter(model.model.norm.weight.detach() * 2)
+        elif what == "head forward":
+            model.lm_head.forward = lambda x: torch.zeros(*x.shape[:-1], model.config.vocab_size)
         else:
             undo.append(nn.modules.module.register_module_forward_hook(lambda m, args, out: None))
 
@@ -165,6 +171,8 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
                 h.remove()
             undo.clear()
             layer.mlp.__dict__.pop("forward", None)
+            model.lm_head.__dict__.pop("forward", None)
+            model.model.norm.weight = nn.Parameter(state["model.norm.weight"])
             del model.model.layers[2:]
             del model.model.windows[2:]
             layer.mlp.act_fn = act
@@ -218,6 +226,16 @@ def test_chain_names_bad_inputs():
     assert not ok.fits(cos, cos, 0)  # no cache set yet: no room for position 0
     ok.set_cache(0, torch.zeros(1, 2, 8, D), torch.zeros(1, 2, 8, D))
     assert ok.fits(cos, cos, 7) and not ok.fits(cos, cos, 8) and not ok.fits(cos.double(), cos.double(), 0)
+    head, final = model.lm_head.weight.detach(), model.model.norm.weight.detach()
+    with pytest.raises(ValueError, match="the final norm .* and head .* must be contiguous float32"):
+        ok.set_head(final, 1e-6, head[:, :-1], None)
+    with pytest.raises(ValueError, match="the final norm"):
+        ok.set_head(final, 1e-6, head.bfloat16(), None)
+    with pytest.raises(ValueError, match="the final norm"):
+        ok.set_head(final, 1e-6, head, torch.zeros(3))
+    assert ok.head is None
+    ok.set_head(final, 1e-6, head, None)
+    assert ok.head is not None and ok.head_tensors() == [final, head]
 
 
 def test_swapped_parameter_data_in_the_middle_of_a_generate_falls_back(monkeypatch):
@@ -386,3 +404,25 @@ def test_moe_plan_at_every_top_k(top_k, dtype, monkeypatch):
     assert _same(a, b)
     planned = build.available() and (dtype is torch.float32 or policy.batched_bf16())
     assert steps == (11 * model.config.num_hidden_layers if planned else 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_head_runs_in_the_chain_unless_hooked(dtype, monkeypatch):
+    """The final norm and head run in the chain's last call (the plan's step calls no module), bitwise the modules';
+    with a hook on either at build time they are module calls again, the hook honoured."""
+    model = _model("llama", dtype)
+    calls, built = [], []
+    build_ = DecodePlan.build.__func__
+    monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *a: built.append(build_(cls, *a)) or built[-1]))
+    a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    if build.available():
+        assert built[-1].chain.head is not None
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0.5)
+    try:
+        b, steps_b = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+        c, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=8)
+    finally:
+        handle.remove()
+    assert _same(b, c) and not _same(a, b) and len(calls) == 16  # 8 tokens, with and without the plan
+    if build.available():
+        assert built[-1].chain.head is None and steps_b == steps == 7 * 2

@@ -243,6 +243,9 @@ typedef struct {
     long m_sb;
     int bf16, threads;
     int no_products; /* benchmarks only (bench/bench_decode_overhead.py --no-matmul): products are zeros */
+    const void *head; /* NULL, or a chain_layer holding the model's final norm (ln1, eps) and head (w[0], b[0], q[0];
+                         I = the vocabulary): the call that finishes the last layer writes the logits too */
+    void *logits;     /* (B, I) in the dtype, with head */
 } chain_step;
 
 /* x += d over B * hidden values, rounded as torch's add */
@@ -317,6 +320,23 @@ static int add_shared_expert(const chain_layer *p, const chain_step *s, void *d)
     return status;
 }
 
+/* The model's final norm and head after the last layer: logits (B, V) = rms_norm(x) W^T + b, through the kernels
+   the modules' operators call (loom::rms_norm, then the head's product as `project` runs it), bitwise theirs */
+static int chain_head(const chain_step *s) {
+    const chain_layer *h = s->head;
+    long es = s->bf16 ? 2 : 4;
+    char *t = malloc((size_t)(s->B * h->hidden * es));
+    if (!t) return -1;
+    loom_rms_norm(s->x, h->ln1, t, s->bf16, s->B, h->hidden, h->eps, s->threads);
+    int status = 0;
+    if (s->no_products)
+        memset(s->logits, 0, (size_t)(s->B * h->I * es));
+    else
+        status = project(h->q, 0, h->w[0], h->b[0], t, s->logits, s->bf16, s->B, h->I, h->hidden, s->threads);
+    free(t);
+    return status;
+}
+
 /* Finish layer `done` (x += its MLP's output: the down projection of `a`, or for MoE the routed experts' down
    projections of `u` weighted by `rw`, rounded as torch's add) and run layer `next` up to its MLP's input projections
    (dense: gate and up into `a`, `u`; MoE: the router's logits), in place on x; either may be NULL. Returns -1 when
@@ -325,7 +345,10 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
     const chain_layer *p = done, *n = next;
     const chain_step *s = step;
     int bf16 = s->bf16, status = 0;
-    if (s->no_products) return chain_step_without_products(p, n, s);
+    if (s->no_products) {
+        status = chain_step_without_products(p, n, s);
+        return status || n || !s->head ? status : chain_head(s);
+    }
     if (p) {
         long count = s->B * p->hidden;
         char *d = malloc((size_t)(count * (bf16 ? 2 : 4)));
@@ -359,7 +382,8 @@ int loom_decode_chain_step(const void *done, const void *next, const void *step)
             status |= project(n->q, 4, n->w[4], n->b[4], n->h2, n->a, bf16, s->B, n->I, n->hidden, s->threads);
             status |= project(n->q, 5, n->w[5], n->b[5], n->h2, n->u, bf16, s->B, n->I, n->hidden, s->threads);
         }
-    }
+    } else if (s->head)
+        status = chain_head(s);
     return status ? -1 : 0;
 }
 
