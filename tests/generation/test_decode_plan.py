@@ -14,6 +14,7 @@ from loom.generation.decode_plan import DecodePlan
 from loom.kernels import KernelLinear, build, policy
 from loom.kernels.chain import DecodeChain, LayerTensors, Routing
 from loom.models.moe import SparseMoE
+from loom.quantization.linear import Int8Linear
 from test_fused_decode import _model
 
 KW = dict(do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
@@ -130,6 +131,8 @@ def test_a_change_in_the_middle_of_a_generate_falls_back(what, monkeypatch):
     """The plan notices at the next step and the forward takes over: the same tokens and scores as a generate that
     never planned, and plan steps only before the change."""
     model = _model("llama", torch.float32)
+    if what in ("head hook", "final norm weight", "head forward"):  # a head the chain computes (a quantized one)
+        model.lm_head = Int8Linear.from_linear(model.lm_head)
     layer = model.model.layers[1]
     undo = []
 
@@ -407,14 +410,19 @@ def test_moe_plan_at_every_top_k(top_k, dtype, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_head_runs_in_the_chain_unless_hooked(dtype, monkeypatch):
-    """The final norm and head run in the chain's last call (the plan's step calls no module), bitwise the modules';
-    with a hook on either at build time they are module calls again, the hook honoured."""
+def test_a_quantized_head_runs_in_the_chain_unless_hooked(dtype, monkeypatch):
+    """A quantized head and the final norm run in the chain's last call (the plan's step calls no module), bitwise
+    the modules'; a dense head, or a hook on either at build time, keeps them module calls, the hook honoured."""
     model = _model("llama", dtype)
     calls, built = [], []
     build_ = DecodePlan.build.__func__
     monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *a: built.append(build_(cls, *a)) or built[-1]))
+    dense, _ = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    if build.available():
+        assert built[-1].chain.head is None
+    model.lm_head = Int8Linear.from_linear(model.lm_head)
     a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
+    assert _same(a, _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=8)[0])
     if build.available():
         assert built[-1].chain.head is not None
     handle = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0.5)
