@@ -31,14 +31,15 @@ states or attentions asked for, adapter Linears, other quantizers' Linears, vari
 Those checks read a few hundred Python objects, which each step's weights have pushed out of the CPU caches (0.1-0.3
 ms a token on the bench model, where the whole step outside the products is ~0.2 ms with warm caches). They are only
 needed where code other than loom's may have run since the last check: the generate loop says when it runs none
-between steps (`quiet`: no streamer, only loom's own logits processors and the max-length / EOS criteria), and the
-plan adds what it sees itself: the modules a step calls (final norm, head) are loom's leaf modules without hooks, the
-model's class is loom's, and the interpreter runs nothing of its own accord (no other Python thread but tqdm's
-monitor, no trace or profile function, no gc callback, no `sys.monitoring` tool), read before every check and every
-step. Where all of that holds after a full check, the next steps check only what the plan itself moves (the cache
-and its length, the position, grad mode); anything else sends the next step back to the full check. Not covered: code
-the interpreter runs that none of those show (audit hooks, finalizers, signal handlers, threads started from C that call
-into Python) changing the model in the middle of a generate.
+between steps (`quiet`: no streamer but loom's own TextStreamer printing to a plain stdout, only loom's own logits
+processors and the max-length / EOS criteria), and the plan adds what it sees itself: the modules a step calls (final
+norm, head) are loom's leaf modules without hooks, the model's class is loom's, and the interpreter runs nothing of
+its own accord (no other Python thread but tqdm's monitor, no trace or profile function, no gc callback, no
+`sys.monitoring` tool), read before every check and every step. Where all of that holds after a full check, the next
+steps check only what the plan itself moves (the cache and its length, the position, grad mode); anything else sends
+the next step back to the full check. Not covered: code that none of those show (audit hooks, finalizers, signal
+handlers, threads started from C that call into Python, a custom Python decoder inside the streamer's tokenizer)
+changing the model in the middle of a generate.
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@ token) is held back, so characters are never split.
 """
 from __future__ import annotations
 
+import io
+import sys
 from queue import Queue
 from typing import Any
 
@@ -16,6 +18,14 @@ class BaseStreamer:
 
     def end(self) -> None:
         raise NotImplementedError
+
+
+def runs_only_loom(streamer) -> bool:
+    """Whether `streamer.put` runs only loom's code: a TextStreamer itself (not a subclass) over one of loom's
+    tokenizers, printing to a plain stdout (the `loom` command line's case). Such a streamer leaves generate's decode
+    steps quiet (loom/generation/decode_plan.py); any other streamer is code of the caller's between steps."""
+    return (type(streamer) is TextStreamer and type(streamer.tokenizer).__module__.startswith("loom.")
+            and type(sys.stdout) is io.TextIOWrapper)
 
 
 class TextStreamer(BaseStreamer):

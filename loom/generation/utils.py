@@ -15,6 +15,7 @@ from loom.generation.config import GenerationConfig
 from loom.generation.decoder import FIRST_CAPACITY, Decoder, grown
 from loom.generation.logits_process import LogitsProcessorList
 from loom.generation.processor_setup import LOOM_PROCESSORS, build_logits_processors
+from loom.generation.streamers import runs_only_loom
 # both output classes stay importable from here, where the reference defines them
 from loom.generation.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput  # noqa: F401
 from loom.generation.stopping_criteria import MaxLengthCriteria, EosTokenCriteria, StoppingCriteriaList, \
@@ -135,7 +136,8 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
     # check is one read of the token (a few torch ops fewer per step).
     one_row = simple and rows == 1
     # nothing but loom's code runs between steps: the decode plan may skip its full re-check (decode_plan.py)
-    decoder.quiet = streamer is None and simple and all(type(p) in LOOM_PROCESSORS for p in processors)
+    decoder.quiet = ((streamer is None or runs_only_loom(streamer)) and simple
+                     and all(type(p) in LOOM_PROCESSORS for p in processors))
     eos_ids = set() if eos is None else set(eos.tolist())
     unfinished = torch.ones(rows, dtype=torch.bool, device=seqs.device)
     want_scores = cfg.return_dict_in_generate and cfg.output_scores

@@ -15,7 +15,8 @@ import pytest
 import torch
 import tqdm
 
-from loom.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from loom.generation import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList, \
+    TextStreamer
 from loom.generation.decode_plan import DecodePlan
 from loom.kernels import build
 from test_decode_plan import _generate, _ids, _same
@@ -164,3 +165,31 @@ def test_a_change_made_between_steps_is_honoured(where, monkeypatch):
     # inside the 3rd step (its 1st is the prefill's), after that step's layers: either way steps 1-3 are planned
     planned = 3
     assert steps == (planned * model.config.num_hidden_layers if build.available() else 0)
+
+
+def _loom_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models
+
+    import loom
+    engine = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    return loom.PreTrainedTokenizerFast(tokenizer_object=engine)
+
+
+@pytest.mark.parametrize("what", ["loom's TextStreamer", "a subclass", "stdout replaced"])
+def test_loom_text_streamer_keeps_steps_quiet(what, monkeypatch):
+    """The `loom` command line's streamer (TextStreamer itself over a loom tokenizer, printing to a plain stdout) runs
+    only loom's code between steps: one full check. A subclass (its own on_finalized_text) or a stdout of the
+    caller's is code of theirs: a full check at every step. The text printed is the generated tokens' either way."""
+    model = _model("llama", torch.float32)
+    tok = _loom_tokenizer(model.config.vocab_size)
+    out = io.BytesIO()
+    stdout = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    monkeypatch.setattr(sys, "stdout", io.StringIO() if what == "stdout replaced" else stdout)
+    cls = TextStreamer if what != "a subclass" else type("Mine", (TextStreamer,), {})
+    a, steps, checks = _checked(model, monkeypatch, streamer=cls(tok, skip_prompt=True))
+    b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=NEW)
+    assert _same(a, b) and steps == _steps(model)
+    quiet = what == "loom's TextStreamer"
+    assert checks == ((1 if quiet else NEW - 1) if build.available() else 0)
+    printed = out.getvalue().decode() if what != "stdout replaced" else sys.stdout.getvalue()
+    assert printed == tok.decode(a.sequences[0, _ids().shape[1]:].tolist()) + "\n"  # a newline at the end
