@@ -190,17 +190,25 @@ class DecodeChain:
         layer = _Layer(ln1=norm_weight.data_ptr(), hidden=hidden, I=V, eps=float(eps))
         layer.w[0], layer.b[0] = weight.data_ptr(), None if bias is None else bias.data_ptr()
         if quant is not None:
-            q = (_Quant * 7)()
-            q[0].kind, q[0].half, q[0].group = Quantized.KINDS[quant.kind], int(quant.scale.dtype is torch.float16), \
-                quant.group
-            q[0].scale, q[0].zero = quant.scale.data_ptr(), None if quant.zero is None else quant.zero.data_ptr()
-            q[0].tiles, q[0].a8 = None if quant.tiles is None else quant.tiles.data_ptr(), int(quant.a8)
-            layer.q = ctypes.addressof(q)
-            self._quant.append(q)
+            self._point_quant(layer, [quant])
         self._head_struct = layer
         self.head = (norm_weight, weight, bias, quant, V)
         self._held += [t.detach() for t in self.head_tensors()]
         self._step.head = ctypes.addressof(layer)
+
+    def _point_quant(self, s: _Layer, quant) -> None:
+        """Point struct `s` at a chain_quant array describing its projections' `quant` (Quantized or None each, in
+        projection order), held with the chain."""
+        array = (_Quant * 7)()
+        for slot, q in zip(array, quant):
+            if q is not None:
+                slot.kind, slot.half = Quantized.KINDS[q.kind], int(q.scale.dtype is torch.float16)
+                slot.group, slot.scale = q.group, q.scale.data_ptr()
+                slot.zero = None if q.zero is None else q.zero.data_ptr()
+                slot.tiles = None if q.tiles is None else q.tiles.data_ptr()
+                slot.a8 = int(q.a8)
+        self._quant.append(array)
+        s.q = ctypes.addressof(array)
 
     def head_tensors(self) -> list[torch.Tensor]:
         """The tensors the head reads through a pointer (none without a head)."""
@@ -255,16 +263,7 @@ class DecodeChain:
         for j, (w, b) in enumerate(zip(t.weights, t.biases)):
             s.w[j], s.b[j] = w.data_ptr(), None if b is None else b.data_ptr()
         if any(q is not None for q in t.quant):
-            quant = (_Quant * 7)()
-            for j, q in enumerate(t.quant):
-                if q is not None:
-                    quant[j].kind, quant[j].half = Quantized.KINDS[q.kind], int(q.scale.dtype is torch.float16)
-                    quant[j].group, quant[j].scale = q.group, q.scale.data_ptr()
-                    quant[j].zero = None if q.zero is None else q.zero.data_ptr()
-                    quant[j].tiles = None if q.tiles is None else q.tiles.data_ptr()
-                    quant[j].a8 = int(q.a8)
-            self._quant.append(quant)
-            s.q = ctypes.addressof(quant)
+            self._point_quant(s, t.quant)
         s.qn = None if t.q_norm is None else t.q_norm.data_ptr()
         s.kn = None if t.k_norm is None else t.k_norm.data_ptr()
         s.hidden, s.H, s.Hkv, s.D, s.I = hidden, Hq, Hkv, D, I

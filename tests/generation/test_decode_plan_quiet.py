@@ -193,3 +193,38 @@ def test_loom_text_streamer_keeps_steps_quiet(what, monkeypatch):
     assert checks == ((1 if quiet else NEW - 1) if build.available() else 0)
     printed = out.getvalue().decode() if what != "stdout replaced" else sys.stdout.getvalue()
     assert printed == tok.decode(a.sequences[0, _ids().shape[1]:].tolist()) + "\n"  # a newline at the end
+
+
+def test_a_hook_left_behind_by_code_that_has_gone_keeps_the_full_checks(monkeypatch):
+    """A profile function (other code: full checks) registers a pre-hook on the final norm and removes itself; the
+    hook, a module call of the user's at every step, later registers a hook on a layer's projection. Every step
+    after the profile function left still runs the full check (the norm is no longer loom's code alone), so the
+    layer's hook is honoured: the tokens and scores of a generate that never planned."""
+    model = _model("llama", torch.float32)
+    q = model.model.layers[1].self_attn.q_proj
+    handles = []
+
+    def run(plan: bool):
+        calls, norm_calls = [0], [0]
+
+        def norm_hook(m, args):
+            norm_calls[0] += 1
+            if norm_calls[0] == 4:
+                handles.append(q.register_forward_hook(lambda m, args, out: out * 3))
+
+        def profile(frame, event, arg):  # at the second decode step's start, after the plan was built
+            if event == "call" and frame.f_code.co_name == "step" and frame.f_code.co_filename.endswith("decoder.py"):
+                calls[0] += 1
+                if calls[0] == 2:
+                    handles.append(model.model.norm.register_forward_pre_hook(norm_hook))
+                    sys.setprofile(None)
+        sys.setprofile(profile)
+        try:
+            return _checked(model, monkeypatch)[0] if plan else \
+                _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=NEW)[0]
+        finally:
+            sys.setprofile(None)
+            for h in handles:
+                h.remove()
+            handles.clear()
+    assert _same(run(True), run(False))
