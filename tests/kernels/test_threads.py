@@ -183,3 +183,27 @@ def test_a_thread_started_during_a_handoff_keeps_torchs_thread_count(two_threads
     t.start()
     t.join(30)
     assert seen == [2, 2]
+
+
+@pytest.mark.skipif(not kernels_on() or not torch.backends.mkl.is_available(),
+                    reason="the handoff applies only where loom's C kernels run; MKL only where torch carries it")
+def test_the_handoff_puts_mkl_on_one_thread_for_the_calling_thread_only(two_threads):
+    """torch.sin/cos go to MKL's vector math, which keeps a thread count of its own: inside a handoff it is one for
+    the calling thread (its second thread waited for the core a pool helper spun on), torch's count for any other
+    thread, and the count from before afterwards."""
+    assert threads._mkl_local_setter() is not None  # torch's CPU wheels carry MKL in libtorch_cpu
+    assert threads.mkl_threads() == 2
+    seen = []
+
+    def other():
+        seen.append(threads.mkl_threads())
+
+    with threads.kernels_own_threads():
+        assert threads.mkl_threads() == 1
+        t = threading.Thread(target=other)
+        t.start()
+        t.join(30)
+        x = torch.linspace(-40, 40, 4096)
+        inside = (x.sin(), x.cos())
+    assert threads.mkl_threads() == 2 and seen == [2]
+    assert torch.equal(inside[0], x.sin()) and torch.equal(inside[1], x.cos())  # one thread or two, the same bits
