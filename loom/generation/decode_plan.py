@@ -50,11 +50,10 @@ import threading
 from itertools import repeat
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels import KernelLinear, ops, policy
-from loom.kernels.chain import DecodeChain, LayerTensors, Quantized, Routing
+from loom.kernels.chain import DecodeChain, LayerTensors, Quantized, Routing, silu_
 from loom.models import common, moe
 from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
@@ -183,14 +182,10 @@ def _projection(m):
     return _quantized(m)
 
 
-# what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
-_silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
-
-
 def _activation(act: nn.Module):
     """The in-place torch op for a layer's activation module, where the plan knows one (same kernel, same bits)."""
     if type(act) is nn.SiLU and not act.inplace:
-        return _silu_
+        return silu_
     return None
 
 

@@ -26,6 +26,38 @@ from loom.kernels.threads import pool_threads
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _F32 = torch.float32
 
+# what F.silu(t, inplace=True) calls, without its Python wrapper (the chain's activation between two calls)
+silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: torch.nn.functional.silu(t, inplace=True))
+# torch runs an elementwise op as one serial loop below this many values (TensorIterator's grain), else in chunks
+_TORCH_GRAIN = 32768
+_SILU_BLOCK = {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}  # torch's CPU capability -> values per vector-loop step
+_silu_block: list = []
+
+
+def silu_block() -> int | None:
+    """The `vec_block` with which loom_silu_mul (csrc/silu.c) computes torch's float32 silu_ then mul_ bitwise here,
+    or None where it does not: torch's CPU capability must be one whose loop csrc/silu.c follows, and a probe
+    (inputs over the whole range exp and the division see, both loops' values, signed zeros, infinities) must come
+    out bitwise torch's. Read once per process."""
+    if not _silu_block:
+        block = _SILU_BLOCK.get(torch.backends.cpu.get_cpu_capability()) if build.available() else None
+        if block is not None:
+            g = torch.Generator().manual_seed(0)
+            x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(4000, generator=g) * 6,
+                           torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30, 88.7, -88.7, 103.9,
+                                         -103.9, 104.1, -104.1, 1.999998688697815, 3.4e38])])
+            # then 25 values past the last 32-value step, which torch's scalar loop takes: where SLEEF's expf and
+            # libm's differ in the last bit (-1.999998688697815), so a wrong loop split shows
+            x = torch.cat([x[: x.numel() // 32 * 32], torch.full((25,), -1.999998688697815)])
+            u = torch.rand(x.numel(), generator=g) * 4 - 2
+            want = silu_(x.clone()).mul_(u)
+            got = x.clone()
+            build.library().loom_silu_mul(got.data_ptr(), u.data_ptr(), got.numel(), block)
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                block = None
+        _silu_block.append(block)
+    return _silu_block[0]
+
 
 class _Quant(ctypes.Structure):  # csrc/decode.c chain_quant
     _fields_ = [("kind", ctypes.c_int), ("half", ctypes.c_int), ("group", _L), ("scale", _P), ("zero", _P),
@@ -154,6 +186,7 @@ class DecodeChain:
         _check(0 < rows <= policy.MAX_ROWS, f"rows={rows} must be 1..{policy.MAX_ROWS}")
         lib = build.library()
         self._fn, self._experts = lib.loom_decode_chain_step, lib.loom_decode_chain_experts
+        self._layers_fn = lib.loom_decode_chain_layers
         self.rows, self.dtype, self.D, self.n = rows, dtype, head_dim, len(layers)
         # the structs point into these: held as views of their own, so the memory stays valid even where a
         # parameter's `.data` is swapped (the plan notices that and stops calling the chain)
@@ -166,6 +199,14 @@ class DecodeChain:
         self.hidden = 0 if not layers else (w0.shape if q0 is None else q0.shape(w0))[1]
         for i, (t, s) in enumerate(zip(layers, self._structs)):
             self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
+        # float32 dense layers with SiLU: every layer in one call (loom_decode_chain_layers), the activation and product
+        # in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more, only while torch's silu_
+        # would run them in one loop too (one thread)
+        self._fused = None
+        if (layers and dtype is _F32 and all(t.routing is None and t.act_ is silu_ for t in layers)
+                and silu_block() is not None):
+            self._fused = ((_P * self.n)(*(r[0] for r in self._runs)), silu_block())
+            self._fused_serial = rows * max(r[2].shape[-1] for r in self._runs) < _TORCH_GRAIN
         self.x = torch.empty(rows, 1, self.hidden, dtype=dtype)  # the residual stream, which `run` returns
         self._step = _Step(x=self.x.data_ptr(), B=rows, bf16=int(dtype is torch.bfloat16))
         self._step_ptr = ctypes.addressof(self._step)
@@ -333,6 +374,15 @@ class DecodeChain:
                                                            mask.stride(0) if mask.shape[0] > 1 else 0)
         st.pos, st.L, st.threads = pos, pos + 1 if length is None else length, pool_threads()
         fn, sp, done = self._fn, self._step_ptr, None
+        fused = self._fused
+        if fused is not None and (self._fused_serial or torch.get_num_threads() == 1):
+            logits = None
+            if self.head is not None:
+                logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
+                st.logits = logits.data_ptr()
+            if self._layers_fn(fused[0], self.n, sp, fused[1]):
+                raise MemoryError("loom decode chain: could not allocate scratch memory")
+            return self.x if logits is None else logits
         for p, act_, a, b, moe in self._runs:
             if fn(done, p, sp):
                 raise MemoryError("loom decode chain: could not allocate scratch memory")

@@ -400,3 +400,19 @@ int loom_decode_chain_experts(const void *layer, const void *step) {
     return loom_moe_gate_up(n->h2, n->w[5], n->chosen, n->a, s->bf16, s->B, n->k, n->E, 2 * n->I, n->hidden,
                             s->threads);
 }
+
+/* A step of a chain of dense layers whose activation is SiLU, float32, in one call: loom_decode_chain_step over
+   `layers` (n chain_layer pointers) with a = silu(a) * u between two (loom_silu_mul: torch's silu_ and mul_ bits,
+   `vec_block` as there), then the call that finishes the last layer (and runs the head, where the step has one). */
+int loom_decode_chain_layers(const void *const *layers, long n, const void *step, long vec_block) {
+    const chain_step *s = step;
+    const void *done = NULL;
+    for (long i = 0; i < n; i++) {
+        const chain_layer *p = layers[i];
+        int status = loom_decode_chain_step(done, p, step);
+        if (status) return status;
+        loom_silu_mul(p->a, p->u, s->B * p->I, vec_block);
+        done = p;
+    }
+    return loom_decode_chain_step(done, NULL, step);
+}
