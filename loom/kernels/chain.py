@@ -199,9 +199,9 @@ class DecodeChain:
         self.hidden = 0 if not layers else (w0.shape if q0 is None else q0.shape(w0))[1]
         for i, (t, s) in enumerate(zip(layers, self._structs)):
             self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
-        # float32 dense layers with SiLU: every layer in one call (loom_decode_chain_layers), the activation and product
-        # in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more, only while torch's silu_
-        # would run them in one loop too (one thread)
+        # float32 dense layers with SiLU: a run of greedy steps in one call (`greedy`), every layer's activation and
+        # product in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more, only while torch's
+        # silu_ would run them in one loop too (one thread)
         self._fused = None
         if (layers and dtype is _F32 and all(t.routing is None and t.act_ is silu_ for t in layers)
                 and silu_block() is not None):
@@ -213,10 +213,11 @@ class DecodeChain:
         self._caches: list = [None] * self.n
         self._capacity = 0
         self.head = None  # (norm weight, head weight, bias, Quantized or None, vocabulary): set_head
+        self.head_in_step = False
 
     def set_head(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                 quant: Quantized | None = None) -> None:
-        """Have `run` finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
+                 quant: Quantized | None = None, in_step: bool = True) -> None:
+        """Have `run` (and `greedy`; with in_step=False `greedy` only) finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
         the dtype, or `quant`'s layout; `bias` (V,) or None) and return the logits (rows, V) in the dtype, a new
         tensor each step: bitwise what the modules give (loom::rms_norm, then the head's operator)."""
         hidden, name = self.hidden, str(self.dtype).replace("torch.", "")
@@ -235,7 +236,8 @@ class DecodeChain:
         self._head_struct = layer
         self.head = (norm_weight, weight, bias, quant, V)
         self._held += [t.detach() for t in self.head_tensors()]
-        self._step.head = ctypes.addressof(layer)
+        self.head_in_step = in_step
+        self._step.head = ctypes.addressof(layer) if in_step else None
 
     def _point_quant(self, s: _Layer, quant) -> None:
         """Point struct `s` at a chain_quant array describing its projections' `quant` (Quantized or None each, in
@@ -374,15 +376,6 @@ class DecodeChain:
                                                            mask.stride(0) if mask.shape[0] > 1 else 0)
         st.pos, st.L, st.threads = pos, pos + 1 if length is None else length, pool_threads()
         fn, sp, done = self._fn, self._step_ptr, None
-        fused = self._fused
-        if fused is not None and (self._fused_serial or torch.get_num_threads() == 1):
-            logits = None
-            if self.head is not None:
-                logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
-                st.logits = logits.data_ptr()
-            if self._layers_fn(fused[0], self.n, sp, fused[1]):
-                raise MemoryError("loom decode chain: could not allocate scratch memory")
-            return self.x if logits is None else logits
         for p, act_, a, b, moe in self._runs:
             if fn(done, p, sp):
                 raise MemoryError("loom decode chain: could not allocate scratch memory")
@@ -407,9 +400,42 @@ class DecodeChain:
                 torch.mul(a, b, out=act)
             done = p
         logits = None
-        if self.head is not None:  # a new tensor each step: a caller may keep every step's logits
+        if self.head is not None and self.head_in_step:  # a new tensor each step: a caller may keep every step's logits
             logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
             self._step.logits = logits.data_ptr()
         if fn(done, None, sp):
             raise MemoryError("loom decode chain: could not allocate scratch memory")
         return self.x if logits is None else logits
+
+    def greedy_fits(self, embed: torch.Tensor) -> bool:
+        """Whether `greedy` runs here: float32 dense SiLU layers (`_fused`), one row, a float32 head set, an
+        embedding table of float32 rows of the hidden size, and the activation in one torch loop (see `_fused`)."""
+        return (self._fused is not None and self.rows == 1 and self.head is not None and embed.dtype is _F32
+                and embed.dim() == 2 and embed.shape[1] == self.hidden and embed.is_contiguous() and policy.plain(embed)
+                and (self._fused_serial or torch.get_num_threads() == 1))
+
+    def greedy(self, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, first: int,
+               out: torch.Tensor, eos: torch.Tensor) -> int:
+        """Greedy decoding of the one row for up to out.numel() tokens in one C call (csrc/decode.c
+        loom_decode_chain_greedy): feed `first` at `pos`, then each token picked (the head's first maximal logit, as
+        torch.argmax) at the next position, until a token in `eos` (int64, maybe empty) or `out` (int64, contiguous)
+        is full. `cos` / `sin`: (steps, D) float32 rotary rows for positions pos.., row-contiguous. The caches must
+        hold pos + out.numel() positions (set_cache). Returns the tokens written. The caller checked `greedy_fits`
+        and `fits` for the first row."""
+        steps = out.numel()
+        st = self._step
+        st.mask, st.m_sb, st.cs_sb, st.threads, st.pos = None, 0, 0, pool_threads(), pos
+        logits = torch.empty(1, self.head[4], dtype=_F32)
+        st.logits, st.head = logits.data_ptr(), ctypes.addressof(self._head_struct)
+        try:
+            got = build.library().loom_decode_chain_greedy(
+                self._fused[0], self.n, self._step_ptr, self._fused[1], embed.data_ptr(), embed.shape[0],
+                cos.data_ptr(), sin.data_ptr(), cos.stride(0), int(first), out.data_ptr(), steps, eos.data_ptr(),
+                eos.numel())
+        finally:
+            st.head = ctypes.addressof(self._head_struct) if self.head_in_step else None
+        if got == -3:
+            raise IndexError(f"loom decode chain: a token id is outside the embedding's {embed.shape[0]} rows")
+        if got < 0:
+            raise MemoryError("loom decode chain: could not allocate scratch memory")
+        return got
