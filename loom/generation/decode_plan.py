@@ -50,15 +50,15 @@ import threading
 from itertools import repeat
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loom.kernels import KernelLinear, ops, policy
-from loom.kernels.chain import DecodeChain, LayerTensors, Quantized, Routing
+from loom.kernels.chain import DecodeChain, LayerTensors, Quantized, Routing, silu_
 from loom.models import common, moe
 from loom.models.cache import DynamicCache, StaticCache
 from loom.models.common import RMSNorm
 from loom.models.moe import AuxLossCausalLM, Router, RouterLogitsModel, SparseMoE
+from loom.models.rope import RotaryEmbedding
 
 _ATTN_LINEARS, _MLP_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 _is = operator.is_
@@ -183,14 +183,10 @@ def _projection(m):
     return _quantized(m)
 
 
-# what F.silu(t, inplace=True) calls, without its Python wrapper (one call per layer and step)
-_silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: F.silu(t, inplace=True))
-
-
 def _activation(act: nn.Module):
     """The in-place torch op for a layer's activation module, where the plan knows one (same kernel, same bits)."""
     if type(act) is nn.SiLU and not act.inplace:
-        return _silu_
+        return silu_
     return None
 
 
@@ -299,16 +295,28 @@ def _head(model, base, llama, chain: DecodeChain):
             and head is not None and _loom_leaf(norm) and _loom_leaf(head)):
         return None
     found, weight = _projection(head), norm._parameters.get("weight")
-    # quantized heads only: a dense fp32 head (154 MB on the bench model) decoded ~0.2 ms a token slower in the chain
-    # than as module calls in the medians of interleaved runs (the same kernel and arguments; not understood), while
-    # int8 and int4 heads gained 0.1-0.25 ms (their module path is the longest Python)
-    if found is None or found[0] is None or found[1] is None or weight is None:
+    if found is None or found[0] is None or weight is None:
         return None
+    # a dense head runs as module calls at each step: a dense fp32 head (154 MB on the bench model) decoded ~0.2 ms a
+    # token slower in the chain's step than as module calls in the medians of interleaved runs (the same kernel and
+    # arguments; not understood), while int8 and int4 heads gained 0.1-0.25 ms (their module path is the longest
+    # Python). The chain still holds it for runs of greedy steps in one call (DecodeChain.greedy).
+    quantized = found[1] is not None
     try:
-        chain.set_head(weight, norm.eps, found[0], head._parameters.get("bias"), found[1])
+        chain.set_head(weight, norm.eps, found[0], head._parameters.get("bias"), found[1], in_step=quantized)
     except ValueError:
         return None
-    return [norm, head], [(head, found[2])]
+    return ([norm, head], [(head, found[2])]) if quantized else ([], [])
+
+
+def _positions_free(base) -> bool:
+    """Whether every rotary table of `base` is a function of each position alone (not of the longest position asked
+    for, as dynamic NTK and longrope scaling are), so a run of positions' tables is each position's."""
+    return all(m.params.get("rope_type") not in ("dynamic", "longrope") for m in base.modules()
+               if isinstance(m, RotaryEmbedding))
+
+
+GREEDY_RUN = 64  # greedy tokens per C call: signals (Ctrl-C) and the checks between calls come this often
 
 
 class DecodePlan:
@@ -474,6 +482,45 @@ class DecodePlan:
                 and (cache.length.count(pos) == self.n if self.static is None else int(cache.seen) == pos)
                 and (self.window is None or pos < self.window))
 
+    def greedy(self, seqs: torch.Tensor, cur: int, pos: int, eos: torch.Tensor) -> int:
+        """Greedy tokens for the one row written to seqs[0, cur:] (up to its end, or a token in `eos`), feeding
+        seqs[0, cur - 1] at position `pos` first, in runs of GREEDY_RUN tokens each one C call
+        (DecodeChain.greedy): for a quiet generate (the module docstring) after a full check, float32 layers the chain
+        runs whole with SiLU, a dynamic cache, rotary tables of each position alone. Between runs it checks what
+        `still` checks. Returns the tokens written (0 where this does not apply: the caller steps as before); the
+        cache then holds every position but the last token's, as after that many steps."""
+        chain, cache, model = self.chain, self.cache, self.model
+        if not (self.settled and self.static is None and self.window is None and chain.head is not None
+                and self.still(cache, pos) and chain.greedy_fits(self.embed_weight) and _positions_free(self.base)
+                and self.base._modules.get("embed_tokens") is not None
+                and self.base.embed_tokens._parameters.get("weight") is self.embed_weight):
+            return 0
+        norm_w, head_w, head_b, quant, _ = chain.head
+        head = model._modules.get("lm_head")
+        if quant is None and not (head._parameters.get("weight") is head_w and head._parameters.get("bias") is head_b
+                                  and self.norm._parameters.get("weight") is norm_w
+                                  and getattr(self.base, self.base.norm_name) is self.norm):
+            return 0
+        written, limit = 0, seqs.shape[1]
+        while cur < limit:
+            n = min(limit - cur, GREEDY_RUN)
+            if pos + n > chain._capacity:
+                for i in range(self.n):  # room for every position this run feeds, as DynamicCache.decode_slot makes it
+                    cache._grow(i, pos + n)
+                if not self._rebind(cache):
+                    break
+            cos, sin = self.base.rope_tables(torch.arange(pos, pos + n)[None], self.dtype)[self.window]
+            if not (chain.fits(cos[:, :, :1], sin[:, :, :1], pos + n - 1) and cos.is_contiguous()
+                    and sin.is_contiguous()):
+                break
+            got = chain.greedy(self.embed_weight, cos[0, 0], sin[0, 0], pos, int(seqs[0, cur - 1]), seqs[0, cur:cur + n],
+                               eos)
+            cache.length = [pos + got] * self.n
+            written, cur, pos = written + got, cur + got, pos + got
+            if got < n or (eos.numel() and int(seqs[0, cur - 1]) in eos.tolist()) or not self.still(cache, pos):
+                break
+        return written
+
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, pos: int,
              attention_mask: torch.Tensor | None = None, quiet: bool = False) -> torch.Tensor | None:
         """Logits (rows, V) after feeding `input_ids` (rows, 1) as the cache's position `pos` (`cache_position`: the
@@ -528,7 +575,7 @@ class DecodePlan:
             cache.length = [pos + 1] * self.n
         else:
             cache.seen.fill_(pos + 1)  # as StaticCache.decode_slot counts the token
-        if chain.head is not None:
+        if chain.head_in_step:
             return out  # the logits (rows, V)
         logits = self.model.finish_logits(self.model.lm_head(self.norm(out)))
         return logits[:, -1]

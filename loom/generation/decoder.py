@@ -156,6 +156,19 @@ class Decoder:
         # without a cache the whole sequence is recomputed (the reference's use_cache=False behaviour)
         return self._run(self.forward, 0, n + 1, input_ids=tokens)
 
+    def run_greedy(self, seqs: torch.Tensor, cur: int, eos: torch.Tensor) -> int:
+        """Greedy tokens for one unpadded row written to seqs[0, cur:] by the decode plan in runs of one C call
+        (DecodePlan.greedy), from the newest token seqs[0, cur - 1]: for a quiet generate whose plan runs. Returns
+        how many (0: none; the caller steps as before)."""
+        if not (self.plan and self.quiet and self.use_cache and self.rows == 1 and self.mask is None
+                and self.position_ids is None and self.forward is self.model and self.restart_at is None):
+            return 0
+        got = self.plan.greedy(seqs, cur, self.n, eos)
+        self.n += got
+        if got:
+            self.last_hidden_states = self.last_attentions = None
+        return got
+
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Beam search: row i continues from row beam_idx[i]."""
         if self.cache is not None:

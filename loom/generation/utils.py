@@ -145,6 +145,11 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
     want_hidden = cfg.return_dict_in_generate and cfg.output_hidden_states
     scores_out, logits_out, hidden_out, attentions_out = [], [], [], []
 
+    # greedy decoding of one row with nothing asked of each step but its token: runs of steps in one C call each
+    # (Decoder.run_greedy), where the decode plan takes the model
+    greedy_runs = (one_row and not cfg.do_sample and not processors and streamer is None and decoder.quiet
+                   and not (want_scores or want_logits or want_hidden or decoder.output_attentions))
+    eos_run = torch.tensor(sorted(eos_ids), dtype=torch.int64)
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
     with decoder.stepping():  # torch on one thread while loom's kernels carry the matmuls
         while True:
@@ -187,6 +192,13 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 unfinished &= ~criteria(seqs[:, :cur], tuple(scores_out) if want_scores else None)
                 if not bool(unfinished.any()):
                     break
+            if greedy_runs:  # from the second step: the first builds the plan and runs its full check
+                seqs = grown(seqs, cfg.max_length, cfg.max_length)
+                got = decoder.run_greedy(seqs[:, :cfg.max_length], cur, eos_run)
+                if got:
+                    cur += got
+                    if cur >= cfg.max_length or int(seqs[0, cur - 1]) in eos_ids:
+                        break
             logits = decoder.step(seqs[:, :cur])
     return _finish(cfg, seqs[:, :cur], scores_out, logits_out, decoder.cache, streamer, hidden_out, attentions_out)
 

@@ -26,6 +26,38 @@ from loom.kernels.threads import pool_threads
 _P, _L = ctypes.c_void_p, ctypes.c_long
 _F32 = torch.float32
 
+# what F.silu(t, inplace=True) calls, without its Python wrapper (the chain's activation between two calls)
+silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: torch.nn.functional.silu(t, inplace=True))
+# torch runs an elementwise op as one serial loop below this many values (TensorIterator's grain), else in chunks
+_TORCH_GRAIN = 32768
+_SILU_BLOCK = {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}  # torch's CPU capability -> values per vector-loop step
+_silu_block: list = []
+
+
+def silu_block() -> int | None:
+    """The `vec_block` with which loom_silu_mul (csrc/silu.c) computes torch's float32 silu_ then mul_ bitwise here,
+    or None where it does not: torch's CPU capability must be one whose loop csrc/silu.c follows, and a probe
+    (inputs over the whole range exp and the division see, both loops' values, signed zeros, infinities) must come
+    out bitwise torch's. Read once per process."""
+    if not _silu_block:
+        block = _SILU_BLOCK.get(torch.backends.cpu.get_cpu_capability()) if build.available() else None
+        if block is not None:
+            g = torch.Generator().manual_seed(0)
+            x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(4000, generator=g) * 6,
+                           torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30, 88.7, -88.7, 103.9,
+                                         -103.9, 104.1, -104.1, 1.999998688697815, 3.4e38])])
+            # then 25 values past the last 32-value step, which torch's scalar loop takes: where SLEEF's expf and
+            # libm's differ in the last bit (-1.999998688697815), so a wrong loop split shows
+            x = torch.cat([x[: x.numel() // 32 * 32], torch.full((25,), -1.999998688697815)])
+            u = torch.rand(x.numel(), generator=g) * 4 - 2
+            want = silu_(x.clone()).mul_(u)
+            got = x.clone()
+            build.library().loom_silu_mul(got.data_ptr(), u.data_ptr(), got.numel(), block)
+            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+                block = None
+        _silu_block.append(block)
+    return _silu_block[0]
+
 
 class _Quant(ctypes.Structure):  # csrc/decode.c chain_quant
     _fields_ = [("kind", ctypes.c_int), ("half", ctypes.c_int), ("group", _L), ("scale", _P), ("zero", _P),
@@ -154,6 +186,7 @@ class DecodeChain:
         _check(0 < rows <= policy.MAX_ROWS, f"rows={rows} must be 1..{policy.MAX_ROWS}")
         lib = build.library()
         self._fn, self._experts = lib.loom_decode_chain_step, lib.loom_decode_chain_experts
+        self._layers_fn = lib.loom_decode_chain_layers
         self.rows, self.dtype, self.D, self.n = rows, dtype, head_dim, len(layers)
         # the structs point into these: held as views of their own, so the memory stays valid even where a
         # parameter's `.data` is swapped (the plan notices that and stops calling the chain)
@@ -166,16 +199,25 @@ class DecodeChain:
         self.hidden = 0 if not layers else (w0.shape if q0 is None else q0.shape(w0))[1]
         for i, (t, s) in enumerate(zip(layers, self._structs)):
             self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
+        # float32 dense layers with SiLU: a run of greedy steps in one call (`greedy`), every layer's activation and
+        # product in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more, only while torch's
+        # silu_ would run them in one loop too (one thread)
+        self._fused = None
+        if (layers and dtype is _F32 and all(t.routing is None and t.act_ is silu_ for t in layers)
+                and silu_block() is not None):
+            self._fused = ((_P * self.n)(*(r[0] for r in self._runs)), silu_block())
+            self._fused_serial = rows * max(r[2].shape[-1] for r in self._runs) < _TORCH_GRAIN
         self.x = torch.empty(rows, 1, self.hidden, dtype=dtype)  # the residual stream, which `run` returns
         self._step = _Step(x=self.x.data_ptr(), B=rows, bf16=int(dtype is torch.bfloat16))
         self._step_ptr = ctypes.addressof(self._step)
         self._caches: list = [None] * self.n
         self._capacity = 0
         self.head = None  # (norm weight, head weight, bias, Quantized or None, vocabulary): set_head
+        self.head_in_step = False
 
     def set_head(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
-                 quant: Quantized | None = None) -> None:
-        """Have `run` finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
+                 quant: Quantized | None = None, in_step: bool = True) -> None:
+        """Have `run` (and `greedy`; with in_step=False `greedy` only) finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
         the dtype, or `quant`'s layout; `bias` (V,) or None) and return the logits (rows, V) in the dtype, a new
         tensor each step: bitwise what the modules give (loom::rms_norm, then the head's operator)."""
         hidden, name = self.hidden, str(self.dtype).replace("torch.", "")
@@ -194,7 +236,8 @@ class DecodeChain:
         self._head_struct = layer
         self.head = (norm_weight, weight, bias, quant, V)
         self._held += [t.detach() for t in self.head_tensors()]
-        self._step.head = ctypes.addressof(layer)
+        self.head_in_step = in_step
+        self._step.head = ctypes.addressof(layer) if in_step else None
 
     def _point_quant(self, s: _Layer, quant) -> None:
         """Point struct `s` at a chain_quant array describing its projections' `quant` (Quantized or None each, in
@@ -357,9 +400,42 @@ class DecodeChain:
                 torch.mul(a, b, out=act)
             done = p
         logits = None
-        if self.head is not None:  # a new tensor each step: a caller may keep every step's logits
+        if self.head is not None and self.head_in_step:  # a new tensor each step: a caller may keep every step's logits
             logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
             self._step.logits = logits.data_ptr()
         if fn(done, None, sp):
             raise MemoryError("loom decode chain: could not allocate scratch memory")
         return self.x if logits is None else logits
+
+    def greedy_fits(self, embed: torch.Tensor) -> bool:
+        """Whether `greedy` runs here: float32 dense SiLU layers (`_fused`), one row, a float32 head set, an
+        embedding table of float32 rows of the hidden size, and the activation in one torch loop (see `_fused`)."""
+        return (self._fused is not None and self.rows == 1 and self.head is not None and embed.dtype is _F32
+                and embed.dim() == 2 and embed.shape[1] == self.hidden and embed.is_contiguous() and policy.plain(embed)
+                and (self._fused_serial or torch.get_num_threads() == 1))
+
+    def greedy(self, embed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int, first: int,
+               out: torch.Tensor, eos: torch.Tensor) -> int:
+        """Greedy decoding of the one row for up to out.numel() tokens in one C call (csrc/decode.c
+        loom_decode_chain_greedy): feed `first` at `pos`, then each token picked (the head's first maximal logit, as
+        torch.argmax) at the next position, until a token in `eos` (int64, maybe empty) or `out` (int64, contiguous)
+        is full. `cos` / `sin`: (steps, D) float32 rotary rows for positions pos.., row-contiguous. The caches must
+        hold pos + out.numel() positions (set_cache). Returns the tokens written. The caller checked `greedy_fits`
+        and `fits` for the first row."""
+        steps = out.numel()
+        st = self._step
+        st.mask, st.m_sb, st.cs_sb, st.threads, st.pos = None, 0, 0, pool_threads(), pos
+        logits = torch.empty(1, self.head[4], dtype=_F32)
+        st.logits, st.head = logits.data_ptr(), ctypes.addressof(self._head_struct)
+        try:
+            got = build.library().loom_decode_chain_greedy(
+                self._fused[0], self.n, self._step_ptr, self._fused[1], embed.data_ptr(), embed.shape[0],
+                cos.data_ptr(), sin.data_ptr(), cos.stride(0), int(first), out.data_ptr(), steps, eos.data_ptr(),
+                eos.numel())
+        finally:
+            st.head = ctypes.addressof(self._head_struct) if self.head_in_step else None
+        if got == -3:
+            raise IndexError(f"loom decode chain: a token id is outside the embedding's {embed.shape[0]} rows")
+        if got < 0:
+            raise MemoryError("loom decode chain: could not allocate scratch memory")
+        return got

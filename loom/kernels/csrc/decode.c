@@ -400,3 +400,48 @@ int loom_decode_chain_experts(const void *layer, const void *step) {
     return loom_moe_gate_up(n->h2, n->w[5], n->chosen, n->a, s->bf16, s->B, n->k, n->E, 2 * n->I, n->hidden,
                             s->threads);
 }
+
+/* A step of a chain of dense layers whose activation is SiLU, float32, in one call: loom_decode_chain_step over
+   `layers` (n chain_layer pointers) with a = silu(a) * u between two (loom_silu_mul: torch's silu_ and mul_ bits,
+   `vec_block` as there), then the call that finishes the last layer (and runs the head, where the step has one). */
+int loom_decode_chain_layers(const void *const *layers, long n, const void *step, long vec_block) {
+    const chain_step *s = step;
+    const void *done = NULL;
+    for (long i = 0; i < n; i++) {
+        const chain_layer *p = layers[i];
+        int status = loom_decode_chain_step(done, p, step);
+        if (status) return status;
+        loom_silu_mul(p->a, p->u, s->B * p->I, vec_block);
+        done = p;
+    }
+    return loom_decode_chain_step(done, NULL, step);
+}
+
+/* Greedy decoding of one row for up to `steps` tokens in one call, each step as the generate loop's would run it:
+   the token's embedding row (x = embed[token], float32), the step at position pos (its rotary row s of cos / sin,
+   each (steps, D) with row stride cs_rs; keys 0..pos), every layer (loom_decode_chain_layers), the final norm and
+   head into step->logits (float32, (1, V)), then the first maximal logit (argmax_row, torch.argmax's pick) as the next
+   token, written to out[s]. Starts from `first`, fed at step->pos; stops after a token in eos (n_eos ids) or after
+   `steps`. Returns the tokens written, or -1 (scratch memory), -3 (a token outside the embedding's rows). */
+long loom_decode_chain_greedy(const void *const *layers, long n, void *step, long vec_block, const float *embed,
+                              long embed_rows, const float *cos, const float *sin, long cs_rs, int64_t first,
+                              int64_t *out, long steps, const int64_t *eos, long n_eos) {
+    chain_step *s = step;
+    const chain_layer *head = s->head;
+    long hidden = ((const chain_layer *)layers[0])->hidden, pos = s->pos;
+    int64_t token = first;
+    for (long t = 0; t < steps; t++) {
+        if (token < 0 || token >= embed_rows) return -3;
+        memcpy(s->x, embed + token * hidden, sizeof(float) * (size_t)hidden);
+        s->cos = cos + t * cs_rs;
+        s->sin = sin + t * cs_rs;
+        s->pos = pos + t;
+        s->L = pos + t + 1;
+        if (loom_decode_chain_layers(layers, n, step, vec_block)) return -1;
+        token = argmax_row(s->logits, head->I);
+        out[t] = token;
+        for (long e = 0; e < n_eos; e++)
+            if (eos[e] == token) return t + 1;
+    }
+    return steps;
+}

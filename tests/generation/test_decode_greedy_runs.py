@@ -1,0 +1,182 @@
+"""Runs of greedy steps in one C call (csrc/decode.c loom_decode_chain_greedy, DecodePlan.greedy): for one unpadded
+row of a float32 model the decode plan runs whole with SiLU, a quiet generate asking nothing of a step but its token
+runs up to 64 steps per call: embedding row, layers (their SiLU and product in C with torch's bits, csrc/silu.c),
+final norm and head, argmax, EOS. Checked: the SiLU against torch's over a sample of every float32 bit pattern and at
+the lengths whose tails torch computes with its scalar loop; generations (tokens, and the cache left behind) against
+the plan's steps and the model's forward with a dense, int8 and int4 head, across runs, stopping at an EOS inside a
+run and at the last token of one; every case that keeps the steps (scores, a streamer, sampling, a processor, two
+rows, bf16, dynamic rotary scaling); the rotary tables of a run against each position's own."""
+from __future__ import annotations
+
+import pytest
+import torch
+from loomtest import kernels_on
+
+from loom.generation.decode_plan import DecodePlan
+from loom.kernels import build, chain
+from loom.kernels.chain import DecodeChain
+from loom.quantization import WeightOnlyConfig, quantize_
+from test_decode_plan import _ids
+from test_fused_decode import _model
+
+pytestmark = pytest.mark.skipif(not kernels_on(), reason="the chain needs loom's C kernels")
+
+
+def _silu_mul(x, u, block):
+    got = x.clone()
+    build.library().loom_silu_mul(got.data_ptr(), u.data_ptr(), got.numel(), block)
+    return got
+
+
+def test_silu_block_follows_torchs_cpu_capability():
+    """torch's CPU wheels run silu in AVX512 or AVX2 loops (or DEFAULT's scalar one): the kernel follows each, so the
+    one-call step is on wherever the kernels are."""
+    want = {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}[torch.backends.cpu.get_cpu_capability()]
+    assert chain.silu_block() == want
+
+
+def test_silu_mul_is_torchs_on_a_sample_of_every_float32():
+    """Every 257th bit pattern of the 2^32 (NaNs compared as NaNs), times a random up projection, against torch's
+    silu_ and mul_ on one thread (one loop over the whole tensor, as the chain's call is)."""
+    x = (torch.arange(0, 2 ** 32, 257, dtype=torch.int64) - 2 ** 31).to(torch.int32).view(torch.float32)
+    x = x[: x.numel() - 5]
+    u = torch.rand(x.numel(), generator=torch.Generator().manual_seed(1)) * 4 - 2
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        want = chain.silu_(x.clone()).mul_(u)
+    finally:
+        torch.set_num_threads(before)
+    got = _silu_mul(x, u, chain.silu_block())
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), x[~same][:8].tolist()
+
+
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 2048, 2048 + 13])
+def test_silu_mul_tails_are_torchs(n):
+    """Lengths around torch's vector-loop step: the values past the last whole step take libm's expf on both sides."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * 8
+    x[::5] = -1.999998688697815  # an input where SLEEF's expf and libm's differ in the last bit
+    u = torch.randn(n, generator=g)
+    assert torch.equal(_silu_mul(x, u, chain.silu_block()).view(torch.int32),
+                       chain.silu_(x.clone()).mul_(u).view(torch.int32))
+
+
+def _counting(monkeypatch):
+    """The greedy runs (C calls) of every plan from now on."""
+    calls = [0]
+    greedy = DecodeChain.greedy
+
+    def counted(self, *args):
+        calls[0] += 1
+        return greedy(self, *args)
+    monkeypatch.setattr(DecodeChain, "greedy", counted)
+    return calls
+
+
+def _without_runs(model, kw, monkeypatch):
+    """(the plan's steps, the forward) for the same generate: greedy runs off, then the plan off too."""
+    with monkeypatch.context() as m:
+        m.setattr(chain, "silu_block", lambda: None)
+        steps = model.generate(**kw)
+        m.setattr(DecodePlan, "build", classmethod(lambda cls, *args: None))
+        forward = model.generate(**kw)
+    return steps, forward
+
+
+def _same_cache(a, b) -> bool:
+    n = a.get_seq_length()
+    return n == b.get_seq_length() and all(
+        torch.equal(x[..., :n, :], y[..., :n, :]) for x, y in zip([*a.keys, *a.values], [*b.keys, *b.values]))
+
+
+GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("head", ["dense", "int8", "int4"])
+def test_greedy_runs_equal_the_steps_and_the_forward(head, monkeypatch):
+    """150 new tokens: the prefill's, one plan step, then runs of 64, 64 and 20; intermediate size 100 leaves the
+    SiLU a scalar tail (96 for int4's groups of 32). Tokens and the cache's keys and values bitwise the plan's steps'
+    and the forward's."""
+    model = _model("llama", torch.float32, intermediate_size=96 if head == "int4" else 100, max_position_embeddings=256)
+    if head != "dense":
+        cfg = dict(bits=8) if head == "int8" else dict(bits=4, group_size=32, symmetric=True)
+        quantize_(model, WeightOnlyConfig(**cfg, skip_output_embeddings=False))
+    kw = dict(input_ids=_ids(1), max_new_tokens=150, **GREEDY)
+    calls = _counting(monkeypatch)
+    runs = model.generate(**kw)
+    assert calls[0] == 3
+    steps, forward = _without_runs(model, kw, monkeypatch)
+    assert runs.sequences.tolist() == steps.sequences.tolist() == forward.sequences.tolist()
+    assert _same_cache(runs.cache, steps.cache) and _same_cache(runs.cache, forward.cache)
+    assert runs.cache.get_seq_length() == 7 + 150 - 1
+
+
+@pytest.mark.parametrize("at", [20, 65, 66])
+def test_an_eos_inside_a_run_or_at_its_end_stops_there(at, monkeypatch):
+    """EOS = the token the free generate makes at `at` (new tokens 3..66 are the first run's; 66: its last)."""
+    model = _model("llama", torch.float32, max_position_embeddings=256)
+    free = model.generate(input_ids=_ids(1), max_new_tokens=100, **GREEDY).sequences[0]
+    eos = int(free[7 + at - 1])
+    first = (free[7:] == eos).nonzero()[0].item() + 1  # the first time it appears among the new tokens
+    kw = dict(input_ids=_ids(1), max_new_tokens=100, **{**GREEDY, "eos_token_id": eos})
+    runs = model.generate(**kw)
+    steps, forward = _without_runs(model, kw, monkeypatch)
+    assert runs.sequences.shape[1] == 7 + first
+    assert runs.sequences.tolist() == steps.sequences.tolist() == forward.sequences.tolist()
+    assert _same_cache(runs.cache, forward.cache)
+
+
+@pytest.mark.parametrize("case", ["scores", "streamer", "sampling", "processor", "two rows", "bf16", "dynamic rope",
+                                  "hooked head"])
+def test_the_steps_run_where_a_step_is_asked_more_than_its_token(case, monkeypatch):
+    from loom.generation.streamers import BaseStreamer
+    overrides = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}} if case == "dynamic rope" else {}
+    model = _model("llama", torch.bfloat16 if case == "bf16" else torch.float32, max_position_embeddings=256,
+                   **overrides)
+    kw = dict(input_ids=_ids(2 if case == "two rows" else 1), max_new_tokens=20, **GREEDY)
+    if case == "scores":
+        kw["output_scores"] = True
+    elif case == "streamer":
+        kw["streamer"] = BaseStreamer()
+        kw["streamer"].put = kw["streamer"].end = lambda *a: None
+    elif case == "sampling":
+        kw.update(do_sample=True, top_k=5, generator=None)
+        torch.manual_seed(0)
+    elif case == "processor":
+        kw["repetition_penalty"] = 1.3
+    elif case == "hooked head":
+        model.lm_head.register_forward_hook(lambda *a: None)
+    calls = _counting(monkeypatch)
+    model.generate(**kw)
+    assert calls[0] == 0
+
+
+def test_a_runs_rotary_tables_are_each_positions_own():
+    """The run's tables come from one call over its positions; the steps' from one call per position."""
+    from loom.models.rope import RotaryEmbedding
+    model = _model("llama", torch.float32, max_position_embeddings=4096,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 256})
+    rope = [m for m in model.modules() if isinstance(m, RotaryEmbedding)][0]
+    for start in (0, 7, 1000, 3000):
+        cos, sin = rope(torch.arange(start, start + 64)[None], torch.float32)
+        for i in range(64):
+            c, s_ = rope(torch.tensor([[start + i]]), torch.float32)
+            assert torch.equal(cos[:, :, i:i + 1], c) and torch.equal(sin[:, :, i:i + 1], s_)
+
+
+def test_a_token_outside_the_embedding_is_a_named_error(monkeypatch):
+    model = _model("llama", torch.float32, max_position_embeddings=256)
+    seen = {}
+    greedy = DecodeChain.greedy
+
+    def keep(self, embed, cos, sin, pos, first, out, eos):
+        seen["chain"] = self
+        with pytest.raises(IndexError, match="outside the embedding's 99 rows"):
+            greedy(self, embed, cos, sin, pos, 99 + 5, out.clone(), eos)
+        return greedy(self, embed, cos, sin, pos, first, out, eos)
+    monkeypatch.setattr(DecodeChain, "greedy", keep)
+    model.generate(input_ids=_ids(1), max_new_tokens=10, **GREEDY)
+    assert "chain" in seen
