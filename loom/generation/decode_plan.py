@@ -40,6 +40,15 @@ steps check only what the plan itself moves (the cache and its length, the posit
 the next step back to the full check. Not covered: code that none of those show (audit hooks, finalizers, signal
 handlers, threads started from C that call into Python, a custom Python decoder inside the streamer's tokenizer)
 changing the model in the middle of a generate.
+
+Greedy runs (`greedy`, session 18): where a quiet generate asks nothing of a step but its token (greedy, one
+unpadded row, no processors, scores, streamer or hidden states) and the chain runs every layer of a float32 model
+with SiLU, up to GREEDY_RUN steps go into one C call (csrc/decode.c loom_decode_chain_greedy): each token's embedding
+row, every layer (the MLP's SiLU and product in C with torch's silu_ and mul_ bits, csrc/silu.c; for a dense head
+too, which the per-step path calls as modules), the final norm and head, torch.argmax's pick and the EOS check. The
+rotary tables of a run come from one call of the model's own rotary module over its positions (each position's
+values alone, so dynamic and longrope scaling, whose tables depend on the longest position, keep the steps).
+Between runs the plan checks what `still` checks; Python (signals included) runs between runs.
 """
 from __future__ import annotations
 

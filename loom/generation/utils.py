@@ -192,9 +192,11 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 unfinished &= ~criteria(seqs[:, :cur], tuple(scores_out) if want_scores else None)
                 if not bool(unfinished.any()):
                     break
-            if greedy_runs:  # from the second step: the first builds the plan and runs its full check
-                seqs = grown(seqs, cfg.max_length, cfg.max_length)
-                got = decoder.run_greedy(seqs[:, :cfg.max_length], cur, eos_run)
+            if greedy_runs and decoder.plan is not None:  # the first step built the plan and ran its full check
+                if decoder.plan and seqs.shape[1] < cfg.max_length:
+                    seqs = grown(seqs, cfg.max_length, cfg.max_length)
+                got = decoder.run_greedy(seqs, cur, eos_run)
+                greedy_runs = got > 0  # what refused a run now would refuse the next
                 if got:
                     cur += got
                     if cur >= cfg.max_length or int(seqs[0, cur - 1]) in eos_ids:

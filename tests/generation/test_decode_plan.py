@@ -412,19 +412,20 @@ def test_moe_plan_at_every_top_k(top_k, dtype, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_quantized_head_runs_in_the_chain_unless_hooked(dtype, monkeypatch):
     """A quantized head and the final norm run in the chain's last call (the plan's step calls no module), bitwise
-    the modules'; a dense head, or a hook on either at build time, keeps them module calls, the hook honoured."""
+    the modules'; a dense head (held by the chain for greedy runs only), or a hook on either at build time, keeps them
+    module calls at each step, the hook honoured."""
     model = _model("llama", dtype)
     calls, built = [], []
     build_ = DecodePlan.build.__func__
     monkeypatch.setattr(DecodePlan, "build", classmethod(lambda cls, *a: built.append(build_(cls, *a)) or built[-1]))
     dense, _ = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
     if build.available():
-        assert built[-1].chain.head is None
+        assert built[-1].chain.head is not None and not built[-1].chain.head_in_step
     model.lm_head = Int8Linear.from_linear(model.lm_head)
     a, steps = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)
     assert _same(a, _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=8)[0])
     if build.available():
-        assert built[-1].chain.head is not None
+        assert built[-1].chain.head is not None and built[-1].chain.head_in_step
     handle = model.lm_head.register_forward_hook(lambda m, args, out: calls.append(1) or out * 0.5)
     try:
         b, steps_b = _generate(model, monkeypatch, True, input_ids=_ids(), max_new_tokens=8)

@@ -404,7 +404,8 @@ int loom_decode_chain_experts(const void *layer, const void *step) {
 /* A step of a chain of dense layers whose activation is SiLU, float32, in one call: loom_decode_chain_step over
    `layers` (n chain_layer pointers) with a = silu(a) * u between two (loom_silu_mul: torch's silu_ and mul_ bits,
    `vec_block` as there), then the call that finishes the last layer (and runs the head, where the step has one). */
-int loom_decode_chain_layers(const void *const *layers, long n, const void *step, long vec_block) {
+int loom_decode_chain_layers(const void *layer_array, long n, const void *step, long vec_block) {
+    const void *const *layers = layer_array;
     const chain_step *s = step;
     const void *done = NULL;
     for (long i = 0; i < n; i++) {
@@ -423,12 +424,12 @@ int loom_decode_chain_layers(const void *const *layers, long n, const void *step
    head into step->logits (float32, (1, V)), then the first maximal logit (argmax_row, torch.argmax's pick) as the next
    token, written to out[s]. Starts from `first`, fed at step->pos; stops after a token in eos (n_eos ids) or after
    `steps`. Returns the tokens written, or -1 (scratch memory), -3 (a token outside the embedding's rows). */
-long loom_decode_chain_greedy(const void *const *layers, long n, void *step, long vec_block, const float *embed,
+long loom_decode_chain_greedy(const void *layers, long n, void *step, long vec_block, const float *embed,
                               long embed_rows, const float *cos, const float *sin, long cs_rs, int64_t first,
                               int64_t *out, long steps, const int64_t *eos, long n_eos) {
     chain_step *s = step;
     const chain_layer *head = s->head;
-    long hidden = ((const chain_layer *)layers[0])->hidden, pos = s->pos;
+    long hidden = ((const chain_layer *const *)layers)[0]->hidden, pos = s->pos;
     int64_t token = first;
     for (long t = 0; t < steps; t++) {
         if (token < 0 || token >= embed_rows) return -3;

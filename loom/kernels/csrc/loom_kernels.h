@@ -24,8 +24,8 @@ LOOM_API int loom_moe_down(const void *h, const void *w, const int64_t *chosen, 
 LOOM_API void loom_argmax_rows(const float *x, long rows, long n, int64_t *out);
 LOOM_API int loom_decode_chain_step(const void *done, const void *next, const void *step);
 LOOM_API int loom_decode_chain_experts(const void *layer, const void *step);
-LOOM_API int loom_decode_chain_layers(const void *const *layers, long n, const void *step, long vec_block);
-LOOM_API long loom_decode_chain_greedy(const void *const *layers, long n, void *step, long vec_block, const float *embed, long embed_rows, const float *cos, const float *sin, long cs_rs, int64_t first, int64_t *out, long steps, const int64_t *eos, long n_eos);
+LOOM_API int loom_decode_chain_layers(const void *layer_array, long n, const void *step, long vec_block);
+LOOM_API long loom_decode_chain_greedy(const void *layers, long n, void *step, long vec_block, const float *embed, long embed_rows, const float *cos, const float *sin, long cs_rs, long first, int64_t *out, long steps, const int64_t *eos, long n_eos);
 LOOM_API void loom_silu_mul(float *a, const float *u, long n, long vec_block);
 LOOM_API int loom_int8_gemm(const float *x, const int8_t *w, const float *scale, float *y, long M, long N, long K, int threads);
 LOOM_API int loom_int8_group_gemm(const float *x, const int8_t *w, const void *scale, int half, float *y, long M, long N, long K, long G, int threads);
