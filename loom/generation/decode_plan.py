@@ -42,8 +42,8 @@ handlers, threads started from C that call into Python, a custom Python decoder 
 changing the model in the middle of a generate.
 
 Greedy runs (`greedy`, session 18): where a quiet generate asks nothing of a step but its token (greedy, one
-unpadded row, no processors, scores, streamer or hidden states) and the chain runs every layer of a float32 model
-with SiLU, up to GREEDY_RUN steps go into one C call (csrc/decode.c loom_decode_chain_greedy): each token's embedding
+unpadded row, no processors, scores, streamer or hidden states) and the chain runs every layer of a float32 or
+bfloat16 model with SiLU, up to GREEDY_RUN steps go into one C call (csrc/decode.c loom_decode_chain_greedy): each token's embedding
 row, every layer (the MLP's SiLU and product in C with torch's silu_ and mul_ bits, csrc/silu.c; for a dense head
 too, which the per-step path calls as modules), the final norm and head, torch.argmax's pick and the EOS check. The
 rotary tables of a run come from one call of the model's own rotary module over its positions (each position's
@@ -495,7 +495,7 @@ class DecodePlan:
         """Greedy tokens for the one row written to seqs[0, cur:] (up to its end, or a token in `eos`), feeding
         seqs[0, cur - 1] at position `pos` first, in runs of GREEDY_RUN tokens each one C call
         (DecodeChain.greedy): for a quiet generate (the module docstring) after a full check, float32 layers the chain
-        runs whole with SiLU, a dynamic cache, rotary tables of each position alone. Between runs it checks what
+        (float32 or bfloat16) runs whole with SiLU, a dynamic cache, rotary tables of each position alone. Between runs it checks what
         `still` checks. Returns the tokens written (0 where this does not apply: the caller steps as before); the
         cache then holds every position but the last token's, as after that many steps."""
         chain, cache, model = self.chain, self.cache, self.model

@@ -30,33 +30,43 @@ _F32 = torch.float32
 silu_ = getattr(torch._C._nn, "silu_", None) or (lambda t: torch.nn.functional.silu(t, inplace=True))
 # torch runs an elementwise op as one serial loop below this many values (TensorIterator's grain), else in chunks
 _TORCH_GRAIN = 32768
-_SILU_BLOCK = {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}  # torch's CPU capability -> values per vector-loop step
-_silu_block: list = []
+# torch's CPU capability -> values per step of its vector loop (two vectors), per dtype
+_SILU_BLOCK = {torch.float32: {"AVX512": 32, "AVX2": 16, "DEFAULT": 0},
+               torch.bfloat16: {"AVX512": 64, "AVX2": 32, "DEFAULT": 0}}
+_silu_block: dict = {}
 
 
-def silu_block() -> int | None:
-    """The `vec_block` with which loom_silu_mul (csrc/silu.c) computes torch's float32 silu_ then mul_ bitwise here,
-    or None where it does not: torch's CPU capability must be one whose loop csrc/silu.c follows, and a probe
-    (inputs over the whole range exp and the division see, both loops' values, signed zeros, infinities) must come
-    out bitwise torch's. Read once per process."""
-    if not _silu_block:
-        block = _SILU_BLOCK.get(torch.backends.cpu.get_cpu_capability()) if build.available() else None
+def silu_block(dtype: torch.dtype = _F32) -> int | None:
+    """The `vec_block` with which loom_silu_mul (float32) or loom_silu_mul_bf16 (csrc/silu.c) computes torch's silu_
+    then mul_ bitwise here, or None where it does not: torch's CPU capability must be one whose loop csrc/silu.c
+    follows, and a probe must come out bitwise torch's (float32: inputs over the whole range exp and the division
+    see, both loops' values, signed zeros, infinities, and past the last whole step an input where SLEEF's expf and
+    libm's differ in the last bit, so a wrong loop split shows; bfloat16: every bfloat16 value but the NaNs, and a
+    tail). Read once per process and dtype."""
+    if dtype not in _silu_block:
+        block = _SILU_BLOCK[dtype].get(torch.backends.cpu.get_cpu_capability()) if build.available() else None
         if block is not None:
             g = torch.Generator().manual_seed(0)
-            x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(4000, generator=g) * 6,
-                           torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30, 88.7, -88.7, 103.9,
-                                         -103.9, 104.1, -104.1, 1.999998688697815, 3.4e38])])
-            # then 25 values past the last 32-value step, which torch's scalar loop takes: where SLEEF's expf and
-            # libm's differ in the last bit (-1.999998688697815), so a wrong loop split shows
-            x = torch.cat([x[: x.numel() // 32 * 32], torch.full((25,), -1.999998688697815)])
-            u = torch.rand(x.numel(), generator=g) * 4 - 2
+            if dtype is _F32:
+                x = torch.cat([torch.linspace(-120, 120, 4001), torch.randn(4000, generator=g) * 6,
+                               torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-30, -1e-30, 88.7, -88.7,
+                                             103.9, -103.9, 104.1, -104.1, 1.999998688697815, 3.4e38])])
+                x = torch.cat([x[: x.numel() // 32 * 32], torch.full((25,), -1.999998688697815)])
+                fn = build.library().loom_silu_mul
+            else:
+                x = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+                x = x[~x.isnan()]
+                x = torch.cat([x, x[:61]])
+                fn = build.library().loom_silu_mul_bf16
+            u = (torch.rand(x.numel(), generator=g) * 4 - 2).to(dtype)
             want = silu_(x.clone()).mul_(u)
             got = x.clone()
-            build.library().loom_silu_mul(got.data_ptr(), u.data_ptr(), got.numel(), block)
-            if not torch.equal(got.view(torch.int32), want.view(torch.int32)):
+            fn(got.data_ptr(), u.data_ptr(), got.numel(), block)
+            same = got == want
+            if not bool((same | (got.isnan() & want.isnan())).all()) or not torch.equal(got[same], want[same]):
                 block = None
-        _silu_block.append(block)
-    return _silu_block[0]
+        _silu_block[dtype] = block
+    return _silu_block[dtype]
 
 
 class _Quant(ctypes.Structure):  # csrc/decode.c chain_quant
@@ -199,13 +209,13 @@ class DecodeChain:
         self.hidden = 0 if not layers else (w0.shape if q0 is None else q0.shape(w0))[1]
         for i, (t, s) in enumerate(zip(layers, self._structs)):
             self._runs.append((ctypes.addressof(s), t.act_, *self._describe(i, t, s, rows, dtype, head_dim)))
-        # float32 dense layers with SiLU: a run of greedy steps in one call (`greedy`), every layer's activation and
-        # product in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more, only while torch's
-        # silu_ would run them in one loop too (one thread)
+        # dense layers with SiLU (float32 or bfloat16): runs of greedy steps in one call (`greedy`), every layer's
+        # activation and product in C with torch's bits (csrc/silu.c); for (rows, I) of the grain's size or more,
+        # only while torch's silu_ would run them in one loop too (one thread)
         self._fused = None
-        if (layers and dtype is _F32 and all(t.routing is None and t.act_ is silu_ for t in layers)
-                and silu_block() is not None):
-            self._fused = ((_P * self.n)(*(r[0] for r in self._runs)), silu_block())
+        if (layers and all(t.routing is None and t.act_ is silu_ for t in layers)
+                and silu_block(dtype) is not None):
+            self._fused = ((_P * self.n)(*(r[0] for r in self._runs)), silu_block(dtype))
             self._fused_serial = rows * max(r[2].shape[-1] for r in self._runs) < _TORCH_GRAIN
         self.x = torch.empty(rows, 1, self.hidden, dtype=dtype)  # the residual stream, which `run` returns
         self._step = _Step(x=self.x.data_ptr(), B=rows, bf16=int(dtype is torch.bfloat16))
@@ -408,9 +418,9 @@ class DecodeChain:
         return self.x if logits is None else logits
 
     def greedy_fits(self, embed: torch.Tensor) -> bool:
-        """Whether `greedy` runs here: float32 dense SiLU layers (`_fused`), one row, a float32 head set, an
-        embedding table of float32 rows of the hidden size, and the activation in one torch loop (see `_fused`)."""
-        return (self._fused is not None and self.rows == 1 and self.head is not None and embed.dtype is _F32
+        """Whether `greedy` runs here: dense SiLU layers (`_fused`), one row, a head set, an embedding table of
+        rows of the hidden size in the chain's dtype, and the activation in one torch loop (see `_fused`)."""
+        return (self._fused is not None and self.rows == 1 and self.head is not None and embed.dtype is self.dtype
                 and embed.dim() == 2 and embed.shape[1] == self.hidden and embed.is_contiguous() and policy.plain(embed)
                 and (self._fused_serial or torch.get_num_threads() == 1))
 
@@ -419,13 +429,13 @@ class DecodeChain:
         """Greedy decoding of the one row for up to out.numel() tokens in one C call (csrc/decode.c
         loom_decode_chain_greedy): feed `first` at `pos`, then each token picked (the head's first maximal logit, as
         torch.argmax) at the next position, until a token in `eos` (int64, maybe empty) or `out` (int64, contiguous)
-        is full. `cos` / `sin`: (steps, D) float32 rotary rows for positions pos.., row-contiguous. The caches must
+        is full. `cos` / `sin`: (steps, D) rotary rows in the dtype for positions pos.., row-contiguous. The caches must
         hold pos + out.numel() positions (set_cache). Returns the tokens written. The caller checked `greedy_fits`
         and `fits` for the first row."""
         steps = out.numel()
         st = self._step
         st.mask, st.m_sb, st.cs_sb, st.threads, st.pos = None, 0, 0, pool_threads(), pos
-        logits = torch.empty(1, self.head[4], dtype=_F32)
+        logits = torch.empty(1, self.head[4], dtype=self.dtype)
         st.logits, st.head = logits.data_ptr(), ctypes.addressof(self._head_struct)
         try:
             got = build.library().loom_decode_chain_greedy(

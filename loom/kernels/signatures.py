@@ -29,6 +29,7 @@ SIGNATURES: dict[str, tuple[object, list]] = {
     "loom_decode_chain_experts": (_I, [_P, _P]),
     "loom_decode_chain_layers": (_I, [_P, _L, _P, _L]),
     "loom_silu_mul": (None, [_P, _P, _L, _L]),
+    "loom_silu_mul_bf16": (None, [_P, _P, _L, _L]),
     "loom_decode_chain_greedy": (_L, [_P, _L, _P, _L, _P, _L, _P, _P, _L, _L, _P, _L, _P, _L]),
     "loom_int8_gemm": (_I, [_P, _P, _P, _P, _L, _L, _L, _I]),
     "loom_int8_group_gemm": (_I, [_P, _P, _P, _I, _P, _L, _L, _L, _L, _I]),

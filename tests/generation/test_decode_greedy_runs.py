@@ -1,11 +1,12 @@
 """Runs of greedy steps in one C call (csrc/decode.c loom_decode_chain_greedy, DecodePlan.greedy): for one unpadded
-row of a float32 model the decode plan runs whole with SiLU, a quiet generate asking nothing of a step but its token
-runs up to 64 steps per call: embedding row, layers (their SiLU and product in C with torch's bits, csrc/silu.c),
-final norm and head, argmax, EOS. Checked: the SiLU against torch's over a sample of every float32 bit pattern and at
-the lengths whose tails torch computes with its scalar loop; generations (tokens, and the cache left behind) against
-the plan's steps and the model's forward with a dense, int8 and int4 head, across runs, stopping at an EOS inside a
-run and at the last token of one; every case that keeps the steps (scores, a streamer, sampling, a processor, two
-rows, bf16, dynamic rotary scaling); the rotary tables of a run against each position's own."""
+row of a float32 or bfloat16 model the decode plan runs whole with SiLU, a quiet generate asking nothing of a step but
+its token runs up to 64 steps per call: embedding row, layers (their SiLU and product in C with torch's bits,
+csrc/silu.c), final norm and head, argmax, EOS. Checked: the SiLU against torch's over a sample of every float32 bit
+pattern, every bfloat16 value, and at the lengths whose tails torch computes with its scalar loop; generations
+(tokens, and the cache left behind) against the plan's steps and the model's forward with a dense, int8 and int4
+head in both dtypes, across runs, stopping at an EOS inside a run and at the last token of one; every case that keeps
+the steps (scores, a streamer, sampling, a processor, two rows, dynamic rotary scaling, a hooked head); the rotary
+tables of a run against each position's own."""
 from __future__ import annotations
 
 import pytest
@@ -29,10 +30,11 @@ def _silu_mul(x, u, block):
 
 
 def test_silu_block_follows_torchs_cpu_capability():
-    """torch's CPU wheels run silu in AVX512 or AVX2 loops (or DEFAULT's scalar one): the kernel follows each, so the
-    one-call step is on wherever the kernels are."""
-    want = {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}[torch.backends.cpu.get_cpu_capability()]
-    assert chain.silu_block() == want
+    """torch's CPU wheels run silu in AVX512 or AVX2 loops (or DEFAULT's scalar one): the kernel follows each, so
+    greedy runs are on wherever the kernels are."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    assert chain.silu_block(torch.float32) == {"AVX512": 32, "AVX2": 16, "DEFAULT": 0}[cap]
+    assert chain.silu_block(torch.bfloat16) == {"AVX512": 64, "AVX2": 32, "DEFAULT": 0}[cap]
 
 
 def test_silu_mul_is_torchs_on_a_sample_of_every_float32():
@@ -63,6 +65,22 @@ def test_silu_mul_tails_are_torchs(n):
                        chain.silu_(x.clone()).mul_(u).view(torch.int32))
 
 
+@pytest.mark.parametrize("n", [1, 33, 63, 64, 65, 1000, 65536 - 1])
+def test_silu_mul_bf16_is_torchs_for_every_bfloat16(n):
+    """Every bfloat16 value but the NaNs, in runs of n (tails past torch's 64- or 32-value steps included)."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[~every.isnan()]
+    u = torch.randn(every.numel(), generator=torch.Generator().manual_seed(n)).to(torch.bfloat16)
+    lib, block = build.library(), chain.silu_block(torch.bfloat16)
+    for at in range(0, every.numel(), n):
+        x, w = every[at:at + n].clone(), u[at:at + n].clone()
+        got = x.clone()
+        lib.loom_silu_mul_bf16(got.data_ptr(), w.data_ptr(), got.numel(), block)
+        want = chain.silu_(x.clone()).mul_(w)
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert bool(same.all()), x[~same][:8].tolist()
+
+
 def _counting(monkeypatch):
     """The greedy runs (C calls) of every plan from now on."""
     calls = [0]
@@ -78,7 +96,7 @@ def _counting(monkeypatch):
 def _without_runs(model, kw, monkeypatch):
     """(the plan's steps, the forward) for the same generate: greedy runs off, then the plan off too."""
     with monkeypatch.context() as m:
-        m.setattr(chain, "silu_block", lambda: None)
+        m.setattr(chain, "silu_block", lambda dtype=None: None)
         steps = model.generate(**kw)
         m.setattr(DecodePlan, "build", classmethod(lambda cls, *args: None))
         forward = model.generate(**kw)
@@ -94,12 +112,13 @@ def _same_cache(a, b) -> bool:
 GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in_generate=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head", ["dense", "int8", "int4"])
-def test_greedy_runs_equal_the_steps_and_the_forward(head, monkeypatch):
+def test_greedy_runs_equal_the_steps_and_the_forward(head, dtype, monkeypatch):
     """150 new tokens: the prefill's, one plan step, then runs of 64, 64 and 20; intermediate size 100 leaves the
     SiLU a scalar tail (96 for int4's groups of 32). Tokens and the cache's keys and values bitwise the plan's steps'
     and the forward's."""
-    model = _model("llama", torch.float32, intermediate_size=96 if head == "int4" else 100, max_position_embeddings=256)
+    model = _model("llama", dtype, intermediate_size=96 if head == "int4" else 100, max_position_embeddings=256)
     if head != "dense":
         cfg = dict(bits=8) if head == "int8" else dict(bits=4, group_size=32, symmetric=True)
         quantize_(model, WeightOnlyConfig(**cfg, skip_output_embeddings=False))
@@ -128,13 +147,12 @@ def test_an_eos_inside_a_run_or_at_its_end_stops_there(at, monkeypatch):
     assert _same_cache(runs.cache, forward.cache)
 
 
-@pytest.mark.parametrize("case", ["scores", "streamer", "sampling", "processor", "two rows", "bf16", "dynamic rope",
+@pytest.mark.parametrize("case", ["scores", "streamer", "sampling", "processor", "two rows", "dynamic rope",
                                   "hooked head"])
 def test_the_steps_run_where_a_step_is_asked_more_than_its_token(case, monkeypatch):
     from loom.generation.streamers import BaseStreamer
     overrides = {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}} if case == "dynamic rope" else {}
-    model = _model("llama", torch.bfloat16 if case == "bf16" else torch.float32, max_position_embeddings=256,
-                   **overrides)
+    model = _model("llama", torch.float32, max_position_embeddings=256, **overrides)
     kw = dict(input_ids=_ids(2 if case == "two rows" else 1), max_new_tokens=20, **GREEDY)
     if case == "scores":
         kw["output_scores"] = True

@@ -401,9 +401,10 @@ int loom_decode_chain_experts(const void *layer, const void *step) {
                             s->threads);
 }
 
-/* A step of a chain of dense layers whose activation is SiLU, float32, in one call: loom_decode_chain_step over
-   `layers` (n chain_layer pointers) with a = silu(a) * u between two (loom_silu_mul: torch's silu_ and mul_ bits,
-   `vec_block` as there), then the call that finishes the last layer (and runs the head, where the step has one). */
+/* A step of a chain of dense layers whose activation is SiLU, in one call: loom_decode_chain_step over `layers` (n
+   chain_layer pointers) with a = silu(a) * u between two (loom_silu_mul or, bfloat16, loom_silu_mul_bf16: torch's
+   silu_ and mul_ bits, `vec_block` as there), then the call that finishes the last layer (and runs the head, where
+   the step has one). */
 int loom_decode_chain_layers(const void *layer_array, long n, const void *step, long vec_block) {
     const void *const *layers = layer_array;
     const chain_step *s = step;
@@ -412,37 +413,57 @@ int loom_decode_chain_layers(const void *layer_array, long n, const void *step, 
         const chain_layer *p = layers[i];
         int status = loom_decode_chain_step(done, p, step);
         if (status) return status;
-        loom_silu_mul(p->a, p->u, s->B * p->I, vec_block);
+        if (s->bf16)
+            loom_silu_mul_bf16(p->a, p->u, s->B * p->I, vec_block);
+        else
+            loom_silu_mul(p->a, p->u, s->B * p->I, vec_block);
         done = p;
     }
     return loom_decode_chain_step(done, NULL, step);
 }
 
 /* Greedy decoding of one row for up to `steps` tokens in one call, each step as the generate loop's would run it:
-   the token's embedding row (x = embed[token], float32), the step at position pos (its rotary row s of cos / sin,
-   each (steps, D) with row stride cs_rs; keys 0..pos), every layer (loom_decode_chain_layers), the final norm and
-   head into step->logits (float32, (1, V)), then the first maximal logit (argmax_row, torch.argmax's pick) as the next
-   token, written to out[s]. Starts from `first`, fed at step->pos; stops after a token in eos (n_eos ids) or after
-   `steps`. Returns the tokens written, or -1 (scratch memory), -3 (a token outside the embedding's rows). */
-long loom_decode_chain_greedy(const void *layers, long n, void *step, long vec_block, const float *embed,
-                              long embed_rows, const float *cos, const float *sin, long cs_rs, int64_t first,
+   the token's embedding row (x = embed[token], in the chain's dtype), the step at position pos (its rotary row t of
+   cos / sin, each (steps, D) in the dtype with row stride cs_rs; keys 0..pos), every layer
+   (loom_decode_chain_layers), the final norm and head into step->logits ((1, V) in the dtype), then the first
+   maximal logit as float32 (argmax_row, torch.argmax's pick after the loop's `.float()`) as the next token, written
+   to out[t]. Starts from `first`, fed at step->pos; stops after a token in eos (n_eos ids) or after `steps`. Returns
+   the tokens written, or -1 (scratch memory), -3 (a token outside the embedding's rows). */
+long loom_decode_chain_greedy(const void *layers, long n, void *step, long vec_block, const void *embed,
+                              long embed_rows, const void *cos, const void *sin, long cs_rs, long first,
                               int64_t *out, long steps, const int64_t *eos, long n_eos) {
     chain_step *s = step;
     const chain_layer *head = s->head;
-    long hidden = ((const chain_layer *const *)layers)[0]->hidden, pos = s->pos;
+    long hidden = ((const chain_layer *const *)layers)[0]->hidden, pos = s->pos, V = head->I, es = s->bf16 ? 2 : 4;
+    float *scores = s->bf16 ? malloc(sizeof(float) * (size_t)V) : (float *)s->logits;
+    if (!scores) return -1;
     int64_t token = first;
+    long written = steps;
     for (long t = 0; t < steps; t++) {
-        if (token < 0 || token >= embed_rows) return -3;
-        memcpy(s->x, embed + token * hidden, sizeof(float) * (size_t)hidden);
-        s->cos = cos + t * cs_rs;
-        s->sin = sin + t * cs_rs;
+        if (token < 0 || token >= embed_rows) {
+            written = -3;
+            break;
+        }
+        memcpy(s->x, (const char *)embed + token * hidden * es, (size_t)(hidden * es));
+        s->cos = (const char *)cos + t * cs_rs * es;
+        s->sin = (const char *)sin + t * cs_rs * es;
         s->pos = pos + t;
         s->L = pos + t + 1;
-        if (loom_decode_chain_layers(layers, n, step, vec_block)) return -1;
-        token = argmax_row(s->logits, head->I);
+        if (loom_decode_chain_layers(layers, n, step, vec_block)) {
+            written = -1;
+            break;
+        }
+        if (s->bf16)
+            for (long v = 0; v < V; v++) scores[v] = bf16_to_f32(((const uint16_t *)s->logits)[v]);
+        token = argmax_row(scores, V);
         out[t] = token;
-        for (long e = 0; e < n_eos; e++)
-            if (eos[e] == token) return t + 1;
+        int stop = 0;
+        for (long e = 0; e < n_eos; e++) stop |= eos[e] == token;
+        if (stop) {
+            written = t + 1;
+            break;
+        }
     }
-    return steps;
+    if (s->bf16) free(scores);
+    return written;
 }
