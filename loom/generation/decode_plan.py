@@ -43,12 +43,13 @@ changing the model in the middle of a generate.
 
 Greedy runs (`greedy`, session 18): where a quiet generate asks nothing of a step but its token (greedy, one
 unpadded row, no processors, scores, streamer or hidden states) and the chain runs every layer of a float32 or
-bfloat16 model with SiLU, up to GREEDY_RUN steps go into one C call (csrc/decode.c loom_decode_chain_greedy): each token's embedding
-row, every layer (the MLP's SiLU and product in C with torch's silu_ and mul_ bits, csrc/silu.c; for a dense head
-too, which the per-step path calls as modules), the final norm and head, torch.argmax's pick and the EOS check. The
-rotary tables of a run come from one call of the model's own rotary module over its positions (each position's
-values alone, so dynamic and longrope scaling, whose tables depend on the longest position, keep the steps).
-Between runs the plan checks what `still` checks; Python (signals included) runs between runs.
+bfloat16 model with SiLU, runs of steps go into one C call each (csrc/decode.c loom_decode_chain_greedy; up to
+GREEDY_RUN tokens, about GREEDY_SECONDS long): each token's embedding row, every layer (the MLP's SiLU and product in
+C with torch's silu_ and mul_ bits, csrc/silu.c), the final norm and head (a dense head too, which the per-step path
+calls as modules), torch.argmax's pick and the EOS check. The rotary tables of a run come from one call of the
+model's own rotary module over its positions (each position's values alone, so dynamic and longrope scaling, whose
+tables depend on the longest position, keep the steps). Between runs the plan checks what `still` checks; Python
+(signals included) runs between runs.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ import gc
 import operator
 import sys
 import threading
+import time
 from itertools import repeat
 
 import torch
@@ -325,7 +327,9 @@ def _positions_free(base) -> bool:
                if isinstance(m, RotaryEmbedding))
 
 
-GREEDY_RUN = 64  # greedy tokens per C call: signals (Ctrl-C) and the checks between calls come this often
+GREEDY_RUN = 64  # at most this many greedy tokens per C call
+GREEDY_FIRST = 4  # the first run's tokens, which time a token
+GREEDY_SECONDS = 0.1  # then runs of about this long: Python (Ctrl-C, the checks) comes back this often on any model
 
 
 class DecodePlan:
@@ -493,11 +497,11 @@ class DecodePlan:
 
     def greedy(self, seqs: torch.Tensor, cur: int, pos: int, eos: torch.Tensor) -> int:
         """Greedy tokens for the one row written to seqs[0, cur:] (up to its end, or a token in `eos`), feeding
-        seqs[0, cur - 1] at position `pos` first, in runs of GREEDY_RUN tokens each one C call
-        (DecodeChain.greedy): for a quiet generate (the module docstring) after a full check, float32 layers the chain
-        (float32 or bfloat16) runs whole with SiLU, a dynamic cache, rotary tables of each position alone. Between runs it checks what
-        `still` checks. Returns the tokens written (0 where this does not apply: the caller steps as before); the
-        cache then holds every position but the last token's, as after that many steps."""
+        seqs[0, cur - 1] at position `pos` first, in runs of tokens each one C call
+        (DecodeChain.greedy): for a quiet generate (the module docstring) after a full check, layers the chain runs
+        whole with SiLU (float32 or bfloat16), a dynamic cache, rotary tables of each position alone. Between runs it
+        checks what `still` checks. Returns the tokens written (0 where this does not apply: the caller steps as
+        before); the cache then holds every position but the last token's, as after that many steps."""
         chain, cache, model = self.chain, self.cache, self.model
         if not (self.settled and self.static is None and self.window is None and chain.head is not None
                 and self.still(cache, pos) and chain.greedy_fits(self.embed_weight) and _positions_free(self.base)
@@ -510,9 +514,10 @@ class DecodePlan:
                                   and self.norm._parameters.get("weight") is norm_w
                                   and getattr(self.base, self.base.norm_name) is self.norm):
             return 0
-        written, limit = 0, seqs.shape[1]
+        written, limit, run = 0, seqs.shape[1], GREEDY_FIRST
         while cur < limit:
-            n = min(limit - cur, GREEDY_RUN)
+            n = min(limit - cur, run)
+            start = time.perf_counter()
             if pos + n > chain._capacity:
                 for i in range(self.n):  # room for every position this run feeds, as DynamicCache.decode_slot makes it
                     cache._grow(i, pos + n)
@@ -522,10 +527,11 @@ class DecodePlan:
             if not (chain.fits(cos[:, :, :1], sin[:, :, :1], pos + n - 1) and cos.is_contiguous()
                     and sin.is_contiguous()):
                 break
-            got = chain.greedy(self.embed_weight, cos[0, 0], sin[0, 0], pos, int(seqs[0, cur - 1]), seqs[0, cur:cur + n],
-                               eos)
+            got = chain.greedy(self.embed_weight, cos[0, 0], sin[0, 0], pos, int(seqs[0, cur - 1]),
+                               seqs[0, cur:cur + n], eos)
             cache.length = [pos + got] * self.n
             written, cur, pos = written + got, cur + got, pos + got
+            run = max(1, min(GREEDY_RUN, int(GREEDY_SECONDS * got / max(time.perf_counter() - start, 1e-9))))
             if got < n or (eos.numel() and int(seqs[0, cur - 1]) in eos.tolist()) or not self.still(cache, pos):
                 break
         return written

@@ -227,9 +227,10 @@ class DecodeChain:
 
     def set_head(self, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
                  quant: Quantized | None = None, in_step: bool = True) -> None:
-        """Have `run` (and `greedy`; with in_step=False `greedy` only) finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
+        """Have `run` finish with the model's final RMSNorm (`norm_weight`, `eps`) and head (`weight` (V, hidden) in
         the dtype, or `quant`'s layout; `bias` (V,) or None) and return the logits (rows, V) in the dtype, a new
-        tensor each step: bitwise what the modules give (loom::rms_norm, then the head's operator)."""
+        tensor each step: bitwise what the modules give (loom::rms_norm, then the head's operator). `greedy` always
+        runs them; with in_step=False `run` leaves them to the caller's module calls."""
         hidden, name = self.hidden, str(self.dtype).replace("torch.", "")
         _check(weight.dim() == 2 and (quant is None or quant.check(weight)),
                "the head's weight, scales or zero points are not what its kernel reads")

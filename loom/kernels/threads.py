@@ -135,7 +135,8 @@ def _find_mkl_local():
             setter, getter = lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads
         except (OSError, AttributeError):
             continue
-        setter.argtypes, setter.restype, getter.argtypes, getter.restype = [ctypes.c_int], ctypes.c_int, [], ctypes.c_int
+        setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+        getter.argtypes, getter.restype = [], ctypes.c_int
         had = getter()
         want = 1 if had != 1 else 2
         before = setter(want)

@@ -115,7 +115,7 @@ GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head", ["dense", "int8", "int4"])
 def test_greedy_runs_equal_the_steps_and_the_forward(head, dtype, monkeypatch):
-    """150 new tokens: the prefill's, one plan step, then runs of 64, 64 and 20; intermediate size 100 leaves the
+    """150 new tokens: the prefill's, one plan step, then runs (4 tokens, then up to 64); intermediate size 100 leaves the
     SiLU a scalar tail (96 for int4's groups of 32). Tokens and the cache's keys and values bitwise the plan's steps'
     and the forward's."""
     model = _model("llama", dtype, intermediate_size=96 if head == "int4" else 100, max_position_embeddings=256)
@@ -125,16 +125,40 @@ def test_greedy_runs_equal_the_steps_and_the_forward(head, dtype, monkeypatch):
     kw = dict(input_ids=_ids(1), max_new_tokens=150, **GREEDY)
     calls = _counting(monkeypatch)
     runs = model.generate(**kw)
-    assert calls[0] == 3
+    assert calls[0] >= 3
     steps, forward = _without_runs(model, kw, monkeypatch)
     assert runs.sequences.tolist() == steps.sequences.tolist() == forward.sequences.tolist()
     assert _same_cache(runs.cache, steps.cache) and _same_cache(runs.cache, forward.cache)
     assert runs.cache.get_seq_length() == 7 + 150 - 1
 
 
-@pytest.mark.parametrize("at", [20, 65, 66])
+def test_runs_are_as_long_as_greedy_seconds_allows(monkeypatch):
+    """A run takes about GREEDY_SECONDS (Python, Ctrl-C included, comes back that often on any model): none left
+    means a token a run; the first run has GREEDY_FIRST tokens."""
+    from loom.generation import decode_plan
+    model = _model("llama", torch.float32, max_position_embeddings=256)
+    kw = dict(input_ids=_ids(1), max_new_tokens=40, **GREEDY)
+    sizes = []
+    greedy = DecodeChain.greedy
+
+    def sized(self, *args):
+        sizes.append(args[5].numel())
+        return greedy(self, *args)
+    monkeypatch.setattr(DecodeChain, "greedy", sized)
+    monkeypatch.setattr(decode_plan, "GREEDY_SECONDS", 0.0)
+    one = model.generate(**kw)
+    assert sizes == [4] + [1] * 34
+    sizes.clear()
+    monkeypatch.setattr(decode_plan, "GREEDY_SECONDS", 60.0)
+    whole = model.generate(**kw)
+    assert sizes == [4, 34]
+    steps, _ = _without_runs(model, kw, monkeypatch)
+    assert one.sequences.tolist() == whole.sequences.tolist() == steps.sequences.tolist()
+
+
+@pytest.mark.parametrize("at", [6, 20, 70])
 def test_an_eos_inside_a_run_or_at_its_end_stops_there(at, monkeypatch):
-    """EOS = the token the free generate makes at `at` (new tokens 3..66 are the first run's; 66: its last)."""
+    """EOS = the token the free generate makes at `at` (new tokens 3..6 are the first run's, 7..70 the second's)."""
     model = _model("llama", torch.float32, max_position_embeddings=256)
     free = model.generate(input_ids=_ids(1), max_new_tokens=100, **GREEDY).sequences[0]
     eos = int(free[7 + at - 1])

@@ -1,13 +1,14 @@
-/* SiLU of a decode step's gate times its up projection, a = silu(a) * u over n float32 values, bitwise what torch's
-   silu_ then mul_ compute (the decode chain's activation between two layers, see decode.c).
+/* SiLU of a decode step's gate times its up projection, a = silu(a) * u over n values, bitwise what torch's silu_
+   then mul_ compute (the greedy runs' activation between two layers, decode.c loom_decode_chain_layers).
 
    torch's CPU silu for float32 (aten/src/ATen/native/cpu/Activation.cpp through Loops.h) runs x / (1 + exp(-x)) with
    its vector type over blocks of two vectors and the scalar op on what is left: `vec_block` values at a time (32
    where torch's CPU capability is AVX512, 16 for AVX2, 0 for its scalar DEFAULT build), the rest with libm's expf.
    Its vector exp is SLEEF's expf_u10 (with FMA at both levels); vexp below follows that algorithm step for step (the
-   SLEEF reference: Naoki Shibata's sleefsimdsp.c, xexpf). Checked against torch over all 2^32 float32 inputs on
-   AVX-512, and at run time on a probe before the chain uses it (loom/kernels/chain.py, silu_matches_torch); the
-   call only covers one of torch's parallel chunks (the caller sends larger inputs under several threads to torch). */
+   SLEEF reference: Naoki Shibata's sleefsimdsp.c, xexpf). Checked against torch over all 2^32 float32 inputs with
+   torch at AVX512 (kernels at x86-64-v4 and v3), AVX2 and DEFAULT, and at run time on a probe before a chain uses it
+   (loom/kernels/chain.py silu_block). One call is one of torch's loops: torch splits more than 32768 values over its
+   threads (chunks with tails of their own), so the chain takes those only while torch has one thread. */
 #include "common.h"
 
 #define R_LN2F 1.442695040888963407359924681001892137426645954152985934135449406931f
