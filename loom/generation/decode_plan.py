@@ -42,14 +42,14 @@ handlers, threads started from C that call into Python, a custom Python decoder 
 changing the model in the middle of a generate.
 
 Greedy runs (`greedy`, session 18): where a quiet generate asks nothing of a step but its token (greedy, one
-unpadded row, no processors, scores, streamer or hidden states) and the chain runs every layer of a float32 or
-bfloat16 model with SiLU, runs of steps go into one C call each (csrc/decode.c loom_decode_chain_greedy; up to
-GREEDY_RUN tokens, about GREEDY_SECONDS long): each token's embedding row, every layer (the MLP's SiLU and product in
-C with torch's silu_ and mul_ bits, csrc/silu.c), the final norm and head (a dense head too, which the per-step path
-calls as modules), torch.argmax's pick and the EOS check. The rotary tables of a run come from one call of the
-model's own rotary module over its positions (each position's values alone, so dynamic and longrope scaling, whose
-tables depend on the longest position, keep the steps). Between runs the plan checks what `still` checks; Python
-(signals included) runs between runs.
+unpadded row, no processors, scores or hidden states, no streamer but loom's TextStreamer, fed after each run) and
+the chain runs every layer of a float32 or bfloat16 model with SiLU, runs of steps go into one C call each
+(csrc/decode.c loom_decode_chain_greedy; up to GREEDY_RUN tokens, about GREEDY_SECONDS long): each token's embedding
+row, every layer (the MLP's SiLU and product in C with torch's silu_ and mul_ bits, csrc/silu.c), the final norm and
+head (a dense head too, which the per-step path calls as modules), torch.argmax's pick and the EOS check. The rotary
+tables of a run come from one call of the model's own rotary module over its positions (each position's values
+alone, so dynamic and longrope scaling, whose tables depend on the longest position, keep the steps). Between runs
+the plan checks what `still` checks; Python (signals included) runs between runs.
 """
 from __future__ import annotations
 

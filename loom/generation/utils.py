@@ -147,7 +147,8 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
 
     # greedy decoding of one row with nothing asked of each step but its token: runs of steps in one C call each
     # (Decoder.run_greedy), where the decode plan takes the model
-    greedy_runs = (one_row and not cfg.do_sample and not processors and streamer is None and decoder.quiet
+    greedy_runs = (one_row and not cfg.do_sample and not processors and decoder.quiet
+                   and (streamer is None or runs_only_loom(streamer))  # loom's TextStreamer: fed after each run
                    and not (want_scores or want_logits or want_hidden or decoder.output_attentions))
     eos_run = torch.tensor(sorted(eos_ids), dtype=torch.int64)
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)
@@ -198,6 +199,9 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
                 got = decoder.run_greedy(seqs, cur, eos_run)
                 greedy_runs = got > 0  # what refused a run now would refuse the next
                 if got:
+                    if streamer is not None:  # token by token, as the steps feed it (a run lasts ~0.1 s)
+                        for token in seqs[:, cur:cur + got].unbind(1):
+                            streamer.put(token)
                     cur += got
                     if cur >= cfg.max_length or int(seqs[0, cur - 1]) in eos_ids:
                         break

@@ -171,6 +171,41 @@ def test_an_eos_inside_a_run_or_at_its_end_stops_there(at, monkeypatch):
     assert _same_cache(runs.cache, forward.cache)
 
 
+def test_looms_text_streamer_gets_each_runs_tokens_one_by_one(monkeypatch):
+    """loom's TextStreamer over a loom tokenizer printing to a plain stdout (the `loom` command line) leaves the runs
+    on and is fed each run's tokens after it, one put per token as the steps feed it: the same text, printed as the
+    steps print it."""
+    import io
+    import sys
+
+    from loom.generation.streamers import TextStreamer
+    from test_decode_plan_quiet import _loom_tokenizer
+    model = _model("llama", torch.float32, max_position_embeddings=256)
+    tok = _loom_tokenizer(model.config.vocab_size)
+    printed, puts = [], []
+
+    def generate():
+        out = io.BytesIO()
+        monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(out, encoding="utf-8", write_through=True))
+        streamer = TextStreamer(tok, skip_prompt=True)
+        put = streamer.put  # counted through an instance attribute: the streamer's class stays loom's TextStreamer
+        streamer.put = lambda value: puts.append(tuple(value.shape)) or put(value)
+        seqs = model.generate(input_ids=_ids(1), max_new_tokens=40, streamer=streamer, **GREEDY).sequences
+        printed.append(out.getvalue().decode())
+        return seqs
+
+    calls = _counting(monkeypatch)
+    runs = generate()
+    ran = calls[0]
+    assert ran >= 2 and puts == [(1, 7)] + [(1,)] * 40
+    puts.clear()
+    monkeypatch.setattr(chain, "silu_block", lambda dtype=None: None)
+    steps = generate()
+    assert calls[0] == ran and puts == [(1, 7)] + [(1,)] * 40  # no run this time
+    assert runs.tolist() == steps.tolist() and printed[0] == printed[1]
+    assert printed[0] == tok.decode(runs[0, 7:].tolist()) + "\n"
+
+
 @pytest.mark.parametrize("case", ["scores", "streamer", "sampling", "processor", "two rows", "dynamic rope",
                                   "hooked head"])
 def test_the_steps_run_where_a_step_is_asked_more_than_its_token(case, monkeypatch):
