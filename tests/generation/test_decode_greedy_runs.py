@@ -115,9 +115,9 @@ GREEDY = dict(do_sample=False, eos_token_id=None, pad_token_id=0, return_dict_in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head", ["dense", "int8", "int4"])
 def test_greedy_runs_equal_the_steps_and_the_forward(head, dtype, monkeypatch):
-    """150 new tokens: the prefill's, one plan step, then runs (4 tokens, then up to 64); intermediate size 100 leaves the
-    SiLU a scalar tail (96 for int4's groups of 32). Tokens and the cache's keys and values bitwise the plan's steps'
-    and the forward's."""
+    """150 new tokens: the prefill's, one plan step, then runs (4 tokens, then up to 64); intermediate size 100
+    leaves the SiLU a scalar tail (96 for int4's groups of 32). Tokens and the cache's keys and values bitwise the
+    plan's steps' and the forward's."""
     model = _model("llama", dtype, intermediate_size=96 if head == "int4" else 100, max_position_embeddings=256)
     if head != "dense":
         cfg = dict(bits=8) if head == "int8" else dict(bits=4, group_size=32, symmetric=True)
