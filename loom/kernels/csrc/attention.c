@@ -22,7 +22,26 @@ static void attn_one(attn_job *j, long bh) {
     long kb = b * j->k_sb + hk * j->k_sh, vb = b * j->v_sb + hk * j->v_sh;
     float mx = -INFINITY;
     int nan_score = 0;
-    for (long l = 0; l < L; l++) {
+    long l0 = 0;
+    if (!mask) /* four keys at a time: four independent sums, each in the order of the one-key loop below */
+        for (; l0 + 4 <= L; l0 += 4) {
+            long ko = kb + l0 * j->k_sl, d = 0;
+            __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (; d < D8; d += 8) {
+                __m256 qv = _mm256_loadu_ps(qf + d);
+                for (int i = 0; i < 4; i++)
+                    a[i] = _mm256_fmadd_ps(qv, load8(j->k, ko + i * j->k_sl + d, j->bf16), a[i]);
+            }
+            for (int i = 0; i < 4; i++) {
+                float dot = hsum(a[i]);
+                for (long e = d; e < D; e++) dot += qf[e] * load_f(j->k, ko + i * j->k_sl + e, j->bf16);
+                float sc = dot * j->scale;
+                s[l0 + i] = sc;
+                nan_score |= isnan(sc);
+                if (sc > mx) mx = sc;
+            }
+        }
+    for (long l = l0; l < L; l++) {
         if (mask && !mask[l]) { s[l] = -INFINITY; continue; }
         long ko = kb + l * j->k_sl, d = 0;
         __m256 a = _mm256_setzero_ps();
@@ -57,17 +76,28 @@ static void attn_one(attn_job *j, long bh) {
         total = hsum(t8);
         for (; l < L; l++) { s[l] = s[l] == -INFINITY ? 0.0f : expf(s[l] - mx); total += s[l]; }
     }
-    for (long d = 0; d < D; d++) acc[d] = 0.0f;
-    for (long l = 0; l < L; l++) {
-        /* skip masked keys only: an attended value that is NaN or inf must reach the output as in p @ v, even where
-           p underflowed to 0 */
-        if (mask && !mask[l]) continue;
-        long vo = vb + l * j->v_sl, d = 0;
-        __m256 p = _mm256_set1_ps(s[l]);
-        for (; d < D8; d += 8)
-            _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(p, load8(j->v, vo + d, j->bf16), _mm256_loadu_ps(acc + d)));
-        for (; d < D; d++) acc[d] += s[l] * load_f(j->v, vo + d, j->bf16);
+    /* acc = p @ v: each value's sum over the keys in key order (as one key at a time would add them), 64 values at
+       a time kept in registers; masked keys are skipped, while an attended value that is NaN or inf must reach the
+       output as in p @ v, even where p underflowed to 0 */
+    for (long d0 = 0; d0 < D8; d0 += 64) {
+        int nv = (int)((D8 - d0 < 64 ? D8 - d0 : 64) / 8);
+        __m256 r[8];
+        for (int i = 0; i < 8; i++) r[i] = _mm256_setzero_ps();
+        for (long l = 0; l < L; l++) {
+            if (mask && !mask[l]) continue;
+            long vo = vb + l * j->v_sl + d0;
+            __m256 p = _mm256_set1_ps(s[l]);
+            for (int i = 0; i < nv; i++) r[i] = _mm256_fmadd_ps(p, load8(j->v, vo + 8 * i, j->bf16), r[i]);
+        }
+        for (int i = 0; i < nv; i++) _mm256_storeu_ps(acc + d0 + 8 * i, r[i]);
     }
+    for (long d = D8; d < D; d++) acc[d] = 0.0f;
+    if (D8 < D)
+        for (long l = 0; l < L; l++) {
+            if (mask && !mask[l]) continue;
+            long vo = vb + l * j->v_sl;
+            for (long d = D8; d < D; d++) acc[d] += s[l] * load_f(j->v, vo + d, j->bf16);
+        }
     float inv = total > 0.0f ? 1.0f / total : 0.0f;
     for (long d = 0; d < D; d++) {
         if (j->bf16) ((uint16_t *)j->out)[bh * D + d] = f32_to_bf16(acc[d] * inv);
