@@ -434,6 +434,15 @@ class DecodeChain:
         hold pos + out.numel() positions (set_cache). Returns the tokens written. The caller checked `greedy_fits`
         and `fits` for the first row."""
         steps = out.numel()
+        _check(self.greedy_fits(embed), "greedy needs dense SiLU layers, one row, a head and an embedding table of "
+               f"{self.dtype} rows of the hidden size {self.hidden} (greedy_fits)")
+        _check(all(policy.plain(t) and t.dtype is torch.int64 and t.dim() == 1 and t.is_contiguous()
+                   for t in (out, eos)), "greedy's out and eos must be contiguous 1-D int64 CPU tensors")
+        _check(all(policy.plain(t) and t.dtype is self.dtype and t.shape == (steps, self.D) and t.stride(1) == 1
+                   and t.stride(0) == cos.stride(0) for t in (cos, sin)),
+               f"greedy's cos and sin must be ({steps}, {self.D}) {self.dtype} CPU tensors with unit stride along D")
+        _check(0 <= pos and pos + steps <= self._capacity, f"greedy: positions {pos}..{pos + steps - 1} do not fit "
+               f"the caches' {self._capacity} (set_cache)")
         st = self._step
         st.mask, st.m_sb, st.cs_sb, st.threads, st.pos = None, 0, 0, pool_threads(), pos
         logits = torch.empty(1, self.head[4], dtype=self.dtype)

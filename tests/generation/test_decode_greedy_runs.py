@@ -244,7 +244,9 @@ def test_a_runs_rotary_tables_are_each_positions_own():
             assert torch.equal(cos[:, :, i:i + 1], c) and torch.equal(sin[:, :, i:i + 1], s_)
 
 
-def test_a_token_outside_the_embedding_is_a_named_error(monkeypatch):
+def test_bad_greedy_arguments_get_named_errors(monkeypatch):
+    """A token outside the embedding (IndexError, from C before any memory is read), out / eos not int64, rotary rows
+    of the wrong shape, positions past the caches, an embedding the chain cannot read (ValueError naming it)."""
     model = _model("llama", torch.float32, max_position_embeddings=256)
     seen = {}
     greedy = DecodeChain.greedy
@@ -253,6 +255,14 @@ def test_a_token_outside_the_embedding_is_a_named_error(monkeypatch):
         seen["chain"] = self
         with pytest.raises(IndexError, match="outside the embedding's 99 rows"):
             greedy(self, embed, cos, sin, pos, 99 + 5, out.clone(), eos)
+        with pytest.raises(ValueError, match="out and eos must be contiguous 1-D int64"):
+            greedy(self, embed, cos, sin, pos, first, out.to(torch.int32), eos)
+        with pytest.raises(ValueError, match="cos and sin must be"):
+            greedy(self, embed, cos[:-1], sin[:-1], pos, first, out, eos)
+        with pytest.raises(ValueError, match="do not fit the caches"):
+            greedy(self, embed, cos, sin, self._capacity, first, out, eos)
+        with pytest.raises(ValueError, match="greedy_fits"):
+            greedy(self, embed.to(torch.float64), cos, sin, pos, first, out, eos)
         return greedy(self, embed, cos, sin, pos, first, out, eos)
     monkeypatch.setattr(DecodeChain, "greedy", keep)
     model.generate(input_ids=_ids(1), max_new_tokens=10, **GREEDY)
