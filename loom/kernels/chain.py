@@ -430,9 +430,9 @@ class DecodeChain:
         """Greedy decoding of the one row for up to out.numel() tokens in one C call (csrc/decode.c
         loom_decode_chain_greedy): feed `first` at `pos`, then each token picked (the head's first maximal logit, as
         torch.argmax) at the next position, until a token in `eos` (int64, maybe empty) or `out` (int64, contiguous)
-        is full. `cos` / `sin`: (steps, D) rotary rows in the dtype for positions pos.., row-contiguous. The caches must
-        hold pos + out.numel() positions (set_cache). Returns the tokens written. The caller checked `greedy_fits`
-        and `fits` for the first row."""
+        is full. `cos` / `sin`: (steps, D) rotary rows in the dtype for positions pos.., unit stride along D. The
+        caches must hold pos + out.numel() positions (set_cache). Returns the tokens written. Raises ValueError for
+        arguments that do not fit (named), IndexError for a token outside the embedding's rows."""
         steps = out.numel()
         _check(self.greedy_fits(embed), "greedy needs dense SiLU layers, one row, a head and an embedding table of "
                f"{self.dtype} rows of the hidden size {self.hidden} (greedy_fits)")
