@@ -147,8 +147,8 @@ def _sample(decoder: Decoder, input_ids, inputs_embeds, cfg, processors, criteri
 
     # greedy decoding of one row with nothing asked of each step but its token: runs of steps in one C call each
     # (Decoder.run_greedy), where the decode plan takes the model
+    # (`quiet` admits no streamer but loom's TextStreamer, which is fed each run's tokens after it)
     greedy_runs = (one_row and not cfg.do_sample and not processors and decoder.quiet
-                   and (streamer is None or runs_only_loom(streamer))  # loom's TextStreamer: fed after each run
                    and not (want_scores or want_logits or want_hidden or decoder.output_attentions))
     eos_run = torch.tensor(sorted(eos_ids), dtype=torch.int64)
     logits = decoder.prefill(input_ids if inputs_embeds is None else None, inputs_embeds)

@@ -411,7 +411,7 @@ class DecodeChain:
                 torch.mul(a, b, out=act)
             done = p
         logits = None
-        if self.head is not None and self.head_in_step:  # a new tensor each step: a caller may keep every step's logits
+        if self.head_in_step:  # a new tensor each step: a caller may keep every step's logits
             logits = torch.empty(self.rows, self.head[4], dtype=self.dtype)
             self._step.logits = logits.data_ptr()
         if fn(done, None, sp):

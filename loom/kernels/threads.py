@@ -70,18 +70,29 @@ def _this_thread_setter():
     return _setter[0]
 
 
+def _torch_lib_dir() -> str:
+    return os.path.join(os.path.dirname(torch.__file__), "lib")
+
+
+def _mapped_libraries() -> set[str] | None:
+    """The paths of the shared libraries mapped into this process (/proc/self/maps), or None where it cannot be read."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return {line.split()[-1] for line in maps if "/lib" in line}
+    except OSError:
+        return None
+
+
 def _find_omp_setter():
     if torch.__config__.parallel_info().find("ATen parallel backend: OpenMP") < 0:
         return None
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/lib" in line and any(
-                name in line.rsplit("/", 1)[-1] for name in ("libgomp", "libiomp5", "libomp."))}
-    except OSError:
+    mapped = _mapped_libraries()
+    if mapped is None:
         return None
+    paths = {p for p in mapped if any(name in os.path.basename(p) for name in ("libgomp", "libiomp5", "libomp."))}
     # other packages bring their own copies (scikit-learn's, sentencepiece's libgomp): torch's wheel keeps its
     # runtime in torch/lib; a torch linked to the system's has the only one loaded, or none is chosen
-    own = {p for p in paths if os.path.dirname(p) == os.path.join(os.path.dirname(torch.__file__), "lib")}
+    own = {p for p in paths if os.path.dirname(p) == _torch_lib_dir()}
     paths = own or paths
     if len(paths) != 1:
         return None
@@ -122,14 +133,10 @@ def mkl_threads() -> int | None:
 def _find_mkl_local():
     if not torch.backends.mkl.is_available():
         return None
-    lib_dir = os.path.join(os.path.dirname(torch.__file__), "lib")
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "/lib" in line and (
-                os.path.dirname(line.split()[-1]) == lib_dir or "libmkl_rt" in line)}
-    except OSError:
+    mapped = _mapped_libraries()
+    if mapped is None:
         return None
-    for path in sorted(paths):
+    for path in sorted(p for p in mapped if os.path.dirname(p) == _torch_lib_dir() or "libmkl_rt" in p):
         try:
             lib = ctypes.CDLL(path)
             setter, getter = lib.MKL_Set_Num_Threads_Local, lib.MKL_Get_Max_Threads

@@ -27,24 +27,16 @@ typedef __m512i vi;
 #define VDIV _mm512_div_ps
 #define VLOAD _mm512_loadu_ps
 #define VSTORE _mm512_storeu_ps
+#define VRINT _mm512_cvtps_epi32 /* round to nearest even, as SLEEF's vrint */
+#define VTOF _mm512_cvtepi32_ps
+#define VHALF(q) _mm512_srai_epi32(q, 1)
+#define VSUBI _mm512_sub_epi32
 static inline vf pow2i(vi q) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(q, _mm512_set1_epi32(0x7f)), 23));
 }
-static inline vf vexp(vf d) {
-    vi q = _mm512_cvtps_epi32(VMUL(d, VSET(R_LN2F))); /* round to nearest even, as SLEEF's vrint */
-    vf qf = _mm512_cvtepi32_ps(q), s, u;
-    s = VFMA(qf, VSET(-L2UF), d);
-    s = VFMA(qf, VSET(-L2LF), s);
-    u = VSET(0.000198527617612853646278381f);
-    u = VFMA(u, s, VSET(0.00139304355252534151077271f));
-    u = VFMA(u, s, VSET(0.00833336077630519866943359f));
-    u = VFMA(u, s, VSET(0.0416664853692054748535156f));
-    u = VFMA(u, s, VSET(0.166666671633720397949219f));
-    u = VFMA(u, s, VSET(0.5f));
-    u = VADD(VSET(1.0f), VFMA(VMUL(s, s), u, s));
-    vi h = _mm512_srai_epi32(q, 1);
-    u = VMUL(VMUL(u, pow2i(h)), pow2i(_mm512_sub_epi32(q, h)));
-    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, VSET(-104.0f), _CMP_NLT_UQ), u); /* d < -104: 0 */
+/* u where -104 <= d <= 100; 0 below -104, inf above 100 (SLEEF's range ends) */
+static inline vf vrange(vf d, vf u) {
+    u = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(d, VSET(-104.0f), _CMP_NLT_UQ), u);
     return _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(VSET(100.0f), d, _CMP_LT_OQ), VSET(INFINITY));
 }
 #else
@@ -59,12 +51,23 @@ typedef __m256i vi;
 #define VDIV _mm256_div_ps
 #define VLOAD _mm256_loadu_ps
 #define VSTORE _mm256_storeu_ps
+#define VRINT _mm256_cvtps_epi32
+#define VTOF _mm256_cvtepi32_ps
+#define VHALF(q) _mm256_srai_epi32(q, 1)
+#define VSUBI _mm256_sub_epi32
 static inline vf pow2i(vi q) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(q, _mm256_set1_epi32(0x7f)), 23));
 }
+static inline vf vrange(vf d, vf u) {
+    u = _mm256_andnot_ps(_mm256_cmp_ps(d, VSET(-104.0f), _CMP_LT_OQ), u);
+    return _mm256_blendv_ps(u, VSET(INFINITY), _mm256_cmp_ps(VSET(100.0f), d, _CMP_LT_OQ));
+}
+#endif
+
+/* SLEEF's xexpf at either width */
 static inline vf vexp(vf d) {
-    vi q = _mm256_cvtps_epi32(VMUL(d, VSET(R_LN2F)));
-    vf qf = _mm256_cvtepi32_ps(q), s, u;
+    vi q = VRINT(VMUL(d, VSET(R_LN2F)));
+    vf qf = VTOF(q), s, u;
     s = VFMA(qf, VSET(-L2UF), d);
     s = VFMA(qf, VSET(-L2LF), s);
     u = VSET(0.000198527617612853646278381f);
@@ -74,12 +77,9 @@ static inline vf vexp(vf d) {
     u = VFMA(u, s, VSET(0.166666671633720397949219f));
     u = VFMA(u, s, VSET(0.5f));
     u = VADD(VSET(1.0f), VFMA(VMUL(s, s), u, s));
-    vi h = _mm256_srai_epi32(q, 1);
-    u = VMUL(VMUL(u, pow2i(h)), pow2i(_mm256_sub_epi32(q, h)));
-    u = _mm256_andnot_ps(_mm256_cmp_ps(d, VSET(-104.0f), _CMP_LT_OQ), u);
-    return _mm256_blendv_ps(u, VSET(INFINITY), _mm256_cmp_ps(VSET(100.0f), d, _CMP_LT_OQ));
+    vi h = VHALF(q);
+    return vrange(d, VMUL(VMUL(u, pow2i(h)), pow2i(VSUBI(q, h))));
 }
-#endif
 
 void loom_silu_mul(float *a, const float *u, long n, long vec_block) {
     long body = vec_block > 0 ? n - n % vec_block : 0, i = 0;
