@@ -97,10 +97,11 @@ def test_empty_shapes(shape):
 
 
 @native
-@pytest.mark.parametrize("rows", [2, 66])
+@pytest.mark.parametrize("rows", [1, 2, 66])
 def test_long_k_does_not_overflow(rows):
     # every product at its largest (|w| 128, x at max|x| rounds to +-32767): one int32 lane passes 2^31 after 256
-    # vector steps without the flush; 16384 + 21 columns cross the flush point 2-4 times and end in a tail
+    # vector steps without the flush; 16384 + 21 columns cross the flush point 1-4 times (one row: the AVX-512
+    # one-row loop's 64-column steps) and end in a tail
     k = 16384 + 21
     w = torch.stack([torch.full((k,), -128), torch.full((k,), 127), torch.full((k,), 127)]).to(torch.int8)
     w[2, 1::2] = -128
