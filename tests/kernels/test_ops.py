@@ -178,6 +178,27 @@ def test_decode_attention_matches_sdpa(dtype, B, H, Hkv, L, D, masked):
     torch.testing.assert_close(got.float(), want, **tol)
 
 
+@pytest.mark.skipif(not kernels_on(), reason="needs loom's C kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,H,Hkv,L,D,masked", [(1, 12, 4, 64, 64, False), (3, 6, 2, 40, 32, True),
+                                                (2, 8, 8, 300, 16, True)])
+def test_decode_attention_same_bits_on_one_and_two_threads(dtype, B, H, Hkv, L, D, masked):
+    # sizes past the kernel's threshold for sharing the heads between threads (chunks of one KV head's queries)
+    q, k, v, mask, scale = _attn_args(B, H, Hkv, L, D, dtype, masked)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops_.decode_attention(q, k, v, mask, scale)
+        torch.set_num_threads(2)
+        two = ops_.decode_attention(q, k, v, mask, scale)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)
+    want = ops.attention_reference(q.float(), k.float(), v.float(), mask, scale)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype is torch.float32 else dict(rtol=2 ** -7, atol=1e-3)
+    torch.testing.assert_close(two.float(), want, **tol)
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("k,n", DIMS)
 def test_int8_linear_matches_dequantized(rows, k, n):
