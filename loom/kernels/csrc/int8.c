@@ -274,15 +274,14 @@ static void decode_rows(const int8_job *j, long m0, int MB, long n0, int R) {
    different from the tiles there (27-33 GB/s both), so AVX2 keeps the tiles. ------------------------------------ */
 #if WIDE
 #define ROW1_PF 8192 /* software prefetch distance in bytes (4096: 32-36 GB/s, 8192: 34-37) */
-static inline __m256d r1_flush(__m256d t, __m512i a) { /* exact: integers below 2^53 */
-    __m512d s = _mm512_add_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(a, 0)),
-                              _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(a, 1)));
-    return _mm256_add_pd(t, _mm256_add_pd(_mm512_extractf64x4_pd(s, 0), _mm512_extractf64x4_pd(s, 1)));
+/* t + the 16 lanes of a, through d_flush's exact double sums */
+static inline __m256d r1_flush(__m256d t, vint a) {
+    return d_flush(d_flush(t, _mm512_extracti64x4_epi64(a, 0)), _mm512_extracti64x4_epi64(a, 1));
 }
 
-static inline __m512i r1_dot(__m512i acc, const int8_t *w, const int16_t *x) {
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)),
-                                                   _mm512_loadu_si512((const void *)x)));
+/* vpmaddwd + vpaddd, not v_dot's vpdpwssd: one row's two accumulate chains (see d_dot) */
+static inline vint r1_dot(vint acc, const int8_t *w, const int16_t *x) {
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(v_widen(w), _mm512_loadu_si512((const void *)x)));
 }
 
 static void decode_row1(const int8_job *j, long n0, long n1) {
@@ -295,7 +294,7 @@ static void decode_row1(const int8_job *j, long n0, long n1) {
         while (k + 64 <= K) {
             /* each lane adds two products of at most 128 * 32767 a step: FLUSH steps stay below 2^31 */
             long stop = K - k > 64 * FLUSH ? k + 64 * FLUSH : K;
-            __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+            vint a0 = v_zero(), a1 = v_zero();
             for (; k + 64 <= stop; k += 64) {
                 _mm_prefetch((const char *)(wr + k) + ROW1_PF, _MM_HINT_T0);
                 a0 = r1_dot(a0, wr + k, xq + k);
