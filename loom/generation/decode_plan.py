@@ -34,8 +34,8 @@ needed where code other than loom's may have run since the last check: the gener
 between steps (`quiet`: no streamer but loom's own TextStreamer printing to a plain stdout, only loom's own logits
 processors and the max-length / EOS criteria), and the plan adds what it sees itself: the modules a step calls (final
 norm, head) are loom's leaf modules without hooks, the model's class is loom's, and the interpreter runs nothing of
-its own accord (no other Python thread but tqdm's monitor, no trace or profile function, no gc callback, no
-`sys.monitoring` tool), read before every check and every step. Where all of that holds after a full check, the next
+its own accord (no other Python thread but tqdm's monitor and idle thread-pool workers, no trace or profile
+function, no gc callback, no `sys.monitoring` tool), read before every check and every step. Where all of that holds after a full check, the next
 steps check only what the plan itself moves (the cache and its length, the position, grad mode); anything else sends
 the next step back to the full check. Not covered: code that none of those show (audit hooks, finalizers, signal
 handlers, threads started from C that call into Python, a custom Python decoder inside the streamer's tokenizer)
@@ -55,9 +55,12 @@ from __future__ import annotations
 
 import gc
 import operator
+import queue
 import sys
 import threading
 import time
+import weakref
+from concurrent.futures import thread as _pool
 from itertools import repeat
 
 import torch
@@ -84,14 +87,33 @@ _monitoring = getattr(sys, "monitoring", None)  # Python 3.12+
 
 def _bystander(thread) -> bool:
     """A thread known to run none of the user's code: tqdm's monitor (started by the first progress bar, e.g. a hub
-    download's, and alive for the rest of the process), which only adjusts progress bars."""
+    download's, and alive for the rest of the process), which only adjusts progress bars; or an idle worker of a
+    concurrent.futures thread pool (`_idle_worker`)."""
     cls = type(thread)
-    return cls.__name__ == "TMonitor" and cls.__module__ == "tqdm._monitor"
+    return (cls.__name__ == "TMonitor" and cls.__module__ == "tqdm._monitor") or _idle_worker(thread)
+
+
+def _idle_worker(thread) -> bool:
+    """A ThreadPoolExecutor's worker waiting in its work queue, in a pool with nothing queued and every worker idle
+    (as torch.compile leaves inductor's compile pool after its first compile): it runs no Python code until a thread
+    submits work, and the other threads are this one (running loom's code) or such workers. A worker running an item
+    or its initializer, or any layout of the pool's internals other than CPython's (3.9-3.13), is not idle."""
+    if getattr(thread, "_target", None) is not getattr(_pool, "_worker", None):
+        return False
+    args = getattr(thread, "_args", ())
+    ref = next((a for a in args if type(a) is weakref.ReferenceType), None)
+    work = next((a for a in args if type(a) is queue.SimpleQueue), None)
+    executor = ref() if ref is not None else None
+    if executor is None or work is None or not work.empty():
+        return False
+    idle, threads = getattr(executor, "_idle_semaphore", None), getattr(executor, "_threads", None)
+    # a worker counts as idle (a release of the semaphore) after each item it ran; submit takes one back
+    return idle is not None and threads is not None and getattr(idle, "_value", -1) >= len(threads)
 
 
 def _interpreter_quiet() -> bool:
     """Whether the interpreter runs no Python code of its own accord besides this thread's: no other Python thread
-    (but tqdm's monitor), no trace or profile function, no gc callback, no sys.monitoring tool (the module
+    (but tqdm's monitor and idle thread-pool workers), no trace or profile function, no gc callback, no sys.monitoring tool (the module
     docstring)."""
     return ((threading.active_count() == 1 or all(t is threading.current_thread() or _bystander(t)
                                                   for t in threading.enumerate()))

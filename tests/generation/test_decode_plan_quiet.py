@@ -10,6 +10,7 @@ import gc
 import io
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -88,8 +89,47 @@ def _other_thread():
     return stop.set
 
 
+def _idle_pool():
+    """A thread pool whose two workers have each run an item (both at once: neither could take the other's) and now
+    wait for work, as torch.compile leaves inductor's compile pool."""
+    pool = ThreadPoolExecutor(2)
+    both = threading.Barrier(2)
+    for f in [pool.submit(both.wait, 10) for _ in range(2)]:
+        f.result()
+    assert len(pool._threads) == 2
+    return pool
+
+
+def test_idle_thread_pool_workers_keep_steps_quiet(monkeypatch):
+    """Workers of a concurrent.futures pool waiting for work run no code until a thread submits some: one full check,
+    as with no other thread; once one of them runs an item, every step checks again (the parametrized test below)."""
+    pool = _idle_pool()
+    try:
+        model = _model("llama", torch.float32)
+        a, steps, checks = _checked(model, monkeypatch)
+        b, _ = _generate(model, monkeypatch, False, input_ids=_ids(), max_new_tokens=NEW)
+        assert _same(a, b) and steps == _steps(model)
+        assert checks == (1 if build.available() else 0)
+    finally:
+        pool.shutdown()
+
+
+def _busy_pool(initializer: bool):
+    """A pool whose worker runs an item of the user's, or its initializer, until the returned function is called."""
+    stop = threading.Event()
+    if initializer:
+        pool = ThreadPoolExecutor(1, initializer=stop.wait)
+        pool.submit(int)
+    else:
+        pool = _idle_pool()  # idle workers, one of which then takes an item that waits
+        started = threading.Event()
+        pool.submit(lambda: (started.set(), stop.wait()))
+        started.wait(10)
+    return lambda: (stop.set(), pool.shutdown())
+
+
 @pytest.mark.parametrize("what", ["streamer", "processor", "criterion", "head hook", "norm pre-hook", "model class",
-                                  "thread", "profile", "gc callback"])
+                                  "thread", "busy pool worker", "pool initializer", "profile", "gc callback"])
 def test_other_code_between_steps_means_a_full_check_at_every_step(what, monkeypatch):
     model = _model("llama", torch.float32)
     kw, undo = {}, []
@@ -109,6 +149,8 @@ def test_other_code_between_steps_means_a_full_check_at_every_step(what, monkeyp
         undo.append(lambda: setattr(model, "__class__", cls))
     elif what == "thread":
         undo.append(_other_thread())
+    elif what in ("busy pool worker", "pool initializer"):
+        undo.append(_busy_pool(what == "pool initializer"))
     elif what == "profile":
         sys.setprofile(lambda *args: None)
         undo.append(lambda: sys.setprofile(None))
