@@ -142,8 +142,16 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
    page, and weights mapped from a checkpoint file sit in 4 KiB pages (the bench Llama's fp32 weights, 1 thread:
    26-29 -> 29-32 GB/s from the file mapping, 34 -> 36 GB/s from huge pages). 4096 bytes rather than 2048 (Zen 5, 1
    thread, 2048x768 from huge pages, medians of 5 interleaved runs: fp32 32 -> 39 GB/s, bf16 35 -> 37; 6144 no
-   better). */
+   better). The distance that keeps a stream fed grows with what one core can read (about bandwidth x latency): on
+   an AVX2-only Zen 3 core reading 16-18 GB/s, 1024 bytes beat 4096 (the same harness, medians of 6 interleaved runs:
+   fp32 15.5 against 14.7 GB/s, 2048 14.6; the bench model's fp32 decode, 1 thread, 5 of 7 interleaved pairs faster,
+   by about 5%; bf16 no different). The AVX2 level takes the shorter one: the CPUs without AVX-512 are the older,
+   narrower ones. */
+#if defined(__AVX512F__)
 #define DENSE_ROW_PF 4096
+#else
+#define DENSE_ROW_PF 1024
+#endif
 static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j, long n0, long n1, long m0, int mode) {
     const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
     const int xbf16 = mode == W_BF16_DOT;
