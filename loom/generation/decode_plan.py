@@ -35,11 +35,11 @@ between steps (`quiet`: no streamer but loom's own TextStreamer printing to a pl
 processors and the max-length / EOS criteria), and the plan adds what it sees itself: the modules a step calls (final
 norm, head) are loom's leaf modules without hooks, the model's class is loom's, and the interpreter runs nothing of
 its own accord (no other Python thread but tqdm's monitor and idle thread-pool workers, no trace or profile
-function, no gc callback, no `sys.monitoring` tool), read before every check and every step. Where all of that holds after a full check, the next
-steps check only what the plan itself moves (the cache and its length, the position, grad mode); anything else sends
-the next step back to the full check. Not covered: code that none of those show (audit hooks, finalizers, signal
-handlers, threads started from C that call into Python, a custom Python decoder inside the streamer's tokenizer)
-changing the model in the middle of a generate.
+function, no gc callback, no `sys.monitoring` tool), read before every check and every step. Where all of that
+holds after a full check, the next steps check only what the plan itself moves (the cache and its length, the
+position, grad mode); anything else sends the next step back to the full check. Not covered: code that none of
+those show (audit hooks, finalizers, signal handlers, threads started from C that call into Python, a custom Python
+decoder inside the streamer's tokenizer) changing the model in the middle of a generate.
 
 Greedy runs (`greedy`, session 18): where a quiet generate asks nothing of a step but its token (greedy, one
 unpadded row, no processors, scores or hidden states, no streamer but loom's TextStreamer, fed after each run) and
@@ -83,6 +83,7 @@ _module_hooks = nn.modules.module
 
 
 _monitoring = getattr(sys, "monitoring", None)  # Python 3.12+
+_POOL_WORKER = getattr(_pool, "_worker", None)  # the function a ThreadPoolExecutor's threads run (CPython)
 
 
 def _bystander(thread) -> bool:
@@ -98,7 +99,7 @@ def _idle_worker(thread) -> bool:
     (as torch.compile leaves inductor's compile pool after its first compile): it runs no Python code until a thread
     submits work, and the other threads are this one (running loom's code) or such workers. A worker running an item
     or its initializer, or any layout of the pool's internals other than CPython's (3.9-3.13), is not idle."""
-    if getattr(thread, "_target", None) is not getattr(_pool, "_worker", None):
+    if _POOL_WORKER is None or getattr(thread, "_target", None) is not _POOL_WORKER:
         return False
     args = getattr(thread, "_args", ())
     ref = next((a for a in args if type(a) is weakref.ReferenceType), None)
@@ -113,8 +114,8 @@ def _idle_worker(thread) -> bool:
 
 def _interpreter_quiet() -> bool:
     """Whether the interpreter runs no Python code of its own accord besides this thread's: no other Python thread
-    (but tqdm's monitor and idle thread-pool workers), no trace or profile function, no gc callback, no sys.monitoring tool (the module
-    docstring)."""
+    (but tqdm's monitor and idle thread-pool workers), no trace or profile function, no gc callback, no
+    sys.monitoring tool (the module docstring)."""
     return ((threading.active_count() == 1 or all(t is threading.current_thread() or _bystander(t)
                                                   for t in threading.enumerate()))
             and sys.gettrace() is None and sys.getprofile() is None and not gc.callbacks
