@@ -209,6 +209,27 @@ def test_tiles_worst_case_and_inf_nan_rows():
 
 
 @needs_tiles
+@pytest.mark.parametrize("asymmetric", [True, False])
+def test_tiles_one_row_gives_its_bits_in_a_batch(asymmetric):
+    # a decode row alone (its own loop at x86-64-v3) and in batches of 2-5 (the general tile loop): the same exact
+    # integer sums and float steps, so the same bits; with worst-case rows (every nibble 15 or 0 against x rounding
+    # to +-32767: the largest int32 sums either loop keeps)
+    k, group, n = 1024, 64, 37
+    x, packed, scale, zero = _args(5, k, n, group, asymmetric, seed=7)
+    packed[0], packed[1], packed[2], packed[5] = 0xFF, 0x0F, 0xF0, 0x00
+    x[1] = 2.5
+    x[2, 0::2], x[2, 1::2] = 3.0, -3.0
+    x[3] = -1.0
+    tiles = ops.int4_a8_tiles(packed, scale, zero, group)
+    for rows in (2, 3, 5):
+        batch = torch.ops.loom.int4_linear(x[:rows], packed, scale, zero, group, tiles)
+        for m in range(rows):
+            alone = torch.ops.loom.int4_linear(x[m:m + 1], packed, scale, zero, group, tiles)
+            assert torch.equal(alone[0], batch[m]), (rows, m)
+    _assert_within_bound(batch, x, ops.int4_dequantize_reference(packed, scale, zero))
+
+
+@needs_tiles
 def test_tiles_same_bits_on_one_and_two_threads_and_bf16_input():
     x, packed, scale, zero = _args(6, 512, 70, 32, True)
     tiles = ops.int4_a8_tiles(packed, scale, zero, 32)
