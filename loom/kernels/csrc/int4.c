@@ -504,7 +504,13 @@ typedef __m256 fvec;
 #define fvmadd _mm256_fmadd_ps
 #define fvnmadd _mm256_fnmadd_ps
 #define fvcvt _mm256_cvtepi32_ps
-#define dpwssd(acc, a, b) _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+/* the products added in place, in inline asm: with the intrinsic, gcc added them into a new register and copied
+   that back to the accumulator's, 8 register moves a step (Zen 3, 1 thread, 512 rows x 768 @ 768 x 2048: 1.10x
+   faster without them, 768 x 2048 @ 2048 x 768 1.20x, 2 threads 1.12x; in-process interleaved pairs) */
+static inline __m256i dpwssd(__m256i acc, __m256i a, __m256i b) {
+    __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(_mm256_madd_epi16(a, b)));
+    return acc;
+}
 
 static inline ivec pair_lanes(const uint8_t *p) {
     __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
