@@ -155,10 +155,11 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
 /* bf16 at x86-64-v3: one row's sum is one chain of fused multiply-adds, two per 32 bytes of weights, and at their
    latency an AVX2 core computed about 13 GB/s of bf16 weights even from L2 (Zen 3 at 2.9 GHz), below what it reads
    from memory. So the plain loop takes four rows at a time, four independent chains, each row's sum in the same order
-   as alone: 25 GB/s from L2; streamed from memory (2048x768 from huge pages, 1 thread, medians of 6 interleaved
-   runs) 13.1 -> 14.2 GB/s with the 4 rows' run prefetched in order this far ahead, 10.9 with the one-row distance,
-   which lands behind rows 2-4; the bench model's bf16 decode, 1 thread, 5 of 5 interleaved pairs 3-10% faster.
-   AVX-512 keeps one row a loop (vectors twice as wide: on Zen 5 it read bf16 at 37 GB/s, about the bandwidth). */
+   as alone: 25 GB/s from L2. Streamed from memory (huge pages, 1 thread, in-process interleaved pairs against one
+   row a loop): 2048x768 1.11x, the 50257x768 head 1.01x; 2 threads 1.03x. The 4 rows' run is prefetched in order
+   this far ahead (the one-row distance lands behind rows 2-4: 10.9 against 14.2 GB/s); 2 or 8 rows a loop measured
+   0.95-1.03x and 0.84-1.16x against 4. AVX-512 keeps one row a loop (vectors twice as wide: on Zen 5 it read bf16
+   at 37 GB/s, about the bandwidth). */
 #define DENSE_BF16X4_PF 8192
 static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j, long n0, long n1, long m0, int mode) {
     const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
