@@ -358,64 +358,36 @@ static void t16_tiles(const void *p, long begin, long end) {
 }
 
 #else
-/* AVX2: the same arithmetic, each tile in two halves of 8 rows (the h-th 32 bytes of each 64-byte vector) */
-#define T16_MB 2
+/* AVX2: the same arithmetic, each tile in two halves of 8 rows (the h-th 32 bytes of each 64-byte vector), one or
+   two activation rows a pass. Nibble i of each 16-bit half is masked in place (its value times 16^i; nibble 3
+   shifted down, as its top bit is an int16's sign) into its own int32 sums, scaled back at the end with exact
+   shifts: one operation a nibble vector instead of a shift and a mask. Bound: those sums are multiples of 16^i and
+   |sum| <= 4 * 2 * 3840 * 32767 < 2^31 for i = 2. The general tile loop these replaced (1-2 rows by 4 shifts and
+   masks a vector) was compute-bound on an AVX2 core (Zen 3, 1 thread: 11-12 GB/s of tiles even from L2, below its
+   16-18 GB/s read bandwidth): gcc hoisted a block's 16 broadcast activation pairs out of the halves' loop and kept
+   them, and the float sums, on the stack. Against it (in-process interleaved pairs, tiles streamed from huge
+   pages): one row 2048x768 1.08x, 50257x768 1.18x, from L2 1.12x, 2 threads 1.14x and 1.26x; 2048x768 at 2 rows
+   1.13x, 3 1.18x, 4 1.14x, 8 1.10x, 16 1.06x, 8 rows on 2 threads 1.08x. */
 
-static inline __attribute__((always_inline)) void t16_tile(const t16_job *j, long t, long i0, int MB) {
-    long nb = j->nb, bs = j->bs;
-    const uint8_t *tile = j->tiles + t * nb * bs;
-    const __m256i m4 = _mm256_set1_epi16(15);
-    __m256 f[T16_MB][2];
-    for (int m = 0; m < T16_MB; m++) f[m][0] = f[m][1] = _mm256_setzero_ps();
-    for (long b = 0; b < nb; b++) {
-        const uint8_t *p = tile + b * bs, *ps = p + 256;
-        for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
-        for (int h = 0; h < 2; h++) {
-            __m256 s, z;
-            tile_params256(ps, h, j->half, j->hz, &s, &z);
-            __m256i acc[T16_MB][2];
-            for (int m = 0; m < MB; m++) acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-            for (int q = 0; q < 4; q++) {
-                __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * q + 32 * h));
-                __m256i u[4] = {_mm256_and_si256(w, m4), _mm256_and_si256(_mm256_srli_epi16(w, 4), m4),
-                                _mm256_and_si256(_mm256_srli_epi16(w, 8), m4), _mm256_srli_epi16(w, 12)};
-                for (int m = 0; m < MB; m++) {
-                    const int32_t *xb = j->xp + ((i0 + m) * nb + b) * 16 + 4 * q;
-                    for (int i = 0; i < 4; i++) /* int32 pair sums of at most 2 * 15 * 32767: no overflow */
-                        acc[m][i & 1] = _mm256_add_epi32(acc[m][i & 1],
-                                                         _mm256_madd_epi16(u[i], _mm256_set1_epi32(xb[i])));
-                }
-            }
-            for (int m = 0; m < MB; m++) {
-                __m256 v = _mm256_fnmadd_ps(z, _mm256_set1_ps(j->qs[(i0 + m) * nb + b]),
-                                            _mm256_cvtepi32_ps(_mm256_add_epi32(acc[m][0], acc[m][1])));
-                f[m][h] = _mm256_fmadd_ps(s, v, f[m][h]);
-            }
-        }
-    }
-    long n0 = t * A8_ROWS, left = j->N - n0;
-    for (int m = 0; m < MB; m++) {
-        float out[16];
-        _mm256_storeu_ps(out, _mm256_mul_ps(f[m][0], _mm256_set1_ps(j->xs[i0 + m])));
-        _mm256_storeu_ps(out + 8, _mm256_mul_ps(f[m][1], _mm256_set1_ps(j->xs[i0 + m])));
-        memcpy(j->y + j->rows[i0 + m] * j->N + n0, out, sizeof(float) * (left >= 16 ? 16 : left));
-    }
+/* the exact sum of a half's four nibble sums (a: nibble 0, b: x16, c: x256, d: nibble 3) */
+static inline __m256i t16_nibble_sum(__m256i a, __m256i b, __m256i c, __m256i d) {
+    return _mm256_add_epi32(_mm256_add_epi32(a, d), _mm256_add_epi32(_mm256_srai_epi32(b, 4), _mm256_srai_epi32(c, 8)));
 }
 
-/* tile t against one activation row i0 (decode at batch 1): the same exact integer sums and the same float steps as
-   t16_tile(MB = 1), so the same results, in fewer vector operations. On this path an AVX2 core was compute-bound
-   (Zen 3, 1 thread: 11-12 GB/s of tiles even from L2, below its 16-18 GB/s read bandwidth), and through t16_tile
-   gcc hoisted the block's 16 broadcast activation pairs out of the two halves' loop and kept them, and the float
-   sums, on the stack. Here both halves share each broadcast, the float sums stay in registers, and nibble i of
-   each 16-bit half is masked in place (its value times 16^i; nibble 3 shifted down, as its top bit is an int16's
-   sign) into its own int32 sums, scaled back at the end with exact shifts: one operation a nibble vector instead
-   of a shift and a mask. Bound: those sums are multiples of 16^i and |sum| <= 4 * 2 * 3840 * 32767 < 2^31 for
-   i = 2. Measured (in-process interleaved pairs, 1 thread, tiles streamed from huge pages): 2048x768 1.08x,
-   50257x768 1.18x, from L2 1.12x; 2 threads 1.14x and 1.26x. */
+/* y row rows[i] of tile t's 16 columns: (lo, hi) * xs */
+static inline void t16_store(const t16_job *j, long t, long i, __m256 lo, __m256 hi) {
+    long n0 = t * A8_ROWS, left = j->N - n0;
+    float out[16];
+    _mm256_storeu_ps(out, _mm256_mul_ps(lo, _mm256_set1_ps(j->xs[i])));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(hi, _mm256_set1_ps(j->xs[i])));
+    memcpy(j->y + j->rows[i] * j->N + n0, out, sizeof(float) * (left >= 16 ? 16 : left));
+}
+
+/* tile t against activation row i0: both halves share each broadcast, the float sums stay in registers */
 static inline __attribute__((always_inline)) void t16_row1(const t16_job *j, long t, long i0) {
     long nb = j->nb, bs = j->bs;
     const uint8_t *tile = j->tiles + t * nb * bs;
-    const __m256i m4 = _mm256_set1_epi16(15);
+    const __m256i m4 = _mm256_set1_epi16(15), k1 = _mm256_set1_epi16(0xF0), k2 = _mm256_set1_epi16(0xF00);
     __m256 f0 = _mm256_setzero_ps(), f1 = _mm256_setzero_ps();
     const int32_t *xrow = j->xp + i0 * nb * 16;
     const float *qrow = j->qs + i0 * nb;
@@ -423,10 +395,6 @@ static inline __attribute__((always_inline)) void t16_row1(const t16_job *j, lon
         const uint8_t *p = tile + b * bs, *ps = p + 256;
         for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
         const int32_t *xb = xrow + b * 16;
-        /* nibble i of each 16-bit half masked in place (value * 16^i; i = 3 shifted down, as its top bit is the
-           sign of an int16): one operation a nibble vector instead of a shift and a mask; each i has its own int32
-           sums, which are exact multiples of 16^i (|sum| <= 4 * 2 * 3840 * 32767 < 2^31 for i = 2) */
-        const __m256i k1 = _mm256_set1_epi16(0xF0), k2 = _mm256_set1_epi16(0xF00);
         __m256i a0 = _mm256_setzero_si256(), b0 = a0, c0 = a0, d0 = a0, a1 = a0, b1 = a0, c1 = a0, d1 = a0;
 #pragma GCC unroll 4
         for (int q = 0; q < 4; q++) {
@@ -443,31 +411,66 @@ static inline __attribute__((always_inline)) void t16_row1(const t16_job *j, lon
             d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(_mm256_srli_epi16(w0, 12), x3));
             d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(_mm256_srli_epi16(w1, 12), x3));
         }
-        __m256i a00 = _mm256_add_epi32(a0, d0), a01 = _mm256_add_epi32(_mm256_srai_epi32(b0, 4), _mm256_srai_epi32(c0, 8));
-        __m256i a10 = _mm256_add_epi32(a1, d1), a11 = _mm256_add_epi32(_mm256_srai_epi32(b1, 4), _mm256_srai_epi32(c1, 8));
         __m256 qs = _mm256_set1_ps(qrow[b]), s, z;
         tile_params256(ps, 0, j->half, j->hz, &s, &z);
-        f0 = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, qs, _mm256_cvtepi32_ps(_mm256_add_epi32(a00, a01))), f0);
+        f0 = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, qs, _mm256_cvtepi32_ps(t16_nibble_sum(a0, b0, c0, d0))), f0);
         tile_params256(ps, 1, j->half, j->hz, &s, &z);
-        f1 = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, qs, _mm256_cvtepi32_ps(_mm256_add_epi32(a10, a11))), f1);
+        f1 = _mm256_fmadd_ps(s, _mm256_fnmadd_ps(z, qs, _mm256_cvtepi32_ps(t16_nibble_sum(a1, b1, c1, d1))), f1);
     }
-    long n0 = t * A8_ROWS, left = j->N - n0;
-    float out[16];
-    _mm256_storeu_ps(out, _mm256_mul_ps(f0, _mm256_set1_ps(j->xs[i0])));
-    _mm256_storeu_ps(out + 8, _mm256_mul_ps(f1, _mm256_set1_ps(j->xs[i0])));
-    memcpy(j->y + j->rows[i0] * j->N + n0, out, sizeof(float) * (left >= 16 ? 16 : left));
+    t16_store(j, t, i0, f0, f1);
+}
+
+/* tile t against activation rows i0 and i0 + 1: each half in turn (8 int32 sums a half; both halves at once
+   would need all 16 registers for them) */
+static inline __attribute__((always_inline)) void t16_row2(const t16_job *j, long t, long i0) {
+    long nb = j->nb, bs = j->bs;
+    const uint8_t *tile = j->tiles + t * nb * bs;
+    const __m256i m4 = _mm256_set1_epi16(15), k1 = _mm256_set1_epi16(0xF0), k2 = _mm256_set1_epi16(0xF00);
+    __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00;
+    const int32_t *xr0 = j->xp + i0 * nb * 16, *xr1 = xr0 + nb * 16;
+    const float *q0 = j->qs + i0 * nb, *q1 = q0 + nb;
+    for (long b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * bs, *ps = p + 256;
+        for (int c = 0; c < 5; c++) _mm_prefetch((const char *)(p + A8_PF * bs + 64 * c), _MM_HINT_T0);
+        const int32_t *x0 = xr0 + b * 16, *x1 = xr1 + b * 16;
+        __m256 qa = _mm256_set1_ps(q0[b]), qb = _mm256_set1_ps(q1[b]);
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            __m256i a0 = _mm256_setzero_si256(), b0 = a0, c0 = a0, d0 = a0, a1 = a0, b1 = a0, c1 = a0, d1 = a0;
+#pragma GCC unroll 4
+            for (int q = 0; q < 4; q++) {
+                __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * q + 32 * h)), u;
+                u = _mm256_and_si256(w, m4);
+                a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(u, _mm256_set1_epi32(x0[4 * q])));
+                a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(u, _mm256_set1_epi32(x1[4 * q])));
+                u = _mm256_and_si256(w, k1);
+                b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(u, _mm256_set1_epi32(x0[4 * q + 1])));
+                b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(u, _mm256_set1_epi32(x1[4 * q + 1])));
+                u = _mm256_and_si256(w, k2);
+                c0 = _mm256_add_epi32(c0, _mm256_madd_epi16(u, _mm256_set1_epi32(x0[4 * q + 2])));
+                c1 = _mm256_add_epi32(c1, _mm256_madd_epi16(u, _mm256_set1_epi32(x1[4 * q + 2])));
+                u = _mm256_srli_epi16(w, 12);
+                d0 = _mm256_add_epi32(d0, _mm256_madd_epi16(u, _mm256_set1_epi32(x0[4 * q + 3])));
+                d1 = _mm256_add_epi32(d1, _mm256_madd_epi16(u, _mm256_set1_epi32(x1[4 * q + 3])));
+            }
+            __m256 s, z;
+            tile_params256(ps, h, j->half, j->hz, &s, &z);
+            __m256 v0 = _mm256_fnmadd_ps(z, qa, _mm256_cvtepi32_ps(t16_nibble_sum(a0, b0, c0, d0)));
+            __m256 v1 = _mm256_fnmadd_ps(z, qb, _mm256_cvtepi32_ps(t16_nibble_sum(a1, b1, c1, d1)));
+            if (h == 0) { f00 = _mm256_fmadd_ps(s, v0, f00); f10 = _mm256_fmadd_ps(s, v1, f10); }
+            else { f01 = _mm256_fmadd_ps(s, v0, f01); f11 = _mm256_fmadd_ps(s, v1, f11); }
+        }
+    }
+    t16_store(j, t, i0, f00, f01);
+    t16_store(j, t, i0 + 1, f10, f11);
 }
 
 static void t16_tiles(const void *p, long begin, long end) {
     const t16_job *j = p;
-    if (j->Mq == 1) {
-        for (long t = begin; t < end; t++) t16_row1(j, t, 0);
-        return;
-    }
     for (long t = begin; t < end; t++)
-        for (long i = 0; i < j->Mq; i += T16_MB) {
-            if (j->Mq - i >= 2) t16_tile(j, t, i, 2);
-            else t16_tile(j, t, i, 1);
+        for (long i = 0; i < j->Mq; i += 2) {
+            if (j->Mq - i >= 2) t16_row2(j, t, i);
+            else t16_row1(j, t, i);
         }
 }
 #endif
