@@ -211,9 +211,9 @@ def test_tiles_worst_case_and_inf_nan_rows():
 @needs_tiles
 @pytest.mark.parametrize("asymmetric", [True, False])
 def test_tiles_one_row_gives_its_bits_in_a_batch(asymmetric):
-    # a decode row alone (its own loop at x86-64-v3) and in batches of 2-5 (the general tile loop): the same exact
-    # integer sums and float steps, so the same bits; with worst-case rows (every nibble 15 or 0 against x rounding
-    # to +-32767: the largest int32 sums either loop keeps)
+    # a decode row alone and in batches of 2-5 (at x86-64-v3 the one-row and two-row tile loops, at AVX-512 the
+    # tile loop's 1-4 row passes): the same exact integer sums and float steps, so the same bits; with worst-case
+    # rows (every nibble 15 or 0 against x rounding to +-32767: the largest int32 sums the loops keep)
     k, group, n = 1024, 64, 37
     x, packed, scale, zero = _args(5, k, n, group, asymmetric, seed=7)
     packed[0], packed[1], packed[2], packed[5] = 0xFF, 0x0F, 0xF0, 0x00

@@ -161,6 +161,22 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
    0.95-1.03x and 0.84-1.16x against 4. AVX-512 keeps one row a loop (vectors twice as wide: on Zen 5 it read bf16
    at 37 GB/s, about the bandwidth). */
 #define DENSE_BF16X4_PF 8192
+/* output (m0, n) of a plain row loop from its vector sum: lanes summed, the columns past the last whole block (at
+   x86-64-v3; AVX-512 folds them into acc first), the bias, stored as fp32 or bf16 */
+static inline void dense_row_out(const dense_job *j, const float *xf, long n, long m0, int wbf16, vec acc) {
+    const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
+    float s = vsum(acc);
+#if !defined(__AVX512F__)
+    for (long c = KB; c < K; c++) s += xf[c] * load_f(j->w, n * K + c, wbf16);
+#else
+    (void)xf, (void)KB;
+#endif
+    s += j->bias ? load_f(j->bias, n, j->bbf16) : 0.0f;
+    long at = m0 * j->N + n;
+    if (j->ybf16) ((uint16_t *)j->y)[at] = f32_to_bf16(s);
+    else ((float *)j->y)[at] = s;
+}
+
 static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j, long n0, long n1, long m0, int mode) {
     const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
     const int xbf16 = mode == W_BF16_DOT;
@@ -186,15 +202,10 @@ static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j
                 widen(wr + 3 * K + k, &w0, &w1);
                 a3 = vfma(w1, x1, vfma(w0, x0, a3));
             }
-            const vec acc[4] = {a0, a1, a2, a3};
-            for (int r = 0; r < 4; r++) {
-                float s = vsum(acc[r]);
-                for (long c = KB; c < K; c++) s += xf[c] * load_f(j->w, (n + r) * K + c, 1);
-                s += j->bias ? load_f(j->bias, n + r, j->bbf16) : 0.0f;
-                long at = m0 * j->N + n + r;
-                if (j->ybf16) ((uint16_t *)j->y)[at] = f32_to_bf16(s);
-                else ((float *)j->y)[at] = s;
-            }
+            dense_row_out(j, xf, n, m0, 1, a0);
+            dense_row_out(j, xf, n + 1, m0, 1, a1);
+            dense_row_out(j, xf, n + 2, m0, 1, a2);
+            dense_row_out(j, xf, n + 3, m0, 1, a3);
         }
 #endif
     for (; n < n1; n++) {
@@ -231,14 +242,7 @@ static inline __attribute__((always_inline)) void dense_rows1(const dense_job *j
         for (long k = KB; k < K; k += 16)
             acc = vfma(load16_tail(j->w, n * K + k, K - k, mode != W_F32), load16_tail(x, k, K - k, xbf16), acc);
 #endif
-        float s = vsum(acc);
-#if !defined(__AVX512F__)
-        for (long c = KB; c < K; c++) s += xf[c] * load_f(j->w, n * K + c, mode != W_F32);
-#endif
-        s += j->bias ? load_f(j->bias, n, j->bbf16) : 0.0f;
-        long at = m0 * j->N + n;
-        if (j->ybf16) ((uint16_t *)j->y)[at] = f32_to_bf16(s);
-        else ((float *)j->y)[at] = s;
+        dense_row_out(j, xf, n, m0, mode != W_F32, acc);
     }
 }
 

@@ -367,7 +367,8 @@ static void t16_tiles(const void *p, long begin, long end) {
    16-18 GB/s read bandwidth): gcc hoisted a block's 16 broadcast activation pairs out of the halves' loop and kept
    them, and the float sums, on the stack. Against it (in-process interleaved pairs, tiles streamed from huge
    pages): one row 2048x768 1.08x, 50257x768 1.18x, from L2 1.12x, 2 threads 1.14x and 1.26x; 2048x768 at 2 rows
-   1.13x, 3 1.18x, 4 1.14x, 8 1.10x, 16 1.06x, 8 rows on 2 threads 1.08x. */
+   1.18x, 3 1.25x, 8 1.19x, 2051x800 at 5 rows 1.20x (an earlier form of the two-row loop: 4 rows 1.14x, 16 1.06x,
+   8 rows on 2 threads 1.08x). */
 
 /* the exact sum of a half's four nibble sums (a: nibble 0, b: x16, c: x256, d: nibble 3) */
 static inline __m256i t16_nibble_sum(__m256i a, __m256i b, __m256i c, __m256i d) {
