@@ -12,7 +12,8 @@
 
 typedef void (*task_fn)(const void *args, long begin, long end);
 
-/* run fn over items [0, total) on `threads` threads (the caller included), in chunks of `chunk` items (pool.c) */
+/* run fn over items [0, total) on `threads` threads (the caller included), in claims of whole multiples of `chunk`
+   items (pool.c) */
 void parallel_run(task_fn fn, const void *args, long total, long chunk, int threads);
 
 /* activation row -> int16 with one scale per row (int8.c; int4.c uses it too) */
@@ -31,9 +32,10 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* tiles of TILE rows, about 8 chunks per thread so a slow thread costs little */
+/* the claim unit for `tiles` items: about 32 units per thread, so the last claims balance the threads (the pool claims
+   a share of what is left, in whole units, so a job still takes few claims) */
 static inline long chunk_for(long tiles, int threads) {
-    long c = tiles / (8L * (threads > 0 ? threads : 1));
+    long c = tiles / (32L * (threads > 0 ? threads : 1));
     return c > 0 ? c : 1;
 }
 

@@ -33,7 +33,7 @@ static struct {
     pthread_cond_t cv;
     int helpers, sleepers, active;
     long ticket;                 /* (generation << GEN_SHIFT) | next unclaimed item */
-    long done, total, chunk;
+    long done, total, chunk, split; /* chunk: the claims' unit; split: 2 x threads (see work) */
     task_fn fn;
     const void *args;
 } pool = {.mu = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER};
@@ -53,7 +53,11 @@ static void work(long gen, int helper) {
         long idx = t & IDX_MASK;
         if (helper && test_delay[0]) pause_for(test_delay[0]);
         if ((t >> GEN_SHIFT) != gen || idx >= __atomic_load_n(&pool.total, __ATOMIC_SEQ_CST)) return;
-        long chunk = pool.chunk, end = idx + chunk;
+        /* guided: a share of what is left (in whole units of the caller's chunk), so a job takes few claims (each a
+           contended atomic on another core's cache line) and still ends in single units that balance the threads */
+        long unit = pool.chunk, chunk = (pool.total - idx) / (unit * pool.split) * unit;
+        if (chunk < unit) chunk = unit;
+        long end = idx + chunk;
         if (!__atomic_compare_exchange_n(&pool.ticket, &t, t + chunk, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
             continue;
         /* the job cannot finish (nor its fields change) until this chunk is counted done */
@@ -128,7 +132,7 @@ void parallel_run(task_fn fn, const void *args, long total, long chunk, int thre
         pool.helpers++;
     }
     pthread_mutex_unlock(&pool.mu);
-    pool.fn = fn; pool.args = args; pool.chunk = chunk;
+    pool.fn = fn; pool.args = args; pool.chunk = chunk; pool.split = 2L * threads;
     __atomic_store_n(&pool.total, total, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.done, 0, __ATOMIC_SEQ_CST);
     __atomic_store_n(&pool.active, threads - 1, __ATOMIC_SEQ_CST);
