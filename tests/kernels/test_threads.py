@@ -147,14 +147,14 @@ def test_forked_children_run_the_pool_even_when_forked_mid_job(two_threads):
 
 @pytest.mark.skipif(not kernels_on(), reason="needs loom's C kernels")
 @pytest.mark.parametrize("threads_", [2, 3])
-@pytest.mark.parametrize("total,unit", [(24, 1), (25, 3)])
+@pytest.mark.parametrize("total,unit", [(24, 1), (25, 3), (12, 0)])
 def test_pool_runs_each_chunk_once_when_a_helper_holds_an_old_ticket(threads_, total, unit):
     """The pool's claim race, forced: a helper pauses after reading the ticket and the caller pauses before publishing
     the next job's, so a helper holds the last ticket of one job while the next (larger) job's counters are set. Each
     item of each job must have run exactly once when parallel_run returns. Before the fix a stale ticket claimed a
     chunk of the next job: run twice, counted twice, and the caller returned before its last chunk was written.
     Claims are a share of what is left in whole units (guided), so a total that is not a multiple of the unit (25
-    and 50 items in units of 3) must come out exactly covered too."""
+    and 50 items in units of 3) must come out exactly covered too, and a unit of 0 is taken as 1."""
     from loom.kernels import build
 
     lib = build.library()

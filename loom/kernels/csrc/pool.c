@@ -122,6 +122,7 @@ static void install_fork_handlers(void) { pthread_atfork(before_fork, after_fork
 
 void parallel_run(task_fn fn, const void *args, long total, long chunk, int threads) {
     if (threads > MAX_HELPERS + 1) threads = MAX_HELPERS + 1;
+    if (chunk < 1) chunk = 1; /* a claim is at least one item (work divides by it) */
     if (threads <= 1 || total <= chunk || pthread_mutex_trylock(&caller) != 0) { fn(args, 0, total); return; }
     pthread_once(&fork_handlers_once, install_fork_handlers);
     pthread_mutex_lock(&pool.mu);
