@@ -164,12 +164,12 @@ static inline __attribute__((always_inline)) void dense_block(const dense_job *j
 /* output (m0, n) of a plain row loop from its vector sum: lanes summed, the columns past the last whole block (at
    x86-64-v3; AVX-512 folds them into acc first), the bias, stored as fp32 or bf16 */
 static inline void dense_row_out(const dense_job *j, const float *xf, long n, long m0, int wbf16, vec acc) {
-    const long K = j->K, KB = K / DENSE_BLK * DENSE_BLK;
     float s = vsum(acc);
 #if !defined(__AVX512F__)
-    for (long c = KB; c < K; c++) s += xf[c] * load_f(j->w, n * K + c, wbf16);
+    const long K = j->K;
+    for (long c = K / DENSE_BLK * DENSE_BLK; c < K; c++) s += xf[c] * load_f(j->w, n * K + c, wbf16);
 #else
-    (void)xf, (void)KB;
+    (void)xf, (void)wbf16;
 #endif
     s += j->bias ? load_f(j->bias, n, j->bbf16) : 0.0f;
     long at = m0 * j->N + n;
